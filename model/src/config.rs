@@ -1,0 +1,631 @@
+//! The Hugging Face `config.json` of DeepSeek-V3, field names verbatim.
+//!
+//! One serde struct reads the released file (and any smaller model of the same architecture);
+//! [`DeepseekV3Config::validate`] says in one line what is inconsistent.
+
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+use crate::error::ConfigError;
+
+/// YaRN / RoPE scaling parameters, as found in `rope_scaling` (legacy) or `rope_parameters` (HF 5.x).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct RopeScaling {
+    /// `"yarn"` (or `"default"`, `"linear"` ...). Legacy configs call it `type`.
+    #[serde(alias = "type", default, skip_serializing_if = "Option::is_none")]
+    pub rope_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_max_position_embeddings: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta_fast: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta_slow: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mscale: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mscale_all_dim: Option<f64>,
+    /// HF 5.x moves `rope_theta` inside `rope_parameters`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+}
+
+/// `quantization_config` of an FP8 checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuantizationConfig {
+    #[serde(default)]
+    pub quant_method: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fmt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation_scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_block_size: Option<Vec<usize>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_fmt: Option<String>,
+}
+
+fn d_vocab() -> usize {
+    129280
+}
+fn d_hidden() -> usize {
+    7168
+}
+fn d_inter() -> usize {
+    18432
+}
+fn d_moe_inter() -> usize {
+    2048
+}
+fn d_layers() -> usize {
+    61
+}
+fn d_dense() -> usize {
+    3
+}
+fn d_heads() -> usize {
+    128
+}
+fn d_qlora() -> Option<usize> {
+    Some(1536)
+}
+fn d_kvlora() -> usize {
+    512
+}
+fn d_nope() -> usize {
+    128
+}
+fn d_rope() -> usize {
+    64
+}
+fn d_experts() -> usize {
+    256
+}
+fn d_one() -> usize {
+    1
+}
+fn d_topk() -> usize {
+    8
+}
+fn d_group() -> usize {
+    8
+}
+fn d_topk_group() -> usize {
+    4
+}
+fn d_true() -> bool {
+    true
+}
+fn d_scale() -> f64 {
+    2.5
+}
+fn d_eps() -> f64 {
+    1e-6
+}
+fn d_maxpos() -> usize {
+    4096
+}
+fn d_init() -> f64 {
+    0.02
+}
+fn d_silu() -> String {
+    "silu".into()
+}
+fn d_model_type() -> String {
+    "deepseek_v3".into()
+}
+fn d_arch() -> Vec<String> {
+    vec!["DeepseekV3ForCausalLM".into()]
+}
+fn d_topk_method() -> String {
+    "noaux_tc".into()
+}
+fn d_sigmoid() -> String {
+    "sigmoid".into()
+}
+
+/// The model's hyper-parameters. Defaults are those of HF transformers' `DeepseekV3Config`
+/// (the 671B shape), so a `config.json` that omits a field means what it means to HF.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeepseekV3Config {
+    #[serde(default = "d_arch")]
+    pub architectures: Vec<String>,
+    #[serde(default = "d_model_type")]
+    pub model_type: String,
+    #[serde(default = "d_vocab")]
+    pub vocab_size: usize,
+    #[serde(default = "d_hidden")]
+    pub hidden_size: usize,
+    /// Width of the dense-layer MLP.
+    #[serde(default = "d_inter")]
+    pub intermediate_size: usize,
+    /// Width of one routed expert (and the unit of the shared experts).
+    #[serde(default = "d_moe_inter")]
+    pub moe_intermediate_size: usize,
+    #[serde(default = "d_layers")]
+    pub num_hidden_layers: usize,
+    /// Layers `< first_k_dense_replace` use the dense MLP.
+    #[serde(default = "d_dense")]
+    pub first_k_dense_replace: usize,
+    /// Ignored (as by the official code and HF 5.x); kept so a saved config round-trips.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe_layer_freq: Option<usize>,
+    #[serde(default = "d_heads")]
+    pub num_attention_heads: usize,
+    /// Meaningless for MLA; must equal `num_attention_heads` when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    /// `null` = a direct `q_proj` (V2-Lite style).
+    #[serde(default = "d_qlora")]
+    pub q_lora_rank: Option<usize>,
+    #[serde(default = "d_kvlora")]
+    pub kv_lora_rank: usize,
+    #[serde(default = "d_nope")]
+    pub qk_nope_head_dim: usize,
+    #[serde(default = "d_rope")]
+    pub qk_rope_head_dim: usize,
+    #[serde(default = "d_nope")]
+    pub v_head_dim: usize,
+    #[serde(default = "d_experts")]
+    pub n_routed_experts: usize,
+    #[serde(default = "d_one")]
+    pub n_shared_experts: usize,
+    #[serde(default = "d_topk")]
+    pub num_experts_per_tok: usize,
+    #[serde(default = "d_group")]
+    pub n_group: usize,
+    #[serde(default = "d_topk_group")]
+    pub topk_group: usize,
+    #[serde(default = "d_topk_method")]
+    pub topk_method: String,
+    #[serde(default = "d_sigmoid")]
+    pub scoring_func: String,
+    #[serde(default = "d_true")]
+    pub norm_topk_prob: bool,
+    #[serde(default = "d_scale")]
+    pub routed_scaling_factor: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq_aux: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aux_loss_alpha: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ep_size: Option<usize>,
+    #[serde(default = "d_silu")]
+    pub hidden_act: String,
+    #[serde(default = "d_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    /// Legacy key (the released checkpoint uses it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+    /// HF 5.x key; wins over `rope_scaling` when both are present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<RopeScaling>,
+    /// HF only: the checkpoint's rotary dims are interleaved pairs. Must be true for DeepSeek weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_interleave: Option<bool>,
+    #[serde(default = "d_maxpos")]
+    pub max_position_embeddings: usize,
+    /// Number of MTP modules, stored as layers `num_hidden_layers..`.
+    #[serde(default, alias = "num_mtp_layers")]
+    pub num_nextn_predict_layers: usize,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub attention_dropout: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<serde_json::Value>,
+    #[serde(default = "d_init")]
+    pub initializer_range: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torch_dtype: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization_config: Option<QuantizationConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_cache: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pretraining_tp: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transformers_version: Option<String>,
+}
+
+/// YaRN parameters resolved from either key, with HF's defaulting rules (spec §3.2).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Yarn {
+    pub factor: f64,
+    pub original_max_position_embeddings: usize,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    pub mscale: Option<f64>,
+    pub mscale_all_dim: Option<f64>,
+}
+
+impl DeepseekV3Config {
+    /// Reads and validates `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let cfg: Self = serde_json::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("config serializes")
+    }
+
+    /// The rope parameters in force: `rope_parameters` if present, else legacy `rope_scaling`.
+    fn rope_params(&self) -> Option<&RopeScaling> {
+        self.rope_parameters.as_ref().or(self.rope_scaling.as_ref())
+    }
+
+    pub fn rope_base(&self) -> f64 {
+        self.rope_params()
+            .and_then(|r| r.rope_theta)
+            .or(self.rope_theta)
+            .unwrap_or(10000.0)
+    }
+
+    /// YaRN settings when the rope type is `yarn`, else `None` (plain RoPE).
+    pub fn yarn(&self) -> Option<Yarn> {
+        let r = self.rope_params()?;
+        if r.rope_type.as_deref() != Some("yarn") {
+            return None;
+        }
+        let orig = r
+            .original_max_position_embeddings
+            .unwrap_or(self.max_position_embeddings);
+        let factor = r
+            .factor
+            .unwrap_or(self.max_position_embeddings as f64 / orig as f64);
+        Some(Yarn {
+            factor,
+            original_max_position_embeddings: orig,
+            beta_fast: r.beta_fast.unwrap_or(32.0),
+            beta_slow: r.beta_slow.unwrap_or(1.0),
+            mscale: r.mscale,
+            mscale_all_dim: r.mscale_all_dim,
+        })
+    }
+
+    /// Dimension of one query/key head (nope + rope parts).
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// Block size of FP8 weight scales (128 for DeepSeek-V3).
+    pub fn fp8_block(&self) -> usize {
+        self.quantization_config
+            .as_ref()
+            .and_then(|q| q.weight_block_size.as_ref())
+            .and_then(|b| b.first().copied())
+            .unwrap_or(128)
+    }
+
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        layer >= self.first_k_dense_replace
+    }
+
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+            _ => vec![],
+        }
+    }
+
+    /// Checks the config is one this implementation computes correctly.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("kv_lora_rank", self.kv_lora_rank),
+            ("qk_rope_head_dim", self.qk_rope_head_dim),
+            ("v_head_dim", self.v_head_dim),
+            ("intermediate_size", self.intermediate_size),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return bad(format!("{name} must be > 0"));
+            }
+        }
+        if self.qk_rope_head_dim % 2 != 0 {
+            return bad(format!(
+                "qk_rope_head_dim = {} must be even (rotary dims come in pairs)",
+                self.qk_rope_head_dim
+            ));
+        }
+        if self.q_lora_rank == Some(0) {
+            return bad("q_lora_rank must be null or > 0".into());
+        }
+        if let Some(kv) = self.num_key_value_heads {
+            if kv != self.num_attention_heads {
+                return bad(format!(
+                    "num_key_value_heads = {kv} must equal num_attention_heads = {} (MLA has no grouped kv heads)",
+                    self.num_attention_heads
+                ));
+            }
+        }
+        if self.hidden_act != "silu" {
+            return bad(format!("hidden_act = {:?} is not supported (only \"silu\")", self.hidden_act));
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
+            return bad(format!("rms_norm_eps = {} must be positive", self.rms_norm_eps));
+        }
+        if self.rope_interleave == Some(false) {
+            return bad("rope_interleave = false is not supported: DeepSeek checkpoints use interleaved rotary pairs".into());
+        }
+        if self.tie_word_embeddings {
+            return bad("tie_word_embeddings = true is not supported (DeepSeek-V3 has a separate lm_head)".into());
+        }
+        if self.attention_bias {
+            return bad("attention_bias = true is not supported (DeepSeek-V3 projections have no bias)".into());
+        }
+        if self.first_k_dense_replace < self.num_hidden_layers {
+            // There are MoE layers: check the router.
+            if self.n_routed_experts == 0 || self.moe_intermediate_size == 0 {
+                return bad("n_routed_experts and moe_intermediate_size must be > 0 when there are MoE layers".into());
+            }
+            if self.n_group == 0 || self.n_routed_experts % self.n_group != 0 {
+                return bad(format!(
+                    "n_routed_experts = {} is not divisible by n_group = {}",
+                    self.n_routed_experts, self.n_group
+                ));
+            }
+            if self.topk_group == 0 || self.topk_group > self.n_group {
+                return bad(format!(
+                    "topk_group = {} must be in 1..=n_group = {}",
+                    self.topk_group, self.n_group
+                ));
+            }
+            let per_group = self.n_routed_experts / self.n_group;
+            if self.n_group > 1 && per_group < 2 {
+                return bad(format!(
+                    "each group holds {per_group} expert(s); group scores sum the top 2, so n_routed_experts / n_group must be >= 2"
+                ));
+            }
+            let reachable = per_group * self.topk_group;
+            if self.num_experts_per_tok == 0 || self.num_experts_per_tok > reachable {
+                return bad(format!(
+                    "num_experts_per_tok = {} must be in 1..={} (the experts in topk_group = {} kept groups of {})",
+                    self.num_experts_per_tok, reachable, self.topk_group, per_group
+                ));
+            }
+            if self.scoring_func != "sigmoid" {
+                return bad(format!("scoring_func = {:?} is not supported (only \"sigmoid\")", self.scoring_func));
+            }
+            if self.topk_method != "noaux_tc" {
+                return bad(format!("topk_method = {:?} is not supported (only \"noaux_tc\")", self.topk_method));
+            }
+            if !self.routed_scaling_factor.is_finite() {
+                return bad("routed_scaling_factor must be finite".into());
+            }
+        }
+        if let Some(y) = self.yarn() {
+            if !(y.factor.is_finite() && y.factor > 0.0) {
+                return bad(format!("rope factor = {} must be positive", y.factor));
+            }
+            if y.original_max_position_embeddings == 0 {
+                return bad("original_max_position_embeddings must be > 0".into());
+            }
+        }
+        if let Some(r) = self.rope_params() {
+            if let Some(t) = r.rope_type.as_deref() {
+                if t != "yarn" && t != "default" {
+                    return bad(format!("rope type {t:?} is not supported (\"yarn\" or \"default\")"));
+                }
+            }
+        }
+        if !(self.rope_base() > 1.0) {
+            return bad(format!("rope_theta = {} must be > 1", self.rope_base()));
+        }
+        if let Some(q) = &self.quantization_config {
+            if q.quant_method != "fp8" {
+                return bad(format!("quantization_config.quant_method = {:?} is not supported (only \"fp8\")", q.quant_method));
+            }
+            if let Some(f) = &q.fmt {
+                if f != "e4m3" {
+                    return bad(format!("quantization_config.fmt = {f:?} is not supported (only \"e4m3\")"));
+                }
+            }
+            match &q.weight_block_size {
+                Some(b) if b.len() == 2 && b[0] == b[1] && b[0] > 0 => {}
+                None => {}
+                Some(b) => return bad(format!("quantization_config.weight_block_size = {b:?} must be two equal positive sizes")),
+            }
+        }
+        Ok(())
+    }
+
+    /// The released 671B model (`deepseek-ai/DeepSeek-V3` config.json).
+    pub fn deepseek_v3_671b() -> Self {
+        let mut c: Self = serde_json::from_str("{}").expect("defaults");
+        c.rope_theta = Some(10000.0);
+        c.max_position_embeddings = 163840;
+        c.num_nextn_predict_layers = 1;
+        c.num_key_value_heads = Some(128);
+        c.bos_token_id = Some(0);
+        c.eos_token_id = Some(serde_json::json!(1));
+        c.rope_scaling = Some(RopeScaling {
+            rope_type: Some("yarn".into()),
+            factor: Some(40.0),
+            original_max_position_embeddings: Some(4096),
+            beta_fast: Some(32.0),
+            beta_slow: Some(1.0),
+            mscale: Some(1.0),
+            mscale_all_dim: Some(1.0),
+            rope_theta: None,
+        });
+        c.torch_dtype = Some("bfloat16".into());
+        c.quantization_config = Some(QuantizationConfig {
+            quant_method: "fp8".into(),
+            fmt: Some("e4m3".into()),
+            activation_scheme: Some("dynamic".into()),
+            weight_block_size: Some(vec![128, 128]),
+            scale_fmt: None,
+        });
+        c
+    }
+
+    /// A tiny model of the same architecture for smoke tests (q-LoRA, YaRN, grouped routing, MTP).
+    pub fn tiny() -> Self {
+        let mut c = Self::deepseek_v3_671b();
+        c.vocab_size = 331;
+        c.hidden_size = 72;
+        c.intermediate_size = 120;
+        c.moe_intermediate_size = 24;
+        c.num_hidden_layers = 3;
+        c.first_k_dense_replace = 1;
+        c.num_attention_heads = 3;
+        c.num_key_value_heads = Some(3);
+        c.q_lora_rank = Some(40);
+        c.kv_lora_rank = 24;
+        c.qk_nope_head_dim = 12;
+        c.qk_rope_head_dim = 8;
+        c.v_head_dim = 10;
+        c.n_routed_experts = 16;
+        c.n_shared_experts = 1;
+        c.num_experts_per_tok = 4;
+        c.n_group = 4;
+        c.topk_group = 2;
+        c.max_position_embeddings = 4096;
+        c.rope_scaling = Some(RopeScaling {
+            rope_type: Some("yarn".into()),
+            factor: Some(4.0),
+            original_max_position_embeddings: Some(1024),
+            beta_fast: Some(32.0),
+            beta_slow: Some(1.0),
+            mscale: Some(1.0),
+            mscale_all_dim: Some(1.0),
+            rope_theta: None,
+        });
+        c.quantization_config = None;
+        c.torch_dtype = Some("float32".into());
+        c
+    }
+
+    /// A ~100M-parameter V3-shaped model (for benchmarks and the training default).
+    pub fn small() -> Self {
+        let mut c = Self::tiny();
+        c.vocab_size = 8000;
+        c.hidden_size = 512;
+        c.intermediate_size = 1408;
+        c.moe_intermediate_size = 352;
+        c.num_hidden_layers = 6;
+        c.first_k_dense_replace = 1;
+        c.num_attention_heads = 8;
+        c.num_key_value_heads = Some(8);
+        c.q_lora_rank = Some(192);
+        c.kv_lora_rank = 128;
+        c.qk_nope_head_dim = 48;
+        c.qk_rope_head_dim = 24;
+        c.v_head_dim = 48;
+        c.n_routed_experts = 32;
+        c.n_shared_experts = 1;
+        c.num_experts_per_tok = 4;
+        c.n_group = 4;
+        c.topk_group = 2;
+        c
+    }
+
+    /// Named presets for the CLI.
+    pub fn preset(name: &str) -> Option<Self> {
+        match name {
+            "671b" | "deepseek-v3" => Some(Self::deepseek_v3_671b()),
+            "tiny" => Some(Self::tiny()),
+            "small" => Some(Self::small()),
+            _ => None,
+        }
+    }
+
+    pub const PRESETS: &'static [&'static str] = &["671b", "small", "tiny"];
+
+    /// Parameter counts: (total, active per token), MTP modules included in total only when
+    /// `with_mtp`. Active counts the shared experts and `k` routed experts per MoE layer.
+    pub fn param_counts(&self, with_mtp: bool) -> ParamCounts {
+        let h = self.hidden_size as u64;
+        let nh = self.num_attention_heads as u64;
+        let qk = self.qk_head_dim() as u64;
+        let attn = {
+            let q = match self.q_lora_rank {
+                Some(rq) => {
+                    let rq = rq as u64;
+                    h * rq + rq + rq * nh * qk
+                }
+                None => h * nh * qk,
+            };
+            let r = self.kv_lora_rank as u64;
+            let kv = h * (r + self.qk_rope_head_dim as u64)
+                + r
+                + r * nh * (self.qk_nope_head_dim as u64 + self.v_head_dim as u64);
+            let o = nh * self.v_head_dim as u64 * h;
+            q + kv + o
+        };
+        let norms = 2 * h;
+        let mlp = |w: u64| 3 * h * w;
+        let dense = attn + norms + mlp(self.intermediate_size as u64);
+        let mi = self.moe_intermediate_size as u64;
+        let e = self.n_routed_experts as u64;
+        let shared = mlp(mi * self.n_shared_experts as u64);
+        let router = e * h + e;
+        let moe_total = attn + norms + shared + router + e * mlp(mi);
+        let moe_active = attn + norms + shared + router + self.num_experts_per_tok as u64 * mlp(mi);
+        let n_dense = self.first_k_dense_replace.min(self.num_hidden_layers) as u64;
+        let n_moe = self.num_hidden_layers as u64 - n_dense;
+        let v = self.vocab_size as u64;
+        let embed = v * h;
+        let head = v * h + h;
+        let main_total = embed + head + n_dense * dense + n_moe * moe_total;
+        let main_active = embed + head + n_dense * dense + n_moe * moe_active;
+        let mtp_layer = moe_total + embed + 2 * h + 2 * h * h + h + v * h;
+        let mtp = self.num_nextn_predict_layers as u64 * mtp_layer;
+        ParamCounts {
+            total: main_total + if with_mtp { mtp } else { 0 },
+            active_per_token: main_active,
+            mtp,
+        }
+    }
+}
+
+/// Parameter counts of a config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamCounts {
+    pub total: u64,
+    pub active_per_token: u64,
+    /// Parameters of all MTP modules (including their embedding/head copies).
+    pub mtp: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_validate() {
+        for p in DeepseekV3Config::PRESETS {
+            DeepseekV3Config::preset(p).unwrap().validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn released_671b_counts() {
+        // The paper: 671B total (+14B MTP), 37B active.
+        let c = DeepseekV3Config::deepseek_v3_671b().param_counts(false);
+        assert!((c.total as f64 / 1e9 - 671.0).abs() < 1.0, "{}", c.total);
+        assert!((c.active_per_token as f64 / 1e9 - 37.5).abs() < 1.0, "{}", c.active_per_token);
+    }
+}

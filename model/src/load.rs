@@ -1,0 +1,299 @@
+//! Binding checkpoint tensors to the module tree by name, and saving it back.
+//!
+//! A [`ModuleMapper`] walks the model; the path of each parameter *is* its Hugging Face tensor
+//! name (`model.layers.0.self_attn.kv_b_proj.weight`), with two rules: enum variants
+//! (`FeedForward::Moe`) add nothing to the path, and `model.mtp.k` is stored as
+//! `model.layers.{num_hidden_layers + k}`. Linear weights are `[in, out]` in memory and
+//! `[out, in]` on disk: they are transposed while converting, in the same pass.
+//!
+//! Tensors are read one at a time from memory-mapped files and converted straight into the
+//! parameter, so peak memory is the loaded model plus one tensor.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+use crate::checkpoint::{Checkpoint, Dtype, LoadError, SafetensorsWriter};
+use crate::config::DeepseekV3Config;
+use crate::error::{ConfigError, ModelError};
+use crate::model::DeepseekV3;
+
+/// Options for [`load`].
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Fail on checkpoint tensors the model does not use (otherwise they are only reported).
+    pub strict: bool,
+    /// Skip the MTP modules even when the checkpoint has them (saves their memory).
+    pub skip_mtp: bool,
+}
+
+/// What loading found, for the caller to report.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// Checkpoint tensors that no parameter used (FP8 scales excluded).
+    pub unexpected: Vec<String>,
+    /// Checkpoint dtypes and how many tensors of each.
+    pub dtypes: BTreeMap<String, usize>,
+    /// Bytes of the checkpoint files.
+    pub file_bytes: u64,
+    /// Number of parameters loaded.
+    pub params: u64,
+}
+
+/// Tracks the HF name of the parameter being visited.
+#[derive(Default)]
+struct PathTracker {
+    stack: Vec<(String, String)>,
+}
+
+impl PathTracker {
+    fn enter(&mut self, name: &str, container: &str) {
+        self.stack.push((name.to_string(), container.to_string()));
+    }
+    fn exit(&mut self) {
+        self.stack.pop();
+    }
+    /// HF tensor name, and whether it is a Linear weight (stored transposed here).
+    fn name(&self, num_hidden_layers: usize) -> (String, bool) {
+        let parts: Vec<&str> = self
+            .stack
+            .iter()
+            .filter(|(_, c)| !c.starts_with("Enum:"))
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let mut name = parts.join(".");
+        if let Some(rest) = name.strip_prefix("model.mtp.") {
+            let (k, tail) = rest.split_once('.').unwrap_or((rest, ""));
+            let k: usize = k.parse().unwrap_or(0);
+            name = format!("model.layers.{}.{}", num_hidden_layers + k, tail);
+        }
+        let linear = self
+            .stack
+            .last()
+            .map(|(n, c)| n == "weight" && c == "Struct:Linear")
+            .unwrap_or(false);
+        (name, linear)
+    }
+}
+
+struct Loader<'a, B: Backend> {
+    ckpt: &'a Checkpoint,
+    device: B::Device,
+    path: PathTracker,
+    layers: usize,
+    fp8_block: usize,
+    used: BTreeSet<String>,
+    error: Option<LoadError>,
+    params: u64,
+}
+
+impl<B: Backend> ModuleMapper<B> for Loader<'_, B> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        if self.error.is_some() {
+            return param;
+        }
+        let (name, transpose) = self.path.name(self.layers);
+        let shape: Vec<usize> = param.lazy_shape().dims::<D>().to_vec();
+        let disk_shape: Vec<usize> = if transpose { shape.iter().rev().copied().collect() } else { shape.clone() };
+        match self.ckpt.read_f32(&name, &disk_shape, transpose, self.fp8_block) {
+            Ok(values) => {
+                self.params += values.len() as u64;
+                self.used.insert(name);
+                let tensor = Tensor::<B, D>::from_data(TensorData::new(values, shape), &self.device);
+                Param::initialized(ParamId::new(), tensor)
+            }
+            Err(e) => {
+                self.error = Some(e);
+                param
+            }
+        }
+    }
+}
+
+/// Loads `dir/config.json` and the safetensors checkpoint beside it.
+pub fn load<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+    opts: &LoadOptions,
+) -> Result<(DeepseekV3<B>, LoadReport), ModelError> {
+    if !dir.is_dir() {
+        return Err(LoadError::NoCheckpoint { dir: dir.to_path_buf() }.into());
+    }
+    let mut cfg = DeepseekV3Config::from_file(&dir.join("config.json"))?;
+    let ckpt = Checkpoint::open(dir)?;
+    let mtp_in_ckpt = ckpt.names().any(|n| n.starts_with(&format!("model.layers.{}.", cfg.num_hidden_layers)));
+    if opts.skip_mtp || !mtp_in_ckpt {
+        // A checkpoint without its MTP layers (as converted by the official code) still loads.
+        cfg.num_nextn_predict_layers = 0;
+    }
+    load_from(cfg, &ckpt, device, opts)
+}
+
+/// Binds the tensors of an opened checkpoint to a model of config `cfg`.
+pub fn load_from<B: Backend>(
+    cfg: DeepseekV3Config,
+    ckpt: &Checkpoint,
+    device: &B::Device,
+    opts: &LoadOptions,
+) -> Result<(DeepseekV3<B>, LoadReport), ModelError> {
+    let model = DeepseekV3::<B>::init(&cfg, device)?;
+    let mut loader = Loader::<B> {
+        ckpt,
+        device: device.clone(),
+        path: PathTracker::default(),
+        layers: cfg.num_hidden_layers,
+        fp8_block: cfg.fp8_block(),
+        used: BTreeSet::new(),
+        error: None,
+        params: 0,
+    };
+    let model = model.map(&mut loader);
+    if let Some(e) = loader.error {
+        return Err(e.into());
+    }
+    let mut report = LoadReport {
+        file_bytes: ckpt.total_bytes(),
+        params: loader.params,
+        ..Default::default()
+    };
+    for name in ckpt.names() {
+        if let Some(info) = ckpt.info(name) {
+            *report.dtypes.entry(format!("{:?}", info.dtype)).or_default() += 1;
+        }
+        let aux = name.ends_with("_scale_inv");
+        let skipped_mtp = cfg.num_nextn_predict_layers == 0
+            && name
+                .strip_prefix("model.layers.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|i| i.parse::<usize>().ok())
+                .is_some_and(|i| i >= cfg.num_hidden_layers);
+        if !aux && !skipped_mtp && !loader.used.contains(name) {
+            report.unexpected.push(name.to_string());
+        }
+    }
+    if opts.strict && !report.unexpected.is_empty() {
+        return Err(ModelError::UnexpectedTensors {
+            names: report.unexpected.clone(),
+        });
+    }
+    Ok((model, report))
+}
+
+/// Collects `(hf_name, disk_shape, transpose)` of every parameter, in module order.
+struct Lister {
+    path: PathTracker,
+    layers: usize,
+    out: Vec<(String, Vec<usize>, bool)>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Lister {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let (name, transpose) = self.path.name(self.layers);
+        let shape: Vec<usize> = param.lazy_shape().dims::<D>().to_vec();
+        let shape = if transpose { shape.into_iter().rev().collect() } else { shape };
+        self.out.push((name, shape, transpose));
+    }
+}
+
+/// Writes every parameter's values, in module order, to the open writer.
+struct Saver<'a> {
+    writer: &'a mut SafetensorsWriter,
+    names: std::vec::IntoIter<(String, Vec<usize>, bool)>,
+    error: Option<LoadError>,
+}
+
+impl<B: Backend> ModuleVisitor<B> for Saver<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let Some((name, _, transpose)) = self.names.next() else { return };
+        if self.error.is_some() {
+            return;
+        }
+        let tensor = param.val();
+        let tensor = if transpose && D == 2 { tensor.transpose() } else { tensor };
+        let values: Vec<f32> = match tensor.into_data().convert::<f32>().to_vec() {
+            Ok(v) => v,
+            Err(e) => {
+                self.error = Some(LoadError::Io {
+                    path: PathBuf::from(&name),
+                    source: std::io::Error::other(format!("{e:?}")),
+                });
+                return;
+            }
+        };
+        if let Err(e) = self.writer.write_f32(&name, &values) {
+            self.error = Some(e);
+        }
+    }
+}
+
+/// Precision of saved tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SaveDtype {
+    #[default]
+    F32,
+    BF16,
+}
+
+/// Saves `model` to `dir` in the Hugging Face layout: `config.json` + `model.safetensors`
+/// (MTP modules as `model.layers.{num_hidden_layers + k}`, the router bias in F32). Files are
+/// written to a temporary name and renamed, so an interrupted save never leaves a torn file.
+pub fn save<B: Backend>(model: &DeepseekV3<B>, dir: &Path, dtype: SaveDtype) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir).map_err(|e| LoadError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    let mut lister = Lister {
+        path: PathTracker::default(),
+        layers: model.config.num_hidden_layers,
+        out: Vec::new(),
+    };
+    model.visit(&mut lister);
+    let header: Vec<(String, Dtype, Vec<usize>)> = lister
+        .out
+        .iter()
+        .map(|(n, s, _)| {
+            let dt = if dtype == SaveDtype::BF16 && !n.ends_with("e_score_correction_bias") {
+                Dtype::BF16
+            } else {
+                Dtype::F32
+            };
+            (n.clone(), dt, s.clone())
+        })
+        .collect();
+    let mut meta = BTreeMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    let mut writer = SafetensorsWriter::create(&dir.join("model.safetensors"), &header, Some(meta))?;
+    let mut saver = Saver {
+        writer: &mut writer,
+        names: lister.out.into_iter(),
+        error: None,
+    };
+    model.visit(&mut saver);
+    if let Some(e) = saver.error {
+        return Err(e.into());
+    }
+    writer.finish()?;
+    let mut cfg = model.config.clone();
+    cfg.quantization_config = None;
+    cfg.torch_dtype = Some(if dtype == SaveDtype::BF16 { "bfloat16" } else { "float32" }.into());
+    let cfg_path = dir.join("config.json");
+    let tmp = dir.join("config.json.tmp");
+    std::fs::write(&tmp, cfg.to_json())
+        .and_then(|_| std::fs::rename(&tmp, &cfg_path))
+        .map_err(|e| ConfigError::Io { path: cfg_path, source: e })?;
+    Ok(())
+}

@@ -1,0 +1,214 @@
+//! Multi-head latent attention (spec §4).
+//!
+//! Keys and values come from one low-rank latent `c` (`kv_lora_rank` wide) plus one rope key
+//! shared by all heads. Those two are all a cache needs. Two forms share the projections:
+//! - **naive**: expand `c` into per-head `k_nope` and `v` with `kv_b_proj`, then ordinary attention;
+//! - **absorbed**: fold `W_UK` into the query and `W_UV` into the output, and attend over the
+//!   latent directly (what decode with a latent cache does).
+//!
+//! Both compute the same function; tests check they agree.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::tensor::{activation::softmax, backend::Backend, Tensor};
+
+use crate::mlp::linear;
+use crate::norm::{RmsNorm, RmsNormConfig};
+use crate::rope::apply_rope;
+
+/// Which of the two equivalent attention forms to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionMode {
+    /// Per-head keys and values expanded from the latent.
+    Naive,
+    /// Attention over the latent, `kv_b_proj` absorbed into query and output.
+    #[default]
+    Absorbed,
+}
+
+/// The per-token state MLA needs from earlier positions: normed latent `c: [B, S, r]` and the
+/// roped shared key `k_pe: [B, S, dr]`.
+#[derive(Debug, Clone)]
+pub struct LatentKv<B: Backend> {
+    pub c: Tensor<B, 3>,
+    pub k_pe: Tensor<B, 3>,
+}
+
+impl<B: Backend> LatentKv<B> {
+    pub fn len(&self) -> usize {
+        self.c.dims()[1]
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Appends `next` along the sequence.
+    pub fn cat(&self, next: &LatentKv<B>) -> LatentKv<B> {
+        LatentKv {
+            c: Tensor::cat(vec![self.c.clone(), next.c.clone()], 1),
+            k_pe: Tensor::cat(vec![self.k_pe.clone(), next.k_pe.clone()], 1),
+        }
+    }
+}
+
+#[derive(Config, Debug)]
+pub struct MlaConfig {
+    pub hidden_size: usize,
+    pub num_heads: usize,
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    pub softmax_scale: f64,
+    #[config(default = 1e-6)]
+    pub eps: f64,
+    #[config(default = 0.02)]
+    pub init_std: f64,
+}
+
+impl MlaConfig {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Mla<B> {
+        let (h, nh, s) = (self.hidden_size, self.num_heads, self.init_std);
+        let qk = self.qk_nope_head_dim + self.qk_rope_head_dim;
+        let (q_a_proj, q_a_layernorm, q_b_proj, q_proj) = match self.q_lora_rank {
+            Some(rq) => (
+                Some(linear(h, rq, s, device)),
+                Some(RmsNormConfig::new(rq).with_eps(self.eps).init(device)),
+                Some(linear(rq, nh * qk, s, device)),
+                None,
+            ),
+            None => (None, None, None, Some(linear(h, nh * qk, s, device))),
+        };
+        let r = self.kv_lora_rank;
+        Mla {
+            q_a_proj,
+            q_a_layernorm,
+            q_b_proj,
+            q_proj,
+            kv_a_proj_with_mqa: linear(h, r + self.qk_rope_head_dim, s, device),
+            kv_a_layernorm: RmsNormConfig::new(r).with_eps(self.eps).init(device),
+            kv_b_proj: linear(r, nh * (self.qk_nope_head_dim + self.v_head_dim), s, device),
+            o_proj: linear(nh * self.v_head_dim, h, s, device),
+            num_heads: nh,
+            kv_lora_rank: r,
+            qk_nope_head_dim: self.qk_nope_head_dim,
+            qk_rope_head_dim: self.qk_rope_head_dim,
+            v_head_dim: self.v_head_dim,
+            softmax_scale: self.softmax_scale,
+        }
+    }
+}
+
+/// Field names are the checkpoint's (`self_attn.q_a_proj.weight`, ...).
+#[derive(Module, Debug)]
+pub struct Mla<B: Backend> {
+    pub q_a_proj: Option<Linear<B>>,
+    pub q_a_layernorm: Option<RmsNorm<B>>,
+    pub q_b_proj: Option<Linear<B>>,
+    pub q_proj: Option<Linear<B>>,
+    pub kv_a_proj_with_mqa: Linear<B>,
+    pub kv_a_layernorm: RmsNorm<B>,
+    pub kv_b_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub num_heads: usize,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    pub softmax_scale: f64,
+}
+
+impl<B: Backend> Mla<B> {
+    /// Attention for `x: [B, T, H]` whose tokens follow the `past` entries.
+    ///
+    /// `cos`/`sin: [T, dr/2]` hold the angles of the new tokens' positions; `mask: [B|1, 1, T, S]`
+    /// is added to the scores (0 or −inf), with `S = past + T`. Returns the output `[B, T, H]` and
+    /// the latent entries of the new tokens (for the caller's cache).
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 2>,
+        sin: &Tensor<B, 2>,
+        past: Option<&LatentKv<B>>,
+        mask: &Tensor<B, 4>,
+        mode: AttentionMode,
+    ) -> (Tensor<B, 3>, LatentKv<B>) {
+        let [b, t, _] = x.dims();
+        let (nh, dn, dr, dv, r) = (
+            self.num_heads,
+            self.qk_nope_head_dim,
+            self.qk_rope_head_dim,
+            self.v_head_dim,
+            self.kv_lora_rank,
+        );
+
+        // Queries: [B, T, nh, dn+dr], nope part first within each head.
+        let q = match (&self.q_proj, &self.q_a_proj, &self.q_a_layernorm, &self.q_b_proj) {
+            (Some(q_proj), ..) => q_proj.forward(x.clone()),
+            (None, Some(a), Some(norm), Some(bp)) => bp.forward(norm.forward(a.forward(x.clone()))),
+            _ => unreachable!("MlaConfig::init creates either q_proj or the q-LoRA triple"),
+        };
+        let q = q.reshape([b, t, nh, dn + dr]);
+        let q_nope = q.clone().narrow(3, 0, dn);
+        let q_pe = apply_rope(q.narrow(3, dn, dr), cos, sin);
+
+        // The latent and the shared rope key of the new tokens.
+        let kv = self.kv_a_proj_with_mqa.forward(x);
+        let c = self.kv_a_layernorm.forward(kv.clone().narrow(2, 0, r));
+        let k_pe = apply_rope(kv.narrow(2, r, dr).reshape([b, t, 1, dr]), cos, sin).reshape([b, t, dr]);
+        let new = LatentKv { c, k_pe };
+        let all = match past {
+            Some(p) if !p.is_empty() => p.cat(&new),
+            _ => new.clone(),
+        };
+        let s = all.len();
+
+        // kv_b_proj as stored here is [r, nh*(dn+dv)]; per head: [r, dn] -> k_nope, [r, dv] -> v.
+        let w = self.kv_b_proj.weight.val().reshape([r, nh, dn + dv]).swap_dims(0, 1); // [nh, r, dn+dv]
+        let w_uk = w.clone().narrow(2, 0, dn); // [nh, r, dn]
+        let w_uv = w.narrow(2, dn, dv); // [nh, r, dv]
+
+        let q_nope = q_nope.swap_dims(1, 2); // [B, nh, T, dn]
+        let q_pe = q_pe.swap_dims(1, 2); // [B, nh, T, dr]
+        let k_pe = all.k_pe.clone().unsqueeze_dim::<4>(1); // [B, 1, S, dr]
+        let rope_scores = q_pe.matmul(k_pe.swap_dims(2, 3)); // [B, nh, T, S]
+
+        let out = match mode {
+            AttentionMode::Naive => {
+                let c = all.c.clone().unsqueeze_dim::<4>(1); // [B, 1, S, r]
+                let k_nope = c.clone().matmul(w_uk.unsqueeze_dim::<4>(0)); // [B, nh, S, dn]
+                let v = c.matmul(w_uv.unsqueeze_dim::<4>(0)); // [B, nh, S, dv]
+                let scores = (q_nope.matmul(k_nope.swap_dims(2, 3)) + rope_scores)
+                    * self.softmax_scale
+                    + mask.clone();
+                softmax(scores, 3).matmul(v) // [B, nh, T, dv]
+            }
+            AttentionMode::Absorbed => {
+                let q_abs = q_nope.matmul(w_uk.swap_dims(1, 2).unsqueeze_dim::<4>(0)); // [B, nh, T, r]
+                let c = all.c.clone().unsqueeze_dim::<4>(1); // [B, 1, S, r]
+                let scores = (q_abs.matmul(c.clone().swap_dims(2, 3)) + rope_scores)
+                    * self.softmax_scale
+                    + mask.clone();
+                let o_lat = softmax(scores, 3).matmul(c); // [B, nh, T, r]
+                o_lat.matmul(w_uv.unsqueeze_dim::<4>(0)) // [B, nh, T, dv]
+            }
+        };
+        debug_assert_eq!(out.dims(), [b, nh, t, dv]);
+        let _ = s;
+        let out = out.swap_dims(1, 2).reshape([b, t, nh * dv]);
+        (self.o_proj.forward(out), new)
+    }
+}
+
+/// Additive causal mask `[1, 1, T, past+T]`: query `t` sees keys `0..=past+t`.
+pub fn causal_mask<B: Backend>(t: usize, past: usize, device: &B::Device) -> Tensor<B, 4> {
+    let s = past + t;
+    let mut data = vec![0f32; t * s];
+    for i in 0..t {
+        for j in (past + i + 1)..s {
+            data[i * s + j] = f32::NEG_INFINITY;
+        }
+    }
+    Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(data, [t, s]), device).reshape([1, 1, t, s])
+}

@@ -1,0 +1,48 @@
+//! SwiGLU MLP: `down_proj(silu(gate_proj(x)) * up_proj(x))`. Dense layers, routed and shared
+//! experts all have this form.
+
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::tensor::{activation::silu, backend::Backend, Tensor};
+
+/// A bias-free linear layer with DeepSeek's init (normal, std = `initializer_range`).
+pub fn linear<B: Backend>(d_in: usize, d_out: usize, std: f64, device: &B::Device) -> Linear<B> {
+    LinearConfig::new(d_in, d_out)
+        .with_bias(false)
+        .with_initializer(Initializer::Normal { mean: 0.0, std })
+        .init(device)
+}
+
+#[derive(Config, Debug)]
+pub struct MlpConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    #[config(default = 0.02)]
+    pub init_std: f64,
+}
+
+impl MlpConfig {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Mlp<B> {
+        let (h, i, s) = (self.hidden_size, self.intermediate_size, self.init_std);
+        Mlp {
+            gate_proj: linear(h, i, s, device),
+            up_proj: linear(h, i, s, device),
+            down_proj: linear(i, h, s, device),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let g = silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(g * self.up_proj.forward(x))
+    }
+}

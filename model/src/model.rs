@@ -1,0 +1,325 @@
+//! The whole model (spec §2): embedding, decoder layers (dense below `first_k_dense_replace`,
+//! MoE above), final norm, `lm_head`, and the MTP modules.
+//!
+//! Struct and field names follow the checkpoint's key paths (`model.layers.3.mlp.experts.7.up_proj.weight`),
+//! so weights bind by name (see `load.rs`). The one exception: MTP module `k` lives in
+//! `model.mtp.k` and is stored as `model.layers.{num_hidden_layers + k}`.
+
+use burn::module::Module;
+use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear};
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+
+use crate::config::DeepseekV3Config;
+use crate::error::ModelError;
+use crate::mla::{causal_mask, AttentionMode, LatentKv, Mla, MlaConfig};
+use crate::mlp::{linear, Mlp, MlpConfig};
+use crate::moe::{Moe, MoeConfig, RouterConfig, Routing};
+use crate::mtp::{MtpLayer, MtpLayerConfig};
+use crate::norm::{RmsNorm, RmsNormConfig};
+use crate::rope::{softmax_scale, RotaryEmbedding};
+
+/// The feed-forward half of a decoder layer.
+#[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum FeedForward<B: Backend> {
+    Dense(Mlp<B>),
+    Moe(Moe<B>),
+}
+
+impl<B: Backend> FeedForward<B> {
+    pub fn forward(&self, x: Tensor<B, 3>, record: bool) -> (Tensor<B, 3>, Option<Routing>) {
+        match self {
+            FeedForward::Dense(mlp) => (mlp.forward(x), None),
+            FeedForward::Moe(moe) => moe.forward(x, record),
+        }
+    }
+}
+
+/// How to run a forward pass.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ForwardOptions {
+    pub attention: AttentionMode,
+    /// Keep every MoE layer's expert choices and weights (a host read per layer).
+    pub record_routing: bool,
+}
+
+/// One MoE layer's routing, with its checkpoint layer index.
+#[derive(Debug, Clone)]
+pub struct LayerRouting {
+    pub layer: usize,
+    pub mtp: bool,
+    pub routing: Routing,
+}
+
+/// Builds the layer modules from the HF config.
+pub(crate) fn mla_config(cfg: &DeepseekV3Config) -> MlaConfig {
+    MlaConfig::new(
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.kv_lora_rank,
+        cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim,
+        cfg.v_head_dim,
+        softmax_scale(cfg),
+    )
+    .with_q_lora_rank(cfg.q_lora_rank)
+    .with_eps(cfg.rms_norm_eps)
+    .with_init_std(cfg.initializer_range)
+}
+
+pub(crate) fn feed_forward<B: Backend>(cfg: &DeepseekV3Config, layer: usize, device: &B::Device) -> FeedForward<B> {
+    if cfg.is_moe_layer(layer) {
+        let router = RouterConfig::new(cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group)
+            .with_norm_topk_prob(cfg.norm_topk_prob)
+            .with_routed_scaling_factor(cfg.routed_scaling_factor);
+        FeedForward::Moe(
+            MoeConfig::new(cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_shared_experts, router)
+                .with_init_std(cfg.initializer_range)
+                .init(device),
+        )
+    } else {
+        FeedForward::Dense(
+            MlpConfig::new(cfg.hidden_size, cfg.intermediate_size)
+                .with_init_std(cfg.initializer_range)
+                .init(device),
+        )
+    }
+}
+
+/// Pre-norm residual block shared by decoder layers and MTP modules:
+/// `h += attn(norm(h)); h += ffn(norm(h))`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn residual_block<B: Backend>(
+    attn: &Mla<B>,
+    attn_norm: &RmsNorm<B>,
+    ffn: &FeedForward<B>,
+    ffn_norm: &RmsNorm<B>,
+    h: Tensor<B, 3>,
+    rope: &(Tensor<B, 2>, Tensor<B, 2>),
+    past: Option<&LatentKv<B>>,
+    mask: &Tensor<B, 4>,
+    opts: &ForwardOptions,
+) -> (Tensor<B, 3>, LatentKv<B>, Option<Routing>) {
+    let (a, kv) = attn.forward(attn_norm.forward(h.clone()), &rope.0, &rope.1, past, mask, opts.attention);
+    let h = h + a;
+    let (f, routing) = ffn.forward(ffn_norm.forward(h.clone()), opts.record_routing);
+    (h + f, kv, routing)
+}
+
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    pub self_attn: Mla<B>,
+    pub mlp: FeedForward<B>,
+    pub input_layernorm: RmsNorm<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    pub fn new(cfg: &DeepseekV3Config, layer: usize, device: &B::Device) -> Self {
+        let norm = RmsNormConfig::new(cfg.hidden_size).with_eps(cfg.rms_norm_eps);
+        Self {
+            self_attn: mla_config(cfg).init(device),
+            mlp: feed_forward(cfg, layer, device),
+            input_layernorm: norm.init(device),
+            post_attention_layernorm: norm.init(device),
+        }
+    }
+}
+
+/// `model.*` of the checkpoint.
+#[derive(Module, Debug)]
+pub struct DeepseekV3Model<B: Backend> {
+    pub embed_tokens: Embedding<B>,
+    pub layers: Vec<DecoderLayer<B>>,
+    pub norm: RmsNorm<B>,
+    /// MTP modules, stored as `model.layers.{num_hidden_layers + k}`.
+    pub mtp: Vec<MtpLayer<B>>,
+}
+
+/// Output of [`DeepseekV3::forward`].
+#[derive(Debug, Clone)]
+pub struct ForwardOutput<B: Backend> {
+    /// `[B, T, vocab]`.
+    pub logits: Tensor<B, 3>,
+    /// Hidden state after the final norm, `[B, T, H]` (what the MTP modules consume).
+    pub hidden: Tensor<B, 3>,
+    /// Latent entries of the new tokens, one per main layer.
+    pub kv: Vec<LatentKv<B>>,
+    /// Routing of every MoE layer when requested.
+    pub routing: Vec<LayerRouting>,
+}
+
+/// Output of [`DeepseekV3::forward_mtp`].
+#[derive(Debug, Clone)]
+pub struct MtpOutput<B: Backend> {
+    /// `[B, T-1, vocab]`: row i predicts token i+2.
+    pub logits: Tensor<B, 3>,
+    /// The module's block output `[B, T-1, H]` (input of the next depth).
+    pub hidden: Tensor<B, 3>,
+    pub kv: LatentKv<B>,
+    pub routing: Option<LayerRouting>,
+}
+
+/// `DeepseekV3ForCausalLM`: the model plus `lm_head`.
+#[derive(Module, Debug)]
+pub struct DeepseekV3<B: Backend> {
+    pub model: DeepseekV3Model<B>,
+    pub lm_head: Linear<B>,
+    pub config: DeepseekV3Config,
+    pub rope: RotaryEmbedding,
+}
+
+impl<B: Backend> DeepseekV3<B> {
+    /// A model with freshly initialised weights (normal, std `initializer_range`; norms 1, bias 0).
+    /// Parameters are created lazily: loading a checkpoint over them never allocates the init.
+    pub fn init(cfg: &DeepseekV3Config, device: &B::Device) -> Result<Self, ModelError> {
+        cfg.validate()?;
+        let std = cfg.initializer_range;
+        let embed = || {
+            EmbeddingConfig::new(cfg.vocab_size, cfg.hidden_size)
+                .with_initializer(Initializer::Normal { mean: 0.0, std })
+                .init(device)
+        };
+        let norm = RmsNormConfig::new(cfg.hidden_size).with_eps(cfg.rms_norm_eps);
+        Ok(Self {
+            model: DeepseekV3Model {
+                embed_tokens: embed(),
+                layers: (0..cfg.num_hidden_layers).map(|l| DecoderLayer::new(cfg, l, device)).collect(),
+                norm: norm.init(device),
+                mtp: (0..cfg.num_nextn_predict_layers)
+                    .map(|k| MtpLayerConfig::from_model(cfg, k).init(device))
+                    .collect(),
+            },
+            lm_head: linear(cfg.hidden_size, cfg.vocab_size, std, device),
+            config: cfg.clone(),
+            rope: RotaryEmbedding::new(cfg),
+        })
+    }
+
+    pub fn device(&self) -> B::Device {
+        self.lm_head.weight.device()
+    }
+
+    /// Checks ids against the vocabulary and turns them into a `[1, T]` tensor.
+    pub fn tokens_tensor(&self, ids: &[u32]) -> Result<Tensor<B, 2, Int>, ModelError> {
+        if ids.is_empty() {
+            return Err(ModelError::EmptyInput);
+        }
+        let vocab = self.config.vocab_size;
+        if let Some((index, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= vocab) {
+            return Err(ModelError::TokenOutOfRange {
+                id: id as i64,
+                index,
+                vocab,
+            });
+        }
+        let data: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        Ok(Tensor::<B, 1, Int>::from_data(TensorData::new(data, [ids.len()]), &self.device()).reshape([1, ids.len()]))
+    }
+
+    /// Forward over `tokens: [B, T]` whose first token sits at absolute position `offset`.
+    ///
+    /// `past`, when given, holds per layer the latent entries of positions `offset - past_len ..
+    /// offset` (a cache); without it the tokens attend only to each other.
+    pub fn forward(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        offset: usize,
+        past: Option<&[LatentKv<B>]>,
+        opts: &ForwardOptions,
+    ) -> ForwardOutput<B> {
+        let device = self.device();
+        let [_, t] = tokens.dims();
+        let past_len = past.and_then(|p| p.first()).map(|kv| kv.len()).unwrap_or(0);
+        let rope = self.rope.cos_sin::<B>(offset, t, &device);
+        let mask = causal_mask::<B>(t, past_len, &device);
+        let mut h = self.model.embed_tokens.forward(tokens);
+        let mut kv = Vec::with_capacity(self.model.layers.len());
+        let mut routing = Vec::new();
+        for (l, layer) in self.model.layers.iter().enumerate() {
+            let (next, entries, r) = residual_block(
+                &layer.self_attn,
+                &layer.input_layernorm,
+                &layer.mlp,
+                &layer.post_attention_layernorm,
+                h,
+                &rope,
+                past.map(|p| &p[l]),
+                &mask,
+                opts,
+            );
+            h = next;
+            kv.push(entries);
+            if let Some(routing_l) = r {
+                routing.push(LayerRouting {
+                    layer: l,
+                    mtp: false,
+                    routing: routing_l,
+                });
+            }
+        }
+        let hidden = self.model.norm.forward(h);
+        let logits = self.lm_head.forward(hidden.clone());
+        ForwardOutput {
+            logits,
+            hidden,
+            kv,
+            routing,
+        }
+    }
+
+    /// MTP module `depth` (0-based): from the previous representation `h: [B, T, H]` (the main
+    /// model's post-norm hidden state for depth 0, the previous module's output after that) at
+    /// positions `offset..offset+T` and the tokens one step ahead `next_tokens: [B, T]`, predicts
+    /// the tokens `depth + 2` ahead. The module's own attention runs at positions `offset..`.
+    pub fn forward_mtp(
+        &self,
+        depth: usize,
+        h: Tensor<B, 3>,
+        next_tokens: Tensor<B, 2, Int>,
+        offset: usize,
+        past: Option<&LatentKv<B>>,
+        opts: &ForwardOptions,
+    ) -> MtpOutput<B> {
+        let device = self.device();
+        let [_, t, _] = h.dims();
+        let past_len = past.map(|kv| kv.len()).unwrap_or(0);
+        let rope = self.rope.cos_sin::<B>(offset, t, &device);
+        let mask = causal_mask::<B>(t, past_len, &device);
+        let layer = &self.model.mtp[depth];
+        let (logits, hidden, kv, routing) = layer.forward(h, next_tokens, &rope, past, &mask, opts);
+        MtpOutput {
+            logits,
+            hidden,
+            kv,
+            routing: routing.map(|routing| LayerRouting {
+                layer: self.config.num_hidden_layers + depth,
+                mtp: true,
+                routing,
+            }),
+        }
+    }
+
+    /// Convenience for scoring: the first MTP module's logits `[B, T-1, V]` for a sequence whose
+    /// main-model forward gave `out`.
+    pub fn mtp_logits(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        out: &ForwardOutput<B>,
+        offset: usize,
+        opts: &ForwardOptions,
+    ) -> Result<MtpOutput<B>, ModelError> {
+        let [b, t] = tokens.dims();
+        if self.model.mtp.is_empty() || t < 2 {
+            return Err(ModelError::NoMtp(format!(
+                "{} token(s), num_nextn_predict_layers = {}",
+                t,
+                self.model.mtp.len()
+            )));
+        }
+        let h = out.hidden.clone().narrow(1, 0, t - 1);
+        let next = tokens.narrow(1, 1, t - 1);
+        let _ = b;
+        Ok(self.forward_mtp(0, h, next, offset, None, opts))
+    }
+}

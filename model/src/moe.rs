@@ -1,0 +1,174 @@
+//! DeepSeekMoE (spec §5): shared experts plus routed experts chosen by a sigmoid router with
+//! group-limited top-k and the aux-loss-free selection bias.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::Initializer;
+use burn::tensor::{activation::sigmoid, backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
+
+use crate::mlp::{Mlp, MlpConfig};
+
+/// Router settings (HF field names in [`crate::DeepseekV3Config`]).
+#[derive(Config, Debug)]
+pub struct RouterConfig {
+    pub n_routed_experts: usize,
+    pub num_experts_per_tok: usize,
+    pub n_group: usize,
+    pub topk_group: usize,
+    #[config(default = true)]
+    pub norm_topk_prob: bool,
+    #[config(default = 1.0)]
+    pub routed_scaling_factor: f64,
+}
+
+/// Chooses experts for each row of `logits: [N, E]` (the gate's raw scores).
+///
+/// Returns the chosen expert ids `[N, k]` (in descending biased score) and their weights `[N, k]`:
+/// unbiased sigmoid scores, renormalised over the `k` chosen (when `norm_topk_prob`) and
+/// multiplied by `routed_scaling_factor`. `bias` only steers the choice. Experts of the groups
+/// that are not kept are masked with −inf, so a kept expert with `sigmoid + bias < 0` still wins
+/// over any dropped one.
+pub fn route<B: Backend>(
+    logits: Tensor<B, 2>,
+    bias: Tensor<B, 1>,
+    cfg: &RouterConfig,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2>) {
+    let [n, e] = logits.dims();
+    let scores = sigmoid(logits);
+    let mut biased = scores.clone() + bias.unsqueeze_dim::<2>(0);
+    if cfg.n_group > 1 {
+        let (g, per) = (cfg.n_group, e / cfg.n_group);
+        // Group score: the sum of the two best biased scores in the group.
+        let group_scores = biased.clone().reshape([n, g, per]).topk(2, 2).sum_dim(2).reshape([n, g]);
+        let (_, kept) = group_scores.topk_with_indices(cfg.topk_group, 1);
+        let device = biased.device();
+        let keep = Tensor::<B, 2>::zeros([n, g], &device).scatter(
+            1,
+            kept,
+            Tensor::ones([n, cfg.topk_group], &device),
+            IndexingUpdateOp::Add,
+        );
+        let dropped = keep.reshape([n, g, 1]).expand([n, g, per]).reshape([n, e]).lower_elem(0.5);
+        biased = biased.mask_fill(dropped, f32::NEG_INFINITY);
+    }
+    let (_, idx) = biased.topk_with_indices(cfg.num_experts_per_tok, 1);
+    let mut weights = scores.gather(1, idx.clone());
+    if cfg.norm_topk_prob {
+        let denom = weights.clone().sum_dim(1) + 1e-20;
+        weights = weights / denom;
+    }
+    (idx, weights * cfg.routed_scaling_factor)
+}
+
+#[derive(Config, Debug)]
+pub struct MoeConfig {
+    pub hidden_size: usize,
+    pub moe_intermediate_size: usize,
+    pub n_shared_experts: usize,
+    pub router: RouterConfig,
+    #[config(default = 0.02)]
+    pub init_std: f64,
+}
+
+impl MoeConfig {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> Moe<B> {
+        let (h, e) = (self.hidden_size, self.router.n_routed_experts);
+        let expert = MlpConfig::new(h, self.moe_intermediate_size).with_init_std(self.init_std);
+        let shared = (self.n_shared_experts > 0).then(|| {
+            MlpConfig::new(h, self.moe_intermediate_size * self.n_shared_experts)
+                .with_init_std(self.init_std)
+                .init(device)
+        });
+        Moe {
+            gate: MoeGate {
+                weight: Initializer::Normal {
+                    mean: 0.0,
+                    std: self.init_std,
+                }
+                .init([e, h], device),
+                e_score_correction_bias: Initializer::Zeros.init([e], device),
+            },
+            experts: (0..e).map(|_| expert.init(device)).collect(),
+            shared_experts: shared,
+            router: self.router.clone(),
+        }
+    }
+}
+
+/// The router's parameters: `mlp.gate.weight` `[E, H]` (checkpoint layout) and the selection bias.
+#[derive(Module, Debug)]
+pub struct MoeGate<B: Backend> {
+    pub weight: Param<Tensor<B, 2>>,
+    /// Aux-loss-free balancing bias: steers selection only, never trained by gradients.
+    pub e_score_correction_bias: Param<Tensor<B, 1>>,
+}
+
+impl<B: Backend> MoeGate<B> {
+    /// Raw router logits `[N, E]`.
+    pub fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        x.matmul(self.weight.val().transpose())
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Moe<B: Backend> {
+    pub gate: MoeGate<B>,
+    pub experts: Vec<Mlp<B>>,
+    pub shared_experts: Option<Mlp<B>>,
+    pub router: RouterConfig,
+}
+
+/// Which experts each token went to in one MoE layer, and with what weight.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routing {
+    /// `[tokens][k]` expert ids, in descending biased score.
+    pub experts: Vec<Vec<u32>>,
+    /// `[tokens][k]` final weights (after renormalisation and scaling).
+    pub weights: Vec<Vec<f32>>,
+}
+
+impl<B: Backend> Moe<B> {
+    /// `x: [B, T, H]` → `[B, T, H]`; with `record`, also the routing of every token (row-major
+    /// over batch then time).
+    pub fn forward(&self, x: Tensor<B, 3>, record: bool) -> (Tensor<B, 3>, Option<Routing>) {
+        let [b, t, h] = x.dims();
+        let n = b * t;
+        let k = self.router.num_experts_per_tok;
+        let x = x.reshape([n, h]);
+        let bias = self.gate.e_score_correction_bias.val().detach();
+        let (idx, weights) = route(self.gate.logits(x.clone()), bias, &self.router);
+
+        // Group the (token, slot) pairs by expert on the host: each expert runs only on its tokens.
+        let ids: Vec<i64> = idx.into_data().convert::<i64>().to_vec().expect("int routing ids");
+        let mut tokens: Vec<Vec<i64>> = vec![Vec::new(); self.experts.len()];
+        let mut slots: Vec<Vec<i64>> = vec![Vec::new(); self.experts.len()];
+        for (pos, &e) in ids.iter().enumerate() {
+            tokens[e as usize].push((pos / k) as i64);
+            slots[e as usize].push(pos as i64);
+        }
+        let device = x.device();
+        let flat_w = weights.clone().reshape([n * k]);
+        let mut out = match &self.shared_experts {
+            Some(shared) => shared.forward(x.clone()),
+            None => Tensor::zeros([n, h], &device),
+        };
+        for (e, expert) in self.experts.iter().enumerate() {
+            if tokens[e].is_empty() {
+                continue;
+            }
+            let m = tokens[e].len();
+            let tok = Tensor::<B, 1, Int>::from_data(TensorData::new(std::mem::take(&mut tokens[e]), [m]), &device);
+            let slot = Tensor::<B, 1, Int>::from_data(TensorData::new(std::mem::take(&mut slots[e]), [m]), &device);
+            let y = expert.forward(x.clone().select(0, tok.clone())) * flat_w.clone().select(0, slot).reshape([m, 1]);
+            out = out.select_assign(0, tok, y, IndexingUpdateOp::Add);
+        }
+        let routing = record.then(|| {
+            let w: Vec<f32> = weights.into_data().convert::<f32>().to_vec().expect("f32 weights");
+            Routing {
+                experts: ids.chunks(k).map(|r| r.iter().map(|&v| v as u32).collect()).collect(),
+                weights: w.chunks(k).map(|r| r.to_vec()).collect(),
+            }
+        });
+        (out.reshape([b, t, h]), routing)
+    }
+}

@@ -1,0 +1,37 @@
+//! RMSNorm: `x / sqrt(mean(x²) + eps) * weight`.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::Initializer;
+use burn::tensor::{backend::Backend, Tensor};
+
+#[derive(Config, Debug)]
+pub struct RmsNormConfig {
+    pub size: usize,
+    #[config(default = 1e-6)]
+    pub eps: f64,
+}
+
+impl RmsNormConfig {
+    pub fn init<B: Backend>(&self, device: &B::Device) -> RmsNorm<B> {
+        RmsNorm {
+            weight: Initializer::Ones.init([self.size], device),
+            eps: self.eps,
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// `[size]`, checkpoint name `*.weight`.
+    pub weight: Param<Tensor<B, 1>>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let ms = x.clone().square().mean_dim(D - 1);
+        let w = self.weight.val().unsqueeze::<D>();
+        x * (ms + self.eps).sqrt().recip() * w
+    }
+}

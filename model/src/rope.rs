@@ -1,0 +1,132 @@
+//! Rotary position embedding for MLA's decoupled rope dims: interleaved pairs, optional YaRN.
+//!
+//! Angles are computed in float64 on the host (`position * inv_freq`), then rounded once to the
+//! model dtype. The reference implementations form the angle in float32, which loses
+//! ~position·2⁻²⁴ rad; near 128K that is 1e-2 rad. Here it stays below 1e-7 at any position.
+
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+use crate::config::{DeepseekV3Config, Yarn};
+
+/// `mscale(f, m)` of YaRN: the attention-temperature correction for a context stretched by `f`.
+pub fn yarn_mscale(factor: f64, mscale: f64) -> f64 {
+    if factor <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * factor.ln() + 1.0
+    }
+}
+
+/// The dimension index whose wavelength makes `num_rotations` turns over `orig` positions.
+fn correction_dim(num_rotations: f64, dim: usize, base: f64, orig: usize) -> f64 {
+    dim as f64 * (orig as f64 / (num_rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln())
+}
+
+/// YaRN's blend range `[low, high]` over the `dim/2` frequencies.
+pub fn yarn_correction_range(y: &Yarn, dim: usize, base: f64) -> (f64, f64) {
+    let low = correction_dim(y.beta_fast, dim, base, y.original_max_position_embeddings).floor();
+    let high = correction_dim(y.beta_slow, dim, base, y.original_max_position_embeddings).ceil();
+    (low.max(0.0), high.min(dim as f64 - 1.0))
+}
+
+/// Frequencies, cos/sin scale and softmax scale of one model's rotary embedding.
+#[derive(Debug, Clone)]
+pub struct RotaryEmbedding {
+    /// `dr/2` inverse frequencies (float64).
+    pub inv_freq: Vec<f64>,
+    /// Multiplies cos and sin (HF's `attention_factor`; 1 for every released DeepSeek config).
+    pub attention_factor: f64,
+}
+
+impl RotaryEmbedding {
+    pub fn new(cfg: &DeepseekV3Config) -> Self {
+        let dim = cfg.qk_rope_head_dim;
+        let base = cfg.rope_base();
+        let plain: Vec<f64> = (0..dim / 2)
+            .map(|i| base.powf(-((2 * i) as f64) / dim as f64))
+            .collect();
+        let Some(y) = cfg.yarn() else {
+            return Self {
+                inv_freq: plain,
+                attention_factor: 1.0,
+            };
+        };
+        let (low, mut high) = yarn_correction_range(&y, dim, base);
+        if low == high {
+            high += 0.001;
+        }
+        let inv_freq = plain
+            .iter()
+            .enumerate()
+            .map(|(i, &f)| {
+                let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                let smooth = 1.0 - ramp;
+                f / y.factor * (1.0 - smooth) + f * smooth
+            })
+            .collect();
+        // HF: mscale/mscale_all_dim when both are set and non-zero, else mscale(f, 1).
+        let attention_factor = match (y.mscale, y.mscale_all_dim) {
+            (Some(m), Some(a)) if m != 0.0 && a != 0.0 => {
+                yarn_mscale(y.factor, m) / yarn_mscale(y.factor, a)
+            }
+            _ => yarn_mscale(y.factor, 1.0),
+        };
+        Self {
+            inv_freq,
+            attention_factor,
+        }
+    }
+
+    /// `cos`, `sin` tables `[len, dr/2]` for positions `start..start+len`, already multiplied by
+    /// `attention_factor`.
+    pub fn cos_sin<B: Backend>(
+        &self,
+        start: usize,
+        len: usize,
+        device: &B::Device,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in start..start + len {
+            for &f in &self.inv_freq {
+                let (s, c) = (p as f64 * f).sin_cos();
+                cos.push((c * self.attention_factor) as f32);
+                sin.push((s * self.attention_factor) as f32);
+            }
+        }
+        (
+            Tensor::from_data(TensorData::new(cos, [len, half]), device),
+            Tensor::from_data(TensorData::new(sin, [len, half]), device),
+        )
+    }
+}
+
+/// The softmax scale of MLA: `(dn+dr)^-0.5`, times `mscale(f, mscale_all_dim)²` under YaRN (HF).
+pub fn softmax_scale(cfg: &DeepseekV3Config) -> f64 {
+    let base = (cfg.qk_head_dim() as f64).powf(-0.5);
+    match cfg.yarn() {
+        Some(y) => match y.mscale_all_dim {
+            Some(a) if a != 0.0 => {
+                let m = yarn_mscale(y.factor, a);
+                base * m * m
+            }
+            _ => base,
+        },
+        None => base,
+    }
+}
+
+/// Rotates interleaved pairs `(x[2i], x[2i+1])` of the last dim of `x: [B, T, N, dr]` by the
+/// angles of `cos`/`sin: [T, dr/2]` (the checkpoint's layout; spec §3.3).
+pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
+    let [b, t, n, d] = x.dims();
+    let pairs = x.reshape([b, t, n, d / 2, 2]);
+    let even = pairs.clone().narrow(4, 0, 1).reshape([b, t, n, d / 2]);
+    let odd = pairs.narrow(4, 1, 1).reshape([b, t, n, d / 2]);
+    let cos = cos.clone().reshape([1, t, 1, d / 2]);
+    let sin = sin.clone().reshape([1, t, 1, d / 2]);
+    let y_even = even.clone() * cos.clone() - odd.clone() * sin.clone();
+    let y_odd = even * sin + odd * cos;
+    Tensor::stack::<5>(vec![y_even, y_odd], 4).reshape([b, t, n, d])
+}

@@ -1,0 +1,314 @@
+//! The `dsv3` command line: argument definitions and the commands, as library code so tests can
+//! call them. Every failure is one readable line (`error: ...`) and a non-zero exit.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::activation::log_softmax;
+use clap::{Args, Parser, Subcommand};
+
+use dsv3_backends::{BackendKind, Cpu};
+use dsv3_model::checkpoint::{Checkpoint, Dtype, SafetensorsWriter};
+use dsv3_model::{AttentionMode, DeepseekV3Config, ForwardOptions, LoadOptions, ModelError};
+
+#[derive(Parser, Debug)]
+#[command(name = "dsv3", version, about = "DeepSeek-V3 on Burn: inspect and run DeepSeek-V3-architecture models")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print a model's config summary, parameter counts, dtypes and memory estimates.
+    Inspect(InspectArgs),
+    /// Run one forward pass over token ids: per-token NLL, perplexity, optional logits/routing dumps.
+    Score(ScoreArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// Model directory (config.json + model.safetensors or model.safetensors.index.json).
+    #[arg(long, conflicts_with = "preset", required_unless_present = "preset")]
+    pub model: Option<PathBuf>,
+    /// Inspect a built-in config instead of a directory: 671b, small or tiny.
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ScoreArgs {
+    /// Model directory (config.json + safetensors checkpoint, F32/BF16/F16/FP8).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Comma-separated token ids, e.g. 0,15,7 (each must be < vocab_size).
+    #[arg(long)]
+    pub tokens: String,
+    /// Absolute position of the first token (RoPE/YaRN position); default 0.
+    #[arg(long, default_value_t = 0)]
+    pub offset: usize,
+    /// Also run the first MTP module: writes `mtp_logits` [T-1, vocab] (row i predicts token i+2).
+    #[arg(long)]
+    pub mtp: bool,
+    /// Write `logits` (f32 [T, vocab]) and, with --mtp, `mtp_logits` to this safetensors file.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Write every MoE layer's expert ids and weights per token to this JSON file.
+    #[arg(long)]
+    pub routing: Option<PathBuf>,
+    /// Backend to run on (this build: flex, alias cpu).
+    #[arg(long, default_value = "flex")]
+    pub backend: String,
+    /// Attention form: absorbed (attention over the latent, as decode runs) or naive (per-head k/v).
+    #[arg(long, default_value = "absorbed", value_parser = ["absorbed", "naive"])]
+    pub attention: String,
+    /// Fail if the checkpoint holds tensors the model does not use (default: report them).
+    #[arg(long)]
+    pub strict: bool,
+}
+
+/// A command's failure: one line.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Backend(#[from] dsv3_backends::UnknownBackend),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot write {path}: {reason}")]
+    Write { path: PathBuf, reason: String },
+}
+
+/// Runs a parsed command, writing its report to `out`.
+pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
+    match cli.command {
+        Command::Inspect(a) => inspect(&a, out),
+        Command::Score(a) => score(&a, out),
+    }
+}
+
+fn write_err(path: &Path, e: impl std::fmt::Display) -> CliError {
+    CliError::Write {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+fn gib(bytes: f64) -> String {
+    if bytes >= 1024f64.powi(3) {
+        format!("{:.2} GiB", bytes / 1024f64.powi(3))
+    } else {
+        format!("{:.2} MiB", bytes / 1024f64.powi(2))
+    }
+}
+
+pub fn inspect(a: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let (cfg, ckpt) = match (&a.model, &a.preset) {
+        (Some(dir), _) => {
+            if !dir.is_dir() {
+                return Err(CliError::Usage(format!("model directory {} does not exist", dir.display())));
+            }
+            let cfg = DeepseekV3Config::from_file(&dir.join("config.json")).map_err(ModelError::from)?;
+            (cfg, Some(Checkpoint::open(dir).map_err(ModelError::from)?))
+        }
+        (None, Some(p)) => (
+            DeepseekV3Config::preset(p).ok_or_else(|| {
+                CliError::Usage(format!(
+                    "unknown preset {p:?} (available: {})",
+                    DeepseekV3Config::PRESETS.join(", ")
+                ))
+            })?,
+            None,
+        ),
+        (None, None) => return Err(CliError::Usage("give --model DIR or --preset NAME".into())),
+    };
+    let mtp_present = match &ckpt {
+        Some(c) => {
+            let prefix = format!("model.layers.{}.", cfg.num_hidden_layers);
+            cfg.num_nextn_predict_layers > 0 && c.names().any(|n| n.starts_with(&prefix))
+        }
+        None => cfg.num_nextn_predict_layers > 0,
+    };
+    let counts = cfg.param_counts(mtp_present);
+    let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
+    if let Some(c) = &ckpt {
+        for n in c.names() {
+            if let Some(i) = c.info(n) {
+                *dtypes.entry(format!("{:?}", i.dtype)).or_default() += 1;
+            }
+        }
+    }
+    let n = counts.total as f64;
+    let mem = [("f32", n * 4.0), ("bf16", n * 2.0), ("fp8 (+block scales)", n * (1.0 + 4.0 / 16384.0))];
+    let dense = cfg.first_k_dense_replace.min(cfg.num_hidden_layers);
+    if a.json {
+        let j = serde_json::json!({
+            "config": serde_json::to_value(&cfg).unwrap_or_default(),
+            "params_total": counts.total,
+            "params_active_per_token": counts.active_per_token,
+            "params_mtp": counts.mtp,
+            "dense_layers": dense,
+            "moe_layers": cfg.num_hidden_layers - dense,
+            "mtp_present": mtp_present,
+            "checkpoint_dtypes": dtypes,
+            "checkpoint_bytes": ckpt.as_ref().map(|c| c.total_bytes()),
+            "memory_bytes": mem.iter().map(|(k, v)| (k.to_string(), *v as u64)).collect::<BTreeMap<_, _>>(),
+        });
+        writeln!(out, "{j}").map_err(|e| write_err(Path::new("stdout"), e))?;
+        return Ok(());
+    }
+    let q = match cfg.q_lora_rank {
+        Some(r) => format!("q-LoRA rank {r}"),
+        None => "direct q_proj".into(),
+    };
+    let rope = match cfg.yarn() {
+        Some(y) => format!(
+            "YaRN factor {} (original {} positions), theta {}",
+            y.factor,
+            y.original_max_position_embeddings,
+            cfg.rope_base()
+        ),
+        None => format!("plain RoPE, theta {}", cfg.rope_base()),
+    };
+    let mut s = String::new();
+    use std::fmt::Write as _;
+    let _ = writeln!(s, "DeepSeek-V3 architecture: {} layers ({} dense, {} MoE), hidden {}, vocab {}", cfg.num_hidden_layers, dense, cfg.num_hidden_layers - dense, cfg.hidden_size, cfg.vocab_size);
+    let _ = writeln!(s, "attention: MLA, {} heads, {q}, kv latent {}, head dims nope {} / rope {} / v {}", cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim);
+    let _ = writeln!(s, "rope: {rope}");
+    let _ = writeln!(s, "MoE: {} routed experts (width {}) in {} groups, top-{} from {} groups, {} shared, scale {}", cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.n_group, cfg.num_experts_per_tok, cfg.topk_group, cfg.n_shared_experts, cfg.routed_scaling_factor);
+    let _ = writeln!(s, "dense MLP width: {}", cfg.intermediate_size);
+    let _ = writeln!(s, "MTP modules: {} in config, {}", cfg.num_nextn_predict_layers, if mtp_present { "present" } else { "absent" });
+    let _ = writeln!(s, "parameters: {} total ({:.3} B), {} active per token ({:.3} B), MTP {}", counts.total, n / 1e9, counts.active_per_token, counts.active_per_token as f64 / 1e9, counts.mtp);
+    let _ = writeln!(s, "KV cache (latent): {} values per layer per token ({} bytes in f32)", cfg.kv_lora_rank + cfg.qk_rope_head_dim, 4 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim));
+    if let Some(c) = &ckpt {
+        let _ = writeln!(s, "checkpoint: {} tensors, {}, dtypes {:?}", c.names().count(), gib(c.total_bytes() as f64), dtypes);
+    }
+    for (k, v) in mem {
+        let _ = writeln!(s, "memory for weights as {k}: {}", gib(v));
+    }
+    out.write_all(s.as_bytes()).map_err(|e| write_err(Path::new("stdout"), e))?;
+    Ok(())
+}
+
+/// Parses `0,15,7` into ids.
+pub fn parse_tokens(s: &str) -> Result<Vec<u32>, CliError> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(CliError::Usage("--tokens is empty: give comma-separated token ids, e.g. 0,15,7".into()));
+    }
+    s.split(',')
+        .map(|t| {
+            t.trim()
+                .parse::<u32>()
+                .map_err(|_| CliError::Usage(format!("--tokens: {:?} is not a non-negative integer token id", t.trim())))
+        })
+        .collect()
+}
+
+pub fn score(a: &ScoreArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let ids = parse_tokens(&a.tokens)?;
+    match BackendKind::parse(&a.backend)? {
+        BackendKind::Flex => score_on::<Cpu>(a, &ids, out),
+    }
+}
+
+fn score_on<B: burn::tensor::backend::Backend>(a: &ScoreArgs, ids: &[u32], out: &mut dyn Write) -> Result<(), CliError> {
+    let device = B::Device::default();
+    let opts = LoadOptions {
+        strict: a.strict,
+        skip_mtp: !a.mtp,
+    };
+    let (model, report) = dsv3_model::load::<B>(&a.model, &device, &opts)?;
+    if !report.unexpected.is_empty() {
+        eprintln!(
+            "warning: {} checkpoint tensor(s) not used by the model, e.g. {}",
+            report.unexpected.len(),
+            report.unexpected[0]
+        );
+    }
+    if a.mtp && model.model.mtp.is_empty() {
+        return Err(ModelError::NoMtp(format!("{} has no MTP layer", a.model.display())).into());
+    }
+    if a.mtp && ids.len() < 2 {
+        return Err(ModelError::NoMtp("--mtp needs at least 2 tokens".into()).into());
+    }
+    let tokens = model.tokens_tensor(ids)?;
+    let fopts = ForwardOptions {
+        attention: if a.attention == "naive" { AttentionMode::Naive } else { AttentionMode::Absorbed },
+        record_routing: a.routing.is_some(),
+    };
+    let fwd = model.forward(tokens.clone(), a.offset, None, &fopts);
+    let t = ids.len();
+    let vocab = model.config.vocab_size;
+    let logp: Vec<f32> = log_softmax(fwd.logits.clone(), 2).into_data().convert::<f32>().to_vec().map_err(|e| CliError::Usage(format!("{e:?}")))?;
+    let mut report_s = String::new();
+    use std::fmt::Write as _;
+    let _ = writeln!(report_s, "{:>5} {:>8} {:>12}", "pos", "token", "nll");
+    let mut total = 0.0f64;
+    for i in 0..t {
+        if i == 0 {
+            let _ = writeln!(report_s, "{:>5} {:>8} {:>12}", a.offset, ids[0], "-");
+            continue;
+        }
+        let nll = -(logp[(i - 1) * vocab + ids[i] as usize] as f64);
+        total += nll;
+        let _ = writeln!(report_s, "{:>5} {:>8} {:>12.6}", a.offset + i, ids[i], nll);
+    }
+    if t > 1 {
+        let mean = total / (t - 1) as f64;
+        let _ = writeln!(report_s, "mean nll {:.6}, perplexity {:.4} over {} predicted tokens", mean, mean.exp(), t - 1);
+    } else {
+        let _ = writeln!(report_s, "one token: nothing to predict (logits are still written with --out)");
+    }
+
+    let mut routing = fwd.routing.clone();
+    let mut mtp_logits = None;
+    if a.mtp {
+        let m = model.mtp_logits(tokens, &fwd, a.offset, &fopts)?;
+        if let Some(r) = m.routing.clone() {
+            routing.push(r);
+        }
+        mtp_logits = Some(m.logits);
+    }
+    if let Some(path) = &a.out {
+        let mut header = vec![("logits".to_string(), Dtype::F32, vec![t, vocab])];
+        if mtp_logits.is_some() {
+            header.push(("mtp_logits".to_string(), Dtype::F32, vec![t - 1, vocab]));
+        }
+        let mut w = SafetensorsWriter::create(path, &header, None).map_err(|e| write_err(path, e))?;
+        let l: Vec<f32> = fwd.logits.into_data().convert::<f32>().to_vec().map_err(|e| write_err(path, format!("{e:?}")))?;
+        w.write_f32("logits", &l).map_err(|e| write_err(path, e))?;
+        if let Some(m) = mtp_logits {
+            let m: Vec<f32> = m.into_data().convert::<f32>().to_vec().map_err(|e| write_err(path, format!("{e:?}")))?;
+            w.write_f32("mtp_logits", &m).map_err(|e| write_err(path, e))?;
+        }
+        w.finish().map_err(|e| write_err(path, e))?;
+        let _ = writeln!(report_s, "wrote {}", path.display());
+    }
+    if let Some(path) = &a.routing {
+        let layers: Vec<serde_json::Value> = routing
+            .iter()
+            .map(|r| {
+                let mut v = serde_json::json!({
+                    "layer": r.layer,
+                    "experts": r.routing.experts,
+                    "weights": r.routing.weights,
+                });
+                if r.mtp {
+                    v["mtp"] = serde_json::Value::Bool(true);
+                }
+                v
+            })
+            .collect();
+        let j = serde_json::json!({ "layers": layers });
+        std::fs::write(path, j.to_string()).map_err(|e| write_err(path, e))?;
+        let _ = writeln!(report_s, "wrote {}", path.display());
+    }
+    out.write_all(report_s.as_bytes()).map_err(|e| write_err(Path::new("stdout"), e))?;
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! Shared helpers: fixture paths, golden tensors, comparisons.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Tensor, TensorData};
+use safetensors::{Dtype, SafeTensors};
+
+pub type B = dsv3_backends::Cpu;
+
+/// Absolute tolerance on logits for f32 against the float64 golden. The fixtures' logits have
+/// magnitude ~5-15; f32 carries ~7 significant digits, and the forward chains a few hundred
+/// accumulations, so agreement to ~1e-5 is expected. 1e-4 leaves headroom without hiding bugs:
+/// a wrong mask, rope layout, router choice or scale moves logits by 1e-2 or more.
+pub const LOGIT_TOL: f32 = 1e-4;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// A fixture directory; fails with a clear message if it was not generated/committed.
+pub fn fixture(name: &str) -> PathBuf {
+    let p = fixtures().join(name);
+    assert!(
+        p.join("config.json").is_file(),
+        "fixture {} is missing: run `python3 tests/fixtures/gen_fixtures.py` (needs torch + transformers)",
+        p.display()
+    );
+    p
+}
+
+pub fn device() -> burn::backend::flex::FlexDevice {
+    Default::default()
+}
+
+/// A golden file's tensors, converted to f64 / i64 vectors with their shapes.
+pub struct Golden {
+    pub f: HashMap<String, (Vec<usize>, Vec<f64>)>,
+    pub i: HashMap<String, (Vec<usize>, Vec<i64>)>,
+}
+
+impl Golden {
+    pub fn read(path: &Path) -> Golden {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("golden {} missing: {e}", path.display()));
+        let st = SafeTensors::deserialize(&bytes).expect("golden parses");
+        let mut f = HashMap::new();
+        let mut i = HashMap::new();
+        for (name, view) in st.tensors() {
+            let shape = view.shape().to_vec();
+            let d = view.data();
+            match view.dtype() {
+                Dtype::F32 => {
+                    f.insert(name, (shape, d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect()));
+                }
+                Dtype::F64 => {
+                    f.insert(name, (shape, d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()));
+                }
+                Dtype::I64 => {
+                    i.insert(name, (shape, d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()));
+                }
+                other => panic!("unexpected dtype {other:?} in golden {}", path.display()),
+            }
+        }
+        Golden { f, i }
+    }
+    pub fn f(&self, name: &str) -> &(Vec<usize>, Vec<f64>) {
+        self.f.get(name).unwrap_or_else(|| panic!("golden tensor {name} missing"))
+    }
+    pub fn i(&self, name: &str) -> &(Vec<usize>, Vec<i64>) {
+        self.i.get(name).unwrap_or_else(|| panic!("golden tensor {name} missing"))
+    }
+    pub fn ids(&self) -> Vec<u32> {
+        self.i("input_ids").1.iter().map(|&v| v as u32).collect()
+    }
+    pub fn offset(&self) -> usize {
+        self.i.get("offset").map(|(_, v)| v[0] as usize).unwrap_or(0)
+    }
+}
+
+/// Golden files of a fixture directory (`golden*.safetensors`).
+pub fn goldens(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy();
+            n.starts_with("golden") && n.ends_with(".safetensors")
+        })
+        .collect();
+    v.sort();
+    assert!(!v.is_empty(), "no golden*.safetensors in {}", dir.display());
+    v
+}
+
+pub fn to_vec<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().unwrap()
+}
+
+pub fn tensor2(values: Vec<f32>, shape: [usize; 2]) -> Tensor<B, 2> {
+    Tensor::from_data(TensorData::new(values, shape), &device())
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).abs()).fold(0.0, f64::max)
+}
+
+pub fn max_abs(b: &[f64]) -> f64 {
+    b.iter().fold(0.0, |m, v| m.max(v.abs()))
+}
+
+/// A unique scratch directory under the system temp dir.
+pub fn scratch(name: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("dsv3-test-{}-{}-{}", name, std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&p).unwrap();
+    p
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+/// Copies a fixture directory's model files to a scratch dir (for corrupting them).
+pub fn copy_fixture(name: &str) -> PathBuf {
+    let src = fixture(name);
+    let dst = scratch(name);
+    for e in std::fs::read_dir(&src).unwrap() {
+        let p = e.unwrap().path();
+        let n = p.file_name().unwrap().to_string_lossy().to_string();
+        if n == "config.json" || n.starts_with("model") {
+            std::fs::copy(&p, dst.join(&n)).unwrap();
+        }
+    }
+    dst
+}

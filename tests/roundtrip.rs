@@ -1,0 +1,200 @@
+//! Saving and loading: bit-exact round trip, and every malformed checkpoint gives a clear error.
+
+use std::io::{Seek, SeekFrom, Write};
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::Tensor;
+use dsv3_model::{load, save, DeepseekV3, DeepseekV3Config, ForwardOptions, LoadError, LoadOptions, ModelError, SaveDtype};
+
+use crate::common::*;
+
+struct Collect(Vec<Vec<u32>>);
+impl ModuleVisitor<B> for Collect {
+    fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+        self.0.push(to_vec(p.val()).iter().map(|v| v.to_bits()).collect());
+    }
+}
+
+fn bits(m: &DeepseekV3<B>) -> Vec<Vec<u32>> {
+    let mut c = Collect(Vec::new());
+    m.visit(&mut c);
+    c.0
+}
+
+#[test]
+fn save_then_load_is_bit_exact() {
+    for name in ["tiny-qlora", "tiny-fp8"] {
+        let (m, _) = load::<B>(&fixture(name), &device(), &LoadOptions::default()).unwrap();
+        let dir = scratch("save");
+        save(&m, &dir, SaveDtype::F32).unwrap();
+        let (m2, report) = load::<B>(&dir, &device(), &LoadOptions { strict: true, skip_mtp: false }).unwrap();
+        assert!(report.unexpected.is_empty());
+        assert_eq!(m2.model.mtp.len(), m.model.mtp.len());
+        let (a, b) = (bits(&m), bits(&m2));
+        assert_eq!(a.len(), b.len());
+        assert!(a == b, "{name}: parameters changed in the round trip");
+        let ids = [3u32, 1, 4, 1, 5, 9, 2, 6];
+        let run = |m: &DeepseekV3<B>| to_vec(m.forward(m.tokens_tensor(&ids).unwrap(), 0, None, &ForwardOptions::default()).logits);
+        assert_eq!(run(&m), run(&m2));
+        // The saved config is the model's config, minus the quantization (weights are now f32).
+        let cfg = DeepseekV3Config::from_file(&dir.join("config.json")).unwrap();
+        assert!(cfg.quantization_config.is_none());
+        assert_eq!(cfg.hidden_size, m.config.hidden_size);
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
+
+#[test]
+fn random_init_save_load_bf16() {
+    let cfg = DeepseekV3Config::tiny();
+    let m = DeepseekV3::<B>::init(&cfg, &device()).unwrap();
+    let dir = scratch("bf16");
+    save(&m, &dir, SaveDtype::BF16).unwrap();
+    let (m2, _) = load::<B>(&dir, &device(), &LoadOptions::default()).unwrap();
+    // bf16 keeps 8 significant bits: every value within 2^-8 relative.
+    for (a, b) in bits(&m).iter().zip(bits(&m2)) {
+        for (x, y) in a.iter().zip(b) {
+            let (x, y) = (f32::from_bits(*x), f32::from_bits(y));
+            assert!((x - y).abs() <= x.abs() / 256.0, "{x} vs {y}");
+        }
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+fn load_err(dir: &std::path::Path) -> String {
+    match load::<B>(dir, &device(), &LoadOptions { strict: true, skip_mtp: false }) {
+        Ok(_) => panic!("{} loaded but should not", dir.display()),
+        Err(e) => {
+            let s = e.to_string();
+            assert!(!s.contains('\n'), "one line: {s}");
+            s
+        }
+    }
+}
+
+#[test]
+fn missing_directory_and_files() {
+    let e = load_err(std::path::Path::new("/nonexistent/model"));
+    assert!(e.contains("/nonexistent/model"), "{e}");
+    let dir = copy_fixture("tiny-qlora");
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains(&dir.display().to_string()), "{e}");
+    let dir = copy_fixture("tiny-qlora");
+    std::fs::remove_file(dir.join("config.json")).unwrap();
+    assert!(load_err(&dir).contains("config.json"));
+}
+
+#[test]
+fn invalid_config_is_reported() {
+    let dir = copy_fixture("tiny-qlora");
+    let p = dir.join("config.json");
+    let mut j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    j["topk_group"] = serde_json::json!(99);
+    std::fs::write(&p, j.to_string()).unwrap();
+    assert!(load_err(&dir).contains("topk_group"));
+    std::fs::write(&p, "{ not json").unwrap();
+    assert!(load_err(&dir).contains("config.json"));
+}
+
+/// Rewrites the checkpoint with one tensor dropped, renamed or reshaped, or with an extra one.
+fn rewrite(name: &str, edit: impl Fn(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>)) -> std::path::PathBuf {
+    let dir = copy_fixture(name);
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    edit(&mut tensors);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    dir
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = rewrite("tiny-qlora", |t| t.retain(|x| x.0 != "model.layers.1.self_attn.kv_b_proj.weight"));
+    let e = load_err(&dir);
+    assert!(e.contains("model.layers.1.self_attn.kv_b_proj.weight"), "{e}");
+}
+
+#[test]
+fn unexpected_tensor_reported_or_strict_error() {
+    let dir = rewrite("tiny-qlora", |t| t.push(("model.layers.0.extra.weight".into(), safetensors::Dtype::F32, vec![2], vec![0; 8])));
+    let (_, report) = load::<B>(&dir, &device(), &LoadOptions::default()).unwrap();
+    assert_eq!(report.unexpected, vec!["model.layers.0.extra.weight".to_string()]);
+    assert!(load_err(&dir).contains("model.layers.0.extra.weight"));
+}
+
+#[test]
+fn wrong_shape_is_named() {
+    let dir = rewrite("tiny-qlora", |t| {
+        let x = t.iter_mut().find(|x| x.0 == "model.norm.weight").unwrap();
+        x.2 = vec![x.2[0] - 1];
+        x.3.truncate(x.3.len() - 4);
+    });
+    let e = load_err(&dir);
+    assert!(e.contains("model.norm.weight"), "{e}");
+}
+
+#[test]
+fn unsupported_dtype_is_named() {
+    let dir = rewrite("tiny-qlora", |t| {
+        let x = t.iter_mut().find(|x| x.0 == "model.norm.weight").unwrap();
+        x.1 = safetensors::Dtype::I32;
+    });
+    let e = load_err(&dir);
+    assert!(e.contains("model.norm.weight") && e.contains("I32"), "{e}");
+}
+
+#[test]
+fn truncated_file_is_reported() {
+    let dir = copy_fixture("tiny-qlora");
+    let p = dir.join("model.safetensors");
+    let len = std::fs::metadata(&p).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len - 100).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn lying_header_is_reported() {
+    let dir = copy_fixture("tiny-qlora");
+    let p = dir.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
+    let mut j: serde_json::Value = serde_json::from_str(&header).unwrap();
+    // Claim the final norm is twice as long as its shape says.
+    let offs = j["model.norm.weight"]["data_offsets"].clone();
+    let (a, b) = (offs[0].as_u64().unwrap(), offs[1].as_u64().unwrap());
+    j["model.norm.weight"]["data_offsets"] = serde_json::json!([a, a + 2 * (b - a)]);
+    let mut h = j.to_string();
+    while h.len() < n {
+        h.push(' ');
+    }
+    assert_eq!(h.len(), n, "edited header must keep its length");
+    let mut f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.seek(SeekFrom::Start(8)).unwrap();
+    f.write_all(h.as_bytes()).unwrap();
+    drop(f);
+    let e = load_err(&dir);
+    assert!(e.contains("model.norm.weight"), "{e}");
+    // A header length beyond the file.
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    std::fs::write(&p, bytes).unwrap();
+    assert!(load_err(&dir).contains("model.safetensors"));
+}
+
+#[test]
+fn model_error_variants_are_typed() {
+    let e = load::<B>(std::path::Path::new("/nonexistent"), &device(), &LoadOptions::default()).unwrap_err();
+    assert!(matches!(e, ModelError::Load(LoadError::NoCheckpoint { .. })), "{e:?}");
+}
