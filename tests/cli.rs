@@ -99,8 +99,7 @@ fn score_bad_inputs_give_one_line() {
     // A model without MTP asked for --mtp.
     let direct = fixture("tiny-direct");
     let cfg = dsv3_model::DeepseekV3Config::from_file(&direct.join("config.json")).unwrap();
-    if cfg.num_nextn_predict_layers == 0 {
-        let e = dsv3(&["score", "--model", direct.to_str().unwrap(), "--tokens", "1,2,3", "--mtp"]).unwrap_err();
-        assert!(e.contains("MTP"), "{e}");
-    }
+    assert_eq!(cfg.num_nextn_predict_layers, 0, "tiny-direct is the fixture without MTP");
+    let e = dsv3(&["score", "--model", direct.to_str().unwrap(), "--tokens", "1,2,3", "--mtp"]).unwrap_err();
+    assert!(e.contains("MTP"), "{e}");
 }

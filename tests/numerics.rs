@@ -63,8 +63,14 @@ fn rope_is_accurate_near_128k() {
             // What float32 angles would give, to show the test can tell the difference.
         }
     }
-    let f32_angle = ((start as f32) * (rope.inv_freq[0] as f32)) as f64;
-    let f32_err = (f32_angle.cos() - (start as f64 * rope.inv_freq[0]).cos()).abs();
+    let f32_err = rope
+        .inv_freq
+        .iter()
+        .map(|&f| {
+            let a32 = ((start as f32) * (f as f32)) as f64;
+            (a32.cos() - (start as f64 * f).cos()).abs()
+        })
+        .fold(0.0, f64::max);
     assert!(worst < 1e-7, "cos/sin error {worst:e}");
     assert!(f32_err > 1e-4, "float32 angle error unexpectedly small: {f32_err:e}");
 }
@@ -101,16 +107,18 @@ fn route_ref(logits: &[f64], bias: &[f64], cfg: &RouterConfig, neg_inf_mask: boo
 #[test]
 fn router_masks_dropped_groups_with_neg_inf() {
     let cfg = RouterConfig::new(8, 3, 4, 2).with_routed_scaling_factor(2.5);
-    // Groups {0,1} {2,3} {4,5} {6,7}. Large biases on groups 0 and 1 keep them; expert 3 has a
-    // very negative bias, so its biased score is < 0 but it is still among the 4 kept candidates.
+    // Groups {0,1} {2,3} {4,5} {6,7}; target biased scores: groups 0 and 1 win (sums 1.3, 1.15
+    // against 1.1 and 0.3) but hold only two positive experts, so the third choice, expert 3,
+    // has `sigmoid + bias = -0.05 < 0`. Zero-masking would pick a dropped expert (score 0) instead.
+    let target = [1.4, -0.1, 1.2, -0.05, 0.5, 0.6, 0.2, 0.1];
     let logits = [0.3, -0.2, 0.9, 0.1, 1.5, 1.2, 0.4, -0.7];
-    let bias = [0.5, 0.4, 1.6, -1.5, -0.6, -0.65, -0.8, -0.3];
+    let bias: Vec<f64> = target.iter().zip(&logits).map(|(t, l)| t - 1.0 / (1.0 + (-l as f64).exp())).collect();
     let want = route_ref(&logits, &bias, &cfg, true);
     let zero_masked = route_ref(&logits, &bias, &cfg, false);
     assert_ne!(want, zero_masked, "the case must discriminate the two maskings");
     assert!(want.contains(&3), "expert 3 (negative biased score) must be chosen: {want:?}");
     let lt = tensor2(logits.iter().map(|&v| v as f32).collect(), [1, 8]);
-    let bt = burn::tensor::Tensor::<B, 1>::from_floats(bias.map(|v| v as f32), &device());
+    let bt = burn::tensor::Tensor::<B, 1>::from_floats(bias.iter().map(|&v| v as f32).collect::<Vec<_>>().as_slice(), &device());
     let (idx, w) = route(lt, bt, &cfg);
     let mut got: Vec<usize> = idx.into_data().convert::<i64>().to_vec::<i64>().unwrap().iter().map(|&v| v as usize).collect();
     got.sort();

@@ -53,7 +53,8 @@ const fn decode_bits(code: u8) -> f32 {
     let e = ((code >> 3) & 0xF) as u32;
     let m = (code & 0x7) as u32;
     let bits = if e == 15 && m == 7 {
-        sign | 0x7FC0_0000
+        // Quiet NaN with the code's sign and the payload torch produces (0x7FF00000).
+        sign | 0x7FF0_0000
     } else if e == 0 {
         if m == 0 {
             sign
@@ -81,8 +82,8 @@ const fn build_table() -> [f32; 256] {
     t
 }
 
-/// All 256 `float8_e4m3fn` codes decoded to f32 (exact; 0x7F and 0xFF are quiet NaNs with the
-/// code's sign).
+/// All 256 `float8_e4m3fn` codes decoded to f32 (exact, and bit-identical to torch 2.15's
+/// `.float()`, including the NaNs: 0x7F → 0x7FF00000, 0xFF → 0xFFF00000).
 pub static E4M3_TO_F32: [f32; 256] = build_table();
 
 /// Exact decode of one `float8_e4m3fn` code.
@@ -322,6 +323,7 @@ mod tests {
             match reference(c) {
                 None => {
                     assert!(got.is_nan(), "code {c:#04x} must be NaN");
+                    assert_eq!(got.to_bits() & 0x7FFF_FFFF, 0x7FF0_0000);
                     assert!(c == 0x7F || c == 0xFF);
                 }
                 Some(v) => {

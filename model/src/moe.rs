@@ -39,8 +39,14 @@ pub fn route<B: Backend>(
     if cfg.n_group > 1 {
         let (g, per) = (cfg.n_group, e / cfg.n_group);
         // Group score: the sum of the two best biased scores in the group.
-        let group_scores = biased.clone().reshape([n, g, per]).topk(2, 2).sum_dim(2).reshape([n, g]);
-        let (_, kept) = group_scores.topk_with_indices(cfg.topk_group, 1);
+        let group_scores = biased
+            .clone()
+            .reshape([n, g, per])
+            .sort_descending(2)
+            .narrow(2, 0, 2)
+            .sum_dim(2)
+            .reshape([n, g]);
+        let kept = top_k_indices(group_scores, cfg.topk_group);
         let device = biased.device();
         let keep = Tensor::<B, 2>::zeros([n, g], &device).scatter(
             1,
@@ -51,13 +57,20 @@ pub fn route<B: Backend>(
         let dropped = keep.reshape([n, g, 1]).expand([n, g, per]).reshape([n, e]).lower_elem(0.5);
         biased = biased.mask_fill(dropped, f32::NEG_INFINITY);
     }
-    let (_, idx) = biased.topk_with_indices(cfg.num_experts_per_tok, 1);
+    let idx = top_k_indices(biased, cfg.num_experts_per_tok);
     let mut weights = scores.gather(1, idx.clone());
     if cfg.norm_topk_prob {
         let denom = weights.clone().sum_dim(1) + 1e-20;
         weights = weights / denom;
     }
     (idx, weights * cfg.routed_scaling_factor)
+}
+
+/// Indices of the `k` largest values of each row, largest first. (Burn's `topk` insists on
+/// `k < len`; routing needs `k == len` too, e.g. keeping every group.)
+fn top_k_indices<B: Backend>(x: Tensor<B, 2>, k: usize) -> Tensor<B, 2, Int> {
+    let (_, idx) = x.sort_descending_with_indices(1);
+    idx.narrow(1, 0, k)
 }
 
 #[derive(Config, Debug)]
