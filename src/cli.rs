@@ -13,7 +13,11 @@ use dsv3_model::checkpoint::{Checkpoint, Dtype, SafetensorsWriter};
 use dsv3_model::{AttentionMode, DeepseekV3Config, ForwardOptions, LoadOptions, ModelError};
 
 #[derive(Parser, Debug)]
-#[command(name = "dsv3", version, about = "DeepSeek-V3 on Burn: inspect and run DeepSeek-V3-architecture models")]
+#[command(
+    name = "dsv3",
+    version,
+    about = "DeepSeek-V3 on Burn: inspect and run DeepSeek-V3-architecture models"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -25,6 +29,27 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Run one forward pass over token ids: per-token NLL, perplexity, optional logits/routing dumps.
     Score(ScoreArgs),
+    /// Write a randomly initialised model (config.json + model.safetensors) in the Hugging Face layout.
+    Init(InitArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Built-in config: 671b, small or tiny.
+    #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+    pub preset: Option<String>,
+    /// A config.json to use instead of a preset.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Output directory (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Seed of the random weights (normal, std = initializer_range).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stored precision: f32 or bf16.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub dtype: String,
 }
 
 #[derive(Args, Debug)]
@@ -38,6 +63,9 @@ pub struct InspectArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Also load every tensor (as `score` would) and report load time, throughput and peak memory.
+    #[arg(long, requires = "model")]
+    pub load: bool,
 }
 
 #[derive(Args, Debug)]
@@ -89,6 +117,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     match cli.command {
         Command::Inspect(a) => inspect(&a, out),
         Command::Score(a) => score(&a, out),
+        Command::Init(a) => init(&a, out),
     }
 }
 
@@ -111,9 +140,13 @@ pub fn inspect(a: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let (cfg, ckpt) = match (&a.model, &a.preset) {
         (Some(dir), _) => {
             if !dir.is_dir() {
-                return Err(CliError::Usage(format!("model directory {} does not exist", dir.display())));
+                return Err(CliError::Usage(format!(
+                    "model directory {} does not exist",
+                    dir.display()
+                )));
             }
-            let cfg = DeepseekV3Config::from_file(&dir.join("config.json")).map_err(ModelError::from)?;
+            let cfg =
+                DeepseekV3Config::from_file(&dir.join("config.json")).map_err(ModelError::from)?;
             (cfg, Some(Checkpoint::open(dir).map_err(ModelError::from)?))
         }
         (None, Some(p)) => (
@@ -144,7 +177,11 @@ pub fn inspect(a: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
         }
     }
     let n = counts.total as f64;
-    let mem = [("f32", n * 4.0), ("bf16", n * 2.0), ("fp8 (+block scales)", n * (1.0 + 4.0 / 16384.0))];
+    let mem = [
+        ("f32", n * 4.0),
+        ("bf16", n * 2.0),
+        ("fp8 (+block scales)", n * (1.0 + 4.0 / 16384.0)),
+    ];
     let dense = cfg.first_k_dense_replace.min(cfg.num_hidden_layers);
     if a.json {
         let j = serde_json::json!({
@@ -177,21 +214,137 @@ pub fn inspect(a: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
     };
     let mut s = String::new();
     use std::fmt::Write as _;
-    let _ = writeln!(s, "DeepSeek-V3 architecture: {} layers ({} dense, {} MoE), hidden {}, vocab {}", cfg.num_hidden_layers, dense, cfg.num_hidden_layers - dense, cfg.hidden_size, cfg.vocab_size);
-    let _ = writeln!(s, "attention: MLA, {} heads, {q}, kv latent {}, head dims nope {} / rope {} / v {}", cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim);
+    let _ = writeln!(
+        s,
+        "DeepSeek-V3 architecture: {} layers ({} dense, {} MoE), hidden {}, vocab {}",
+        cfg.num_hidden_layers,
+        dense,
+        cfg.num_hidden_layers - dense,
+        cfg.hidden_size,
+        cfg.vocab_size
+    );
+    let _ = writeln!(
+        s,
+        "attention: MLA, {} heads, {q}, kv latent {}, head dims nope {} / rope {} / v {}",
+        cfg.num_attention_heads,
+        cfg.kv_lora_rank,
+        cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim,
+        cfg.v_head_dim
+    );
     let _ = writeln!(s, "rope: {rope}");
     let _ = writeln!(s, "MoE: {} routed experts (width {}) in {} groups, top-{} from {} groups, {} shared, scale {}", cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.n_group, cfg.num_experts_per_tok, cfg.topk_group, cfg.n_shared_experts, cfg.routed_scaling_factor);
     let _ = writeln!(s, "dense MLP width: {}", cfg.intermediate_size);
-    let _ = writeln!(s, "MTP modules: {} in config, {}", cfg.num_nextn_predict_layers, if mtp_present { "present" } else { "absent" });
-    let _ = writeln!(s, "parameters: {} total ({:.3} B), {} active per token ({:.3} B), MTP {}", counts.total, n / 1e9, counts.active_per_token, counts.active_per_token as f64 / 1e9, counts.mtp);
-    let _ = writeln!(s, "KV cache (latent): {} values per layer per token ({} bytes in f32)", cfg.kv_lora_rank + cfg.qk_rope_head_dim, 4 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim));
+    let _ = writeln!(
+        s,
+        "MTP modules: {} in config, {}",
+        cfg.num_nextn_predict_layers,
+        if mtp_present { "present" } else { "absent" }
+    );
+    let _ = writeln!(
+        s,
+        "parameters: {} total ({:.3} B), {} active per token ({:.3} B), MTP {}",
+        counts.total,
+        n / 1e9,
+        counts.active_per_token,
+        counts.active_per_token as f64 / 1e9,
+        counts.mtp
+    );
+    let _ = writeln!(
+        s,
+        "KV cache (latent): {} values per layer per token ({} bytes in f32)",
+        cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+        4 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    );
     if let Some(c) = &ckpt {
-        let _ = writeln!(s, "checkpoint: {} tensors, {}, dtypes {:?}", c.names().count(), gib(c.total_bytes() as f64), dtypes);
+        let _ = writeln!(
+            s,
+            "checkpoint: {} tensors, {}, dtypes {:?}",
+            c.names().count(),
+            gib(c.total_bytes() as f64),
+            dtypes
+        );
     }
     for (k, v) in mem {
         let _ = writeln!(s, "memory for weights as {k}: {}", gib(v));
     }
-    out.write_all(s.as_bytes()).map_err(|e| write_err(Path::new("stdout"), e))?;
+    out.write_all(s.as_bytes())
+        .map_err(|e| write_err(Path::new("stdout"), e))?;
+    if a.load {
+        if let Some(dir) = &a.model {
+            let t0 = std::time::Instant::now();
+            let (model, report) =
+                dsv3_model::load::<Cpu>(dir, &Default::default(), &LoadOptions::default())?;
+            let secs = t0.elapsed().as_secs_f64();
+            let loaded = report.params as f64 * 4.0;
+            let peak = peak_rss_bytes();
+            let line = format!(
+                "loaded {} parameters ({} as f32) from {} of files in {:.2} s ({:.2} GB/s of file); peak RSS {} = {:.2}x the loaded weights\n",
+                report.params,
+                gib(loaded),
+                gib(report.file_bytes as f64),
+                secs,
+                report.file_bytes as f64 / secs / 1e9,
+                peak.map(|p| gib(p as f64)).unwrap_or_else(|| "unknown".into()),
+                peak.map(|p| p as f64 / loaded).unwrap_or(f64::NAN),
+            );
+            drop(model);
+            out.write_all(line.as_bytes())
+                .map_err(|e| write_err(Path::new("stdout"), e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn init(a: &InitArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let cfg = match (&a.preset, &a.config) {
+        (Some(p), _) => DeepseekV3Config::preset(p).ok_or_else(|| {
+            CliError::Usage(format!(
+                "unknown preset {p:?} (available: {})",
+                DeepseekV3Config::PRESETS.join(", ")
+            ))
+        })?,
+        (None, Some(path)) => DeepseekV3Config::from_file(path).map_err(ModelError::from)?,
+        (None, None) => {
+            return Err(CliError::Usage(
+                "give --preset NAME or --config FILE".into(),
+            ))
+        }
+    };
+    let counts = cfg.param_counts(true);
+    if counts.total > 20_000_000_000 {
+        return Err(CliError::Usage(format!(
+            "refusing to materialise {} random parameters; init is for small models",
+            counts.total
+        )));
+    }
+    let device = Default::default();
+    <Cpu as burn::tensor::backend::Backend>::seed(&device, a.seed);
+    let mut cfg = cfg;
+    cfg.quantization_config = None;
+    let model = dsv3_model::DeepseekV3::<Cpu>::init(&cfg, &device)?;
+    let dtype = if a.dtype == "bf16" {
+        dsv3_model::SaveDtype::BF16
+    } else {
+        dsv3_model::SaveDtype::F32
+    };
+    dsv3_model::save(&model, &a.out, dtype)?;
+    writeln!(
+        out,
+        "wrote {} ({} parameters, {})",
+        a.out.display(),
+        counts.total,
+        a.dtype
+    )
+    .map_err(|e| write_err(Path::new("stdout"), e))?;
     Ok(())
 }
 
@@ -199,13 +352,18 @@ pub fn inspect(a: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
 pub fn parse_tokens(s: &str) -> Result<Vec<u32>, CliError> {
     let s = s.trim();
     if s.is_empty() {
-        return Err(CliError::Usage("--tokens is empty: give comma-separated token ids, e.g. 0,15,7".into()));
+        return Err(CliError::Usage(
+            "--tokens is empty: give comma-separated token ids, e.g. 0,15,7".into(),
+        ));
     }
     s.split(',')
         .map(|t| {
-            t.trim()
-                .parse::<u32>()
-                .map_err(|_| CliError::Usage(format!("--tokens: {:?} is not a non-negative integer token id", t.trim())))
+            t.trim().parse::<u32>().map_err(|_| {
+                CliError::Usage(format!(
+                    "--tokens: {:?} is not a non-negative integer token id",
+                    t.trim()
+                ))
+            })
         })
         .collect()
 }
@@ -217,7 +375,11 @@ pub fn score(a: &ScoreArgs, out: &mut dyn Write) -> Result<(), CliError> {
     }
 }
 
-fn score_on<B: burn::tensor::backend::Backend>(a: &ScoreArgs, ids: &[u32], out: &mut dyn Write) -> Result<(), CliError> {
+fn score_on<B: burn::tensor::backend::Backend>(
+    a: &ScoreArgs,
+    ids: &[u32],
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
     let device = B::Device::default();
     let opts = LoadOptions {
         strict: a.strict,
@@ -239,13 +401,21 @@ fn score_on<B: burn::tensor::backend::Backend>(a: &ScoreArgs, ids: &[u32], out: 
     }
     let tokens = model.tokens_tensor(ids)?;
     let fopts = ForwardOptions {
-        attention: if a.attention == "naive" { AttentionMode::Naive } else { AttentionMode::Absorbed },
+        attention: if a.attention == "naive" {
+            AttentionMode::Naive
+        } else {
+            AttentionMode::Absorbed
+        },
         record_routing: a.routing.is_some(),
     };
     let fwd = model.forward(tokens.clone(), a.offset, None, &fopts);
     let t = ids.len();
     let vocab = model.config.vocab_size;
-    let logp: Vec<f32> = log_softmax(fwd.logits.clone(), 2).into_data().convert::<f32>().to_vec().map_err(|e| CliError::Usage(format!("{e:?}")))?;
+    let logp: Vec<f32> = log_softmax(fwd.logits.clone(), 2)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| CliError::Usage(format!("{e:?}")))?;
     let mut report_s = String::new();
     use std::fmt::Write as _;
     let _ = writeln!(report_s, "{:>5} {:>8} {:>12}", "pos", "token", "nll");
@@ -261,9 +431,18 @@ fn score_on<B: burn::tensor::backend::Backend>(a: &ScoreArgs, ids: &[u32], out: 
     }
     if t > 1 {
         let mean = total / (t - 1) as f64;
-        let _ = writeln!(report_s, "mean nll {:.6}, perplexity {:.4} over {} predicted tokens", mean, mean.exp(), t - 1);
+        let _ = writeln!(
+            report_s,
+            "mean nll {:.6}, perplexity {:.4} over {} predicted tokens",
+            mean,
+            mean.exp(),
+            t - 1
+        );
     } else {
-        let _ = writeln!(report_s, "one token: nothing to predict (logits are still written with --out)");
+        let _ = writeln!(
+            report_s,
+            "one token: nothing to predict (logits are still written with --out)"
+        );
     }
 
     let mut routing = fwd.routing.clone();
@@ -280,12 +459,23 @@ fn score_on<B: burn::tensor::backend::Backend>(a: &ScoreArgs, ids: &[u32], out: 
         if mtp_logits.is_some() {
             header.push(("mtp_logits".to_string(), Dtype::F32, vec![t - 1, vocab]));
         }
-        let mut w = SafetensorsWriter::create(path, &header, None).map_err(|e| write_err(path, e))?;
-        let l: Vec<f32> = fwd.logits.into_data().convert::<f32>().to_vec().map_err(|e| write_err(path, format!("{e:?}")))?;
+        let mut w =
+            SafetensorsWriter::create(path, &header, None).map_err(|e| write_err(path, e))?;
+        let l: Vec<f32> = fwd
+            .logits
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .map_err(|e| write_err(path, format!("{e:?}")))?;
         w.write_f32("logits", &l).map_err(|e| write_err(path, e))?;
         if let Some(m) = mtp_logits {
-            let m: Vec<f32> = m.into_data().convert::<f32>().to_vec().map_err(|e| write_err(path, format!("{e:?}")))?;
-            w.write_f32("mtp_logits", &m).map_err(|e| write_err(path, e))?;
+            let m: Vec<f32> = m
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .map_err(|e| write_err(path, format!("{e:?}")))?;
+            w.write_f32("mtp_logits", &m)
+                .map_err(|e| write_err(path, e))?;
         }
         w.finish().map_err(|e| write_err(path, e))?;
         let _ = writeln!(report_s, "wrote {}", path.display());
@@ -309,6 +499,7 @@ fn score_on<B: burn::tensor::backend::Backend>(a: &ScoreArgs, ids: &[u32], out: 
         std::fs::write(path, j.to_string()).map_err(|e| write_err(path, e))?;
         let _ = writeln!(report_s, "wrote {}", path.display());
     }
-    out.write_all(report_s.as_bytes()).map_err(|e| write_err(Path::new("stdout"), e))?;
+    out.write_all(report_s.as_bytes())
+        .map_err(|e| write_err(Path::new("stdout"), e))?;
     Ok(())
 }

@@ -9,6 +9,8 @@ pub use dsv3_infer as infer;
 pub use dsv3_model as model;
 pub use dsv3_train as train;
 
-pub use dsv3_model::{load, save, DeepseekV3, DeepseekV3Config, ForwardOptions, LoadOptions, ModelError};
+pub use dsv3_model::{
+    load, save, DeepseekV3, DeepseekV3Config, ForwardOptions, LoadOptions, ModelError,
+};
 
 pub mod cli;

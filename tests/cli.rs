@@ -6,7 +6,8 @@ use deepseek_v3::cli::{run, Cli};
 use crate::common::*;
 
 fn dsv3(args: &[&str]) -> Result<String, String> {
-    let cli = Cli::try_parse_from(std::iter::once("dsv3").chain(args.iter().copied())).map_err(|e| e.to_string())?;
+    let cli = Cli::try_parse_from(std::iter::once("dsv3").chain(args.iter().copied()))
+        .map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     run(cli, &mut out).map_err(|e| e.to_string())?;
     Ok(String::from_utf8(out).unwrap())
@@ -17,9 +18,13 @@ fn inspect_preset_671b() {
     let s = dsv3(&["inspect", "--preset", "671b"]).unwrap();
     assert!(s.contains("61 layers (3 dense, 58 MoE)"), "{s}");
     assert!(s.contains("256 routed experts"), "{s}");
-    let j: serde_json::Value = serde_json::from_str(&dsv3(&["inspect", "--preset", "671b", "--json"]).unwrap()).unwrap();
+    let j: serde_json::Value =
+        serde_json::from_str(&dsv3(&["inspect", "--preset", "671b", "--json"]).unwrap()).unwrap();
     let total = j["params_total"].as_u64().unwrap() as f64;
-    assert!((total / 1e9 - 684.5).abs() < 1.5, "671B + 14B MTP, got {total}");
+    assert!(
+        (total / 1e9 - 684.5).abs() < 1.5,
+        "671B + 14B MTP, got {total}"
+    );
 }
 
 #[test]
@@ -38,14 +43,42 @@ fn score_writes_logits_mtp_and_routing() {
     let out = scratch("score");
     let (o, r) = (out.join("o.safetensors"), out.join("r.json"));
     let s = dsv3(&[
-        "score", "--model", dir.to_str().unwrap(), "--tokens", &ids.join(","), "--mtp",
-        "--out", o.to_str().unwrap(), "--routing", r.to_str().unwrap(),
+        "score",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        &ids.join(","),
+        "--mtp",
+        "--out",
+        o.to_str().unwrap(),
+        "--routing",
+        r.to_str().unwrap(),
     ])
     .unwrap();
     assert!(s.contains("perplexity"), "{s}");
     let written = Golden::read(&o);
-    assert!(max_abs_diff(&written.f("logits").1.iter().map(|&v| v as f32).collect::<Vec<_>>(), &g.f("logits").1) < LOGIT_TOL as f64);
-    assert!(max_abs_diff(&written.f("mtp_logits").1.iter().map(|&v| v as f32).collect::<Vec<_>>(), &g.f("mtp_logits").1) < LOGIT_TOL as f64);
+    assert!(
+        max_abs_diff(
+            &written
+                .f("logits")
+                .1
+                .iter()
+                .map(|&v| v as f32)
+                .collect::<Vec<_>>(),
+            &g.f("logits").1
+        ) < LOGIT_TOL as f64
+    );
+    assert!(
+        max_abs_diff(
+            &written
+                .f("mtp_logits")
+                .1
+                .iter()
+                .map(|&v| v as f32)
+                .collect::<Vec<_>>(),
+            &g.f("mtp_logits").1
+        ) < LOGIT_TOL as f64
+    );
     let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&r).unwrap()).unwrap();
     let layers = j["layers"].as_array().unwrap();
     let cfg = dsv3_model::DeepseekV3Config::from_file(&dir.join("config.json")).unwrap();
@@ -72,9 +105,28 @@ fn score_offset_matches_golden() {
     let ids: Vec<String> = g.ids().iter().map(|i| i.to_string()).collect();
     let o = scratch("offset").join("o.safetensors");
     let off = g.offset().to_string();
-    dsv3(&["score", "--model", dir.to_str().unwrap(), "--tokens", &ids.join(","), "--offset", &off, "--out", o.to_str().unwrap()]).unwrap();
+    dsv3(&[
+        "score",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        &ids.join(","),
+        "--offset",
+        &off,
+        "--out",
+        o.to_str().unwrap(),
+    ])
+    .unwrap();
     let written = Golden::read(&o);
-    let d = max_abs_diff(&written.f("logits").1.iter().map(|&v| v as f32).collect::<Vec<_>>(), &g.f("logits").1);
+    let d = max_abs_diff(
+        &written
+            .f("logits")
+            .1
+            .iter()
+            .map(|&v| v as f32)
+            .collect::<Vec<_>>(),
+        &g.f("logits").1,
+    );
     assert!(d < LOGIT_TOL as f64, "{d}");
 }
 
@@ -83,23 +135,52 @@ fn score_bad_inputs_give_one_line() {
     let dir = fixture("tiny-qlora");
     let d = dir.to_str().unwrap();
     let cases: &[(&[&str], &str)] = &[
-        (&["score", "--model", d, "--tokens", "1,2,100000"], "out of range"),
+        (
+            &["score", "--model", d, "--tokens", "1,2,100000"],
+            "out of range",
+        ),
         (&["score", "--model", d, "--tokens", ""], "empty"),
-        (&["score", "--model", d, "--tokens", "1,x"], "not a non-negative integer"),
-        (&["score", "--model", "/no/such/dir", "--tokens", "1,2"], "/no/such/dir"),
-        (&["score", "--model", d, "--tokens", "1,2", "--backend", "tpu"], "not available"),
-        (&["score", "--model", d, "--tokens", "1", "--mtp"], "at least 2 tokens"),
+        (
+            &["score", "--model", d, "--tokens", "1,x"],
+            "not a non-negative integer",
+        ),
+        (
+            &["score", "--model", "/no/such/dir", "--tokens", "1,2"],
+            "/no/such/dir",
+        ),
+        (
+            &["score", "--model", d, "--tokens", "1,2", "--backend", "tpu"],
+            "not available",
+        ),
+        (
+            &["score", "--model", d, "--tokens", "1", "--mtp"],
+            "at least 2 tokens",
+        ),
         (&["inspect", "--preset", "huge"], "unknown preset"),
     ];
     for (args, needle) in cases {
         let e = dsv3(args).unwrap_err();
-        assert!(e.contains(needle), "{args:?}: {e:?} should contain {needle:?}");
+        assert!(
+            e.contains(needle),
+            "{args:?}: {e:?} should contain {needle:?}"
+        );
         assert!(!e.trim_end().contains('\n'), "{args:?}: one line: {e:?}");
     }
     // A model without MTP asked for --mtp.
     let direct = fixture("tiny-direct");
     let cfg = dsv3_model::DeepseekV3Config::from_file(&direct.join("config.json")).unwrap();
-    assert_eq!(cfg.num_nextn_predict_layers, 0, "tiny-direct is the fixture without MTP");
-    let e = dsv3(&["score", "--model", direct.to_str().unwrap(), "--tokens", "1,2,3", "--mtp"]).unwrap_err();
+    assert_eq!(
+        cfg.num_nextn_predict_layers, 0,
+        "tiny-direct is the fixture without MTP"
+    );
+    let e = dsv3(&[
+        "score",
+        "--model",
+        direct.to_str().unwrap(),
+        "--tokens",
+        "1,2,3",
+        "--mtp",
+    ])
+    .unwrap_err();
     assert!(e.contains("MTP"), "{e}");
 }

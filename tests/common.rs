@@ -41,7 +41,8 @@ pub struct Golden {
 
 impl Golden {
     pub fn read(path: &Path) -> Golden {
-        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("golden {} missing: {e}", path.display()));
+        let bytes = std::fs::read(path)
+            .unwrap_or_else(|e| panic!("golden {} missing: {e}", path.display()));
         let st = SafeTensors::deserialize(&bytes).expect("golden parses");
         let mut f = HashMap::new();
         let mut i = HashMap::new();
@@ -50,13 +51,37 @@ impl Golden {
             let d = view.data();
             match view.dtype() {
                 Dtype::F32 => {
-                    f.insert(name, (shape, d.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect()));
+                    f.insert(
+                        name,
+                        (
+                            shape,
+                            d.chunks_exact(4)
+                                .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+                                .collect(),
+                        ),
+                    );
                 }
                 Dtype::F64 => {
-                    f.insert(name, (shape, d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()));
+                    f.insert(
+                        name,
+                        (
+                            shape,
+                            d.chunks_exact(8)
+                                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                                .collect(),
+                        ),
+                    );
                 }
                 Dtype::I64 => {
-                    i.insert(name, (shape, d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()));
+                    i.insert(
+                        name,
+                        (
+                            shape,
+                            d.chunks_exact(8)
+                                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                                .collect(),
+                        ),
+                    );
                 }
                 other => panic!("unexpected dtype {other:?} in golden {}", path.display()),
             }
@@ -64,16 +89,23 @@ impl Golden {
         Golden { f, i }
     }
     pub fn f(&self, name: &str) -> &(Vec<usize>, Vec<f64>) {
-        self.f.get(name).unwrap_or_else(|| panic!("golden tensor {name} missing"))
+        self.f
+            .get(name)
+            .unwrap_or_else(|| panic!("golden tensor {name} missing"))
     }
     pub fn i(&self, name: &str) -> &(Vec<usize>, Vec<i64>) {
-        self.i.get(name).unwrap_or_else(|| panic!("golden tensor {name} missing"))
+        self.i
+            .get(name)
+            .unwrap_or_else(|| panic!("golden tensor {name} missing"))
     }
     pub fn ids(&self) -> Vec<u32> {
         self.i("input_ids").1.iter().map(|&v| v as u32).collect()
     }
     pub fn offset(&self) -> usize {
-        self.i.get("offset").map(|(_, v)| v[0] as usize).unwrap_or(0)
+        self.i
+            .get("offset")
+            .map(|(_, v)| v[0] as usize)
+            .unwrap_or(0)
     }
 }
 
@@ -102,7 +134,10 @@ pub fn tensor2(values: Vec<f32>, shape: [usize; 2]) -> Tensor<B, 2> {
 
 pub fn max_abs_diff(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as f64 - y).abs())
+        .fold(0.0, f64::max)
 }
 
 pub fn max_abs(b: &[f64]) -> f64 {
@@ -111,13 +146,21 @@ pub fn max_abs(b: &[f64]) -> f64 {
 
 /// A unique scratch directory under the system temp dir.
 pub fn scratch(name: &str) -> PathBuf {
-    let p = std::env::temp_dir().join(format!("dsv3-test-{}-{}-{}", name, std::process::id(), rand_suffix()));
+    let p = std::env::temp_dir().join(format!(
+        "dsv3-test-{}-{}-{}",
+        name,
+        std::process::id(),
+        rand_suffix()
+    ));
     std::fs::create_dir_all(&p).unwrap();
     p
 }
 
 fn rand_suffix() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }
 
 /// Copies a fixture directory's model files to a scratch dir (for corrupting them).

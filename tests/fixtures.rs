@@ -7,8 +7,15 @@ use dsv3_model::{load, AttentionMode, DeepseekV3, ForwardOptions, LoadOptions};
 use crate::common::*;
 
 fn load_fixture(name: &str) -> DeepseekV3<B> {
-    let (model, report) = load::<B>(&fixture(name), &device(), &LoadOptions { strict: true, skip_mtp: false })
-        .unwrap_or_else(|e| panic!("loading {name}: {e}"));
+    let (model, report) = load::<B>(
+        &fixture(name),
+        &device(),
+        &LoadOptions {
+            strict: true,
+            skip_mtp: false,
+        },
+    )
+    .unwrap_or_else(|e| panic!("loading {name}: {e}"));
     assert!(report.unexpected.is_empty());
     model
 }
@@ -28,9 +35,20 @@ fn check_golden(model: &DeepseekV3<B>, golden: &Path, mode: AttentionMode) {
     assert_eq!(out.logits.dims().to_vec(), [&[1usize][..], shape].concat());
     let got = to_vec(out.logits.clone());
     let diff = max_abs_diff(&got, want);
-    println!("{}: {mode:?} max |Δlogits| = {diff:.2e} (max |logit| {:.2})", golden.display(), max_abs(want));
-    assert!(max_abs(want) > 1.0, "golden logits are too small to test anything");
-    assert!(diff < LOGIT_TOL as f64, "{}: logits differ by {diff:.3e} > {LOGIT_TOL:e}", golden.display());
+    println!(
+        "{}: {mode:?} max |Δlogits| = {diff:.2e} (max |logit| {:.2})",
+        golden.display(),
+        max_abs(want)
+    );
+    assert!(
+        max_abs(want) > 1.0,
+        "golden logits are too small to test anything"
+    );
+    assert!(
+        diff < LOGIT_TOL as f64,
+        "{}: logits differ by {diff:.3e} > {LOGIT_TOL:e}",
+        golden.display()
+    );
 
     let (_, hidden) = g.f("final_hidden");
     let hd = max_abs_diff(&to_vec(out.hidden.clone()), hidden);
@@ -46,11 +64,15 @@ fn check_golden(model: &DeepseekV3<B>, golden: &Path, mode: AttentionMode) {
     }
 
     // Routing: every MoE layer of the golden, in model order, MTP layers after the main ones.
-    let mut layers: Vec<usize> = g
-        .i
-        .keys()
-        .filter_map(|k| k.strip_prefix("routing.")?.strip_suffix(".experts")?.parse().ok())
-        .collect();
+    let mut layers: Vec<usize> =
+        g.i.keys()
+            .filter_map(|k| {
+                k.strip_prefix("routing.")?
+                    .strip_suffix(".experts")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
     layers.sort();
     assert_eq!(
         layers,
@@ -66,9 +88,13 @@ fn check_golden(model: &DeepseekV3<B>, golden: &Path, mode: AttentionMode) {
         assert_eq!(r.routing.experts.len(), shape[0]);
         for (tok, (got_e, got_w)) in r.routing.experts.iter().zip(&r.routing.weights).enumerate() {
             // Sort ours by expert id to compare with the golden's ascending order.
-            let mut pairs: Vec<(u32, f32)> = got_e.iter().copied().zip(got_w.iter().copied()).collect();
+            let mut pairs: Vec<(u32, f32)> =
+                got_e.iter().copied().zip(got_w.iter().copied()).collect();
             pairs.sort_by_key(|p| p.0);
-            let want_e: Vec<u32> = experts[tok * k..(tok + 1) * k].iter().map(|&e| e as u32).collect();
+            let want_e: Vec<u32> = experts[tok * k..(tok + 1) * k]
+                .iter()
+                .map(|&e| e as u32)
+                .collect();
             let got_ids: Vec<u32> = pairs.iter().map(|p| p.0).collect();
             // A float32 computation can only be asked to agree where the golden's k-th and
             // (k+1)-th biased scores are further apart than f32 rounding (~1e-6).
@@ -76,16 +102,28 @@ fn check_golden(model: &DeepseekV3<B>, golden: &Path, mode: AttentionMode) {
                 near_ties += 1;
                 continue;
             }
-            assert_eq!(got_ids, want_e, "layer {} token {tok}: expert set differs (margin {:.2e})", r.layer, margin[tok]);
+            assert_eq!(
+                got_ids, want_e,
+                "layer {} token {tok}: expert set differs (margin {:.2e})",
+                r.layer, margin[tok]
+            );
             for (j, p) in pairs.iter().enumerate() {
                 let w = weights[tok * k + j];
-                assert!((p.1 as f64 - w).abs() < 1e-5, "layer {} token {tok}: weight {} vs {w}", r.layer, p.1);
+                assert!(
+                    (p.1 as f64 - w).abs() < 1e-5,
+                    "layer {} token {tok}: weight {} vs {w}",
+                    r.layer,
+                    p.1
+                );
             }
             exact += 1;
         }
     }
     println!("  routing: {exact} token-layers exact, {near_ties} near-ties skipped");
-    assert!(exact > 0 && near_ties * 20 <= exact, "too many near ties to be a meaningful test");
+    assert!(
+        exact > 0 && near_ties * 20 <= exact,
+        "too many near ties to be a meaningful test"
+    );
 }
 
 fn check_fixture(name: &str) {
@@ -120,8 +158,14 @@ fn fp8_dequantization_is_bit_exact() {
     let mut n = 0;
     let mut partial_edge = false;
     for (name, (shape, want)) in &deq.f {
-        let info = ckpt.info(name).unwrap_or_else(|| panic!("{name} not in checkpoint"));
-        assert_eq!(format!("{:?}", info.dtype), "F8E4M3", "{name} should be stored as FP8");
+        let info = ckpt
+            .info(name)
+            .unwrap_or_else(|| panic!("{name} not in checkpoint"));
+        assert_eq!(
+            format!("{:?}", info.dtype),
+            "F8E4M3",
+            "{name} should be stored as FP8"
+        );
         let got = ckpt.read_f32(name, shape, false, 128).unwrap();
         for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
             assert_eq!(g.to_bits(), (w as f32).to_bits(), "{name}[{i}]: {g} vs {w}");
@@ -129,7 +173,10 @@ fn fp8_dequantization_is_bit_exact() {
         partial_edge |= shape.iter().any(|d| d % 128 != 0 && *d > 128);
         n += 1;
     }
-    assert!(n > 5 && partial_edge, "fixture must cover several tensors with partial edge blocks");
+    assert!(
+        n > 5 && partial_edge,
+        "fixture must cover several tensors with partial edge blocks"
+    );
 }
 
 /// Naive and absorbed attention compute the same function (here on every fixture's layers).
@@ -142,12 +189,24 @@ fn naive_and_absorbed_agree() {
         let run = |mode| {
             to_vec(
                 model
-                    .forward(tokens.clone(), g.offset(), None, &ForwardOptions { attention: mode, record_routing: false })
+                    .forward(
+                        tokens.clone(),
+                        g.offset(),
+                        None,
+                        &ForwardOptions {
+                            attention: mode,
+                            record_routing: false,
+                        },
+                    )
                     .logits,
             )
         };
         let (a, n) = (run(AttentionMode::Absorbed), run(AttentionMode::Naive));
-        let d = a.iter().zip(&n).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let d = a
+            .iter()
+            .zip(&n)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
         println!("{name}: naive vs absorbed max |Δ| = {d:.2e}");
         assert!(d < 2e-5, "{name}: naive vs absorbed differ by {d}");
     }
@@ -162,7 +221,12 @@ fn greedy_tokens_match_golden() {
     let want: Vec<u32> = g.i("greedy_tokens").1.iter().map(|&v| v as u32).collect();
     let mut ids = g.ids()[..plen].to_vec();
     for _ in 0..want.len() {
-        let out = model.forward(model.tokens_tensor(&ids).unwrap(), 0, None, &ForwardOptions::default());
+        let out = model.forward(
+            model.tokens_tensor(&ids).unwrap(),
+            0,
+            None,
+            &ForwardOptions::default(),
+        );
         let t = ids.len();
         let last = out.logits.narrow(1, t - 1, 1).flatten::<1>(0, 2);
         ids.push(last.argmax(0).into_scalar() as u32);

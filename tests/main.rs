@@ -4,8 +4,8 @@
 //! transformers' `DeepseekV3ForCausalLM` run in float64 (with its float32 casts patched out) and an
 //! independent float64 implementation of the spec. CI needs no Python: the files are committed.
 
-mod common;
 mod cli;
+mod common;
 mod fixtures;
 mod numerics;
 mod roundtrip;

@@ -40,7 +40,10 @@ fn yarn_671b_table() {
     let (_, want) = g.f("inv_freq");
     assert_eq!(rope.inv_freq.len(), 32);
     for (i, (a, b)) in rope.inv_freq.iter().zip(want).enumerate() {
-        assert!((a - b).abs() <= 1e-12 * b.abs(), "inv_freq[{i}]: {a} vs {b}");
+        assert!(
+            (a - b).abs() <= 1e-12 * b.abs(),
+            "inv_freq[{i}]: {a} vs {b}"
+        );
     }
     assert!((g.f("softmax_scale").1[0] - s).abs() < 1e-15);
 }
@@ -72,7 +75,10 @@ fn rope_is_accurate_near_128k() {
         })
         .fold(0.0, f64::max);
     assert!(worst < 1e-7, "cos/sin error {worst:e}");
-    assert!(f32_err > 1e-4, "float32 angle error unexpectedly small: {f32_err:e}");
+    assert!(
+        f32_err > 1e-4,
+        "float32 angle error unexpectedly small: {f32_err:e}"
+    );
 }
 
 /// Float64 reference of spec §5 for one row.
@@ -112,15 +118,38 @@ fn router_masks_dropped_groups_with_neg_inf() {
     // has `sigmoid + bias = -0.05 < 0`. Zero-masking would pick a dropped expert (score 0) instead.
     let target = [1.4, -0.1, 1.2, -0.05, 0.5, 0.6, 0.2, 0.1];
     let logits = [0.3, -0.2, 0.9, 0.1, 1.5, 1.2, 0.4, -0.7];
-    let bias: Vec<f64> = target.iter().zip(&logits).map(|(t, l)| t - 1.0 / (1.0 + (-l as f64).exp())).collect();
+    let bias: Vec<f64> = target
+        .iter()
+        .zip(&logits)
+        .map(|(t, l)| t - 1.0 / (1.0 + (-l).exp()))
+        .collect();
     let want = route_ref(&logits, &bias, &cfg, true);
     let zero_masked = route_ref(&logits, &bias, &cfg, false);
-    assert_ne!(want, zero_masked, "the case must discriminate the two maskings");
-    assert!(want.contains(&3), "expert 3 (negative biased score) must be chosen: {want:?}");
+    assert_ne!(
+        want, zero_masked,
+        "the case must discriminate the two maskings"
+    );
+    assert!(
+        want.contains(&3),
+        "expert 3 (negative biased score) must be chosen: {want:?}"
+    );
     let lt = tensor2(logits.iter().map(|&v| v as f32).collect(), [1, 8]);
-    let bt = burn::tensor::Tensor::<B, 1>::from_floats(bias.iter().map(|&v| v as f32).collect::<Vec<_>>().as_slice(), &device());
+    let bt = burn::tensor::Tensor::<B, 1>::from_floats(
+        bias.iter()
+            .map(|&v| v as f32)
+            .collect::<Vec<_>>()
+            .as_slice(),
+        &device(),
+    );
     let (idx, w) = route(lt, bt, &cfg);
-    let mut got: Vec<usize> = idx.into_data().convert::<i64>().to_vec::<i64>().unwrap().iter().map(|&v| v as usize).collect();
+    let mut got: Vec<usize> = idx
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .unwrap()
+        .iter()
+        .map(|&v| v as usize)
+        .collect();
     got.sort();
     assert_eq!(got, want);
     // Weights: unbiased sigmoid, renormalised, × 2.5.
@@ -134,34 +163,62 @@ fn router_matches_reference_on_random_rows() {
     let cfg = RouterConfig::new(24, 5, 6, 3).with_routed_scaling_factor(1.7);
     let mut state = 12345u64;
     let mut rnd = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
     };
     let rows = 37;
     let logits: Vec<f64> = (0..rows * 24).map(|_| 3.0 * rnd()).collect();
     let bias: Vec<f64> = (0..24).map(|_| rnd()).collect();
     let lt = tensor2(logits.iter().map(|&v| v as f32).collect(), [rows, 24]);
-    let bt = burn::tensor::Tensor::<B, 1>::from_floats(bias.iter().map(|&v| v as f32).collect::<Vec<_>>().as_slice(), &device());
+    let bt = burn::tensor::Tensor::<B, 1>::from_floats(
+        bias.iter()
+            .map(|&v| v as f32)
+            .collect::<Vec<_>>()
+            .as_slice(),
+        &device(),
+    );
     let (idx, _) = route(lt, bt, &cfg);
     let got: Vec<i64> = idx.into_data().convert::<i64>().to_vec().unwrap();
     for r in 0..rows {
-        let mut g: Vec<usize> = got[r * 5..(r + 1) * 5].iter().map(|&v| v as usize).collect();
+        let mut g: Vec<usize> = got[r * 5..(r + 1) * 5]
+            .iter()
+            .map(|&v| v as usize)
+            .collect();
         g.sort();
-        assert_eq!(g, route_ref(&logits[r * 24..(r + 1) * 24], &bias, &cfg, true), "row {r}");
+        assert_eq!(
+            g,
+            route_ref(&logits[r * 24..(r + 1) * 24], &bias, &cfg, true),
+            "row {r}"
+        );
     }
 }
 
 #[test]
 fn config_validation_says_what_is_wrong() {
     let base = DeepseekV3Config::tiny();
-    let cases: Vec<(Box<dyn Fn(&mut DeepseekV3Config)>, &str)> = vec![
-        (Box::new(|c| c.n_routed_experts = 15), "not divisible by n_group"),
+    type Mutation = Box<dyn Fn(&mut DeepseekV3Config)>;
+    let cases: Vec<(Mutation, &str)> = vec![
+        (
+            Box::new(|c| c.n_routed_experts = 15),
+            "not divisible by n_group",
+        ),
         (Box::new(|c| c.topk_group = 5), "topk_group"),
-        (Box::new(|c| c.num_experts_per_tok = 9), "num_experts_per_tok"),
+        (
+            Box::new(|c| c.num_experts_per_tok = 9),
+            "num_experts_per_tok",
+        ),
         (Box::new(|c| c.qk_rope_head_dim = 7), "even"),
         (Box::new(|c| c.hidden_size = 0), "hidden_size"),
-        (Box::new(|c| c.num_key_value_heads = Some(1)), "num_key_value_heads"),
-        (Box::new(|c| c.scoring_func = "softmax".into()), "scoring_func"),
+        (
+            Box::new(|c| c.num_key_value_heads = Some(1)),
+            "num_key_value_heads",
+        ),
+        (
+            Box::new(|c| c.scoring_func = "softmax".into()),
+            "scoring_func",
+        ),
         (Box::new(|c| c.q_lora_rank = Some(0)), "q_lora_rank"),
     ];
     for (mutate, needle) in cases {

@@ -4,14 +4,18 @@ use std::io::{Seek, SeekFrom, Write};
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::Tensor;
-use dsv3_model::{load, save, DeepseekV3, DeepseekV3Config, ForwardOptions, LoadError, LoadOptions, ModelError, SaveDtype};
+use dsv3_model::{
+    load, save, DeepseekV3, DeepseekV3Config, ForwardOptions, LoadError, LoadOptions, ModelError,
+    SaveDtype,
+};
 
 use crate::common::*;
 
 struct Collect(Vec<Vec<u32>>);
 impl ModuleVisitor<B> for Collect {
     fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
-        self.0.push(to_vec(p.val()).iter().map(|v| v.to_bits()).collect());
+        self.0
+            .push(to_vec(p.val()).iter().map(|v| v.to_bits()).collect());
     }
 }
 
@@ -27,14 +31,32 @@ fn save_then_load_is_bit_exact() {
         let (m, _) = load::<B>(&fixture(name), &device(), &LoadOptions::default()).unwrap();
         let dir = scratch("save");
         save(&m, &dir, SaveDtype::F32).unwrap();
-        let (m2, report) = load::<B>(&dir, &device(), &LoadOptions { strict: true, skip_mtp: false }).unwrap();
+        let (m2, report) = load::<B>(
+            &dir,
+            &device(),
+            &LoadOptions {
+                strict: true,
+                skip_mtp: false,
+            },
+        )
+        .unwrap();
         assert!(report.unexpected.is_empty());
         assert_eq!(m2.model.mtp.len(), m.model.mtp.len());
         let (a, b) = (bits(&m), bits(&m2));
         assert_eq!(a.len(), b.len());
         assert!(a == b, "{name}: parameters changed in the round trip");
         let ids = [3u32, 1, 4, 1, 5, 9, 2, 6];
-        let run = |m: &DeepseekV3<B>| to_vec(m.forward(m.tokens_tensor(&ids).unwrap(), 0, None, &ForwardOptions::default()).logits);
+        let run = |m: &DeepseekV3<B>| {
+            to_vec(
+                m.forward(
+                    m.tokens_tensor(&ids).unwrap(),
+                    0,
+                    None,
+                    &ForwardOptions::default(),
+                )
+                .logits,
+            )
+        };
         assert_eq!(run(&m), run(&m2));
         // The saved config is the model's config, minus the quantization (weights are now f32).
         let cfg = DeepseekV3Config::from_file(&dir.join("config.json")).unwrap();
@@ -62,7 +84,14 @@ fn random_init_save_load_bf16() {
 }
 
 fn load_err(dir: &std::path::Path) -> String {
-    match load::<B>(dir, &device(), &LoadOptions { strict: true, skip_mtp: false }) {
+    match load::<B>(
+        dir,
+        &device(),
+        &LoadOptions {
+            strict: true,
+            skip_mtp: false,
+        },
+    ) {
         Ok(_) => panic!("{} loaded but should not", dir.display()),
         Err(e) => {
             let s = e.to_string();
@@ -89,7 +118,8 @@ fn missing_directory_and_files() {
 fn invalid_config_is_reported() {
     let dir = copy_fixture("tiny-qlora");
     let p = dir.join("config.json");
-    let mut j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
     j["topk_group"] = serde_json::json!(99);
     std::fs::write(&p, j.to_string()).unwrap();
     assert!(load_err(&dir).contains("topk_group"));
@@ -98,7 +128,10 @@ fn invalid_config_is_reported() {
 }
 
 /// Rewrites the checkpoint with one tensor dropped, renamed or reshaped, or with an extra one.
-fn rewrite(name: &str, edit: impl Fn(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>)) -> std::path::PathBuf {
+fn rewrite(
+    name: &str,
+    edit: impl Fn(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
+) -> std::path::PathBuf {
     let dir = copy_fixture(name);
     let path = dir.join("model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
@@ -111,7 +144,12 @@ fn rewrite(name: &str, edit: impl Fn(&mut Vec<(String, safetensors::Dtype, Vec<u
     edit(&mut tensors);
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
-        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, None, &path).unwrap();
     dir
@@ -119,16 +157,31 @@ fn rewrite(name: &str, edit: impl Fn(&mut Vec<(String, safetensors::Dtype, Vec<u
 
 #[test]
 fn missing_tensor_is_named() {
-    let dir = rewrite("tiny-qlora", |t| t.retain(|x| x.0 != "model.layers.1.self_attn.kv_b_proj.weight"));
+    let dir = rewrite("tiny-qlora", |t| {
+        t.retain(|x| x.0 != "model.layers.1.self_attn.kv_b_proj.weight")
+    });
     let e = load_err(&dir);
-    assert!(e.contains("model.layers.1.self_attn.kv_b_proj.weight"), "{e}");
+    assert!(
+        e.contains("model.layers.1.self_attn.kv_b_proj.weight"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unexpected_tensor_reported_or_strict_error() {
-    let dir = rewrite("tiny-qlora", |t| t.push(("model.layers.0.extra.weight".into(), safetensors::Dtype::F32, vec![2], vec![0; 8])));
+    let dir = rewrite("tiny-qlora", |t| {
+        t.push((
+            "model.layers.0.extra.weight".into(),
+            safetensors::Dtype::F32,
+            vec![2],
+            vec![0; 8],
+        ))
+    });
     let (_, report) = load::<B>(&dir, &device(), &LoadOptions::default()).unwrap();
-    assert_eq!(report.unexpected, vec!["model.layers.0.extra.weight".to_string()]);
+    assert_eq!(
+        report.unexpected,
+        vec!["model.layers.0.extra.weight".to_string()]
+    );
     assert!(load_err(&dir).contains("model.layers.0.extra.weight"));
 }
 
@@ -158,7 +211,12 @@ fn truncated_file_is_reported() {
     let dir = copy_fixture("tiny-qlora");
     let p = dir.join("model.safetensors");
     let len = std::fs::metadata(&p).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len - 100).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
     let e = load_err(&dir);
     assert!(e.contains("model.safetensors"), "{e}");
 }
@@ -195,6 +253,14 @@ fn lying_header_is_reported() {
 
 #[test]
 fn model_error_variants_are_typed() {
-    let e = load::<B>(std::path::Path::new("/nonexistent"), &device(), &LoadOptions::default()).unwrap_err();
-    assert!(matches!(e, ModelError::Load(LoadError::NoCheckpoint { .. })), "{e:?}");
+    let e = load::<B>(
+        std::path::Path::new("/nonexistent"),
+        &device(),
+        &LoadOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, ModelError::Load(LoadError::NoCheckpoint { .. })),
+        "{e:?}"
+    );
 }

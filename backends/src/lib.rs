@@ -32,7 +32,8 @@ pub struct UnknownBackend {
 }
 
 impl BackendKind {
-    pub const ALL: &'static [(&'static str, BackendKind)] = &[("flex", BackendKind::Flex), ("cpu", BackendKind::Flex)];
+    pub const ALL: &'static [(&'static str, BackendKind)] =
+        &[("flex", BackendKind::Flex), ("cpu", BackendKind::Flex)];
 
     pub fn parse(name: &str) -> Result<Self, UnknownBackend> {
         Self::ALL

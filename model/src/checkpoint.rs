@@ -2038,6 +2038,7 @@ mod tests {
         );
         drop((raw, codes));
         let ck = Checkpoint::open(&d.0).unwrap();
+        let mut reuse = vec![0.0f32; n];
         for (name, tr) in [
             ("big", false),
             ("big", false),
@@ -2045,16 +2046,25 @@ mod tests {
             ("q.weight", false),
             ("q.weight", true),
         ] {
+            let in_bytes = ck.info(name).unwrap().nbytes() as f64;
             let t = std::time::Instant::now();
             let v = ck.read_f32(name, &[rows, cols], tr, 128).unwrap();
             let s = t.elapsed().as_secs_f64();
-            let in_bytes = ck.info(name).unwrap().nbytes() as f64;
+            // Into an already-touched buffer: conversion alone, without the page faults of a
+            // fresh allocation.
+            let t = std::time::Instant::now();
+            ck.read_f32_into(name, &[rows, cols], tr, 128, &mut reuse)
+                .unwrap();
+            let s2 = t.elapsed().as_secs_f64();
+            assert_eq!(v[n / 2].to_bits(), reuse[n / 2].to_bits());
             eprintln!(
-                "read_f32 {name} transpose={tr}: {:.1} ms, {:.2} GB/s in, {:.2} Gelem/s ({})",
+                "{name} transpose={tr}: read_f32 {:.1} ms ({:.2} GB/s in, {:.2} Gelem/s); \
+                 read_f32_into reused buffer {:.1} ms ({:.2} Gelem/s)",
                 s * 1e3,
                 in_bytes / s / 1e9,
                 n as f64 / s / 1e9,
-                v[n / 2]
+                s2 * 1e3,
+                n as f64 / s2 / 1e9,
             );
         }
         let v = vec![0.5f32; n];

@@ -319,8 +319,14 @@ impl DeepseekV3Config {
 
     pub fn eos_token_ids(&self) -> Vec<u32> {
         match &self.eos_token_id {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
-            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect(),
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|v| vec![v as u32]).unwrap_or_default()
+            }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64())
+                .map(|v| v as u32)
+                .collect(),
             _ => vec![],
         }
     }
@@ -343,7 +349,7 @@ impl DeepseekV3Config {
                 return bad(format!("{name} must be > 0"));
             }
         }
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
             return bad(format!(
                 "qk_rope_head_dim = {} must be even (rotary dims come in pairs)",
                 self.qk_rope_head_dim
@@ -361,26 +367,38 @@ impl DeepseekV3Config {
             }
         }
         if self.hidden_act != "silu" {
-            return bad(format!("hidden_act = {:?} is not supported (only \"silu\")", self.hidden_act));
+            return bad(format!(
+                "hidden_act = {:?} is not supported (only \"silu\")",
+                self.hidden_act
+            ));
         }
         if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps.is_finite()) {
-            return bad(format!("rms_norm_eps = {} must be positive", self.rms_norm_eps));
+            return bad(format!(
+                "rms_norm_eps = {} must be positive",
+                self.rms_norm_eps
+            ));
         }
         if self.rope_interleave == Some(false) {
             return bad("rope_interleave = false is not supported: DeepSeek checkpoints use interleaved rotary pairs".into());
         }
         if self.tie_word_embeddings {
-            return bad("tie_word_embeddings = true is not supported (DeepSeek-V3 has a separate lm_head)".into());
+            return bad(
+                "tie_word_embeddings = true is not supported (DeepSeek-V3 has a separate lm_head)"
+                    .into(),
+            );
         }
         if self.attention_bias {
-            return bad("attention_bias = true is not supported (DeepSeek-V3 projections have no bias)".into());
+            return bad(
+                "attention_bias = true is not supported (DeepSeek-V3 projections have no bias)"
+                    .into(),
+            );
         }
         if self.first_k_dense_replace < self.num_hidden_layers {
             // There are MoE layers: check the router.
             if self.n_routed_experts == 0 || self.moe_intermediate_size == 0 {
                 return bad("n_routed_experts and moe_intermediate_size must be > 0 when there are MoE layers".into());
             }
-            if self.n_group == 0 || self.n_routed_experts % self.n_group != 0 {
+            if self.n_group == 0 || !self.n_routed_experts.is_multiple_of(self.n_group) {
                 return bad(format!(
                     "n_routed_experts = {} is not divisible by n_group = {}",
                     self.n_routed_experts, self.n_group
@@ -406,10 +424,16 @@ impl DeepseekV3Config {
                 ));
             }
             if self.scoring_func != "sigmoid" {
-                return bad(format!("scoring_func = {:?} is not supported (only \"sigmoid\")", self.scoring_func));
+                return bad(format!(
+                    "scoring_func = {:?} is not supported (only \"sigmoid\")",
+                    self.scoring_func
+                ));
             }
             if self.topk_method != "noaux_tc" {
-                return bad(format!("topk_method = {:?} is not supported (only \"noaux_tc\")", self.topk_method));
+                return bad(format!(
+                    "topk_method = {:?} is not supported (only \"noaux_tc\")",
+                    self.topk_method
+                ));
             }
             if !self.routed_scaling_factor.is_finite() {
                 return bad("routed_scaling_factor must be finite".into());
@@ -426,20 +450,27 @@ impl DeepseekV3Config {
         if let Some(r) = self.rope_params() {
             if let Some(t) = r.rope_type.as_deref() {
                 if t != "yarn" && t != "default" {
-                    return bad(format!("rope type {t:?} is not supported (\"yarn\" or \"default\")"));
+                    return bad(format!(
+                        "rope type {t:?} is not supported (\"yarn\" or \"default\")"
+                    ));
                 }
             }
         }
-        if !(self.rope_base() > 1.0) {
+        if self.rope_base().is_nan() || self.rope_base() <= 1.0 {
             return bad(format!("rope_theta = {} must be > 1", self.rope_base()));
         }
         if let Some(q) = &self.quantization_config {
             if q.quant_method != "fp8" {
-                return bad(format!("quantization_config.quant_method = {:?} is not supported (only \"fp8\")", q.quant_method));
+                return bad(format!(
+                    "quantization_config.quant_method = {:?} is not supported (only \"fp8\")",
+                    q.quant_method
+                ));
             }
             if let Some(f) = &q.fmt {
                 if f != "e4m3" {
-                    return bad(format!("quantization_config.fmt = {f:?} is not supported (only \"e4m3\")"));
+                    return bad(format!(
+                        "quantization_config.fmt = {f:?} is not supported (only \"e4m3\")"
+                    ));
                 }
             }
             match &q.weight_block_size {
@@ -626,6 +657,10 @@ mod tests {
         // The paper: 671B total (+14B MTP), 37B active.
         let c = DeepseekV3Config::deepseek_v3_671b().param_counts(false);
         assert!((c.total as f64 / 1e9 - 671.0).abs() < 1.0, "{}", c.total);
-        assert!((c.active_per_token as f64 / 1e9 - 37.5).abs() < 1.0, "{}", c.active_per_token);
+        assert!(
+            (c.active_per_token as f64 / 1e9 - 37.5).abs() < 1.0,
+            "{}",
+            c.active_per_token
+        );
     }
 }

@@ -102,12 +102,20 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_, B> {
         }
         let (name, transpose) = self.path.name(self.layers);
         let shape: Vec<usize> = param.lazy_shape().dims::<D>().to_vec();
-        let disk_shape: Vec<usize> = if transpose { shape.iter().rev().copied().collect() } else { shape.clone() };
-        match self.ckpt.read_f32(&name, &disk_shape, transpose, self.fp8_block) {
+        let disk_shape: Vec<usize> = if transpose {
+            shape.iter().rev().copied().collect()
+        } else {
+            shape.clone()
+        };
+        match self
+            .ckpt
+            .read_f32(&name, &disk_shape, transpose, self.fp8_block)
+        {
             Ok(values) => {
                 self.params += values.len() as u64;
                 self.used.insert(name);
-                let tensor = Tensor::<B, D>::from_data(TensorData::new(values, shape), &self.device);
+                let tensor =
+                    Tensor::<B, D>::from_data(TensorData::new(values, shape), &self.device);
                 Param::initialized(ParamId::new(), tensor)
             }
             Err(e) => {
@@ -125,11 +133,16 @@ pub fn load<B: Backend>(
     opts: &LoadOptions,
 ) -> Result<(DeepseekV3<B>, LoadReport), ModelError> {
     if !dir.is_dir() {
-        return Err(LoadError::NoCheckpoint { dir: dir.to_path_buf() }.into());
+        return Err(LoadError::NoCheckpoint {
+            dir: dir.to_path_buf(),
+        }
+        .into());
     }
     let mut cfg = DeepseekV3Config::from_file(&dir.join("config.json"))?;
     let ckpt = Checkpoint::open(dir)?;
-    let mtp_in_ckpt = ckpt.names().any(|n| n.starts_with(&format!("model.layers.{}.", cfg.num_hidden_layers)));
+    let mtp_in_ckpt = ckpt
+        .names()
+        .any(|n| n.starts_with(&format!("model.layers.{}.", cfg.num_hidden_layers)));
     if opts.skip_mtp || !mtp_in_ckpt {
         // A checkpoint without its MTP layers (as converted by the official code) still loads.
         cfg.num_nextn_predict_layers = 0;
@@ -166,7 +179,10 @@ pub fn load_from<B: Backend>(
     };
     for name in ckpt.names() {
         if let Some(info) = ckpt.info(name) {
-            *report.dtypes.entry(format!("{:?}", info.dtype)).or_default() += 1;
+            *report
+                .dtypes
+                .entry(format!("{:?}", info.dtype))
+                .or_default() += 1;
         }
         let aux = name.ends_with("_scale_inv");
         let skipped_mtp = cfg.num_nextn_predict_layers == 0
@@ -204,7 +220,11 @@ impl<B: Backend> ModuleVisitor<B> for Lister {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let (name, transpose) = self.path.name(self.layers);
         let shape: Vec<usize> = param.lazy_shape().dims::<D>().to_vec();
-        let shape = if transpose { shape.into_iter().rev().collect() } else { shape };
+        let shape = if transpose {
+            shape.into_iter().rev().collect()
+        } else {
+            shape
+        };
         self.out.push((name, shape, transpose));
     }
 }
@@ -218,12 +238,18 @@ struct Saver<'a> {
 
 impl<B: Backend> ModuleVisitor<B> for Saver<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let Some((name, _, transpose)) = self.names.next() else { return };
+        let Some((name, _, transpose)) = self.names.next() else {
+            return;
+        };
         if self.error.is_some() {
             return;
         }
         let tensor = param.val();
-        let tensor = if transpose && D == 2 { tensor.transpose() } else { tensor };
+        let tensor = if transpose && D == 2 {
+            tensor.transpose()
+        } else {
+            tensor
+        };
         let values: Vec<f32> = match tensor.into_data().convert::<f32>().to_vec() {
             Ok(v) => v,
             Err(e) => {
@@ -251,7 +277,11 @@ pub enum SaveDtype {
 /// Saves `model` to `dir` in the Hugging Face layout: `config.json` + `model.safetensors`
 /// (MTP modules as `model.layers.{num_hidden_layers + k}`, the router bias in F32). Files are
 /// written to a temporary name and renamed, so an interrupted save never leaves a torn file.
-pub fn save<B: Backend>(model: &DeepseekV3<B>, dir: &Path, dtype: SaveDtype) -> Result<(), ModelError> {
+pub fn save<B: Backend>(
+    model: &DeepseekV3<B>,
+    dir: &Path,
+    dtype: SaveDtype,
+) -> Result<(), ModelError> {
     std::fs::create_dir_all(dir).map_err(|e| LoadError::Io {
         path: dir.to_path_buf(),
         source: e,
@@ -276,7 +306,8 @@ pub fn save<B: Backend>(model: &DeepseekV3<B>, dir: &Path, dtype: SaveDtype) -> 
         .collect();
     let mut meta = BTreeMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    let mut writer = SafetensorsWriter::create(&dir.join("model.safetensors"), &header, Some(meta))?;
+    let mut writer =
+        SafetensorsWriter::create(&dir.join("model.safetensors"), &header, Some(meta))?;
     let mut saver = Saver {
         writer: &mut writer,
         names: lister.out.into_iter(),
@@ -289,11 +320,21 @@ pub fn save<B: Backend>(model: &DeepseekV3<B>, dir: &Path, dtype: SaveDtype) -> 
     writer.finish()?;
     let mut cfg = model.config.clone();
     cfg.quantization_config = None;
-    cfg.torch_dtype = Some(if dtype == SaveDtype::BF16 { "bfloat16" } else { "float32" }.into());
+    cfg.torch_dtype = Some(
+        if dtype == SaveDtype::BF16 {
+            "bfloat16"
+        } else {
+            "float32"
+        }
+        .into(),
+    );
     let cfg_path = dir.join("config.json");
     let tmp = dir.join("config.json.tmp");
     std::fs::write(&tmp, cfg.to_json())
         .and_then(|_| std::fs::rename(&tmp, &cfg_path))
-        .map_err(|e| ConfigError::Io { path: cfg_path, source: e })?;
+        .map_err(|e| ConfigError::Io {
+            path: cfg_path,
+            source: e,
+        })?;
     Ok(())
 }

@@ -144,7 +144,12 @@ impl<B: Backend> Mla<B> {
         );
 
         // Queries: [B, T, nh, dn+dr], nope part first within each head.
-        let q = match (&self.q_proj, &self.q_a_proj, &self.q_a_layernorm, &self.q_b_proj) {
+        let q = match (
+            &self.q_proj,
+            &self.q_a_proj,
+            &self.q_a_layernorm,
+            &self.q_b_proj,
+        ) {
             (Some(q_proj), ..) => q_proj.forward(x.clone()),
             (None, Some(a), Some(norm), Some(bp)) => bp.forward(norm.forward(a.forward(x.clone()))),
             _ => unreachable!("MlaConfig::init creates either q_proj or the q-LoRA triple"),
@@ -156,7 +161,8 @@ impl<B: Backend> Mla<B> {
         // The latent and the shared rope key of the new tokens.
         let kv = self.kv_a_proj_with_mqa.forward(x);
         let c = self.kv_a_layernorm.forward(kv.clone().narrow(2, 0, r));
-        let k_pe = apply_rope(kv.narrow(2, r, dr).reshape([b, t, 1, dr]), cos, sin).reshape([b, t, dr]);
+        let k_pe =
+            apply_rope(kv.narrow(2, r, dr).reshape([b, t, 1, dr]), cos, sin).reshape([b, t, dr]);
         let new = LatentKv { c, k_pe };
         let all = match past {
             Some(p) if !p.is_empty() => p.cat(&new),
@@ -165,7 +171,12 @@ impl<B: Backend> Mla<B> {
         let s = all.len();
 
         // kv_b_proj as stored here is [r, nh*(dn+dv)]; per head: [r, dn] -> k_nope, [r, dv] -> v.
-        let w = self.kv_b_proj.weight.val().reshape([r, nh, dn + dv]).swap_dims(0, 1); // [nh, r, dn+dv]
+        let w = self
+            .kv_b_proj
+            .weight
+            .val()
+            .reshape([r, nh, dn + dv])
+            .swap_dims(0, 1); // [nh, r, dn+dv]
         let w_uk = w.clone().narrow(2, 0, dn); // [nh, r, dn]
         let w_uv = w.narrow(2, dn, dv); // [nh, r, dv]
 
@@ -210,5 +221,6 @@ pub fn causal_mask<B: Backend>(t: usize, past: usize, device: &B::Device) -> Ten
             data[i * s + j] = f32::NEG_INFINITY;
         }
     }
-    Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(data, [t, s]), device).reshape([1, 1, t, s])
+    Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(data, [t, s]), device)
+        .reshape([1, 1, t, s])
 }

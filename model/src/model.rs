@@ -67,15 +67,29 @@ pub(crate) fn mla_config(cfg: &DeepseekV3Config) -> MlaConfig {
     .with_init_std(cfg.initializer_range)
 }
 
-pub(crate) fn feed_forward<B: Backend>(cfg: &DeepseekV3Config, layer: usize, device: &B::Device) -> FeedForward<B> {
+pub(crate) fn feed_forward<B: Backend>(
+    cfg: &DeepseekV3Config,
+    layer: usize,
+    device: &B::Device,
+) -> FeedForward<B> {
     if cfg.is_moe_layer(layer) {
-        let router = RouterConfig::new(cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group)
-            .with_norm_topk_prob(cfg.norm_topk_prob)
-            .with_routed_scaling_factor(cfg.routed_scaling_factor);
+        let router = RouterConfig::new(
+            cfg.n_routed_experts,
+            cfg.num_experts_per_tok,
+            cfg.n_group,
+            cfg.topk_group,
+        )
+        .with_norm_topk_prob(cfg.norm_topk_prob)
+        .with_routed_scaling_factor(cfg.routed_scaling_factor);
         FeedForward::Moe(
-            MoeConfig::new(cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_shared_experts, router)
-                .with_init_std(cfg.initializer_range)
-                .init(device),
+            MoeConfig::new(
+                cfg.hidden_size,
+                cfg.moe_intermediate_size,
+                cfg.n_shared_experts,
+                router,
+            )
+            .with_init_std(cfg.initializer_range)
+            .init(device),
         )
     } else {
         FeedForward::Dense(
@@ -100,7 +114,14 @@ pub(crate) fn residual_block<B: Backend>(
     mask: &Tensor<B, 4>,
     opts: &ForwardOptions,
 ) -> (Tensor<B, 3>, LatentKv<B>, Option<Routing>) {
-    let (a, kv) = attn.forward(attn_norm.forward(h.clone()), &rope.0, &rope.1, past, mask, opts.attention);
+    let (a, kv) = attn.forward(
+        attn_norm.forward(h.clone()),
+        &rope.0,
+        &rope.1,
+        past,
+        mask,
+        opts.attention,
+    );
     let h = h + a;
     let (f, routing) = ffn.forward(ffn_norm.forward(h.clone()), opts.record_routing);
     (h + f, kv, routing)
@@ -184,7 +205,9 @@ impl<B: Backend> DeepseekV3<B> {
         Ok(Self {
             model: DeepseekV3Model {
                 embed_tokens: embed(),
-                layers: (0..cfg.num_hidden_layers).map(|l| DecoderLayer::new(cfg, l, device)).collect(),
+                layers: (0..cfg.num_hidden_layers)
+                    .map(|l| DecoderLayer::new(cfg, l, device))
+                    .collect(),
                 norm: norm.init(device),
                 mtp: (0..cfg.num_nextn_predict_layers)
                     .map(|k| MtpLayerConfig::from_model(cfg, k).init(device))
@@ -214,7 +237,10 @@ impl<B: Backend> DeepseekV3<B> {
             });
         }
         let data: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-        Ok(Tensor::<B, 1, Int>::from_data(TensorData::new(data, [ids.len()]), &self.device()).reshape([1, ids.len()]))
+        Ok(
+            Tensor::<B, 1, Int>::from_data(TensorData::new(data, [ids.len()]), &self.device())
+                .reshape([1, ids.len()]),
+        )
     }
 
     /// Forward over `tokens: [B, T]` whose first token sits at absolute position `offset`.

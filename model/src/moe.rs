@@ -4,7 +4,9 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
-use burn::tensor::{activation::sigmoid, backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{
+    activation::sigmoid, backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData,
+};
 
 use crate::mlp::{Mlp, MlpConfig};
 
@@ -54,7 +56,11 @@ pub fn route<B: Backend>(
             Tensor::ones([n, cfg.topk_group], &device),
             IndexingUpdateOp::Add,
         );
-        let dropped = keep.reshape([n, g, 1]).expand([n, g, per]).reshape([n, e]).lower_elem(0.5);
+        let dropped = keep
+            .reshape([n, g, 1])
+            .expand([n, g, per])
+            .reshape([n, e])
+            .lower_elem(0.5);
         biased = biased.mask_fill(dropped, f32::NEG_INFINITY);
     }
     let idx = top_k_indices(biased, cfg.num_experts_per_tok);
@@ -152,7 +158,11 @@ impl<B: Backend> Moe<B> {
         let (idx, weights) = route(self.gate.logits(x.clone()), bias, &self.router);
 
         // Group the (token, slot) pairs by expert on the host: each expert runs only on its tokens.
-        let ids: Vec<i64> = idx.into_data().convert::<i64>().to_vec().expect("int routing ids");
+        let ids: Vec<i64> = idx
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .expect("int routing ids");
         let mut tokens: Vec<Vec<i64>> = vec![Vec::new(); self.experts.len()];
         let mut slots: Vec<Vec<i64>> = vec![Vec::new(); self.experts.len()];
         for (pos, &e) in ids.iter().enumerate() {
@@ -170,15 +180,29 @@ impl<B: Backend> Moe<B> {
                 continue;
             }
             let m = tokens[e].len();
-            let tok = Tensor::<B, 1, Int>::from_data(TensorData::new(std::mem::take(&mut tokens[e]), [m]), &device);
-            let slot = Tensor::<B, 1, Int>::from_data(TensorData::new(std::mem::take(&mut slots[e]), [m]), &device);
-            let y = expert.forward(x.clone().select(0, tok.clone())) * flat_w.clone().select(0, slot).reshape([m, 1]);
+            let tok = Tensor::<B, 1, Int>::from_data(
+                TensorData::new(std::mem::take(&mut tokens[e]), [m]),
+                &device,
+            );
+            let slot = Tensor::<B, 1, Int>::from_data(
+                TensorData::new(std::mem::take(&mut slots[e]), [m]),
+                &device,
+            );
+            let y = expert.forward(x.clone().select(0, tok.clone()))
+                * flat_w.clone().select(0, slot).reshape([m, 1]);
             out = out.select_assign(0, tok, y, IndexingUpdateOp::Add);
         }
         let routing = record.then(|| {
-            let w: Vec<f32> = weights.into_data().convert::<f32>().to_vec().expect("f32 weights");
+            let w: Vec<f32> = weights
+                .into_data()
+                .convert::<f32>()
+                .to_vec()
+                .expect("f32 weights");
             Routing {
-                experts: ids.chunks(k).map(|r| r.iter().map(|&v| v as u32).collect()).collect(),
+                experts: ids
+                    .chunks(k)
+                    .map(|r| r.iter().map(|&v| v as u32).collect())
+                    .collect(),
                 weights: w.chunks(k).map(|r| r.to_vec()).collect(),
             }
         });

@@ -86,7 +86,9 @@ impl<B: Backend> MtpLayer<B> {
         opts: &ForwardOptions,
     ) -> (Tensor<B, 3>, Tensor<B, 3>, LatentKv<B>, Option<Routing>) {
         let e = self.enorm.forward(self.embed_tokens.forward(next_tokens));
-        let x = self.eh_proj.forward(Tensor::cat(vec![e, self.hnorm.forward(h)], 2));
+        let x = self
+            .eh_proj
+            .forward(Tensor::cat(vec![e, self.hnorm.forward(h)], 2));
         let (out, kv, routing) = residual_block(
             &self.self_attn,
             &self.input_layernorm,
@@ -98,7 +100,10 @@ impl<B: Backend> MtpLayer<B> {
             mask,
             opts,
         );
-        let logits = self.shared_head.head.forward(self.shared_head.norm.forward(out.clone()));
+        let logits = self
+            .shared_head
+            .head
+            .forward(self.shared_head.norm.forward(out.clone()));
         (logits, out, kv, routing)
     }
 }

@@ -19,7 +19,8 @@ pub fn yarn_mscale(factor: f64, mscale: f64) -> f64 {
 
 /// The dimension index whose wavelength makes `num_rotations` turns over `orig` positions.
 fn correction_dim(num_rotations: f64, dim: usize, base: f64, orig: usize) -> f64 {
-    dim as f64 * (orig as f64 / (num_rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln())
+    dim as f64 * (orig as f64 / (num_rotations * 2.0 * std::f64::consts::PI)).ln()
+        / (2.0 * base.ln())
 }
 
 /// YaRN's blend range `[low, high]` over the `dim/2` frequencies.
@@ -119,7 +120,11 @@ pub fn softmax_scale(cfg: &DeepseekV3Config) -> f64 {
 
 /// Rotates interleaved pairs `(x[2i], x[2i+1])` of the last dim of `x: [B, T, N, dr]` by the
 /// angles of `cos`/`sin: [T, dr/2]` (the checkpoint's layout; spec §3.3).
-pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 2>, sin: &Tensor<B, 2>) -> Tensor<B, 4> {
+pub fn apply_rope<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: &Tensor<B, 2>,
+    sin: &Tensor<B, 2>,
+) -> Tensor<B, 4> {
     let [b, t, n, d] = x.dims();
     let pairs = x.reshape([b, t, n, d / 2, 2]);
     let even = pairs.clone().narrow(4, 0, 1).reshape([b, t, n, d / 2]);
