@@ -117,7 +117,7 @@ fn router_masks_dropped_groups_with_neg_inf() {
     // against 1.1 and 0.3) but hold only two positive experts, so the third choice, expert 3,
     // has `sigmoid + bias = -0.05 < 0`. Zero-masking would pick a dropped expert (score 0) instead.
     let target = [1.4, -0.1, 1.2, -0.05, 0.5, 0.6, 0.2, 0.1];
-    let logits = [0.3, -0.2, 0.9, 0.1, 1.5, 1.2, 0.4, -0.7];
+    let logits: [f64; 8] = [0.3, -0.2, 0.9, 0.1, 1.5, 1.2, 0.4, -0.7];
     let bias: Vec<f64> = target
         .iter()
         .zip(&logits)

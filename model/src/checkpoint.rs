@@ -523,14 +523,18 @@ fn convert<const W: usize>(
         }
         return;
     }
-    const TILE: usize = 32;
+    // 64×64 tiles, inner loop along the *output* row (contiguous writes, strided reads).
+    // Checkpoint dimensions are multiples of 1024, so row strides are multiples of 4 KiB and
+    // alias in the cache; this order measured ~3× faster than read-contiguous 32×32 tiles.
+    const TILE: usize = 64;
     for ib in (0..rows).step_by(TILE) {
         let ie = (ib + TILE).min(rows);
         for jb in (0..cols).step_by(TILE) {
             let je = (jb + TILE).min(cols);
-            for i in ib..ie {
-                for (dj, &e) in elems[i * cols + jb..i * cols + je].iter().enumerate() {
-                    out[(jb + dj) * rows + i] = f(e);
+            for j in jb..je {
+                let dst = &mut out[j * rows + ib..j * rows + ie];
+                for (di, o) in dst.iter_mut().enumerate() {
+                    *o = f(elems[(ib + di) * cols + j]);
                 }
             }
         }

@@ -219,20 +219,26 @@ pub fn dequantize_blocks_into(
             }
         }
     } else {
-        // Tiles of TILE×TILE keep both the reads (rows of `codes`) and the strided writes in
-        // cache. TILE divides nothing in particular; scales are looked up per element column
-        // block, which is cheap.
-        const TILE: usize = 32;
+        // 64×64 tiles, inner loop along the output row (contiguous writes): see the note in
+        // `checkpoint::convert` (strides that are multiples of 4 KiB alias in the cache). The
+        // inner run is split at block-row boundaries so that the scale is hoisted.
+        const TILE: usize = 64;
         for ib in (0..rows).step_by(TILE) {
             let ie = (ib + TILE).min(rows);
             for jb in (0..cols).step_by(TILE) {
                 let je = (jb + TILE).min(cols);
-                for i in ib..ie {
-                    let srow = &scales[(i / block) * sc..(i / block + 1) * sc];
-                    let src = &codes[i * cols + jb..i * cols + je];
-                    for (dj, &c) in src.iter().enumerate() {
-                        let j = jb + dj;
-                        out[j * rows + i] = table[c as usize] * srow[j / block];
+                for j in jb..je {
+                    let sj = j / block;
+                    let mut i0 = ib;
+                    while i0 < ie {
+                        let bi = i0 / block;
+                        let i1 = ie.min((bi + 1) * block);
+                        let scale = scales[bi * sc + sj];
+                        let dst = &mut out[j * rows + i0..j * rows + i1];
+                        for (di, o) in dst.iter_mut().enumerate() {
+                            *o = table[codes[(i0 + di) * cols + j] as usize] * scale;
+                        }
+                        i0 = i1;
                     }
                 }
             }

@@ -34,7 +34,7 @@ pub use config::DeepseekV3Config;
 pub use error::{ConfigError, LoadError, ModelError};
 pub use load::{load, load_from, save, LoadOptions, LoadReport, SaveDtype};
 pub use mla::{AttentionMode, LatentKv};
-pub use model::{DeepseekV3, ForwardOptions, ForwardOutput, LayerRouting, MtpOutput};
+pub use model::{DeepseekV3, ForwardOptions, ForwardOutput, LayerRouting, MtpOutput, Span};
 pub use moe::Routing;
 
 /// Re-exported so users name one Burn.

@@ -122,14 +122,14 @@ pub struct Mla<B: Backend> {
 impl<B: Backend> Mla<B> {
     /// Attention for `x: [B, T, H]` whose tokens follow the `past` entries.
     ///
-    /// `cos`/`sin: [T, dr/2]` hold the angles of the new tokens' positions; `mask: [B|1, 1, T, S]`
+    /// `cos`/`sin: [B|1, T, dr/2]` hold the angles of the new tokens' positions; `mask: [B|1, 1, T, S]`
     /// is added to the scores (0 or −inf), with `S = past + T`. Returns the output `[B, T, H]` and
     /// the latent entries of the new tokens (for the caller's cache).
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        cos: &Tensor<B, 2>,
-        sin: &Tensor<B, 2>,
+        cos: &Tensor<B, 3>,
+        sin: &Tensor<B, 3>,
         past: Option<&LatentKv<B>>,
         mask: &Tensor<B, 4>,
         mode: AttentionMode,
@@ -214,13 +214,24 @@ impl<B: Backend> Mla<B> {
 
 /// Additive causal mask `[1, 1, T, past+T]`: query `t` sees keys `0..=past+t`.
 pub fn causal_mask<B: Backend>(t: usize, past: usize, device: &B::Device) -> Tensor<B, 4> {
+    padded_causal_mask(t, past, &[0], device)
+}
+
+/// Additive mask `[B, 1, T, past+T]` for rows whose first `pad[b]` key slots are padding: a real
+/// query `t` of row `b` sees key slots `pad[b]..=past+t`. Padding queries see every earlier slot,
+/// so no row of scores is all −inf (their outputs are ignored). For left-padded batches.
+pub fn padded_causal_mask<B: Backend>(t: usize, past: usize, pad: &[usize], device: &B::Device) -> Tensor<B, 4> {
     let s = past + t;
-    let mut data = vec![0f32; t * s];
-    for i in 0..t {
-        for j in (past + i + 1)..s {
-            data[i * s + j] = f32::NEG_INFINITY;
+    let mut data = vec![0f32; pad.len() * t * s];
+    for (r, &p) in pad.iter().enumerate() {
+        for i in 0..t {
+            for j in 0..s {
+                if j > past + i || (j < p && p <= past + i) {
+                    data[(r * t + i) * s + j] = f32::NEG_INFINITY;
+                }
+            }
         }
     }
-    Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(data, [t, s]), device)
-        .reshape([1, 1, t, s])
+    Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(data, [pad.len() * t, s]), device)
+        .reshape([pad.len(), 1, t, s])
 }

@@ -11,7 +11,7 @@ use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 
 use crate::config::DeepseekV3Config;
 use crate::error::ModelError;
-use crate::mla::{causal_mask, AttentionMode, LatentKv, Mla, MlaConfig};
+use crate::mla::{padded_causal_mask, AttentionMode, LatentKv, Mla, MlaConfig};
 use crate::mlp::{linear, Mlp, MlpConfig};
 use crate::moe::{Moe, MoeConfig, RouterConfig, Routing};
 use crate::mtp::{MtpLayer, MtpLayerConfig};
@@ -31,6 +31,50 @@ impl<B: Backend> FeedForward<B> {
         match self {
             FeedForward::Dense(mlp) => (mlp.forward(x), None),
             FeedForward::Moe(moe) => moe.forward(x, record),
+        }
+    }
+}
+
+/// Where a forward pass's new tokens sit: the rotary angles of their absolute positions and the
+/// additive attention mask over (cached + new) key slots.
+#[derive(Debug, Clone)]
+pub struct Span<B: Backend> {
+    /// `[B or 1, T, dr/2]`.
+    pub cos: Tensor<B, 3>,
+    pub sin: Tensor<B, 3>,
+    /// `[B or 1, 1, T, past + T]`, 0 or −inf.
+    pub mask: Tensor<B, 4>,
+}
+
+impl<B: Backend> Span<B> {
+    /// `t` tokens at positions `offset..offset+t` after `past` cached ones, the same for every row.
+    pub fn contiguous(
+        rope: &RotaryEmbedding,
+        offset: usize,
+        t: usize,
+        past: usize,
+        device: &B::Device,
+    ) -> Self {
+        Self::padded(rope, &[offset], t, past, &[0], device)
+    }
+
+    /// Left-padded rows: row `r`'s first `pad[r]` key slots (cache + new) are padding, and its new
+    /// tokens sit at positions `offsets[r]..offsets[r]+t`.
+    pub fn padded(
+        rope: &RotaryEmbedding,
+        offsets: &[usize],
+        t: usize,
+        past: usize,
+        pad: &[usize],
+        device: &B::Device,
+    ) -> Self {
+        let positions: Vec<usize> = offsets.iter().flat_map(|&o| o..o + t).collect();
+        let (cos, sin) = rope.cos_sin_at::<B>(&positions, device);
+        let half = rope.inv_freq.len();
+        Self {
+            cos: cos.reshape([offsets.len(), t, half]),
+            sin: sin.reshape([offsets.len(), t, half]),
+            mask: padded_causal_mask(t, past, pad, device),
         }
     }
 }
@@ -109,17 +153,16 @@ pub(crate) fn residual_block<B: Backend>(
     ffn: &FeedForward<B>,
     ffn_norm: &RmsNorm<B>,
     h: Tensor<B, 3>,
-    rope: &(Tensor<B, 2>, Tensor<B, 2>),
+    span: &Span<B>,
     past: Option<&LatentKv<B>>,
-    mask: &Tensor<B, 4>,
     opts: &ForwardOptions,
 ) -> (Tensor<B, 3>, LatentKv<B>, Option<Routing>) {
     let (a, kv) = attn.forward(
         attn_norm.forward(h.clone()),
-        &rope.0,
-        &rope.1,
+        &span.cos,
+        &span.sin,
         past,
-        mask,
+        &span.mask,
         opts.attention,
     );
     let h = h + a;
@@ -245,8 +288,8 @@ impl<B: Backend> DeepseekV3<B> {
 
     /// Forward over `tokens: [B, T]` whose first token sits at absolute position `offset`.
     ///
-    /// `past`, when given, holds per layer the latent entries of positions `offset - past_len ..
-    /// offset` (a cache); without it the tokens attend only to each other.
+    /// `past`, when given, holds per layer the latent entries of the positions before (a cache);
+    /// without it the tokens attend only to each other.
     pub fn forward(
         &self,
         tokens: Tensor<B, 2, Int>,
@@ -254,11 +297,20 @@ impl<B: Backend> DeepseekV3<B> {
         past: Option<&[LatentKv<B>]>,
         opts: &ForwardOptions,
     ) -> ForwardOutput<B> {
-        let device = self.device();
         let [_, t] = tokens.dims();
         let past_len = past.and_then(|p| p.first()).map(|kv| kv.len()).unwrap_or(0);
-        let rope = self.rope.cos_sin::<B>(offset, t, &device);
-        let mask = causal_mask::<B>(t, past_len, &device);
+        let span = Span::contiguous(&self.rope, offset, t, past_len, &self.device());
+        self.forward_span(tokens, &span, past, opts)
+    }
+
+    /// Forward with explicit positions and mask (batched rows of different lengths).
+    pub fn forward_span(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        span: &Span<B>,
+        past: Option<&[LatentKv<B>]>,
+        opts: &ForwardOptions,
+    ) -> ForwardOutput<B> {
         let mut h = self.model.embed_tokens.forward(tokens);
         let mut kv = Vec::with_capacity(self.model.layers.len());
         let mut routing = Vec::new();
@@ -269,9 +321,8 @@ impl<B: Backend> DeepseekV3<B> {
                 &layer.mlp,
                 &layer.post_attention_layernorm,
                 h,
-                &rope,
+                span,
                 past.map(|p| &p[l]),
-                &mask,
                 opts,
             );
             h = next;
@@ -307,13 +358,24 @@ impl<B: Backend> DeepseekV3<B> {
         past: Option<&LatentKv<B>>,
         opts: &ForwardOptions,
     ) -> MtpOutput<B> {
-        let device = self.device();
         let [_, t, _] = h.dims();
         let past_len = past.map(|kv| kv.len()).unwrap_or(0);
-        let rope = self.rope.cos_sin::<B>(offset, t, &device);
-        let mask = causal_mask::<B>(t, past_len, &device);
+        let span = Span::contiguous(&self.rope, offset, t, past_len, &self.device());
+        self.forward_mtp_span(depth, h, next_tokens, &span, past, opts)
+    }
+
+    /// [`Self::forward_mtp`] with explicit positions and mask.
+    pub fn forward_mtp_span(
+        &self,
+        depth: usize,
+        h: Tensor<B, 3>,
+        next_tokens: Tensor<B, 2, Int>,
+        span: &Span<B>,
+        past: Option<&LatentKv<B>>,
+        opts: &ForwardOptions,
+    ) -> MtpOutput<B> {
         let layer = &self.model.mtp[depth];
-        let (logits, hidden, kv, routing) = layer.forward(h, next_tokens, &rope, past, &mask, opts);
+        let (logits, hidden, kv, routing) = layer.forward(h, next_tokens, span, past, opts);
         MtpOutput {
             logits,
             hidden,

@@ -11,7 +11,7 @@ use burn::tensor::{backend::Backend, Int, Tensor};
 use crate::config::DeepseekV3Config;
 use crate::mla::{LatentKv, Mla};
 use crate::mlp::linear;
-use crate::model::{feed_forward, mla_config, residual_block, FeedForward, ForwardOptions};
+use crate::model::{feed_forward, mla_config, residual_block, FeedForward, ForwardOptions, Span};
 use crate::moe::Routing;
 use crate::norm::{RmsNorm, RmsNormConfig};
 
@@ -80,9 +80,8 @@ impl<B: Backend> MtpLayer<B> {
         &self,
         h: Tensor<B, 3>,
         next_tokens: Tensor<B, 2, Int>,
-        rope: &(Tensor<B, 2>, Tensor<B, 2>),
+        span: &Span<B>,
         past: Option<&LatentKv<B>>,
-        mask: &Tensor<B, 4>,
         opts: &ForwardOptions,
     ) -> (Tensor<B, 3>, Tensor<B, 3>, LatentKv<B>, Option<Routing>) {
         let e = self.enorm.forward(self.embed_tokens.forward(next_tokens));
@@ -95,9 +94,8 @@ impl<B: Backend> MtpLayer<B> {
             &self.mlp,
             &self.post_attention_layernorm,
             x,
-            rope,
+            span,
             past,
-            mask,
             opts,
         );
         let logits = self

@@ -86,10 +86,25 @@ impl RotaryEmbedding {
         len: usize,
         device: &B::Device,
     ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let positions: Vec<usize> = (start..start + len).collect();
+        let (c, s) = self.cos_sin_at::<B>(&positions, device);
+        (
+            c.reshape([len, self.inv_freq.len()]),
+            s.reshape([len, self.inv_freq.len()]),
+        )
+    }
+
+    /// `cos`, `sin` tables `[1, n, dr/2]` for arbitrary absolute positions.
+    pub fn cos_sin_at<B: Backend>(
+        &self,
+        positions: &[usize],
+        device: &B::Device,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>) {
         let half = self.inv_freq.len();
+        let len = positions.len();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
-        for p in start..start + len {
+        for &p in positions {
             for &f in &self.inv_freq {
                 let (s, c) = (p as f64 * f).sin_cos();
                 cos.push((c * self.attention_factor) as f32);
@@ -97,8 +112,8 @@ impl RotaryEmbedding {
             }
         }
         (
-            Tensor::from_data(TensorData::new(cos, [len, half]), device),
-            Tensor::from_data(TensorData::new(sin, [len, half]), device),
+            Tensor::from_data(TensorData::new(cos, [1, len, half]), device),
+            Tensor::from_data(TensorData::new(sin, [1, len, half]), device),
         )
     }
 }
@@ -119,18 +134,19 @@ pub fn softmax_scale(cfg: &DeepseekV3Config) -> f64 {
 }
 
 /// Rotates interleaved pairs `(x[2i], x[2i+1])` of the last dim of `x: [B, T, N, dr]` by the
-/// angles of `cos`/`sin: [T, dr/2]` (the checkpoint's layout; spec §3.3).
+/// angles of `cos`/`sin: [B or 1, T, dr/2]` (the checkpoint's layout; spec §3.3).
 pub fn apply_rope<B: Backend>(
     x: Tensor<B, 4>,
-    cos: &Tensor<B, 2>,
-    sin: &Tensor<B, 2>,
+    cos: &Tensor<B, 3>,
+    sin: &Tensor<B, 3>,
 ) -> Tensor<B, 4> {
     let [b, t, n, d] = x.dims();
+    let bc = cos.dims()[0];
     let pairs = x.reshape([b, t, n, d / 2, 2]);
     let even = pairs.clone().narrow(4, 0, 1).reshape([b, t, n, d / 2]);
     let odd = pairs.narrow(4, 1, 1).reshape([b, t, n, d / 2]);
-    let cos = cos.clone().reshape([1, t, 1, d / 2]);
-    let sin = sin.clone().reshape([1, t, 1, d / 2]);
+    let cos = cos.clone().reshape([bc, t, 1, d / 2]);
+    let sin = sin.clone().reshape([bc, t, 1, d / 2]);
     let y_even = even.clone() * cos.clone() - odd.clone() * sin.clone();
     let y_odd = even * sin + odd * cos;
     Tensor::stack::<5>(vec![y_even, y_odd], 4).reshape([b, t, n, d])
