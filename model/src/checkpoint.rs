@@ -874,7 +874,31 @@ impl Checkpoint {
         self.check_shape(name, info, expected)?;
         let mut out = vec![0.0f32; info.numel()];
         self.read_into(name, info, transpose, fp8_block, &mut out)?;
+        self.release(name);
         Ok(out)
+    }
+
+    /// Drops the pages of tensor `name` (and its FP8 scale) from this process's resident set.
+    ///
+    /// Touched pages of a file mapping count in RSS until unmapped; releasing each tensor once
+    /// converted keeps peak memory at the loaded model plus one tensor instead of model + file.
+    /// The mapping stays valid: a later access re-reads the pages from the file.
+    pub fn release(&self, name: &str) {
+        for n in [name.to_string(), format!("{name}_scale_inv")] {
+            let Some(info) = self.tensors.get(&n) else { continue };
+            let map = &self.files[info.file].map;
+            let page = 4096;
+            let start = info.start / page * page;
+            let end = info.end.div_ceil(page) * page;
+            let len = end.min(map.len()) - start;
+            // SAFETY: the map is a private read-only file mapping and no reference into the
+            // released range is held across this call; MADV_DONTNEED on it only discards
+            // clean pages, which the kernel reloads from the file on the next access.
+            #[cfg(unix)]
+            unsafe {
+                let _ = map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len);
+            }
+        }
     }
 
     /// Like [`Checkpoint::read_f32`], into `out`, which must hold exactly `numel` values (e.g.
@@ -900,7 +924,9 @@ impl Checkpoint {
                 ),
             });
         }
-        self.read_into(name, info, transpose, fp8_block, out)
+        self.read_into(name, info, transpose, fp8_block, out)?;
+        self.release(name);
+        Ok(())
     }
 
     fn check_shape(
