@@ -885,7 +885,9 @@ impl Checkpoint {
     /// The mapping stays valid: a later access re-reads the pages from the file.
     pub fn release(&self, name: &str) {
         for n in [name.to_string(), format!("{name}_scale_inv")] {
-            let Some(info) = self.tensors.get(&n) else { continue };
+            let Some(info) = self.tensors.get(&n) else {
+                continue;
+            };
             let map = &self.files[info.file].map;
             let page = 4096;
             let start = info.start / page * page;

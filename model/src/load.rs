@@ -9,11 +9,12 @@
 //! Tensors are read one at a time from memory-mapped files and converted straight into the
 //! parameter, so peak memory is the loaded model plus one tensor.
 
+use dsv3_backends::DsBackend;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 
 use crate::checkpoint::{Checkpoint, Dtype, LoadError, SafetensorsWriter};
 use crate::config::DeepseekV3Config;
@@ -78,7 +79,7 @@ impl PathTracker {
     }
 }
 
-struct Loader<'a, B: Backend> {
+struct Loader<'a, B: DsBackend> {
     ckpt: &'a Checkpoint,
     device: B::Device,
     path: PathTracker,
@@ -89,7 +90,7 @@ struct Loader<'a, B: Backend> {
     params: u64,
 }
 
-impl<B: Backend> ModuleMapper<B> for Loader<'_, B> {
+impl<B: DsBackend> ModuleMapper<B> for Loader<'_, B> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
         self.path.enter(name, container_type);
     }
@@ -127,7 +128,7 @@ impl<B: Backend> ModuleMapper<B> for Loader<'_, B> {
 }
 
 /// Loads `dir/config.json` and the safetensors checkpoint beside it.
-pub fn load<B: Backend>(
+pub fn load<B: DsBackend>(
     dir: &Path,
     device: &B::Device,
     opts: &LoadOptions,
@@ -151,7 +152,7 @@ pub fn load<B: Backend>(
 }
 
 /// Binds the tensors of an opened checkpoint to a model of config `cfg`.
-pub fn load_from<B: Backend>(
+pub fn load_from<B: DsBackend>(
     cfg: DeepseekV3Config,
     ckpt: &Checkpoint,
     device: &B::Device,
@@ -210,7 +211,7 @@ struct Lister {
     out: Vec<(String, Vec<usize>, bool)>,
 }
 
-impl<B: Backend> ModuleVisitor<B> for Lister {
+impl<B: DsBackend> ModuleVisitor<B> for Lister {
     fn enter_module(&mut self, name: &str, container_type: &str) {
         self.path.enter(name, container_type);
     }
@@ -236,7 +237,7 @@ struct Saver<'a> {
     error: Option<LoadError>,
 }
 
-impl<B: Backend> ModuleVisitor<B> for Saver<'_> {
+impl<B: DsBackend> ModuleVisitor<B> for Saver<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let Some((name, _, transpose)) = self.names.next() else {
             return;
@@ -277,7 +278,7 @@ pub enum SaveDtype {
 /// Saves `model` to `dir` in the Hugging Face layout: `config.json` + `model.safetensors`
 /// (MTP modules as `model.layers.{num_hidden_layers + k}`, the router bias in F32). Files are
 /// written to a temporary name and renamed, so an interrupted save never leaves a torn file.
-pub fn save<B: Backend>(
+pub fn save<B: DsBackend>(
     model: &DeepseekV3<B>,
     dir: &Path,
     dtype: SaveDtype,

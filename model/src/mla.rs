@@ -11,7 +11,8 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::Linear;
-use burn::tensor::{activation::softmax, backend::Backend, Tensor};
+use burn::tensor::{activation::softmax, Tensor};
+use dsv3_backends::DsBackend;
 
 use crate::mlp::linear;
 use crate::norm::{RmsNorm, RmsNormConfig};
@@ -30,12 +31,12 @@ pub enum AttentionMode {
 /// The per-token state MLA needs from earlier positions: normed latent `c: [B, S, r]` and the
 /// roped shared key `k_pe: [B, S, dr]`.
 #[derive(Debug, Clone)]
-pub struct LatentKv<B: Backend> {
+pub struct LatentKv<B: DsBackend> {
     pub c: Tensor<B, 3>,
     pub k_pe: Tensor<B, 3>,
 }
 
-impl<B: Backend> LatentKv<B> {
+impl<B: DsBackend> LatentKv<B> {
     pub fn len(&self) -> usize {
         self.c.dims()[1]
     }
@@ -68,7 +69,7 @@ pub struct MlaConfig {
 }
 
 impl MlaConfig {
-    pub fn init<B: Backend>(&self, device: &B::Device) -> Mla<B> {
+    pub fn init<B: DsBackend>(&self, device: &B::Device) -> Mla<B> {
         let (h, nh, s) = (self.hidden_size, self.num_heads, self.init_std);
         let qk = self.qk_nope_head_dim + self.qk_rope_head_dim;
         let (q_a_proj, q_a_layernorm, q_b_proj, q_proj) = match self.q_lora_rank {
@@ -102,7 +103,7 @@ impl MlaConfig {
 
 /// Field names are the checkpoint's (`self_attn.q_a_proj.weight`, ...).
 #[derive(Module, Debug)]
-pub struct Mla<B: Backend> {
+pub struct Mla<B: DsBackend> {
     pub q_a_proj: Option<Linear<B>>,
     pub q_a_layernorm: Option<RmsNorm<B>>,
     pub q_b_proj: Option<Linear<B>>,
@@ -119,7 +120,7 @@ pub struct Mla<B: Backend> {
     pub softmax_scale: f64,
 }
 
-impl<B: Backend> Mla<B> {
+impl<B: DsBackend> Mla<B> {
     /// Attention for `x: [B, T, H]` whose tokens follow the `past` entries.
     ///
     /// `cos`/`sin: [B|1, T, dr/2]` hold the angles of the new tokens' positions; `mask: [B|1, 1, T, S]`
@@ -213,14 +214,19 @@ impl<B: Backend> Mla<B> {
 }
 
 /// Additive causal mask `[1, 1, T, past+T]`: query `t` sees keys `0..=past+t`.
-pub fn causal_mask<B: Backend>(t: usize, past: usize, device: &B::Device) -> Tensor<B, 4> {
+pub fn causal_mask<B: DsBackend>(t: usize, past: usize, device: &B::Device) -> Tensor<B, 4> {
     padded_causal_mask(t, past, &[0], device)
 }
 
 /// Additive mask `[B, 1, T, past+T]` for rows whose first `pad[b]` key slots are padding: a real
 /// query `t` of row `b` sees key slots `pad[b]..=past+t`. Padding queries see every earlier slot,
 /// so no row of scores is all −inf (their outputs are ignored). For left-padded batches.
-pub fn padded_causal_mask<B: Backend>(t: usize, past: usize, pad: &[usize], device: &B::Device) -> Tensor<B, 4> {
+pub fn padded_causal_mask<B: DsBackend>(
+    t: usize,
+    past: usize,
+    pad: &[usize],
+    device: &B::Device,
+) -> Tensor<B, 4> {
     let s = past + t;
     let mut data = vec![0f32; pad.len() * t * s];
     for (r, &p) in pad.iter().enumerate() {
@@ -232,6 +238,9 @@ pub fn padded_causal_mask<B: Backend>(t: usize, past: usize, pad: &[usize], devi
             }
         }
     }
-    Tensor::<B, 2>::from_data(burn::tensor::TensorData::new(data, [pad.len() * t, s]), device)
-        .reshape([pad.len(), 1, t, s])
+    Tensor::<B, 2>::from_data(
+        burn::tensor::TensorData::new(data, [pad.len() * t, s]),
+        device,
+    )
+    .reshape([pad.len(), 1, t, s])
 }

@@ -4,10 +4,11 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Initializer, Linear, LinearConfig};
-use burn::tensor::{activation::silu, backend::Backend, Tensor};
+use burn::tensor::{activation::silu, Tensor};
+use dsv3_backends::DsBackend;
 
 /// A bias-free linear layer with DeepSeek's init (normal, std = `initializer_range`).
-pub fn linear<B: Backend>(d_in: usize, d_out: usize, std: f64, device: &B::Device) -> Linear<B> {
+pub fn linear<B: DsBackend>(d_in: usize, d_out: usize, std: f64, device: &B::Device) -> Linear<B> {
     LinearConfig::new(d_in, d_out)
         .with_bias(false)
         .with_initializer(Initializer::Normal { mean: 0.0, std })
@@ -23,7 +24,7 @@ pub struct MlpConfig {
 }
 
 impl MlpConfig {
-    pub fn init<B: Backend>(&self, device: &B::Device) -> Mlp<B> {
+    pub fn init<B: DsBackend>(&self, device: &B::Device) -> Mlp<B> {
         let (h, i, s) = (self.hidden_size, self.intermediate_size, self.init_std);
         Mlp {
             gate_proj: linear(h, i, s, device),
@@ -34,13 +35,13 @@ impl MlpConfig {
 }
 
 #[derive(Module, Debug)]
-pub struct Mlp<B: Backend> {
+pub struct Mlp<B: DsBackend> {
     pub gate_proj: Linear<B>,
     pub up_proj: Linear<B>,
     pub down_proj: Linear<B>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: DsBackend> Mlp<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let g = silu(self.gate_proj.forward(x.clone()));
         self.down_proj.forward(g * self.up_proj.forward(x))

@@ -7,7 +7,8 @@
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear};
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
+use dsv3_backends::DsBackend;
 
 use crate::config::DeepseekV3Config;
 use crate::error::ModelError;
@@ -21,12 +22,12 @@ use crate::rope::{softmax_scale, RotaryEmbedding};
 /// The feed-forward half of a decoder layer.
 #[derive(Module, Debug)]
 #[allow(clippy::large_enum_variant)]
-pub enum FeedForward<B: Backend> {
+pub enum FeedForward<B: DsBackend> {
     Dense(Mlp<B>),
     Moe(Moe<B>),
 }
 
-impl<B: Backend> FeedForward<B> {
+impl<B: DsBackend> FeedForward<B> {
     pub fn forward(&self, x: Tensor<B, 3>, record: bool) -> (Tensor<B, 3>, Option<Routing>) {
         match self {
             FeedForward::Dense(mlp) => (mlp.forward(x), None),
@@ -38,7 +39,7 @@ impl<B: Backend> FeedForward<B> {
 /// Where a forward pass's new tokens sit: the rotary angles of their absolute positions and the
 /// additive attention mask over (cached + new) key slots.
 #[derive(Debug, Clone)]
-pub struct Span<B: Backend> {
+pub struct Span<B: DsBackend> {
     /// `[B or 1, T, dr/2]`.
     pub cos: Tensor<B, 3>,
     pub sin: Tensor<B, 3>,
@@ -46,7 +47,7 @@ pub struct Span<B: Backend> {
     pub mask: Tensor<B, 4>,
 }
 
-impl<B: Backend> Span<B> {
+impl<B: DsBackend> Span<B> {
     /// `t` tokens at positions `offset..offset+t` after `past` cached ones, the same for every row.
     pub fn contiguous(
         rope: &RotaryEmbedding,
@@ -111,7 +112,7 @@ pub(crate) fn mla_config(cfg: &DeepseekV3Config) -> MlaConfig {
     .with_init_std(cfg.initializer_range)
 }
 
-pub(crate) fn feed_forward<B: Backend>(
+pub(crate) fn feed_forward<B: DsBackend>(
     cfg: &DeepseekV3Config,
     layer: usize,
     device: &B::Device,
@@ -147,7 +148,7 @@ pub(crate) fn feed_forward<B: Backend>(
 /// Pre-norm residual block shared by decoder layers and MTP modules:
 /// `h += attn(norm(h)); h += ffn(norm(h))`.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn residual_block<B: Backend>(
+pub(crate) fn residual_block<B: DsBackend>(
     attn: &Mla<B>,
     attn_norm: &RmsNorm<B>,
     ffn: &FeedForward<B>,
@@ -171,14 +172,14 @@ pub(crate) fn residual_block<B: Backend>(
 }
 
 #[derive(Module, Debug)]
-pub struct DecoderLayer<B: Backend> {
+pub struct DecoderLayer<B: DsBackend> {
     pub self_attn: Mla<B>,
     pub mlp: FeedForward<B>,
     pub input_layernorm: RmsNorm<B>,
     pub post_attention_layernorm: RmsNorm<B>,
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: DsBackend> DecoderLayer<B> {
     pub fn new(cfg: &DeepseekV3Config, layer: usize, device: &B::Device) -> Self {
         let norm = RmsNormConfig::new(cfg.hidden_size).with_eps(cfg.rms_norm_eps);
         Self {
@@ -192,7 +193,7 @@ impl<B: Backend> DecoderLayer<B> {
 
 /// `model.*` of the checkpoint.
 #[derive(Module, Debug)]
-pub struct DeepseekV3Model<B: Backend> {
+pub struct DeepseekV3Model<B: DsBackend> {
     pub embed_tokens: Embedding<B>,
     pub layers: Vec<DecoderLayer<B>>,
     pub norm: RmsNorm<B>,
@@ -202,7 +203,7 @@ pub struct DeepseekV3Model<B: Backend> {
 
 /// Output of [`DeepseekV3::forward`].
 #[derive(Debug, Clone)]
-pub struct ForwardOutput<B: Backend> {
+pub struct ForwardOutput<B: DsBackend> {
     /// `[B, T, vocab]`.
     pub logits: Tensor<B, 3>,
     /// Hidden state after the final norm, `[B, T, H]` (what the MTP modules consume).
@@ -215,7 +216,7 @@ pub struct ForwardOutput<B: Backend> {
 
 /// Output of [`DeepseekV3::forward_mtp`].
 #[derive(Debug, Clone)]
-pub struct MtpOutput<B: Backend> {
+pub struct MtpOutput<B: DsBackend> {
     /// `[B, T-1, vocab]`: row i predicts token i+2.
     pub logits: Tensor<B, 3>,
     /// The module's block output `[B, T-1, H]` (input of the next depth).
@@ -226,14 +227,14 @@ pub struct MtpOutput<B: Backend> {
 
 /// `DeepseekV3ForCausalLM`: the model plus `lm_head`.
 #[derive(Module, Debug)]
-pub struct DeepseekV3<B: Backend> {
+pub struct DeepseekV3<B: DsBackend> {
     pub model: DeepseekV3Model<B>,
     pub lm_head: Linear<B>,
     pub config: DeepseekV3Config,
     pub rope: RotaryEmbedding,
 }
 
-impl<B: Backend> DeepseekV3<B> {
+impl<B: DsBackend> DeepseekV3<B> {
     /// A model with freshly initialised weights (normal, std `initializer_range`; norms 1, bias 0).
     /// Parameters are created lazily: loading a checkpoint over them never allocates the init.
     pub fn init(cfg: &DeepseekV3Config, device: &B::Device) -> Result<Self, ModelError> {

@@ -4,9 +4,8 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
-use burn::tensor::{
-    activation::sigmoid, backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData,
-};
+use burn::tensor::{activation::sigmoid, IndexingUpdateOp, Int, Tensor, TensorData};
+use dsv3_backends::DsBackend;
 
 use crate::mlp::{Mlp, MlpConfig};
 
@@ -30,7 +29,7 @@ pub struct RouterConfig {
 /// multiplied by `routed_scaling_factor`. `bias` only steers the choice. Experts of the groups
 /// that are not kept are masked with −inf, so a kept expert with `sigmoid + bias < 0` still wins
 /// over any dropped one.
-pub fn route<B: Backend>(
+pub fn route<B: DsBackend>(
     logits: Tensor<B, 2>,
     bias: Tensor<B, 1>,
     cfg: &RouterConfig,
@@ -74,7 +73,7 @@ pub fn route<B: Backend>(
 
 /// Indices of the `k` largest values of each row, largest first. (Burn's `topk` insists on
 /// `k < len`; routing needs `k == len` too, e.g. keeping every group.)
-fn top_k_indices<B: Backend>(x: Tensor<B, 2>, k: usize) -> Tensor<B, 2, Int> {
+fn top_k_indices<B: DsBackend>(x: Tensor<B, 2>, k: usize) -> Tensor<B, 2, Int> {
     let (_, idx) = x.sort_descending_with_indices(1);
     idx.narrow(1, 0, k)
 }
@@ -90,7 +89,7 @@ pub struct MoeConfig {
 }
 
 impl MoeConfig {
-    pub fn init<B: Backend>(&self, device: &B::Device) -> Moe<B> {
+    pub fn init<B: DsBackend>(&self, device: &B::Device) -> Moe<B> {
         let (h, e) = (self.hidden_size, self.router.n_routed_experts);
         let expert = MlpConfig::new(h, self.moe_intermediate_size).with_init_std(self.init_std);
         let shared = (self.n_shared_experts > 0).then(|| {
@@ -116,13 +115,13 @@ impl MoeConfig {
 
 /// The router's parameters: `mlp.gate.weight` `[E, H]` (checkpoint layout) and the selection bias.
 #[derive(Module, Debug)]
-pub struct MoeGate<B: Backend> {
+pub struct MoeGate<B: DsBackend> {
     pub weight: Param<Tensor<B, 2>>,
     /// Aux-loss-free balancing bias: steers selection only, never trained by gradients.
     pub e_score_correction_bias: Param<Tensor<B, 1>>,
 }
 
-impl<B: Backend> MoeGate<B> {
+impl<B: DsBackend> MoeGate<B> {
     /// Raw router logits `[N, E]`.
     pub fn logits(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         x.matmul(self.weight.val().transpose())
@@ -130,7 +129,7 @@ impl<B: Backend> MoeGate<B> {
 }
 
 #[derive(Module, Debug)]
-pub struct Moe<B: Backend> {
+pub struct Moe<B: DsBackend> {
     pub gate: MoeGate<B>,
     pub experts: Vec<Mlp<B>>,
     pub shared_experts: Option<Mlp<B>>,
@@ -146,7 +145,7 @@ pub struct Routing {
     pub weights: Vec<Vec<f32>>,
 }
 
-impl<B: Backend> Moe<B> {
+impl<B: DsBackend> Moe<B> {
     /// `x: [B, T, H]` → `[B, T, H]`; with `record`, also the routing of every token (row-major
     /// over batch then time).
     pub fn forward(&self, x: Tensor<B, 3>, record: bool) -> (Tensor<B, 3>, Option<Routing>) {

@@ -6,7 +6,8 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear};
-use burn::tensor::{backend::Backend, Int, Tensor};
+use burn::tensor::{Int, Tensor};
+use dsv3_backends::DsBackend;
 
 use crate::config::DeepseekV3Config;
 use crate::mla::{LatentKv, Mla};
@@ -28,7 +29,7 @@ impl MtpLayerConfig {
         Self::new(cfg.clone(), cfg.num_hidden_layers + k)
     }
 
-    pub fn init<B: Backend>(&self, device: &B::Device) -> MtpLayer<B> {
+    pub fn init<B: DsBackend>(&self, device: &B::Device) -> MtpLayer<B> {
         let cfg = &self.model;
         let (h, std) = (cfg.hidden_size, cfg.initializer_range);
         let norm = RmsNormConfig::new(h).with_eps(cfg.rms_norm_eps);
@@ -53,14 +54,14 @@ impl MtpLayerConfig {
 
 /// `shared_head.*`: the output norm and a copy of `lm_head`.
 #[derive(Module, Debug)]
-pub struct SharedHead<B: Backend> {
+pub struct SharedHead<B: DsBackend> {
     pub norm: RmsNorm<B>,
     pub head: Linear<B>,
 }
 
 /// `model.layers.{num_hidden_layers + k}.*` of the checkpoint.
 #[derive(Module, Debug)]
-pub struct MtpLayer<B: Backend> {
+pub struct MtpLayer<B: DsBackend> {
     /// A copy of the main embedding (the checkpoint stores it separately).
     pub embed_tokens: Embedding<B>,
     pub enorm: RmsNorm<B>,
@@ -74,7 +75,7 @@ pub struct MtpLayer<B: Backend> {
     pub shared_head: SharedHead<B>,
 }
 
-impl<B: Backend> MtpLayer<B> {
+impl<B: DsBackend> MtpLayer<B> {
     /// Returns (logits, block output, latent entries, routing).
     pub fn forward(
         &self,

@@ -3,7 +3,8 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::Tensor;
+use dsv3_backends::DsBackend;
 
 #[derive(Config, Debug)]
 pub struct RmsNormConfig {
@@ -13,7 +14,7 @@ pub struct RmsNormConfig {
 }
 
 impl RmsNormConfig {
-    pub fn init<B: Backend>(&self, device: &B::Device) -> RmsNorm<B> {
+    pub fn init<B: DsBackend>(&self, device: &B::Device) -> RmsNorm<B> {
         RmsNorm {
             weight: Initializer::Ones.init([self.size], device),
             eps: self.eps,
@@ -22,13 +23,13 @@ impl RmsNormConfig {
 }
 
 #[derive(Module, Debug)]
-pub struct RmsNorm<B: Backend> {
+pub struct RmsNorm<B: DsBackend> {
     /// `[size]`, checkpoint name `*.weight`.
     pub weight: Param<Tensor<B, 1>>,
     pub eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: DsBackend> RmsNorm<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let ms = x.clone().square().mean_dim(D - 1);
         let w = self.weight.val().unsqueeze::<D>();

@@ -4,7 +4,8 @@
 //! model dtype. The reference implementations form the angle in float32, which loses
 //! ~position·2⁻²⁴ rad; near 128K that is 1e-2 rad. Here it stays below 1e-7 at any position.
 
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
+use dsv3_backends::DsBackend;
 
 use crate::config::{DeepseekV3Config, Yarn};
 
@@ -80,7 +81,7 @@ impl RotaryEmbedding {
 
     /// `cos`, `sin` tables `[len, dr/2]` for positions `start..start+len`, already multiplied by
     /// `attention_factor`.
-    pub fn cos_sin<B: Backend>(
+    pub fn cos_sin<B: DsBackend>(
         &self,
         start: usize,
         len: usize,
@@ -95,7 +96,7 @@ impl RotaryEmbedding {
     }
 
     /// `cos`, `sin` tables `[1, n, dr/2]` for arbitrary absolute positions.
-    pub fn cos_sin_at<B: Backend>(
+    pub fn cos_sin_at<B: DsBackend>(
         &self,
         positions: &[usize],
         device: &B::Device,
@@ -135,7 +136,7 @@ pub fn softmax_scale(cfg: &DeepseekV3Config) -> f64 {
 
 /// Rotates interleaved pairs `(x[2i], x[2i+1])` of the last dim of `x: [B, T, N, dr]` by the
 /// angles of `cos`/`sin: [B or 1, T, dr/2]` (the checkpoint's layout; spec §3.3).
-pub fn apply_rope<B: Backend>(
+pub fn apply_rope<B: DsBackend>(
     x: Tensor<B, 4>,
     cos: &Tensor<B, 3>,
     sin: &Tensor<B, 3>,
