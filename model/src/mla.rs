@@ -169,7 +169,6 @@ impl<B: DsBackend> Mla<B> {
             Some(p) if !p.is_empty() => p.cat(&new),
             _ => new.clone(),
         };
-        let s = all.len();
 
         // kv_b_proj as stored here is [r, nh*(dn+dv)]; per head: [r, dn] -> k_nope, [r, dv] -> v.
         let w = self
@@ -207,7 +206,6 @@ impl<B: DsBackend> Mla<B> {
             }
         };
         debug_assert_eq!(out.dims(), [b, nh, t, dv]);
-        let _ = s;
         let out = out.swap_dims(1, 2).reshape([b, t, nh * dv]);
         (self.o_proj.forward(out), new)
     }

@@ -398,7 +398,7 @@ impl<B: DsBackend> DeepseekV3<B> {
         offset: usize,
         opts: &ForwardOptions,
     ) -> Result<MtpOutput<B>, ModelError> {
-        let [b, t] = tokens.dims();
+        let [_, t] = tokens.dims();
         if self.model.mtp.is_empty() || t < 2 {
             return Err(ModelError::NoMtp(format!(
                 "{} token(s), num_nextn_predict_layers = {}",
@@ -408,7 +408,6 @@ impl<B: DsBackend> DeepseekV3<B> {
         }
         let h = out.hidden.clone().narrow(1, 0, t - 1);
         let next = tokens.narrow(1, 1, t - 1);
-        let _ = b;
         Ok(self.forward_mtp(0, h, next, offset, None, opts))
     }
 }
