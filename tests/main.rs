@@ -4,8 +4,11 @@
 //! transformers' `DeepseekV3ForCausalLM` run in float64 (with its float32 casts patched out) and an
 //! independent float64 implementation of the spec. CI needs no Python: the files are committed.
 
+mod backends;
 mod cli;
 mod common;
 mod fixtures;
+mod infer;
 mod numerics;
 mod roundtrip;
+mod train;

@@ -21,6 +21,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod fp8;
+pub mod linear;
 pub mod load;
 pub mod mla;
 pub mod mlp;
@@ -32,7 +33,10 @@ pub mod rope;
 
 pub use config::DeepseekV3Config;
 pub use error::{ConfigError, LoadError, ModelError};
-pub use load::{load, load_from, save, LoadOptions, LoadReport, SaveDtype};
+pub use load::{
+    load, load_from, load_from_with, load_with, save, LoadOptions, LoadReport, SaveDtype,
+    WeightOptions,
+};
 pub use mla::{AttentionMode, LatentKv};
 pub use model::{DeepseekV3, ForwardOptions, ForwardOutput, LayerRouting, MtpOutput, Span};
 pub use moe::Routing;

@@ -30,6 +30,18 @@ pub struct LoadOptions {
     pub skip_mtp: bool,
 }
 
+/// How weights are held in memory once loaded (what [`load_with`] adds to [`LoadOptions`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WeightOptions {
+    /// Keep the checkpoint's FP8 Linear weights as e4m3 codes plus block scales (about 1 byte
+    /// per weight) and multiply through `DsBackend::fp8_matmul`, instead of dequantizing them
+    /// while loading. Float checkpoints are unaffected.
+    pub fp8: bool,
+    /// Stack each MoE layer's routed experts for the backend's grouped MoE kernels
+    /// ([`DeepseekV3::pack_experts`]); the model is then for inference only.
+    pub pack_experts: bool,
+}
+
 /// What loading found, for the caller to report.
 #[derive(Debug, Clone, Default)]
 pub struct LoadReport {
@@ -86,6 +98,8 @@ struct Loader<'a, B: DsBackend> {
     layers: usize,
     fp8_block: usize,
     used: BTreeSet<String>,
+    /// Weights already bound in FP8 form (their float parameter is a placeholder).
+    fp8: BTreeSet<String>,
     error: Option<LoadError>,
     params: u64,
 }
@@ -102,6 +116,10 @@ impl<B: DsBackend> ModuleMapper<B> for Loader<'_, B> {
             return param;
         }
         let (name, transpose) = self.path.name(self.layers);
+        if self.fp8.contains(&name) {
+            self.used.insert(name);
+            return param;
+        }
         let shape: Vec<usize> = param.lazy_shape().dims::<D>().to_vec();
         let disk_shape: Vec<usize> = if transpose {
             shape.iter().rev().copied().collect()
@@ -133,6 +151,16 @@ pub fn load<B: DsBackend>(
     device: &B::Device,
     opts: &LoadOptions,
 ) -> Result<(DeepseekV3<B>, LoadReport), ModelError> {
+    load_with(dir, device, opts, &WeightOptions::default())
+}
+
+/// [`load`], holding the weights as `weights` says (FP8 in memory, packed experts).
+pub fn load_with<B: DsBackend>(
+    dir: &Path,
+    device: &B::Device,
+    opts: &LoadOptions,
+    weights: &WeightOptions,
+) -> Result<(DeepseekV3<B>, LoadReport), ModelError> {
     if !dir.is_dir() {
         return Err(LoadError::NoCheckpoint {
             dir: dir.to_path_buf(),
@@ -148,7 +176,7 @@ pub fn load<B: DsBackend>(
         // A checkpoint without its MTP layers (as converted by the official code) still loads.
         cfg.num_nextn_predict_layers = 0;
     }
-    load_from(cfg, &ckpt, device, opts)
+    load_from_with(cfg, &ckpt, device, opts, weights)
 }
 
 /// Binds the tensors of an opened checkpoint to a model of config `cfg`.
@@ -158,7 +186,23 @@ pub fn load_from<B: DsBackend>(
     device: &B::Device,
     opts: &LoadOptions,
 ) -> Result<(DeepseekV3<B>, LoadReport), ModelError> {
-    let model = DeepseekV3::<B>::init(&cfg, device)?;
+    load_from_with(cfg, ckpt, device, opts, &WeightOptions::default())
+}
+
+/// [`load_from`] with [`WeightOptions`].
+pub fn load_from_with<B: DsBackend>(
+    cfg: DeepseekV3Config,
+    ckpt: &Checkpoint,
+    device: &B::Device,
+    opts: &LoadOptions,
+    weights: &WeightOptions,
+) -> Result<(DeepseekV3<B>, LoadReport), ModelError> {
+    let mut model = DeepseekV3::<B>::init(&cfg, device)?;
+    let fp8 = if weights.fp8 {
+        bind_fp8(&mut model, ckpt, cfg.fp8_block(), device)?
+    } else {
+        BTreeSet::new()
+    };
     let mut loader = Loader::<B> {
         ckpt,
         device: device.clone(),
@@ -166,10 +210,11 @@ pub fn load_from<B: DsBackend>(
         layers: cfg.num_hidden_layers,
         fp8_block: cfg.fp8_block(),
         used: BTreeSet::new(),
+        fp8,
         error: None,
         params: 0,
     };
-    let model = model.map(&mut loader);
+    let mut model = model.map(&mut loader);
     if let Some(e) = loader.error {
         return Err(e.into());
     }
@@ -201,7 +246,58 @@ pub fn load_from<B: DsBackend>(
             names: report.unexpected.clone(),
         });
     }
+    if weights.pack_experts {
+        model.pack_experts()?;
+    }
     Ok((model, report))
+}
+
+/// Binds every Linear whose checkpoint weight is FP8 in FP8 form (codes + block scales, no
+/// dequantization). Returns the weight names bound, which the float loader then skips.
+fn bind_fp8<B: DsBackend>(
+    model: &mut DeepseekV3<B>,
+    ckpt: &Checkpoint,
+    block: usize,
+    device: &B::Device,
+) -> Result<BTreeSet<String>, ModelError> {
+    let mut bound = BTreeSet::new();
+    for (name, linear) in model.linears_mut() {
+        let wname = format!("{name}.weight");
+        match ckpt.info(&wname) {
+            Some(info) if info.dtype == Dtype::F8E4M3 => {}
+            _ => continue,
+        }
+        let (d_in, d_out) = linear.dims();
+        let (info, codes) = ckpt.raw(&wname)?;
+        if info.shape != [d_out, d_in] {
+            return Err(LoadError::WrongShape {
+                path: ckpt.file_path(info).to_path_buf(),
+                tensor: wname,
+                expected: vec![d_out, d_in],
+                found: info.shape.clone(),
+            }
+            .into());
+        }
+        if block == 0 || !block.is_multiple_of(4) {
+            return Err(ModelError::Invalid(format!(
+                "FP8 block size {block} is not a positive multiple of 4 (needed in FP8-in-memory form)"
+            )));
+        }
+        let sname = format!("{wname}_scale_inv");
+        let scales = ckpt.read_f32(
+            &sname,
+            &[d_out.div_ceil(block), d_in.div_ceil(block)],
+            false,
+            block,
+        )?;
+        let w =
+            dsv3_backends::Fp8Weight::from_codes(codes, &scales, [1, d_out, d_in], block, device)
+                .map_err(|e| ModelError::Invalid(format!("{wname}: {e}")))?;
+        ckpt.release(&wname);
+        linear.set_fp8(w);
+        bound.insert(wname);
+    }
+    Ok(bound)
 }
 
 /// Collects `(hf_name, disk_shape, transpose)` of every parameter, in module order.
@@ -267,6 +363,14 @@ impl<B: DsBackend> ModuleVisitor<B> for Saver<'_> {
     }
 }
 
+fn has_fp8<B: DsBackend>(model: &DeepseekV3<B>) -> bool {
+    model
+        .clone()
+        .linears_mut()
+        .iter()
+        .any(|(_, l)| l.fp8.is_some())
+}
+
 /// Precision of saved tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SaveDtype {
@@ -283,6 +387,17 @@ pub fn save<B: DsBackend>(
     dir: &Path,
     dtype: SaveDtype,
 ) -> Result<(), ModelError> {
+    if model.is_packed() {
+        return Err(ModelError::Invalid(
+            "cannot save a model whose experts are packed for inference; save it before packing"
+                .into(),
+        ));
+    }
+    if has_fp8(model) {
+        let mut dense = model.clone();
+        dense.dequantize_fp8();
+        return save(&dense, dir, dtype);
+    }
     std::fs::create_dir_all(dir).map_err(|e| LoadError::Io {
         path: dir.to_path_buf(),
         source: e,

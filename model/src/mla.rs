@@ -10,10 +10,10 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::Linear;
 use burn::tensor::{activation::softmax, Tensor};
 use dsv3_backends::DsBackend;
 
+use crate::linear::Linear;
 use crate::mlp::linear;
 use crate::norm::{RmsNorm, RmsNormConfig};
 use crate::rope::apply_rope;
@@ -173,8 +173,7 @@ impl<B: DsBackend> Mla<B> {
         // kv_b_proj as stored here is [r, nh*(dn+dv)]; per head: [r, dn] -> k_nope, [r, dv] -> v.
         let w = self
             .kv_b_proj
-            .weight
-            .val()
+            .weight_in_out()
             .reshape([r, nh, dn + dv])
             .swap_dims(0, 1); // [nh, r, dn+dv]
         let w_uk = w.clone().narrow(2, 0, dn); // [nh, r, dn]

@@ -3,16 +3,21 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::nn::Initializer;
 use burn::tensor::{activation::silu, Tensor};
 use dsv3_backends::DsBackend;
 
-/// A bias-free linear layer with DeepSeek's init (normal, std = `initializer_range`).
+use crate::linear::Linear;
+
+/// A bias-free linear layer with DeepSeek's init (normal, std = `initializer_range`), created
+/// exactly as Burn's `LinearConfig` would (same lazy initializer call).
 pub fn linear<B: DsBackend>(d_in: usize, d_out: usize, std: f64, device: &B::Device) -> Linear<B> {
-    LinearConfig::new(d_in, d_out)
-        .with_bias(false)
-        .with_initializer(Initializer::Normal { mean: 0.0, std })
-        .init(device)
+    Linear::new(Initializer::Normal { mean: 0.0, std }.init_with(
+        [d_in, d_out],
+        Some(d_in),
+        Some(d_out),
+        device,
+    ))
 }
 
 #[derive(Config, Debug)]

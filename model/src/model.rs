@@ -6,12 +6,13 @@
 //! `model.mtp.k` and is stored as `model.layers.{num_hidden_layers + k}`.
 
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer};
 use burn::tensor::{Int, Tensor, TensorData};
 use dsv3_backends::DsBackend;
 
 use crate::config::DeepseekV3Config;
 use crate::error::ModelError;
+use crate::linear::Linear;
 use crate::mla::{padded_causal_mask, AttentionMode, LatentKv, Mla, MlaConfig};
 use crate::mlp::{linear, Mlp, MlpConfig};
 use crate::moe::{Moe, MoeConfig, RouterConfig, Routing};
@@ -234,7 +235,146 @@ pub struct DeepseekV3<B: DsBackend> {
     pub rope: RotaryEmbedding,
 }
 
+/// The Linear layers of an attention block, with their checkpoint names.
+fn attn_linears<'a, B: DsBackend>(
+    m: &'a mut Mla<B>,
+    p: &str,
+    out: &mut Vec<(String, &'a mut Linear<B>)>,
+) {
+    let Mla {
+        q_a_proj,
+        q_b_proj,
+        q_proj,
+        kv_a_proj_with_mqa,
+        kv_b_proj,
+        o_proj,
+        ..
+    } = m;
+    for (name, l) in [
+        ("q_a_proj", q_a_proj.as_mut()),
+        ("q_b_proj", q_b_proj.as_mut()),
+        ("q_proj", q_proj.as_mut()),
+        ("kv_a_proj_with_mqa", Some(kv_a_proj_with_mqa)),
+        ("kv_b_proj", Some(kv_b_proj)),
+        ("o_proj", Some(o_proj)),
+    ] {
+        if let Some(l) = l {
+            out.push((format!("{p}.{name}"), l));
+        }
+    }
+}
+
+fn mlp_linears<'a, B: DsBackend>(
+    m: &'a mut Mlp<B>,
+    p: &str,
+    out: &mut Vec<(String, &'a mut Linear<B>)>,
+) {
+    out.push((format!("{p}.gate_proj"), &mut m.gate_proj));
+    out.push((format!("{p}.up_proj"), &mut m.up_proj));
+    out.push((format!("{p}.down_proj"), &mut m.down_proj));
+}
+
+fn ffn_linears<'a, B: DsBackend>(
+    f: &'a mut FeedForward<B>,
+    p: &str,
+    out: &mut Vec<(String, &'a mut Linear<B>)>,
+) {
+    match f {
+        FeedForward::Dense(m) => mlp_linears(m, p, out),
+        FeedForward::Moe(moe) => {
+            for (e, m) in moe.experts.iter_mut().enumerate() {
+                mlp_linears(m, &format!("{p}.experts.{e}"), out);
+            }
+            if let Some(m) = moe.shared_experts.as_mut() {
+                mlp_linears(m, &format!("{p}.shared_experts"), out);
+            }
+        }
+    }
+}
+
 impl<B: DsBackend> DeepseekV3<B> {
+    /// Every Linear layer with its checkpoint name (without `.weight`), in module order.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
+        let mut out = Vec::new();
+        let n = self.config.num_hidden_layers;
+        for (l, layer) in self.model.layers.iter_mut().enumerate() {
+            attn_linears(
+                &mut layer.self_attn,
+                &format!("model.layers.{l}.self_attn"),
+                &mut out,
+            );
+            ffn_linears(&mut layer.mlp, &format!("model.layers.{l}.mlp"), &mut out);
+        }
+        for (k, m) in self.model.mtp.iter_mut().enumerate() {
+            let p = format!("model.layers.{}", n + k);
+            out.push((format!("{p}.eh_proj"), &mut m.eh_proj));
+            attn_linears(&mut m.self_attn, &format!("{p}.self_attn"), &mut out);
+            ffn_linears(&mut m.mlp, &format!("{p}.mlp"), &mut out);
+            out.push((format!("{p}.shared_head.head"), &mut m.shared_head.head));
+        }
+        out.push(("lm_head".to_string(), &mut self.lm_head));
+        out
+    }
+
+    /// The MoE layers (main layers, then MTP layers).
+    fn moe_layers_mut(&mut self) -> Vec<&mut Moe<B>> {
+        let main = self.model.layers.iter_mut().map(|l| &mut l.mlp);
+        let mtp = self.model.mtp.iter_mut().map(|m| &mut m.mlp);
+        main.chain(mtp)
+            .filter_map(|f| match f {
+                FeedForward::Moe(m) => Some(m),
+                FeedForward::Dense(_) => None,
+            })
+            .collect()
+    }
+
+    /// Stacks every MoE layer's experts for the backend's grouped kernels ([`Moe::pack`]).
+    pub fn pack_experts(&mut self) -> Result<(), ModelError> {
+        for m in self.moe_layers_mut() {
+            m.pack()?;
+        }
+        Ok(())
+    }
+
+    /// Whether any MoE layer is packed (then the per-expert parameters are placeholders).
+    pub fn is_packed(&self) -> bool {
+        self.model
+            .layers
+            .iter()
+            .map(|l| &l.mlp)
+            .chain(self.model.mtp.iter().map(|m| &m.mlp))
+            .any(|f| matches!(f, FeedForward::Moe(m) if m.packed.is_some()))
+    }
+
+    /// Turns every FP8 Linear back into float weights.
+    pub fn dequantize_fp8(&mut self) {
+        for (_, l) in self.linears_mut() {
+            l.dequantize();
+        }
+    }
+
+    /// Bytes held by the weights of the Linear layers and packed experts (FP8 codes and scales
+    /// at 1 and 4 bytes, float weights at their dtype's size).
+    pub fn linear_weight_bytes(&mut self) -> usize {
+        let packed: usize = self
+            .moe_layers_mut()
+            .iter()
+            .filter_map(|m| m.packed.as_ref().map(|p| p.bytes()))
+            .sum();
+        let linears: usize = self
+            .linears_mut()
+            .iter()
+            .map(|(_, l)| {
+                if l.fp8.is_none() && l.weight.lazy_shape().num_elements() == 1 {
+                    0 // a placeholder (packed expert)
+                } else {
+                    l.weight_bytes()
+                }
+            })
+            .sum();
+        packed + linears
+    }
+
     /// A model with freshly initialised weights (normal, std `initializer_range`; norms 1, bias 0).
     /// Parameters are created lazily: loading a checkpoint over them never allocates the init.
     pub fn init(cfg: &DeepseekV3Config, device: &B::Device) -> Result<Self, ModelError> {

@@ -4,9 +4,12 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
-use burn::tensor::{activation::sigmoid, IndexingUpdateOp, Int, Tensor, TensorData};
-use dsv3_backends::DsBackend;
+use burn::tensor::{
+    activation::sigmoid, activation::silu, IndexingUpdateOp, Int, Tensor, TensorData,
+};
+use dsv3_backends::{DsBackend, Fp8Weight, GroupedWeight};
 
+use crate::linear::Linear;
 use crate::mlp::{Mlp, MlpConfig};
 
 /// Router settings (HF field names in [`crate::DeepseekV3Config`]).
@@ -109,6 +112,7 @@ impl MoeConfig {
             experts: (0..e).map(|_| expert.init(device)).collect(),
             shared_experts: shared,
             router: self.router.clone(),
+            packed: None,
         }
     }
 }
@@ -134,6 +138,24 @@ pub struct Moe<B: DsBackend> {
     pub experts: Vec<Mlp<B>>,
     pub shared_experts: Option<Mlp<B>>,
     pub router: RouterConfig,
+    /// The routed experts stacked for the grouped kernels (see [`Moe::pack`]). Not parameters:
+    /// once packed, `experts` hold placeholders and the layer is for inference only.
+    pub packed: Option<PackedExperts<B>>,
+}
+
+/// The routed experts' projections stacked along a leading expert axis, float or FP8.
+#[derive(Module, Debug)]
+pub struct PackedExperts<B: DsBackend> {
+    pub gate_proj: GroupedWeight<B>,
+    pub up_proj: GroupedWeight<B>,
+    pub down_proj: GroupedWeight<B>,
+}
+
+impl<B: DsBackend> PackedExperts<B> {
+    /// Bytes held on the device by the three stacked projections.
+    pub fn bytes(&self) -> usize {
+        self.gate_proj.bytes() + self.up_proj.bytes() + self.down_proj.bytes()
+    }
 }
 
 /// Which experts each token went to in one MoE layer, and with what weight.
@@ -146,6 +168,48 @@ pub struct Routing {
 }
 
 impl<B: DsBackend> Moe<B> {
+    /// Stacks the routed experts for the grouped kernels ([`DsBackend::grouped_matmul`]): all
+    /// FP8 if every expert projection is FP8, else float `[E, in, out]`. The per-expert weights
+    /// are replaced by placeholders, so memory is not doubled; the layer is then for inference.
+    pub fn pack(&mut self) -> Result<(), crate::ModelError> {
+        if self.packed.is_some() || self.experts.is_empty() {
+            return Ok(());
+        }
+        let stack = |experts: &mut [Mlp<B>],
+                     pick: fn(&mut Mlp<B>) -> &mut Linear<B>|
+         -> Result<GroupedWeight<B>, crate::ModelError> {
+            let all_fp8 = experts.iter_mut().all(|e| pick(e).fp8.is_some());
+            let w = if all_fp8 {
+                let parts: Vec<Fp8Weight<B>> = experts
+                    .iter_mut()
+                    .map(|e| pick(e).fp8.clone().expect("checked"))
+                    .collect();
+                GroupedWeight::fp8(
+                    Fp8Weight::cat(parts).map_err(|e| crate::ModelError::Invalid(e.to_string()))?,
+                )
+            } else {
+                let parts: Vec<Tensor<B, 2>> = experts
+                    .iter_mut()
+                    .map(|e| pick(e).weight_in_out())
+                    .collect();
+                GroupedWeight::dense(Tensor::stack(parts, 0))
+            };
+            for e in experts.iter_mut() {
+                pick(e).clear();
+            }
+            Ok(w)
+        };
+        let gate_proj = stack(&mut self.experts, |m| &mut m.gate_proj)?;
+        let up_proj = stack(&mut self.experts, |m| &mut m.up_proj)?;
+        let down_proj = stack(&mut self.experts, |m| &mut m.down_proj)?;
+        self.packed = Some(PackedExperts {
+            gate_proj,
+            up_proj,
+            down_proj,
+        });
+        Ok(())
+    }
+
     /// `x: [B, T, H]` → `[B, T, H]`; with `record`, also the routing of every token (row-major
     /// over batch then time).
     pub fn forward(&self, x: Tensor<B, 3>, record: bool) -> (Tensor<B, 3>, Option<Routing>) {
@@ -155,6 +219,11 @@ impl<B: DsBackend> Moe<B> {
         let x = x.reshape([n, h]);
         let bias = self.gate.e_score_correction_bias.val().detach();
         let (idx, weights) = route(self.gate.logits(x.clone()), bias, &self.router);
+        if let Some(packed) = &self.packed {
+            let routing = record.then(|| routing_of(idx.clone(), weights.clone(), k));
+            let out = self.forward_packed(x, idx, weights, packed);
+            return (out.reshape([b, t, h]), routing);
+        }
 
         // Group the (token, slot) pairs by expert on the host: each expert runs only on its tokens.
         let ids: Vec<i64> = idx
@@ -206,5 +275,49 @@ impl<B: DsBackend> Moe<B> {
             }
         });
         (out.reshape([b, t, h]), routing)
+    }
+
+    /// The routed experts through the backend's MoE operations: dispatch (sort the (token, slot)
+    /// pairs by expert, on the device), three grouped matmuls for the SwiGLU experts, and the
+    /// weighted combine onto the shared experts' output. No host round trip on GPU backends.
+    fn forward_packed(
+        &self,
+        x: Tensor<B, 2>,
+        idx: Tensor<B, 2, Int>,
+        weights: Tensor<B, 2>,
+        packed: &PackedExperts<B>,
+    ) -> Tensor<B, 2> {
+        let [n, h] = x.dims();
+        let d = B::moe_dispatch(idx, self.router.n_routed_experts);
+        let xs = x.clone().select(0, d.tokens.clone());
+        let g = B::grouped_matmul(xs.clone(), &packed.gate_proj, &d);
+        let u = B::grouped_matmul(xs, &packed.up_proj, &d);
+        let y = B::grouped_matmul(silu(g) * u, &packed.down_proj, &d);
+        let base = match &self.shared_experts {
+            Some(shared) => shared.forward(x),
+            None => Tensor::zeros([n, h], &x.device()),
+        };
+        B::moe_combine(y, &d, weights, base)
+    }
+}
+
+/// Reads routing ids and weights to the host.
+fn routing_of<B: DsBackend>(idx: Tensor<B, 2, Int>, weights: Tensor<B, 2>, k: usize) -> Routing {
+    let ids: Vec<i64> = idx
+        .into_data()
+        .convert::<i64>()
+        .to_vec()
+        .unwrap_or_default();
+    let w: Vec<f32> = weights
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .unwrap_or_default();
+    Routing {
+        experts: ids
+            .chunks(k)
+            .map(|r| r.iter().map(|&v| v as u32).collect())
+            .collect(),
+        weights: w.chunks(k).map(|r| r.to_vec()).collect(),
     }
 }

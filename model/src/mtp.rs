@@ -5,11 +5,12 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer};
 use burn::tensor::{Int, Tensor};
 use dsv3_backends::DsBackend;
 
 use crate::config::DeepseekV3Config;
+use crate::linear::Linear;
 use crate::mla::{LatentKv, Mla};
 use crate::mlp::linear;
 use crate::model::{feed_forward, mla_config, residual_block, FeedForward, ForwardOptions, Span};

@@ -8,9 +8,15 @@ use std::path::{Path, PathBuf};
 use burn::tensor::activation::log_softmax;
 use clap::{Args, Parser, Subcommand};
 
-use dsv3_backends::{BackendKind, Cpu};
+use dsv3_backends::{on_backend, BackendKind, Cpu, DsBackend, FloatDtype, OnBackend};
 use dsv3_model::checkpoint::{Checkpoint, Dtype, SafetensorsWriter};
-use dsv3_model::{AttentionMode, DeepseekV3Config, ForwardOptions, LoadOptions, ModelError};
+use dsv3_model::{
+    AttentionMode, DeepseekV3Config, ForwardOptions, LoadOptions, ModelError, WeightOptions,
+};
+
+pub mod compare;
+pub mod generate;
+pub mod train;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -31,6 +37,15 @@ pub enum Command {
     Score(ScoreArgs),
     /// Write a randomly initialised model (config.json + model.safetensors) in the Hugging Face layout.
     Init(InitArgs),
+    /// Pretrain a model on text (default: the embedded corpus), then sample continuations.
+    Train(train::TrainArgs),
+    /// Generate a continuation of a prompt (text or ids), streamed, then one line of statistics.
+    Generate(generate::GenerateArgs),
+    /// Interactive chat: each stdin line is a user turn; the conversation stays in the cache.
+    Chat(generate::ChatArgs),
+    /// Run the same input on several backends: max |Δ logits| against a baseline, greedy
+    /// agreement, prefill/decode tokens/s.
+    Compare(compare::CompareArgs),
 }
 
 #[derive(Args, Debug)]
@@ -88,9 +103,16 @@ pub struct ScoreArgs {
     /// Write every MoE layer's expert ids and weights per token to this JSON file.
     #[arg(long)]
     pub routing: Option<PathBuf>,
-    /// Backend to run on (this build: flex, alias cpu).
+    /// Backend to run on: flex (alias cpu), or wgpu / cuda when built with those features.
     #[arg(long, default_value = "flex")]
     pub backend: String,
+    /// Float precision: f32, or bf16 / f16 on cuda.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// How FP8 checkpoint weights are held: f32 (dequantized while loading) or fp8 (e4m3 codes
+    /// + block scales in memory, about half the bytes of bf16, dequantized inside the matmul).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "fp8"])]
+    pub weights: String,
     /// Attention form: absorbed (attention over the latent, as decode runs) or naive (per-head k/v).
     #[arg(long, default_value = "absorbed", value_parser = ["absorbed", "naive"])]
     pub attention: String,
@@ -118,6 +140,10 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Inspect(a) => inspect(&a, out),
         Command::Score(a) => score(&a, out),
         Command::Init(a) => init(&a, out),
+        Command::Train(a) => train::train(&a, out),
+        Command::Generate(a) => generate::generate_cmd(&a, out),
+        Command::Chat(a) => generate::chat_cmd(&a, out),
+        Command::Compare(a) => compare::compare(&a, out),
     }
 }
 
@@ -370,14 +396,31 @@ pub fn parse_tokens(s: &str) -> Result<Vec<u32>, CliError> {
 
 pub fn score(a: &ScoreArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let ids = parse_tokens(&a.tokens)?;
-    match BackendKind::parse(&a.backend)? {
-        BackendKind::Flex => score_on::<Cpu>(a, &ids, out),
+    struct Run<'a>(&'a ScoreArgs, &'a [u32], &'a mut dyn Write);
+    impl OnBackend for Run<'_> {
+        type Output = Result<(), CliError>;
+        fn run<B: DsBackend>(self, kind: BackendKind, _: FloatDtype) -> Self::Output {
+            score_on::<B>(self.0, self.1, kind, self.2)
+        }
+    }
+    let kind = BackendKind::parse(&a.backend)?;
+    let dtype = FloatDtype::parse(&a.dtype)?;
+    on_backend(kind, dtype, Run(a, &ids, out))?
+}
+
+/// How a backend holds the weights: the GPU backends run the routed experts through the grouped
+/// MoE kernels (packed); the CPU keeps the per-expert form (bit-identical to the reference path).
+pub fn weight_options(kind: BackendKind, weights: &str) -> WeightOptions {
+    WeightOptions {
+        fp8: weights == "fp8",
+        pack_experts: kind != BackendKind::Flex || weights == "fp8",
     }
 }
 
-fn score_on<B: burn::tensor::backend::Backend>(
+fn score_on<B: DsBackend>(
     a: &ScoreArgs,
     ids: &[u32],
+    kind: BackendKind,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
     let device = B::Device::default();
@@ -385,7 +428,8 @@ fn score_on<B: burn::tensor::backend::Backend>(
         strict: a.strict,
         skip_mtp: !a.mtp,
     };
-    let (model, report) = dsv3_model::load::<B>(&a.model, &device, &opts)?;
+    let weights = weight_options(kind, &a.weights);
+    let (model, report) = dsv3_model::load_with::<B>(&a.model, &device, &opts, &weights)?;
     if !report.unexpected.is_empty() {
         eprintln!(
             "warning: {} checkpoint tensor(s) not used by the model, e.g. {}",

@@ -1,0 +1,457 @@
+//! [`DsBackend`]: the operations of DeepSeek-V3 that deserve their own kernels, each with a
+//! default body in plain Burn tensor operations that every backend can run (and differentiate,
+//! under `Autodiff`). The CubeCL backends override them (see `cube/`); the defaults are also the
+//! reference the kernels are tested against.
+//!
+//! Layouts (all row-major):
+//! - FP8 weights ([`Fp8Weight`]): `E` matrices `W_e [N, K]` (the checkpoint's `[out, in]`), codes
+//!   packed four to a 32-bit int along `K` (`[E, N, ceil(K/4)]`), scales `[E, ceil(N/b),
+//!   ceil(K/b)]` with `W[n, k] = e4m3(code) · scale[n/b, k/b]`; partial edge blocks allowed.
+//! - Grouped (MoE) rows: the `S = T·k` (token, slot) pairs sorted by expert, stable in slot order
+//!   ([`MoeDispatch`]); rows of expert `e` are `offsets[e]..offsets[e+1]`.
+
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor, TensorData};
+
+use crate::e4m3;
+
+/// FP8 e4m3 weights with block scales, as kept in device memory (about 1 byte per weight).
+#[derive(Module, Debug)]
+pub struct Fp8Weight<B: Backend> {
+    /// `[E, N, ceil(K/4)]` packed codes (column `k` in byte `k % 4` of word `k / 4`).
+    pub codes: Tensor<B, 3, Int>,
+    /// `[E, ceil(N/block), ceil(K/block)]` dequantization multipliers (`weight_scale_inv`).
+    pub scales: Tensor<B, 3>,
+    /// `N`: output features (rows of each matrix).
+    pub rows: usize,
+    /// `K`: input features (columns of each matrix).
+    pub cols: usize,
+    pub block: usize,
+}
+
+/// A shape or size that an operation cannot accept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ShapeError(pub String);
+
+impl<B: Backend> Fp8Weight<B> {
+    /// Builds `E` matrices from their codes (`E·N·K` bytes, row-major) and scales
+    /// (`E·ceil(N/b)·ceil(K/b)` values).
+    pub fn from_codes(
+        codes: &[u8],
+        scales: &[f32],
+        shape: [usize; 3],
+        block: usize,
+        device: &B::Device,
+    ) -> Result<Self, ShapeError> {
+        let [e, n, k] = shape;
+        if block == 0 || !block.is_multiple_of(4) {
+            return Err(ShapeError(format!(
+                "FP8 block size must be a positive multiple of 4, got {block}"
+            )));
+        }
+        if codes.len() != e * n * k {
+            return Err(ShapeError(format!(
+                "FP8 codes: expected {e}x{n}x{k} = {} bytes, found {}",
+                e * n * k,
+                codes.len()
+            )));
+        }
+        let (nb, kb) = (n.div_ceil(block), k.div_ceil(block));
+        if scales.len() != e * nb * kb {
+            return Err(ShapeError(format!(
+                "FP8 scales: expected {e}x{nb}x{kb} = {} values, found {}",
+                e * nb * kb,
+                scales.len()
+            )));
+        }
+        let words = e4m3::pack(codes, e * n, k);
+        Ok(Self {
+            codes: Tensor::from_data(TensorData::new(words, [e, n, k.div_ceil(4)]), device),
+            scales: Tensor::from_data(TensorData::new(scales.to_vec(), [e, nb, kb]), device),
+            rows: n,
+            cols: k,
+            block,
+        })
+    }
+
+    pub fn experts(&self) -> usize {
+        self.codes.dims()[0]
+    }
+
+    /// Bytes held on the device (codes and scales, at their storage dtypes).
+    pub fn bytes(&self) -> usize {
+        self.codes.shape().num_elements() * self.codes.dtype().size()
+            + self.scales.shape().num_elements() * self.scales.dtype().size()
+    }
+
+    /// Matrices `first..first+count` only.
+    pub fn narrow(&self, first: usize, count: usize) -> Self {
+        Self {
+            codes: self.codes.clone().narrow(0, first, count),
+            scales: self.scales.clone().narrow(0, first, count),
+            rows: self.rows,
+            cols: self.cols,
+            block: self.block,
+        }
+    }
+
+    /// Stacks weights of equal shape along the expert axis.
+    pub fn cat(parts: Vec<Self>) -> Result<Self, ShapeError> {
+        let first = parts
+            .first()
+            .ok_or_else(|| ShapeError("cannot stack zero FP8 weights".into()))?;
+        let (rows, cols, block) = (first.rows, first.cols, first.block);
+        if parts
+            .iter()
+            .any(|p| (p.rows, p.cols, p.block) != (rows, cols, block))
+        {
+            return Err(ShapeError(
+                "FP8 weights of different shapes cannot be stacked".into(),
+            ));
+        }
+        let (codes, scales) = parts.into_iter().map(|p| (p.codes, p.scales)).unzip();
+        Ok(Self {
+            codes: Tensor::cat(codes, 0),
+            scales: Tensor::cat(scales, 0),
+            rows,
+            cols,
+            block,
+        })
+    }
+
+    /// `[E, N, K]` float weights, exactly `f32(e4m3) × scale` (plain tensor operations).
+    pub fn dequantize(&self) -> Tensor<B, 3> {
+        let [e, n, kw] = self.codes.dims();
+        let (k, b) = (self.cols, self.block);
+        let device = self.codes.device();
+        let bytes: Vec<Tensor<B, 4, Int>> = (0..4)
+            .map(|j| {
+                self.codes
+                    .clone()
+                    .bitwise_right_shift_scalar((8 * j).elem())
+                    .bitwise_and_scalar(0xFF.elem())
+                    .unsqueeze_dim(3)
+            })
+            .collect();
+        let codes = Tensor::cat(bytes, 3)
+            .reshape([e, n, kw * 4])
+            .narrow(2, 0, k)
+            .reshape([e * n * k]);
+        let table =
+            Tensor::<B, 1>::from_data(TensorData::new(e4m3::TABLE.to_vec(), [256]), &device);
+        let values = table.select(0, codes).reshape([e, n, k]);
+        let [_, nb, kb] = self.scales.dims();
+        let scales = self
+            .scales
+            .clone()
+            .reshape([e, nb, 1, kb, 1])
+            .expand([e, nb, b, kb, b])
+            .reshape([e, nb * b, kb * b])
+            .narrow(1, 0, n)
+            .narrow(2, 0, k);
+        values * scales
+    }
+}
+
+/// Activations quantized to FP8 in `1×block` tiles along the row.
+#[derive(Debug, Clone)]
+pub struct Fp8Activations<B: Backend> {
+    /// `[M, ceil(K/4)]` packed codes.
+    pub codes: Tensor<B, 2, Int>,
+    /// `[M, ceil(K/block)]` per-tile scales (`x ≈ code · scale`).
+    pub scales: Tensor<B, 2>,
+    pub cols: usize,
+    pub block: usize,
+}
+
+impl<B: Backend> Fp8Activations<B> {
+    /// `[M, K]` float values `f32(code) · scale` (plain tensor operations).
+    pub fn dequantize(&self) -> Tensor<B, 2> {
+        let [m, _] = self.codes.dims();
+        let w = Fp8Weight {
+            codes: self.codes.clone().reshape([m, 1, self.codes.dims()[1]]),
+            scales: self.scales.clone().reshape([m, 1, self.scales.dims()[1]]),
+            rows: 1,
+            cols: self.cols,
+            block: self.block,
+        };
+        // One 1-row "matrix" per row: the weight dequantizer applies as is.
+        w.dequantize().reshape([m, self.cols])
+    }
+}
+
+/// Expert weights for a grouped matmul: `E` matrices, float or FP8.
+#[derive(Module, Debug)]
+pub struct GroupedWeight<B: Backend> {
+    /// `[E, K, N]` (Burn's `[in, out]` Linear layout per expert).
+    pub dense: Option<Tensor<B, 3>>,
+    /// FP8 codes and scales, `[E, N, K]` logical layout.
+    pub fp8: Option<Fp8Weight<B>>,
+}
+
+impl<B: Backend> GroupedWeight<B> {
+    pub fn dense(w: Tensor<B, 3>) -> Self {
+        Self {
+            dense: Some(w),
+            fp8: None,
+        }
+    }
+    pub fn fp8(w: Fp8Weight<B>) -> Self {
+        Self {
+            dense: None,
+            fp8: Some(w),
+        }
+    }
+    /// `(E, K, N)`.
+    pub fn dims(&self) -> (usize, usize, usize) {
+        match (&self.dense, &self.fp8) {
+            (Some(d), _) => {
+                let [e, k, n] = d.dims();
+                (e, k, n)
+            }
+            (None, Some(f)) => (f.experts(), f.cols, f.rows),
+            (None, None) => (0, 0, 0),
+        }
+    }
+    /// Bytes held on the device.
+    pub fn bytes(&self) -> usize {
+        match (&self.dense, &self.fp8) {
+            (Some(d), _) => d.shape().num_elements() * d.dtype().size(),
+            (None, Some(f)) => f.bytes(),
+            (None, None) => 0,
+        }
+    }
+    /// Expert `e`'s matrix as `[K, N]` floats (dequantized if FP8).
+    pub fn expert_in_out(&self, e: usize) -> Tensor<B, 2> {
+        match (&self.dense, &self.fp8) {
+            (Some(d), _) => {
+                let [_, k, n] = d.dims();
+                d.clone().narrow(0, e, 1).reshape([k, n])
+            }
+            (None, Some(f)) => f
+                .narrow(e, 1)
+                .dequantize()
+                .reshape([f.rows, f.cols])
+                .transpose(),
+            (None, None) => unreachable!("GroupedWeight holds dense or FP8 weights"),
+        }
+    }
+}
+
+/// Where each (token, slot) pair goes in the expert-sorted order. `S = tokens · k`; slot `s`
+/// belongs to token `s / k`.
+#[derive(Debug, Clone)]
+pub struct MoeDispatch<B: Backend> {
+    /// `[S]`: the slot at each sorted position (sorted by expert, then slot).
+    pub order: Tensor<B, 1, Int>,
+    /// `[S]`: the token of each sorted position (`order / k`).
+    pub tokens: Tensor<B, 1, Int>,
+    /// `[S]`: the expert of each sorted position.
+    pub experts: Tensor<B, 1, Int>,
+    /// `[S]`: the sorted position of each slot (inverse of `order`).
+    pub position: Tensor<B, 1, Int>,
+    /// `[E + 1]`: rows of expert `e` are `offsets[e]..offsets[e+1]`.
+    pub offsets: Tensor<B, 1, Int>,
+    pub num_experts: usize,
+    pub k: usize,
+}
+
+/// A Burn backend the model runs on, with the operations that have kernels.
+///
+/// Implemented for Flex and `Autodiff<B>` (the defaults) and, with the `wgpu`/`cuda` features,
+/// for every `CubeBackend` (the CubeCL kernels).
+pub trait DsBackend: Backend {
+    /// `x [M, K] · W_0ᵀ → [M, N]` for FP8 weights `w` (one matrix), dequantized on the fly.
+    /// Only matrix 0 of `w` is used.
+    fn fp8_matmul(x: Tensor<Self, 2>, w: &Fp8Weight<Self>) -> Tensor<Self, 2> {
+        let (n, k) = (w.rows, w.cols);
+        let wt = w.narrow(0, 1).dequantize().reshape([n, k]).transpose();
+        x.matmul(wt)
+    }
+
+    /// Quantizes `x [M, K]` to e4m3 in `1×block` tiles: `amax = max(max|x_tile|, 1e-4)`,
+    /// `scale = amax / 448` (rounded up to a power of two with `ue8m0`), `code = e4m3(x/scale)`
+    /// (round to nearest even, saturating). Partial last tiles use their real elements only.
+    fn fp8_quantize(x: Tensor<Self, 2>, block: usize, ue8m0: bool) -> Fp8Activations<Self> {
+        default_fp8_quantize(x, block, ue8m0)
+    }
+
+    /// Sorts the (token, slot) pairs of `ids: [T, k]` (expert ids `< num_experts`) by expert.
+    fn moe_dispatch(ids: Tensor<Self, 2, Int>, num_experts: usize) -> MoeDispatch<Self> {
+        default_moe_dispatch(ids, num_experts)
+    }
+
+    /// `x [S, K]` (rows in dispatch order) times each row's expert matrix → `[S, N]`.
+    ///
+    /// The default reads the `E + 1` offsets to the host and runs one matmul per non-empty
+    /// expert: fine on a CPU backend, where the host is the device.
+    fn grouped_matmul(
+        x: Tensor<Self, 2>,
+        w: &GroupedWeight<Self>,
+        dispatch: &MoeDispatch<Self>,
+    ) -> Tensor<Self, 2> {
+        default_grouped_matmul(x, w, dispatch)
+    }
+
+    /// `base [T, H] + Σ_j weights[t, j] · y[position[t·k + j]]` (the sum over `j` in slot order,
+    /// then added to `base`).
+    fn moe_combine(
+        y: Tensor<Self, 2>,
+        dispatch: &MoeDispatch<Self>,
+        weights: Tensor<Self, 2>,
+        base: Tensor<Self, 2>,
+    ) -> Tensor<Self, 2> {
+        default_moe_combine(y, dispatch, weights, base)
+    }
+}
+
+fn default_fp8_quantize<B: Backend>(
+    x: Tensor<B, 2>,
+    block: usize,
+    ue8m0: bool,
+) -> Fp8Activations<B> {
+    let [m, k] = x.dims();
+    let device = x.device();
+    let t = k.div_ceil(block);
+    let padded = if t * block > k {
+        Tensor::cat(vec![x, Tensor::zeros([m, t * block - k], &device)], 1)
+    } else {
+        x
+    };
+    let tiles = padded.reshape([m, t, block]);
+    let amax = tiles.clone().abs().max_dim(2).clamp_min(1e-4); // [m, t, 1]
+    let mut scale = amax / e4m3::MAX;
+    if ue8m0 {
+        scale = pow2(floor_log2(scale.clone()) + 1.0).mask_where(is_pow2(scale.clone()), scale);
+    }
+    let v = tiles / scale.clone();
+    let a = v.clone().abs().clamp_max(e4m3::MAX);
+    // e = max(floor(log2 a), -6); r = rne(a / 2^(e-3)); code = (e+7)·8 + r − 8.
+    let e = floor_log2(a.clone().clamp_min(1e-30)).clamp_min(-6.0);
+    let r = (a / pow2(e.clone() - 3.0)).round();
+    let code = (e + 7.0) * 8.0 + r - 8.0;
+    let code = code.int() + v.lower_elem(0.0).int() * 0x80;
+    // Pack bytes into 32-bit words.
+    let words = (t * block) / 4;
+    let bytes = code.reshape([m, words, 4]);
+    let mut packed = bytes.clone().narrow(2, 0, 1);
+    for j in 1..4 {
+        packed = packed.bitwise_or(
+            bytes
+                .clone()
+                .narrow(2, j, 1)
+                .bitwise_left_shift_scalar(((8 * j) as i32).elem()),
+        );
+    }
+    Fp8Activations {
+        codes: packed.reshape([m, words]).narrow(1, 0, k.div_ceil(4)),
+        scales: scale.reshape([m, t]),
+        cols: k,
+        block,
+    }
+}
+
+/// `floor(log2 x)` for positive normal `x`, exact: a float log estimate corrected by comparing
+/// with exact powers of two.
+fn floor_log2<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let e = (x.clone().log() / std::f64::consts::LN_2).floor();
+    let p = pow2(e.clone());
+    let too_big = x.clone().lower(p.clone());
+    let too_small = x.greater_equal(p * 2.0);
+    e - too_big.float() + too_small.float()
+}
+
+fn is_pow2<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D, burn::tensor::Bool> {
+    let p = pow2(floor_log2(x.clone()));
+    x.equal(p)
+}
+
+fn pow2<B: Backend, const D: usize>(e: Tensor<B, D>) -> Tensor<B, D> {
+    Tensor::full(e.shape(), 2.0, &e.device()).powf(e)
+}
+
+fn default_moe_dispatch<B: Backend>(ids: Tensor<B, 2, Int>, num_experts: usize) -> MoeDispatch<B> {
+    let [t, k] = ids.dims();
+    let s = t * k;
+    let device = ids.device();
+    let flat = ids.reshape([s]);
+    let slots = Tensor::<B, 1, Int>::arange(0..s as i64, &device);
+    // Unique keys (expert, slot): sorting them is a stable sort by expert.
+    let key = flat.clone() * (s as i32) + slots.clone();
+    let sorted = key.sort(0);
+    let order = sorted.clone().remainder_scalar(s as i32);
+    let experts = sorted.div_scalar(s as i32);
+    let counts = Tensor::<B, 1, Int>::zeros([num_experts], &device).scatter(
+        0,
+        flat,
+        Tensor::ones([s], &device),
+        IndexingUpdateOp::Add,
+    );
+    let offsets = Tensor::cat(
+        vec![Tensor::<B, 1, Int>::zeros([1], &device), counts.cumsum(0)],
+        0,
+    );
+    let position = Tensor::<B, 1, Int>::zeros([s], &device).scatter(
+        0,
+        order.clone(),
+        slots,
+        IndexingUpdateOp::Add,
+    );
+    MoeDispatch {
+        tokens: order.clone().div_scalar(k as i32),
+        order,
+        experts,
+        position,
+        offsets,
+        num_experts,
+        k,
+    }
+}
+
+fn default_grouped_matmul<B: Backend>(
+    x: Tensor<B, 2>,
+    w: &GroupedWeight<B>,
+    d: &MoeDispatch<B>,
+) -> Tensor<B, 2> {
+    let (_, _, n) = w.dims();
+    let [s, _] = x.dims();
+    let device = x.device();
+    let offsets: Vec<i64> = d
+        .offsets
+        .clone()
+        .into_data()
+        .convert::<i64>()
+        .to_vec()
+        .unwrap_or_default();
+    let mut parts = Vec::new();
+    for (e, pair) in offsets.windows(2).enumerate() {
+        let (lo, hi) = (pair[0] as usize, pair[1] as usize);
+        if hi > lo {
+            parts.push(x.clone().narrow(0, lo, hi - lo).matmul(w.expert_in_out(e)));
+        }
+    }
+    if parts.is_empty() {
+        Tensor::zeros([s, n], &device)
+    } else {
+        Tensor::cat(parts, 0)
+    }
+}
+
+fn default_moe_combine<B: Backend>(
+    y: Tensor<B, 2>,
+    d: &MoeDispatch<B>,
+    weights: Tensor<B, 2>,
+    base: Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    let [t, k] = weights.dims();
+    let [_, h] = y.dims();
+    let rows = y.select(0, d.position.clone()).reshape([t, k, h]);
+    let w = weights.reshape([t, k, 1]);
+    let mut acc = rows.clone().narrow(1, 0, 1) * w.clone().narrow(1, 0, 1);
+    for j in 1..k {
+        acc = acc + rows.clone().narrow(1, j, 1) * w.clone().narrow(1, j, 1);
+    }
+    base + acc.reshape([t, h])
+}

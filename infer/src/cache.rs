@@ -1,0 +1,189 @@
+//! The latent KV cache (spec §4.1): per layer and token only the normed kv latent `c`
+//! (`kv_lora_rank` numbers) and the roped shared key `k_pe` (`qk_rope_head_dim` numbers).
+//! Nothing per head is cached: decode attends over the latent in the absorbed form.
+//!
+//! Two storage modes. **Growing** appends by concatenation (memory follows the context).
+//! **Preallocated** reserves `max_context` slots up front and writes new entries in place, so a
+//! long generation never reallocates and a context overflow is a typed error, not an OOM.
+//! Either way [`LatentCache::truncate`] rolls back (speculative rejection, chat re-sync).
+
+use burn::tensor::{Int, Tensor, TensorData};
+use dsv3_backends::DsBackend;
+use dsv3_model::LatentKv;
+
+use crate::error::InferError;
+
+#[derive(Debug, Clone)]
+pub struct LatentCache<B: DsBackend> {
+    /// One entry per layer. Growing: exactly `len` slots (empty vector while `len == 0`);
+    /// preallocated: `capacity` slots, the first `len` valid.
+    layers: Vec<LatentKv<B>>,
+    num_layers: usize,
+    batch: usize,
+    kv_lora_rank: usize,
+    rope_dim: usize,
+    len: usize,
+    capacity: Option<usize>,
+    device: B::Device,
+}
+
+impl<B: DsBackend> LatentCache<B> {
+    /// An empty cache for `num_layers` layers and `batch` rows; `capacity` preallocates.
+    pub fn new(
+        num_layers: usize,
+        batch: usize,
+        kv_lora_rank: usize,
+        rope_dim: usize,
+        capacity: Option<usize>,
+        device: &B::Device,
+    ) -> Self {
+        let layers = match capacity {
+            Some(cap) => (0..num_layers)
+                .map(|_| LatentKv {
+                    c: Tensor::zeros([batch, cap, kv_lora_rank], device),
+                    k_pe: Tensor::zeros([batch, cap, rope_dim], device),
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        Self {
+            layers,
+            num_layers,
+            batch,
+            kv_lora_rank,
+            rope_dim,
+            len: 0,
+            capacity,
+            device: device.clone(),
+        }
+    }
+
+    /// Number of cached positions (slots, padding included).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    pub fn capacity(&self) -> Option<usize> {
+        self.capacity
+    }
+    pub fn num_layers(&self) -> usize {
+        self.num_layers
+    }
+
+    /// Bytes of one position in one row, over all layers.
+    pub fn bytes_per_token(&self) -> usize {
+        self.num_layers * (self.kv_lora_rank + self.rope_dim) * self.elem_bytes()
+    }
+
+    /// Bytes held: allocated slots (preallocated) or used slots (growing), all rows.
+    pub fn bytes(&self) -> usize {
+        self.capacity.unwrap_or(self.len) * self.batch * self.bytes_per_token()
+    }
+
+    fn elem_bytes(&self) -> usize {
+        self.layers
+            .first()
+            .map(|kv| kv.c.dtype().size())
+            .unwrap_or(std::mem::size_of::<B::FloatElem>())
+    }
+
+    /// The valid entries per layer, as the model's `past` argument (`None` while empty).
+    pub fn past(&self) -> Option<Vec<LatentKv<B>>> {
+        if self.len == 0 {
+            return None;
+        }
+        Some(match self.capacity {
+            None => self.layers.clone(),
+            Some(_) => self
+                .layers
+                .iter()
+                .map(|kv| LatentKv {
+                    c: kv.c.clone().narrow(1, 0, self.len),
+                    k_pe: kv.k_pe.clone().narrow(1, 0, self.len),
+                })
+                .collect(),
+        })
+    }
+
+    /// Appends the new positions' entries (one per layer, `[batch, t, ·]`).
+    pub fn append(&mut self, new: Vec<LatentKv<B>>) -> Result<(), InferError> {
+        debug_assert_eq!(new.len(), self.num_layers);
+        let Some(t) = new.first().map(|kv| kv.len()) else {
+            return Ok(());
+        };
+        match self.capacity {
+            Some(cap) => {
+                if self.len + t > cap {
+                    return Err(InferError::ContextFull {
+                        needed: self.len + t,
+                        max_context: cap,
+                    });
+                }
+                let (b, s) = (self.batch, self.len);
+                // Written in place: the buffers are uniquely owned once `past()` views are gone.
+                let old = std::mem::take(&mut self.layers);
+                self.layers = old
+                    .into_iter()
+                    .zip(new)
+                    .map(|(slot, kv)| LatentKv {
+                        c: slot
+                            .c
+                            .slice_assign([0..b, s..s + t, 0..self.kv_lora_rank], kv.c),
+                        k_pe: slot
+                            .k_pe
+                            .slice_assign([0..b, s..s + t, 0..self.rope_dim], kv.k_pe),
+                    })
+                    .collect();
+            }
+            None => {
+                self.layers = if self.len == 0 {
+                    new
+                } else {
+                    self.layers
+                        .iter()
+                        .zip(new.iter())
+                        .map(|(a, n)| a.cat(n))
+                        .collect()
+                };
+            }
+        }
+        self.len += t;
+        Ok(())
+    }
+
+    /// Forgets every position from `len` on (rollback).
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.len {
+            return;
+        }
+        if self.capacity.is_none() {
+            if len == 0 {
+                self.layers.clear();
+            } else {
+                for kv in &mut self.layers {
+                    kv.c = kv.c.clone().narrow(1, 0, len);
+                    kv.k_pe = kv.k_pe.clone().narrow(1, 0, len);
+                }
+            }
+        }
+        self.len = len;
+    }
+
+    /// Keeps only the given rows, in that order (finished rows leave a batch).
+    pub fn select_rows(&mut self, rows: &[usize]) {
+        let idx = Tensor::<B, 1, Int>::from_data(
+            TensorData::new(rows.iter().map(|&r| r as i64).collect(), [rows.len()]),
+            &self.device,
+        );
+        for kv in &mut self.layers {
+            kv.c = kv.c.clone().select(0, idx.clone());
+            kv.k_pe = kv.k_pe.clone().select(0, idx.clone());
+        }
+        self.batch = rows.len();
+    }
+}

@@ -1,0 +1,93 @@
+//! The model's bias-free linear layer: Burn's `Linear` (same field `weight`, `[in, out]`, same
+//! forward) plus an optional FP8 form, where the weight stays in memory as e4m3 codes with
+//! 128×128 block scales (about 1 byte per weight instead of 2 for bf16 or 4 for f32) and is
+//! multiplied through [`DsBackend::fp8_matmul`], dequantized inside the kernel.
+
+use burn::module::{Module, Param, ParamId};
+use burn::tensor::Tensor;
+use dsv3_backends::{DsBackend, Fp8Weight};
+
+#[derive(Module, Debug)]
+pub struct Linear<B: DsBackend> {
+    /// `[in, out]`. In FP8 form a `[1, 1]` placeholder: the weight lives in `fp8`.
+    pub weight: Param<Tensor<B, 2>>,
+    /// The FP8 form (`[1, out, in]` codes and scales), when loaded with `--weights fp8`.
+    /// Not a parameter: visitors, the optimizer and `save` never see it.
+    pub fp8: Option<Fp8Weight<B>>,
+}
+
+impl<B: DsBackend> Linear<B> {
+    /// A float layer over `weight: [in, out]`.
+    pub fn new(weight: Param<Tensor<B, 2>>) -> Self {
+        Self { weight, fp8: None }
+    }
+
+    /// `x [.., in] → [.., out]`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        match &self.fp8 {
+            None => burn::tensor::module::linear(x, self.weight.val(), None),
+            Some(w) => {
+                let dims = x.dims();
+                let k = dims[D - 1];
+                let m = dims[..D - 1].iter().product::<usize>();
+                let y = B::fp8_matmul(x.reshape([m, k]), w);
+                let mut out = dims;
+                out[D - 1] = w.rows;
+                y.reshape(out)
+            }
+        }
+    }
+
+    /// Switches to the FP8 form: the float weight is dropped for a placeholder.
+    pub fn set_fp8(&mut self, w: Fp8Weight<B>) {
+        let device = w.codes.device();
+        self.weight = Param::initialized(ParamId::new(), Tensor::zeros([1, 1], &device));
+        self.fp8 = Some(w);
+    }
+
+    /// Drops the weight (both forms) for a placeholder, e.g. once it was stacked elsewhere.
+    pub fn clear(&mut self) {
+        let device = self.weight.device();
+        self.weight = Param::initialized(ParamId::new(), Tensor::zeros([1, 1], &device));
+        self.fp8 = None;
+    }
+
+    /// `[in, out]` float weights (dequantized from the FP8 form if there is one).
+    pub fn weight_in_out(&self) -> Tensor<B, 2> {
+        match &self.fp8 {
+            None => self.weight.val(),
+            Some(w) => w.dequantize().reshape([w.rows, w.cols]).transpose(),
+        }
+    }
+
+    /// Back to the float form (for saving, or for code that needs `weight`).
+    pub fn dequantize(&mut self) {
+        if self.fp8.is_some() {
+            let w = self.weight_in_out();
+            self.weight = Param::initialized(ParamId::new(), w);
+            self.fp8 = None;
+        }
+    }
+
+    /// `(in, out)`.
+    pub fn dims(&self) -> (usize, usize) {
+        match &self.fp8 {
+            None => {
+                let [i, o] = self.weight.lazy_shape().dims::<2>();
+                (i, o)
+            }
+            Some(w) => (w.cols, w.rows),
+        }
+    }
+
+    /// Bytes of the weight as held (FP8 codes + scales, or the float tensor).
+    pub fn weight_bytes(&self) -> usize {
+        match &self.fp8 {
+            None => {
+                let w = self.weight.val();
+                w.shape().num_elements() * w.dtype().size()
+            }
+            Some(w) => w.bytes(),
+        }
+    }
+}

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Inference benchmark: a ~100M-parameter V3-shaped model with random weights (`dsv3 init --preset
+# small`: 6 layers, 32 experts top-4, MLA with kv latent 128; 103M main + 27M MTP parameters),
+# run side by side by this project (release, Flex CPU backend) and by PyTorch + HF transformers
+# (float32, eager attention) on the same machine with the same number of threads:
+#   prefill tokens/s at 512 tokens, decode tokens/s at batch 1 from a 512-token context,
+#   KV-cache bytes per token, and decode as a fraction of the memory-bandwidth limit
+#   (measured copy bandwidth / bytes of weights one decode step reads).
+# Prints a markdown table (the one recorded in BENCHMARKS.md, section "Inference").
+# Usage: scripts/bench-infer.sh [WORKDIR]   (needs torch + transformers; ~1 GB of disk)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+work="${1:-${TMPDIR:-/tmp}/dsv3-bench-infer}"
+new=${NEW_TOKENS:-64}
+# This build's Flex backend runs on one thread (burn without its rayon feature); match it.
+threads=${THREADS:-1}
+mkdir -p "$work"
+cargo build --release --quiet
+bin=target/release/dsv3
+[ -f "$work/model/model.safetensors" ] || "$bin" init --preset small --out "$work/model" --seed 1 > /dev/null
+python3 -c "import random; r = random.Random(7); print(','.join(str(r.randrange(2, 8000)) for _ in range(512)))" > "$work/ids"
+ids=$(cat "$work/ids")
+
+run() { RAYON_NUM_THREADS=$threads "$bin" generate --model "$work/model" --tokens "$ids" --max-new-tokens "$new" \
+          --ignore-eos --prefill-chunk 512 --json "$@"; }
+run > /dev/null   # warm the page cache
+for i in 1 2 3; do run > "$work/ours.$i.json"; done
+run --speculative mtp > "$work/spec.json"
+OMP_NUM_THREADS=$threads python3 scripts/bench_infer_hf.py "$work/model" "$work/ids" "$new" "$threads" \
+  2> "$work/hf.log" > "$work/hf.json"
+
+python3 - "$work" "$new" "$threads" <<'PY'
+import json, sys
+work, new, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ours = [json.load(open(f"{work}/ours.{i}.json")) for i in (1, 2, 3)]
+spec = json.load(open(f"{work}/spec.json"))
+hf = json.load(open(f"{work}/hf.json"))
+pre = max(o["stats"]["prefill_tokens_per_sec"] for o in ours)
+dec = max(o["stats"]["decode_tokens_per_sec"] for o in ours)
+kv = ours[0]["stats"]["cache_bytes_per_token"]
+bw, wbytes = hf["copy_bandwidth_bytes_per_sec"], hf["decode_weight_bytes_per_token"]
+limit = bw / wbytes
+agree = sum(a == b for a, b in zip(ours[0]["tokens"], hf["hf_greedy_tokens"]))
+sp = spec["stats"]["speculative"]
+sdec = spec["stats"]["decode_tokens_per_sec"]
+print(f"| | this project (Burn Flex, release) | PyTorch {hf['torch']} + transformers {hf['transformers']} (eager, f32) | ratio |")
+print("|---|---|---|---|")
+print(f"| prefill, 512 tokens (tok/s) | {pre:.0f} | {hf['hf_prefill_tokens_per_sec']:.0f} | {pre / hf['hf_prefill_tokens_per_sec']:.2f}x |")
+print(f"| decode, batch 1, 512-token context (tok/s) | {dec:.1f} | {hf['hf_decode_tokens_per_sec']:.1f} | {dec / hf['hf_decode_tokens_per_sec']:.2f}x |")
+print(f"| KV cache (bytes/token, f32) | {kv} | {hf['hf_kv_bytes_per_token']:.0f} | |")
+print(f"| decode / bandwidth limit | {dec / limit:.0%} | {hf['hf_decode_tokens_per_sec'] / limit:.0%} | |")
+print()
+print(f"threads: {threads}; {new} new tokens; experts: HF `{hf['experts_implementation']}`; greedy tokens identical "
+      f"for {agree}/{new} steps.")
+print(f"bandwidth limit: copy bandwidth {bw / 1e9:.1f} GB/s (read + write, 512 MiB numpy copy) / "
+      f"{wbytes / 1e6:.1f} MB of f32 weights per decode step = {limit:.0f} tok/s.")
+print(f"MTP speculative decoding (random weights): {sp['accepted']}/{sp['drafted']} drafts accepted "
+      f"({sp['acceptance_rate']:.1%}), decode {sdec:.1f} tok/s = {sdec / dec:.2f}x plain.")
+PY

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Training benchmark (BENCHMARKS.md, section "Training").
+#
+#  1. The README's main job: `dsv3 train` with the defaults (preset mini, embedded corpus):
+#     wall time, final validation bits per byte, expert-load imbalance.
+#  2. The same run with γ = 0 (no aux-loss-free bias updates), same seed and steps.
+#  3. Training throughput against PyTorch + HF transformers' DeepseekV3ForCausalLM doing the same
+#     steps (same shape, float32, same batch, AdamW + clipping) with 1 and 2 threads. HF runs no
+#     MTP module, so ours is measured with and without it (num_nextn_predict_layers = 0).
+#
+# Needs: cargo, python3 with torch + transformers. Output: $OUT (default bench-out/train).
+# STEPS overrides the main runs' length (default: the preset's 400); SKIP_RUNS=1 does only step 3.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench-out/train}
+STEPS=${STEPS:-}
+SPEED_STEPS=${SPEED_STEPS:-12}
+mkdir -p "$OUT"
+cargo build --release -q
+DSV3=target/release/dsv3
+steps_flag=()
+[ -n "$STEPS" ] && steps_flag=(--steps "$STEPS")
+
+summary() { # run dir -> final val bpb, imbalance
+  python3 - "$1" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
+last = recs[-1]
+val = [r for r in recs if r.get("val_bits_per_byte") is not None][-1]
+print(json.dumps({"step": last["step"], "val_loss": val["val_loss"], "val_bits_per_byte": val["val_bits_per_byte"],
+                  "imbalance": dict(zip(map(str, last["moe_layers"]), [round(x, 3) for x in last["imbalance"]])),
+                  "imbalance_mean": round(sum(last["imbalance"]) / len(last["imbalance"]), 3),
+                  "tokens_per_s": round(last["tokens_per_s"], 1)}))
+PY
+}
+
+if [ -z "${SKIP_RUNS:-}" ]; then
+  for g in 1e-3 0; do
+    rm -rf "$OUT/gamma-$g"
+    echo "== dsv3 train, bias_gamma $g"
+    /usr/bin/time -f "wall %e s, max RSS %M KiB" "$DSV3" train --out "$OUT/gamma-$g" --bias-gamma "$g" \
+      --samples 3 "${steps_flag[@]}" | tee "$OUT/gamma-$g.log"
+    summary "$OUT/gamma-$g" | tee "$OUT/gamma-$g.json"
+  done
+fi
+
+echo "== throughput, ours (with MTP, then without)"
+rm -rf "$OUT/speed-mtp" "$OUT/speed-nomtp"
+"$DSV3" train --out "$OUT/speed-mtp" --steps "$SPEED_STEPS" --log-every "$SPEED_STEPS" \
+  --eval-every 100000 --checkpoint-every 0 --samples 0 >/dev/null
+summary "$OUT/speed-mtp" | tee "$OUT/speed-mtp.json"
+python3 - "$OUT/speed-mtp/final/config.json" "$OUT/nomtp-config.json" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1])); c["num_nextn_predict_layers"] = 0
+json.dump(c, open(sys.argv[2], "w"), indent=1)
+PY
+"$DSV3" train --config "$OUT/nomtp-config.json" --out "$OUT/speed-nomtp" --steps "$SPEED_STEPS" \
+  --log-every "$SPEED_STEPS" --eval-every 100000 --checkpoint-every 0 --samples 0 >/dev/null
+summary "$OUT/speed-nomtp" | tee "$OUT/speed-nomtp.json"
+for w in 1; do
+  rm -rf "$OUT/speed-nomtp-w$w"
+  "$DSV3" train --config "$OUT/nomtp-config.json" --out "$OUT/speed-nomtp-w$w" --workers "$w" \
+    --steps "$SPEED_STEPS" --log-every "$SPEED_STEPS" --eval-every 100000 --checkpoint-every 0 --samples 0 >/dev/null
+  summary "$OUT/speed-nomtp-w$w" | tee "$OUT/speed-nomtp-w$w.json"
+done
+
+echo "== throughput, PyTorch + HF transformers (no MTP), 1 and 2 threads"
+for t in 1 2; do
+  python3 scripts/bench_train_hf.py --config "$OUT/nomtp-config.json" --threads "$t" \
+    --steps "$SPEED_STEPS" | tee "$OUT/hf-threads-$t.json"
+done
+echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"

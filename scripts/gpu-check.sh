@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# GPU check: on a machine with an NVIDIA GPU and its driver (no CUDA toolkit needed: NVRTC is
+# loaded at run time), build with `cuda`, run the model-core fixtures on CUDA (logits against the
+# float64 goldens, routing against the CPU, per-expert / packed-kernel / FP8-in-memory forms), and
+# time the FP8 block-scaled matmul against a bf16 matmul at DeepSeek-V3's shapes (TFLOP/s and
+# error against float64). Prints the markdown rows that go into BENCHMARKS.md.
+#
+#   bash scripts/gpu-check.sh            # ~5-8 min to build on 16 cores, ~1 min to run
+#
+# Without a GPU the CUDA tests fail with one line ("backend cuda is not available: ...").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+# Its own target dir: the cuda feature set must not rebuild the default build's.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/tmp/dsv3-target-cuda}"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+cargo build --features cuda --bin dsv3 --tests
+# Fixtures on CUDA, then the matmul timings (one test at a time: they share the GPU).
+cargo test --features cuda --test integration -- --ignored --nocapture --test-threads=1 \
+    backends::cuda::
+# The same input on every backend this build has.
+cargo run -q --features cuda --bin dsv3 -- compare --model tests/fixtures/tiny-qlora --backends flex,cuda
+cargo run -q --features cuda --bin dsv3 -- compare --model tests/fixtures/tiny-fp8 --backends flex,cuda --weights fp8

@@ -1,0 +1,337 @@
+//! `dsv3 generate` and `dsv3 chat`: text (or ids) in, streamed text (or ids) out, then one line
+//! of statistics.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use dsv3_backends::{on_backend, BackendKind, DsBackend, FloatDtype, OnBackend};
+use dsv3_infer::{
+    continue_session, generate, GenerateOptions, Generation, InferError, Message, SamplingOptions,
+    Session, Speculative, Tokenizer,
+};
+use dsv3_model::{DeepseekV3, LoadOptions};
+
+use super::{parse_tokens, CliError};
+
+/// Decoding flags shared by `generate` and `chat`.
+#[derive(Args, Debug, Clone)]
+pub struct DecodeArgs {
+    /// Model directory (config.json + safetensors; tokenizer.json/tokenizer_config.json for text).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Stop after this many new tokens.
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub temperature: f32,
+    /// Keep only the K most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1].
+    #[arg(long, allow_negative_numbers = true)]
+    pub top_p: Option<f32>,
+    /// Drop tokens below this fraction of the top token's probability, in [0, 1].
+    #[arg(long, allow_negative_numbers = true)]
+    pub min_p: Option<f32>,
+    /// Penalty (> 0, 1 = none) on tokens already in the context.
+    #[arg(long, allow_negative_numbers = true)]
+    pub repetition_penalty: Option<f32>,
+    /// Seed of the sampling noise (same seed, same output).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Speculative decoding drafted by the model's MTP module (greedy only; output unchanged).
+    #[arg(long, value_parser = ["mtp"])]
+    pub speculative: Option<String>,
+    /// Stop when the generated text contains this string (repeatable; needs a tokenizer).
+    #[arg(long = "stop")]
+    pub stop: Vec<String>,
+    /// Do not stop on the EOS ids (benchmarks).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Preallocate the latent cache for this many positions; generation stops when it is full.
+    #[arg(long)]
+    pub max_context: Option<usize>,
+    /// Tokens per prefill forward.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+    /// Backend to run on: flex (alias cpu), or wgpu / cuda when built with those features.
+    #[arg(long, default_value = "flex")]
+    pub backend: String,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub decode: DecodeArgs,
+    /// Prompt text (needs tokenizer.json in the model directory).
+    #[arg(long, conflicts_with = "tokens", required_unless_present = "tokens")]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids, e.g. 0,15,7 (works without a tokenizer).
+    #[arg(long)]
+    pub tokens: Option<String>,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long, requires = "prompt")]
+    pub chat: bool,
+    /// System message (with --chat).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Print one JSON object {"tokens", "text", "stop", "stats"} instead of streaming.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub decode: DecodeArgs,
+    /// System message for the whole conversation.
+    #[arg(long)]
+    pub system: Option<String>,
+}
+
+fn infer(e: InferError) -> CliError {
+    CliError::Usage(e.to_string())
+}
+
+fn io(e: std::io::Error) -> CliError {
+    CliError::Write {
+        path: Path::new("stdout").to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+impl DecodeArgs {
+    fn options(&self) -> Result<GenerateOptions, CliError> {
+        let opts = GenerateOptions {
+            max_new_tokens: self.max_new_tokens,
+            sampling: SamplingOptions {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repetition_penalty: self.repetition_penalty,
+                seed: self.seed,
+            },
+            stop_strings: self.stop.clone(),
+            eos_token_ids: self.ignore_eos.then(Vec::new),
+            prefill_chunk: self.prefill_chunk,
+            max_context: self.max_context,
+            speculative: self.speculative.as_ref().map(|_| Speculative::Mtp),
+            ..Default::default()
+        };
+        opts.validate().map_err(infer)?;
+        Ok(opts)
+    }
+
+    fn load<B: DsBackend>(&self) -> Result<(DeepseekV3<B>, Option<Tokenizer>), CliError> {
+        let tok = Tokenizer::from_dir(&self.model).map_err(infer)?;
+        let opts = LoadOptions {
+            strict: false,
+            skip_mtp: self.speculative.is_none(),
+        };
+        let (model, _) = dsv3_model::load::<B>(&self.model, &B::Device::default(), &opts)?;
+        Ok((model, tok))
+    }
+}
+
+/// `prompt tokens: 12, generated: 64, prefill: 512.0 tok/s, decode: 40.1 tok/s, cache: ...`
+pub fn stats_line(g: &Generation, rows: usize) -> String {
+    let s = &g.stats;
+    let mut line = format!(
+        "prompt tokens: {}, generated: {}, prefill: {:.1} tok/s, decode: {:.1} tok/s, cache: {} bytes ({} per token)",
+        s.prompt_tokens,
+        s.generated_tokens,
+        s.prefill_tokens_per_sec(),
+        s.decode_tokens_per_sec(rows),
+        s.cache_bytes,
+        s.cache_bytes_per_token,
+    );
+    if let Some(sp) = &s.speculative {
+        line.push_str(&format!(
+            ", speculative: {}/{} drafts accepted ({:.1}%)",
+            sp.accepted,
+            sp.drafted,
+            100.0 * sp.acceptance_rate()
+        ));
+    }
+    line
+}
+
+/// The `stats` object of `--json`.
+pub fn stats_json(g: &Generation) -> serde_json::Value {
+    let s = &g.stats;
+    let mut j = serde_json::json!({
+        "prompt_tokens": s.prompt_tokens,
+        "generated_tokens": s.generated_tokens,
+        "prefilled_tokens": s.prefilled_tokens,
+        "prefill_secs": s.prefill_secs,
+        "decode_secs": s.decode_secs,
+        "prefill_tokens_per_sec": s.prefill_tokens_per_sec(),
+        "decode_tokens_per_sec": s.decode_tokens_per_sec(1),
+        "cache_bytes": s.cache_bytes,
+        "cache_bytes_per_token": s.cache_bytes_per_token,
+    });
+    if let Some(sp) = &s.speculative {
+        j["speculative"] = serde_json::json!({
+            "steps": sp.steps,
+            "drafted": sp.drafted,
+            "accepted": sp.accepted,
+            "acceptance_rate": sp.acceptance_rate(),
+        });
+    }
+    j
+}
+
+pub fn generate_cmd(a: &GenerateArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    struct Run<'a>(&'a GenerateArgs, &'a mut dyn Write);
+    impl OnBackend for Run<'_> {
+        type Output = Result<(), CliError>;
+        fn run<B: DsBackend>(self, _: BackendKind, _: FloatDtype) -> Self::Output {
+            generate_on::<B>(self.0, self.1)
+        }
+    }
+    let kind = BackendKind::parse(&a.decode.backend)?;
+    on_backend(kind, FloatDtype::F32, Run(a, out))?
+}
+
+fn generate_on<B: DsBackend>(a: &GenerateArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let opts = a.decode.options()?;
+    if a.prompt.is_some() && !a.decode.model.join("tokenizer.json").is_file() {
+        return Err(CliError::Usage(format!(
+            "--prompt needs a tokenizer: {} has no tokenizer.json (use --tokens IDS)",
+            a.decode.model.display()
+        )));
+    }
+    let (model, tok) = a.decode.load::<B>()?;
+    let ids = match (&a.tokens, &a.prompt, &tok) {
+        (Some(t), _, _) => parse_tokens(t)?,
+        (None, Some(p), Some(tok)) if a.chat => {
+            let mut msgs = Vec::new();
+            if let Some(s) = &a.system {
+                msgs.push(Message::new("system", s));
+            }
+            msgs.push(Message::new("user", p));
+            tok.encode_chat(&msgs, true).map_err(infer)?
+        }
+        (None, Some(p), Some(tok)) => tok.encode_prompt(p).map_err(infer)?,
+        _ => return Err(CliError::Usage("give --prompt TEXT or --tokens IDS".into())),
+    };
+    let mut write_err = None;
+    let g = {
+        let mut on_token = |ev: &dsv3_infer::TokenEvent| {
+            if a.json || write_err.is_some() {
+                return;
+            }
+            let r = match &tok {
+                Some(_) => out.write_all(ev.text.as_bytes()),
+                None => write!(out, "{} ", ev.token),
+            };
+            if let Err(e) = r.and_then(|_| out.flush()) {
+                write_err = Some(e);
+            }
+        };
+        generate(&model, tok.as_ref(), &ids, &opts, &mut on_token).map_err(infer)?
+    };
+    if let Some(e) = write_err {
+        return Err(io(e));
+    }
+    if a.json {
+        let j = serde_json::json!({
+            "tokens": g.tokens,
+            "text": g.text,
+            "stop": g.stop,
+            "stats": stats_json(&g),
+        });
+        writeln!(out, "{j}").map_err(io)?;
+    } else {
+        writeln!(out).map_err(io)?;
+        writeln!(out, "{}", stats_line(&g, 1)).map_err(io)?;
+    }
+    Ok(())
+}
+
+pub fn chat_cmd(a: &ChatArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    use std::io::IsTerminal;
+    let stdin = std::io::stdin();
+    let interactive = stdin.is_terminal();
+    let mut input = stdin.lock();
+    struct Run<'a>(&'a ChatArgs, &'a mut dyn BufRead, &'a mut dyn Write, bool);
+    impl OnBackend for Run<'_> {
+        type Output = Result<(), CliError>;
+        fn run<B: DsBackend>(self, _: BackendKind, _: FloatDtype) -> Self::Output {
+            chat_on::<B>(self.0, self.1, self.2, self.3)
+        }
+    }
+    let kind = BackendKind::parse(&a.decode.backend)?;
+    on_backend(kind, FloatDtype::F32, Run(a, &mut input, out, interactive))?
+}
+
+/// The chat loop over `input` lines: each line is a user turn; an empty line or EOF ends it.
+/// The conversation stays in the latent cache; each turn prefills only its new tokens.
+pub fn chat_on<B: DsBackend>(
+    a: &ChatArgs,
+    input: &mut dyn BufRead,
+    out: &mut dyn Write,
+    interactive: bool,
+) -> Result<(), CliError> {
+    let opts = a.decode.options()?;
+    let (model, tok) = a.decode.load::<B>()?;
+    let tok = tok.ok_or_else(|| {
+        CliError::Usage(format!(
+            "chat needs a tokenizer: {} has no tokenizer.json",
+            a.decode.model.display()
+        ))
+    })?;
+    if !tok.has_chat_template() {
+        return Err(CliError::Usage(format!(
+            "chat needs a chat_template in {}/tokenizer_config.json",
+            a.decode.model.display()
+        )));
+    }
+    let mut session = Session::new(&model, 1, &opts.session_options()).map_err(infer)?;
+    let mut messages = Vec::new();
+    if let Some(s) = &a.system {
+        messages.push(Message::new("system", s));
+    }
+    let mut line = String::new();
+    loop {
+        if interactive {
+            write!(out, "> ").and_then(|_| out.flush()).map_err(io)?;
+        }
+        line.clear();
+        if input.read_line(&mut line).map_err(io)? == 0 {
+            break;
+        }
+        let user = line.trim_end_matches(['\n', '\r']);
+        if user.is_empty() {
+            break;
+        }
+        messages.push(Message::new("user", user));
+        let ids = tok.encode_chat(&messages, true).map_err(infer)?;
+        let mut write_err = None;
+        let g = continue_session(&mut session, Some(&tok), &ids, &opts, |ev| {
+            if write_err.is_none() {
+                if let Err(e) = out.write_all(ev.text.as_bytes()).and_then(|_| out.flush()) {
+                    write_err = Some(e);
+                }
+            }
+        })
+        .map_err(infer)?;
+        if let Some(e) = write_err {
+            return Err(io(e));
+        }
+        writeln!(out).map_err(io)?;
+        writeln!(
+            out,
+            "[{}, reused {} cached tokens]",
+            stats_line(&g, 1),
+            g.stats.prompt_tokens - g.stats.prefilled_tokens
+        )
+        .map_err(io)?;
+        messages.push(Message::new("assistant", g.text.as_deref().unwrap_or("")));
+    }
+    Ok(())
+}

@@ -1,0 +1,336 @@
+//! `dsv3 train`: pretrain a DeepSeek-V3-architecture model on text (the embedded corpus by
+//! default), then sample a few continuations with the inference engine (MTP speculative
+//! decoding when the model has an MTP module).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use dsv3_backends::{BackendKind, Cpu, CpuAutodiff};
+use dsv3_model::{DeepseekV3, DeepseekV3Config, ModelError};
+use dsv3_train::{DataSource, RunOptions, TrainConfig, TrainError};
+
+use super::CliError;
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// Text file, directory of text files (recursive), or .jsonl with a "text" field.
+    /// Default: the embedded corpus (this project's own docs and sources); with --resume, the
+    /// checkpoint's data.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Model shape and training settings: mini (default; ≤ 10 min on 2 cores), tiny (smoke
+    /// test), small (~100M shape; slow on CPU).
+    #[arg(long, conflicts_with = "config")]
+    pub preset: Option<String>,
+    /// A model config.json (HF layout) instead of a preset's model; training settings are mini's.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Run directory: metrics.jsonl, step-N/ checkpoints, final/, training.png.
+    #[arg(long, default_value = "runs/train")]
+    pub out: PathBuf,
+    /// Total optimiser steps of the run (with --resume: the new total).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Seed of the initial weights and of the data order.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Save a checkpoint every N steps (0: only at the end).
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// Continue from the newest complete checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// Backend to train on (this build: flex, alias cpu).
+    #[arg(long, default_value = "flex")]
+    pub backend: String,
+    /// Sequences per micro-batch.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Tokens per sequence.
+    #[arg(long)]
+    pub seq_len: Option<usize>,
+    /// Micro-batches accumulated per optimiser step.
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Peak learning rate (warm-up, then cosine decay to a tenth of it).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Warm-up steps.
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    /// λ, weight of the MTP loss (default 0.3).
+    #[arg(long)]
+    pub mtp_lambda: Option<f64>,
+    /// α, weight of the sequence-wise balance loss (default 1e-4).
+    #[arg(long)]
+    pub balance_alpha: Option<f64>,
+    /// γ, speed of the aux-loss-free bias update (default 1e-3; 0 turns it off).
+    #[arg(long)]
+    pub bias_gamma: Option<f64>,
+    /// Validate every N steps.
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Log every N steps.
+    #[arg(long)]
+    pub log_every: Option<usize>,
+    /// Complete checkpoints to keep.
+    #[arg(long)]
+    pub keep: Option<usize>,
+    /// Micro-batches computed in parallel threads (default 2; the result does not depend on it).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Attention form used in training: naive or absorbed (the same function).
+    #[arg(long, value_parser = ["naive", "absorbed"])]
+    pub attention: Option<String>,
+    /// Continuations sampled at the end (0: none).
+    #[arg(long, default_value_t = 3)]
+    pub samples: usize,
+    /// New tokens per sampled continuation.
+    #[arg(long, default_value_t = 200)]
+    pub sample_tokens: usize,
+    /// Sampling temperature of the continuations (top-p 0.9); 0 = greedy with MTP speculative
+    /// decoding. A greedy MTP-speculative continuation is always added when the model has MTP.
+    #[arg(long, default_value_t = 0.7)]
+    pub sample_temperature: f32,
+}
+
+fn train_err(e: TrainError) -> CliError {
+    match e {
+        TrainError::Model(m) => CliError::Model(m),
+        other => CliError::Usage(other.to_string()),
+    }
+}
+
+/// The model shape and settings of a new run, flags applied.
+fn settings(a: &TrainArgs) -> Result<(DeepseekV3Config, TrainConfig), CliError> {
+    let name = a.preset.as_deref().unwrap_or("mini");
+    let preset = dsv3_train::preset(name).ok_or_else(|| {
+        CliError::Usage(format!(
+            "unknown training preset {name:?} (available: {})",
+            dsv3_train::PRESETS.join(", ")
+        ))
+    })?;
+    let mut t = preset.train;
+    let set = |dst: &mut usize, v: Option<usize>| {
+        if let Some(v) = v {
+            *dst = v;
+        }
+    };
+    set(&mut t.steps, a.steps);
+    set(&mut t.seq_len, a.seq_len);
+    set(&mut t.batch_size, a.batch_size);
+    set(&mut t.grad_accum, a.grad_accum);
+    set(&mut t.warmup_steps, a.warmup);
+    set(&mut t.eval_every, a.eval_every);
+    set(&mut t.log_every, a.log_every);
+    set(&mut t.keep_checkpoints, a.keep);
+    set(&mut t.checkpoint_every, a.checkpoint_every);
+    set(&mut t.workers, a.workers);
+    if let Some(m) = &a.attention {
+        t.attention = m.clone();
+    }
+    if let Some(s) = a.seed {
+        t.seed = s;
+    }
+    if let Some(lr) = a.lr {
+        t.lr = lr;
+        t.min_lr = lr / 10.0;
+    }
+    if let Some(v) = a.mtp_lambda {
+        t.mtp_lambda = v;
+    }
+    if let Some(v) = a.balance_alpha {
+        t.balance_alpha = v;
+    }
+    if let Some(v) = a.bias_gamma {
+        t.bias_gamma = v;
+    }
+    let model = match &a.config {
+        Some(path) => {
+            let cfg = DeepseekV3Config::from_file(path).map_err(ModelError::from)?;
+            if cfg.vocab_size < dsv3_train::tokenizer::VOCAB {
+                return Err(CliError::Usage(format!(
+                    "{}: vocab_size = {} is smaller than the byte-level tokenizer's {}",
+                    path.display(),
+                    cfg.vocab_size,
+                    dsv3_train::tokenizer::VOCAB
+                )));
+            }
+            let mut cfg = dsv3_train::config::for_bytes(cfg.clone(), t.seq_len);
+            cfg.vocab_size = cfg.vocab_size.max(dsv3_train::tokenizer::VOCAB);
+            cfg
+        }
+        None => dsv3_train::config::for_bytes(preset.model, t.seq_len),
+    };
+    t.validate().map_err(train_err)?;
+    Ok((model, t))
+}
+
+pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    match BackendKind::parse(&a.backend)? {
+        BackendKind::Flex => train_on(a, out),
+        other => Err(dsv3_backends::BackendError::Unsupported {
+            backend: other.name(),
+            what: "training",
+            supported: "flex",
+        }
+        .into()),
+    }
+}
+
+fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let (model, train) = settings(a)?;
+    if let Some(d) = &a.data {
+        if !d.exists() {
+            return Err(train_err(TrainError::MissingData(d.clone())));
+        }
+    }
+    if !a.resume && dsv3_train::run::has_checkpoint(&a.out) {
+        return Err(CliError::Usage(format!(
+            "{} already holds checkpoints: continue with --resume, or give another --out",
+            a.out.display()
+        )));
+    }
+    let opts = RunOptions {
+        out: a.out.clone(),
+        data: a.data.clone().map(DataSource::Path),
+        model,
+        train,
+        steps_given: a.steps.is_some(),
+        resume: a.resume,
+        progress: true,
+    };
+    let device = Default::default();
+    let mut say = |line: &str| {
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    };
+    let (summary, trained) =
+        dsv3_train::run::<CpuAutodiff>(&opts, &device, &mut say).map_err(train_err)?;
+    let mut report = String::new();
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        report,
+        "trained steps {}..{} in {:.1} s ({:.1} s in optimiser steps, {:.0} tokens/s)",
+        summary.start_step, summary.steps, summary.wall_s, summary.train_s, summary.tokens_per_s
+    );
+    if let Some(v) = summary.val {
+        let _ = writeln!(
+            report,
+            "validation: loss {:.4} nats/token, {:.4} bits/byte over {} tokens",
+            v.loss, v.bits_per_byte, v.tokens
+        );
+    }
+    let imb: Vec<String> = summary
+        .imbalance
+        .iter()
+        .map(|(l, v)| format!("layer {l}: {v:.2}"))
+        .collect();
+    let _ = writeln!(report, "expert load max/mean: {}", imb.join(", "));
+    let _ = writeln!(
+        report,
+        "final model: {} (dsv3 score/generate load it); metrics: {}{}",
+        summary.final_dir.display(),
+        summary.metrics.display(),
+        summary
+            .plot
+            .as_ref()
+            .map(|p| format!("; plot: {}", p.display()))
+            .unwrap_or_default()
+    );
+    out.write_all(report.as_bytes())
+        .map_err(|e| super::write_err(Path::new("stdout"), e))?;
+    if a.samples > 0 {
+        sample(
+            &trained,
+            &summary.final_dir,
+            a.samples,
+            a.sample_tokens,
+            a.sample_temperature,
+            out,
+        )?;
+    }
+    Ok(())
+}
+
+/// Prompts for the samples: openings that occur in the embedded corpus.
+const PROMPTS: &[&str] = &[
+    "The router ",
+    "/// Loads ",
+    "pub fn forward",
+    "MLA (multi-head ",
+    "let mut ",
+];
+
+/// Continuations through the inference engine (`dsv3-infer`): `n` sampled ones (temperature `t`,
+/// top-p 0.9, seeded: reproducible), then — when the model has an MTP module — one greedy
+/// continuation with MTP speculative decoding (output equal to plain greedy decoding), with its
+/// draft acceptance rate. With `t = 0` all are greedy (speculative when possible).
+fn sample(
+    model: &DeepseekV3<Cpu>,
+    dir: &Path,
+    n: usize,
+    max_new: usize,
+    t: f32,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let infer = |e: dsv3_infer::InferError| CliError::Usage(e.to_string());
+    let w = |e: std::io::Error| super::write_err(Path::new("stdout"), e);
+    let tok = dsv3_infer::Tokenizer::from_dir(dir)
+        .map_err(infer)?
+        .ok_or_else(|| CliError::Usage(format!("{} has no tokenizer.json", dir.display())))?;
+    let mtp = (!model.model.mtp.is_empty()).then_some(dsv3_infer::Speculative::Mtp);
+    let run = |prompt: &str,
+               opts: &dsv3_infer::GenerateOptions,
+               out: &mut dyn Write|
+     -> Result<(), CliError> {
+        let ids = tok.encode_prompt(prompt).map_err(infer)?;
+        let g = dsv3_infer::generate(model, Some(&tok), &ids, opts, |_| {}).map_err(infer)?;
+        let accept = g
+            .stats
+            .speculative
+            .as_ref()
+            .map(|s| format!(", MTP drafts accepted: {:.0}%", 100.0 * s.acceptance_rate()))
+            .unwrap_or_default();
+        let how = if opts.sampling.temperature > 0.0 {
+            format!(
+                "temperature {}, top-p 0.9, seed {}",
+                opts.sampling.temperature, opts.sampling.seed
+            )
+        } else {
+            "greedy".into()
+        };
+        writeln!(
+            out,
+            "--- {prompt:?} ({how}{accept})\n{prompt}{}",
+            g.text.unwrap_or_default()
+        )
+        .map_err(w)
+    };
+    writeln!(out, "samples:").map_err(w)?;
+    for (i, prompt) in PROMPTS.iter().cycle().take(n).enumerate() {
+        let opts = dsv3_infer::GenerateOptions {
+            max_new_tokens: max_new,
+            sampling: dsv3_infer::SamplingOptions {
+                temperature: t,
+                top_p: (t > 0.0).then_some(0.9),
+                seed: i as u64,
+                ..Default::default()
+            },
+            speculative: if t > 0.0 { None } else { mtp.clone() },
+            ..Default::default()
+        };
+        run(prompt, &opts, out)?;
+    }
+    if t > 0.0 && mtp.is_some() && n > 0 {
+        let opts = dsv3_infer::GenerateOptions {
+            max_new_tokens: max_new.min(80),
+            sampling: dsv3_infer::SamplingOptions::greedy(),
+            speculative: mtp,
+            ..Default::default()
+        };
+        run(PROMPTS[0], &opts, out)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,976 @@
+//! The backend extension: the plain-tensor defaults against host references, FP8 in memory and
+//! packed experts against the ordinary model, backend errors, `dsv3 compare`, and (feature
+//! `wgpu`) every CubeCL kernel against its default plus the fixtures on wgpu.
+
+use std::path::Path;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Int, Tensor, TensorData};
+use clap::Parser;
+use deepseek_v3::cli::{run, Cli};
+use dsv3_backends::{e4m3, DsBackend, Fp8Weight, GroupedWeight};
+use dsv3_model::{load_with, DeepseekV3, ForwardOptions, LoadOptions, WeightOptions};
+
+use crate::common::*;
+
+/// A small deterministic generator (no dependency): xorshift64*.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn uniform(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+    fn normal_vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| (self.uniform() + self.uniform() + self.uniform() - 1.5) * 2.0 * scale)
+            .collect()
+    }
+    /// FP8 codes without the two NaN codes.
+    fn codes(&mut self, n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                let c = (self.next() >> 56) as u8;
+                if c & 0x7F == 0x7F {
+                    c ^ 1
+                } else {
+                    c
+                }
+            })
+            .collect()
+    }
+}
+
+fn f32s<Bk: Backend, const D: usize>(t: Tensor<Bk, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().unwrap()
+}
+
+fn ints<Bk: Backend, const D: usize>(t: Tensor<Bk, D, Int>) -> Vec<i64> {
+    t.into_data().convert::<i64>().to_vec().unwrap()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn dsv3(args: &[&str]) -> Result<String, String> {
+    let cli = Cli::try_parse_from(std::iter::once("dsv3").chain(args.iter().copied()))
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    run(cli, &mut out).map_err(|e| e.to_string())?;
+    Ok(String::from_utf8(out).unwrap())
+}
+
+/// Random FP8 weights `[e, n, k]` with random positive block scales.
+fn random_fp8<Bk: DsBackend>(
+    rng: &mut Rng,
+    [e, n, k]: [usize; 3],
+    block: usize,
+    device: &Bk::Device,
+) -> (Fp8Weight<Bk>, Vec<u8>, Vec<f32>) {
+    let codes = rng.codes(e * n * k);
+    let scales: Vec<f32> = (0..e * n.div_ceil(block) * k.div_ceil(block))
+        .map(|_| 0.001 + rng.uniform() * 0.01)
+        .collect();
+    let w = Fp8Weight::from_codes(&codes, &scales, [e, n, k], block, device).unwrap();
+    (w, codes, scales)
+}
+
+#[test]
+fn e4m3_table_equals_the_model_decoder() {
+    for c in 0..=255u8 {
+        assert_eq!(
+            e4m3::TABLE[c as usize].to_bits(),
+            dsv3_model::fp8::e4m3_to_f32(c).to_bits(),
+            "code {c:#04x}"
+        );
+        if c & 0x7F != 0x7F {
+            assert_eq!(
+                e4m3::encode(e4m3::decode(c)),
+                dsv3_model::fp8::f32_to_e4m3(e4m3::decode(c)) & if c == 0x80 { 0 } else { 0xFF }
+            );
+        }
+    }
+}
+
+/// The plain-tensor dequantizer equals the loader's host dequantization bit for bit, with
+/// partial edge blocks on both axes.
+#[test]
+fn fp8_weight_dequantize_is_bit_exact() {
+    let mut rng = Rng(7);
+    let (e, n, k, b) = (2, 200, 300, 128);
+    let (w, codes, scales) = random_fp8::<B>(&mut rng, [e, n, k], b, &device());
+    let got = f32s(w.dequantize());
+    let per = n.div_ceil(b) * k.div_ceil(b);
+    for x in 0..e {
+        let want = dsv3_model::fp8::dequantize_blocks(
+            &codes[x * n * k..(x + 1) * n * k],
+            n,
+            k,
+            &scales[x * per..(x + 1) * per],
+            b,
+            false,
+        )
+        .unwrap();
+        for (i, (g, w)) in got[x * n * k..(x + 1) * n * k]
+            .iter()
+            .zip(&want)
+            .enumerate()
+        {
+            assert_eq!(g.to_bits(), w.to_bits(), "expert {x} element {i}");
+        }
+    }
+    assert_eq!(w.bytes(), e * n * k.div_ceil(4) * 4 + e * per * 4);
+}
+
+/// The default activation quantizer (plain tensor ops) equals the host encoder.
+#[test]
+fn fp8_quantize_default_matches_host_encoder() {
+    let mut rng = Rng(11);
+    let (m, k, block) = (7, 300, 128);
+    let x = rng.normal_vec(m * k, 3.0);
+    for ue8m0 in [false, true] {
+        let q = <B as DsBackend>::fp8_quantize(tensor2(x.clone(), [m, k]), block, ue8m0);
+        let scales = f32s(q.scales.clone());
+        let codes: Vec<u8> = {
+            let words: Vec<i32> = ints(q.codes.clone()).iter().map(|&v| v as i32).collect();
+            e4m3::unpack(&words, m, k)
+        };
+        let t = k.div_ceil(block);
+        for r in 0..m {
+            for tile in 0..t {
+                let span = &x[r * k + tile * block..r * k + ((tile + 1) * block).min(k)];
+                let amax = span.iter().fold(0f32, |a, v| a.max(v.abs())).max(1e-4);
+                let mut s = amax / 448.0;
+                if ue8m0 {
+                    s = e4m3::ceil_pow2(s);
+                }
+                assert_eq!(scales[r * t + tile], s, "row {r} tile {tile}");
+                for (j, v) in span.iter().enumerate() {
+                    let c = codes[r * k + tile * block + j];
+                    assert_eq!(c, e4m3::encode(v / s), "row {r} col {}", tile * block + j);
+                }
+            }
+        }
+        // Dequantized values are within half an e4m3 step (relative 2^-4) of the input.
+        let back = f32s(q.dequantize());
+        for (a, b) in back.iter().zip(&x) {
+            assert!((a - b).abs() <= b.abs() / 16.0 + 1e-3, "{a} vs {b}");
+        }
+    }
+}
+
+/// Host reference of dispatch: stable counting sort of the slots by expert.
+fn host_dispatch(ids: &[i64], e: usize) -> (Vec<i64>, Vec<i64>) {
+    let mut order = Vec::new();
+    let mut offsets = vec![0i64];
+    for x in 0..e as i64 {
+        order.extend(
+            ids.iter()
+                .enumerate()
+                .filter(|(_, &v)| v == x)
+                .map(|(s, _)| s as i64),
+        );
+        offsets.push(order.len() as i64);
+    }
+    (order, offsets)
+}
+
+/// Distinct random experts per token (as the router produces).
+fn random_ids(rng: &mut Rng, t: usize, k: usize, e: usize) -> Vec<i64> {
+    let mut ids = Vec::new();
+    for _ in 0..t {
+        let mut row: Vec<i64> = Vec::new();
+        while row.len() < k {
+            let x = (rng.next() % e as u64) as i64;
+            if !row.contains(&x) {
+                row.push(x);
+            }
+        }
+        ids.extend(row);
+    }
+    ids
+}
+
+fn int_tensor<Bk: Backend>(
+    v: &[i64],
+    shape: [usize; 2],
+    device: &Bk::Device,
+) -> Tensor<Bk, 2, Int> {
+    let v: Vec<i32> = v.iter().map(|&x| x as i32).collect();
+    Tensor::from_data(TensorData::new(v, shape), device)
+}
+
+/// MoE defaults against a per-token host loop: dispatch is the stable counting sort; grouped
+/// matmul + combine equal `base + Σ_j w_j x_t W_{e_j}`.
+#[test]
+fn moe_defaults_match_host_reference() {
+    let mut rng = Rng(3);
+    let (t, k, e, h, n) = (37, 3, 13, 30, 20);
+    let ids = random_ids(&mut rng, t, k, e);
+    let dev = device();
+    let d = <B as DsBackend>::moe_dispatch(int_tensor::<B>(&ids, [t, k], &dev), e);
+    let (order, offsets) = host_dispatch(&ids, e);
+    assert_eq!(ints(d.order.clone()), order);
+    assert_eq!(ints(d.offsets.clone()), offsets);
+    assert_eq!(
+        ints(d.tokens.clone()),
+        order.iter().map(|s| s / k as i64).collect::<Vec<_>>()
+    );
+    let pos = ints(d.position.clone());
+    for (p, &s) in order.iter().enumerate() {
+        assert_eq!(pos[s as usize], p as i64);
+    }
+
+    let x = rng.normal_vec(t * h, 1.0);
+    let w = rng.normal_vec(e * h * n, 0.3);
+    let gw = rng.normal_vec(t * k, 1.0);
+    let base = rng.normal_vec(t * n, 1.0);
+    let xs = tensor2(x.clone(), [t, h]).select(0, d.tokens.clone());
+    let grouped = GroupedWeight::dense(Tensor::<B, 3>::from_data(
+        TensorData::new(w.clone(), [e, h, n]),
+        &dev,
+    ));
+    let y = <B as DsBackend>::grouped_matmul(xs, &grouped, &d);
+    let out = f32s(<B as DsBackend>::moe_combine(
+        y,
+        &d,
+        tensor2(gw.clone(), [t, k]),
+        tensor2(base.clone(), [t, n]),
+    ));
+    for tok in 0..t {
+        for c in 0..n {
+            let mut want = base[tok * n + c] as f64;
+            for j in 0..k {
+                let ex = ids[tok * k + j] as usize;
+                let dot: f64 = (0..h)
+                    .map(|i| x[tok * h + i] as f64 * w[(ex * h + i) * n + c] as f64)
+                    .sum();
+                want += gw[tok * k + j] as f64 * dot;
+            }
+            let got = out[tok * n + c] as f64;
+            assert!(
+                (got - want).abs() < 1e-4,
+                "token {tok} col {c}: {got} vs {want}"
+            );
+        }
+    }
+}
+
+fn load_fixture_with<Bk: DsBackend>(
+    name: &str,
+    weights: WeightOptions,
+    device: &Bk::Device,
+) -> DeepseekV3<Bk> {
+    let opts = LoadOptions {
+        strict: true,
+        skip_mtp: false,
+    };
+    load_with::<Bk>(&fixture(name), device, &opts, &weights)
+        .unwrap_or_else(|e| panic!("loading {name}: {e}"))
+        .0
+}
+
+/// Logits (and recorded routing) of the golden's input.
+fn logits_of<Bk: DsBackend>(
+    model: &DeepseekV3<Bk>,
+    golden: &Path,
+) -> (Vec<f32>, Vec<Vec<Vec<u32>>>) {
+    let g = Golden::read(golden);
+    let tokens = model.tokens_tensor(&g.ids()).unwrap();
+    let opts = ForwardOptions {
+        record_routing: true,
+        ..Default::default()
+    };
+    let out = model.forward(tokens.clone(), g.offset(), None, &opts);
+    let mut routing: Vec<Vec<Vec<u32>>> = out
+        .routing
+        .iter()
+        .map(|r| sorted(&r.routing.experts))
+        .collect();
+    if g.f.contains_key("mtp_logits") {
+        let m = model.mtp_logits(tokens, &out, g.offset(), &opts).unwrap();
+        routing.extend(m.routing.iter().map(|r| sorted(&r.routing.experts)));
+    }
+    (f32s(out.logits), routing)
+}
+
+fn sorted(e: &[Vec<u32>]) -> Vec<Vec<u32>> {
+    e.iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r.sort();
+            r
+        })
+        .collect()
+}
+
+/// FP8 weights kept in memory (and the experts packed for the grouped kernels) compute what
+/// the dequantized model computes, in about a quarter of the f32 bytes.
+#[test]
+fn fp8_in_memory_equals_dequantized_model() {
+    let dev = device();
+    let dense = load_fixture_with::<B>("tiny-fp8", WeightOptions::default(), &dev);
+    let golden = fixture("tiny-fp8").join("golden.safetensors");
+    let (want, want_routing) = logits_of(&dense, &golden);
+    for weights in [
+        WeightOptions {
+            fp8: true,
+            pack_experts: false,
+        },
+        WeightOptions {
+            fp8: true,
+            pack_experts: true,
+        },
+    ] {
+        let mut m = load_fixture_with::<B>("tiny-fp8", weights, &dev);
+        let fp8_linears = m
+            .linears_mut()
+            .iter()
+            .filter(|(_, l)| l.fp8.is_some())
+            .count();
+        let (got, routing) = logits_of(&m, &golden);
+        let d = max_diff(&got, &want);
+        println!("{weights:?}: {fp8_linears} FP8 linears, max |Δlogits| vs dequantized {d:.2e}");
+        assert!(fp8_linears > 0, "FP8 form was not used");
+        assert!(d < 2e-5, "{weights:?}: logits differ by {d:.3e}");
+        assert_eq!(routing, want_routing, "{weights:?}: routing differs");
+    }
+    let mut fp8 = load_fixture_with::<B>(
+        "tiny-fp8",
+        WeightOptions {
+            fp8: true,
+            pack_experts: true,
+        },
+        &dev,
+    );
+    assert!(fp8.is_packed());
+    let mut dense = dense;
+    let (b_fp8, b_f32) = (fp8.linear_weight_bytes(), dense.linear_weight_bytes());
+    println!("linear weights: fp8 {b_fp8} bytes, f32 {b_f32} bytes");
+    assert!(
+        (b_fp8 as f64) < 0.6 * (b_f32 as f64),
+        "FP8 form must be much smaller than f32 ({b_fp8} vs {b_f32})"
+    );
+}
+
+/// Packed experts (the backend's dispatch / grouped matmul / combine) against the per-expert
+/// form on the CPU, and against the golden.
+#[test]
+fn packed_experts_match_per_expert_model() {
+    let dev = device();
+    for name in ["tiny-qlora", "tiny-direct"] {
+        let plain = load_fixture_with::<B>(name, WeightOptions::default(), &dev);
+        let packed = load_fixture_with::<B>(
+            name,
+            WeightOptions {
+                fp8: false,
+                pack_experts: true,
+            },
+            &dev,
+        );
+        for g in goldens(&fixture(name)) {
+            let (a, ra) = logits_of(&plain, &g);
+            let (b, rb) = logits_of(&packed, &g);
+            let d = max_diff(&a, &b);
+            let golden = max_abs_diff(&b, &Golden::read(&g).f("logits").1);
+            println!(
+                "{}: packed vs per-expert {d:.2e}, vs golden {golden:.2e}",
+                g.display()
+            );
+            assert!(d < 1e-5, "{name}: packed experts differ by {d:.3e}");
+            assert!(golden < LOGIT_TOL as f64);
+            assert_eq!(ra, rb);
+        }
+    }
+    let e = dsv3_model::save(
+        &load_fixture_with::<B>(
+            "tiny-qlora",
+            WeightOptions {
+                fp8: false,
+                pack_experts: true,
+            },
+            &dev,
+        ),
+        &scratch("packed-save"),
+        dsv3_model::SaveDtype::F32,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("packed"), "{e}");
+}
+
+/// Asking for a backend that is missing gives one line (never a driver panic).
+#[test]
+fn backend_errors_are_one_line() {
+    let d = fixture("tiny-qlora");
+    let d = d.to_str().unwrap();
+    for backend in ["cuda", "tpu"] {
+        let e = dsv3(&[
+            "score",
+            "--model",
+            d,
+            "--tokens",
+            "1,2",
+            "--backend",
+            backend,
+        ])
+        .unwrap_err();
+        assert!(e.contains("not available") && !e.contains('\n'), "{e}");
+    }
+    let e = dsv3(&["score", "--model", d, "--tokens", "1,2", "--dtype", "bf16"]).unwrap_err();
+    assert!(
+        e.contains("does not support dtype bf16") && !e.contains('\n'),
+        "{e}"
+    );
+    #[cfg(feature = "wgpu")]
+    {
+        let e = dsv3(&[
+            "score",
+            "--model",
+            d,
+            "--tokens",
+            "1,2",
+            "--backend",
+            "wgpu",
+            "--dtype",
+            "bf16",
+        ])
+        .unwrap_err();
+        assert!(e.contains("does not support dtype bf16"), "{e}");
+    }
+    #[cfg(not(feature = "wgpu"))]
+    {
+        let e = dsv3(&[
+            "score",
+            "--model",
+            d,
+            "--tokens",
+            "1,2",
+            "--backend",
+            "wgpu",
+        ])
+        .unwrap_err();
+        assert!(e.contains("not available in this build"), "{e}");
+    }
+}
+
+/// `dsv3 compare` on a fixture: the CPU row agrees with the float64 golden, the other backends
+/// are either measured or reported as unavailable, and the JSON has one row per backend.
+#[test]
+fn compare_reports_every_backend() {
+    let d = fixture("tiny-qlora");
+    let s = dsv3(&[
+        "compare",
+        "--model",
+        d.to_str().unwrap(),
+        "--backends",
+        "flex,wgpu,cuda",
+        "--json",
+        "--decode",
+        "3",
+    ])
+    .unwrap();
+    let j: serde_json::Value = serde_json::from_str(&s).unwrap();
+    assert_eq!(j["baseline"], "float64 golden");
+    let rows = j["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0]["status"], "ok");
+    assert!(rows[0]["max_abs_diff"].as_f64().unwrap() < LOGIT_TOL as f64);
+    assert_eq!(rows[0]["greedy"].as_array().unwrap().len(), 3);
+    let wgpu_ok = rows[1]["status"] == "ok";
+    assert_eq!(wgpu_ok, cfg!(feature = "wgpu"), "{}", rows[1]);
+    if wgpu_ok {
+        assert!(rows[1]["max_abs_diff"].as_f64().unwrap() < LOGIT_TOL as f64);
+        assert_eq!(rows[1]["greedy_agrees"], true);
+    }
+    // No GPU on CI: CUDA is reported, not fatal.
+    if rows[2]["status"] != "ok" {
+        assert!(rows[2]["status"]
+            .as_str()
+            .unwrap()
+            .contains("not available"));
+    }
+    let table = dsv3(&[
+        "compare",
+        "--model",
+        d.to_str().unwrap(),
+        "--backends",
+        "flex",
+    ])
+    .unwrap();
+    assert!(table.contains("flex") && table.contains("agree"), "{table}");
+}
+
+#[cfg(feature = "wgpu")]
+mod wgpu {
+    //! Every CubeCL kernel against its plain-tensor default (run on Flex), on random inputs
+    //! whose sizes are not multiples of 128, and the fixtures on wgpu.
+
+    use super::*;
+    use dsv3_backends::{MoeDispatch, Wgpu};
+
+    fn wdev() -> burn::backend::wgpu::WgpuDevice {
+        Default::default()
+    }
+
+    fn to_wgpu2(v: Vec<f32>, shape: [usize; 2]) -> Tensor<Wgpu, 2> {
+        Tensor::from_data(TensorData::new(v, shape), &wdev())
+    }
+
+    #[test]
+    fn fp8_matmul_kernel_equals_default() {
+        let mut rng = Rng(21);
+        let (m, n, k, b) = (9, 200, 300, 128);
+        let (_, codes, scales) = random_fp8::<B>(&mut rng, [1, n, k], b, &device());
+        let x = rng.normal_vec(m * k, 1.0);
+        let wc = Fp8Weight::<B>::from_codes(&codes, &scales, [1, n, k], b, &device()).unwrap();
+        let wg = Fp8Weight::<Wgpu>::from_codes(&codes, &scales, [1, n, k], b, &wdev()).unwrap();
+        let want = f32s(<B as DsBackend>::fp8_matmul(
+            tensor2(x.clone(), [m, k]),
+            &wc,
+        ));
+        let got = f32s(<Wgpu as DsBackend>::fp8_matmul(to_wgpu2(x, [m, k]), &wg));
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = max_diff(&got, &want);
+        println!("fp8 matmul kernel vs default: {d:.2e} (max |y| {scale:.2})");
+        assert!(scale > 0.1 && d <= 1e-5 * scale, "differ by {d}");
+    }
+
+    #[test]
+    fn fp8_quantize_kernel_equals_default() {
+        let mut rng = Rng(5);
+        let (m, k, b) = (6, 333, 128);
+        let x = rng.normal_vec(m * k, 2.0);
+        for ue8m0 in [false, true] {
+            let want = <B as DsBackend>::fp8_quantize(tensor2(x.clone(), [m, k]), b, ue8m0);
+            let got = <Wgpu as DsBackend>::fp8_quantize(to_wgpu2(x.clone(), [m, k]), b, ue8m0);
+            assert_eq!(f32s(got.scales), f32s(want.scales), "scales, ue8m0 {ue8m0}");
+            assert_eq!(ints(got.codes), ints(want.codes), "codes, ue8m0 {ue8m0}");
+        }
+    }
+
+    fn dispatch_pair(
+        ids: &[i64],
+        t: usize,
+        k: usize,
+        e: usize,
+    ) -> (MoeDispatch<B>, MoeDispatch<Wgpu>) {
+        (
+            <B as DsBackend>::moe_dispatch(int_tensor::<B>(ids, [t, k], &device()), e),
+            <Wgpu as DsBackend>::moe_dispatch(int_tensor::<Wgpu>(ids, [t, k], &wdev()), e),
+        )
+    }
+
+    #[test]
+    fn moe_kernels_equal_defaults() {
+        let mut rng = Rng(17);
+        let (t, k, e, h, n) = (41, 6, 29, 150, 130);
+        let ids = random_ids(&mut rng, t, k, e);
+        let (dc, dg) = dispatch_pair(&ids, t, k, e);
+        assert_eq!(ints(dg.order.clone()), ints(dc.order.clone()));
+        assert_eq!(ints(dg.tokens.clone()), ints(dc.tokens.clone()));
+        assert_eq!(ints(dg.experts.clone()), ints(dc.experts.clone()));
+        assert_eq!(ints(dg.position.clone()), ints(dc.position.clone()));
+        assert_eq!(ints(dg.offsets.clone()), ints(dc.offsets.clone()));
+
+        let s = t * k;
+        let xs = rng.normal_vec(s * h, 1.0);
+        // Dense grouped matmul.
+        let w = rng.normal_vec(e * h * n, 0.2);
+        let wc = GroupedWeight::dense(Tensor::<B, 3>::from_data(
+            TensorData::new(w.clone(), [e, h, n]),
+            &device(),
+        ));
+        let wg = GroupedWeight::dense(Tensor::<Wgpu, 3>::from_data(
+            TensorData::new(w, [e, h, n]),
+            &wdev(),
+        ));
+        let yc = f32s(<B as DsBackend>::grouped_matmul(
+            tensor2(xs.clone(), [s, h]),
+            &wc,
+            &dc,
+        ));
+        let yg = f32s(<Wgpu as DsBackend>::grouped_matmul(
+            to_wgpu2(xs.clone(), [s, h]),
+            &wg,
+            &dg,
+        ));
+        let d = max_diff(&yg, &yc);
+        println!("grouped matmul kernel vs default: {d:.2e}");
+        assert!(d < 1e-4, "grouped matmul differs by {d}");
+        // FP8 grouped matmul: weights [e, n, h].
+        let (fc, codes, scales) = random_fp8::<B>(&mut rng, [e, n, h], 128, &device());
+        let fg = Fp8Weight::<Wgpu>::from_codes(&codes, &scales, [e, n, h], 128, &wdev()).unwrap();
+        let yc8 = f32s(<B as DsBackend>::grouped_matmul(
+            tensor2(xs.clone(), [s, h]),
+            &GroupedWeight::fp8(fc),
+            &dc,
+        ));
+        let yg8 = f32s(<Wgpu as DsBackend>::grouped_matmul(
+            to_wgpu2(xs, [s, h]),
+            &GroupedWeight::fp8(fg),
+            &dg,
+        ));
+        let scale = yc8.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d8 = max_diff(&yg8, &yc8);
+        println!("fp8 grouped matmul kernel vs default: {d8:.2e} (max |y| {scale:.2})");
+        assert!(
+            scale > 0.1 && d8 <= 1e-5 * scale,
+            "fp8 grouped differs by {d8}"
+        );
+        // Combine.
+        let y = rng.normal_vec(s * n, 1.0);
+        let gw = rng.normal_vec(t * k, 1.0);
+        let base = rng.normal_vec(t * n, 1.0);
+        let oc = f32s(<B as DsBackend>::moe_combine(
+            tensor2(y.clone(), [s, n]),
+            &dc,
+            tensor2(gw.clone(), [t, k]),
+            tensor2(base.clone(), [t, n]),
+        ));
+        let og = f32s(<Wgpu as DsBackend>::moe_combine(
+            to_wgpu2(y, [s, n]),
+            &dg,
+            to_wgpu2(gw, [t, k]),
+            to_wgpu2(base, [t, n]),
+        ));
+        let dcmb = max_diff(&og, &oc);
+        println!("combine kernel vs default: {dcmb:.2e}");
+        assert!(dcmb < 1e-5, "combine differs by {dcmb}");
+    }
+
+    /// The model-core fixtures on wgpu: logits against the float64 golden (1e-4) and routing
+    /// equal to the CPU's, per-expert form and packed (kernel) form, FP8 in memory too.
+    #[test]
+    fn fixtures_match_golden_on_wgpu() {
+        let dev = wdev();
+        for (name, weights) in [
+            ("tiny-qlora", WeightOptions::default()),
+            (
+                "tiny-qlora",
+                WeightOptions {
+                    fp8: false,
+                    pack_experts: true,
+                },
+            ),
+            (
+                "tiny-direct",
+                WeightOptions {
+                    fp8: false,
+                    pack_experts: true,
+                },
+            ),
+            (
+                "tiny-fp8",
+                WeightOptions {
+                    fp8: true,
+                    pack_experts: true,
+                },
+            ),
+        ] {
+            let gpu = load_fixture_with::<Wgpu>(name, weights, &dev);
+            let cpu = load_fixture_with::<B>(name, WeightOptions::default(), &device());
+            for g in goldens(&fixture(name)) {
+                let (logits, routing) = logits_of(&gpu, &g);
+                let (_, cpu_routing) = logits_of(&cpu, &g);
+                let want = Golden::read(&g);
+                let d = max_abs_diff(&logits, &want.f("logits").1);
+                println!(
+                    "wgpu {name} {weights:?} {}: max |Δlogits| vs golden {d:.2e}",
+                    g.display()
+                );
+                assert!(
+                    d < LOGIT_TOL as f64,
+                    "{name}: wgpu logits differ by {d:.3e}"
+                );
+                assert_eq!(
+                    routing, cpu_routing,
+                    "{name}: wgpu routing differs from the CPU's"
+                );
+                assert!(!routing.is_empty());
+            }
+        }
+    }
+}
+
+/// Benchmarks (run explicitly: `cargo test --test integration --features wgpu -- --ignored
+/// bench_ --nocapture`); they print the numbers recorded in BENCHMARKS.md.
+mod bench {
+    use super::*;
+    use dsv3_model::moe::{Moe, MoeConfig, RouterConfig};
+    use std::time::Instant;
+
+    /// Median wall time of `runs` calls of `f` (after one warm-up), each ending in a host read.
+    fn time<F: FnMut() -> f32>(runs: usize, mut f: F) -> f64 {
+        let _ = f();
+        let mut v: Vec<f64> = (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(f());
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[runs / 2]
+    }
+
+    /// FP8 in memory against bf16 for DeepSeek-V3's real Linear shapes (one expert, attention).
+    #[test]
+    #[ignore]
+    fn bench_fp8_bytes_real_shapes() {
+        let mut rng = Rng(1);
+        println!(
+            "| weight | shape [out, in] | bf16 bytes | FP8 in memory (codes + scales) | ratio |"
+        );
+        println!("|---|---|---|---|---|");
+        for (name, n, k) in [
+            ("experts.E.gate_proj / up_proj", 2048, 7168),
+            ("experts.E.down_proj", 7168, 2048),
+            ("self_attn.q_b_proj", 24576, 1536),
+            ("self_attn.kv_a_proj_with_mqa", 576, 7168),
+            ("self_attn.kv_b_proj", 32768, 512),
+            ("self_attn.o_proj", 7168, 16384),
+        ] {
+            let (w, _, _) = random_fp8::<B>(&mut rng, [1, n, k], 128, &device());
+            let bf16 = n * k * 2;
+            println!(
+                "| {name} | [{n}, {k}] | {bf16} | {} | {:.4} |",
+                w.bytes(),
+                w.bytes() as f64 / bf16 as f64
+            );
+            assert!((w.bytes() as f64) < 0.51 * bf16 as f64);
+        }
+    }
+
+    fn moe<Bk: DsBackend>(
+        experts: usize,
+        h: usize,
+        i: usize,
+        k: usize,
+        device: &Bk::Device,
+    ) -> Moe<Bk> {
+        Bk::seed(device, 0);
+        MoeConfig::new(h, i, 1, RouterConfig::new(experts, k, 1, 1)).init(device)
+    }
+
+    fn bench_moe<Bk: DsBackend>(
+        label: &str,
+        packed: bool,
+        device: &Bk::Device,
+    ) -> Vec<(usize, usize, f64)> {
+        let (h, i, k) = (512, 128, 8);
+        let mut rows = Vec::new();
+        for tokens in [1usize, 128] {
+            for experts in [16usize, 256] {
+                let mut m = moe::<Bk>(experts, h, i, k, device);
+                if packed {
+                    m.pack().unwrap();
+                }
+                let x = Tensor::<Bk, 3>::random(
+                    [1, tokens, h],
+                    burn::tensor::Distribution::Normal(0.0, 1.0),
+                    device,
+                );
+                let (_, r) = m.forward(x.clone(), true);
+                let active = r
+                    .unwrap()
+                    .experts
+                    .iter()
+                    .flatten()
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .len();
+                let s = time(5, || {
+                    let (y, _) = m.forward(x.clone(), false);
+                    y.sum().into_scalar().elem::<f32>()
+                });
+                println!("{label}: tokens {tokens:>3}, experts {experts:>3} ({active:>3} active): {:.2} ms", s * 1e3);
+                rows.push((tokens, experts, s));
+            }
+        }
+        for t in [1usize, 128] {
+            let get = |e| {
+                rows.iter()
+                    .find(|r| r.0 == t && r.1 == e)
+                    .map(|r| r.2)
+                    .unwrap_or(f64::NAN)
+            };
+            println!(
+                "{label}: tokens {t}: 256 / 16 experts = {:.2}x",
+                get(256) / get(16)
+            );
+        }
+        rows
+    }
+
+    use burn::tensor::ElementConversion;
+
+    /// One MoE layer (hidden 512, expert width 128, top-8, one shared expert) with 16 and 256
+    /// routed experts: the cost should follow the active experts, not the total.
+    #[test]
+    #[ignore]
+    fn bench_moe_16_vs_256_experts() {
+        bench_moe::<B>("flex per-expert", false, &device());
+        bench_moe::<B>("flex packed (trait defaults)", true, &device());
+        #[cfg(feature = "wgpu")]
+        bench_moe::<dsv3_backends::Wgpu>("wgpu packed (CubeCL kernels)", true, &Default::default());
+    }
+}
+
+/// On a CUDA machine only (`scripts/gpu-check.sh` runs these with `--ignored`): they fail when
+/// no GPU is there, rather than skipping.
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::*;
+    use dsv3_backends::{BackendKind, Cuda, FloatDtype};
+    use std::time::Instant;
+
+    fn require_gpu() {
+        BackendKind::Cuda
+            .check(FloatDtype::F32)
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    /// The model-core fixtures on CUDA (f32): logits against the float64 golden, routing equal
+    /// to the CPU's; per-expert, packed (kernels) and FP8-in-memory forms.
+    #[test]
+    #[ignore = "needs a CUDA GPU: scripts/gpu-check.sh"]
+    fn cuda_fixtures_match_golden() {
+        require_gpu();
+        let dev = Default::default();
+        for (name, weights) in [
+            ("tiny-qlora", WeightOptions::default()),
+            (
+                "tiny-qlora",
+                WeightOptions {
+                    fp8: false,
+                    pack_experts: true,
+                },
+            ),
+            (
+                "tiny-direct",
+                WeightOptions {
+                    fp8: false,
+                    pack_experts: true,
+                },
+            ),
+            (
+                "tiny-fp8",
+                WeightOptions {
+                    fp8: true,
+                    pack_experts: true,
+                },
+            ),
+        ] {
+            let gpu = load_fixture_with::<Cuda>(name, weights, &dev);
+            let cpu = load_fixture_with::<B>(name, WeightOptions::default(), &device());
+            for g in goldens(&fixture(name)) {
+                let (logits, routing) = logits_of(&gpu, &g);
+                let (_, cpu_routing) = logits_of(&cpu, &g);
+                let d = max_abs_diff(&logits, &Golden::read(&g).f("logits").1);
+                println!(
+                    "cuda {name} {weights:?} {}: max |Δlogits| vs golden {d:.2e}",
+                    g.display()
+                );
+                assert!(
+                    d < LOGIT_TOL as f64,
+                    "{name}: cuda logits differ by {d:.3e}"
+                );
+                assert_eq!(
+                    routing, cpu_routing,
+                    "{name}: cuda routing differs from the CPU's"
+                );
+            }
+        }
+    }
+
+    /// Seconds per call of `f` (which must end in a device sync), median of 5 after a warm-up.
+    fn time<F: FnMut()>(mut f: F) -> f64 {
+        f();
+        let mut v: Vec<f64> = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[2]
+    }
+
+    /// FP8 block-scaled matmul (codes dequantized in the kernel, f32 activations) against a
+    /// bf16 matmul of the same shape, DeepSeek-V3's shapes: TFLOP/s and error against float64
+    /// (over the first 4 rows).
+    #[test]
+    #[ignore = "needs a CUDA GPU: scripts/gpu-check.sh"]
+    fn gpu_bench_fp8_vs_bf16_matmul() {
+        require_gpu();
+        type Bf = Cuda<burn::tensor::bf16>;
+        let dev = Default::default();
+        println!("| M×K×N | what | FP8 kernel TFLOP/s | bf16 matmul TFLOP/s | FP8 max rel err vs f64 | bf16 max rel err vs f64 |");
+        println!("|---|---|---|---|---|---|");
+        let mut rng = Rng(99);
+        for (m, k, n, what) in [
+            (4096, 7168, 2048, "expert gate/up (issue shape)"),
+            (4096, 2048, 7168, "expert down_proj"),
+            (4096, 1536, 24576, "q_b_proj"),
+            (4096, 7168, 576, "kv_a_proj_with_mqa"),
+            (4096, 512, 32768, "kv_b_proj"),
+            (4096, 16384, 7168, "o_proj"),
+            (64, 7168, 2048, "expert gate/up, 64 tokens"),
+        ] {
+            let codes = rng.codes(n * k);
+            let scales: Vec<f32> = (0..n.div_ceil(128) * k.div_ceil(128))
+                .map(|_| 0.0005 + rng.uniform() * 0.001)
+                .collect();
+            let x = rng.normal_vec(m * k, 1.0);
+            let w8 = Fp8Weight::<Cuda>::from_codes(&codes, &scales, [1, n, k], 128, &dev).unwrap();
+            let xg = Tensor::<Cuda, 2>::from_data(TensorData::new(x.clone(), [m, k]), &dev);
+            let deq = dsv3_model::fp8::dequantize_blocks(&codes, n, k, &scales, 128, true).unwrap(); // [k, n]
+            let wb = Tensor::<Bf, 2>::from_data(TensorData::new(deq.clone(), [k, n]), &dev);
+            let xb = Tensor::<Bf, 2>::from_data(TensorData::new(x.clone(), [m, k]), &dev);
+            let mut y8 = None;
+            let t8 = time(|| {
+                let y = <Cuda as DsBackend>::fp8_matmul(xg.clone(), &w8);
+                <Cuda as Backend>::sync(&dev).unwrap();
+                y8 = Some(y);
+            });
+            let mut yb = None;
+            let tb = time(|| {
+                let y = xb.clone().matmul(wb.clone());
+                <Bf as Backend>::sync(&dev).unwrap();
+                yb = Some(y);
+            });
+            let rows = 4.min(m);
+            let y8 = f32s(y8.unwrap().narrow(0, 0, rows));
+            let yb = f32s(yb.unwrap().narrow(0, 0, rows));
+            let (mut e8, mut eb, mut scale) = (0f64, 0f64, 0f64);
+            for r in 0..rows {
+                for c in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|i| x[r * k + i] as f64 * deq[i * n + c] as f64)
+                        .sum();
+                    scale = scale.max(want.abs());
+                    e8 = e8.max((y8[r * n + c] as f64 - want).abs());
+                    eb = eb.max((yb[r * n + c] as f64 - want).abs());
+                }
+            }
+            let flops = 2.0 * (m * k * n) as f64;
+            println!(
+                "| {m}×{k}×{n} | {what} | {:.2} | {:.2} | {:.1e} | {:.1e} |",
+                flops / t8 / 1e12,
+                flops / tb / 1e12,
+                e8 / scale,
+                eb / scale
+            );
+            assert!(e8 / scale < 1e-5, "FP8 kernel error {:.2e}", e8 / scale);
+        }
+    }
+}

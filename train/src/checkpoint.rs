@@ -1,0 +1,293 @@
+//! Checkpoints: `DIR/step-N/` in the Hugging Face layout (`config.json` + `model.safetensors`,
+//! router bias included, plus `tokenizer.json`) that `dsv3 score`/`dsv3 generate` load
+//! unchanged, and beside it `optimizer.mpk` (Burn's AdamW state) and `train_state.json` (step,
+//! data-order RNG and cursor, settings, data fingerprint).
+//!
+//! Atomicity: everything is written into `DIR/.step-N.tmp/`, fsynced, and `train_state.json`
+//! last; only then is the directory renamed to `step-N`. A kill at any point leaves either the
+//! old set of complete checkpoints or the new one, never a torn `step-N`; a stale `.tmp` is
+//! ignored by `--resume` and removed by the next save. Complete = `step-N/train_state.json`
+//! exists. After a save, complete checkpoints beyond the newest K are deleted.
+
+use dsv3_backends::{DsAutodiffBackend, DsBackend};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, ModuleMapper, Param, ParamId};
+use burn::optim::Optimizer;
+use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
+use burn::tensor::Tensor;
+use dsv3_model::{DeepseekV3, LoadOptions, SaveDtype};
+use serde::{Deserialize, Serialize};
+
+use crate::config::TrainConfig;
+use crate::data::{Dataset, Sampler, SamplerState};
+use crate::error::TrainError;
+use crate::optim::{self, ParamPaths};
+use crate::tokenizer::ByteTokenizer;
+use crate::trainer::{Optim, Trainer};
+
+pub const STATE_FILE: &str = "train_state.json";
+pub const OPTIM_FILE: &str = "optimizer.mpk";
+
+/// `train_state.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    pub step: usize,
+    /// Data order: epoch, cursor and the epoch's RNG state (the only randomness after init).
+    pub sampler: SamplerState,
+    pub train: TrainConfig,
+    /// `"embedded"` or the data path as given.
+    pub data: String,
+    pub data_fingerprint: u64,
+    /// Wall-clock seconds of training so far (for reports across resumes).
+    pub elapsed_s: f64,
+}
+
+fn io<'a>(action: &'static str, p: &'a Path) -> impl FnOnce(std::io::Error) -> TrainError + 'a {
+    move |e| TrainError::io(action, p, e)
+}
+
+/// `step-N` directory name.
+pub fn step_dir(out: &Path, step: usize) -> PathBuf {
+    out.join(format!("step-{step}"))
+}
+
+/// Complete checkpoints in `out`, oldest first.
+pub fn complete(out: &Path) -> Vec<(usize, PathBuf)> {
+    let Ok(rd) = std::fs::read_dir(out) else {
+        return Vec::new();
+    };
+    let mut v: Vec<(usize, PathBuf)> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("step-")?.parse::<usize>().ok()?;
+            let p = e.path();
+            p.join(STATE_FILE).is_file().then_some((step, p))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn sync_dir_files(dir: &Path) -> Result<(), TrainError> {
+    for e in std::fs::read_dir(dir).map_err(io("read", dir))? {
+        let p = e.map_err(io("read", dir))?.path();
+        if p.is_file() {
+            std::fs::File::open(&p)
+                .and_then(|f| f.sync_all())
+                .map_err(io("sync", &p))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes a complete model directory (model + tokenizer + `extra` files) to `dest` atomically:
+/// a temporary sibling, fsynced, then renamed over `dest`.
+pub fn write_atomically<B: DsBackend>(
+    model: &DeepseekV3<B>,
+    dest: &Path,
+    extra: &[(&str, Vec<u8>)],
+) -> Result<(), TrainError> {
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "checkpoint".into());
+    let tmp = parent.join(format!(".{name}.tmp"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io("remove stale", &tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io("create", &tmp))?;
+    dsv3_model::save(model, &tmp, SaveDtype::F32)?;
+    ByteTokenizer.save(&tmp)?;
+    for (file, bytes) in extra {
+        let p = tmp.join(file);
+        std::fs::write(&p, bytes).map_err(io("write", &p))?;
+    }
+    sync_dir_files(&tmp)?;
+    if dest.exists() {
+        // Replace only now that the new one is complete.
+        let old = parent.join(format!(".{name}.old"));
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(io("remove", &old))?;
+        }
+        std::fs::rename(dest, &old).map_err(io("move aside", dest))?;
+        std::fs::rename(&tmp, dest).map_err(io("rename into place", dest))?;
+        std::fs::remove_dir_all(&old).map_err(io("remove", &old))?;
+    } else {
+        std::fs::rename(&tmp, dest).map_err(io("rename into place", dest))?;
+    }
+    if let Ok(d) = std::fs::File::open(parent) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// The optimiser state keyed by parameter position (module order) instead of the run's
+/// random `ParamId`s, so it binds to a model loaded from safetensors.
+fn optimizer_bytes<B: DsAutodiffBackend>(t: &Trainer<B>) -> Result<Vec<u8>, TrainError> {
+    let index: HashMap<ParamId, u64> = ParamPaths::of::<B, _>(&t.model)
+        .into_iter()
+        .enumerate()
+        .map(|(i, (id, _))| (id, i as u64))
+        .collect();
+    let record: <Optim<B> as Optimizer<DeepseekV3<B>, B>>::Record = t
+        .optim
+        .to_record()
+        .into_iter()
+        .filter_map(|(id, r)| index.get(&id).map(|&i| (ParamId::from(i), r)))
+        .collect();
+    Recorder::<B>::record(
+        &NamedMpkBytesRecorder::<FullPrecisionSettings>::default(),
+        record,
+        (),
+    )
+    .map_err(|e| TrainError::io("serialise", OPTIM_FILE, format!("{e:?}")))
+}
+
+/// Saves the trainer as `out/step-N` and prunes old checkpoints. Returns the directory.
+pub fn save<B: DsAutodiffBackend>(
+    t: &Trainer<B>,
+    out: &Path,
+    data_name: &str,
+    elapsed_s: f64,
+) -> Result<PathBuf, TrainError> {
+    let state = TrainState {
+        step: t.step,
+        sampler: t.sampler.state(),
+        train: t.cfg.clone(),
+        data: data_name.to_string(),
+        data_fingerprint: t.data.fingerprint(),
+        elapsed_s,
+    };
+    let dest = step_dir(out, t.step);
+    let state_json = serde_json::to_vec_pretty(&state).expect("state serialises");
+    // train_state.json is written last inside the temporary directory.
+    write_atomically(
+        &t.model,
+        &dest,
+        &[(OPTIM_FILE, optimizer_bytes(t)?), (STATE_FILE, state_json)],
+    )?;
+    prune(out, t.cfg.keep_checkpoints)?;
+    Ok(dest)
+}
+
+/// Deletes complete checkpoints beyond the newest `keep`.
+pub fn prune(out: &Path, keep: usize) -> Result<(), TrainError> {
+    let all = complete(out);
+    let n = all.len();
+    for (_, p) in all.into_iter().take(n.saturating_sub(keep.max(1))) {
+        std::fs::remove_dir_all(&p).map_err(io("remove", &p))?;
+    }
+    Ok(())
+}
+
+/// Makes every parameter trainable again (a loaded tensor is not tracked by autodiff).
+struct Trainable;
+impl<B: DsAutodiffBackend> ModuleMapper<B> for Trainable {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, t, mapper) = param.consume();
+        Param::from_mapped_value(id, t.require_grad(), mapper)
+    }
+}
+
+/// Reads `train_state.json` of a checkpoint.
+pub fn read_state(dir: &Path) -> Result<TrainState, TrainError> {
+    let p = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&p).map_err(io("read", &p))?;
+    serde_json::from_str(&text).map_err(|e| TrainError::BadCheckpoint {
+        path: dir.to_path_buf(),
+        reason: format!("{STATE_FILE}: {e}"),
+    })
+}
+
+/// Restores a trainer from checkpoint `dir` over `data` (which must be the data it was
+/// trained on). `steps` (when given) replaces the run's total.
+pub fn load<B: DsAutodiffBackend>(
+    dir: &Path,
+    data: Dataset,
+    steps: Option<usize>,
+    device: &B::Device,
+) -> Result<Trainer<B>, TrainError> {
+    let bad = |reason: String| TrainError::BadCheckpoint {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let state = read_state(dir)?;
+    if data.fingerprint() != state.data_fingerprint {
+        return Err(bad(format!(
+            "it was trained on different data ({}); give the same --data",
+            state.data
+        )));
+    }
+    let opts = LoadOptions {
+        strict: true,
+        skip_mtp: false,
+    };
+    let (model, _) = dsv3_model::load::<B>(dir, device, &opts).map_err(|e| bad(e.to_string()))?;
+    let model = model.map(&mut Trainable);
+    let bytes =
+        std::fs::read(dir.join(OPTIM_FILE)).map_err(|e| bad(format!("{OPTIM_FILE}: {e}")))?;
+    let record: <Optim<B> as Optimizer<DeepseekV3<B>, B>>::Record = Recorder::<B>::load(
+        &NamedMpkBytesRecorder::<FullPrecisionSettings>::default(),
+        bytes,
+        device,
+    )
+    .map_err(|e| bad(format!("{OPTIM_FILE}: {e:?}")))?;
+    let ids: Vec<ParamId> = ParamPaths::of::<B, _>(&model)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    let record: <Optim<B> as Optimizer<DeepseekV3<B>, B>>::Record = record
+        .into_iter()
+        .map(|(pos, r)| {
+            ids.get(pos.val() as usize)
+                .map(|&id| (id, r))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "{OPTIM_FILE}: state for parameter #{} of {}",
+                        pos.val(),
+                        ids.len()
+                    ))
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    let mut cfg = state.train.clone();
+    if let Some(s) = steps {
+        cfg.steps = s;
+    }
+    crate::trainer::check_setup(&model.config, &cfg, &data)?;
+    let optim = optim::adamw::<B, DeepseekV3<B>>(&cfg).load_record(record);
+    let sampler = Sampler::restore(data.train.len(), state.sampler);
+    Ok(Trainer::from_parts(
+        model, optim, cfg, data, sampler, state.step, device,
+    ))
+}
+
+/// The newest complete checkpoint of `out` that loads; older ones are tried when a newer one
+/// is unusable (their problems are returned as warnings).
+pub fn resume<B: DsAutodiffBackend>(
+    out: &Path,
+    data: &Dataset,
+    steps: Option<usize>,
+    device: &B::Device,
+) -> Result<(Trainer<B>, PathBuf, TrainState, Vec<String>), TrainError> {
+    let mut warnings = Vec::new();
+    let mut last_err = None;
+    for (_, dir) in complete(out).into_iter().rev() {
+        match load::<B>(&dir, data.clone(), steps, device) {
+            Ok(t) => {
+                let state = read_state(&dir)?;
+                return Ok((t, dir, state, warnings));
+            }
+            Err(e @ TrainError::BadCheckpoint { .. }) => {
+                warnings.push(e.to_string());
+                last_err = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| TrainError::NoCheckpoint(out.to_path_buf())))
+}

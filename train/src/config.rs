@@ -1,0 +1,256 @@
+//! Training hyper-parameters and the named presets (model shape + training settings).
+
+use dsv3_model::config::RopeScaling;
+use dsv3_model::DeepseekV3Config;
+use serde::{Deserialize, Serialize};
+
+use crate::error::TrainError;
+use crate::tokenizer;
+
+/// Everything about a run except the model shape and the data. Saved in every checkpoint so
+/// `--resume` continues with the same settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    /// Total optimiser steps of the run (a resumed run stops here too).
+    pub steps: usize,
+    /// Tokens per sequence (the model sees `seq_len` inputs; windows hold one more).
+    pub seq_len: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are summed into one step.
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0 = off).
+    pub grad_clip: f64,
+    /// λ: weight of the MTP loss (averaged over depths).
+    pub mtp_lambda: f64,
+    /// α: weight of the sequence-wise balance loss (per MoE layer).
+    pub balance_alpha: f64,
+    /// γ: bias update speed of the aux-loss-free balancing (0 = off).
+    pub bias_gamma: f64,
+    /// Every `val_every`-th window of the corpus is held out for validation.
+    pub val_every: usize,
+    /// Validation windows evaluated at most (0 = all).
+    pub eval_windows: usize,
+    pub eval_every: usize,
+    pub log_every: usize,
+    /// 0 = only at the end.
+    pub checkpoint_every: usize,
+    /// Complete checkpoints kept (the newest).
+    pub keep_checkpoints: usize,
+    pub seed: u64,
+    /// "naive" or "absorbed" (the same function; naive is cheaper to train).
+    pub attention: String,
+    /// Micro-batches computed in parallel threads (at most `grad_accum`). Burn's Flex backend
+    /// runs each op on one thread here, so this is how a step uses several cores. The result
+    /// does not depend on it (gradients are summed in micro-batch order).
+    pub workers: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 300,
+            seq_len: 128,
+            batch_size: 8,
+            grad_accum: 2,
+            lr: 2e-3,
+            min_lr: 2e-4,
+            warmup_steps: 20,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            mtp_lambda: 0.3,
+            balance_alpha: 1e-4,
+            bias_gamma: 1e-3,
+            val_every: 20,
+            eval_windows: 0,
+            eval_every: 100,
+            log_every: 10,
+            checkpoint_every: 100,
+            keep_checkpoints: 3,
+            seed: 0,
+            attention: "naive".into(),
+            workers: 2,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// One line naming the first setting that cannot work.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |m: String| Err(TrainError::Invalid(m));
+        if self.steps == 0 {
+            return bad("steps must be > 0".into());
+        }
+        if self.seq_len < 2 {
+            return bad(format!("seq_len = {} must be >= 2", self.seq_len));
+        }
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            return bad("batch_size and grad_accum must be > 0".into());
+        }
+        for (name, v) in [
+            ("lr", self.lr),
+            ("min_lr", self.min_lr),
+            ("weight_decay", self.weight_decay),
+            ("grad_clip", self.grad_clip),
+            ("mtp_lambda", self.mtp_lambda),
+            ("balance_alpha", self.balance_alpha),
+            ("bias_gamma", self.bias_gamma),
+            ("eps", self.eps),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(format!("{name} = {v} must be a finite number >= 0"));
+            }
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return bad(format!(
+                "betas ({}, {}) must be in [0, 1)",
+                self.beta1, self.beta2
+            ));
+        }
+        if self.val_every < 2 {
+            return bad(format!("val_every = {} must be >= 2", self.val_every));
+        }
+        if self.log_every == 0 || self.eval_every == 0 {
+            return bad("log_every and eval_every must be > 0".into());
+        }
+        if self.keep_checkpoints == 0 {
+            return bad("keep_checkpoints must be >= 1".into());
+        }
+        if self.attention != "naive" && self.attention != "absorbed" {
+            return bad(format!(
+                "attention = {:?} must be \"naive\" or \"absorbed\"",
+                self.attention
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn attention_mode(&self) -> dsv3_model::AttentionMode {
+        if self.attention == "absorbed" {
+            dsv3_model::AttentionMode::Absorbed
+        } else {
+            dsv3_model::AttentionMode::Naive
+        }
+    }
+
+    /// Tokens per optimiser step.
+    pub fn tokens_per_step(&self) -> usize {
+        self.seq_len * self.batch_size * self.grad_accum
+    }
+}
+
+/// A named starting point: model shape and training settings.
+#[derive(Debug, Clone)]
+pub struct Preset {
+    pub model: DeepseekV3Config,
+    pub train: TrainConfig,
+}
+
+/// Names accepted by `--preset`.
+pub const PRESETS: &[&str] = &["mini", "tiny", "small"];
+
+/// Adapts a model config to the byte-level tokenizer and the sequence length.
+pub fn for_bytes(mut m: DeepseekV3Config, seq_len: usize) -> DeepseekV3Config {
+    m.vocab_size = tokenizer::VOCAB;
+    m.bos_token_id = Some(tokenizer::BOS);
+    m.eos_token_id = Some(serde_json::json!(tokenizer::EOS));
+    m.max_position_embeddings = m.max_position_embeddings.max(seq_len);
+    m.quantization_config = None;
+    m.torch_dtype = Some("float32".into());
+    m
+}
+
+/// The presets: `tiny` (a step well under a second, for smoke tests), `mini` (the README's
+/// default: trains in ≤ 10 minutes on 2 cores) and `small` (~100M-parameter shape, slow here).
+pub fn preset(name: &str) -> Option<Preset> {
+    match name {
+        "tiny" => {
+            let train = TrainConfig {
+                steps: 20,
+                seq_len: 32,
+                batch_size: 4,
+                grad_accum: 1,
+                lr: 3e-3,
+                min_lr: 3e-4,
+                warmup_steps: 2,
+                eval_every: 10,
+                eval_windows: 16,
+                log_every: 5,
+                checkpoint_every: 10,
+                ..TrainConfig::default()
+            };
+            Some(Preset {
+                model: for_bytes(DeepseekV3Config::tiny(), train.seq_len),
+                train,
+            })
+        }
+        "mini" => {
+            let train = TrainConfig::default();
+            Some(Preset {
+                model: for_bytes(mini_model(), train.seq_len),
+                train,
+            })
+        }
+        "small" => {
+            let train = TrainConfig {
+                lr: 6e-4,
+                min_lr: 6e-5,
+                batch_size: 8,
+                seq_len: 256,
+                ..TrainConfig::default()
+            };
+            Some(Preset {
+                model: for_bytes(DeepseekV3Config::small(), train.seq_len),
+                train,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The `mini` model: MLA with q-LoRA, 1 dense + 3 MoE layers of 16 routed experts in 4 groups
+/// (top-2 from 2 groups, 1 shared), one MTP module, YaRN as in V3.
+pub fn mini_model() -> DeepseekV3Config {
+    let mut c = DeepseekV3Config::tiny();
+    c.hidden_size = 192;
+    c.intermediate_size = 512;
+    c.moe_intermediate_size = 128;
+    c.num_hidden_layers = 4;
+    c.first_k_dense_replace = 1;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = Some(4);
+    c.q_lora_rank = Some(96);
+    c.kv_lora_rank = 64;
+    c.qk_nope_head_dim = 32;
+    c.qk_rope_head_dim = 16;
+    c.v_head_dim = 32;
+    c.n_routed_experts = 16;
+    c.n_shared_experts = 1;
+    c.num_experts_per_tok = 2;
+    c.n_group = 4;
+    c.topk_group = 2;
+    c.num_nextn_predict_layers = 1;
+    c.max_position_embeddings = 4096;
+    c.rope_scaling = Some(RopeScaling {
+        rope_type: Some("yarn".into()),
+        factor: Some(4.0),
+        original_max_position_embeddings: Some(1024),
+        beta_fast: Some(32.0),
+        beta_slow: Some(1.0),
+        mscale: Some(1.0),
+        mscale_all_dim: Some(1.0),
+        rope_theta: None,
+    });
+    c
+}

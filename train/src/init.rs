@@ -1,0 +1,72 @@
+//! Seeded initialisation independent of the backend's global RNG: every weight matrix and
+//! embedding is drawn from N(0, std) (DeepSeek's `initializer_range`) by this crate's own
+//! SplitMix64 in module order, RMSNorm weights are 1 and the router bias 0 (as
+//! `DeepseekV3::init` makes them). The same seed gives the same model on any backend, in any
+//! thread, whatever else the process draws — what bit-identical resume tests and same-seed
+//! comparisons need.
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use dsv3_backends::DsBackend;
+use dsv3_model::DeepseekV3;
+
+use crate::rng::SplitMix64;
+
+struct Seeded {
+    rng: SplitMix64,
+    std: f64,
+    containers: Vec<String>,
+    names: Vec<String>,
+}
+
+impl Seeded {
+    fn normal(&mut self) -> f64 {
+        // Box–Muller from two uniforms in (0, 1].
+        let u = |r: &mut SplitMix64| ((r.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        let (a, b) = (u(&mut self.rng), u(&mut self.rng));
+        (-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()
+    }
+}
+
+impl<B: Backend> ModuleMapper<B> for Seeded {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.containers.push(container_type.to_string());
+        self.names.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.containers.pop();
+        self.names.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let in_norm = self
+            .containers
+            .last()
+            .is_some_and(|c| c == "Struct:RmsNorm");
+        let is_bias = self
+            .names
+            .last()
+            .is_some_and(|n| n == "e_score_correction_bias");
+        let (id, t, mapper) = param.consume();
+        if in_norm || is_bias {
+            return Param::from_mapped_value(id, t, mapper);
+        }
+        let shape = t.shape();
+        let values: Vec<f32> = (0..shape.num_elements())
+            .map(|_| (self.normal() * self.std) as f32)
+            .collect();
+        let new = Tensor::<B, D>::from_data(TensorData::new(values, shape), &t.device())
+            .set_require_grad(t.is_require_grad());
+        Param::from_mapped_value(id, new, mapper)
+    }
+}
+
+/// Re-draws the model's random weights from `seed` (norms and bias untouched).
+pub fn seeded<B: DsBackend>(model: DeepseekV3<B>, seed: u64) -> DeepseekV3<B> {
+    let std = model.config.initializer_range;
+    model.map(&mut Seeded {
+        rng: SplitMix64::new(seed ^ 0x1A17_5EED_0000_0000),
+        std,
+        containers: Vec::new(),
+        names: Vec::new(),
+    })
+}

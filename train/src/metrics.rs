@@ -1,0 +1,108 @@
+//! Feedback while training: the JSONL log (`DIR/metrics.jsonl`, one object per logged step) and
+//! the progress bar (tokens/s and ETA).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::{Deserialize, Serialize};
+
+use crate::error::TrainError;
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LogRecord {
+    pub step: usize,
+    /// Whole objective (CE + λ·MTP + balance), mean over the steps since the last record.
+    pub loss: f64,
+    /// Next-token cross-entropy (nats), same window.
+    pub ce_loss: f64,
+    pub mtp_loss: Option<f64>,
+    pub balance_loss: Option<f64>,
+    pub val_loss: Option<f64>,
+    pub val_bits_per_byte: Option<f64>,
+    pub lr: f64,
+    /// Global gradient norm before clipping (last step of the window).
+    pub grad_norm: f64,
+    /// Max load ÷ mean load of each MoE layer over the window, in `moe_layers` order.
+    pub imbalance: Vec<f64>,
+    pub moe_layers: Vec<usize>,
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+}
+
+/// Appends records to `metrics.jsonl`.
+pub struct MetricsLog {
+    pub path: PathBuf,
+}
+
+impl MetricsLog {
+    /// Opens `dir/metrics.jsonl`; when resuming at `keep_until`, drops records of later steps
+    /// (they belong to work after the checkpoint, which is redone).
+    pub fn open(dir: &Path, keep_until: Option<usize>) -> Result<Self, TrainError> {
+        let path = dir.join("metrics.jsonl");
+        match keep_until {
+            Some(step) if path.exists() => {
+                let kept: Vec<String> = read(&path)?
+                    .into_iter()
+                    .filter(|r| r.step <= step)
+                    .map(|r| serde_json::to_string(&r).expect("record serialises"))
+                    .collect();
+                let mut text = kept.join("\n");
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                std::fs::write(&path, text).map_err(|e| TrainError::io("write", &path, e))?;
+            }
+            Some(_) => {}
+            None => {
+                std::fs::write(&path, "").map_err(|e| TrainError::io("write", &path, e))?;
+            }
+        }
+        Ok(Self { path })
+    }
+
+    pub fn append(&self, r: &LogRecord) -> Result<(), TrainError> {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&self.path)
+            .map_err(|e| TrainError::io("open", &self.path, e))?;
+        writeln!(
+            f,
+            "{}",
+            serde_json::to_string(r).expect("record serialises")
+        )
+        .map_err(|e| TrainError::io("write", &self.path, e))
+    }
+}
+
+/// All records of a metrics file (lines that do not parse are skipped).
+pub fn read(path: &Path) -> Result<Vec<LogRecord>, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainError::io("read", path, e))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+/// The progress bar: steps, tokens/s, loss, ETA. Hidden when disabled or not on a terminal.
+pub fn progress_bar(done: usize, total: usize, enabled: bool) -> ProgressBar {
+    let pb = ProgressBar::with_draw_target(
+        Some(total as u64),
+        if enabled {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  {msg}  ETA {eta_precise}",
+        )
+        .expect("template"),
+    );
+    pb.set_position(done as u64);
+    pb
+}

@@ -1,0 +1,326 @@
+//! A whole run, as `dsv3 train` performs it: data, fresh start or `--resume`, the step loop
+//! with logging, validation and checkpoints, then `DIR/final/` and the PNG.
+
+use dsv3_backends::DsAutodiffBackend;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::AutodiffModule;
+use dsv3_model::{DeepseekV3, DeepseekV3Config};
+
+use crate::balance;
+use crate::checkpoint;
+use crate::config::TrainConfig;
+use crate::data::{self, Dataset, Document};
+use crate::error::TrainError;
+use crate::metrics::{self, LogRecord, MetricsLog};
+use crate::plot;
+use crate::trainer::{EvalStats, Trainer};
+
+/// Where the text comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataSource {
+    /// The corpus compiled into the binary ([`crate::corpus`]).
+    Embedded,
+    Path(PathBuf),
+}
+
+impl DataSource {
+    /// How checkpoints record it.
+    pub fn name(&self) -> String {
+        match self {
+            DataSource::Embedded => "embedded".into(),
+            DataSource::Path(p) => p.display().to_string(),
+        }
+    }
+
+    pub fn from_name(s: &str) -> Self {
+        if s == "embedded" {
+            DataSource::Embedded
+        } else {
+            DataSource::Path(PathBuf::from(s))
+        }
+    }
+
+    /// The documents, and files skipped as not being text.
+    pub fn documents(&self) -> Result<(Vec<Document>, Vec<PathBuf>), TrainError> {
+        match self {
+            DataSource::Embedded => Ok((data::embedded_documents(), Vec::new())),
+            DataSource::Path(p) => data::read_documents(p).map(|(d, r)| (d, r.skipped)),
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub out: PathBuf,
+    /// `None`: the embedded corpus for a new run, the checkpoint's data on `--resume`.
+    pub data: Option<DataSource>,
+    /// Model shape of a new run (a resumed run keeps its own).
+    pub model: DeepseekV3Config,
+    /// Settings of a new run; on resume only `steps` (when `steps_given`), `checkpoint_every`,
+    /// `log_every`, `eval_every` and `keep_checkpoints` are taken from here.
+    pub train: TrainConfig,
+    pub steps_given: bool,
+    pub resume: bool,
+    /// Draw the progress bar on stderr.
+    pub progress: bool,
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub out: PathBuf,
+    pub final_dir: PathBuf,
+    pub resumed_from: Option<PathBuf>,
+    pub start_step: usize,
+    pub steps: usize,
+    /// Seconds spent in optimiser steps in this invocation (no evaluation, no saving).
+    pub train_s: f64,
+    /// Seconds of this invocation, start to end.
+    pub wall_s: f64,
+    pub tokens_per_s: f64,
+    pub val: Option<EvalStats>,
+    /// `(layer, max/mean load)` over the last logging window.
+    pub imbalance: Vec<(usize, f64)>,
+    pub parameters: u64,
+    pub corpus_tokens: usize,
+    pub metrics: PathBuf,
+    pub plot: Option<PathBuf>,
+    pub warnings: Vec<String>,
+}
+
+/// Running sums over one logging window.
+#[derive(Default)]
+struct Window {
+    steps: usize,
+    loss: f64,
+    ce: f64,
+    mtp: Option<f64>,
+    bal: Option<f64>,
+    loads: Vec<(usize, Vec<u64>)>,
+}
+
+impl Window {
+    fn add(&mut self, s: &crate::trainer::StepStats) {
+        self.steps += 1;
+        self.loss += s.loss;
+        self.ce += s.ce;
+        if let Some(m) = s.mtp_loss {
+            *self.mtp.get_or_insert(0.0) += m;
+        }
+        if let Some(b) = s.balance_loss {
+            *self.bal.get_or_insert(0.0) += b;
+        }
+        if self.loads.is_empty() {
+            self.loads = s.loads.clone();
+        } else {
+            for ((_, acc), (_, l)) in self.loads.iter_mut().zip(&s.loads) {
+                acc.iter_mut().zip(l).for_each(|(a, b)| *a += b);
+            }
+        }
+    }
+}
+
+/// Packs the documents with the run's sequence length and split.
+fn pack(
+    source: &DataSource,
+    cfg: &TrainConfig,
+    warnings: &mut Vec<String>,
+) -> Result<Dataset, TrainError> {
+    let (docs, skipped) = source.documents()?;
+    for s in skipped {
+        warnings.push(format!("skipped {} (not UTF-8 text)", s.display()));
+    }
+    Dataset::pack(&docs, cfg.seq_len, cfg.val_every)
+}
+
+/// Runs training to `steps`, saving checkpoints and `final/`. Returns the summary and the
+/// trained model (inference backend).
+pub fn run<B: DsAutodiffBackend>(
+    opts: &RunOptions,
+    device: &B::Device,
+    say: &mut dyn FnMut(&str),
+) -> Result<(RunSummary, DeepseekV3<B::InnerBackend>), TrainError> {
+    let t0 = Instant::now();
+    let mut warnings = Vec::new();
+    let out = &opts.out;
+    let (mut trainer, source, resumed_from, elapsed_before) = if opts.resume {
+        let newest = checkpoint::complete(out)
+            .pop()
+            .ok_or_else(|| TrainError::NoCheckpoint(out.clone()))?;
+        let state = checkpoint::read_state(&newest.1)?;
+        let source = opts
+            .data
+            .clone()
+            .unwrap_or_else(|| DataSource::from_name(&state.data));
+        let data = pack(&source, &state.train, &mut warnings)?;
+        let steps = opts.steps_given.then_some(opts.train.steps);
+        let (mut t, dir, state, w) = checkpoint::resume::<B>(out, &data, steps, device)?;
+        warnings.extend(w);
+        t.cfg.checkpoint_every = opts.train.checkpoint_every;
+        t.cfg.log_every = opts.train.log_every;
+        t.cfg.eval_every = opts.train.eval_every;
+        t.cfg.keep_checkpoints = opts.train.keep_checkpoints;
+        t.cfg.validate()?;
+        (t, source, Some(dir), state.elapsed_s)
+    } else {
+        let source = opts.data.clone().unwrap_or(DataSource::Embedded);
+        let data = pack(&source, &opts.train, &mut warnings)?;
+        (
+            Trainer::<B>::new(&opts.model, opts.train.clone(), data, device)?,
+            source,
+            None,
+            0.0,
+        )
+    };
+    std::fs::create_dir_all(out).map_err(|e| TrainError::io("create", out, e))?;
+    let log = MetricsLog::open(out, resumed_from.as_ref().map(|_| trainer.step))?;
+    let start_step = trainer.step;
+    let total = trainer.cfg.steps;
+    let layers = balance::moe_layers(&trainer.model);
+    let parameters = trainer.model.config.param_counts(true).total;
+    say(&format!(
+        "{} {} parameters ({} MoE layers), corpus {} tokens ({} train / {} val windows of {}), {} tokens per step, steps {}..{}",
+        if resumed_from.is_some() { "resuming" } else { "training" },
+        parameters,
+        layers.len(),
+        trainer.data.tokens.len(),
+        trainer.data.train.len(),
+        trainer.data.val.len(),
+        trainer.cfg.seq_len,
+        trainer.cfg.tokens_per_step(),
+        start_step,
+        total
+    ));
+    if let Some(d) = &resumed_from {
+        say(&format!("resumed from {}", d.display()));
+    }
+    for w in &warnings {
+        say(&format!("warning: {w}"));
+    }
+    let pb = metrics::progress_bar(start_step, total, opts.progress);
+    let mut window = Window::default();
+    let (mut train_s, mut tokens) = (0.0f64, 0u64);
+    let mut last_val = None;
+    let mut last_imbalance = Vec::new();
+    let mut saved_at = None;
+    while trainer.step < total {
+        let ts = Instant::now();
+        let stats = match trainer.train_step() {
+            Ok(s) => s,
+            Err(e) => {
+                pb.abandon();
+                return Err(e);
+            }
+        };
+        train_s += ts.elapsed().as_secs_f64();
+        tokens += stats.tokens as u64;
+        window.add(&stats);
+        let step = stats.step;
+        let tps = tokens as f64 / train_s.max(1e-9);
+        pb.set_position(step as u64);
+        pb.set_message(format!("loss {:.3}  {:.0} tok/s", stats.ce, tps));
+        let last = step == total;
+        if step % trainer.cfg.log_every == 0 || last {
+            let val = (step % trainer.cfg.eval_every == 0 || last).then(|| trainer.evaluate());
+            if val.is_some() {
+                last_val = val;
+            }
+            let n = window.steps.max(1) as f64;
+            last_imbalance = window
+                .loads
+                .iter()
+                .map(|(l, loads)| (*l, balance::imbalance(loads)))
+                .collect();
+            let rec = LogRecord {
+                step,
+                loss: window.loss / n,
+                ce_loss: window.ce / n,
+                mtp_loss: window.mtp.map(|m| m / n),
+                balance_loss: window.bal.map(|b| b / n),
+                val_loss: val.map(|v| v.loss),
+                val_bits_per_byte: val.map(|v| v.bits_per_byte),
+                lr: stats.lr,
+                grad_norm: stats.grad_norm,
+                imbalance: last_imbalance.iter().map(|x| x.1).collect(),
+                moe_layers: layers.clone(),
+                tokens: (step * trainer.cfg.tokens_per_step()) as u64,
+                tokens_per_s: tps,
+                elapsed_s: elapsed_before + t0.elapsed().as_secs_f64(),
+            };
+            log.append(&rec)?;
+            let mut line = format!(
+                "step {step:>5}  loss {:.4}  ce {:.4}",
+                rec.loss, rec.ce_loss
+            );
+            if let Some(m) = rec.mtp_loss {
+                line += &format!("  mtp {m:.4}");
+            }
+            if let Some(v) = val {
+                line += &format!("  val {:.4} ({:.3} bits/byte)", v.loss, v.bits_per_byte);
+            }
+            line += &format!(
+                "  lr {:.2e}  |g| {:.2}  imbalance max {:.2}  {:.0} tok/s",
+                rec.lr,
+                rec.grad_norm,
+                rec.imbalance.iter().copied().fold(0.0, f64::max),
+                tps
+            );
+            pb.suspend(|| say(&line));
+            window = Window::default();
+        }
+        if trainer.cfg.checkpoint_every > 0 && step % trainer.cfg.checkpoint_every == 0 {
+            let elapsed = elapsed_before + t0.elapsed().as_secs_f64();
+            let dir = checkpoint::save(&trainer, out, &source.name(), elapsed)?;
+            saved_at = Some(step);
+            pb.suspend(|| say(&format!("saved {}", dir.display())));
+        }
+    }
+    pb.finish_and_clear();
+    if saved_at != Some(trainer.step) {
+        let elapsed = elapsed_before + t0.elapsed().as_secs_f64();
+        let dir = checkpoint::save(&trainer, out, &source.name(), elapsed)?;
+        say(&format!("saved {}", dir.display()));
+    }
+    let final_dir = out.join("final");
+    checkpoint::write_atomically(&trainer.model, &final_dir, &[])?;
+    let records = metrics::read(&log.path)?;
+    let png = out.join("training.png");
+    let plot = match plot::draw(&records, &png) {
+        Ok(()) => Some(png),
+        Err(e) => {
+            say(&format!("warning: no plot: {e}"));
+            None
+        }
+    };
+    let val = match last_val {
+        Some(v) => Some(v),
+        None if start_step == total => Some(trainer.evaluate()),
+        None => None,
+    };
+    let summary = RunSummary {
+        out: out.clone(),
+        final_dir,
+        resumed_from,
+        start_step,
+        steps: trainer.step,
+        train_s,
+        wall_s: t0.elapsed().as_secs_f64(),
+        tokens_per_s: tokens as f64 / train_s.max(1e-9),
+        val,
+        imbalance: last_imbalance,
+        parameters,
+        corpus_tokens: trainer.data.tokens.len(),
+        metrics: log.path.clone(),
+        plot,
+        warnings,
+    };
+    Ok((summary, trainer.model.valid()))
+}
+
+/// `true` when `dir` holds at least one complete checkpoint.
+pub fn has_checkpoint(dir: &Path) -> bool {
+    !checkpoint::complete(dir).is_empty()
+}

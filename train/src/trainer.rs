@@ -1,0 +1,474 @@
+//! One optimiser step and one validation pass: the objective, gradient accumulation, global
+//! clipping, AdamW, and the bias update, with NaN/inf caught before anything is applied.
+
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use burn::optim::{
+    adaptor::OptimizerAdaptor, AdamW, GradientsAccumulator, GradientsParams, Optimizer,
+};
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use dsv3_backends::{DsAutodiffBackend, DsBackend};
+use dsv3_model::{DeepseekV3, DeepseekV3Config};
+
+use crate::balance;
+use crate::config::TrainConfig;
+use crate::data::{Dataset, Sampler};
+use crate::error::TrainError;
+use crate::forward::{self, TrainForward};
+use crate::loss;
+use crate::optim::{self, ParamPaths};
+use crate::tokenizer;
+
+/// Burn's AdamW over the model.
+pub type Optim<B> = OptimizerAdaptor<AdamW, DeepseekV3<B>, B>;
+
+/// A micro-batch as tensors.
+#[derive(Debug, Clone)]
+pub struct Batch<B: Backend> {
+    /// `[b, T]` tokens 0..T of each window.
+    pub inputs: Tensor<B, 2, Int>,
+    /// `[b, T]` tokens 1..=T.
+    pub targets: Tensor<B, 2, Int>,
+    /// Per MTP depth k: `[b, T−1−k]` tokens k+2..=T (two or more ahead of each input).
+    pub mtp_targets: Vec<Tensor<B, 2, Int>>,
+    /// Text bytes among the targets (for bits per byte).
+    pub target_bytes: usize,
+}
+
+/// Builds the tensors of the windows starting at `starts`.
+pub fn make_batch<B: Backend>(
+    data: &Dataset,
+    starts: &[usize],
+    mtp_depths: usize,
+    device: &B::Device,
+) -> Batch<B> {
+    let (b, t) = (starts.len(), data.seq_len);
+    let tensor = |cols: std::ops::Range<usize>| {
+        let w = cols.len();
+        let v: Vec<i64> = starts
+            .iter()
+            .flat_map(|&s| data.window(s)[cols.clone()].iter().map(|&x| x as i64))
+            .collect();
+        Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, w]), device)
+    };
+    let target_bytes = starts
+        .iter()
+        .map(|&s| data.window(s)[1..].iter().filter(|&&x| x < 256).count())
+        .sum();
+    Batch {
+        inputs: tensor(0..t),
+        targets: tensor(1..t + 1),
+        mtp_targets: (0..mtp_depths)
+            .filter(|k| t >= k + 2)
+            .map(|k| tensor(k + 2..t + 1))
+            .collect(),
+        target_bytes,
+    }
+}
+
+/// The objective's parts for one forward pass (one-element tensors).
+pub struct Losses<B: Backend> {
+    pub total: Tensor<B, 1>,
+    pub ce: Tensor<B, 1>,
+    pub mtp: Option<Tensor<B, 1>>,
+    pub balance: Option<Tensor<B, 1>>,
+}
+
+/// `CE + λ · mean_k CE_mtp_k + Σ_layers α Σ_i f_i P_i`.
+pub fn objective<B: Backend>(
+    fwd: &TrainForward<B>,
+    batch: &Batch<B>,
+    cfg: &TrainConfig,
+) -> Losses<B> {
+    let ce = loss::cross_entropy(fwd.logits.clone(), batch.targets.clone());
+    let mut total = ce.clone();
+    let mtp = (!fwd.mtp_logits.is_empty()).then(|| {
+        let d = fwd.mtp_logits.len() as f64;
+        fwd.mtp_logits
+            .iter()
+            .zip(&batch.mtp_targets)
+            .map(|(l, t)| loss::cross_entropy(l.clone(), t.clone()))
+            .reduce(|a, b| a + b)
+            .expect("one depth")
+            .div_scalar(d)
+    });
+    if let Some(m) = &mtp {
+        total = total + m.clone().mul_scalar(cfg.mtp_lambda);
+    }
+    let balance = (cfg.balance_alpha > 0.0 && !fwd.routers.is_empty()).then(|| {
+        fwd.routers
+            .iter()
+            .map(|r| loss::sequence_balance_loss(r, cfg.balance_alpha))
+            .reduce(|a, b| a + b)
+            .expect("one layer")
+    });
+    if let Some(b) = &balance {
+        total = total + b.clone();
+    }
+    Losses {
+        total,
+        ce,
+        mtp,
+        balance,
+    }
+}
+
+fn scalar<B: Backend>(t: &Tensor<B, 1>) -> f64 {
+    t.clone().into_scalar().elem::<f64>()
+}
+
+/// What one optimiser step did.
+#[derive(Debug, Clone)]
+pub struct StepStats {
+    pub step: usize,
+    /// The whole objective.
+    pub loss: f64,
+    /// Next-token cross-entropy (nats).
+    pub ce: f64,
+    pub mtp_loss: Option<f64>,
+    pub balance_loss: Option<f64>,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// `(layer, tokens routed to each expert)` for every MoE layer over the step.
+    pub loads: Vec<(usize, Vec<u64>)>,
+    pub tokens: usize,
+}
+
+/// Validation result.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalStats {
+    /// Mean next-token cross-entropy (nats per token).
+    pub loss: f64,
+    /// Total NLL in bits ÷ text bytes of the targets.
+    pub bits_per_byte: f64,
+    pub tokens: usize,
+}
+
+/// One micro-batch's gradients (of `objective / grad_accum`) and loss parts.
+struct Micro {
+    grads: GradientsParams,
+    total: f64,
+    ce: f64,
+    mtp: Option<f64>,
+    balance: Option<f64>,
+    /// `(layer, chosen experts per token)` of every MoE layer.
+    experts: Vec<(usize, Vec<Vec<u32>>)>,
+}
+
+fn micro_batch<B: DsAutodiffBackend>(
+    model: &DeepseekV3<B>,
+    data: &Dataset,
+    starts: &[usize],
+    cfg: &TrainConfig,
+    device: &B::Device,
+) -> Micro {
+    let depths = model.model.mtp.len();
+    let batch = make_batch::<B>(data, starts, depths, device);
+    let fwd = forward::forward(
+        model,
+        batch.inputs.clone(),
+        cfg.attention_mode(),
+        depths,
+        false,
+    );
+    let experts = fwd
+        .routers
+        .iter()
+        .map(|r| (r.layer, r.experts.clone()))
+        .collect();
+    let parts = objective(&fwd, &batch, cfg);
+    let total = scalar(&parts.total);
+    let (ce, mtp, balance) = (
+        scalar(&parts.ce),
+        parts.mtp.as_ref().map(scalar),
+        parts.balance.as_ref().map(scalar),
+    );
+    let grads = if total.is_finite() {
+        let g = parts.total.div_scalar(cfg.grad_accum as f64).backward();
+        GradientsParams::from_grads(g, model)
+    } else {
+        GradientsParams::new()
+    };
+    Micro {
+        grads,
+        total,
+        ce,
+        mtp,
+        balance,
+        experts,
+    }
+}
+
+/// First parameter holding a NaN or infinity.
+struct FindNonFinite {
+    index: usize,
+    found: Option<usize>,
+}
+impl<B: Backend> ModuleVisitor<B> for FindNonFinite {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if self.found.is_none() {
+            let v = param.val();
+            let bad: bool = v.clone().is_nan().any().into_scalar().elem::<bool>()
+                || v.abs()
+                    .equal_elem(f32::INFINITY)
+                    .any()
+                    .into_scalar()
+                    .elem::<bool>();
+            if bad {
+                self.found = Some(self.index);
+            }
+        }
+        self.index += 1;
+    }
+}
+
+/// The model, its optimiser and where the run stands.
+pub struct Trainer<B: DsAutodiffBackend> {
+    pub model: DeepseekV3<B>,
+    pub optim: Optim<B>,
+    pub cfg: TrainConfig,
+    pub data: Dataset,
+    pub sampler: Sampler,
+    /// Completed optimiser steps.
+    pub step: usize,
+    pub device: B::Device,
+}
+
+impl<B: DsAutodiffBackend> Trainer<B> {
+    /// A fresh run: checks the settings and initialises the model from the seed.
+    pub fn new(
+        model_cfg: &DeepseekV3Config,
+        cfg: TrainConfig,
+        data: Dataset,
+        device: &B::Device,
+    ) -> Result<Self, TrainError> {
+        check_setup(model_cfg, &cfg, &data)?;
+        let model = crate::init::seeded(DeepseekV3::<B>::init(model_cfg, device)?, cfg.seed);
+        let sampler = Sampler::new(data.train.len(), cfg.seed);
+        Ok(Self::from_parts(
+            model,
+            optim::adamw(&cfg),
+            cfg,
+            data,
+            sampler,
+            0,
+            device,
+        ))
+    }
+
+    pub fn from_parts(
+        model: DeepseekV3<B>,
+        optim: Optim<B>,
+        cfg: TrainConfig,
+        data: Dataset,
+        sampler: Sampler,
+        step: usize,
+        device: &B::Device,
+    ) -> Self {
+        Self {
+            model,
+            optim,
+            cfg,
+            data,
+            sampler,
+            step,
+            device: device.clone(),
+        }
+    }
+
+    fn mtp_depths(&self) -> usize {
+        self.model.model.mtp.len()
+    }
+
+    /// One optimiser step over `grad_accum` micro-batches. On a NaN/inf loss or gradient it
+    /// returns [`TrainError::NonFinite`] before touching the parameters.
+    pub fn train_step(&mut self) -> Result<StepStats, TrainError> {
+        let step = self.step + 1;
+        let lr = optim::lr_at(&self.cfg, step);
+        let accum = self.cfg.grad_accum;
+        let layers = balance::moe_layers(&self.model);
+        let n_experts = self.model.config.n_routed_experts;
+        let mut loads: Vec<(usize, Vec<u64>)> =
+            layers.iter().map(|&l| (l, vec![0u64; n_experts])).collect();
+        let micro: Vec<Vec<usize>> = (0..accum)
+            .map(|_| {
+                self.sampler
+                    .next(self.cfg.batch_size)
+                    .into_iter()
+                    .map(|i| self.data.train[i])
+                    .collect()
+            })
+            .collect();
+        let mut acc = GradientsAccumulator::<DeepseekV3<B>>::new();
+        let (mut loss, mut ce, mut mtp, mut bal) = (0.0, 0.0, None::<f64>, None::<f64>);
+        let workers = self.cfg.workers.clamp(1, accum);
+        for group in micro.chunks(workers) {
+            let outs: Vec<Micro> = if group.len() == 1 {
+                vec![micro_batch(
+                    &self.model,
+                    &self.data,
+                    &group[0],
+                    &self.cfg,
+                    &self.device,
+                )]
+            } else {
+                // Independent micro-batches in parallel threads, each on its own fork of the
+                // model (a separate autodiff graph); results are summed in micro-batch order,
+                // so the step is bit-identical to the sequential one.
+                std::thread::scope(|s| {
+                    let handles: Vec<_> = group
+                        .iter()
+                        .map(|starts| {
+                            let fork = DeepseekV3::<B>::from_inner(self.model.valid());
+                            let (data, cfg, device) = (&self.data, &self.cfg, &self.device);
+                            s.spawn(move || micro_batch(&fork, data, starts, cfg, device))
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().expect("training worker panicked"))
+                        .collect()
+                })
+            };
+            for (m, starts) in outs.into_iter().zip(group) {
+                if !m.total.is_finite() {
+                    let batch = make_batch::<B>(&self.data, starts, 0, &self.device);
+                    let location = self.diagnose(batch.inputs);
+                    return Err(TrainError::NonFinite {
+                        what: "loss",
+                        step,
+                        location,
+                    });
+                }
+                for (layer, experts) in &m.experts {
+                    if let Some((_, l)) = loads.iter_mut().find(|(x, _)| x == layer) {
+                        balance::add_loads(l, experts);
+                    }
+                }
+                loss += m.total / accum as f64;
+                ce += m.ce / accum as f64;
+                if let Some(v) = m.mtp {
+                    *mtp.get_or_insert(0.0) += v / accum as f64;
+                }
+                if let Some(v) = m.balance {
+                    *bal.get_or_insert(0.0) += v / accum as f64;
+                }
+                acc.accumulate(&self.model, m.grads);
+            }
+        }
+        let mut grads = acc.grads();
+        let norm = optim::clip_global_norm(&self.model, &mut grads, self.cfg.grad_clip);
+        if let Some(location) = norm.non_finite {
+            return Err(TrainError::NonFinite {
+                what: "gradient",
+                step,
+                location,
+            });
+        }
+        let model = self.model.clone();
+        self.model = self.optim.step(lr, model, grads);
+        balance::apply(&mut self.model, &loads, self.cfg.bias_gamma as f32);
+        self.step = step;
+        Ok(StepStats {
+            step,
+            loss,
+            ce,
+            mtp_loss: mtp,
+            balance_loss: bal,
+            lr,
+            grad_norm: norm.norm,
+            loads,
+            tokens: self.cfg.tokens_per_step(),
+        })
+    }
+
+    /// Where a non-finite loss comes from: the first block whose output is not finite, else
+    /// the first non-finite parameter, else the logits/loss themselves.
+    pub fn diagnose(&self, tokens: Tensor<B, 2, Int>) -> String {
+        let inner = self.model.valid();
+        let fwd = forward::forward(
+            &inner,
+            tokens.inner(),
+            self.cfg.attention_mode(),
+            self.mtp_depths(),
+            true,
+        );
+        if let Some(name) = forward::first_non_finite(&fwd.probes) {
+            return format!("output of {name}");
+        }
+        let mut f = FindNonFinite {
+            index: 0,
+            found: None,
+        };
+        inner.visit(&mut f);
+        if let Some(i) = f.found {
+            let paths = ParamPaths::of::<B::InnerBackend, _>(&inner);
+            if let Some((_, p)) = paths.get(i) {
+                return format!("parameter {p}");
+            }
+        }
+        "the loss (activations and parameters are finite)".into()
+    }
+
+    /// Mean validation loss and bits per byte over the held-out windows (the first
+    /// `eval_windows`, or all), without autodiff.
+    pub fn evaluate(&self) -> EvalStats {
+        evaluate(&self.model.valid(), &self.data, &self.cfg)
+    }
+}
+
+/// Validation with an inference-mode model (also used on a loaded checkpoint).
+pub fn evaluate<B: DsBackend>(
+    model: &DeepseekV3<B>,
+    data: &Dataset,
+    cfg: &TrainConfig,
+) -> EvalStats {
+    let n = if cfg.eval_windows == 0 {
+        data.val.len()
+    } else {
+        cfg.eval_windows.min(data.val.len())
+    };
+    let device = model.device();
+    let (mut nll, mut tokens, mut bytes) = (0.0f64, 0usize, 0usize);
+    for chunk in data.val[..n].chunks(cfg.batch_size.max(1)) {
+        let batch = make_batch::<B>(data, chunk, 0, &device);
+        let fwd = forward::forward(model, batch.inputs, cfg.attention_mode(), 0, false);
+        let sum: f64 = loss::token_nll(fwd.logits, batch.targets)
+            .sum()
+            .into_scalar()
+            .elem::<f64>();
+        nll += sum;
+        tokens += chunk.len() * data.seq_len;
+        bytes += batch.target_bytes;
+    }
+    EvalStats {
+        loss: nll / tokens.max(1) as f64,
+        bits_per_byte: nll / std::f64::consts::LN_2 / bytes.max(1) as f64,
+        tokens,
+    }
+}
+
+/// Settings that cannot work together, each in one line.
+pub fn check_setup(
+    model: &DeepseekV3Config,
+    cfg: &TrainConfig,
+    data: &Dataset,
+) -> Result<(), TrainError> {
+    cfg.validate()?;
+    model.validate().map_err(dsv3_model::ModelError::from)?;
+    if model.vocab_size < tokenizer::VOCAB {
+        return Err(TrainError::Invalid(format!(
+            "model vocab_size = {} is smaller than the byte-level tokenizer's {}",
+            model.vocab_size,
+            tokenizer::VOCAB
+        )));
+    }
+    if data.seq_len != cfg.seq_len {
+        return Err(TrainError::Invalid(format!(
+            "data packed for seq_len {} but the run uses {}",
+            data.seq_len, cfg.seq_len
+        )));
+    }
+    Ok(())
+}
