@@ -7,6 +7,7 @@
 #  3. Training throughput against PyTorch + HF transformers' DeepseekV3ForCausalLM doing the same
 #     steps (same shape, float32, same batch, AdamW + clipping) with 1 and 2 threads. HF runs no
 #     MTP module, so ours is measured with and without it (num_nextn_predict_layers = 0).
+#     Threads: ours RAYON_NUM_THREADS (Flex matmuls) x --workers (parallel micro-batches).
 #
 # Needs: cargo, python3 with torch + transformers. Output: $OUT (default bench-out/train).
 # STEPS overrides the main runs' length (default: the preset's 400); SKIP_RUNS=1 does only step 3.
@@ -44,29 +45,31 @@ if [ -z "${SKIP_RUNS:-}" ]; then
   done
 fi
 
-echo "== throughput, ours (with MTP, then without)"
-rm -rf "$OUT/speed-mtp" "$OUT/speed-nomtp"
-"$DSV3" train --out "$OUT/speed-mtp" --steps "$SPEED_STEPS" --log-every "$SPEED_STEPS" \
-  --eval-every 100000 --checkpoint-every 0 --samples 0 >/dev/null
-summary "$OUT/speed-mtp" | tee "$OUT/speed-mtp.json"
-python3 - "$OUT/speed-mtp/final/config.json" "$OUT/nomtp-config.json" <<'PY'
+echo "== throughput: ours vs PyTorch + HF transformers (no MTP in HF), rounds run back to back"
+# The no-MTP config (HF's model has no MTP module): the preset's config with num_nextn_predict_layers 0.
+rm -rf "$OUT/cfg"
+"$DSV3" train --out "$OUT/cfg" --steps 1 --eval-every 100000 --samples 0 >/dev/null
+python3 - "$OUT/cfg/final/config.json" "$OUT/nomtp-config.json" <<'PY'
 import json, sys
 c = json.load(open(sys.argv[1])); c["num_nextn_predict_layers"] = 0
 json.dump(c, open(sys.argv[2], "w"), indent=1)
 PY
-"$DSV3" train --config "$OUT/nomtp-config.json" --out "$OUT/speed-nomtp" --steps "$SPEED_STEPS" \
-  --log-every "$SPEED_STEPS" --eval-every 100000 --checkpoint-every 0 --samples 0 >/dev/null
-summary "$OUT/speed-nomtp" | tee "$OUT/speed-nomtp.json"
-for w in 1; do
-  rm -rf "$OUT/speed-nomtp-w$w"
-  "$DSV3" train --config "$OUT/nomtp-config.json" --out "$OUT/speed-nomtp-w$w" --workers "$w" \
-    --steps "$SPEED_STEPS" --log-every "$SPEED_STEPS" --eval-every 100000 --checkpoint-every 0 --samples 0 >/dev/null
-  summary "$OUT/speed-nomtp-w$w" | tee "$OUT/speed-nomtp-w$w.json"
-done
-
-echo "== throughput, PyTorch + HF transformers (no MTP), 1 and 2 threads"
-for t in 1 2; do
-  python3 scripts/bench_train_hf.py --config "$OUT/nomtp-config.json" --threads "$t" \
-    --steps "$SPEED_STEPS" | tee "$OUT/hf-threads-$t.json"
-done
-echo "load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+ours() { # name, RAYON_NUM_THREADS ("" = all cores), workers, extra args
+  rm -rf "$OUT/speed/$1"
+  RAYON_NUM_THREADS=$2 "$DSV3" train --out "$OUT/speed/$1" --workers "$3" --steps "$SPEED_STEPS" \
+    --log-every "$SPEED_STEPS" --eval-every 100000 --checkpoint-every 0 --samples 0 "${@:4}" >/dev/null
+  python3 -c "import json;r=[json.loads(l) for l in open('$OUT/speed/$1/metrics.jsonl')][-1];print('ours $1', round(r['tokens_per_s']), 'tokens/s, load', open('/proc/loadavg').read().split()[0])"
+}
+hf() { # threads
+  python3 scripts/bench_train_hf.py --config "$OUT/nomtp-config.json" --threads "$1" --steps "$SPEED_STEPS" 2>/dev/null \
+    | python3 -c "import json,sys;r=json.loads(sys.stdin.read());print('hf threads $1', round(r['tokens_per_s']), 'tokens/s, load', open('/proc/loadavg').read().split()[0])"
+}
+mkdir -p "$OUT/speed"
+for round in 1 2; do
+  ours "nomtp-1thread-$round" 1 1 --config "$OUT/nomtp-config.json"
+  hf 1
+  ours "nomtp-rayon2-w1-$round" 2 1 --config "$OUT/nomtp-config.json"
+  ours "nomtp-rayon1-w2-$round" 1 2 --config "$OUT/nomtp-config.json"
+  hf 2
+  ours "mtp-default-$round" "" 2
+done | tee "$OUT/throughput.txt"

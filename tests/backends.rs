@@ -569,10 +569,18 @@ mod wgpu {
         )
     }
 
+    /// 41 tokens: the tiled grouped kernel (several experts per tile); 5 tokens: the
+    /// one-thread-per-output kernel.
     #[test]
     fn moe_kernels_equal_defaults() {
+        for t in [41, 5] {
+            moe_kernels_equal_defaults_at(t);
+        }
+    }
+
+    fn moe_kernels_equal_defaults_at(t: usize) {
         let mut rng = Rng(17);
-        let (t, k, e, h, n) = (41, 6, 29, 150, 130);
+        let (k, e, h, n) = (6, 29, 150, 130);
         let ids = random_ids(&mut rng, t, k, e);
         let (dc, dg) = dispatch_pair(&ids, t, k, e);
         assert_eq!(ints(dg.order.clone()), ints(dc.order.clone()));

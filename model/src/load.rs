@@ -13,7 +13,7 @@ use dsv3_backends::DsBackend;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Tensor, TensorData};
 
 use crate::checkpoint::{Checkpoint, Dtype, LoadError, SafetensorsWriter};
@@ -135,7 +135,9 @@ impl<B: DsBackend> ModuleMapper<B> for Loader<'_, B> {
                 self.used.insert(name);
                 let tensor =
                     Tensor::<B, D>::from_data(TensorData::new(values, shape), &self.device);
-                Param::initialized(ParamId::new(), tensor)
+                // Keep the parameter's id, and mark it trainable like a fresh init (on an
+                // autodiff backend a loaded model must be fine-tunable; elsewhere a no-op).
+                Param::initialized(param.id, tensor.require_grad())
             }
             Err(e) => {
                 self.error = Some(e);

@@ -48,9 +48,10 @@ pub struct TrainConfig {
     pub seed: u64,
     /// "naive" or "absorbed" (the same function; naive is cheaper to train).
     pub attention: String,
-    /// Micro-batches computed in parallel threads (at most `grad_accum`). Burn's Flex backend
-    /// runs each op on one thread here, so this is how a step uses several cores. The result
-    /// does not depend on it (gradients are summed in micro-batch order).
+    /// Micro-batches computed in parallel threads (at most `grad_accum`). Flex parallelises only
+    /// large matmuls; this model's many small ops run on one thread, so independent micro-batches
+    /// are how a step uses more cores. The result does not depend on it (gradients are summed
+    /// in micro-batch order).
     pub workers: usize,
 }
 

@@ -120,6 +120,52 @@ fn matmul_launch<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement
     to_float(out)
 }
 
+/// `x [S, K]` times each row's expert matrix, one thread per output (rows sorted by expert).
+fn rows_launch<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    x: Tensor<Cube<R, F, I, BT>, 2>,
+    w: &GroupedWeight<Cube<R, F, I, BT>>,
+    row_expert: Tensor<Cube<R, F, I, BT>, 1, Int>,
+) -> Tensor<Cube<R, F, I, BT>, 2> {
+    let [m, k] = x.dims();
+    let (_, wk, n) = w.dims();
+    assert_eq!(k, wk, "matmul: x has {k} columns, the weights {wk} rows");
+    if m == 0 || n == 0 {
+        return Tensor::zeros([m, n], &x.device());
+    }
+    let x = float(x);
+    let row_expert = int(row_expert);
+    let out = empty(&x, vec![m, n], x.dtype);
+    let (count, dim) = grid_2d(m, n);
+    let dtypes = [x.dtype.into(), row_expert.dtype.into()];
+    match (&w.fp8, &w.dense) {
+        (Some(f), _) => kernels::fp8_matmul_kernel::launch::<R>(
+            &out.client,
+            count,
+            dim,
+            x.into_tensor_arg(),
+            int(f.codes.clone()).into_tensor_arg(),
+            float(f.scales.clone()).into_tensor_arg(),
+            row_expert.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            f.block,
+            true,
+            dtypes,
+        ),
+        (None, Some(d)) => kernels::grouped_matmul_kernel::launch::<R>(
+            &out.client,
+            count,
+            dim,
+            x.into_tensor_arg(),
+            float(d.clone()).into_tensor_arg(),
+            row_expert.into_tensor_arg(),
+            out.clone().into_tensor_arg(),
+            dtypes,
+        ),
+        (None, None) => unreachable!("GroupedWeight holds dense or FP8 weights"),
+    }
+    to_float(out)
+}
+
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> DsBackend
     for CubeBackend<R, F, I, BT>
 {
@@ -206,7 +252,14 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> DsBackend
         w: &GroupedWeight<Self>,
         dispatch: &MoeDispatch<Self>,
     ) -> Tensor<Self, 2> {
-        matmul_launch(x, w, Some(dispatch.experts.clone()))
+        // A 32-row tile holding several experts runs one pass per expert; with fewer than 8
+        // rows per expert on average (decode, small batches) one thread per output is cheaper.
+        let [s, _] = x.dims();
+        if s >= 8 * dispatch.num_experts {
+            matmul_launch(x, w, Some(dispatch.experts.clone()))
+        } else {
+            rows_launch(x, w, dispatch.experts.clone())
+        }
     }
 
     fn moe_combine(
