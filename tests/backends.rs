@@ -84,14 +84,11 @@ fn random_fp8<Bk: DsBackend>(
     (w, codes, scales)
 }
 
+/// The backend's encoder agrees with the loader's (torch-checked) one on every finite code.
+/// (The decode table is shared by both crates and checked against torch in `numerics`.)
 #[test]
-fn e4m3_table_equals_the_model_decoder() {
+fn e4m3_encoder_equals_the_model_encoder() {
     for c in 0..=255u8 {
-        assert_eq!(
-            e4m3::TABLE[c as usize].to_bits(),
-            dsv3_model::fp8::e4m3_to_f32(c).to_bits(),
-            "code {c:#04x}"
-        );
         if c & 0x7F != 0x7F {
             assert_eq!(
                 e4m3::encode(e4m3::decode(c)),

@@ -2,8 +2,8 @@
 //! (the plain-tensor default decodes by table lookup) and packing of codes four to a 32-bit
 //! word (every backend stores them as ordinary 32-bit int tensors, one byte per weight).
 //!
-//! The model crate's `fp8` module is the reference for the format; tests check that this table
-//! equals it code for code.
+//! The model crate's loader decodes with this same table (`dsv3_model::fp8::E4M3_TO_F32`); the
+//! integration tests check it against torch's decode of all 256 codes.
 
 /// Decodes one code: `(−1)^s 2^(e−7) (1 + m/8)`, subnormals `(−1)^s 2^−6 m/8`, 0x7F/0xFF NaN.
 pub const fn decode(code: u8) -> f32 {
