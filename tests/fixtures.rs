@@ -28,6 +28,7 @@ fn check_golden(model: &DeepseekV3<B>, golden: &Path, mode: AttentionMode) {
     let opts = ForwardOptions {
         attention: mode,
         record_routing: true,
+        ..Default::default()
     };
     let tokens = model.tokens_tensor(&ids).unwrap();
     let out = model.forward(tokens.clone(), offset, None, &opts);
@@ -195,7 +196,7 @@ fn naive_and_absorbed_agree() {
                         None,
                         &ForwardOptions {
                             attention: mode,
-                            record_routing: false,
+                            ..Default::default()
                         },
                     )
                     .logits,

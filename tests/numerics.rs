@@ -61,8 +61,12 @@ fn rope_is_accurate_near_128k() {
     for p in 0..4 {
         for (i, f) in rope.inv_freq.iter().enumerate() {
             let a = (start + p) as f64 * f;
-            worst = worst.max((cos[p * 32 + i] as f64 - a.cos()).abs());
-            worst = worst.max((sin[p * 32 + i] as f64 - a.sin()).abs());
+            // Interleaved tables: (c, c) and (-s, s) per pair.
+            let at = p * 64 + 2 * i;
+            worst = worst.max((cos[at] as f64 - a.cos()).abs());
+            worst = worst.max((cos[at + 1] as f64 - a.cos()).abs());
+            worst = worst.max((sin[at] as f64 + a.sin()).abs());
+            worst = worst.max((sin[at + 1] as f64 - a.sin()).abs());
             // What float32 angles would give, to show the test can tell the difference.
         }
     }

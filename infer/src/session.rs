@@ -224,8 +224,8 @@ impl<'m, B: DsBackend> Session<'m, B> {
         while a < longest {
             let t = self.opts.prefill_chunk.min(longest - a);
             let chunk: Vec<Vec<Option<u32>>> = slots.iter().map(|s| s[a..a + t].to_vec()).collect();
-            let out = self.forward_slots(&chunk)?;
-            last = Some(out.logits.narrow(1, t - 1, 1).squeeze_dim::<2>(1));
+            let out = self.forward_slots(&chunk, true)?;
+            last = Some(out.logits.squeeze_dim::<2>(1));
             a += t;
         }
         Ok(last.expect("at least one chunk"))
@@ -257,13 +257,15 @@ impl<'m, B: DsBackend> Session<'m, B> {
             .iter()
             .map(|r| r.iter().map(|&i| Some(i)).collect())
             .collect();
-        self.forward_slots(&slots)
+        self.forward_slots(&slots, false)
     }
 
-    /// The core step: slots `None` are left padding (only at the very start of a row).
+    /// The core step: slots `None` are left padding (only at the very start of a row). With
+    /// `last_only`, logits are computed for the last slot only (`[B, 1, V]`).
     fn forward_slots(
         &mut self,
         slots: &[Vec<Option<u32>>],
+        last_only: bool,
     ) -> Result<ForwardOutput<B>, InferError> {
         let b = slots.len();
         let t = slots[0].len();
@@ -282,19 +284,18 @@ impl<'m, B: DsBackend> Session<'m, B> {
                 }
             }
         }
-        let (cos, sin) = self.model.rope.cos_sin_at::<B>(&positions, &device);
-        let half = self.model.rope.inv_freq.len();
-        let span = Span {
-            cos: cos.reshape([b, t, half]),
-            sin: sin.reshape([b, t, half]),
-            mask: padded_causal_mask(t, past, &self.pad, &device),
-        };
+        let mask = padded_causal_mask(t, past, &self.pad, &device);
+        let span = Span::at_positions(&self.model.rope, &positions, b, mask, &device);
         let tokens =
             Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [b * t]), &device).reshape([b, t]);
         let past_kv = self.cache.past();
+        let opts = ForwardOptions {
+            last_logits_only: last_only,
+            ..self.opts.forward
+        };
         let out = self
             .model
-            .forward_span(tokens, &span, past_kv.as_deref(), &self.opts.forward);
+            .forward_span(tokens, &span, past_kv.as_deref(), &opts);
         drop(past_kv);
         self.cache.append(out.kv.clone())?;
         if let Some(m) = &mut self.mtp {
@@ -439,17 +440,16 @@ impl<'m, B: DsBackend> Session<'m, B> {
             let past_len = m.cache.len();
             let span = Span::contiguous(&self.model.rope, start + past_len, t, past_len, &device);
             let past = m.cache.past();
-            let out = self.model.forward_mtp_span(
-                0,
-                h,
-                toks,
-                &span,
-                past.as_ref().map(|p| &p[0]),
-                &self.opts.forward,
-            );
+            let opts = ForwardOptions {
+                last_logits_only: true,
+                ..self.opts.forward
+            };
+            let out =
+                self.model
+                    .forward_mtp_span(0, h, toks, &span, past.as_ref().map(|p| &p[0]), &opts);
             drop(past);
             m.cache.append(vec![out.kv])?;
-            last = Some(out.logits.narrow(1, t - 1, 1).squeeze_dim::<2>(1));
+            last = Some(out.logits.squeeze_dim::<2>(1));
             a += t;
         }
         Ok(last.expect("pending is never empty"))

@@ -24,8 +24,11 @@ pub enum AttentionMode {
     /// Per-head keys and values expanded from the latent.
     Naive,
     /// Attention over the latent, `kv_b_proj` absorbed into query and output.
-    #[default]
     Absorbed,
+    /// Whichever of the two needs fewer multiply-adds for the shapes at hand (naive for
+    /// prefill, absorbed for decode); the cache holds only the latent either way.
+    #[default]
+    Auto,
 }
 
 /// The per-token state MLA needs from earlier positions: normed latent `c: [B, S, r]` and the
@@ -123,7 +126,7 @@ pub struct Mla<B: DsBackend> {
 impl<B: DsBackend> Mla<B> {
     /// Attention for `x: [B, T, H]` whose tokens follow the `past` entries.
     ///
-    /// `cos`/`sin: [B|1, T, dr/2]` hold the angles of the new tokens' positions; `mask: [B|1, 1, T, S]`
+    /// `cos`/`sin: [B|1, T, dr]` (see [`crate::rope::RotaryEmbedding::cos_sin_at`]) hold the angles of the new tokens' positions; `mask: [B|1, 1, T, S]`
     /// is added to the scores (0 or −inf), with `S = past + T`. Returns the output `[B, T, H]` and
     /// the latent entries of the new tokens (for the caller's cache).
     pub fn forward(
@@ -155,59 +158,96 @@ impl<B: DsBackend> Mla<B> {
             (None, Some(a), Some(norm), Some(bp)) => bp.forward(norm.forward(a.forward(x.clone()))),
             _ => unreachable!("MlaConfig::init creates either q_proj or the q-LoRA triple"),
         };
-        let q = q.reshape([b, t, nh, dn + dr]);
-        let q_nope = q.clone().narrow(3, 0, dn);
-        let q_pe = apply_rope(q.narrow(3, dn, dr), cos, sin);
+        // Heads-major layout `[nh, B, T, ·]` from here on: the latent (and the rope key) is one
+        // `[1, B, S, ·]` tensor shared by every head, and the mask `[B|1, 1, T, S]` broadcasts as
+        // one row over the heads. Queries carry the softmax scale (cheaper than scaling scores).
+        let scale = self.softmax_scale;
+        let q = q.reshape([b, t, nh, dn + dr]).permute([2, 0, 1, 3]) * scale;
+        let q_nope = q.clone().narrow(3, 0, dn); // [nh, B, T, dn]
+        let q_pe = apply_rope(q.narrow(3, dn, dr), cos, sin); // [nh, B, T, dr]
 
         // The latent and the shared rope key of the new tokens.
         let kv = self.kv_a_proj_with_mqa.forward(x);
         let c = self.kv_a_layernorm.forward(kv.clone().narrow(2, 0, r));
-        let k_pe =
-            apply_rope(kv.narrow(2, r, dr).reshape([b, t, 1, dr]), cos, sin).reshape([b, t, dr]);
+        let k_pe = apply_rope(kv.narrow(2, r, dr), cos, sin);
         let new = LatentKv { c, k_pe };
         let all = match past {
             Some(p) if !p.is_empty() => p.cat(&new),
             _ => new.clone(),
         };
+        let s = all.len();
+        let mode = match mode {
+            AttentionMode::Auto => self.cheaper_mode(t, s),
+            m => m,
+        };
+        let c = all.c.unsqueeze_dim::<4>(0); // [1, B, S, r]
+        let k_pe = all.k_pe.unsqueeze_dim::<4>(0); // [1, B, S, dr]
 
         // kv_b_proj as stored here is [r, nh*(dn+dv)]; per head: [r, dn] -> k_nope, [r, dv] -> v.
-        let w = self
-            .kv_b_proj
-            .weight_in_out()
-            .reshape([r, nh, dn + dv])
-            .swap_dims(0, 1); // [nh, r, dn+dv]
-        let w_uk = w.clone().narrow(2, 0, dn); // [nh, r, dn]
-        let w_uv = w.narrow(2, dn, dv); // [nh, r, dv]
-
-        let q_nope = q_nope.swap_dims(1, 2); // [B, nh, T, dn]
-        let q_pe = q_pe.swap_dims(1, 2); // [B, nh, T, dr]
-        let k_pe = all.k_pe.clone().unsqueeze_dim::<4>(1); // [B, 1, S, dr]
-        let rope_scores = q_pe.matmul(k_pe.swap_dims(2, 3)); // [B, nh, T, S]
+        // Strided views, no copies: the matmuls read them in place.
+        let w = self.kv_b_proj.weight_in_out().reshape([r, nh, dn + dv]);
+        let w_uk = w.clone().narrow(2, 0, dn).swap_dims(0, 1); // [nh, r, dn]
+        let w_uv = w.narrow(2, dn, dv).swap_dims(0, 1); // [nh, r, dv]
 
         let out = match mode {
             AttentionMode::Naive => {
-                let c = all.c.clone().unsqueeze_dim::<4>(1); // [B, 1, S, r]
-                let k_nope = c.clone().matmul(w_uk.unsqueeze_dim::<4>(0)); // [B, nh, S, dn]
-                let v = c.matmul(w_uv.unsqueeze_dim::<4>(0)); // [B, nh, S, dv]
-                let scores = (q_nope.matmul(k_nope.swap_dims(2, 3)) + rope_scores)
-                    * self.softmax_scale
-                    + mask.clone();
-                softmax(scores, 3).matmul(v) // [B, nh, T, dv]
+                // Per-head keys [k_nope | k_pe] and queries [q_nope | q_pe]: one score matmul.
+                let c = c.reshape([1, b * s, r]);
+                let k_nope = c.clone().matmul(w_uk).reshape([nh, b, s, dn]);
+                let v = c.matmul(w_uv).reshape([nh, b, s, dv]);
+                let k = Tensor::cat(vec![k_nope, k_pe.expand([nh, b, s, dr])], 3);
+                let q = Tensor::cat(vec![q_nope, q_pe], 3);
+                let scores = q.matmul(k.swap_dims(2, 3)); // [nh, B, T, S]
+                softmax(add_mask(scores, mask), 3)
+                    .matmul(v)
+                    .reshape([nh, b * t, dv])
             }
-            AttentionMode::Absorbed => {
-                let q_abs = q_nope.matmul(w_uk.swap_dims(1, 2).unsqueeze_dim::<4>(0)); // [B, nh, T, r]
-                let c = all.c.clone().unsqueeze_dim::<4>(1); // [B, 1, S, r]
-                let scores = (q_abs.matmul(c.clone().swap_dims(2, 3)) + rope_scores)
-                    * self.softmax_scale
-                    + mask.clone();
-                let o_lat = softmax(scores, 3).matmul(c); // [B, nh, T, r]
-                o_lat.matmul(w_uv.unsqueeze_dim::<4>(0)) // [B, nh, T, dv]
+            _ => {
+                let q_abs = q_nope
+                    .reshape([nh, b * t, dn])
+                    .matmul(w_uk.swap_dims(1, 2))
+                    .reshape([nh, b, t, r]);
+                let scores =
+                    q_abs.matmul(c.clone().swap_dims(2, 3)) + q_pe.matmul(k_pe.swap_dims(2, 3)); // [nh, B, T, S]
+                let o_lat = softmax(add_mask(scores, mask), 3).matmul(c); // [nh, B, T, r]
+                o_lat.reshape([nh, b * t, r]).matmul(w_uv) // [nh, B*T, dv]
             }
         };
-        debug_assert_eq!(out.dims(), [b, nh, t, dv]);
-        let out = out.swap_dims(1, 2).reshape([b, t, nh * dv]);
+        let out = out.swap_dims(0, 1).reshape([b, t, nh * dv]);
         (self.o_proj.forward(out), new)
     }
+
+    /// The form with fewer multiply-adds for `t` queries over `s` keys: naive pays for expanding
+    /// every key once (`s·r·nh·(dn+dv)`) but attends in `dn`/`dv` wide heads; absorbed attends
+    /// `r` wide. Prefill favours naive, decode (t = 1) absorbed.
+    fn cheaper_mode(&self, t: usize, s: usize) -> AttentionMode {
+        let (nh, dn, dv, r) = (
+            self.num_heads,
+            self.qk_nope_head_dim,
+            self.v_head_dim,
+            self.kv_lora_rank,
+        );
+        let naive = s * r * nh * (dn + dv) + nh * t * s * (dn + dv);
+        let absorbed = nh * t * r * (dn + dv) + nh * t * s * 2 * r;
+        if naive < absorbed {
+            AttentionMode::Naive
+        } else {
+            AttentionMode::Absorbed
+        }
+    }
+}
+
+/// `scores: [nh, B, T, S] + mask: [B|1, 1, T, S]`, laid out so the mask is one contiguous row
+/// repeated over the outer axis (the broadcast CPU backends do fastest).
+fn add_mask<B: DsBackend>(scores: Tensor<B, 4>, mask: &Tensor<B, 4>) -> Tensor<B, 4> {
+    let [nh, b, t, s] = scores.dims();
+    // A per-row mask repeats over the heads; a shared one over heads and rows.
+    let (outer, row) = if mask.dims()[0] == b {
+        (nh, b * t * s)
+    } else {
+        (nh * b, t * s)
+    };
+    (scores.reshape([outer, row]) + mask.clone().reshape([1, row])).reshape([nh, b, t, s])
 }
 
 /// Additive causal mask `[1, 1, T, past+T]`: query `t` sees keys `0..=past+t`.

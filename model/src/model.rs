@@ -41,7 +41,7 @@ impl<B: DsBackend> FeedForward<B> {
 /// additive attention mask over (cached + new) key slots.
 #[derive(Debug, Clone)]
 pub struct Span<B: DsBackend> {
-    /// `[B or 1, T, dr/2]`.
+    /// `[B or 1, T, dr]` rotation tables ([`RotaryEmbedding::cos_sin_at`]).
     pub cos: Tensor<B, 3>,
     pub sin: Tensor<B, 3>,
     /// `[B or 1, 1, T, past + T]`, 0 or −inf.
@@ -71,12 +71,30 @@ impl<B: DsBackend> Span<B> {
         device: &B::Device,
     ) -> Self {
         let positions: Vec<usize> = offsets.iter().flat_map(|&o| o..o + t).collect();
-        let (cos, sin) = rope.cos_sin_at::<B>(&positions, device);
-        let half = rope.inv_freq.len();
+        Self::at_positions(
+            rope,
+            &positions,
+            offsets.len(),
+            padded_causal_mask(t, past, pad, device),
+            device,
+        )
+    }
+
+    /// `rows` rows of `positions.len() / rows` new tokens at the given absolute positions
+    /// (row-major), with an explicit additive mask `[rows or 1, 1, T, S]`.
+    pub fn at_positions(
+        rope: &RotaryEmbedding,
+        positions: &[usize],
+        rows: usize,
+        mask: Tensor<B, 4>,
+        device: &B::Device,
+    ) -> Self {
+        let (cos, sin) = rope.cos_sin_at::<B>(positions, device);
+        let [_, n, dr] = cos.dims();
         Self {
-            cos: cos.reshape([offsets.len(), t, half]),
-            sin: sin.reshape([offsets.len(), t, half]),
-            mask: padded_causal_mask(t, past, pad, device),
+            cos: cos.reshape([rows, n / rows, dr]),
+            sin: sin.reshape([rows, n / rows, dr]),
+            mask,
         }
     }
 }
@@ -87,6 +105,9 @@ pub struct ForwardOptions {
     pub attention: AttentionMode,
     /// Keep every MoE layer's expert choices and weights (a host read per layer).
     pub record_routing: bool,
+    /// Compute logits for each row's last position only (`[B, 1, V]`): what a prompt's
+    /// prefill needs, and `lm_head` is the largest matmul of a small model.
+    pub last_logits_only: bool,
 }
 
 /// One MoE layer's routing, with its checkpoint layer index.
@@ -205,7 +226,7 @@ pub struct DeepseekV3Model<B: DsBackend> {
 /// Output of [`DeepseekV3::forward`].
 #[derive(Debug, Clone)]
 pub struct ForwardOutput<B: DsBackend> {
-    /// `[B, T, vocab]`.
+    /// `[B, T, vocab]` (`[B, 1, vocab]` with [`ForwardOptions::last_logits_only`]).
     pub logits: Tensor<B, 3>,
     /// Hidden state after the final norm, `[B, T, H]` (what the MTP modules consume).
     pub hidden: Tensor<B, 3>,
@@ -477,7 +498,12 @@ impl<B: DsBackend> DeepseekV3<B> {
             }
         }
         let hidden = self.model.norm.forward(h);
-        let logits = self.lm_head.forward(hidden.clone());
+        let logits = if opts.last_logits_only {
+            let t = hidden.dims()[1];
+            self.lm_head.forward(hidden.clone().narrow(1, t - 1, 1))
+        } else {
+            self.lm_head.forward(hidden.clone())
+        };
         ForwardOutput {
             logits,
             hidden,

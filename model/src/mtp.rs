@@ -100,10 +100,16 @@ impl<B: DsBackend> MtpLayer<B> {
             past,
             opts,
         );
+        let last = if opts.last_logits_only {
+            let t = out.dims()[1];
+            out.clone().narrow(1, t - 1, 1)
+        } else {
+            out.clone()
+        };
         let logits = self
             .shared_head
             .head
-            .forward(self.shared_head.norm.forward(out.clone()));
+            .forward(self.shared_head.norm.forward(last));
         (logits, out, kv, routing)
     }
 }

@@ -79,8 +79,8 @@ impl RotaryEmbedding {
         }
     }
 
-    /// `cos`, `sin` tables `[len, dr/2]` for positions `start..start+len`, already multiplied by
-    /// `attention_factor`.
+    /// `cos`, `sin` tables `[len, dr]` for positions `start..start+len` (see
+    /// [`Self::cos_sin_at`]).
     pub fn cos_sin<B: DsBackend>(
         &self,
         start: usize,
@@ -89,32 +89,36 @@ impl RotaryEmbedding {
     ) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let positions: Vec<usize> = (start..start + len).collect();
         let (c, s) = self.cos_sin_at::<B>(&positions, device);
-        (
-            c.reshape([len, self.inv_freq.len()]),
-            s.reshape([len, self.inv_freq.len()]),
-        )
+        let dr = 2 * self.inv_freq.len();
+        (c.reshape([len, dr]), s.reshape([len, dr]))
     }
 
-    /// `cos`, `sin` tables `[1, n, dr/2]` for arbitrary absolute positions.
+    /// Rotation tables `[1, n, dr]` for arbitrary absolute positions, in the interleaved layout
+    /// [`apply_rope`] uses: `cos = (c₀, c₀, c₁, c₁, …)` and `sin = (−s₀, s₀, −s₁, s₁, …)`,
+    /// both already multiplied by `attention_factor`.
     pub fn cos_sin_at<B: DsBackend>(
         &self,
         positions: &[usize],
         device: &B::Device,
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
-        let half = self.inv_freq.len();
+        let dr = 2 * self.inv_freq.len();
         let len = positions.len();
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
+        let mut cos = Vec::with_capacity(len * dr);
+        let mut sin = Vec::with_capacity(len * dr);
         for &p in positions {
             for &f in &self.inv_freq {
                 let (s, c) = (p as f64 * f).sin_cos();
-                cos.push((c * self.attention_factor) as f32);
-                sin.push((s * self.attention_factor) as f32);
+                let (c, s) = (
+                    (c * self.attention_factor) as f32,
+                    (s * self.attention_factor) as f32,
+                );
+                cos.extend([c, c]);
+                sin.extend([-s, s]);
             }
         }
         (
-            Tensor::from_data(TensorData::new(cos, [1, len, half]), device),
-            Tensor::from_data(TensorData::new(sin, [1, len, half]), device),
+            Tensor::from_data(TensorData::new(cos, [1, len, dr]), device),
+            Tensor::from_data(TensorData::new(sin, [1, len, dr]), device),
         )
     }
 }
@@ -134,21 +138,35 @@ pub fn softmax_scale(cfg: &DeepseekV3Config) -> f64 {
     }
 }
 
-/// Rotates interleaved pairs `(x[2i], x[2i+1])` of the last dim of `x: [B, T, N, dr]` by the
-/// angles of `cos`/`sin: [B or 1, T, dr/2]` (the checkpoint's layout; spec §3.3).
-pub fn apply_rope<B: DsBackend>(
-    x: Tensor<B, 4>,
+/// Rotates interleaved pairs `(x[2i], x[2i+1])` of the last dim of `x: [.., B, T, dr]` (any
+/// leading axes, e.g. heads) by the angles of `cos`/`sin: [B or 1, T, dr]` from
+/// [`RotaryEmbedding::cos_sin_at`] (the checkpoint's layout; spec §3.3):
+/// `y = x·cos + swap_pairs(x)·sin`.
+///
+/// The pair swap is a product with a `dr × dr` permutation matrix (exact: one 1 per column), and
+/// the tables broadcast as one contiguous row over the leading axes, the broadcast CPU backends
+/// run fastest.
+pub fn apply_rope<B: DsBackend, const D: usize>(
+    x: Tensor<B, D>,
     cos: &Tensor<B, 3>,
     sin: &Tensor<B, 3>,
-) -> Tensor<B, 4> {
-    let [b, t, n, d] = x.dims();
-    let bc = cos.dims()[0];
-    let pairs = x.reshape([b, t, n, d / 2, 2]);
-    let even = pairs.clone().narrow(4, 0, 1).reshape([b, t, n, d / 2]);
-    let odd = pairs.narrow(4, 1, 1).reshape([b, t, n, d / 2]);
-    let cos = cos.clone().reshape([bc, t, 1, d / 2]);
-    let sin = sin.clone().reshape([bc, t, 1, d / 2]);
-    let y_even = even.clone() * cos.clone() - odd.clone() * sin.clone();
-    let y_odd = even * sin + odd * cos;
-    Tensor::stack::<5>(vec![y_even, y_odd], 4).reshape([b, t, n, d])
+) -> Tensor<B, D> {
+    let dims = x.dims();
+    let [bc, t, dr] = cos.dims();
+    debug_assert!(D >= 3 && dims[D - 2] == t && dims[D - 1] == dr);
+    let mut swap = vec![0f32; dr * dr];
+    for i in 0..dr {
+        // Column i of the product takes x[i ^ 1].
+        swap[(i ^ 1) * dr + i] = 1.0;
+    }
+    let swap = Tensor::<B, 2>::from_data(TensorData::new(swap, [dr, dr]), &x.device());
+    let lead: usize = dims[..D - 2].iter().product();
+    let x = x.reshape([lead * t, dr]);
+    let swapped = x.clone().matmul(swap);
+    // Rows of the table repeat every `bc·t` rows of x (bc = 1, or the batch axis right before T).
+    let row = bc * t * dr;
+    let outer = lead * t * dr / row;
+    let flat = |v: Tensor<B, 2>| v.reshape([outer, row]);
+    let y = flat(x) * cos.clone().reshape([1, row]) + flat(swapped) * sin.clone().reshape([1, row]);
+    y.reshape(dims)
 }

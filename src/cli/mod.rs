@@ -113,8 +113,9 @@ pub struct ScoreArgs {
     /// + block scales in memory, about half the bytes of bf16, dequantized inside the matmul).
     #[arg(long, default_value = "f32", value_parser = ["f32", "fp8"])]
     pub weights: String,
-    /// Attention form: absorbed (attention over the latent, as decode runs) or naive (per-head k/v).
-    #[arg(long, default_value = "absorbed", value_parser = ["absorbed", "naive"])]
+    /// Attention form: auto (the cheaper of the two for each call: naive for prompts, absorbed
+    /// for decode), absorbed (attention over the latent) or naive (per-head k/v).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "absorbed", "naive"])]
     pub attention: String,
     /// Fail if the checkpoint holds tensors the model does not use (default: report them).
     #[arg(long)]
@@ -445,12 +446,13 @@ fn score_on<B: DsBackend>(
     }
     let tokens = model.tokens_tensor(ids)?;
     let fopts = ForwardOptions {
-        attention: if a.attention == "naive" {
-            AttentionMode::Naive
-        } else {
-            AttentionMode::Absorbed
+        attention: match a.attention.as_str() {
+            "naive" => AttentionMode::Naive,
+            "absorbed" => AttentionMode::Absorbed,
+            _ => AttentionMode::Auto,
         },
         record_routing: a.routing.is_some(),
+        ..Default::default()
     };
     let fwd = model.forward(tokens.clone(), a.offset, None, &fopts);
     let t = ids.len();
