@@ -6,8 +6,6 @@ use std::path::Path;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use clap::Parser;
-use deepseek_v3::cli::{run, Cli};
 use dsv3_backends::{e4m3, DsBackend, Fp8Weight, GroupedWeight};
 use dsv3_model::{load_with, DeepseekV3, ForwardOptions, LoadOptions, WeightOptions};
 
@@ -59,14 +57,6 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
-}
-
-fn dsv3(args: &[&str]) -> Result<String, String> {
-    let cli = Cli::try_parse_from(std::iter::once("dsv3").chain(args.iter().copied()))
-        .map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    run(cli, &mut out).map_err(|e| e.to_string())?;
-    Ok(String::from_utf8(out).unwrap())
 }
 
 /// Random FP8 weights `[e, n, k]` with random positive block scales.

@@ -1,17 +1,6 @@
 //! The `dsv3` commands, run as a user would (through clap), and their error lines.
 
-use clap::Parser;
-use deepseek_v3::cli::{run, Cli};
-
 use crate::common::*;
-
-fn dsv3(args: &[&str]) -> Result<String, String> {
-    let cli = Cli::try_parse_from(std::iter::once("dsv3").chain(args.iter().copied()))
-        .map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    run(cli, &mut out).map_err(|e| e.to_string())?;
-    Ok(String::from_utf8(out).unwrap())
-}
 
 #[test]
 fn inspect_preset_671b() {

@@ -176,3 +176,13 @@ pub fn copy_fixture(name: &str) -> PathBuf {
     }
     dst
 }
+
+/// Runs `dsv3 ARGS` in-process as the binary would (parsing included); the error is the one
+/// line the binary prints.
+pub fn dsv3(args: &[&str]) -> Result<String, String> {
+    let cli = deepseek_v3::cli::parse_args(std::iter::once("dsv3").chain(args.iter().copied()))?
+        .ok_or("help printed")?;
+    let mut out = Vec::new();
+    deepseek_v3::cli::run(cli, &mut out).map_err(|e| e.to_string())?;
+    Ok(String::from_utf8(out).unwrap())
+}

@@ -815,16 +815,6 @@ fn stop_strings_and_streamed_text() {
 
 // ---------------------------------------------------------------- CLI
 
-fn dsv3(args: &[&str]) -> Result<String, String> {
-    use clap::Parser;
-    let cli =
-        deepseek_v3::cli::Cli::try_parse_from(std::iter::once("dsv3").chain(args.iter().copied()))
-            .map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    deepseek_v3::cli::run(cli, &mut out).map_err(|e| e.to_string())?;
-    Ok(String::from_utf8(out).unwrap())
-}
-
 /// A copy of tiny-qlora with the byte-level tokenizer (ids 0..260 fit its 317-token vocab).
 fn model_with_tokenizer() -> PathBuf {
     let dir = copy_fixture("tiny-qlora");
@@ -941,12 +931,21 @@ fn cli_generate_text_and_chat() {
             max_context: Some(200),
             prefill_chunk: 16,
             backend: "flex".into(),
+            dtype: "f32".into(),
+            weights: "f32".into(),
         },
         system: None,
     };
     let mut input = std::io::Cursor::new("Hi there\nAnd again?\n\n");
     let mut out = Vec::new();
-    deepseek_v3::cli::generate::chat_on::<B>(&args, &mut input, &mut out, false).unwrap();
+    deepseek_v3::cli::generate::chat_on::<B>(
+        &args,
+        dsv3_backends::BackendKind::Flex,
+        &mut input,
+        &mut out,
+        false,
+    )
+    .unwrap();
     let out = String::from_utf8(out).unwrap();
     let stats: Vec<&str> = out
         .lines()
@@ -998,6 +997,13 @@ fn cli_generate_errors() {
             ],
             &["greedy"],
         ),
+        (
+            vec!["--tokens", "1,2", "--dtype", "bf16"],
+            &["bf16", "flex"],
+        ),
+        (vec!["--tokens", "1,2", "--dtype", "f8"], &["f8"]),
+        (vec!["--tokens", "1,2", "--weights", "int4"], &["int4"]),
+        (vec!["--tokens", "1,2", "--backend", "tpu"], &["tpu"]),
     ];
     for (args, needles) in cases {
         let mut full = vec!["generate", "--model", d];
@@ -1019,6 +1025,34 @@ fn cli_generate_errors() {
     ])
     .unwrap_err();
     assert!(e.contains("MTP"), "{e}");
+}
+
+/// `generate --weights fp8` keeps the FP8 fixture's weights as e4m3 codes (experts packed for
+/// the grouped operations) and decodes the same greedy tokens as with the weights dequantized
+/// at load: both compute the same products of the same dequantized values.
+#[test]
+fn generate_with_fp8_weights_in_memory_matches_f32() {
+    let dir = fixture("tiny-fp8");
+    let run = |weights: &str| -> serde_json::Value {
+        let out = dsv3(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--tokens",
+            "5,17,200,3,99,41,7",
+            "--max-new-tokens",
+            "12",
+            "--ignore-eos",
+            "--weights",
+            weights,
+            "--json",
+        ])
+        .unwrap();
+        serde_json::from_str(out.trim()).unwrap()
+    };
+    let (f32w, fp8w) = (run("f32"), run("fp8"));
+    assert_eq!(f32w["tokens"].as_array().unwrap().len(), 12);
+    assert_eq!(f32w["tokens"], fp8w["tokens"]);
 }
 
 /// The 671B shape caches 576 numbers per layer and token (kv latent 512 + rope key 64): 61

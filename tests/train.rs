@@ -8,8 +8,6 @@ use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Tensor, TensorData};
-use clap::Parser;
-use deepseek_v3::cli::{run, Cli};
 use dsv3_backends::{Cpu, CpuAutodiff};
 use dsv3_model::{AttentionMode, DeepseekV3, ForwardOptions};
 use dsv3_train::checkpoint;
@@ -22,14 +20,6 @@ use dsv3_train::{balance, loss, TrainConfig, TrainError};
 use crate::common::*;
 
 type AD = CpuAutodiff;
-
-fn dsv3(args: &[&str]) -> Result<String, String> {
-    let cli = Cli::try_parse_from(std::iter::once("dsv3").chain(args.iter().copied()))
-        .map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    run(cli, &mut out).map_err(|e| e.to_string())?;
-    Ok(String::from_utf8(out).unwrap())
-}
 
 /// Deterministic pseudo-English documents (enough for several windows).
 fn docs(n: usize) -> Vec<Document> {

@@ -13,7 +13,7 @@ use dsv3_infer::{
 };
 use dsv3_model::{DeepseekV3, LoadOptions};
 
-use super::{parse_tokens, CliError};
+use super::{parse_tokens, weight_options, CliError};
 
 /// Decoding flags shared by `generate` and `chat`.
 #[derive(Args, Debug, Clone)]
@@ -60,6 +60,13 @@ pub struct DecodeArgs {
     /// Backend to run on: flex (alias cpu), or wgpu / cuda when built with those features.
     #[arg(long, default_value = "flex")]
     pub backend: String,
+    /// Float type of weights and activations: f32, or bf16 / f16 where the backend has them (cuda).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// How FP8 checkpoint weights are held: f32 (dequantized while loading) or fp8 (e4m3 codes
+    /// and block scales in memory, multiplied by the FP8 kernel).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "fp8"])]
+    pub weights: String,
 }
 
 #[derive(Args, Debug)]
@@ -126,14 +133,28 @@ impl DecodeArgs {
         Ok(opts)
     }
 
-    fn load<B: DsBackend>(&self) -> Result<(DeepseekV3<B>, Option<Tokenizer>), CliError> {
+    /// The model as `kind` runs it best (experts packed for the grouped kernels on GPU
+    /// backends, FP8 kept in memory with `--weights fp8`) and its tokenizer, if any.
+    fn load<B: DsBackend>(
+        &self,
+        kind: BackendKind,
+    ) -> Result<(DeepseekV3<B>, Option<Tokenizer>), CliError> {
         let tok = Tokenizer::from_dir(&self.model).map_err(infer)?;
         let opts = LoadOptions {
             strict: false,
             skip_mtp: self.speculative.is_none(),
         };
-        let (model, _) = dsv3_model::load::<B>(&self.model, &B::Device::default(), &opts)?;
+        let weights = weight_options(kind, &self.weights);
+        let (model, _) =
+            dsv3_model::load_with::<B>(&self.model, &B::Device::default(), &opts, &weights)?;
         Ok((model, tok))
+    }
+
+    fn backend(&self) -> Result<(BackendKind, FloatDtype), CliError> {
+        Ok((
+            BackendKind::parse(&self.backend)?,
+            FloatDtype::parse(&self.dtype)?,
+        ))
     }
 }
 
@@ -189,15 +210,19 @@ pub fn generate_cmd(a: &GenerateArgs, out: &mut dyn Write) -> Result<(), CliErro
     struct Run<'a>(&'a GenerateArgs, &'a mut dyn Write);
     impl OnBackend for Run<'_> {
         type Output = Result<(), CliError>;
-        fn run<B: DsBackend>(self, _: BackendKind, _: FloatDtype) -> Self::Output {
-            generate_on::<B>(self.0, self.1)
+        fn run<B: DsBackend>(self, kind: BackendKind, _: FloatDtype) -> Self::Output {
+            generate_on::<B>(self.0, kind, self.1)
         }
     }
-    let kind = BackendKind::parse(&a.decode.backend)?;
-    on_backend(kind, FloatDtype::F32, Run(a, out))?
+    let (kind, dtype) = a.decode.backend()?;
+    on_backend(kind, dtype, Run(a, out))?
 }
 
-fn generate_on<B: DsBackend>(a: &GenerateArgs, out: &mut dyn Write) -> Result<(), CliError> {
+fn generate_on<B: DsBackend>(
+    a: &GenerateArgs,
+    kind: BackendKind,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
     let opts = a.decode.options()?;
     if a.prompt.is_some() && !a.decode.model.join("tokenizer.json").is_file() {
         return Err(CliError::Usage(format!(
@@ -205,7 +230,7 @@ fn generate_on<B: DsBackend>(a: &GenerateArgs, out: &mut dyn Write) -> Result<()
             a.decode.model.display()
         )));
     }
-    let (model, tok) = a.decode.load::<B>()?;
+    let (model, tok) = a.decode.load::<B>(kind)?;
     let ids = match (&a.tokens, &a.prompt, &tok) {
         (Some(t), _, _) => parse_tokens(t)?,
         (None, Some(p), Some(tok)) if a.chat => {
@@ -261,24 +286,25 @@ pub fn chat_cmd(a: &ChatArgs, out: &mut dyn Write) -> Result<(), CliError> {
     struct Run<'a>(&'a ChatArgs, &'a mut dyn BufRead, &'a mut dyn Write, bool);
     impl OnBackend for Run<'_> {
         type Output = Result<(), CliError>;
-        fn run<B: DsBackend>(self, _: BackendKind, _: FloatDtype) -> Self::Output {
-            chat_on::<B>(self.0, self.1, self.2, self.3)
+        fn run<B: DsBackend>(self, kind: BackendKind, _: FloatDtype) -> Self::Output {
+            chat_on::<B>(self.0, kind, self.1, self.2, self.3)
         }
     }
-    let kind = BackendKind::parse(&a.decode.backend)?;
-    on_backend(kind, FloatDtype::F32, Run(a, &mut input, out, interactive))?
+    let (kind, dtype) = a.decode.backend()?;
+    on_backend(kind, dtype, Run(a, &mut input, out, interactive))?
 }
 
 /// The chat loop over `input` lines: each line is a user turn; an empty line or EOF ends it.
 /// The conversation stays in the latent cache; each turn prefills only its new tokens.
 pub fn chat_on<B: DsBackend>(
     a: &ChatArgs,
+    kind: BackendKind,
     input: &mut dyn BufRead,
     out: &mut dyn Write,
     interactive: bool,
 ) -> Result<(), CliError> {
     let opts = a.decode.options()?;
-    let (model, tok) = a.decode.load::<B>()?;
+    let (model, tok) = a.decode.load::<B>(kind)?;
     let tok = tok.ok_or_else(|| {
         CliError::Usage(format!(
             "chat needs a tokenizer: {} has no tokenizer.json",

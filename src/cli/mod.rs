@@ -136,6 +136,35 @@ pub enum CliError {
 }
 
 /// Runs a parsed command, writing its report to `out`.
+/// Parses a command line (`args[0]` is the program name). Usage errors come back as one line
+/// (clap's message with its hints folded in); `--help` and `--version` come back as `Ok(None)`
+/// after printing.
+pub fn parse_args<I, T>(args: I) -> Result<Option<Cli>, String>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::error::ErrorKind;
+    match Cli::try_parse_from(args) {
+        Ok(cli) => Ok(Some(cli)),
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            Ok(None)
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let line: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+                .collect();
+            let line = line.join(" ");
+            let line = line.strip_prefix("error: ").unwrap_or(&line);
+            Err(format!("{line} (see --help)"))
+        }
+    }
+}
+
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     match cli.command {
         Command::Inspect(a) => inspect(&a, out),
