@@ -573,17 +573,45 @@ impl DeepseekV3Config {
         c
     }
 
+    /// The architecture at toy size for training on a CPU (`dsv3 train`'s default): MLA with
+    /// q-LoRA, 1 dense + 3 MoE layers of 16 routed experts in 4 groups (top-2 from 2 groups,
+    /// 1 shared), one MTP module, YaRN as in V3.
+    pub fn mini() -> Self {
+        let mut c = Self::tiny();
+        c.hidden_size = 192;
+        c.intermediate_size = 512;
+        c.moe_intermediate_size = 128;
+        c.num_hidden_layers = 4;
+        c.first_k_dense_replace = 1;
+        c.num_attention_heads = 4;
+        c.num_key_value_heads = Some(4);
+        c.q_lora_rank = Some(96);
+        c.kv_lora_rank = 64;
+        c.qk_nope_head_dim = 32;
+        c.qk_rope_head_dim = 16;
+        c.v_head_dim = 32;
+        c.n_routed_experts = 16;
+        c.n_shared_experts = 1;
+        c.num_experts_per_tok = 2;
+        c.n_group = 4;
+        c.topk_group = 2;
+        c.num_nextn_predict_layers = 1;
+        // YaRN and the context length are tiny's (as in V3: factor 4 here).
+        c
+    }
+
     /// Named presets for the CLI.
     pub fn preset(name: &str) -> Option<Self> {
         match name {
             "671b" | "deepseek-v3" => Some(Self::deepseek_v3_671b()),
             "tiny" => Some(Self::tiny()),
+            "mini" => Some(Self::mini()),
             "small" => Some(Self::small()),
             _ => None,
         }
     }
 
-    pub const PRESETS: &'static [&'static str] = &["671b", "small", "tiny"];
+    pub const PRESETS: &'static [&'static str] = &["671b", "small", "mini", "tiny"];
 
     /// Parameter counts: (total, active per token), MTP modules included in total only when
     /// `with_mtp`. Active counts the shared experts and `k` routed experts per MoE layer.

@@ -50,7 +50,7 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct InitArgs {
-    /// Built-in config: 671b, small or tiny.
+    /// Built-in config: 671b, small, mini or tiny.
     #[arg(long, conflicts_with = "config", required_unless_present = "config")]
     pub preset: Option<String>,
     /// A config.json to use instead of a preset.
@@ -72,7 +72,7 @@ pub struct InspectArgs {
     /// Model directory (config.json + model.safetensors or model.safetensors.index.json).
     #[arg(long, conflicts_with = "preset", required_unless_present = "preset")]
     pub model: Option<PathBuf>,
-    /// Inspect a built-in config instead of a directory: 671b, small or tiny.
+    /// Inspect a built-in config instead of a directory: 671b, small, mini or tiny.
     #[arg(long)]
     pub preset: Option<String>,
     /// Print JSON instead of text.

@@ -13,10 +13,9 @@ use dsv3_backends::{DsAutodiffBackend, DsBackend};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use burn::module::{Module, ModuleMapper, Param, ParamId};
+use burn::module::ParamId;
 use burn::optim::Optimizer;
 use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
-use burn::tensor::Tensor;
 use dsv3_model::{DeepseekV3, LoadOptions, SaveDtype};
 use serde::{Deserialize, Serialize};
 
@@ -184,15 +183,6 @@ pub fn prune(out: &Path, keep: usize) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// Makes every parameter trainable again (a loaded tensor is not tracked by autodiff).
-struct Trainable;
-impl<B: DsAutodiffBackend> ModuleMapper<B> for Trainable {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let (id, t, mapper) = param.consume();
-        Param::from_mapped_value(id, t.require_grad(), mapper)
-    }
-}
-
 /// Reads `train_state.json` of a checkpoint.
 pub fn read_state(dir: &Path) -> Result<TrainState, TrainError> {
     let p = dir.join(STATE_FILE);
@@ -227,7 +217,6 @@ pub fn load<B: DsAutodiffBackend>(
         skip_mtp: false,
     };
     let (model, _) = dsv3_model::load::<B>(dir, device, &opts).map_err(|e| bad(e.to_string()))?;
-    let model = model.map(&mut Trainable);
     let bytes =
         std::fs::read(dir.join(OPTIM_FILE)).map_err(|e| bad(format!("{OPTIM_FILE}: {e}")))?;
     let record: <Optim<B> as Optimizer<DeepseekV3<B>, B>>::Record = Recorder::<B>::load(

@@ -1,6 +1,5 @@
 //! Training hyper-parameters and the named presets (model shape + training settings).
 
-use dsv3_model::config::RopeScaling;
 use dsv3_model::DeepseekV3Config;
 use serde::{Deserialize, Serialize};
 
@@ -199,7 +198,7 @@ pub fn preset(name: &str) -> Option<Preset> {
         "mini" => {
             let train = TrainConfig::default();
             Some(Preset {
-                model: for_bytes(mini_model(), train.seq_len),
+                model: for_bytes(DeepseekV3Config::mini(), train.seq_len),
                 train,
             })
         }
@@ -218,40 +217,4 @@ pub fn preset(name: &str) -> Option<Preset> {
         }
         _ => None,
     }
-}
-
-/// The `mini` model: MLA with q-LoRA, 1 dense + 3 MoE layers of 16 routed experts in 4 groups
-/// (top-2 from 2 groups, 1 shared), one MTP module, YaRN as in V3.
-pub fn mini_model() -> DeepseekV3Config {
-    let mut c = DeepseekV3Config::tiny();
-    c.hidden_size = 192;
-    c.intermediate_size = 512;
-    c.moe_intermediate_size = 128;
-    c.num_hidden_layers = 4;
-    c.first_k_dense_replace = 1;
-    c.num_attention_heads = 4;
-    c.num_key_value_heads = Some(4);
-    c.q_lora_rank = Some(96);
-    c.kv_lora_rank = 64;
-    c.qk_nope_head_dim = 32;
-    c.qk_rope_head_dim = 16;
-    c.v_head_dim = 32;
-    c.n_routed_experts = 16;
-    c.n_shared_experts = 1;
-    c.num_experts_per_tok = 2;
-    c.n_group = 4;
-    c.topk_group = 2;
-    c.num_nextn_predict_layers = 1;
-    c.max_position_embeddings = 4096;
-    c.rope_scaling = Some(RopeScaling {
-        rope_type: Some("yarn".into()),
-        factor: Some(4.0),
-        original_max_position_embeddings: Some(1024),
-        beta_fast: Some(32.0),
-        beta_slow: Some(1.0),
-        mscale: Some(1.0),
-        mscale_all_dim: Some(1.0),
-        rope_theta: None,
-    });
-    c
 }
