@@ -177,7 +177,7 @@ impl<B: DsBackend> Mla<B> {
         };
         let s = all.len();
         let mode = match mode {
-            AttentionMode::Auto => self.cheaper_mode(t, s),
+            AttentionMode::Auto => cheaper_mode(nh, dn, dv, r, t, s),
             m => m,
         };
         let c = all.c.unsqueeze_dim::<4>(0); // [1, B, S, r]
@@ -216,24 +216,26 @@ impl<B: DsBackend> Mla<B> {
         let out = out.swap_dims(0, 1).reshape([b, t, nh * dv]);
         (self.o_proj.forward(out), new)
     }
+}
 
-    /// The form with fewer multiply-adds for `t` queries over `s` keys: naive pays for expanding
-    /// every key once (`s·r·nh·(dn+dv)`) but attends in `dn`/`dv` wide heads; absorbed attends
-    /// `r` wide. Prefill favours naive, decode (t = 1) absorbed.
-    fn cheaper_mode(&self, t: usize, s: usize) -> AttentionMode {
-        let (nh, dn, dv, r) = (
-            self.num_heads,
-            self.qk_nope_head_dim,
-            self.v_head_dim,
-            self.kv_lora_rank,
-        );
-        let naive = s * r * nh * (dn + dv) + nh * t * s * (dn + dv);
-        let absorbed = nh * t * r * (dn + dv) + nh * t * s * 2 * r;
-        if naive < absorbed {
-            AttentionMode::Naive
-        } else {
-            AttentionMode::Absorbed
-        }
+/// The attention form with fewer multiply-adds for `t` queries over `s` keys with `nh` heads of
+/// nope/value widths `dn`/`dv` over a latent of rank `r`: naive pays for expanding every key
+/// once (`s·r·nh·(dn+dv)`) but attends in `dn`/`dv` wide heads; absorbed attends `r` wide.
+/// Prompts favour naive, decode (t = 1) absorbed.
+pub fn cheaper_mode(
+    nh: usize,
+    dn: usize,
+    dv: usize,
+    r: usize,
+    t: usize,
+    s: usize,
+) -> AttentionMode {
+    let naive = s * r * nh * (dn + dv) + nh * t * s * (dn + dv);
+    let absorbed = nh * t * r * (dn + dv) + nh * t * s * 2 * r;
+    if naive < absorbed {
+        AttentionMode::Naive
+    } else {
+        AttentionMode::Absorbed
     }
 }
 
@@ -280,4 +282,30 @@ pub fn padded_causal_mask<B: DsBackend>(
         device,
     )
     .reshape([pad.len(), 1, t, s])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Auto picks naive for prompts and absorbed for decode, at the 671B shape (128 heads,
+    /// latent 512, nope/value 128) and at the bench's small shape.
+    #[test]
+    fn auto_mode_choice() {
+        for (nh, dn, dv, r) in [(128, 128, 128, 512), (8, 48, 48, 128)] {
+            assert_eq!(cheaper_mode(nh, dn, dv, r, 512, 512), AttentionMode::Naive);
+            assert_eq!(
+                cheaper_mode(nh, dn, dv, r, 2048, 4096),
+                AttentionMode::Naive
+            );
+            assert_eq!(
+                cheaper_mode(nh, dn, dv, r, 1, 4096),
+                AttentionMode::Absorbed
+            );
+            assert_eq!(
+                cheaper_mode(nh, dn, dv, r, 4, 4096),
+                AttentionMode::Absorbed
+            );
+        }
+    }
 }
