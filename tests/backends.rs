@@ -76,6 +76,29 @@ fn random_fp8<Bk: DsBackend>(
 
 /// The backend's encoder agrees with the loader's (torch-checked) one on every finite code.
 /// (The decode table is shared by both crates and checked against torch in `numerics`.)
+/// Flex's thin-product path (columns split over the thread pool) gives exactly the plain matmul,
+/// for one row (decode) and a few rows, at widths that do not split evenly; `par_map` keeps
+/// the order of its items.
+#[test]
+fn flex_thin_products_and_par_map_are_exact() {
+    let mut rng = Rng(41);
+    let (k, n) = (701, 1013); // k·n above the split threshold (2^19)
+    let w = tensor2(rng.normal_vec(k * n, 1.0), [k, n]);
+    for m in [1, 3, 16] {
+        let x = tensor2(rng.normal_vec(m * k, 1.0), [m, k]);
+        let plain = f32s(x.clone().matmul(w.clone()));
+        let split = f32s(B::dense_matmul(x, w.clone()));
+        assert_eq!(plain.len(), m * n);
+        let same = plain
+            .iter()
+            .zip(&split)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "m = {m}: max |Δ| {}", max_diff(&plain, &split));
+    }
+    let squares = B::par_map((0..100u64).collect(), |i| i * i);
+    assert_eq!(squares, (0..100u64).map(|i| i * i).collect::<Vec<_>>());
+}
+
 #[test]
 fn e4m3_encoder_equals_the_model_encoder() {
     for c in 0..=255u8 {

@@ -30,8 +30,36 @@ pub type Wgpu = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u3
 #[cfg(feature = "cuda")]
 pub type Cuda<F = f32> = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, F, i32, u8>;
 
-/// Flex runs the plain-tensor defaults.
-impl DsBackend for burn::backend::Flex {}
+/// Flex runs the plain-tensor defaults, except for thin products.
+impl DsBackend for burn::backend::Flex {
+    /// Flex runs a product under ~7M multiply-adds on one thread, so decode (M = 1) would read
+    /// the weights at one core's bandwidth. Thin products with many weights are split by output
+    /// columns over the rayon pool instead; each column's sum is unchanged.
+    fn dense_matmul(
+        x: burn::tensor::Tensor<Self, 2>,
+        w: burn::tensor::Tensor<Self, 2>,
+    ) -> burn::tensor::Tensor<Self, 2> {
+        use rayon::prelude::*;
+        let ([m, k], n) = (x.dims(), w.dims()[1]);
+        let threads = rayon::current_num_threads();
+        // Below ~512K weights the pool's wake-up costs more than the second core saves.
+        if threads < 2 || m > 16 || k * n < 1 << 19 || m * k * n >= 192 * 192 * 192 {
+            return x.matmul(w);
+        }
+        let chunk = n.div_ceil(threads).next_multiple_of(16);
+        let starts: Vec<usize> = (0..n).step_by(chunk).collect();
+        let parts: Vec<_> = starts
+            .into_par_iter()
+            .map(|a| x.clone().matmul(w.clone().narrow(1, a, chunk.min(n - a))))
+            .collect();
+        burn::tensor::Tensor::cat(parts, 1)
+    }
+
+    fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync + Send) -> Vec<R> {
+        use rayon::prelude::*;
+        items.into_par_iter().map(f).collect()
+    }
+}
 
 /// Under autodiff the defaults are differentiated through; the inner backend's kernels are not
 /// used (no backward is written for them).

@@ -263,6 +263,19 @@ pub struct MoeDispatch<B: Backend> {
 /// Implemented for Flex and `Autodiff<B>` (the defaults) and, with the `wgpu`/`cuda` features,
 /// for every `CubeBackend` (the CubeCL kernels).
 pub trait DsBackend: Backend {
+    /// `x [M, K] · w [K, N]`: the product behind every float Linear layer. A hook for backends
+    /// whose matmul leaves cores idle on thin products (decode multiplies one row per token).
+    fn dense_matmul(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        x.matmul(w)
+    }
+
+    /// `items.map(f)`, for independent pieces of work (e.g. the experts of one MoE layer). The
+    /// default runs them in order; a CPU backend may run them on its thread pool, which is how
+    /// decode reads several small expert matrices at once.
+    fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync + Send) -> Vec<R> {
+        items.into_iter().map(f).collect()
+    }
+
     /// `x [M, K] · W_0ᵀ → [M, N]` for FP8 weights `w` (one matrix), dequantized on the fly.
     /// Only matrix 0 of `w` is used.
     fn fp8_matmul(x: Tensor<Self, 2>, w: &Fp8Weight<Self>) -> Tensor<Self, 2> {

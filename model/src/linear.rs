@@ -25,7 +25,14 @@ impl<B: DsBackend> Linear<B> {
     /// `x [.., in] → [.., out]`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match &self.fp8 {
-            None => burn::tensor::module::linear(x, self.weight.val(), None),
+            None => {
+                let w = self.weight.val();
+                let dims = x.dims();
+                let m = dims[..D - 1].iter().product::<usize>();
+                let mut out = dims;
+                out[D - 1] = w.dims()[1];
+                B::dense_matmul(x.reshape([m, dims[D - 1]]), w).reshape(out)
+            }
             Some(w) => {
                 let dims = x.dims();
                 let k = dims[D - 1];

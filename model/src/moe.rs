@@ -239,26 +239,38 @@ impl<B: DsBackend> Moe<B> {
         }
         let device = x.device();
         let flat_w = weights.clone().reshape([n * k]);
-        let mut out = match &self.shared_experts {
-            Some(shared) => shared.forward(x.clone()),
-            None => Tensor::zeros([n, h], &device),
-        };
-        for (e, expert) in self.experts.iter().enumerate() {
-            if tokens[e].is_empty() {
-                continue;
+        // The shared expert (job `None`) and each used routed expert run as independent jobs
+        // (concurrently on a CPU backend's pool); their outputs are summed in expert order.
+        let mut jobs: Vec<Option<(usize, Vec<i64>, Vec<i64>)>> = vec![None];
+        for e in 0..self.experts.len() {
+            if !tokens[e].is_empty() {
+                jobs.push(Some((
+                    e,
+                    std::mem::take(&mut tokens[e]),
+                    std::mem::take(&mut slots[e]),
+                )));
             }
-            let m = tokens[e].len();
-            let tok = Tensor::<B, 1, Int>::from_data(
-                TensorData::new(std::mem::take(&mut tokens[e]), [m]),
-                &device,
-            );
-            let slot = Tensor::<B, 1, Int>::from_data(
-                TensorData::new(std::mem::take(&mut slots[e]), [m]),
-                &device,
-            );
-            let y = expert.forward(x.clone().select(0, tok.clone()))
-                * flat_w.clone().select(0, slot).reshape([m, 1]);
-            out = out.select_assign(0, tok, y, IndexingUpdateOp::Add);
+        }
+        let outs = B::par_map(jobs, |job| match job {
+            None => self
+                .shared_experts
+                .as_ref()
+                .map(|s| (None, s.forward(x.clone()))),
+            Some((e, tok, slot)) => {
+                let m = tok.len();
+                let tok = Tensor::<B, 1, Int>::from_data(TensorData::new(tok, [m]), &device);
+                let slot = Tensor::<B, 1, Int>::from_data(TensorData::new(slot, [m]), &device);
+                let y = self.experts[e].forward(x.clone().select(0, tok.clone()))
+                    * flat_w.clone().select(0, slot).reshape([m, 1]);
+                Some((Some(tok), y))
+            }
+        });
+        let mut out = Tensor::zeros([n, h], &device);
+        for (tok, y) in outs.into_iter().flatten() {
+            out = match tok {
+                None => out + y,
+                Some(tok) => out.select_assign(0, tok, y, IndexingUpdateOp::Add),
+            };
         }
         let routing = record.then(|| {
             let w: Vec<f32> = weights
