@@ -241,7 +241,7 @@ impl<B: DsBackend> Moe<B> {
         let flat_w = weights.clone().reshape([n * k]);
         // The shared expert (job `None`) and each used routed expert run as independent jobs
         // (concurrently on a CPU backend's pool); their outputs are summed in expert order.
-        let mut jobs: Vec<Option<(usize, Vec<i64>, Vec<i64>)>> = vec![None];
+        let mut jobs: Vec<Option<ExpertJob>> = vec![None];
         for e in 0..self.experts.len() {
             if !tokens[e].is_empty() {
                 jobs.push(Some((
@@ -312,6 +312,9 @@ impl<B: DsBackend> Moe<B> {
         B::moe_combine(y, &d, weights, base)
     }
 }
+
+/// One routed expert's work in the host-grouped path: its id, tokens and (token, slot) indices.
+type ExpertJob = (usize, Vec<i64>, Vec<i64>);
 
 /// Reads routing ids and weights to the host.
 fn routing_of<B: DsBackend>(idx: Tensor<B, 2, Int>, weights: Tensor<B, 2>, k: usize) -> Routing {
