@@ -12,8 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 work="${1:-${TMPDIR:-/tmp}/dsv3-bench-infer}"
 new=${NEW_TOKENS:-64}
-# This build's Flex backend runs on one thread (burn without its rayon feature); match it.
-threads=${THREADS:-1}
+# Both sides get the same threads: Flex's rayon pool (RAYON_NUM_THREADS) and torch's
+# (OMP_NUM_THREADS / set_num_threads). Default: every core.
+threads=${THREADS:-$(nproc)}
 mkdir -p "$work"
 cargo build --release --quiet
 bin=target/release/dsv3

@@ -9,7 +9,7 @@
 
 use burn::tensor::{Int, Tensor, TensorData};
 use dsv3_backends::DsBackend;
-use dsv3_model::LatentKv;
+use dsv3_model::{LatentKv, LatentStore};
 
 use crate::error::InferError;
 
@@ -25,6 +25,9 @@ pub struct LatentCache<B: DsBackend> {
     len: usize,
     capacity: Option<usize>,
     device: B::Device,
+    /// Stands in for a preallocated layer while its buffer is written (keeps it unique, so the
+    /// write happens in place).
+    placeholder: LatentKv<B>,
 }
 
 impl<B: DsBackend> LatentCache<B> {
@@ -55,6 +58,10 @@ impl<B: DsBackend> LatentCache<B> {
             len: 0,
             capacity,
             device: device.clone(),
+            placeholder: LatentKv {
+                c: Tensor::zeros([1, 1, 1], device),
+                k_pe: Tensor::zeros([1, 1, 1], device),
+            },
         }
     }
 
@@ -185,5 +192,59 @@ impl<B: DsBackend> LatentCache<B> {
             kv.k_pe = kv.k_pe.clone().select(0, idx.clone());
         }
         self.batch = rows.len();
+    }
+}
+
+impl<B: DsBackend> LatentCache<B> {
+    /// Fails with [`InferError::ContextFull`] unless `t` more positions fit.
+    pub fn reserve(&self, t: usize) -> Result<(), InferError> {
+        match self.capacity {
+            Some(cap) if self.len + t > cap => Err(InferError::ContextFull {
+                needed: self.len + t,
+                max_context: cap,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts the `t` positions every layer received through [`LatentStore::store_layer`].
+    pub fn commit(&mut self, t: usize) {
+        self.len += t;
+    }
+}
+
+/// The cache as the model's history during a forward ([`dsv3_model::DeepseekV3::forward_store`]):
+/// layer `l`'s new entries go after the `len` committed ones (in place when preallocated; call
+/// [`LatentCache::reserve`] first) and attention reads a view of them all. Call
+/// [`LatentCache::commit`] once the forward is done.
+impl<B: DsBackend> LatentStore<B> for LatentCache<B> {
+    fn store_layer(&mut self, layer: usize, new: &LatentKv<B>) -> LatentKv<B> {
+        let (s, t, b) = (self.len, new.len(), self.batch);
+        if self.capacity.is_none() {
+            let all = match self.layers.get(layer) {
+                Some(old) if s > 0 => old.cat(new),
+                _ => new.clone(),
+            };
+            match self.layers.get_mut(layer) {
+                Some(slot) => *slot = all.clone(),
+                None => self.layers.push(all.clone()),
+            }
+            return all;
+        }
+        let slot = std::mem::replace(&mut self.layers[layer], self.placeholder.clone());
+        let slot = LatentKv {
+            c: slot
+                .c
+                .slice_assign([0..b, s..s + t, 0..self.kv_lora_rank], new.c.clone()),
+            k_pe: slot
+                .k_pe
+                .slice_assign([0..b, s..s + t, 0..self.rope_dim], new.k_pe.clone()),
+        };
+        let view = LatentKv {
+            c: slot.c.clone().narrow(1, 0, s + t),
+            k_pe: slot.k_pe.clone().narrow(1, 0, s + t),
+        };
+        self.layers[layer] = slot;
+        view
     }
 }

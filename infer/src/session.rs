@@ -269,6 +269,7 @@ impl<'m, B: DsBackend> Session<'m, B> {
     ) -> Result<ForwardOutput<B>, InferError> {
         let b = slots.len();
         let t = slots[0].len();
+        self.cache.reserve(t)?;
         let past = self.len();
         let device = self.model.device();
         let mut ids = Vec::with_capacity(b * t);
@@ -288,16 +289,14 @@ impl<'m, B: DsBackend> Session<'m, B> {
         let span = Span::at_positions(&self.model.rope, &positions, b, mask, &device);
         let tokens =
             Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [b * t]), &device).reshape([b, t]);
-        let past_kv = self.cache.past();
         let opts = ForwardOptions {
             last_logits_only: last_only,
             ..self.opts.forward
         };
         let out = self
             .model
-            .forward_span(tokens, &span, past_kv.as_deref(), &opts);
-        drop(past_kv);
-        self.cache.append(out.kv.clone())?;
+            .forward_store(tokens, &span, &mut self.cache, &opts);
+        self.cache.commit(t);
         if let Some(m) = &mut self.mtp {
             m.pending = Some(match m.pending.take() {
                 Some(p) => Tensor::cat(vec![p, out.hidden.clone()], 1),

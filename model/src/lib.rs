@@ -38,7 +38,9 @@ pub use load::{
     WeightOptions,
 };
 pub use mla::{AttentionMode, LatentKv};
-pub use model::{DeepseekV3, ForwardOptions, ForwardOutput, LayerRouting, MtpOutput, Span};
+pub use model::{
+    DeepseekV3, ForwardOptions, ForwardOutput, LatentStore, LayerRouting, MtpOutput, Span,
+};
 pub use moe::Routing;
 
 /// Re-exported so users name one Burn.

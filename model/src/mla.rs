@@ -126,9 +126,10 @@ pub struct Mla<B: DsBackend> {
 impl<B: DsBackend> Mla<B> {
     /// Attention for `x: [B, T, H]` whose tokens follow the `past` entries.
     ///
-    /// `cos`/`sin: [B|1, T, dr]` (see [`crate::rope::RotaryEmbedding::cos_sin_at`]) hold the angles of the new tokens' positions; `mask: [B|1, 1, T, S]`
-    /// is added to the scores (0 or −inf), with `S = past + T`. Returns the output `[B, T, H]` and
-    /// the latent entries of the new tokens (for the caller's cache).
+    /// `cos`/`sin: [B|1, T, dr]` (see [`crate::rope::RotaryEmbedding::cos_sin_at`]) hold the angles
+    /// of the new tokens' positions; `mask: [B|1, 1, T, S]` is added to the scores (0 or −inf),
+    /// with `S = past + T`. Returns the output `[B, T, H]` and the latent entries of the new
+    /// tokens (for the caller's cache).
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -137,6 +138,25 @@ impl<B: DsBackend> Mla<B> {
         past: Option<&LatentKv<B>>,
         mask: &Tensor<B, 4>,
         mode: AttentionMode,
+    ) -> (Tensor<B, 3>, LatentKv<B>) {
+        self.forward_with(x, cos, sin, mask, mode, |new| match past {
+            Some(p) if !p.is_empty() => p.cat(new),
+            _ => new.clone(),
+        })
+    }
+
+    /// [`Self::forward`] with the history kept by the caller: `history` receives the new
+    /// tokens' entries (to store them) and returns every entry the queries attend to, earlier
+    /// ones first. A preallocated cache writes the new entries in place and returns a view, so
+    /// a decode step copies nothing of the history.
+    pub fn forward_with(
+        &self,
+        x: Tensor<B, 3>,
+        cos: &Tensor<B, 3>,
+        sin: &Tensor<B, 3>,
+        mask: &Tensor<B, 4>,
+        mode: AttentionMode,
+        history: impl FnOnce(&LatentKv<B>) -> LatentKv<B>,
     ) -> (Tensor<B, 3>, LatentKv<B>) {
         let [b, t, _] = x.dims();
         let (nh, dn, dr, dv, r) = (
@@ -171,10 +191,7 @@ impl<B: DsBackend> Mla<B> {
         let c = self.kv_a_layernorm.forward(kv.clone().narrow(2, 0, r));
         let k_pe = apply_rope(kv.narrow(2, r, dr), cos, sin);
         let new = LatentKv { c, k_pe };
-        let all = match past {
-            Some(p) if !p.is_empty() => p.cat(&new),
-            _ => new.clone(),
-        };
+        let all = history(&new);
         let s = all.len();
         let mode = match mode {
             AttentionMode::Auto => cheaper_mode(nh, dn, dv, r, t, s),

@@ -168,7 +168,8 @@ pub(crate) fn feed_forward<B: DsBackend>(
 }
 
 /// Pre-norm residual block shared by decoder layers and MTP modules:
-/// `h += attn(norm(h)); h += ffn(norm(h))`.
+/// `h += attn(norm(h)); h += ffn(norm(h))`. `history` keeps the latent entries (see
+/// [`Mla::forward_with`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn residual_block<B: DsBackend>(
     attn: &Mla<B>,
@@ -177,20 +178,39 @@ pub(crate) fn residual_block<B: DsBackend>(
     ffn_norm: &RmsNorm<B>,
     h: Tensor<B, 3>,
     span: &Span<B>,
-    past: Option<&LatentKv<B>>,
+    history: impl FnOnce(&LatentKv<B>) -> LatentKv<B>,
     opts: &ForwardOptions,
 ) -> (Tensor<B, 3>, LatentKv<B>, Option<Routing>) {
-    let (a, kv) = attn.forward(
+    let (a, kv) = attn.forward_with(
         attn_norm.forward(h.clone()),
         &span.cos,
         &span.sin,
-        past,
         &span.mask,
         opts.attention,
+        history,
     );
     let h = h + a;
     let (f, routing) = ffn.forward(ffn_norm.forward(h.clone()), opts.record_routing);
     (h + f, kv, routing)
+}
+
+/// The main layers' latent history during a forward pass: `store_layer(l, new)` keeps layer
+/// `l`'s new entries and returns all of its entries (earlier positions first) for attention.
+/// Implemented by inference caches; [`DeepseekV3::forward_span`] uses a concatenating one.
+pub trait LatentStore<B: DsBackend> {
+    fn store_layer(&mut self, layer: usize, new: &LatentKv<B>) -> LatentKv<B>;
+}
+
+/// History given as per-layer tensors: the new entries are appended by concatenation.
+struct Concat<'a, B: DsBackend>(Option<&'a [LatentKv<B>]>);
+
+impl<B: DsBackend> LatentStore<B> for Concat<'_, B> {
+    fn store_layer(&mut self, layer: usize, new: &LatentKv<B>) -> LatentKv<B> {
+        match self.0.map(|p| &p[layer]) {
+            Some(p) if !p.is_empty() => p.cat(new),
+            _ => new.clone(),
+        }
+    }
 }
 
 #[derive(Module, Debug)]
@@ -473,6 +493,17 @@ impl<B: DsBackend> DeepseekV3<B> {
         past: Option<&[LatentKv<B>]>,
         opts: &ForwardOptions,
     ) -> ForwardOutput<B> {
+        self.forward_store(tokens, span, &mut Concat(past), opts)
+    }
+
+    /// [`Self::forward_span`] with the history kept by `store` (an inference cache).
+    pub fn forward_store(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        span: &Span<B>,
+        store: &mut dyn LatentStore<B>,
+        opts: &ForwardOptions,
+    ) -> ForwardOutput<B> {
         let mut h = self.model.embed_tokens.forward(tokens);
         let mut kv = Vec::with_capacity(self.model.layers.len());
         let mut routing = Vec::new();
@@ -484,7 +515,7 @@ impl<B: DsBackend> DeepseekV3<B> {
                 &layer.post_attention_layernorm,
                 h,
                 span,
-                past.map(|p| &p[l]),
+                |new| store.store_layer(l, new),
                 opts,
             );
             h = next;

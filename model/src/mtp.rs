@@ -97,7 +97,10 @@ impl<B: DsBackend> MtpLayer<B> {
             &self.post_attention_layernorm,
             x,
             span,
-            past,
+            |new| match past {
+                Some(p) if !p.is_empty() => p.cat(new),
+                _ => new.clone(),
+            },
             opts,
         );
         let last = if opts.last_logits_only {
