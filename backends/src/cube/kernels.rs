@@ -194,18 +194,21 @@ pub fn tiled_matmul_kernel<F: Float, I: Int>(
     }
 }
 
-/// One thread per output: `out[m, n] = Σ_k x[m, k] · (e4m3(codes[e, n, k]) · scales[e, n/b, k/b])`
-/// with `e = row_expert[m]`. Used for grouped matmuls with few rows per expert, where the tiled
-/// kernel would run one pass per expert present in a tile.
+/// One thread per output: `out[m, n] = Σ_k x[m, k] · W_e[k, n]`, with the weights and `e` as in
+/// [`tiled_matmul_kernel`] (FP8 codes + scales decoded in registers when `fp8`, else float
+/// `w [E, K, N]`). Used for grouped matmuls with few rows per expert, where the tiled kernel
+/// would run one pass per expert present in a tile.
 #[allow(clippy::too_many_arguments)]
 #[cube(launch)]
-pub fn fp8_matmul_kernel<F: Float, I: Int>(
+pub fn rows_matmul_kernel<F: Float, I: Int>(
     x: &Tensor<F>,
     codes: &Tensor<I>,
     scales: &Tensor<F>,
+    w: &Tensor<F>,
     row_expert: &Tensor<I>,
     out: &mut Tensor<F>,
     #[comptime] block: usize,
+    #[comptime] fp8: bool,
     #[comptime] grouped: bool,
     #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
@@ -216,54 +219,35 @@ pub fn fp8_matmul_kernel<F: Float, I: Int>(
         terminate!();
     }
     let k_len = x.shape(1);
-    let kw = codes.shape(2);
-    let nb = scales.shape(1);
-    let kb = scales.shape(2);
     let mut e = 0usize;
     if grouped {
         e = usize::cast_from(row_expert[m]);
     }
-    let code_row = (e * rows_n + n) * kw;
-    let scale_row = (e * nb + n / block) * kb;
     let x_row = m * k_len;
     let mut acc = 0.0f32;
-    for w in 0..kw {
-        let word = u32::cast_from(codes[code_row + w]);
-        let s = f32::cast_from(scales[scale_row + (w * 4) / block]);
-        #[unroll]
-        for j in 0..4u32 {
-            let k = w * 4 + j as usize;
-            if k < k_len {
-                let c = (word >> (8u32 * j)) & 0xFFu32;
-                acc += f32::cast_from(x[x_row + k]) * (decode_e4m3(c) * s);
+    if fp8 {
+        let kw = codes.shape(2);
+        let nb = scales.shape(1);
+        let kb = scales.shape(2);
+        let code_row = (e * rows_n + n) * kw;
+        let scale_row = (e * nb + n / block) * kb;
+        for wi in 0..kw {
+            let word = u32::cast_from(codes[code_row + wi]);
+            let s = f32::cast_from(scales[scale_row + (wi * 4) / block]);
+            #[unroll]
+            for j in 0..4u32 {
+                let k = wi * 4 + j as usize;
+                if k < k_len {
+                    let c = (word >> (8u32 * j)) & 0xFFu32;
+                    acc += f32::cast_from(x[x_row + k]) * (decode_e4m3(c) * s);
+                }
             }
         }
-    }
-    out[m * rows_n + n] = F::cast_from(acc);
-}
-
-/// One thread per output: `out[m, n] = Σ_k x[m, k] · w[e, k, n]` with `e = row_expert[m]`.
-#[cube(launch)]
-pub fn grouped_matmul_kernel<F: Float, I: Int>(
-    x: &Tensor<F>,
-    w: &Tensor<F>,
-    row_expert: &Tensor<I>,
-    out: &mut Tensor<F>,
-    #[define(F, I)] _dtypes: [StorageType; 2],
-) {
-    let n = ABSOLUTE_POS_X as usize;
-    let m = ABSOLUTE_POS_Y as usize;
-    let rows_n = out.shape(1);
-    if n >= rows_n || m >= out.shape(0) {
-        terminate!();
-    }
-    let k_len = x.shape(1);
-    let e = usize::cast_from(row_expert[m]);
-    let w_base = e * k_len * rows_n + n;
-    let x_row = m * k_len;
-    let mut acc = 0.0f32;
-    for k in 0..k_len {
-        acc += f32::cast_from(x[x_row + k]) * f32::cast_from(w[w_base + k * rows_n]);
+    } else {
+        let w_base = e * k_len * rows_n + n;
+        for k in 0..k_len {
+            acc += f32::cast_from(x[x_row + k]) * f32::cast_from(w[w_base + k * rows_n]);
+        }
     }
     out[m * rows_n + n] = F::cast_from(acc);
 }

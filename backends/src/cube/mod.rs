@@ -60,12 +60,22 @@ fn to_int<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const
     Tensor::from_primitive(t)
 }
 
-/// `x [M, K] · W` through the tiled kernel: FP8 or float weights, one matrix or one per row's
-/// expert (`row_expert`, rows sorted by expert).
+/// Which matmul kernel a launch uses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum MatmulKernel {
+    /// 32×32 output tiles through shared memory.
+    Tiled,
+    /// One thread per output (few rows per expert).
+    Rows,
+}
+
+/// `x [M, K] · W`: FP8 or float weights, one matrix or one per row's expert (`row_expert`, rows
+/// sorted by expert), through the chosen kernel.
 fn matmul_launch<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     x: Tensor<Cube<R, F, I, BT>, 2>,
     w: &GroupedWeight<Cube<R, F, I, BT>>,
     row_expert: Option<Tensor<Cube<R, F, I, BT>, 1, Int>>,
+    kernel: MatmulKernel,
 ) -> Tensor<Cube<R, F, I, BT>, 2> {
     let [m, k] = x.dims();
     let (_, wk, n) = w.dims();
@@ -99,13 +109,25 @@ fn matmul_launch<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement
     };
     let x = float(x);
     let out = empty(&x, vec![m, n], x.dtype);
-    let tile = kernels::TILE;
-    let count = CubeCount::Static(n.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1);
     let dtypes = [x.dtype.into(), codes.dtype.into()];
-    kernels::tiled_matmul_kernel::launch::<R>(
+    let (count, dim) = match kernel {
+        MatmulKernel::Tiled => {
+            let tile = kernels::TILE;
+            (
+                CubeCount::Static(n.div_ceil(tile) as u32, m.div_ceil(tile) as u32, 1),
+                CubeDim::new_2d(16, 16),
+            )
+        }
+        MatmulKernel::Rows => grid_2d(m, n),
+    };
+    let launch = match kernel {
+        MatmulKernel::Tiled => kernels::tiled_matmul_kernel::launch::<R>,
+        MatmulKernel::Rows => kernels::rows_matmul_kernel::launch::<R>,
+    };
+    launch(
         &out.client,
         count,
-        CubeDim::new_2d(16, 16),
+        dim,
         x.into_tensor_arg(),
         codes.into_tensor_arg(),
         scales.into_tensor_arg(),
@@ -120,57 +142,16 @@ fn matmul_launch<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement
     to_float(out)
 }
 
-/// `x [S, K]` times each row's expert matrix, one thread per output (rows sorted by expert).
-fn rows_launch<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
-    x: Tensor<Cube<R, F, I, BT>, 2>,
-    w: &GroupedWeight<Cube<R, F, I, BT>>,
-    row_expert: Tensor<Cube<R, F, I, BT>, 1, Int>,
-) -> Tensor<Cube<R, F, I, BT>, 2> {
-    let [m, k] = x.dims();
-    let (_, wk, n) = w.dims();
-    assert_eq!(k, wk, "matmul: x has {k} columns, the weights {wk} rows");
-    if m == 0 || n == 0 {
-        return Tensor::zeros([m, n], &x.device());
-    }
-    let x = float(x);
-    let row_expert = int(row_expert);
-    let out = empty(&x, vec![m, n], x.dtype);
-    let (count, dim) = grid_2d(m, n);
-    let dtypes = [x.dtype.into(), row_expert.dtype.into()];
-    match (&w.fp8, &w.dense) {
-        (Some(f), _) => kernels::fp8_matmul_kernel::launch::<R>(
-            &out.client,
-            count,
-            dim,
-            x.into_tensor_arg(),
-            int(f.codes.clone()).into_tensor_arg(),
-            float(f.scales.clone()).into_tensor_arg(),
-            row_expert.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            f.block,
-            true,
-            dtypes,
-        ),
-        (None, Some(d)) => kernels::grouped_matmul_kernel::launch::<R>(
-            &out.client,
-            count,
-            dim,
-            x.into_tensor_arg(),
-            float(d.clone()).into_tensor_arg(),
-            row_expert.into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            dtypes,
-        ),
-        (None, None) => unreachable!("GroupedWeight holds dense or FP8 weights"),
-    }
-    to_float(out)
-}
-
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> DsBackend
     for CubeBackend<R, F, I, BT>
 {
     fn fp8_matmul(x: Tensor<Self, 2>, w: &Fp8Weight<Self>) -> Tensor<Self, 2> {
-        matmul_launch(x, &GroupedWeight::fp8(w.narrow(0, 1)), None)
+        matmul_launch(
+            x,
+            &GroupedWeight::fp8(w.narrow(0, 1)),
+            None,
+            MatmulKernel::Tiled,
+        )
     }
 
     fn fp8_quantize(x: Tensor<Self, 2>, block: usize, ue8m0: bool) -> Fp8Activations<Self> {
@@ -256,9 +237,9 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> DsBackend
         // rows per expert on average (decode, small batches) one thread per output is cheaper.
         let [s, _] = x.dims();
         if s >= 8 * dispatch.num_experts {
-            matmul_launch(x, w, Some(dispatch.experts.clone()))
+            matmul_launch(x, w, Some(dispatch.experts.clone()), MatmulKernel::Tiled)
         } else {
-            rows_launch(x, w, dispatch.experts.clone())
+            matmul_launch(x, w, Some(dispatch.experts.clone()), MatmulKernel::Rows)
         }
     }
 
