@@ -97,6 +97,7 @@ fn measure<B: DsBackend>(
     };
     let (model, _) =
         dsv3_model::load_with::<B>(&a.model, &device, &opts, &weight_options(kind, &a.weights))?;
+    super::keep_freed_buffers();
     let fopts = ForwardOptions::default();
     let tokens = model.tokens_tensor(ids)?;
     // Warm-up (kernel compilation, autotune), then the timed prefill.

@@ -147,6 +147,7 @@ impl DecodeArgs {
         let weights = weight_options(kind, &self.weights);
         let (model, _) =
             dsv3_model::load_with::<B>(&self.model, &B::Device::default(), &opts, &weights)?;
+        super::keep_freed_buffers();
         Ok((model, tok))
     }
 
