@@ -146,6 +146,42 @@ fn score_bad_inputs_give_one_line() {
             "at least 2 tokens",
         ),
         (&["inspect", "--preset", "huge"], "unknown preset"),
+        (
+            &[
+                "score",
+                "--model",
+                d,
+                "--tokens",
+                "1,2",
+                "--offset",
+                "18446744073709551615",
+            ],
+            "supported range",
+        ),
+        (
+            &[
+                "score",
+                "--model",
+                d,
+                "--tokens",
+                "1,2",
+                "--offset",
+                "4294967295",
+            ],
+            "supported range",
+        ),
+        (
+            &[
+                "score",
+                "--model",
+                d,
+                "--tokens",
+                "1,2",
+                "--weights",
+                "int4",
+            ],
+            "int4",
+        ),
     ];
     for (args, needle) in cases {
         let e = dsv3(args).unwrap_err();

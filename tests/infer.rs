@@ -605,6 +605,7 @@ fn invalid_options_are_rejected() {
     };
     expect_err(run(o(|o| o.prefill_chunk = 0)), "prefill_chunk");
     expect_err(run(o(|o| o.max_context = Some(0))), "max_context");
+    expect_err(run(o(|o| o.start_position = usize::MAX)), "start_position");
     expect_err(run(o(|o| o.max_context = Some(2))), "context full");
     expect_err(run(o(|o| o.stop_strings = vec![String::new()])), "stop");
     expect_err(run(o(|o| o.stop_strings = vec!["x".into()])), "tokenizer");

@@ -865,6 +865,7 @@ fn cli_train_bad_inputs_give_one_line_errors() {
         &["--data", missing.to_str().unwrap(), "--out", o],
         "does not exist",
     );
+    check(&["--workers", "0", "--out", o], "workers");
     let empty = dir.join("empty.txt");
     write(&empty, "");
     check(

@@ -82,6 +82,13 @@ impl<'m, B: DsBackend> Session<'m, B> {
         if opts.max_context == Some(0) {
             return Err(InferError::invalid("max_context", 0, "must be >= 1"));
         }
+        if opts.start_position >= dsv3_model::rope::MAX_POSITION / 2 {
+            return Err(InferError::invalid(
+                "start_position",
+                opts.start_position,
+                "must be below 2^31 (positions are limited to 2^32)",
+            ));
+        }
         let cfg = &model.config;
         let device = model.device();
         let cache = LatentCache::new(

@@ -31,7 +31,7 @@ pub enum ModelError {
     TokenOutOfRange { id: i64, index: usize, vocab: usize },
     #[error("empty input: at least one token is needed")]
     EmptyInput,
-    #[error("position {end} exceeds the supported range ({max})")]
+    #[error("positions up to {end} exceed the supported range (below {max})")]
     PositionOutOfRange { end: usize, max: usize },
     #[error("MTP needs at least 2 tokens and a model with num_nextn_predict_layers > 0 ({0})")]
     NoMtp(String),

@@ -8,6 +8,22 @@ use burn::tensor::{Tensor, TensorData};
 use dsv3_backends::DsBackend;
 
 use crate::config::{DeepseekV3Config, Yarn};
+use crate::error::ModelError;
+
+/// Absolute positions must stay below this. Angles are formed in float64 (`position · inv_freq`),
+/// exact to ~2⁻²⁰ rad up to here; no context comes near it.
+pub const MAX_POSITION: usize = 1 << 32;
+
+/// `Ok` when positions `offset..offset + len` are all below [`MAX_POSITION`].
+pub fn check_positions(offset: usize, len: usize) -> Result<(), ModelError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= MAX_POSITION => Ok(()),
+        _ => Err(ModelError::PositionOutOfRange {
+            end: offset.saturating_add(len),
+            max: MAX_POSITION,
+        }),
+    }
+}
 
 /// `mscale(f, m)` of YaRN: the attention-temperature correction for a context stretched by `f`.
 pub fn yarn_mscale(factor: f64, mscale: f64) -> f64 {

@@ -98,6 +98,9 @@ impl TrainConfig {
         if self.batch_size == 0 || self.grad_accum == 0 {
             return bad("batch_size and grad_accum must be > 0".into());
         }
+        if self.workers == 0 {
+            return bad("workers must be > 0 (1 = micro-batches in sequence)".into());
+        }
         for (name, v) in [
             ("lr", self.lr),
             ("min_lr", self.min_lr),
