@@ -240,9 +240,22 @@ impl<B: DsBackend> LatentStore<B> for LatentCache<B> {
                 .k_pe
                 .slice_assign([0..b, s..s + t, 0..self.rope_dim], new.k_pe.clone()),
         };
+        // With one row, the first `s + t` slots are a contiguous prefix: take them through a 2-D
+        // view so the result is contiguous too (consumers may reshape it without a copy).
+        let prefix = |x: &Tensor<B, 3>, d: usize| {
+            if b == 1 {
+                let cap = x.dims()[1];
+                x.clone()
+                    .reshape([cap, d])
+                    .narrow(0, 0, s + t)
+                    .reshape([1, s + t, d])
+            } else {
+                x.clone().narrow(1, 0, s + t)
+            }
+        };
         let view = LatentKv {
-            c: slot.c.clone().narrow(1, 0, s + t),
-            k_pe: slot.k_pe.clone().narrow(1, 0, s + t),
+            c: prefix(&slot.c, self.kv_lora_rank),
+            k_pe: prefix(&slot.k_pe, self.rope_dim),
         };
         self.layers[layer] = slot;
         view

@@ -128,7 +128,7 @@ impl<B: DsBackend> Mla<B> {
     ///
     /// `cos`/`sin: [B|1, T, dr]` (see [`crate::rope::RotaryEmbedding::cos_sin_at`]) hold the angles
     /// of the new tokens' positions; `mask: [B|1, 1, T, S]` is added to the scores (0 or −inf),
-    /// with `S = past + T`. Returns the output `[B, T, H]` and the latent entries of the new
+    /// with `S = past + T` (`None`: nothing masked). Returns the output `[B, T, H]` and the latent entries of the new
     /// tokens (for the caller's cache).
     pub fn forward(
         &self,
@@ -136,7 +136,7 @@ impl<B: DsBackend> Mla<B> {
         cos: &Tensor<B, 3>,
         sin: &Tensor<B, 3>,
         past: Option<&LatentKv<B>>,
-        mask: &Tensor<B, 4>,
+        mask: Option<&Tensor<B, 4>>,
         mode: AttentionMode,
     ) -> (Tensor<B, 3>, LatentKv<B>) {
         self.forward_with(x, cos, sin, mask, mode, |new| match past {
@@ -154,7 +154,7 @@ impl<B: DsBackend> Mla<B> {
         x: Tensor<B, 3>,
         cos: &Tensor<B, 3>,
         sin: &Tensor<B, 3>,
-        mask: &Tensor<B, 4>,
+        mask: Option<&Tensor<B, 4>>,
         mode: AttentionMode,
         history: impl FnOnce(&LatentKv<B>) -> LatentKv<B>,
     ) -> (Tensor<B, 3>, LatentKv<B>) {
@@ -197,8 +197,7 @@ impl<B: DsBackend> Mla<B> {
             AttentionMode::Auto => cheaper_mode(nh, dn, dv, r, t, s),
             m => m,
         };
-        let c = all.c.unsqueeze_dim::<4>(0); // [1, B, S, r]
-        let k_pe = all.k_pe.unsqueeze_dim::<4>(0); // [1, B, S, dr]
+        let LatentKv { c, k_pe } = all; // [B, S, r], [B, S, dr] (maybe views into a cache)
 
         // kv_b_proj as stored here is [r, nh*(dn+dv)]; per head: [r, dn] -> k_nope, [r, dv] -> v.
         // Strided views, no copies: the matmuls read them in place.
@@ -210,24 +209,40 @@ impl<B: DsBackend> Mla<B> {
             AttentionMode::Naive => {
                 // Per-head keys [k_nope | k_pe] and queries [q_nope | q_pe]: one score matmul.
                 let c = c.reshape([1, b * s, r]);
+                let k_pe = k_pe.unsqueeze_dim::<4>(0); // [1, B, S, dr]
                 let k_nope = c.clone().matmul(w_uk).reshape([nh, b, s, dn]);
                 let v = c.matmul(w_uv).reshape([nh, b, s, dv]);
                 let k = Tensor::cat(vec![k_nope, k_pe.expand([nh, b, s, dr])], 3);
                 let q = Tensor::cat(vec![q_nope, q_pe], 3);
                 let scores = q.matmul(k.swap_dims(2, 3)); // [nh, B, T, S]
-                softmax(add_mask(scores, mask), 3)
-                    .matmul(v)
-                    .reshape([nh, b * t, dv])
+                let scores = match mask {
+                    Some(mask) => add_mask(scores, mask),
+                    None => scores,
+                };
+                softmax(scores, 3).matmul(v).reshape([nh, b * t, dv])
             }
             _ => {
+                // Every head attends over the same latent: fold the heads into the query rows,
+                // `[B, nh·T, ·]` against `[B, S, ·]`, so each latent row is read once per step,
+                // not once per head (what dominates long-context decode).
                 let q_abs = q_nope
                     .reshape([nh, b * t, dn])
                     .matmul(w_uk.swap_dims(1, 2))
                     .reshape([nh, b, t, r]);
-                let scores =
-                    q_abs.matmul(c.clone().swap_dims(2, 3)) + q_pe.matmul(k_pe.swap_dims(2, 3)); // [nh, B, T, S]
-                let o_lat = softmax(add_mask(scores, mask), 3).matmul(c); // [nh, B, T, r]
-                o_lat.reshape([nh, b * t, r]).matmul(w_uv) // [nh, B*T, dv]
+                let fold = |q: Tensor<B, 4>, d: usize| q.swap_dims(0, 1).reshape([b, nh * t, d]);
+                let scores = fold(q_abs, r).matmul(c.clone().swap_dims(1, 2))
+                    + fold(q_pe, dr).matmul(k_pe.swap_dims(1, 2)); // [B, nh·T, S]
+                let p = match mask {
+                    Some(mask) => {
+                        let s4 = scores.reshape([b, nh, t, s]).swap_dims(0, 1); // [nh, B, T, S]
+                        softmax(add_mask(s4, mask), 3)
+                            .swap_dims(0, 1)
+                            .reshape([b, nh * t, s])
+                    }
+                    None => softmax(scores, 2),
+                };
+                let o_lat = p.matmul(c).reshape([b, nh, t, r]); // [B, nh, T, r]
+                o_lat.swap_dims(0, 1).reshape([nh, b * t, r]).matmul(w_uv) // [nh, B*T, dv]
             }
         };
         let out = out.swap_dims(0, 1).reshape([b, t, nh * dv]);
@@ -269,20 +284,29 @@ fn add_mask<B: DsBackend>(scores: Tensor<B, 4>, mask: &Tensor<B, 4>) -> Tensor<B
     (scores.reshape([outer, row]) + mask.clone().reshape([1, row])).reshape([nh, b, t, s])
 }
 
-/// Additive causal mask `[1, 1, T, past+T]`: query `t` sees keys `0..=past+t`.
-pub fn causal_mask<B: DsBackend>(t: usize, past: usize, device: &B::Device) -> Tensor<B, 4> {
+/// Additive causal mask `[1, 1, T, past+T]`: query `t` sees keys `0..=past+t` (`None` for a
+/// single query, which sees every key).
+pub fn causal_mask<B: DsBackend>(
+    t: usize,
+    past: usize,
+    device: &B::Device,
+) -> Option<Tensor<B, 4>> {
     padded_causal_mask(t, past, &[0], device)
 }
 
 /// Additive mask `[B, 1, T, past+T]` for rows whose first `pad[b]` key slots are padding: a real
 /// query `t` of row `b` sees key slots `pad[b]..=past+t`. Padding queries see every earlier slot,
 /// so no row of scores is all −inf (their outputs are ignored). For left-padded batches.
+/// `None` when nothing is masked (one query per row and no padding).
 pub fn padded_causal_mask<B: DsBackend>(
     t: usize,
     past: usize,
     pad: &[usize],
     device: &B::Device,
-) -> Tensor<B, 4> {
+) -> Option<Tensor<B, 4>> {
+    if t <= 1 && pad.iter().all(|&p| p == 0) {
+        return None;
+    }
     let s = past + t;
     let mut data = vec![0f32; pad.len() * t * s];
     for (r, &p) in pad.iter().enumerate() {
@@ -294,35 +318,11 @@ pub fn padded_causal_mask<B: DsBackend>(
             }
         }
     }
-    Tensor::<B, 2>::from_data(
-        burn::tensor::TensorData::new(data, [pad.len() * t, s]),
-        device,
+    Some(
+        Tensor::<B, 2>::from_data(
+            burn::tensor::TensorData::new(data, [pad.len() * t, s]),
+            device,
+        )
+        .reshape([pad.len(), 1, t, s]),
     )
-    .reshape([pad.len(), 1, t, s])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Auto picks naive for prompts and absorbed for decode, at the 671B shape (128 heads,
-    /// latent 512, nope/value 128) and at the bench's small shape.
-    #[test]
-    fn auto_mode_choice() {
-        for (nh, dn, dv, r) in [(128, 128, 128, 512), (8, 48, 48, 128)] {
-            assert_eq!(cheaper_mode(nh, dn, dv, r, 512, 512), AttentionMode::Naive);
-            assert_eq!(
-                cheaper_mode(nh, dn, dv, r, 2048, 4096),
-                AttentionMode::Naive
-            );
-            assert_eq!(
-                cheaper_mode(nh, dn, dv, r, 1, 4096),
-                AttentionMode::Absorbed
-            );
-            assert_eq!(
-                cheaper_mode(nh, dn, dv, r, 4, 4096),
-                AttentionMode::Absorbed
-            );
-        }
-    }
 }

@@ -44,8 +44,9 @@ pub struct Span<B: DsBackend> {
     /// `[B or 1, T, dr]` rotation tables ([`RotaryEmbedding::cos_sin_at`]).
     pub cos: Tensor<B, 3>,
     pub sin: Tensor<B, 3>,
-    /// `[B or 1, 1, T, past + T]`, 0 or −inf.
-    pub mask: Tensor<B, 4>,
+    /// `[B or 1, 1, T, past + T]`, 0 or −inf; `None` when nothing is masked (one new token per
+    /// row, no padding: every decode step of an unpadded batch).
+    pub mask: Option<Tensor<B, 4>>,
 }
 
 impl<B: DsBackend> Span<B> {
@@ -81,12 +82,12 @@ impl<B: DsBackend> Span<B> {
     }
 
     /// `rows` rows of `positions.len() / rows` new tokens at the given absolute positions
-    /// (row-major), with an explicit additive mask `[rows or 1, 1, T, S]`.
+    /// (row-major), with an explicit additive mask `[rows or 1, 1, T, S]` (`None`: no masking).
     pub fn at_positions(
         rope: &RotaryEmbedding,
         positions: &[usize],
         rows: usize,
-        mask: Tensor<B, 4>,
+        mask: Option<Tensor<B, 4>>,
         device: &B::Device,
     ) -> Self {
         let (cos, sin) = rope.cos_sin_at::<B>(positions, device);
@@ -185,7 +186,7 @@ pub(crate) fn residual_block<B: DsBackend>(
         attn_norm.forward(h.clone()),
         &span.cos,
         &span.sin,
-        &span.mask,
+        span.mask.as_ref(),
         opts.attention,
         history,
     );

@@ -56,7 +56,7 @@ fn block<B: DsBackend>(
         &span.cos,
         &span.sin,
         None,
-        &span.mask,
+        span.mask.as_ref(),
         mode,
     );
     let h = h + a;
