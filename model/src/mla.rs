@@ -326,3 +326,46 @@ pub fn padded_causal_mask<B: DsBackend>(
         .reshape([pad.len(), 1, t, s]),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Auto picks naive for prompts and absorbed for decode, at the 671B shape (128 heads,
+    /// latent 512, nope/value 128) and at the bench's small shape.
+    #[test]
+    fn auto_mode_choice() {
+        for (nh, dn, dv, r) in [(128, 128, 128, 512), (8, 48, 48, 128)] {
+            assert_eq!(cheaper_mode(nh, dn, dv, r, 512, 512), AttentionMode::Naive);
+            assert_eq!(
+                cheaper_mode(nh, dn, dv, r, 2048, 4096),
+                AttentionMode::Naive
+            );
+            assert_eq!(
+                cheaper_mode(nh, dn, dv, r, 1, 4096),
+                AttentionMode::Absorbed
+            );
+            assert_eq!(
+                cheaper_mode(nh, dn, dv, r, 4, 4096),
+                AttentionMode::Absorbed
+            );
+        }
+    }
+
+    /// A mask is built only when something is masked: several queries, or padding.
+    #[test]
+    fn mask_only_when_needed() {
+        type B = burn::backend::Flex;
+        let device = Default::default();
+        assert!(padded_causal_mask::<B>(1, 9, &[0, 0], &device).is_none());
+        assert!(padded_causal_mask::<B>(1, 9, &[0, 3], &device).is_some());
+        let m = padded_causal_mask::<B>(3, 2, &[0], &device).expect("causal");
+        assert_eq!(m.dims(), [1, 1, 3, 5]);
+        let v: Vec<f32> = m.into_data().to_vec().unwrap();
+        // Query 0 (position 2) sees keys 0..=2.
+        assert_eq!(
+            &v[..5],
+            &[0.0, 0.0, 0.0, f32::NEG_INFINITY, f32::NEG_INFINITY]
+        );
+    }
+}
