@@ -30,17 +30,25 @@ pub type Wgpu = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u3
 #[cfg(feature = "cuda")]
 pub type Cuda<F = f32> = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, F, i32, u8>;
 
-/// Flex runs the plain-tensor defaults, except for thin products.
+mod flex;
+
+/// Flex runs the plain-tensor defaults, except for one-row products (decode) and independent
+/// jobs, which use its thread pool (see `flex.rs`).
 impl DsBackend for burn::backend::Flex {
-    /// Flex runs a product under ~7M multiply-adds on one thread, so decode (M = 1) would read
-    /// the weights at one core's bandwidth. Thin products with many weights are split by output
-    /// columns over the rayon pool instead; each column's sum is unchanged.
+    /// Flex runs a product under ~7M multiply-adds on one thread, so decode would read the
+    /// weights at one core's speed. One row: [`flex::row_times_matrix`]. A few rows with many
+    /// weights: the columns are split over the pool (each column's sum unchanged).
     fn dense_matmul(
         x: burn::tensor::Tensor<Self, 2>,
         w: burn::tensor::Tensor<Self, 2>,
     ) -> burn::tensor::Tensor<Self, 2> {
         use rayon::prelude::*;
         let ([m, k], n) = (x.dims(), w.dims()[1]);
+        if m == 1 {
+            if let Some(y) = flex::row_times_matrix(&x, &w) {
+                return y;
+            }
+        }
         let threads = rayon::current_num_threads();
         // Below ~512K weights the pool's wake-up costs more than the second core saves.
         if threads < 2 || m > 16 || k * n < 1 << 19 || m * k * n >= 192 * 192 * 192 {
