@@ -76,9 +76,10 @@ fn random_fp8<Bk: DsBackend>(
 
 /// The backend's encoder agrees with the loader's (torch-checked) one on every finite code.
 /// (The decode table is shared by both crates and checked against torch in `numerics`.)
-/// Flex's thin-product path (columns split over the thread pool) gives exactly the plain matmul,
-/// for one row (decode) and a few rows, at widths that do not split evenly; `par_map` keeps
-/// the order of its items.
+/// Flex's thin-product paths (the one-row kernel, columns split over the thread pool) give
+/// exactly the plain matmul for one row (decode) and a few rows, at widths that do not split
+/// evenly, and agree to f32 rounding on small and column-narrowed weights; `par_map` keeps the
+/// order of its items.
 #[test]
 fn flex_thin_products_and_par_map_are_exact() {
     let mut rng = Rng(41);
@@ -94,6 +95,22 @@ fn flex_thin_products_and_par_map_are_exact() {
             .zip(&split)
             .all(|(a, b)| a.to_bits() == b.to_bits());
         assert!(same, "m = {m}: max |Δ| {}", max_diff(&plain, &split));
+    }
+    // Small (one thread) and column-narrowed (row stride > width) weights, and k = 0.
+    for (k, n, first, width) in [(37, 53, 0, 53), (301, 517, 9, 200), (0, 5, 0, 5)] {
+        let w = tensor2(rng.normal_vec(k * n, 1.0), [k, n]).narrow(1, first, width);
+        let x = tensor2(rng.normal_vec(k, 1.0), [1, k]);
+        let plain = f32s(x.clone().matmul(w.clone()));
+        let ours = f32s(B::dense_matmul(x, w));
+        assert_eq!(plain.len(), width);
+        assert!(
+            plain
+                .iter()
+                .zip(&ours)
+                .all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + a.abs())),
+            "k = {k}, n = {n}: max |Δ| {}",
+            max_diff(&plain, &ours)
+        );
     }
     let squares = B::par_map((0..100u64).collect(), |i| i * i);
     assert_eq!(squares, (0..100u64).map(|i| i * i).collect::<Vec<_>>());
