@@ -36,7 +36,7 @@ mod flex;
 /// jobs, which use its thread pool (see `flex.rs`).
 impl DsBackend for burn::backend::Flex {
     /// Flex runs a product under ~7M multiply-adds on one thread, so decode would read the
-    /// weights at one core's speed. One row: [`flex::row_times_matrix`]. A few rows with many
+    /// weights at one core's speed. One row: the kernel in `flex.rs`. A few rows with many
     /// weights: the columns are split over the pool (each column's sum unchanged).
     fn dense_matmul(
         x: burn::tensor::Tensor<Self, 2>,

@@ -6,7 +6,7 @@
 //! - [`forward`] + [`loss`]: next-token CE + λ·MTP CE + the sequence-wise balance loss.
 //! - [`balance`]: the aux-loss-free bias update. [`optim`]: AdamW, schedule, global clipping.
 //! - [`trainer`]: one step / one validation pass; [`checkpoint`]: atomic HF-layout checkpoints
-//!   with optimiser and data-order state; [`run`]: a whole run as `dsv3 train` does it;
+//!   with optimiser and data-order state; [`run()`]: a whole run as `dsv3 train` does it;
 //!   [`metrics`] and [`plot`]: JSONL log, progress bar, PNG.
 
 pub mod balance;
