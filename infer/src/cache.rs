@@ -3,8 +3,9 @@
 //! Nothing per head is cached: decode attends over the latent in the absorbed form.
 //!
 //! Two storage modes. **Growing** appends by concatenation (memory follows the context).
-//! **Preallocated** reserves `max_context` slots up front and writes new entries in place, so a
-//! long generation never reallocates and a context overflow is a typed error, not an OOM.
+//! **Preallocated** reserves `max_context` slots up front and writes new entries into them
+//! (`slice_assign`, in place on backends that do so for a uniquely owned tensor), so a long
+//! generation never reallocates and a context overflow is a typed error, not an OOM.
 //! Either way [`LatentCache::truncate`] rolls back (speculative rejection, chat re-sync).
 
 use burn::tensor::{Int, Tensor, TensorData};
@@ -25,8 +26,8 @@ pub struct LatentCache<B: DsBackend> {
     len: usize,
     capacity: Option<usize>,
     device: B::Device,
-    /// Stands in for a preallocated layer while its buffer is written (keeps it unique, so the
-    /// write happens in place).
+    /// Stands in for a preallocated layer while its buffer is written (keeps it uniquely owned,
+    /// so a backend may write in place).
     placeholder: LatentKv<B>,
 }
 
@@ -132,7 +133,7 @@ impl<B: DsBackend> LatentCache<B> {
                     });
                 }
                 let (b, s) = (self.batch, self.len);
-                // Written in place: the buffers are uniquely owned once `past()` views are gone.
+                // Uniquely owned once `past()` views are gone (a backend may write in place).
                 let old = std::mem::take(&mut self.layers);
                 self.layers = old
                     .into_iter()
@@ -214,7 +215,7 @@ impl<B: DsBackend> LatentCache<B> {
 }
 
 /// The cache as the model's history during a forward ([`dsv3_model::DeepseekV3::forward_store`]):
-/// layer `l`'s new entries go after the `len` committed ones (in place when preallocated; call
+/// layer `l`'s new entries go after the `len` committed ones (written into the buffer when preallocated; call
 /// [`LatentCache::reserve`] first) and attention reads a view of them all. Call
 /// [`LatentCache::commit`] once the forward is done.
 impl<B: DsBackend> LatentStore<B> for LatentCache<B> {

@@ -147,8 +147,8 @@ impl<B: DsBackend> Mla<B> {
 
     /// [`Self::forward`] with the history kept by the caller: `history` receives the new
     /// tokens' entries (to store them) and returns every entry the queries attend to, earlier
-    /// ones first. A preallocated cache writes the new entries in place and returns a view, so
-    /// a decode step copies nothing of the history.
+    /// ones first. A preallocated cache writes the new entries into its buffer and returns a
+    /// view, so the history is not concatenated.
     pub fn forward_with(
         &self,
         x: Tensor<B, 3>,
