@@ -215,9 +215,9 @@ impl<B: DsBackend> LatentCache<B> {
 }
 
 /// The cache as the model's history during a forward ([`dsv3_model::DeepseekV3::forward_store`]):
-/// layer `l`'s new entries go after the `len` committed ones (written into the buffer when preallocated; call
-/// [`LatentCache::reserve`] first) and attention reads a view of them all. Call
-/// [`LatentCache::commit`] once the forward is done.
+/// layer `l`'s new entries go after the `len` committed ones (written into the buffer when
+/// preallocated; call [`LatentCache::reserve`] first) and attention reads a view of them all.
+/// Call [`LatentCache::commit`] once the forward is done.
 impl<B: DsBackend> LatentStore<B> for LatentCache<B> {
     fn store_layer(&mut self, layer: usize, new: &LatentKv<B>) -> LatentKv<B> {
         let (s, t, b) = (self.len, new.len(), self.batch);
