@@ -128,8 +128,8 @@ impl<B: DsBackend> Mla<B> {
     ///
     /// `cos`/`sin: [B|1, T, dr]` (see [`crate::rope::RotaryEmbedding::cos_sin_at`]) hold the angles
     /// of the new tokens' positions; `mask: [B|1, 1, T, S]` is added to the scores (0 or −inf),
-    /// with `S = past + T` (`None`: nothing masked). Returns the output `[B, T, H]` and the latent entries of the new
-    /// tokens (for the caller's cache).
+    /// with `S = past + T` (`None`: nothing masked). Returns the output `[B, T, H]` and the
+    /// latent entries of the new tokens (for the caller's cache).
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -178,9 +178,9 @@ impl<B: DsBackend> Mla<B> {
             (None, Some(a), Some(norm), Some(bp)) => bp.forward(norm.forward(a.forward(x.clone()))),
             _ => unreachable!("MlaConfig::init creates either q_proj or the q-LoRA triple"),
         };
-        // Heads-major layout `[nh, B, T, ·]` from here on: the latent (and the rope key) is one
-        // `[1, B, S, ·]` tensor shared by every head, and the mask `[B|1, 1, T, S]` broadcasts as
-        // one row over the heads. Queries carry the softmax scale (cheaper than scaling scores).
+        // Queries heads-major, `[nh, B, T, ·]`: per-head products batch over the leading axis,
+        // and the mask `[B|1, 1, T, S]` and rope tables broadcast as one contiguous row over
+        // the heads. They carry the softmax scale (cheaper than scaling the scores).
         let scale = self.softmax_scale;
         let q = q.reshape([b, t, nh, dn + dr]).permute([2, 0, 1, 3]) * scale;
         let q_nope = q.clone().narrow(3, 0, dn); // [nh, B, T, dn]
