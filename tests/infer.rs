@@ -116,6 +116,34 @@ fn cached_prefill_and_decode_match_golden_logits() {
     }
 }
 
+/// Decode over a context long enough for absorbed attention to split its keys across parallel
+/// jobs (≥ 2 × 1024 keys on a 2-thread pool) equals a full forward without cache (naive
+/// attention, one softmax) at every step, within the model-core tolerance.
+#[test]
+fn long_context_decode_matches_full_forward() {
+    let model = load("tiny-qlora");
+    let vocab = model.config.vocab_size as u64;
+    let mut state = 12345u64;
+    let mut ids: Vec<u32> = (0..2100)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) % vocab) as u32
+        })
+        .collect();
+    let mut s = Session::new(&model, 1, &SessionOptions::default()).unwrap();
+    let mut last = to_vec(s.prefill(&[ids.clone()]).unwrap());
+    for step in 0..3 {
+        let want = full_last_logits(&model, &ids, 0);
+        let d = max_diff_f32(&last, &want);
+        assert!(d < LOGIT_TOL, "step {step}: |cached - full| = {d:e}");
+        let next = argmax(&last);
+        ids.push(next);
+        last = to_vec(s.decode_step(&[next]).unwrap());
+    }
+}
+
 /// Greedy generation from the first half of each golden prompt reproduces the golden's
 /// float64 argmax continuation (tiny-qlora's `golden-far` runs at positions 120000+, far past
 /// YaRN's original_max_position_embeddings = 16).

@@ -63,6 +63,10 @@ impl DsBackend for burn::backend::Flex {
         burn::tensor::Tensor::cat(parts, 1)
     }
 
+    fn parallel_jobs() -> usize {
+        rayon::current_num_threads()
+    }
+
     fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync + Send) -> Vec<R> {
         use rayon::prelude::*;
         items.into_par_iter().map(f).collect()

@@ -269,6 +269,13 @@ pub trait DsBackend: Backend {
         x.matmul(w)
     }
 
+    /// How many [`Self::par_map`] jobs run at once (1: in order). Code may split work into
+    /// that many pieces where splitting costs extra operations (e.g. attention over long
+    /// contexts), and keep it whole where jobs would only run one after another.
+    fn parallel_jobs() -> usize {
+        1
+    }
+
     /// `items.map(f)`, for independent pieces of work (e.g. the experts of one MoE layer). The
     /// default runs them in order; a CPU backend may run them on its thread pool, which is how
     /// decode reads several small expert matrices at once.
