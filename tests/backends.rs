@@ -78,8 +78,9 @@ fn random_fp8<Bk: DsBackend>(
 /// (The decode table is shared by both crates and checked against torch in `numerics`.)
 /// Flex's thin-product paths (the one-row kernel, columns split over the thread pool) give
 /// exactly the plain matmul for one row (decode) and a few rows, at widths that do not split
-/// evenly, and agree to f32 rounding on small and column-narrowed weights; `par_map` keeps the
-/// order of its items.
+/// evenly, and agree to f32 rounding on small and column-narrowed weights; with bf16 weights
+/// the kernel equals the product with the widened weights; `par_map` keeps the order of its
+/// items.
 #[test]
 fn flex_thin_products_and_par_map_are_exact() {
     let mut rng = Rng(41);
@@ -111,6 +112,20 @@ fn flex_thin_products_and_par_map_are_exact() {
             "k = {k}, n = {n}: max |Δ| {}",
             max_diff(&plain, &ours)
         );
+    }
+    // bf16 weights (widened as they are read) equal the product with the widened weights.
+    for (k, n, first, width) in [(701, 1013, 0, 1013), (37, 53, 3, 41)] {
+        let w = tensor2(rng.normal_vec(k * n, 1.0), [k, n])
+            .cast(burn::tensor::DType::BF16)
+            .narrow(1, first, width);
+        let x = tensor2(rng.normal_vec(k, 1.0), [1, k]);
+        let plain = f32s(x.clone().matmul(w.clone().cast(burn::tensor::DType::F32)));
+        let ours = f32s(B::dense_matmul(x, w));
+        let same = plain
+            .iter()
+            .zip(&ours)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "bf16 k = {k}: max |Δ| {}", max_diff(&plain, &ours));
     }
     let squares = B::par_map((0..100u64).collect(), |i| i * i);
     assert_eq!(squares, (0..100u64).map(|i| i * i).collect::<Vec<_>>());
@@ -340,6 +355,66 @@ fn sorted(e: &[Vec<u32>]) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// bf16 weights in memory: on a BF16 checkpoint the values are the checkpoint's exactly, so the
+/// logits, routing and greedy decode equal the f32-weight model's (the products widen each
+/// weight to the same f32 value; measured bit-identical), in half the bytes. On an f32
+/// checkpoint the weights are rounded to nearest bf16 (relative 2⁻⁹, enough to flip this random
+/// model's closest expert choices, so no comparison with its f32 golden is meaningful).
+#[test]
+fn bf16_weights_in_memory() {
+    let dev = device();
+    let bf16 = WeightOptions {
+        bf16: true,
+        ..Default::default()
+    };
+    let golden = goldens(&fixture("tiny-direct"))[0].clone();
+    let mut f32w = load_fixture_with::<B>("tiny-direct", WeightOptions::default(), &dev);
+    let mut bfw = load_fixture_with::<B>("tiny-direct", bf16, &dev);
+    let (want, want_routing) = logits_of(&f32w, &golden);
+    let (got, routing) = logits_of(&bfw, &golden);
+    let d = max_diff(&got, &want);
+    println!("tiny-direct (BF16 file): bf16 vs f32 weights max |Δlogits| {d:.2e}");
+    assert!(d <= 1e-6, "logits differ by {d:e}");
+    assert_eq!(routing, want_routing);
+    let (b16, b32) = (bfw.linear_weight_bytes(), f32w.linear_weight_bytes());
+    assert_eq!(2 * b16, b32, "bf16 Linear weights take half the f32 bytes");
+    // Decode (one-row products read bf16 directly) follows the same greedy path.
+    let ids = Golden::read(&golden).ids();
+    let greedy = |m: &DeepseekV3<B>| {
+        let opts = dsv3_infer::GenerateOptions {
+            max_new_tokens: 8,
+            eos_token_ids: Some(vec![]),
+            ..Default::default()
+        };
+        dsv3_infer::generate(m, None, &ids, &opts, |_| {})
+            .unwrap()
+            .tokens
+    };
+    assert_eq!(greedy(&bfw), greedy(&f32w));
+    // An f32 checkpoint is rounded to nearest bf16 (ties to even): the model then computes
+    // exactly what the f32 model computes with every Linear weight rounded by hand here.
+    let g = fixture("tiny-qlora").join("golden.safetensors");
+    let m = load_fixture_with::<B>("tiny-qlora", bf16, &dev);
+    let mut rounded = load_fixture_with::<B>("tiny-qlora", WeightOptions::default(), &dev);
+    let to_bf16 = |v: f32| {
+        let b = v.to_bits();
+        f32::from_bits((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000)
+    };
+    for (_, l) in rounded.linears_mut() {
+        let w = l.weight.val();
+        let shape = w.dims();
+        let values: Vec<f32> = f32s(w).into_iter().map(to_bf16).collect();
+        let w = Tensor::<B, 2>::from_data(TensorData::new(values, shape), &dev);
+        l.weight = burn::module::Param::initialized(burn::module::ParamId::new(), w);
+    }
+    let (got, routing) = logits_of(&m, &g);
+    let (want, want_routing) = logits_of(&rounded, &g);
+    let d = max_diff(&got, &want);
+    println!("tiny-qlora (f32 file): bf16 weights vs f32-rounded-to-bf16 weights {d:.2e}");
+    assert!(d <= 1e-6, "logits differ by {d:e}");
+    assert_eq!(routing, want_routing);
+}
+
 /// FP8 weights kept in memory (and the experts packed for the grouped kernels) compute what
 /// the dequantized model computes, in about a quarter of the f32 bytes.
 #[test]
@@ -352,10 +427,12 @@ fn fp8_in_memory_equals_dequantized_model() {
         WeightOptions {
             fp8: true,
             pack_experts: false,
+            ..Default::default()
         },
         WeightOptions {
             fp8: true,
             pack_experts: true,
+            ..Default::default()
         },
     ] {
         let mut m = load_fixture_with::<B>("tiny-fp8", weights, &dev);
@@ -376,6 +453,7 @@ fn fp8_in_memory_equals_dequantized_model() {
         WeightOptions {
             fp8: true,
             pack_experts: true,
+            ..Default::default()
         },
         &dev,
     );
@@ -401,6 +479,7 @@ fn packed_experts_match_per_expert_model() {
             WeightOptions {
                 fp8: false,
                 pack_experts: true,
+                ..Default::default()
             },
             &dev,
         );
@@ -424,6 +503,7 @@ fn packed_experts_match_per_expert_model() {
             WeightOptions {
                 fp8: false,
                 pack_experts: true,
+                ..Default::default()
             },
             &dev,
         ),
@@ -694,6 +774,7 @@ mod wgpu {
                 WeightOptions {
                     fp8: false,
                     pack_experts: true,
+                    ..Default::default()
                 },
             ),
             (
@@ -701,6 +782,7 @@ mod wgpu {
                 WeightOptions {
                     fp8: false,
                     pack_experts: true,
+                    ..Default::default()
                 },
             ),
             (
@@ -708,6 +790,7 @@ mod wgpu {
                 WeightOptions {
                     fp8: true,
                     pack_experts: true,
+                    ..Default::default()
                 },
             ),
         ] {
@@ -887,6 +970,7 @@ mod cuda {
                 WeightOptions {
                     fp8: false,
                     pack_experts: true,
+                    ..Default::default()
                 },
             ),
             (
@@ -894,6 +978,7 @@ mod cuda {
                 WeightOptions {
                     fp8: false,
                     pack_experts: true,
+                    ..Default::default()
                 },
             ),
             (
@@ -901,6 +986,7 @@ mod cuda {
                 WeightOptions {
                     fp8: true,
                     pack_experts: true,
+                    ..Default::default()
                 },
             ),
         ] {

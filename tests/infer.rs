@@ -1084,6 +1084,33 @@ fn generate_with_fp8_weights_in_memory_matches_f32() {
     assert_eq!(f32w["tokens"], fp8w["tokens"]);
 }
 
+/// `generate --weights bf16` on a BF16 checkpoint decodes the f32-weight model's greedy tokens
+/// (the same weight values, widened inside the products).
+#[test]
+fn generate_with_bf16_weights_matches_f32() {
+    let dir = fixture("tiny-direct");
+    let run = |weights: &str| -> serde_json::Value {
+        let out = dsv3(&[
+            "generate",
+            "--model",
+            dir.to_str().unwrap(),
+            "--tokens",
+            "5,17,200,3,99,41,7",
+            "--max-new-tokens",
+            "12",
+            "--ignore-eos",
+            "--weights",
+            weights,
+            "--json",
+        ])
+        .unwrap();
+        serde_json::from_str(out.trim()).unwrap()
+    };
+    let (f32w, bf16w) = (run("f32"), run("bf16"));
+    assert_eq!(f32w["tokens"].as_array().unwrap().len(), 12);
+    assert_eq!(f32w["tokens"], bf16w["tokens"]);
+}
+
 /// The 671B shape caches 576 numbers per layer and token (kv latent 512 + rope key 64): 61
 /// layers × 576 × 4 bytes in f32, whatever the batch; a preallocated cache holds its capacity.
 #[test]

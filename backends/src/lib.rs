@@ -49,6 +49,12 @@ impl DsBackend for burn::backend::Flex {
                 return y;
             }
         }
+        // bf16 weights (and any other mismatch) are widened for the general paths.
+        let w = if w.dtype() == x.dtype() {
+            w
+        } else {
+            w.cast(x.dtype())
+        };
         let threads = rayon::current_num_threads();
         // Below ~512K weights the pool's wake-up costs more than the second core saves.
         if threads < 2 || m > 16 || k * n < 1 << 19 || m * k * n >= 192 * 192 * 192 {

@@ -265,7 +265,13 @@ pub struct MoeDispatch<B: Backend> {
 pub trait DsBackend: Backend {
     /// `x [M, K] · w [K, N]`: the product behind every float Linear layer. A hook for backends
     /// whose matmul leaves cores idle on thin products (decode multiplies one row per token).
+    /// `w` may be stored narrower than `x` (bf16 weights): it is widened for the product.
     fn dense_matmul(x: Tensor<Self, 2>, w: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let w = if w.dtype() == x.dtype() {
+            w
+        } else {
+            w.cast(x.dtype())
+        };
         x.matmul(w)
     }
 

@@ -59,10 +59,19 @@ impl<B: DsBackend> Linear<B> {
         self.fp8 = None;
     }
 
-    /// `[in, out]` float weights (dequantized from the FP8 form if there is one).
+    /// `[in, out]` weights in the model's float type (dequantized from the FP8 form, or
+    /// widened from bf16 storage, if the layer holds one).
     pub fn weight_in_out(&self) -> Tensor<B, 2> {
         match &self.fp8 {
-            None => self.weight.val(),
+            None => {
+                let w = self.weight.val();
+                let float = <B::FloatElem as burn::tensor::Element>::dtype();
+                if w.dtype() == float {
+                    w
+                } else {
+                    w.cast(float)
+                }
+            }
             Some(w) => w.dequantize().reshape([w.rows, w.cols]).transpose(),
         }
     }

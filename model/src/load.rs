@@ -40,6 +40,11 @@ pub struct WeightOptions {
     /// Stack each MoE layer's routed experts for the backend's grouped MoE kernels
     /// ([`DeepseekV3::pack_experts`]); the model is then for inference only.
     pub pack_experts: bool,
+    /// Keep Linear weights in bf16 (half the bytes of f32; a BF16 checkpoint's values exactly,
+    /// others rounded to nearest) and compute in the model's float type: products convert them
+    /// on the fly (`DsBackend::dense_matmul`). Norms, embeddings and the router stay f32.
+    /// For inference.
+    pub bf16: bool,
 }
 
 /// What loading found, for the caller to report.
@@ -100,6 +105,8 @@ struct Loader<'a, B: DsBackend> {
     used: BTreeSet<String>,
     /// Weights already bound in FP8 form (their float parameter is a placeholder).
     fp8: BTreeSet<String>,
+    /// Linear weights in bf16 ([`WeightOptions::bf16`]).
+    bf16: bool,
     error: Option<LoadError>,
     params: u64,
 }
@@ -133,8 +140,16 @@ impl<B: DsBackend> ModuleMapper<B> for Loader<'_, B> {
             Ok(values) => {
                 self.params += values.len() as u64;
                 self.used.insert(name);
-                let tensor =
-                    Tensor::<B, D>::from_data(TensorData::new(values, shape), &self.device);
+                let tensor = if self.bf16 && transpose && D == 2 {
+                    let values: Vec<half::bf16> =
+                        values.into_iter().map(half::bf16::from_f32).collect();
+                    Tensor::<B, D>::from_data(
+                        TensorData::new(values, shape),
+                        (&self.device, burn::tensor::DType::BF16),
+                    )
+                } else {
+                    Tensor::<B, D>::from_data(TensorData::new(values, shape), &self.device)
+                };
                 // Keep the parameter's id, and mark it trainable like a fresh init (on an
                 // autodiff backend a loaded model must be fine-tunable; elsewhere a no-op).
                 Param::initialized(param.id, tensor.require_grad())
@@ -213,6 +228,7 @@ pub fn load_from_with<B: DsBackend>(
         fp8_block: cfg.fp8_block(),
         used: BTreeSet::new(),
         fp8,
+        bf16: weights.bf16,
         error: None,
         params: 0,
     };

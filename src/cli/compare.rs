@@ -27,8 +27,9 @@ pub struct CompareArgs {
     /// Float precision for the GPU backends (f32, bf16, f16); the CPU runs f32.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// FP8 checkpoints: f32 (dequantize at load) or fp8 (FP8 in memory).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "fp8"])]
+    /// How Linear weights are held: f32, bf16 (half the bytes) or fp8 (an FP8 checkpoint's
+    /// codes and scales in memory).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "fp8"])]
     pub weights: String,
     /// Prompt token ids (default: the golden's when the directory is a fixture, else 0..16).
     #[arg(long)]

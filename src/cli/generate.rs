@@ -63,9 +63,10 @@ pub struct DecodeArgs {
     /// Float type of weights and activations: f32, or bf16 / f16 where the backend has them (cuda).
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// How FP8 checkpoint weights are held: f32 (dequantized while loading) or fp8 (e4m3 codes
-    /// and block scales in memory, multiplied by the FP8 kernel).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "fp8"])]
+    /// How Linear weights are held: f32 (FP8 dequantized while loading), bf16 (half the bytes;
+    /// widened inside the products) or fp8 (an FP8 checkpoint's e4m3 codes and block scales,
+    /// multiplied by the FP8 kernel).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "fp8"])]
     pub weights: String,
 }
 

@@ -109,9 +109,10 @@ pub struct ScoreArgs {
     /// Float precision: f32, or bf16 / f16 on cuda.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// How FP8 checkpoint weights are held: f32 (dequantized while loading) or fp8 (e4m3 codes
-    /// + block scales in memory, about half the bytes of bf16, dequantized inside the matmul).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "fp8"])]
+    /// How Linear weights are held: f32 (FP8 dequantized while loading), bf16 (half the bytes;
+    /// widened inside the products) or fp8 (an FP8 checkpoint's e4m3 codes + block scales,
+    /// about half the bytes of bf16, dequantized inside the matmul).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "fp8"])]
     pub weights: String,
     /// Attention form: auto (the cheaper of the two for each call: naive for prompts, absorbed
     /// for decode), absorbed (attention over the latent) or naive (per-head k/v).
@@ -457,6 +458,7 @@ pub fn score(a: &ScoreArgs, out: &mut dyn Write) -> Result<(), CliError> {
 pub fn weight_options(kind: BackendKind, weights: &str) -> WeightOptions {
     WeightOptions {
         fp8: weights == "fp8",
+        bf16: weights == "bf16",
         pack_experts: kind != BackendKind::Flex || weights == "fp8",
     }
 }
