@@ -762,6 +762,25 @@ mod wgpu {
         assert!(dcmb < 1e-5, "combine differs by {dcmb}");
     }
 
+    /// wgpu cannot hold bf16 tensors (WGSL has no bf16): `--weights bf16` is a clear error there,
+    /// not a kernel-compiler panic.
+    #[test]
+    fn bf16_weights_refused_on_wgpu() {
+        let opts = LoadOptions {
+            strict: true,
+            skip_mtp: false,
+        };
+        let weights = WeightOptions {
+            bf16: true,
+            ..Default::default()
+        };
+        let e = load_with::<Wgpu>(&fixture("tiny-direct"), &wdev(), &opts, &weights)
+            .err()
+            .expect("bf16 on wgpu must be refused")
+            .to_string();
+        assert!(e.contains("bf16"), "{e}");
+    }
+
     /// The model-core fixtures on wgpu: logits against the float64 golden (1e-4) and routing
     /// equal to the CPU's, per-expert form and packed (kernel) form, FP8 in memory too.
     #[test]

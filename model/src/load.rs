@@ -214,6 +214,13 @@ pub fn load_from_with<B: DsBackend>(
     opts: &LoadOptions,
     weights: &WeightOptions,
 ) -> Result<(DeepseekV3<B>, LoadReport), ModelError> {
+    if weights.bf16
+        && !<B as burn::tensor::backend::Backend>::supports_dtype(device, burn::tensor::DType::BF16)
+    {
+        return Err(ModelError::Invalid(
+            "this backend cannot hold bf16 tensors: load the weights as f32 (or fp8)".into(),
+        ));
+    }
     let mut model = DeepseekV3::<B>::init(&cfg, device)?;
     let fp8 = if weights.fp8 {
         bind_fp8(&mut model, ckpt, cfg.fp8_block(), device)?
