@@ -1056,59 +1056,41 @@ fn cli_generate_errors() {
     assert!(e.contains("MTP"), "{e}");
 }
 
-/// `generate --weights fp8` keeps the FP8 fixture's weights as e4m3 codes (experts packed for
-/// the grouped operations) and decodes the same greedy tokens as with the weights dequantized
-/// at load: both compute the same products of the same dequantized values.
-#[test]
-fn generate_with_fp8_weights_in_memory_matches_f32() {
-    let dir = fixture("tiny-fp8");
-    let run = |weights: &str| -> serde_json::Value {
-        let out = dsv3(&[
-            "generate",
-            "--model",
-            dir.to_str().unwrap(),
-            "--tokens",
-            "5,17,200,3,99,41,7",
-            "--max-new-tokens",
-            "12",
-            "--ignore-eos",
-            "--weights",
-            weights,
-            "--json",
-        ])
-        .unwrap();
-        serde_json::from_str(out.trim()).unwrap()
-    };
-    let (f32w, fp8w) = (run("f32"), run("fp8"));
-    assert_eq!(f32w["tokens"].as_array().unwrap().len(), 12);
-    assert_eq!(f32w["tokens"], fp8w["tokens"]);
+/// `dsv3 generate --json` of 12 greedy tokens after a fixed prompt, with the weights held as
+/// `weights`.
+fn generate_json(dir: &Path, weights: &str) -> serde_json::Value {
+    let out = dsv3(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--tokens",
+        "5,17,200,3,99,41,7",
+        "--max-new-tokens",
+        "12",
+        "--ignore-eos",
+        "--weights",
+        weights,
+        "--json",
+    ])
+    .unwrap();
+    serde_json::from_str(out.trim()).unwrap()
 }
 
-/// `generate --weights bf16` on a BF16 checkpoint decodes the f32-weight model's greedy tokens
-/// (the same weight values, widened inside the products).
+/// `generate --weights fp8` keeps the FP8 fixture's weights as e4m3 codes (experts packed for
+/// the grouped operations) and decodes the same greedy tokens as with the weights dequantized
+/// at load: both compute the same products of the same dequantized values. Likewise
+/// `--weights bf16` on a BF16 checkpoint (the same values, widened inside the products).
 #[test]
-fn generate_with_bf16_weights_matches_f32() {
-    let dir = fixture("tiny-direct");
-    let run = |weights: &str| -> serde_json::Value {
-        let out = dsv3(&[
-            "generate",
-            "--model",
-            dir.to_str().unwrap(),
-            "--tokens",
-            "5,17,200,3,99,41,7",
-            "--max-new-tokens",
-            "12",
-            "--ignore-eos",
-            "--weights",
-            weights,
-            "--json",
-        ])
-        .unwrap();
-        serde_json::from_str(out.trim()).unwrap()
-    };
-    let (f32w, bf16w) = (run("f32"), run("bf16"));
-    assert_eq!(f32w["tokens"].as_array().unwrap().len(), 12);
-    assert_eq!(f32w["tokens"], bf16w["tokens"]);
+fn generate_with_fp8_or_bf16_weights_matches_f32() {
+    for (fixture_name, weights) in [("tiny-fp8", "fp8"), ("tiny-direct", "bf16")] {
+        let dir = fixture(fixture_name);
+        let (f32w, other) = (generate_json(&dir, "f32"), generate_json(&dir, weights));
+        assert_eq!(f32w["tokens"].as_array().unwrap().len(), 12);
+        assert_eq!(
+            f32w["tokens"], other["tokens"],
+            "{fixture_name} with {weights}"
+        );
+    }
 }
 
 /// The 671B shape caches 576 numbers per layer and token (kv latent 512 + rope key 64): 61
