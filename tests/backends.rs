@@ -378,6 +378,8 @@ fn bf16_weights_in_memory() {
     assert_eq!(routing, want_routing);
     let (b16, b32) = (bfw.linear_weight_bytes(), f32w.linear_weight_bytes());
     assert_eq!(2 * b16, b32, "bf16 Linear weights take half the f32 bytes");
+    // Everything else is held as before.
+    assert_eq!(f32w.weight_bytes() - bfw.weight_bytes(), b32 - b16);
     // Decode (one-row products read bf16 directly) follows the same greedy path.
     let ids = Golden::read(&golden).ids();
     let greedy = |m: &DeepseekV3<B>| {

@@ -24,6 +24,22 @@ fn inspect_fixture_dir() {
     assert!(s.contains("present"), "{s}");
 }
 
+/// `inspect --load` loads on the chosen backend with the chosen weight form and reports it;
+/// `--weights` without `--load` is a usage error.
+#[test]
+fn inspect_load_reports_the_weight_form() {
+    let dir = fixture("tiny-direct");
+    let d = dir.to_str().unwrap();
+    for w in ["f32", "bf16"] {
+        let s = dsv3(&["inspect", "--model", d, "--load", "--weights", w]).unwrap();
+        let line = s.lines().last().unwrap();
+        assert!(line.starts_with("loaded "), "{line}");
+        assert!(line.contains(&format!("Linear weights as {w}")), "{line}");
+    }
+    let e = dsv3(&["inspect", "--model", d, "--weights", "bf16"]).unwrap_err();
+    assert!(e.contains("--load") && !e.contains('\n'), "{e}");
+}
+
 #[test]
 fn score_writes_logits_mtp_and_routing() {
     let dir = fixture("tiny-qlora");

@@ -417,6 +417,31 @@ impl<B: DsBackend> DeepseekV3<B> {
         packed + linears
     }
 
+    /// Bytes held by all weights: every parameter at its dtype, plus the FP8 forms and packed
+    /// experts (which are not parameters).
+    pub fn weight_bytes(&mut self) -> usize {
+        struct Sum(usize);
+        impl<B: DsBackend> burn::module::ModuleVisitor<B> for Sum {
+            fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<B, D>>) {
+                let t = p.val();
+                self.0 += t.shape().num_elements() * t.dtype().size();
+            }
+        }
+        let mut sum = Sum(0);
+        self.visit(&mut sum);
+        let fp8: usize = self
+            .linears_mut()
+            .iter()
+            .filter_map(|(_, l)| l.fp8.as_ref().map(|w| w.bytes()))
+            .sum();
+        let packed: usize = self
+            .moe_layers_mut()
+            .iter()
+            .filter_map(|m| m.packed.as_ref().map(|p| p.bytes()))
+            .sum();
+        sum.0 + fp8 + packed
+    }
+
     /// A model with freshly initialised weights (normal, std `initializer_range`; norms 1, bias 0).
     /// Parameters are created lazily: loading a checkpoint over them never allocates the init.
     pub fn init(cfg: &DeepseekV3Config, device: &B::Device) -> Result<Self, ModelError> {

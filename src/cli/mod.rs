@@ -81,6 +81,12 @@ pub struct InspectArgs {
     /// Also load every tensor (as `score` would) and report load time, throughput and peak memory.
     #[arg(long, requires = "model")]
     pub load: bool,
+    /// Backend to load on with `--load`: flex (alias cpu), or wgpu / cuda when built with them.
+    #[arg(long, default_value = "flex", requires = "load")]
+    pub backend: String,
+    /// How `--load` holds the Linear weights: f32, bf16 or fp8 (as `generate --weights`).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "fp8"], requires = "load")]
+    pub weights: String,
 }
 
 #[derive(Args, Debug)]
@@ -343,28 +349,49 @@ pub fn inspect(a: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
         .map_err(|e| write_err(Path::new("stdout"), e))?;
     if a.load {
         if let Some(dir) = &a.model {
-            let t0 = std::time::Instant::now();
-            let (model, report) =
-                dsv3_model::load::<Cpu>(dir, &Default::default(), &LoadOptions::default())?;
-            let secs = t0.elapsed().as_secs_f64();
-            let loaded = report.params as f64 * 4.0;
-            let peak = peak_rss_bytes();
-            let line = format!(
-                "loaded {} parameters ({} as f32) from {} of files in {:.2} s ({:.2} GB/s of file); peak RSS {} = {:.2}x the loaded weights\n",
-                report.params,
-                gib(loaded),
-                gib(report.file_bytes as f64),
-                secs,
-                report.file_bytes as f64 / secs / 1e9,
-                peak.map(|p| gib(p as f64)).unwrap_or_else(|| "unknown".into()),
-                peak.map(|p| p as f64 / loaded).unwrap_or(f64::NAN),
-            );
-            drop(model);
+            struct Run<'a>(&'a InspectArgs, &'a Path);
+            impl OnBackend for Run<'_> {
+                type Output = Result<String, CliError>;
+                fn run<B: DsBackend>(self, kind: BackendKind, _: FloatDtype) -> Self::Output {
+                    load_report::<B>(self.1, kind, &self.0.weights)
+                }
+            }
+            let kind = BackendKind::parse(&a.backend)?;
+            let line = on_backend(kind, FloatDtype::F32, Run(a, dir))??;
             out.write_all(line.as_bytes())
                 .map_err(|e| write_err(Path::new("stdout"), e))?;
         }
     }
     Ok(())
+}
+
+/// Loads `dir` on `B` with the weights held as `weights`; one line of time, throughput and
+/// peak memory (against the bytes the loaded weights hold).
+fn load_report<B: DsBackend>(
+    dir: &Path,
+    kind: BackendKind,
+    weights: &str,
+) -> Result<String, CliError> {
+    let t0 = std::time::Instant::now();
+    let (mut model, report) = dsv3_model::load_with::<B>(
+        dir,
+        &Default::default(),
+        &LoadOptions::default(),
+        &weight_options(kind, weights),
+    )?;
+    let secs = t0.elapsed().as_secs_f64();
+    let loaded = model.weight_bytes() as f64;
+    let peak = peak_rss_bytes();
+    Ok(format!(
+        "loaded {} parameters ({} as held, Linear weights as {weights}) from {} of files in {:.2} s ({:.2} GB/s of file); peak RSS {} = {:.2}x the loaded weights\n",
+        report.params,
+        gib(loaded),
+        gib(report.file_bytes as f64),
+        secs,
+        report.file_bytes as f64 / secs / 1e9,
+        peak.map(|p| gib(p as f64)).unwrap_or_else(|| "unknown".into()),
+        peak.map(|p| p as f64 / loaded).unwrap_or(f64::NAN),
+    ))
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), in bytes.
