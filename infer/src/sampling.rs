@@ -13,7 +13,7 @@ use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
 use crate::error::InferError;
 
 /// How to pick the next token. `Default` is greedy.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SamplingOptions {
     /// Softmax temperature; 0 means greedy (argmax).
     pub temperature: f32,
@@ -28,19 +28,6 @@ pub struct SamplingOptions {
     pub repetition_penalty: Option<f32>,
     /// Seed of the sampling noise; row `r` of a batch uses stream `seed + r`.
     pub seed: u64,
-}
-
-impl Default for SamplingOptions {
-    fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_k: None,
-            top_p: None,
-            min_p: None,
-            repetition_penalty: None,
-            seed: 0,
-        }
-    }
 }
 
 impl SamplingOptions {

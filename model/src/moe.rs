@@ -37,8 +37,16 @@ pub fn route<B: DsBackend>(
     bias: Tensor<B, 1>,
     cfg: &RouterConfig,
 ) -> (Tensor<B, 2, Int>, Tensor<B, 2>) {
-    let [n, e] = logits.dims();
-    let scores = sigmoid(logits);
+    route_scores(sigmoid(logits), bias, cfg)
+}
+
+/// [`route`] from the sigmoid affinities `scores: [N, E]` themselves.
+pub fn route_scores<B: DsBackend>(
+    scores: Tensor<B, 2>,
+    bias: Tensor<B, 1>,
+    cfg: &RouterConfig,
+) -> (Tensor<B, 2, Int>, Tensor<B, 2>) {
+    let [n, e] = scores.dims();
     let mut biased = scores.clone() + bias.unsqueeze_dim::<2>(0);
     if cfg.n_group > 1 {
         let (g, per) = (cfg.n_group, e / cfg.n_group);
@@ -213,16 +221,28 @@ impl<B: DsBackend> Moe<B> {
     /// `x: [B, T, H]` → `[B, T, H]`; with `record`, also the routing of every token (row-major
     /// over batch then time).
     pub fn forward(&self, x: Tensor<B, 3>, record: bool) -> (Tensor<B, 3>, Option<Routing>) {
+        let (y, routing, _) = self.forward_scored(x, record);
+        (y, routing)
+    }
+
+    /// [`Self::forward`], also returning the router's sigmoid affinities `[B·T, E]` (in the
+    /// autodiff graph: what the sequence-wise balance loss of training needs).
+    pub fn forward_scored(
+        &self,
+        x: Tensor<B, 3>,
+        record: bool,
+    ) -> (Tensor<B, 3>, Option<Routing>, Tensor<B, 2>) {
         let [b, t, h] = x.dims();
         let n = b * t;
         let k = self.router.num_experts_per_tok;
         let x = x.reshape([n, h]);
         let bias = self.gate.e_score_correction_bias.val().detach();
-        let (idx, weights) = route(self.gate.logits(x.clone()), bias, &self.router);
+        let scores = sigmoid(self.gate.logits(x.clone()));
+        let (idx, weights) = route_scores(scores.clone(), bias, &self.router);
         if let Some(packed) = &self.packed {
             let routing = record.then(|| routing_of(idx.clone(), weights.clone(), k));
             let out = self.forward_packed(x, idx, weights, packed);
-            return (out.reshape([b, t, h]), routing);
+            return (out.reshape([b, t, h]), routing, scores);
         }
 
         // Group the (token, slot) pairs by expert on the host: each expert runs only on its tokens.
@@ -272,21 +292,8 @@ impl<B: DsBackend> Moe<B> {
                 Some(tok) => out.select_assign(0, tok, y, IndexingUpdateOp::Add),
             };
         }
-        let routing = record.then(|| {
-            let w: Vec<f32> = weights
-                .into_data()
-                .convert::<f32>()
-                .to_vec()
-                .expect("f32 weights");
-            Routing {
-                experts: ids
-                    .chunks(k)
-                    .map(|r| r.iter().map(|&v| v as u32).collect())
-                    .collect(),
-                weights: w.chunks(k).map(|r| r.to_vec()).collect(),
-            }
-        });
-        (out.reshape([b, t, h]), routing)
+        let routing = record.then(|| Routing::from_ids(&ids, weights, k));
+        (out.reshape([b, t, h]), routing, scores)
     }
 
     /// The routed experts through the backend's MoE operations: dispatch (sort the (token, slot)
@@ -316,23 +323,31 @@ impl<B: DsBackend> Moe<B> {
 /// One routed expert's work in the host-grouped path: its id, tokens and (token, slot) indices.
 type ExpertJob = (usize, Vec<i64>, Vec<i64>);
 
+impl Routing {
+    /// From the chosen ids (already on the host, row-major `[tokens·k]`) and the `[tokens, k]`
+    /// weights (read here).
+    fn from_ids<B: DsBackend>(ids: &[i64], weights: Tensor<B, 2>, k: usize) -> Self {
+        let w: Vec<f32> = weights
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .expect("float routing weights");
+        Routing {
+            experts: ids
+                .chunks(k)
+                .map(|r| r.iter().map(|&v| v as u32).collect())
+                .collect(),
+            weights: w.chunks(k).map(|r| r.to_vec()).collect(),
+        }
+    }
+}
+
 /// Reads routing ids and weights to the host.
 fn routing_of<B: DsBackend>(idx: Tensor<B, 2, Int>, weights: Tensor<B, 2>, k: usize) -> Routing {
     let ids: Vec<i64> = idx
         .into_data()
         .convert::<i64>()
         .to_vec()
-        .unwrap_or_default();
-    let w: Vec<f32> = weights
-        .into_data()
-        .convert::<f32>()
-        .to_vec()
-        .unwrap_or_default();
-    Routing {
-        experts: ids
-            .chunks(k)
-            .map(|r| r.iter().map(|&v| v as u32).collect())
-            .collect(),
-        weights: w.chunks(k).map(|r| r.to_vec()).collect(),
-    }
+        .expect("int routing ids");
+    Routing::from_ids(&ids, weights, k)
 }

@@ -4,7 +4,6 @@
 //! sequence-wise balance loss and the bias update need. The same operations in the same order
 //! as `DeepseekV3::forward`/`forward_mtp`: a test checks the logits are bit-identical.
 
-use burn::tensor::activation::sigmoid;
 use burn::tensor::{backend::Backend, ElementConversion, Int, Tensor};
 use dsv3_backends::DsBackend;
 use dsv3_model::mla::Mla;
@@ -64,9 +63,8 @@ fn block<B: DsBackend>(
     let f = match ffn {
         FeedForward::Dense(mlp) => mlp.forward(x),
         FeedForward::Moe(moe) => {
-            let [rows, len, hidden] = x.dims();
-            let (y, routing) = moe.forward(x.clone(), true);
-            let scores = sigmoid(moe.gate.logits(x.reshape([rows * len, hidden])));
+            let [rows, len, _] = x.dims();
+            let (y, routing, scores) = moe.forward_scored(x, true);
             routers.push(RouterTrace {
                 layer: trace.0,
                 mtp: trace.1,
