@@ -618,6 +618,64 @@ fn compare_reports_every_backend() {
     assert!(table.contains("flex") && table.contains("agree"), "{table}");
 }
 
+/// The model-core fixtures on a GPU backend: logits against the float64 golden (1e-4) and
+/// routing equal to the CPU's, in the per-expert form, the packed (kernel) form, and FP8 in
+/// memory.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn fixtures_match_golden_on<Bk: DsBackend>(label: &str, dev: &Bk::Device) {
+    let packed = WeightOptions {
+        pack_experts: true,
+        ..Default::default()
+    };
+    let fp8 = WeightOptions {
+        fp8: true,
+        pack_experts: true,
+        ..Default::default()
+    };
+    for (name, weights) in [
+        ("tiny-qlora", WeightOptions::default()),
+        ("tiny-qlora", packed),
+        ("tiny-direct", packed),
+        ("tiny-fp8", fp8),
+    ] {
+        let gpu = load_fixture_with::<Bk>(name, weights, dev);
+        let cpu = load_fixture_with::<B>(name, WeightOptions::default(), &device());
+        for g in goldens(&fixture(name)) {
+            let (logits, routing) = logits_of(&gpu, &g);
+            let (_, cpu_routing) = logits_of(&cpu, &g);
+            let d = max_abs_diff(&logits, &Golden::read(&g).f("logits").1);
+            println!(
+                "{label} {name} {weights:?} {}: max |Δlogits| vs golden {d:.2e}",
+                g.display()
+            );
+            assert!(
+                d < LOGIT_TOL as f64,
+                "{name}: {label} logits differ by {d:.3e}"
+            );
+            assert_eq!(
+                routing, cpu_routing,
+                "{name}: {label} routing differs from the CPU's"
+            );
+            assert!(!routing.is_empty());
+        }
+    }
+}
+
+/// Median wall time in seconds of `runs` calls of `f` (each must end in a host read or a
+/// device sync), after one warm-up call.
+fn median_secs(runs: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut v: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[runs / 2]
+}
+
 #[cfg(feature = "wgpu")]
 mod wgpu {
     //! Every CubeCL kernel against its plain-tensor default (run on Flex), on random inputs
@@ -783,60 +841,10 @@ mod wgpu {
         assert!(e.contains("bf16"), "{e}");
     }
 
-    /// The model-core fixtures on wgpu: logits against the float64 golden (1e-4) and routing
-    /// equal to the CPU's, per-expert form and packed (kernel) form, FP8 in memory too.
+    /// The model-core fixtures on wgpu: see [`fixtures_match_golden_on`].
     #[test]
     fn fixtures_match_golden_on_wgpu() {
-        let dev = wdev();
-        for (name, weights) in [
-            ("tiny-qlora", WeightOptions::default()),
-            (
-                "tiny-qlora",
-                WeightOptions {
-                    fp8: false,
-                    pack_experts: true,
-                    ..Default::default()
-                },
-            ),
-            (
-                "tiny-direct",
-                WeightOptions {
-                    fp8: false,
-                    pack_experts: true,
-                    ..Default::default()
-                },
-            ),
-            (
-                "tiny-fp8",
-                WeightOptions {
-                    fp8: true,
-                    pack_experts: true,
-                    ..Default::default()
-                },
-            ),
-        ] {
-            let gpu = load_fixture_with::<Wgpu>(name, weights, &dev);
-            let cpu = load_fixture_with::<B>(name, WeightOptions::default(), &device());
-            for g in goldens(&fixture(name)) {
-                let (logits, routing) = logits_of(&gpu, &g);
-                let (_, cpu_routing) = logits_of(&cpu, &g);
-                let want = Golden::read(&g);
-                let d = max_abs_diff(&logits, &want.f("logits").1);
-                println!(
-                    "wgpu {name} {weights:?} {}: max |Δlogits| vs golden {d:.2e}",
-                    g.display()
-                );
-                assert!(
-                    d < LOGIT_TOL as f64,
-                    "{name}: wgpu logits differ by {d:.3e}"
-                );
-                assert_eq!(
-                    routing, cpu_routing,
-                    "{name}: wgpu routing differs from the CPU's"
-                );
-                assert!(!routing.is_empty());
-            }
-        }
+        fixtures_match_golden_on::<Wgpu>("wgpu", &wdev());
     }
 }
 
@@ -845,21 +853,6 @@ mod wgpu {
 mod bench {
     use super::*;
     use dsv3_model::moe::{Moe, MoeConfig, RouterConfig};
-    use std::time::Instant;
-
-    /// Median wall time of `runs` calls of `f` (after one warm-up), each ending in a host read.
-    fn time<F: FnMut() -> f32>(runs: usize, mut f: F) -> f64 {
-        let _ = f();
-        let mut v: Vec<f64> = (0..runs)
-            .map(|_| {
-                let t = Instant::now();
-                std::hint::black_box(f());
-                t.elapsed().as_secs_f64()
-            })
-            .collect();
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[runs / 2]
-    }
 
     /// FP8 in memory against bf16 for DeepSeek-V3's real Linear shapes (one expert, attention).
     #[test]
@@ -926,9 +919,9 @@ mod bench {
                     .flatten()
                     .collect::<std::collections::BTreeSet<_>>()
                     .len();
-                let s = time(5, || {
+                let s = median_secs(5, || {
                     let (y, _) = m.forward(x.clone(), false);
-                    y.sum().into_scalar().elem::<f32>()
+                    std::hint::black_box(y.sum().into_scalar().elem::<f32>());
                 });
                 println!("{label}: tokens {tokens:>3}, experts {experts:>3} ({active:>3} active): {:.2} ms", s * 1e3);
                 rows.push((tokens, experts, s));
@@ -969,7 +962,6 @@ mod bench {
 mod cuda {
     use super::*;
     use dsv3_backends::{BackendKind, Cuda, FloatDtype};
-    use std::time::Instant;
 
     fn require_gpu() {
         BackendKind::Cuda
@@ -977,74 +969,12 @@ mod cuda {
             .unwrap_or_else(|e| panic!("{e}"));
     }
 
-    /// The model-core fixtures on CUDA (f32): logits against the float64 golden, routing equal
-    /// to the CPU's; per-expert, packed (kernels) and FP8-in-memory forms.
+    /// The model-core fixtures on CUDA (f32): see [`fixtures_match_golden_on`].
     #[test]
     #[ignore = "needs a CUDA GPU: scripts/gpu-check.sh"]
     fn cuda_fixtures_match_golden() {
         require_gpu();
-        let dev = Default::default();
-        for (name, weights) in [
-            ("tiny-qlora", WeightOptions::default()),
-            (
-                "tiny-qlora",
-                WeightOptions {
-                    fp8: false,
-                    pack_experts: true,
-                    ..Default::default()
-                },
-            ),
-            (
-                "tiny-direct",
-                WeightOptions {
-                    fp8: false,
-                    pack_experts: true,
-                    ..Default::default()
-                },
-            ),
-            (
-                "tiny-fp8",
-                WeightOptions {
-                    fp8: true,
-                    pack_experts: true,
-                    ..Default::default()
-                },
-            ),
-        ] {
-            let gpu = load_fixture_with::<Cuda>(name, weights, &dev);
-            let cpu = load_fixture_with::<B>(name, WeightOptions::default(), &device());
-            for g in goldens(&fixture(name)) {
-                let (logits, routing) = logits_of(&gpu, &g);
-                let (_, cpu_routing) = logits_of(&cpu, &g);
-                let d = max_abs_diff(&logits, &Golden::read(&g).f("logits").1);
-                println!(
-                    "cuda {name} {weights:?} {}: max |Δlogits| vs golden {d:.2e}",
-                    g.display()
-                );
-                assert!(
-                    d < LOGIT_TOL as f64,
-                    "{name}: cuda logits differ by {d:.3e}"
-                );
-                assert_eq!(
-                    routing, cpu_routing,
-                    "{name}: cuda routing differs from the CPU's"
-                );
-            }
-        }
-    }
-
-    /// Seconds per call of `f` (which must end in a device sync), median of 5 after a warm-up.
-    fn time<F: FnMut()>(mut f: F) -> f64 {
-        f();
-        let mut v: Vec<f64> = (0..5)
-            .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed().as_secs_f64()
-            })
-            .collect();
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[2]
+        fixtures_match_golden_on::<Cuda>("cuda", &Default::default());
     }
 
     /// FP8 block-scaled matmul (codes dequantized in the kernel, f32 activations) against a
@@ -1079,13 +1009,13 @@ mod cuda {
             let wb = Tensor::<Bf, 2>::from_data(TensorData::new(deq.clone(), [k, n]), &dev);
             let xb = Tensor::<Bf, 2>::from_data(TensorData::new(x.clone(), [m, k]), &dev);
             let mut y8 = None;
-            let t8 = time(|| {
+            let t8 = median_secs(5, || {
                 let y = <Cuda as DsBackend>::fp8_matmul(xg.clone(), &w8);
                 <Cuda as Backend>::sync(&dev).unwrap();
                 y8 = Some(y);
             });
             let mut yb = None;
-            let tb = time(|| {
+            let tb = median_secs(5, || {
                 let y = xb.clone().matmul(wb.clone());
                 <Bf as Backend>::sync(&dev).unwrap();
                 yb = Some(y);
