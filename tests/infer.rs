@@ -959,9 +959,11 @@ fn cli_generate_text_and_chat() {
             ignore_eos: true,
             max_context: Some(200),
             prefill_chunk: 16,
-            backend: "flex".into(),
-            dtype: "f32".into(),
-            weights: "f32".into(),
+            run: deepseek_v3::cli::RunArgs {
+                backend: "flex".into(),
+                dtype: "f32".into(),
+                weights: "f32".into(),
+            },
         },
         system: None,
     };

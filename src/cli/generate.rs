@@ -13,7 +13,7 @@ use dsv3_infer::{
 };
 use dsv3_model::{DeepseekV3, LoadOptions};
 
-use super::{parse_tokens, weight_options, CliError};
+use super::{parse_tokens, weight_options, CliError, RunArgs};
 
 /// Decoding flags shared by `generate` and `chat`.
 #[derive(Args, Debug, Clone)]
@@ -57,17 +57,8 @@ pub struct DecodeArgs {
     /// Tokens per prefill forward.
     #[arg(long, default_value_t = 512)]
     pub prefill_chunk: usize,
-    /// Backend to run on: flex (alias cpu), or wgpu / cuda when built with those features.
-    #[arg(long, default_value = "flex")]
-    pub backend: String,
-    /// Float type of weights and activations: f32, or bf16 / f16 where the backend has them (cuda).
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-    /// How Linear weights are held: f32 (FP8 dequantized while loading), bf16 (half the bytes;
-    /// widened inside the products) or fp8 (an FP8 checkpoint's e4m3 codes and block scales,
-    /// multiplied by the FP8 kernel).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "fp8"])]
-    pub weights: String,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 #[derive(Args, Debug)]
@@ -145,18 +136,11 @@ impl DecodeArgs {
             strict: false,
             skip_mtp: self.speculative.is_none(),
         };
-        let weights = weight_options(kind, &self.weights);
+        let weights = weight_options(kind, &self.run.weights);
         let (model, _) =
             dsv3_model::load_with::<B>(&self.model, &B::Device::default(), &opts, &weights)?;
         super::keep_freed_buffers();
         Ok((model, tok))
-    }
-
-    fn backend(&self) -> Result<(BackendKind, FloatDtype), CliError> {
-        Ok((
-            BackendKind::parse(&self.backend)?,
-            FloatDtype::parse(&self.dtype)?,
-        ))
     }
 }
 
@@ -216,7 +200,7 @@ pub fn generate_cmd(a: &GenerateArgs, out: &mut dyn Write) -> Result<(), CliErro
             generate_on::<B>(self.0, kind, self.1)
         }
     }
-    let (kind, dtype) = a.decode.backend()?;
+    let (kind, dtype) = a.decode.run.backend()?;
     on_backend(kind, dtype, Run(a, out))?
 }
 
@@ -292,7 +276,7 @@ pub fn chat_cmd(a: &ChatArgs, out: &mut dyn Write) -> Result<(), CliError> {
             chat_on::<B>(self.0, kind, self.1, self.2, self.3)
         }
     }
-    let (kind, dtype) = a.decode.backend()?;
+    let (kind, dtype) = a.decode.run.backend()?;
     on_backend(kind, dtype, Run(a, &mut input, out, interactive))?
 }
 

@@ -89,6 +89,32 @@ pub struct InspectArgs {
     pub weights: String,
 }
 
+/// Where and how a command runs the model (`score`, `generate`, `chat`).
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Backend to run on: flex (alias cpu), or wgpu / cuda when built with those features.
+    #[arg(long, default_value = "flex")]
+    pub backend: String,
+    /// Float type of weights and activations: f32, or bf16 / f16 where the backend has them (cuda).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// How Linear weights are held: f32 (FP8 dequantized while loading), bf16 (half the bytes;
+    /// widened inside the products) or fp8 (an FP8 checkpoint's e4m3 codes + block scales,
+    /// about half the bytes of bf16, dequantized inside the matmul).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "fp8"])]
+    pub weights: String,
+}
+
+impl RunArgs {
+    /// The backend and float type asked for (typed errors for unknown names).
+    pub fn backend(&self) -> Result<(BackendKind, FloatDtype), CliError> {
+        Ok((
+            BackendKind::parse(&self.backend)?,
+            FloatDtype::parse(&self.dtype)?,
+        ))
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct ScoreArgs {
     /// Model directory (config.json + safetensors checkpoint, F32/BF16/F16/FP8).
@@ -109,17 +135,8 @@ pub struct ScoreArgs {
     /// Write every MoE layer's expert ids and weights per token to this JSON file.
     #[arg(long)]
     pub routing: Option<PathBuf>,
-    /// Backend to run on: flex (alias cpu), or wgpu / cuda when built with those features.
-    #[arg(long, default_value = "flex")]
-    pub backend: String,
-    /// Float precision: f32, or bf16 / f16 on cuda.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-    /// How Linear weights are held: f32 (FP8 dequantized while loading), bf16 (half the bytes;
-    /// widened inside the products) or fp8 (an FP8 checkpoint's e4m3 codes + block scales,
-    /// about half the bytes of bf16, dequantized inside the matmul).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "fp8"])]
-    pub weights: String,
+    #[command(flatten)]
+    pub run: RunArgs,
     /// Attention form: auto (the cheaper of the two for each call: naive for prompts, absorbed
     /// for decode), absorbed (attention over the latent) or naive (per-head k/v).
     #[arg(long, default_value = "auto", value_parser = ["auto", "absorbed", "naive"])]
@@ -475,8 +492,7 @@ pub fn score(a: &ScoreArgs, out: &mut dyn Write) -> Result<(), CliError> {
             score_on::<B>(self.0, self.1, kind, self.2)
         }
     }
-    let kind = BackendKind::parse(&a.backend)?;
-    let dtype = FloatDtype::parse(&a.dtype)?;
+    let (kind, dtype) = a.run.backend()?;
     on_backend(kind, dtype, Run(a, &ids, out))?
 }
 
@@ -501,7 +517,7 @@ fn score_on<B: DsBackend>(
         strict: a.strict,
         skip_mtp: !a.mtp,
     };
-    let weights = weight_options(kind, &a.weights);
+    let weights = weight_options(kind, &a.run.weights);
     let (model, report) = dsv3_model::load_with::<B>(&a.model, &device, &opts, &weights)?;
     keep_freed_buffers();
     if !report.unexpected.is_empty() {
