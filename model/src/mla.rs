@@ -15,6 +15,7 @@ use dsv3_backends::DsBackend;
 
 use crate::linear::Linear;
 use crate::mlp::linear;
+use crate::model::Span;
 use crate::norm::{RmsNorm, RmsNormConfig};
 use crate::rope::apply_rope;
 
@@ -126,20 +127,17 @@ pub struct Mla<B: DsBackend> {
 impl<B: DsBackend> Mla<B> {
     /// Attention for `x: [B, T, H]` whose tokens follow the `past` entries.
     ///
-    /// `cos`/`sin: [B|1, T, dr]` (see [`crate::rope::RotaryEmbedding::cos_sin_at`]) hold the angles
-    /// of the new tokens' positions; `mask: [B|1, 1, T, S]` is added to the scores (0 or −inf),
-    /// with `S = past + T` (`None`: nothing masked). Returns the output `[B, T, H]` and the
-    /// latent entries of the new tokens (for the caller's cache).
+    /// `span` holds the rope tables of the new tokens' positions and the mask `[B|1, 1, T, S]`
+    /// added to the scores (0 or −inf), with `S = past + T`. Returns the output `[B, T, H]` and
+    /// the latent entries of the new tokens (for the caller's cache).
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        cos: &Tensor<B, 3>,
-        sin: &Tensor<B, 3>,
+        span: &Span<B>,
         past: Option<&LatentKv<B>>,
-        mask: Option<&Tensor<B, 4>>,
         mode: AttentionMode,
     ) -> (Tensor<B, 3>, LatentKv<B>) {
-        self.forward_with(x, cos, sin, mask, mode, |new| match past {
+        self.forward_with(x, span, mode, |new| match past {
             Some(p) if !p.is_empty() => p.cat(new),
             _ => new.clone(),
         })
@@ -152,12 +150,11 @@ impl<B: DsBackend> Mla<B> {
     pub fn forward_with(
         &self,
         x: Tensor<B, 3>,
-        cos: &Tensor<B, 3>,
-        sin: &Tensor<B, 3>,
-        mask: Option<&Tensor<B, 4>>,
+        span: &Span<B>,
         mode: AttentionMode,
         history: impl FnOnce(&LatentKv<B>) -> LatentKv<B>,
     ) -> (Tensor<B, 3>, LatentKv<B>) {
+        let (cos, sin, swap, mask) = (&span.cos, &span.sin, &span.swap, span.mask.as_ref());
         let [b, t, _] = x.dims();
         let (nh, dn, dr, dv, r) = (
             self.num_heads,
@@ -184,12 +181,12 @@ impl<B: DsBackend> Mla<B> {
         let scale = self.softmax_scale;
         let q = q.reshape([b, t, nh, dn + dr]).permute([2, 0, 1, 3]) * scale;
         let q_nope = q.clone().narrow(3, 0, dn); // [nh, B, T, dn]
-        let q_pe = apply_rope(q.narrow(3, dn, dr), cos, sin); // [nh, B, T, dr]
+        let q_pe = apply_rope(q.narrow(3, dn, dr), cos, sin, swap); // [nh, B, T, dr]
 
         // The latent and the shared rope key of the new tokens.
         let kv = self.kv_a_proj_with_mqa.forward(x);
         let c = self.kv_a_layernorm.forward(kv.clone().narrow(2, 0, r));
-        let k_pe = apply_rope(kv.narrow(2, r, dr), cos, sin);
+        let k_pe = apply_rope(kv.narrow(2, r, dr), cos, sin, swap);
         let new = LatentKv { c, k_pe };
         let all = history(&new);
         let s = all.len();

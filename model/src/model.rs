@@ -47,6 +47,9 @@ pub struct Span<B: DsBackend> {
     /// `[B or 1, 1, T, past + T]`, 0 or −inf; `None` when nothing is masked (one new token per
     /// row, no padding: every decode step of an unpadded batch).
     pub mask: Option<Tensor<B, 4>>,
+    /// The rope pair-swap matrix `[dr, dr]` ([`crate::rope::pair_swap`]), built once per span
+    /// rather than per layer.
+    pub swap: Tensor<B, 2>,
 }
 
 impl<B: DsBackend> Span<B> {
@@ -96,6 +99,7 @@ impl<B: DsBackend> Span<B> {
             cos: cos.reshape([rows, n / rows, dr]),
             sin: sin.reshape([rows, n / rows, dr]),
             mask,
+            swap: crate::rope::pair_swap(dr, device),
         }
     }
 }
@@ -182,14 +186,7 @@ pub(crate) fn residual_block<B: DsBackend>(
     history: impl FnOnce(&LatentKv<B>) -> LatentKv<B>,
     opts: &ForwardOptions,
 ) -> (Tensor<B, 3>, LatentKv<B>, Option<Routing>) {
-    let (a, kv) = attn.forward_with(
-        attn_norm.forward(h.clone()),
-        &span.cos,
-        &span.sin,
-        span.mask.as_ref(),
-        opts.attention,
-        history,
-    );
+    let (a, kv) = attn.forward_with(attn_norm.forward(h.clone()), span, opts.attention, history);
     let h = h + a;
     let (f, routing) = ffn.forward(ffn_norm.forward(h.clone()), opts.record_routing);
     (h + f, kv, routing)

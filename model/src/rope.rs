@@ -159,30 +159,36 @@ pub fn softmax_scale(cfg: &DeepseekV3Config) -> f64 {
 /// [`RotaryEmbedding::cos_sin_at`] (the checkpoint's layout; spec §3.3):
 /// `y = x·cos + swap_pairs(x)·sin`.
 ///
-/// The pair swap is a product with a `dr × dr` permutation matrix (exact: one 1 per column), and
-/// the tables broadcast as one contiguous row over the leading axes, the broadcast CPU backends
-/// run fastest.
+/// The pair swap is a product with the permutation matrix `swap` from [`pair_swap`] (built once
+/// per [`crate::model::Span`]), and the tables broadcast as one contiguous row over the leading
+/// axes, the broadcast CPU backends run fastest.
 pub fn apply_rope<B: DsBackend, const D: usize>(
     x: Tensor<B, D>,
     cos: &Tensor<B, 3>,
     sin: &Tensor<B, 3>,
+    swap: &Tensor<B, 2>,
 ) -> Tensor<B, D> {
     let dims = x.dims();
     let [bc, t, dr] = cos.dims();
     debug_assert!(D >= 3 && dims[D - 2] == t && dims[D - 1] == dr);
-    let mut swap = vec![0f32; dr * dr];
-    for i in 0..dr {
-        // Column i of the product takes x[i ^ 1].
-        swap[(i ^ 1) * dr + i] = 1.0;
-    }
-    let swap = Tensor::<B, 2>::from_data(TensorData::new(swap, [dr, dr]), &x.device());
     let lead: usize = dims[..D - 2].iter().product();
     let x = x.reshape([lead * t, dr]);
-    let swapped = x.clone().matmul(swap);
+    let swapped = x.clone().matmul(swap.clone());
     // Rows of the table repeat every `bc·t` rows of x (bc = 1, or the batch axis right before T).
     let row = bc * t * dr;
     let outer = lead * t * dr / row;
     let flat = |v: Tensor<B, 2>| v.reshape([outer, row]);
     let y = flat(x) * cos.clone().reshape([1, row]) + flat(swapped) * sin.clone().reshape([1, row]);
     y.reshape(dims)
+}
+
+/// The `dr × dr` permutation matrix [`apply_rope`] multiplies by to swap each pair
+/// `(x[2i], x[2i+1])` (exact: one 1 per column).
+pub fn pair_swap<B: DsBackend>(dr: usize, device: &B::Device) -> Tensor<B, 2> {
+    let mut swap = vec![0f32; dr * dr];
+    for i in 0..dr {
+        // Column i of the product takes x[i ^ 1].
+        swap[(i ^ 1) * dr + i] = 1.0;
+    }
+    Tensor::from_data(TensorData::new(swap, [dr, dr]), device)
 }

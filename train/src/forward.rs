@@ -50,14 +50,7 @@ fn block<B: DsBackend>(
     trace: (usize, bool),
     routers: &mut Vec<RouterTrace<B>>,
 ) -> Tensor<B, 3> {
-    let (a, _) = attn.forward(
-        attn_norm.forward(h.clone()),
-        &span.cos,
-        &span.sin,
-        None,
-        span.mask.as_ref(),
-        mode,
-    );
+    let (a, _) = attn.forward(attn_norm.forward(h.clone()), span, None, mode);
     let h = h + a;
     let x = ffn_norm.forward(h.clone());
     let f = match ffn {
