@@ -38,63 +38,35 @@ fn err(path: &Path) -> impl Fn(String) -> TrainError + '_ {
     move |e| TrainError::io("draw", path, e)
 }
 
-/// Draws the loss and imbalance curves of `records` into `path`.
-pub fn draw(records: &[LogRecord], path: &Path) -> Result<(), TrainError> {
-    let text = font();
-    let e = err(path);
-    let root = BitMapBackend::new(path, (1200, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
-    let (left, right) = root.split_horizontally(600);
-    let max_step = records.iter().map(|r| r.step).max().unwrap_or(1).max(1) as f64;
+/// One curve: legend label, colour, points.
+type Series = (String, RGBAColor, Vec<(f64, f64)>);
 
-    // Losses.
-    type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
-    let series: Vec<Series> = vec![
-        (
-            "train CE",
-            BLUE,
-            records.iter().map(|r| (r.step as f64, r.ce_loss)).collect(),
-        ),
-        (
-            "MTP CE",
-            GREEN,
-            records
-                .iter()
-                .filter_map(|r| r.mtp_loss.map(|m| (r.step as f64, m)))
-                .collect(),
-        ),
-        (
-            "val CE",
-            RED,
-            records
-                .iter()
-                .filter_map(|r| r.val_loss.map(|m| (r.step as f64, m)))
-                .collect(),
-        ),
-    ];
-    let ymax = series
-        .iter()
-        .flat_map(|s| s.2.iter().map(|p| p.1))
-        .filter(|v| v.is_finite())
-        .fold(0.0f64, f64::max)
-        .max(1e-3)
-        * 1.05;
-    let mut b = ChartBuilder::on(&left);
+/// One chart: `series` over steps `0..max_step` and `y`, with title, axes and legend when a
+/// font is available (`text`).
+fn panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    max_step: f64,
+    y: std::ops::Range<f64>,
+    series: Vec<Series>,
+    text: bool,
+) -> Result<(), String> {
+    let mut b = ChartBuilder::on(area);
     b.margin(15);
     if text {
-        b.caption("loss (nats/token)", ("sans-serif", 20))
+        b.caption(title, ("sans-serif", 20))
             .x_label_area_size(35)
             .y_label_area_size(45);
     }
     let mut chart = b
-        .build_cartesian_2d(0f64..max_step, 0f64..ymax)
-        .map_err(|x| e(x.to_string()))?;
+        .build_cartesian_2d(0f64..max_step, y)
+        .map_err(|x| x.to_string())?;
     if text {
         chart
             .configure_mesh()
             .x_desc("step")
             .draw()
-            .map_err(|x| e(x.to_string()))?;
+            .map_err(|x| x.to_string())?;
     }
     for (name, color, pts) in series {
         if pts.is_empty() {
@@ -102,7 +74,7 @@ pub fn draw(records: &[LogRecord], path: &Path) -> Result<(), TrainError> {
         }
         let s = chart
             .draw_series(LineSeries::new(pts, color.stroke_width(2)))
-            .map_err(|x| e(x.to_string()))?;
+            .map_err(|x| x.to_string())?;
         if text {
             s.label(name)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
@@ -114,8 +86,61 @@ pub fn draw(records: &[LogRecord], path: &Path) -> Result<(), TrainError> {
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()
-            .map_err(|x| e(x.to_string()))?;
+            .map_err(|x| x.to_string())?;
     }
+    Ok(())
+}
+
+/// Draws the loss and imbalance curves of `records` into `path`.
+pub fn draw(records: &[LogRecord], path: &Path) -> Result<(), TrainError> {
+    let text = font();
+    let e = err(path);
+    let root = BitMapBackend::new(path, (1200, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let (left, right) = root.split_horizontally(600);
+    let max_step = records.iter().map(|r| r.step).max().unwrap_or(1).max(1) as f64;
+    let step = |r: &LogRecord| r.step as f64;
+
+    // Losses.
+    let losses: Vec<Series> = vec![
+        (
+            "train CE".into(),
+            BLUE.to_rgba(),
+            records.iter().map(|r| (step(r), r.ce_loss)).collect(),
+        ),
+        (
+            "MTP CE".into(),
+            GREEN.to_rgba(),
+            records
+                .iter()
+                .filter_map(|r| r.mtp_loss.map(|m| (step(r), m)))
+                .collect(),
+        ),
+        (
+            "val CE".into(),
+            RED.to_rgba(),
+            records
+                .iter()
+                .filter_map(|r| r.val_loss.map(|m| (step(r), m)))
+                .collect(),
+        ),
+    ];
+    let ymax = losses
+        .iter()
+        .flat_map(|s| s.2.iter().map(|p| p.1))
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max)
+        .max(1e-3)
+        * 1.05;
+    panel(
+        &left,
+        "loss (nats/token)",
+        max_step,
+        0.0..ymax,
+        losses,
+        text,
+    )
+    .map_err(&e)?;
 
     // Imbalance per MoE layer.
     let layers = records
@@ -127,45 +152,26 @@ pub fn draw(records: &[LogRecord], path: &Path) -> Result<(), TrainError> {
         .flat_map(|r| r.imbalance.iter().copied())
         .fold(1.0f64, f64::max)
         * 1.05;
-    let mut b = ChartBuilder::on(&right);
-    b.margin(15);
-    if text {
-        b.caption("expert load: max / mean", ("sans-serif", 20))
-            .x_label_area_size(35)
-            .y_label_area_size(45);
-    }
-    let mut chart = b
-        .build_cartesian_2d(0f64..max_step, 0.9f64..imax)
-        .map_err(|x| e(x.to_string()))?;
-    if text {
-        chart
-            .configure_mesh()
-            .x_desc("step")
-            .draw()
-            .map_err(|x| e(x.to_string()))?;
-    }
-    for (i, layer) in layers.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
-        let pts: Vec<(f64, f64)> = records
-            .iter()
-            .filter_map(|r| r.imbalance.get(i).map(|v| (r.step as f64, *v)))
-            .collect();
-        let s = chart
-            .draw_series(LineSeries::new(pts, color.stroke_width(2)))
-            .map_err(|x| e(x.to_string()))?;
-        if text {
-            s.label(format!("layer {layer}"))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        }
-    }
-    if text {
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|x| e(x.to_string()))?;
-    }
+    let imbalance: Vec<Series> = layers
+        .iter()
+        .enumerate()
+        .map(|(i, layer)| {
+            let pts = records
+                .iter()
+                .filter_map(|r| r.imbalance.get(i).map(|v| (step(r), *v)))
+                .collect();
+            (format!("layer {layer}"), Palette99::pick(i).to_rgba(), pts)
+        })
+        .collect();
+    panel(
+        &right,
+        "expert load: max / mean",
+        max_step,
+        0.9..imax,
+        imbalance,
+        text,
+    )
+    .map_err(&e)?;
     root.present().map_err(|x| e(x.to_string()))?;
     Ok(())
 }
