@@ -124,43 +124,11 @@ impl<B: DsBackend> LatentCache<B> {
         let Some(t) = new.first().map(|kv| kv.len()) else {
             return Ok(());
         };
-        match self.capacity {
-            Some(cap) => {
-                if self.len + t > cap {
-                    return Err(InferError::ContextFull {
-                        needed: self.len + t,
-                        max_context: cap,
-                    });
-                }
-                let (b, s) = (self.batch, self.len);
-                // Uniquely owned once `past()` views are gone (a backend may write in place).
-                let old = std::mem::take(&mut self.layers);
-                self.layers = old
-                    .into_iter()
-                    .zip(new)
-                    .map(|(slot, kv)| LatentKv {
-                        c: slot
-                            .c
-                            .slice_assign([0..b, s..s + t, 0..self.kv_lora_rank], kv.c),
-                        k_pe: slot
-                            .k_pe
-                            .slice_assign([0..b, s..s + t, 0..self.rope_dim], kv.k_pe),
-                    })
-                    .collect();
-            }
-            None => {
-                self.layers = if self.len == 0 {
-                    new
-                } else {
-                    self.layers
-                        .iter()
-                        .zip(new.iter())
-                        .map(|(a, n)| a.cat(n))
-                        .collect()
-                };
-            }
+        self.reserve(t)?;
+        for (layer, kv) in new.iter().enumerate() {
+            self.store_layer(layer, kv);
         }
-        self.len += t;
+        self.commit(t);
         Ok(())
     }
 

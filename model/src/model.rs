@@ -395,11 +395,7 @@ impl<B: DsBackend> DeepseekV3<B> {
     /// Bytes held by the weights of the Linear layers and packed experts (FP8 codes and scales
     /// at 1 and 4 bytes, float weights at their dtype's size).
     pub fn linear_weight_bytes(&mut self) -> usize {
-        let packed: usize = self
-            .moe_layers_mut()
-            .iter()
-            .filter_map(|m| m.packed.as_ref().map(|p| p.bytes()))
-            .sum();
+        let packed = self.packed_bytes();
         let linears: usize = self
             .linears_mut()
             .iter()
@@ -412,6 +408,14 @@ impl<B: DsBackend> DeepseekV3<B> {
             })
             .sum();
         packed + linears
+    }
+
+    /// Bytes held by the packed experts of every MoE layer (0 when none is packed).
+    fn packed_bytes(&mut self) -> usize {
+        self.moe_layers_mut()
+            .iter()
+            .filter_map(|m| m.packed.as_ref().map(|p| p.bytes()))
+            .sum()
     }
 
     /// Bytes held by all weights: every parameter at its dtype, plus the FP8 forms and packed
@@ -431,12 +435,7 @@ impl<B: DsBackend> DeepseekV3<B> {
             .iter()
             .filter_map(|(_, l)| l.fp8.as_ref().map(|w| w.bytes()))
             .sum();
-        let packed: usize = self
-            .moe_layers_mut()
-            .iter()
-            .filter_map(|m| m.packed.as_ref().map(|p| p.bytes()))
-            .sum();
-        sum.0 + fp8 + packed
+        sum.0 + fp8 + self.packed_bytes()
     }
 
     /// A model with freshly initialised weights (normal, std `initializer_range`; norms 1, bias 0).
