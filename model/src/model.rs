@@ -30,9 +30,22 @@ pub enum FeedForward<B: DsBackend> {
 
 impl<B: DsBackend> FeedForward<B> {
     pub fn forward(&self, x: Tensor<B, 3>, record: bool) -> (Tensor<B, 3>, Option<Routing>) {
+        let (y, routing, _) = self.forward_scored(x, record);
+        (y, routing)
+    }
+
+    /// [`Self::forward`], plus the router's sigmoid affinities `[B·T, E]` of a MoE layer.
+    pub fn forward_scored(
+        &self,
+        x: Tensor<B, 3>,
+        record: bool,
+    ) -> (Tensor<B, 3>, Option<Routing>, Option<Tensor<B, 2>>) {
         match self {
-            FeedForward::Dense(mlp) => (mlp.forward(x), None),
-            FeedForward::Moe(moe) => moe.forward(x, record),
+            FeedForward::Dense(mlp) => (mlp.forward(x), None, None),
+            FeedForward::Moe(moe) => {
+                let (y, routing, scores) = moe.forward_scored(x, record);
+                (y, routing, Some(scores))
+            }
         }
     }
 }
@@ -172,11 +185,25 @@ pub(crate) fn feed_forward<B: DsBackend>(
     }
 }
 
-/// Pre-norm residual block shared by decoder layers and MTP modules:
+/// What one residual block returns.
+#[derive(Debug, Clone)]
+pub struct BlockOutput<B: DsBackend> {
+    /// The block's output `[B, T, H]`.
+    pub h: Tensor<B, 3>,
+    /// Latent entries of the new tokens.
+    pub kv: LatentKv<B>,
+    /// The MoE layer's routing, when recorded.
+    pub routing: Option<Routing>,
+    /// The MoE layer's router affinities `[B·T, E]` (in the autodiff graph); `None` for a
+    /// dense layer.
+    pub scores: Option<Tensor<B, 2>>,
+}
+
+/// Pre-norm residual block shared by decoder layers, MTP modules and the training forward:
 /// `h += attn(norm(h)); h += ffn(norm(h))`. `history` keeps the latent entries (see
 /// [`Mla::forward_with`]).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn residual_block<B: DsBackend>(
+pub fn residual_block<B: DsBackend>(
     attn: &Mla<B>,
     attn_norm: &RmsNorm<B>,
     ffn: &FeedForward<B>,
@@ -185,11 +212,16 @@ pub(crate) fn residual_block<B: DsBackend>(
     span: &Span<B>,
     history: impl FnOnce(&LatentKv<B>) -> LatentKv<B>,
     opts: &ForwardOptions,
-) -> (Tensor<B, 3>, LatentKv<B>, Option<Routing>) {
+) -> BlockOutput<B> {
     let (a, kv) = attn.forward_with(attn_norm.forward(h.clone()), span, opts.attention, history);
     let h = h + a;
-    let (f, routing) = ffn.forward(ffn_norm.forward(h.clone()), opts.record_routing);
-    (h + f, kv, routing)
+    let (f, routing, scores) = ffn.forward_scored(ffn_norm.forward(h.clone()), opts.record_routing);
+    BlockOutput {
+        h: h + f,
+        kv,
+        routing,
+        scores,
+    }
 }
 
 /// The main layers' latent history during a forward pass: `store_layer(l, new)` keeps layer
@@ -530,7 +562,7 @@ impl<B: DsBackend> DeepseekV3<B> {
         let mut kv = Vec::with_capacity(self.model.layers.len());
         let mut routing = Vec::new();
         for (l, layer) in self.model.layers.iter().enumerate() {
-            let (next, entries, r) = residual_block(
+            let out = residual_block(
                 &layer.self_attn,
                 &layer.input_layernorm,
                 &layer.mlp,
@@ -540,9 +572,9 @@ impl<B: DsBackend> DeepseekV3<B> {
                 |new| store.store_layer(l, new),
                 opts,
             );
-            h = next;
-            kv.push(entries);
-            if let Some(routing_l) = r {
+            h = out.h;
+            kv.push(out.kv);
+            if let Some(routing_l) = out.routing {
                 routing.push(LayerRouting {
                     layer: l,
                     mtp: false,

@@ -90,7 +90,7 @@ impl<B: DsBackend> MtpLayer<B> {
         let x = self
             .eh_proj
             .forward(Tensor::cat(vec![e, self.hnorm.forward(h)], 2));
-        let (out, kv, routing) = residual_block(
+        let block = residual_block(
             &self.self_attn,
             &self.input_layernorm,
             &self.mlp,
@@ -103,6 +103,7 @@ impl<B: DsBackend> MtpLayer<B> {
             },
             opts,
         );
+        let (out, kv, routing) = (block.h, block.kv, block.routing);
         let last = if opts.last_logits_only {
             let t = out.dims()[1];
             out.clone().narrow(1, t - 1, 1)

@@ -1,15 +1,15 @@
-//! The training forward pass: the model's own forward, written out block by block from the
-//! model crate's public parts so that every MoE layer (the MTP module's included) also hands
-//! back its router affinities **with gradient** and its expert choices, which the
-//! sequence-wise balance loss and the bias update need. The same operations in the same order
-//! as `DeepseekV3::forward`/`forward_mtp`: a test checks the logits are bit-identical.
+//! The training forward pass: the model's own blocks (`residual_block`), walked layer by layer
+//! so that every MoE layer (the MTP module's included) also hands back its router affinities
+//! **with gradient** and its expert choices, which the sequence-wise balance loss and the bias
+//! update need, and so that a NaN can be located by block. The same operations in the same
+//! order as `DeepseekV3::forward`/`forward_mtp`: a test checks the logits are bit-identical.
 
 use burn::tensor::{backend::Backend, ElementConversion, Int, Tensor};
 use dsv3_backends::DsBackend;
 use dsv3_model::mla::Mla;
-use dsv3_model::model::{DecoderLayer, FeedForward, Span};
+use dsv3_model::model::{residual_block, DecoderLayer, FeedForward, Span};
 use dsv3_model::norm::RmsNorm;
-use dsv3_model::{AttentionMode, DeepseekV3};
+use dsv3_model::{AttentionMode, DeepseekV3, ForwardOptions};
 
 /// One MoE layer's router in one forward pass.
 #[derive(Debug, Clone)]
@@ -38,6 +38,8 @@ pub struct TrainForward<B: Backend> {
     pub probes: Vec<(String, Tensor<B, 3>)>,
 }
 
+/// One residual block through the model's own [`residual_block`] (no cache), keeping the MoE
+/// layer's router affinities and choices.
 #[allow(clippy::too_many_arguments)]
 fn block<B: DsBackend>(
     attn: &Mla<B>,
@@ -50,26 +52,33 @@ fn block<B: DsBackend>(
     trace: (usize, bool),
     routers: &mut Vec<RouterTrace<B>>,
 ) -> Tensor<B, 3> {
-    let (a, _) = attn.forward(attn_norm.forward(h.clone()), span, None, mode);
-    let h = h + a;
-    let x = ffn_norm.forward(h.clone());
-    let f = match ffn {
-        FeedForward::Dense(mlp) => mlp.forward(x),
-        FeedForward::Moe(moe) => {
-            let [rows, len, _] = x.dims();
-            let (y, routing, scores) = moe.forward_scored(x, true);
-            routers.push(RouterTrace {
-                layer: trace.0,
-                mtp: trace.1,
-                rows,
-                len,
-                scores,
-                experts: routing.map(|r| r.experts).unwrap_or_default(),
-            });
-            y
-        }
+    let [rows, len, _] = h.dims();
+    let opts = ForwardOptions {
+        attention: mode,
+        record_routing: true,
+        ..Default::default()
     };
-    h + f
+    let out = residual_block(
+        attn,
+        attn_norm,
+        ffn,
+        ffn_norm,
+        h,
+        span,
+        |new| new.clone(),
+        &opts,
+    );
+    if let Some(scores) = out.scores {
+        routers.push(RouterTrace {
+            layer: trace.0,
+            mtp: trace.1,
+            rows,
+            len,
+            scores,
+            experts: out.routing.map(|r| r.experts).unwrap_or_default(),
+        });
+    }
+    out.h
 }
 
 /// Main model over `tokens: [B, T]` (positions 0..T), then `mtp_depths` MTP modules.
