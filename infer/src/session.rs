@@ -252,14 +252,7 @@ impl<'m, B: DsBackend> Session<'m, B> {
         for r in rows {
             self.check_ids(r)?;
         }
-        if let Some(cap) = self.opts.max_context {
-            if self.len() + t > cap {
-                return Err(InferError::ContextFull {
-                    needed: self.len() + t,
-                    max_context: cap,
-                });
-            }
-        }
+        // (`forward_slots` refuses a chunk that does not fit, before touching any state.)
         let slots: Vec<Vec<Option<u32>>> = rows
             .iter()
             .map(|r| r.iter().map(|&i| Some(i)).collect())
