@@ -42,7 +42,8 @@ pub struct WeightOptions {
     pub pack_experts: bool,
     /// Keep Linear weights in bf16 (half the bytes of f32; a BF16 checkpoint's values exactly,
     /// others rounded to nearest) and compute in the model's float type: products convert them
-    /// on the fly (`DsBackend::dense_matmul`). Norms, embeddings and the router stay f32.
+    /// on the fly (`DsBackend::dense_matmul`). Norms, embeddings, the router and `kv_b_proj`
+    /// (which attention reads as per-head views, not through a Linear forward) stay f32.
     /// For inference.
     pub bf16: bool,
 }
@@ -128,6 +129,7 @@ impl<B: DsBackend> ModuleMapper<B> for Loader<'_, B> {
             return param;
         }
         let shape: Vec<usize> = param.lazy_shape().dims::<D>().to_vec();
+        let kv_b_proj = name.ends_with("kv_b_proj.weight");
         let disk_shape: Vec<usize> = if transpose {
             shape.iter().rev().copied().collect()
         } else {
@@ -140,7 +142,9 @@ impl<B: DsBackend> ModuleMapper<B> for Loader<'_, B> {
             Ok(values) => {
                 self.params += values.len() as u64;
                 self.used.insert(name);
-                let tensor = if self.bf16 && transpose && D == 2 {
+                // kv_b_proj stays f32: attention reads it as per-head views every step (its
+                // product is not a Linear forward), which would widen it on every call.
+                let tensor = if self.bf16 && transpose && D == 2 && !kv_b_proj {
                     let values: Vec<half::bf16> =
                         values.into_iter().map(half::bf16::from_f32).collect();
                     Tensor::<B, D>::from_data(
