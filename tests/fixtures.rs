@@ -21,7 +21,17 @@ fn load_fixture(name: &str) -> DeepseekV3<B> {
 }
 
 /// Checks one golden file: logits, MTP logits, routing (exact where the margin allows).
-fn check_golden(model: &DeepseekV3<B>, golden: &Path, mode: AttentionMode) {
+pub(crate) fn check_golden(model: &DeepseekV3<B>, golden: &Path, mode: AttentionMode) {
+    check_golden_within(model, golden, mode, LOGIT_TOL as f64)
+}
+
+/// [`check_golden`] with logits (main and MTP) within `tol`.
+pub(crate) fn check_golden_within(
+    model: &DeepseekV3<B>,
+    golden: &Path,
+    mode: AttentionMode,
+    tol: f64,
+) {
     let g = Golden::read(golden);
     let ids = g.ids();
     let offset = g.offset();
@@ -46,8 +56,8 @@ fn check_golden(model: &DeepseekV3<B>, golden: &Path, mode: AttentionMode) {
         "golden logits are too small to test anything"
     );
     assert!(
-        diff < LOGIT_TOL as f64,
-        "{}: logits differ by {diff:.3e} > {LOGIT_TOL:e}",
+        diff < tol,
+        "{}: logits differ by {diff:.3e} > {tol:e}",
         golden.display()
     );
 
@@ -60,7 +70,7 @@ fn check_golden(model: &DeepseekV3<B>, golden: &Path, mode: AttentionMode) {
         let m = model.mtp_logits(tokens, &out, offset, &opts).unwrap();
         let d = max_abs_diff(&to_vec(m.logits), &g.f("mtp_logits").1);
         println!("  mtp max |Δlogits| = {d:.2e}");
-        assert!(d < LOGIT_TOL as f64, "MTP logits differ by {d:.3e}");
+        assert!(d < tol, "MTP logits differ by {d:.3e} > {tol:e}");
         routing.extend(m.routing);
     }
 

@@ -123,15 +123,8 @@ fn cached_prefill_and_decode_match_golden_logits() {
 fn long_context_decode_matches_full_forward() {
     let model = load("tiny-qlora");
     let vocab = model.config.vocab_size as u64;
-    let mut state = 12345u64;
-    let mut ids: Vec<u32> = (0..2100)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((state >> 33) % vocab) as u32
-        })
-        .collect();
+    let mut rng = Rng(12345);
+    let mut ids: Vec<u32> = (0..2100).map(|_| rng.below(vocab) as u32).collect();
     let mut s = Session::new(&model, 1, &SessionOptions::default()).unwrap();
     let mut last = to_vec(s.prefill(&[ids.clone()]).unwrap());
     for step in 0..3 {
@@ -673,7 +666,7 @@ fn invalid_options_are_rejected() {
 // ---------------------------------------------------------------- tokenizer
 
 /// The real DeepSeek tokenizer files, fetched by `scripts/fetch-tokenizers.sh` (CI runs it).
-fn real_tokenizer_dir(variant: &str) -> PathBuf {
+pub(crate) fn real_tokenizer_dir(variant: &str) -> PathBuf {
     let root = std::env::var_os("DSV3_TOKENIZER_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -688,12 +681,12 @@ fn real_tokenizer_dir(variant: &str) -> PathBuf {
     d
 }
 
-fn reference() -> serde_json::Value {
+pub(crate) fn reference() -> serde_json::Value {
     let p = fixtures().join("tokenizer/reference.json");
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
 
-fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+pub(crate) fn ids_of(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
         .iter()

@@ -7,6 +7,7 @@
 mod backends;
 mod cli;
 mod common;
+mod field;
 mod fixtures;
 mod infer;
 mod numerics;

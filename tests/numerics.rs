@@ -165,13 +165,8 @@ fn router_masks_dropped_groups_with_neg_inf() {
 #[test]
 fn router_matches_reference_on_random_rows() {
     let cfg = RouterConfig::new(24, 5, 6, 3).with_routed_scaling_factor(1.7);
-    let mut state = 12345u64;
-    let mut rnd = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((state >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-    };
+    let mut rng = Rng(12345);
+    let mut rnd = || rng.uniform();
     let rows = 37;
     let logits: Vec<f64> = (0..rows * 24).map(|_| 3.0 * rnd()).collect();
     let bias: Vec<f64> = (0..24).map(|_| rnd()).collect();

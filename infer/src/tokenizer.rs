@@ -1,5 +1,6 @@
-//! Text ↔ ids: `tokenizer.json` through the `tokenizers` crate, the chat template of
-//! `tokenizer_config.json` through `minijinja`, and a streaming detokenizer.
+//! Text ↔ ids: `tokenizer.json` through the `tokenizers` crate, the chat template (from
+//! `chat_template.jinja`, else `tokenizer_config.json`) through `minijinja`, and a streaming
+//! detokenizer.
 //!
 //! Crate choice (measured, see `shared/burn-0.21-notes.md`): `tokenizers` 0.23.2 with the
 //! pure-Rust `fancy-regex` engine encodes DeepSeek's pre-tokenizer regex at ~2 MB/s (1.0.0-rc.3
@@ -8,8 +9,12 @@
 //!
 //! BOS, as DeepSeek's files expect: `tokenizer.json` never adds it. A plain prompt gets the BOS
 //! token when `tokenizer_config.json` says `add_bos_token` (true for V3, false for the
-//! V3-0324/R1 revision), as HF's `LlamaTokenizerFast` does; a chat prompt gets it from the
-//! template text (`{{ bos_token }}`), never twice.
+//! V3-0324/R1 revision), as HF's `LlamaTokenizerFast` does, unless the text already starts with
+//! it; a chat prompt gets it from the template text (`{{ bos_token }}`), never twice.
+//!
+//! The chat template: current transformers saves it to `chat_template.jinja` beside the
+//! tokenizer and leaves the `chat_template` key out of `tokenizer_config.json`; `AutoTokenizer`
+//! reads that file and prefers it to the key. So do we.
 
 use std::path::{Path, PathBuf};
 
@@ -43,7 +48,12 @@ pub struct Tokenizer {
     eos_token: Option<String>,
     add_bos_token: bool,
     chat_template: Option<String>,
+    /// Where the template came from (`chat_template.jinja` or `tokenizer_config.json`).
+    chat_template_source: PathBuf,
 }
+
+/// The file current transformers writes the chat template to.
+pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -53,6 +63,7 @@ impl std::fmt::Debug for Tokenizer {
             .field("eos_token", &self.eos_token)
             .field("add_bos_token", &self.add_bos_token)
             .field("chat_template", &self.chat_template.is_some())
+            .field("chat_template_source", &self.chat_template_source)
             .finish()
     }
 }
@@ -67,18 +78,38 @@ fn token_string(v: Option<&Value>) -> Option<String> {
 }
 
 impl Tokenizer {
-    /// `dir/tokenizer.json` plus, when present, `dir/tokenizer_config.json`. Returns `Ok(None)`
-    /// when the directory has no `tokenizer.json` (ids-only use).
+    /// `dir/tokenizer.json` plus, when present, `dir/tokenizer_config.json` and
+    /// `dir/chat_template.jinja` (which wins over the config's `chat_template` key, as in HF).
+    /// Returns `Ok(None)` when the directory has no `tokenizer.json` (ids-only use).
+    ///
+    /// # Errors
+    /// [`InferError::Tokenizer`] naming the file that cannot be read or parsed, or a BOS token
+    /// missing from the vocabulary.
     pub fn from_dir(dir: &Path) -> Result<Option<Self>, InferError> {
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
             return Ok(None);
         }
-        Self::from_files(&path, Some(&dir.join("tokenizer_config.json"))).map(Some)
+        let mut tok = Self::from_files(&path, Some(&dir.join("tokenizer_config.json")))?;
+        let jinja = dir.join(CHAT_TEMPLATE_FILE);
+        if jinja.is_file() {
+            let text = std::fs::read_to_string(&jinja).map_err(|e| InferError::Tokenizer {
+                path: jinja.clone(),
+                reason: e.to_string(),
+            })?;
+            tok.chat_template = Some(text);
+            tok.chat_template_source = jinja;
+        }
+        Ok(Some(tok))
     }
 
     /// Loads `tokenizer.json` and an optional `tokenizer_config.json` (a missing config file
-    /// means: no BOS, no chat template).
+    /// means: no BOS, no chat template). [`Tokenizer::from_dir`] also reads
+    /// `chat_template.jinja`.
+    ///
+    /// # Errors
+    /// [`InferError::Tokenizer`] naming the file that cannot be read or parsed, or a BOS token
+    /// missing from the vocabulary.
     pub fn from_files(tokenizer_json: &Path, config: Option<&Path>) -> Result<Self, InferError> {
         let err = |path: &Path, reason: String| InferError::Tokenizer {
             path: path.to_path_buf(),
@@ -123,6 +154,9 @@ impl Tokenizer {
             eos_token,
             add_bos_token,
             chat_template,
+            chat_template_source: config
+                .unwrap_or(Path::new("tokenizer_config.json"))
+                .to_path_buf(),
         })
     }
 
@@ -169,14 +203,23 @@ impl Tokenizer {
             .to_vec())
     }
 
-    /// A plain (non-chat) prompt: BOS first when the config asks for it.
+    /// A plain (non-chat) prompt: BOS first when the config asks for it and the text does not
+    /// already begin with it (so a prompt pasted from a rendered chat gets one BOS, not two).
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, InferError> {
         let mut ids = Vec::new();
-        if self.adds_bos() {
+        let body = self.encode(text)?;
+        if self.adds_bos() && body.first().copied() != self.bos_id() {
             ids.extend(self.bos_id());
         }
-        ids.extend(self.encode(text)?);
+        ids.extend(body);
         Ok(ids)
+    }
+
+    /// Where the chat template was read from (`chat_template.jinja` or `tokenizer_config.json`).
+    pub fn chat_template_source(&self) -> Option<&Path> {
+        self.chat_template
+            .as_ref()
+            .map(|_| self.chat_template_source.as_path())
     }
 
     /// Renders the chat template as HF's `apply_chat_template(messages, tokenize=False)`:
@@ -188,9 +231,10 @@ impl Tokenizer {
         add_generation_prompt: bool,
     ) -> Result<String, InferError> {
         let template = self.chat_template.as_deref().ok_or_else(|| {
+            let dir = self.path.parent().unwrap_or(Path::new("."));
             InferError::ChatTemplate(format!(
-                "{} has no chat_template in tokenizer_config.json",
-                self.path.display()
+                "{} has no chat template: neither {CHAT_TEMPLATE_FILE} nor a chat_template key in tokenizer_config.json",
+                dir.display()
             ))
         })?;
         let mut env = minijinja::Environment::new();

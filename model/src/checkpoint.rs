@@ -170,8 +170,8 @@ pub enum LoadError {
         tensor: String,
         dtype: String,
     },
-    #[error("tensor '{name}' is not in the checkpoint")]
-    MissingTensor { name: String },
+    #[error("{}: tensor '{name}' is not in the checkpoint", dir.display())]
+    MissingTensor { dir: PathBuf, name: String },
     #[error(
         "{}: tensor '{tensor}' has shape {found:?}, expected {expected:?}",
         path.display()
@@ -865,6 +865,7 @@ impl Checkpoint {
             });
         }
         Err(LoadError::MissingTensor {
+            dir: self.dir.clone(),
             name: name.to_string(),
         })
     }
@@ -998,19 +999,6 @@ impl Checkpoint {
             return Ok(());
         }
 
-        let scale = format!("{name}_scale_inv");
-        let bad_scale = |reason: String| LoadError::BadScale {
-            path: path.to_path_buf(),
-            tensor: name.to_string(),
-            scale: scale.clone(),
-            reason,
-        };
-        if info.shape.len() != 2 {
-            return Err(bad_scale(format!(
-                "block scales need a 2-D weight, the tensor has shape {:?}",
-                info.shape
-            )));
-        }
         if fp8_block == 0 {
             return Err(LoadError::InvalidRequest {
                 path: path.to_path_buf(),
@@ -1018,6 +1006,39 @@ impl Checkpoint {
                 reason: "FP8 block size is 0".into(),
             });
         }
+        let scales = self.block_scales(name, fp8_block)?;
+        fp8::dequantize_blocks_into(bytes, rows, cols, &scales, fp8_block, transpose, out).map_err(
+            |e| LoadError::BadScale {
+                path: path.to_path_buf(),
+                tensor: name.to_string(),
+                scale: format!("{name}_scale_inv"),
+                reason: e.to_string(),
+            },
+        )
+    }
+
+    /// The block scales of FP8 weight `name` (2-D `[rows, cols]`): `{name}_scale_inv`, F32 (or
+    /// BF16/F16) of shape `[ceil(rows/block), ceil(cols/block)]`, converted to f32.
+    ///
+    /// # Errors
+    /// [`LoadError::MissingScale`] when the scale tensor is absent; [`LoadError::BadScale`] when
+    /// it is FP8, 1-D (per-channel scales, another quantization scheme) or of the wrong grid.
+    pub fn block_scales(&self, name: &str, block: usize) -> Result<Vec<f32>, LoadError> {
+        let info = self.lookup(name)?;
+        let path = self.file_path(info);
+        let scale = format!("{name}_scale_inv");
+        let bad_scale = |reason: String| LoadError::BadScale {
+            path: path.to_path_buf(),
+            tensor: name.to_string(),
+            scale: scale.clone(),
+            reason,
+        };
+        let [rows, cols] = info.shape[..] else {
+            return Err(bad_scale(format!(
+                "block scales need a 2-D weight, the tensor has shape {:?}",
+                info.shape
+            )));
+        };
         let sinfo = match self.lookup(&scale) {
             Ok(s) => s,
             Err(LoadError::MissingTensor { .. }) => {
@@ -1029,29 +1050,32 @@ impl Checkpoint {
             }
             Err(e) => return Err(bad_scale(e.to_string())),
         };
+        let spath = self.file_path(sinfo).display();
         if sinfo.dtype == Dtype::F8E4M3 {
             return Err(bad_scale(format!(
-                "dtype is F8_E4M3 (in {}), expected F32",
-                self.file_path(sinfo).display()
+                "dtype is F8_E4M3 (in {spath}), expected F32"
             )));
         }
-        let grid = [
-            fp8::num_blocks(rows, fp8_block),
-            fp8::num_blocks(cols, fp8_block),
-        ];
+        let grid = [fp8::num_blocks(rows, block), fp8::num_blocks(cols, block)];
+        if sinfo.shape.len() != 2 {
+            return Err(bad_scale(format!(
+                "shape {:?} (in {spath}) is not a 2-D block grid: per-channel or per-tensor FP8 \
+                 scales are another quantization scheme; DeepSeek's is {block}x{block} blocks, \
+                 scales of shape {grid:?} for this [{rows}, {cols}] weight",
+                sinfo.shape
+            )));
+        }
         if sinfo.shape != grid {
             return Err(bad_scale(format!(
-                "shape {:?} (in {}), expected {grid:?} for a [{rows}, {cols}] weight with block \
-                 {fp8_block}",
-                sinfo.shape,
-                self.file_path(sinfo).display()
+                "shape {:?} (in {spath}), expected {grid:?} for a [{rows}, {cols}] weight with block \
+                 {block}",
+                sinfo.shape
             )));
         }
         let mut scales = vec![0.0f32; sinfo.numel()];
         let sbytes = &self.files[sinfo.file].map[sinfo.start..sinfo.end];
         convert_float(sinfo.dtype, sbytes, 1, scales.len(), false, &mut scales);
-        fp8::dequantize_blocks_into(bytes, rows, cols, &scales, fp8_block, transpose, out)
-            .map_err(|e| bad_scale(e.to_string()))
+        Ok(scales)
     }
 }
 

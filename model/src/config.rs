@@ -9,26 +9,104 @@ use std::path::Path;
 use crate::error::ConfigError;
 
 /// YaRN / RoPE scaling parameters, as found in `rope_scaling` (legacy) or `rope_parameters` (HF 5.x).
+///
+/// Read leniently, as HF reads them: the type may be under `type` (DeepSeek's release),
+/// `rope_type` (HF), or both (what transformers' `save_pretrained` writes, since its config class
+/// copies `type` into `rope_type`); both must then agree. Integer-valued sizes may be written as
+/// floats (`4096.0`). Saved with both keys, so the official remote code (which reads `type`) and
+/// HF (which reads `rope_type`) both understand it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(try_from = "RawRopeScaling", into = "RawRopeScaling")]
 pub struct RopeScaling {
-    /// `"yarn"` (or `"default"`, `"linear"` ...). Legacy configs call it `type`.
-    #[serde(alias = "type", default, skip_serializing_if = "Option::is_none")]
+    /// `"yarn"` or `"default"` (others are refused by [`DeepseekV3Config::validate`]).
     pub rope_type: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub factor: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_max_position_embeddings: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub beta_fast: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub beta_slow: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mscale: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mscale_all_dim: Option<f64>,
     /// HF 5.x moves `rope_theta` inside `rope_parameters`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_theta: Option<f64>,
+}
+
+/// The on-disk form of [`RopeScaling`]: both spellings of the type, sizes as any JSON number.
+#[derive(Serialize, Deserialize)]
+struct RawRopeScaling {
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    legacy_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rope_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    factor: Option<f64>,
+    /// An integer in HF's files, sometimes written as `4096.0` by other tools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    original_max_position_embeddings: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    beta_fast: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    beta_slow: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mscale: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mscale_all_dim: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rope_theta: Option<f64>,
+}
+
+impl TryFrom<RawRopeScaling> for RopeScaling {
+    type Error = String;
+
+    fn try_from(r: RawRopeScaling) -> Result<Self, String> {
+        let rope_type = match (r.legacy_type, r.rope_type) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(format!(
+                    "rope type given twice and differently: \"type\": {a:?}, \"rope_type\": {b:?}"
+                ))
+            }
+            (a, b) => b.or(a),
+        };
+        let original_max_position_embeddings = match r.original_max_position_embeddings {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => match (v.as_u64(), v.as_f64()) {
+                (Some(n), _) => Some(n as usize),
+                (None, Some(f)) if f >= 0.0 && f.fract() == 0.0 && f <= u32::MAX as f64 => {
+                    Some(f as usize)
+                }
+                _ => {
+                    return Err(format!(
+                        "original_max_position_embeddings = {v} is not a whole number of positions"
+                    ))
+                }
+            },
+        };
+        Ok(Self {
+            rope_type,
+            factor: r.factor,
+            original_max_position_embeddings,
+            beta_fast: r.beta_fast,
+            beta_slow: r.beta_slow,
+            mscale: r.mscale,
+            mscale_all_dim: r.mscale_all_dim,
+            rope_theta: r.rope_theta,
+        })
+    }
+}
+
+impl From<RopeScaling> for RawRopeScaling {
+    fn from(r: RopeScaling) -> Self {
+        Self {
+            legacy_type: r.rope_type.clone(),
+            rope_type: r.rope_type,
+            factor: r.factor,
+            original_max_position_embeddings: r.original_max_position_embeddings.map(Into::into),
+            beta_fast: r.beta_fast,
+            beta_slow: r.beta_slow,
+            mscale: r.mscale,
+            mscale_all_dim: r.mscale_all_dim,
+            rope_theta: r.rope_theta,
+        }
+    }
 }
 
 /// `quantization_config` of an FP8 checkpoint.

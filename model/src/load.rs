@@ -59,6 +59,11 @@ pub struct LoadReport {
     pub file_bytes: u64,
     /// Number of parameters loaded.
     pub params: u64,
+    /// What was loaded other than as written (one line each, for the caller to print): a
+    /// declared MTP module missing from the checkpoint, MTP tensors the config does not declare,
+    /// a missing `e_score_correction_bias` (taken as zeros, as HF does), an FP8
+    /// `quantization_config` over a checkpoint that holds no FP8 tensor.
+    pub warnings: Vec<String>,
 }
 
 /// Tracks the HF name of the parameter being visited.
@@ -110,6 +115,8 @@ struct Loader<'a, B: DsBackend> {
     bf16: bool,
     error: Option<LoadError>,
     params: u64,
+    /// Router biases absent from the checkpoint, loaded as zeros.
+    zero_bias: Vec<String>,
 }
 
 impl<B: DsBackend> ModuleMapper<B> for Loader<'_, B> {
@@ -158,6 +165,13 @@ impl<B: DsBackend> ModuleMapper<B> for Loader<'_, B> {
                 // autodiff backend a loaded model must be fine-tunable; elsewhere a no-op).
                 Param::initialized(param.id, tensor.require_grad())
             }
+            // HF initialises the buffer to zeros and only warns when the key is missing (some
+            // conversions drop it); the router then selects by the unbiased scores.
+            Err(LoadError::MissingTensor { .. }) if name.ends_with(".e_score_correction_bias") => {
+                self.zero_bias.push(name);
+                let zeros = Tensor::<B, D>::zeros(shape, &self.device);
+                Param::initialized(param.id, zeros.require_grad())
+            }
             Err(e) => {
                 self.error = Some(e);
                 param
@@ -190,14 +204,26 @@ pub fn load_with<B: DsBackend>(
     }
     let mut cfg = DeepseekV3Config::from_file(&dir.join("config.json"))?;
     let ckpt = Checkpoint::open(dir)?;
+    let mut warnings = Vec::new();
+    let n = cfg.num_hidden_layers;
     let mtp_in_ckpt = ckpt
         .names()
-        .any(|n| n.starts_with(&format!("model.layers.{}.", cfg.num_hidden_layers)));
-    if opts.skip_mtp || !mtp_in_ckpt {
+        .any(|name| name.starts_with(&format!("model.layers.{n}.")));
+    if !mtp_in_ckpt && cfg.num_nextn_predict_layers > 0 && !opts.skip_mtp {
         // A checkpoint without its MTP layers (as converted by the official code) still loads.
+        warnings.push(format!(
+            "config.json declares num_nextn_predict_layers = {} but the checkpoint has no \
+             model.layers.{n}.* tensors: loaded without MTP",
+            cfg.num_nextn_predict_layers
+        ));
+    }
+    if opts.skip_mtp || !mtp_in_ckpt {
         cfg.num_nextn_predict_layers = 0;
     }
-    load_from_with(cfg, &ckpt, device, opts, weights)
+    let (model, mut report) = load_from_with(cfg, &ckpt, device, opts, weights)?;
+    warnings.append(&mut report.warnings);
+    report.warnings = warnings;
+    Ok((model, report))
 }
 
 /// Binds the tensors of an opened checkpoint to a model of config `cfg`.
@@ -242,6 +268,7 @@ pub fn load_from_with<B: DsBackend>(
         bf16: weights.bf16,
         error: None,
         params: 0,
+        zero_bias: Vec::new(),
     };
     let mut model = model.map(&mut loader);
     if let Some(e) = loader.error {
@@ -252,6 +279,24 @@ pub fn load_from_with<B: DsBackend>(
         params: loader.params,
         ..Default::default()
     };
+    if let Some(first) = loader.zero_bias.first() {
+        report.warnings.push(format!(
+            "{} MoE layer(s) have no e_score_correction_bias in the checkpoint (e.g. '{first}'): \
+             taken as zeros, as HF does; routing then uses the unbiased scores",
+            loader.zero_bias.len()
+        ));
+    }
+    let has_f8 = ckpt
+        .names()
+        .any(|n| ckpt.info(n).is_some_and(|i| i.dtype == Dtype::F8E4M3));
+    if cfg.quantization_config.is_some() && !has_f8 {
+        report.warnings.push(
+            "config.json has an FP8 quantization_config but the checkpoint holds no F8_E4M3 \
+             tensor (a converted copy?): loaded the weights as stored"
+                .into(),
+        );
+    }
+    let mut undeclared_mtp = BTreeSet::new();
     for name in ckpt.names() {
         if let Some(info) = ckpt.info(name) {
             *report
@@ -260,15 +305,27 @@ pub fn load_from_with<B: DsBackend>(
                 .or_default() += 1;
         }
         let aux = name.ends_with("_scale_inv");
-        let skipped_mtp = cfg.num_nextn_predict_layers == 0
-            && name
-                .strip_prefix("model.layers.")
-                .and_then(|r| r.split('.').next())
-                .and_then(|i| i.parse::<usize>().ok())
-                .is_some_and(|i| i >= cfg.num_hidden_layers);
+        let layer = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|i| i.parse::<usize>().ok());
+        let skipped_mtp =
+            cfg.num_nextn_predict_layers == 0 && layer.is_some_and(|i| i >= cfg.num_hidden_layers);
+        if skipped_mtp && !opts.skip_mtp {
+            undeclared_mtp.extend(layer);
+        }
         if !aux && !skipped_mtp && !loader.used.contains(name) {
             report.unexpected.push(name.to_string());
         }
+    }
+    if !undeclared_mtp.is_empty() {
+        let layers: Vec<String> = undeclared_mtp.iter().map(|l| l.to_string()).collect();
+        report.warnings.push(format!(
+            "the checkpoint has layer(s) {} beyond num_hidden_layers = {} (MTP modules?) but \
+             config.json declares num_nextn_predict_layers = 0: they were not loaded",
+            layers.join(", "),
+            cfg.num_hidden_layers
+        ));
     }
     if opts.strict && !report.unexpected.is_empty() {
         return Err(ModelError::UnexpectedTensors {
@@ -312,13 +369,7 @@ fn bind_fp8<B: DsBackend>(
                 "FP8 block size {block} is not a positive multiple of 4 (needed in FP8-in-memory form)"
             )));
         }
-        let sname = format!("{wname}_scale_inv");
-        let scales = ckpt.read_f32(
-            &sname,
-            &[d_out.div_ceil(block), d_in.div_ceil(block)],
-            false,
-            block,
-        )?;
+        let scales = ckpt.block_scales(&wname, block)?;
         let w =
             dsv3_backends::Fp8Weight::from_codes(codes, &scales, [1, d_out, d_in], block, device)
                 .map_err(|e| ModelError::Invalid(format!("{wname}: {e}")))?;

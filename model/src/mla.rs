@@ -66,6 +66,8 @@ pub struct MlaConfig {
     pub qk_rope_head_dim: usize,
     pub v_head_dim: usize,
     pub softmax_scale: f64,
+    /// eps of the latent norms `q_a_layernorm` and `kv_a_layernorm`: 1e-6 in HF and the
+    /// official code whatever the config's `rms_norm_eps` says.
     #[config(default = 1e-6)]
     pub eps: f64,
     #[config(default = 0.02)]

@@ -148,7 +148,11 @@ pub(crate) fn mla_config(cfg: &DeepseekV3Config) -> MlaConfig {
         softmax_scale(cfg),
     )
     .with_q_lora_rank(cfg.q_lora_rank)
-    .with_eps(cfg.rms_norm_eps)
+    // Not `rms_norm_eps`: HF builds the latent norms with RMSNorm's default eps
+    // (`DeepseekV3RMSNorm(config.kv_lora_rank)` in modeling_deepseek_v3.py), as do DeepSeek's
+    // inference/model.py and the checkpoints' remote code. It matters for configs whose
+    // rms_norm_eps is not 1e-6 (Moonlight: 1e-5).
+    .with_eps(1e-6)
     .with_init_std(cfg.initializer_range)
 }
 

@@ -137,8 +137,9 @@ impl DecodeArgs {
             skip_mtp: self.speculative.is_none(),
         };
         let weights = weight_options(kind, &self.run.weights);
-        let (model, _) =
+        let (model, report) =
             dsv3_model::load_with::<B>(&self.model, &B::Device::default(), &opts, &weights)?;
+        super::print_load_warnings(&report);
         super::keep_freed_buffers();
         Ok((model, tok))
     }

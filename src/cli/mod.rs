@@ -70,11 +70,14 @@ pub struct InitArgs {
 #[derive(Args, Debug)]
 pub struct InspectArgs {
     /// Model directory (config.json + model.safetensors or model.safetensors.index.json).
-    #[arg(long, conflicts_with = "preset", required_unless_present = "preset")]
+    #[arg(long, conflicts_with_all = ["preset", "config"], required_unless_present_any = ["preset", "config"])]
     pub model: Option<PathBuf>,
     /// Inspect a built-in config instead of a directory: 671b, small, mini or tiny.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "config")]
     pub preset: Option<String>,
+    /// Inspect a config.json file alone (no checkpoint), e.g. a released model's.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
@@ -232,6 +235,13 @@ fn gib(bytes: f64) -> String {
 
 pub fn inspect(a: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let (cfg, ckpt) = match (&a.model, &a.preset) {
+        (None, None) if a.config.is_some() => {
+            let path = a.config.as_deref().unwrap_or(Path::new("config.json"));
+            (
+                DeepseekV3Config::from_file(path).map_err(ModelError::from)?,
+                None,
+            )
+        }
         (Some(dir), _) => {
             if !dir.is_dir() {
                 return Err(CliError::Usage(format!(
@@ -252,7 +262,11 @@ pub fn inspect(a: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
             })?,
             None,
         ),
-        (None, None) => return Err(CliError::Usage("give --model DIR or --preset NAME".into())),
+        (None, None) => {
+            return Err(CliError::Usage(
+                "give --model DIR, --config FILE or --preset NAME".into(),
+            ))
+        }
     };
     let mtp_present = match &ckpt {
         Some(c) => {
@@ -397,6 +411,7 @@ fn load_report<B: DsBackend>(
         &weight_options(kind, weights),
     )?;
     let secs = t0.elapsed().as_secs_f64();
+    print_load_warnings(&report);
     let loaded = model.weight_bytes() as f64;
     let peak = peak_rss_bytes();
     Ok(format!(
@@ -409,6 +424,19 @@ fn load_report<B: DsBackend>(
         peak.map(|p| gib(p as f64)).unwrap_or_else(|| "unknown".into()),
         peak.map(|p| p as f64 / loaded).unwrap_or(f64::NAN),
     ))
+}
+
+/// Prints what loading did other than as written (one `warning:` line each, on stderr).
+pub fn print_load_warnings(report: &dsv3_model::LoadReport) {
+    for w in &report.warnings {
+        eprintln!("warning: {w}");
+    }
+    if let Some(first) = report.unexpected.first() {
+        eprintln!(
+            "warning: {} checkpoint tensor(s) not used by the model, e.g. {first}",
+            report.unexpected.len(),
+        );
+    }
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), in bytes.
@@ -520,13 +548,7 @@ fn score_on<B: DsBackend>(
     let weights = weight_options(kind, &a.run.weights);
     let (model, report) = dsv3_model::load_with::<B>(&a.model, &device, &opts, &weights)?;
     keep_freed_buffers();
-    if !report.unexpected.is_empty() {
-        eprintln!(
-            "warning: {} checkpoint tensor(s) not used by the model, e.g. {}",
-            report.unexpected.len(),
-            report.unexpected[0]
-        );
-    }
+    print_load_warnings(&report);
     if a.mtp && model.model.mtp.is_empty() {
         return Err(ModelError::NoMtp(format!("{} has no MTP layer", a.model.display())).into());
     }
