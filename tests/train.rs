@@ -86,7 +86,7 @@ fn params<B: dsv3_backends::DsBackend>(m: &DeepseekV3<B>) -> Vec<(String, Vec<f3
     }
     let mut v = V(Vec::new());
     m.visit(&mut v);
-    let paths = dsv3_train::optim::ParamPaths::of::<B, _>(m);
+    let paths = m.param_names();
     paths.into_iter().map(|(_, p)| p).zip(v.0).collect()
 }
 
@@ -160,15 +160,9 @@ fn loss_decreases_on_a_fixed_batch() {
 }
 
 fn set_bias(m: &mut DeepseekV3<AD>, layer: usize, values: &[f32]) {
-    let n = m.config.num_hidden_layers;
-    let ffn = if layer < n {
-        &mut m.model.layers[layer].mlp
-    } else {
-        &mut m.model.mtp[layer - n].mlp
-    };
-    let dsv3_model::model::FeedForward::Moe(moe) = ffn else {
-        panic!("layer {layer} is dense")
-    };
+    let moe = m
+        .moe_mut(layer)
+        .unwrap_or_else(|| panic!("layer {layer} is not a MoE layer"));
     let id = moe.gate.e_score_correction_bias.id;
     let t = Tensor::<AD, 1>::from_data(TensorData::new(values.to_vec(), [values.len()]), &device())
         .require_grad();
@@ -191,7 +185,7 @@ fn bias_is_untouched_by_the_optimiser_and_moves_against_load() {
     for &l in &layers {
         set_bias(&mut t.model, l, &start);
     }
-    let before_w = balance::moe_at(&t.model, 1).unwrap().gate.weight.val();
+    let before_w = t.model.moe(1).unwrap().gate.weight.val();
     let before_w = to_vec(before_w.inner());
     t.train_step().unwrap();
     t.train_step().unwrap();
@@ -202,14 +196,7 @@ fn bias_is_untouched_by_the_optimiser_and_moves_against_load() {
             "layer {l}"
         );
     }
-    let after_w = to_vec(
-        balance::moe_at(&t.model, 1)
-            .unwrap()
-            .gate
-            .weight
-            .val()
-            .inner(),
-    );
+    let after_w = to_vec(t.model.moe(1).unwrap().gate.weight.val().inner());
     assert_ne!(before_w, after_w, "the gate weight itself does train");
 
     // γ = 1e-3: each expert moves by exactly +γ (under-loaded), −γ (over-loaded) or 0.
@@ -469,10 +456,7 @@ fn gradients_match_finite_differences() {
     );
     let total = objective(&fwd, &batch, &cfg).total;
     let grads = GradientsParams::from_grads(total.backward(), &t.model);
-    let paths: Vec<String> = dsv3_train::optim::ParamPaths::of::<AD, _>(&t.model)
-        .into_iter()
-        .map(|(_, p)| p)
-        .collect();
+    let paths: Vec<String> = t.model.param_names().into_iter().map(|(_, p)| p).collect();
     let inner = t.model.valid();
     let batch_i = make_batch::<Cpu>(&t.data, &t.data.train[..2], 1, &device());
     let loss_at = |prefix: &str, h: f32| -> (f64, Vec<Vec<Vec<u32>>>) {
@@ -496,7 +480,7 @@ fn gradients_match_finite_differences() {
         "model.layers.2",
         "model.norm",
         "lm_head",
-        "model.mtp.0",
+        "model.layers.3.", // the MTP module (checkpoint layer num_hidden_layers + 0)
     ] {
         let mut dot = Dot {
             prefix,

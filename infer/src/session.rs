@@ -9,7 +9,7 @@
 
 use burn::tensor::{Int, Tensor, TensorData};
 use dsv3_backends::DsBackend;
-use dsv3_model::mla::padded_causal_mask;
+use dsv3_model::padded_causal_mask;
 use dsv3_model::{DeepseekV3, ForwardOptions, ForwardOutput, Span};
 
 use crate::cache::LatentCache;

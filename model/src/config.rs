@@ -395,6 +395,18 @@ impl DeepseekV3Config {
         layer >= self.first_k_dense_replace
     }
 
+    /// Checkpoint layer index of MTP module `k`: the released checkpoints store it as
+    /// `model.layers.{num_hidden_layers + k}`. The one place that rule is written.
+    pub fn mtp_layer(&self, k: usize) -> usize {
+        self.num_hidden_layers + k
+    }
+
+    /// The MTP module stored as checkpoint layer `layer`, if it is one ([`Self::mtp_layer`]'s
+    /// inverse; `None` for a main layer).
+    pub fn mtp_module(&self, layer: usize) -> Option<usize> {
+        layer.checked_sub(self.num_hidden_layers)
+    }
+
     pub fn eos_token_ids(&self) -> Vec<u32> {
         match &self.eos_token_id {
             Some(serde_json::Value::Number(n)) => {

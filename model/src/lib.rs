@@ -17,6 +17,8 @@
 //! # Ok::<(), dsv3_model::ModelError>(())
 //! ```
 
+pub mod block;
+pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
@@ -28,20 +30,23 @@ pub mod mlp;
 pub mod model;
 pub mod moe;
 pub mod mtp;
+mod names;
 pub mod norm;
+pub mod positions;
 pub mod rope;
 
+pub use block::{BlockOutput, DecoderLayer, FeedForward, ForwardOptions};
+pub use cache::{LatentKv, LatentStore};
 pub use config::DeepseekV3Config;
 pub use error::{ConfigError, LoadError, ModelError};
 pub use load::{
     load, load_from, load_from_with, load_with, save, LoadOptions, LoadReport, SaveDtype,
     WeightOptions,
 };
-pub use mla::{AttentionMode, LatentKv};
-pub use model::{
-    DeepseekV3, ForwardOptions, ForwardOutput, LatentStore, LayerRouting, MtpOutput, Span,
-};
+pub use mla::AttentionMode;
+pub use model::{DeepseekV3, ForwardOutput, LayerRouting, LayerScores, MtpOutput};
 pub use moe::Routing;
+pub use positions::{padded_causal_mask, Span};
 
 /// Re-exported so users name one Burn.
 pub use burn;

@@ -1,10 +1,9 @@
 //! Binding checkpoint tensors to the module tree by name, and saving it back.
 //!
 //! A [`ModuleMapper`] walks the model; the path of each parameter *is* its Hugging Face tensor
-//! name (`model.layers.0.self_attn.kv_b_proj.weight`), with two rules: enum variants
-//! (`FeedForward::Moe`) add nothing to the path, and `model.mtp.k` is stored as
-//! `model.layers.{num_hidden_layers + k}`. Linear weights are `[in, out]` in memory and
-//! `[out, in]` on disk: they are transposed while converting, in the same pass.
+//! name (`model.layers.0.self_attn.kv_b_proj.weight`; the rules are in `names.rs`). Linear
+//! weights are `[in, out]` in memory and `[out, in]` on disk: they are transposed while
+//! converting, in the same pass.
 //!
 //! Tensors are read one at a time from memory-mapped files and converted straight into the
 //! parameter, so peak memory is the loaded model plus one tensor.
@@ -20,6 +19,7 @@ use crate::checkpoint::{Checkpoint, Dtype, LoadError, SafetensorsWriter};
 use crate::config::DeepseekV3Config;
 use crate::error::{ConfigError, ModelError};
 use crate::model::DeepseekV3;
+use crate::names::PathTracker;
 
 /// Options for [`load`].
 #[derive(Debug, Clone, Default)]
@@ -66,47 +66,10 @@ pub struct LoadReport {
     pub warnings: Vec<String>,
 }
 
-/// Tracks the HF name of the parameter being visited.
-#[derive(Default)]
-struct PathTracker {
-    stack: Vec<(String, String)>,
-}
-
-impl PathTracker {
-    fn enter(&mut self, name: &str, container: &str) {
-        self.stack.push((name.to_string(), container.to_string()));
-    }
-    fn exit(&mut self) {
-        self.stack.pop();
-    }
-    /// HF tensor name, and whether it is a Linear weight (stored transposed here).
-    fn name(&self, num_hidden_layers: usize) -> (String, bool) {
-        let parts: Vec<&str> = self
-            .stack
-            .iter()
-            .filter(|(_, c)| !c.starts_with("Enum:"))
-            .map(|(n, _)| n.as_str())
-            .collect();
-        let mut name = parts.join(".");
-        if let Some(rest) = name.strip_prefix("model.mtp.") {
-            let (k, tail) = rest.split_once('.').unwrap_or((rest, ""));
-            let k: usize = k.parse().unwrap_or(0);
-            name = format!("model.layers.{}.{}", num_hidden_layers + k, tail);
-        }
-        let linear = self
-            .stack
-            .last()
-            .map(|(n, c)| n == "weight" && c == "Struct:Linear")
-            .unwrap_or(false);
-        (name, linear)
-    }
-}
-
 struct Loader<'a, B: DsBackend> {
     ckpt: &'a Checkpoint,
     device: B::Device,
     path: PathTracker,
-    layers: usize,
     fp8_block: usize,
     used: BTreeSet<String>,
     /// Weights already bound in FP8 form (their float parameter is a placeholder).
@@ -130,7 +93,7 @@ impl<B: DsBackend> ModuleMapper<B> for Loader<'_, B> {
         if self.error.is_some() {
             return param;
         }
-        let (name, transpose) = self.path.name(self.layers);
+        let (name, transpose) = self.path.name();
         if self.fp8.contains(&name) {
             self.used.insert(name);
             return param;
@@ -205,15 +168,15 @@ pub fn load_with<B: DsBackend>(
     let mut cfg = DeepseekV3Config::from_file(&dir.join("config.json"))?;
     let ckpt = Checkpoint::open(dir)?;
     let mut warnings = Vec::new();
-    let n = cfg.num_hidden_layers;
+    let first_mtp = cfg.mtp_layer(0);
     let mtp_in_ckpt = ckpt
         .names()
-        .any(|name| name.starts_with(&format!("model.layers.{n}.")));
+        .any(|name| name.starts_with(&format!("model.layers.{first_mtp}.")));
     if !mtp_in_ckpt && cfg.num_nextn_predict_layers > 0 && !opts.skip_mtp {
         // A checkpoint without its MTP layers (as converted by the official code) still loads.
         warnings.push(format!(
             "config.json declares num_nextn_predict_layers = {} but the checkpoint has no \
-             model.layers.{n}.* tensors: loaded without MTP",
+             model.layers.{first_mtp}.* tensors: loaded without MTP",
             cfg.num_nextn_predict_layers
         ));
     }
@@ -260,8 +223,7 @@ pub fn load_from_with<B: DsBackend>(
     let mut loader = Loader::<B> {
         ckpt,
         device: device.clone(),
-        path: PathTracker::default(),
-        layers: cfg.num_hidden_layers,
+        path: PathTracker::new(&cfg),
         fp8_block: cfg.fp8_block(),
         used: BTreeSet::new(),
         fp8,
@@ -310,7 +272,7 @@ pub fn load_from_with<B: DsBackend>(
             .and_then(|r| r.split('.').next())
             .and_then(|i| i.parse::<usize>().ok());
         let skipped_mtp =
-            cfg.num_nextn_predict_layers == 0 && layer.is_some_and(|i| i >= cfg.num_hidden_layers);
+            cfg.num_nextn_predict_layers == 0 && layer.is_some_and(|i| cfg.mtp_module(i).is_some());
         if skipped_mtp && !opts.skip_mtp {
             undeclared_mtp.extend(layer);
         }
@@ -383,7 +345,6 @@ fn bind_fp8<B: DsBackend>(
 /// Collects `(hf_name, disk_shape, transpose)` of every parameter, in module order.
 struct Lister {
     path: PathTracker,
-    layers: usize,
     out: Vec<(String, Vec<usize>, bool)>,
 }
 
@@ -395,7 +356,7 @@ impl<B: DsBackend> ModuleVisitor<B> for Lister {
         self.path.exit();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let (name, transpose) = self.path.name(self.layers);
+        let (name, transpose) = self.path.name();
         let shape: Vec<usize> = param.lazy_shape().dims::<D>().to_vec();
         let shape = if transpose {
             shape.into_iter().rev().collect()
@@ -483,8 +444,7 @@ pub fn save<B: DsBackend>(
         source: e,
     })?;
     let mut lister = Lister {
-        path: PathTracker::default(),
-        layers: model.config.num_hidden_layers,
+        path: PathTracker::new(&model.config),
         out: Vec::new(),
     };
     model.visit(&mut lister);

@@ -13,11 +13,12 @@ use burn::module::Module;
 use burn::tensor::{activation::softmax, Tensor};
 use dsv3_backends::DsBackend;
 
-use crate::linear::Linear;
-use crate::mlp::linear;
-use crate::model::Span;
+use crate::cache::LatentKv;
+use crate::config::DeepseekV3Config;
+use crate::linear::{linear, Linear};
 use crate::norm::{RmsNorm, RmsNormConfig};
-use crate::rope::apply_rope;
+use crate::positions::Span;
+use crate::rope::{apply_rope, softmax_scale};
 
 /// Which of the two equivalent attention forms to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -30,30 +31,6 @@ pub enum AttentionMode {
     /// prefill, absorbed for decode); the cache holds only the latent either way.
     #[default]
     Auto,
-}
-
-/// The per-token state MLA needs from earlier positions: normed latent `c: [B, S, r]` and the
-/// roped shared key `k_pe: [B, S, dr]`.
-#[derive(Debug, Clone)]
-pub struct LatentKv<B: DsBackend> {
-    pub c: Tensor<B, 3>,
-    pub k_pe: Tensor<B, 3>,
-}
-
-impl<B: DsBackend> LatentKv<B> {
-    pub fn len(&self) -> usize {
-        self.c.dims()[1]
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// Appends `next` along the sequence.
-    pub fn cat(&self, next: &LatentKv<B>) -> LatentKv<B> {
-        LatentKv {
-            c: Tensor::cat(vec![self.c.clone(), next.c.clone()], 1),
-            k_pe: Tensor::cat(vec![self.k_pe.clone(), next.k_pe.clone()], 1),
-        }
-    }
 }
 
 #[derive(Config, Debug)]
@@ -75,6 +52,26 @@ pub struct MlaConfig {
 }
 
 impl MlaConfig {
+    /// The attention of a DeepSeek-V3 block, from the HF config.
+    pub fn from_model(cfg: &DeepseekV3Config) -> Self {
+        Self::new(
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.kv_lora_rank,
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+            softmax_scale(cfg),
+        )
+        .with_q_lora_rank(cfg.q_lora_rank)
+        // Not `rms_norm_eps`: HF builds the latent norms with RMSNorm's default eps
+        // (`DeepseekV3RMSNorm(config.kv_lora_rank)` in modeling_deepseek_v3.py), as do DeepSeek's
+        // inference/model.py and the checkpoints' remote code. It matters for configs whose
+        // rms_norm_eps is not 1e-6 (Moonlight: 1e-5).
+        .with_eps(1e-6)
+        .with_init_std(cfg.initializer_range)
+    }
+
     pub fn init<B: DsBackend>(&self, device: &B::Device) -> Mla<B> {
         let (h, nh, s) = (self.hidden_size, self.num_heads, self.init_std);
         let qk = self.qk_nope_head_dim + self.qk_rope_head_dim;
@@ -338,49 +335,6 @@ fn add_mask<B: DsBackend>(scores: Tensor<B, 4>, mask: &Tensor<B, 4>) -> Tensor<B
     (scores.reshape([outer, row]) + mask.clone().reshape([1, row])).reshape([nh, b, t, s])
 }
 
-/// Additive causal mask `[1, 1, T, past+T]`: query `t` sees keys `0..=past+t` (`None` for a
-/// single query, which sees every key).
-pub fn causal_mask<B: DsBackend>(
-    t: usize,
-    past: usize,
-    device: &B::Device,
-) -> Option<Tensor<B, 4>> {
-    padded_causal_mask(t, past, &[0], device)
-}
-
-/// Additive mask `[B, 1, T, past+T]` for rows whose first `pad[b]` key slots are padding: a real
-/// query `t` of row `b` sees key slots `pad[b]..=past+t`. Padding queries see every earlier slot,
-/// so no row of scores is all −inf (their outputs are ignored). For left-padded batches.
-/// `None` when nothing is masked (one query per row and no padding).
-pub fn padded_causal_mask<B: DsBackend>(
-    t: usize,
-    past: usize,
-    pad: &[usize],
-    device: &B::Device,
-) -> Option<Tensor<B, 4>> {
-    if t <= 1 && pad.iter().all(|&p| p == 0) {
-        return None;
-    }
-    let s = past + t;
-    let mut data = vec![0f32; pad.len() * t * s];
-    for (r, &p) in pad.iter().enumerate() {
-        for i in 0..t {
-            for j in 0..s {
-                if j > past + i || (j < p && p <= past + i) {
-                    data[(r * t + i) * s + j] = f32::NEG_INFINITY;
-                }
-            }
-        }
-    }
-    Some(
-        Tensor::<B, 2>::from_data(
-            burn::tensor::TensorData::new(data, [pad.len() * t, s]),
-            device,
-        )
-        .reshape([pad.len(), 1, t, s]),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,22 +394,5 @@ mod tests {
                 .fold(0f32, f32::max);
             assert!(worst < 1e-5, "{pieces} pieces: {worst:e}");
         }
-    }
-
-    /// A mask is built only when something is masked: several queries, or padding.
-    #[test]
-    fn mask_only_when_needed() {
-        type B = burn::backend::Flex;
-        let device = Default::default();
-        assert!(padded_causal_mask::<B>(1, 9, &[0, 0], &device).is_none());
-        assert!(padded_causal_mask::<B>(1, 9, &[0, 3], &device).is_some());
-        let m = padded_causal_mask::<B>(3, 2, &[0], &device).expect("causal");
-        assert_eq!(m.dims(), [1, 1, 3, 5]);
-        let v: Vec<f32> = m.into_data().to_vec().unwrap();
-        // Query 0 (position 2) sees keys 0..=2.
-        assert_eq!(
-            &v[..5],
-            &[0.0, 0.0, 0.0, f32::NEG_INFINITY, f32::NEG_INFINITY]
-        );
     }
 }

@@ -3,22 +3,10 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::Initializer;
 use burn::tensor::{activation::silu, Tensor};
 use dsv3_backends::DsBackend;
 
-use crate::linear::Linear;
-
-/// A bias-free linear layer with DeepSeek's init (normal, std = `initializer_range`), created
-/// exactly as Burn's `LinearConfig` would (same lazy initializer call).
-pub fn linear<B: DsBackend>(d_in: usize, d_out: usize, std: f64, device: &B::Device) -> Linear<B> {
-    Linear::new(Initializer::Normal { mean: 0.0, std }.init_with(
-        [d_in, d_out],
-        Some(d_in),
-        Some(d_out),
-        device,
-    ))
-}
+use crate::linear::{linear, Linear};
 
 #[derive(Config, Debug)]
 pub struct MlpConfig {

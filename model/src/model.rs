@@ -1,132 +1,28 @@
-//! The whole model (spec §2): embedding, decoder layers (dense below `first_k_dense_replace`,
-//! MoE above), final norm, `lm_head`, and the MTP modules.
+//! The whole model (spec §2): embedding, decoder blocks (dense below `first_k_dense_replace`,
+//! MoE above), final norm, `lm_head`, and the MTP modules, with the one forward walk over them.
 //!
 //! Struct and field names follow the checkpoint's key paths (`model.layers.3.mlp.experts.7.up_proj.weight`),
-//! so weights bind by name (see `load.rs`). The one exception: MTP module `k` lives in
-//! `model.mtp.k` and is stored as `model.layers.{num_hidden_layers + k}`.
+//! so weights bind by name (see `names.rs`). The exceptions: MTP module `k` lives in
+//! `model.mtp.k` and is stored as `model.layers.{num_hidden_layers + k}`
+//! ([`DeepseekV3Config::mtp_layer`]), and its `block` field adds nothing to the path.
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, Initializer};
 use burn::tensor::{Int, Tensor, TensorData};
 use dsv3_backends::DsBackend;
 
+use crate::block::{DecoderLayer, FeedForward, ForwardOptions};
+use crate::cache::{Concat, LatentKv, LatentStore};
 use crate::config::DeepseekV3Config;
 use crate::error::ModelError;
-use crate::linear::Linear;
-use crate::mla::{padded_causal_mask, AttentionMode, LatentKv, Mla, MlaConfig};
-use crate::mlp::{linear, Mlp, MlpConfig};
-use crate::moe::{Moe, MoeConfig, RouterConfig, Routing};
+use crate::linear::{linear, Linear};
+use crate::mla::Mla;
+use crate::mlp::Mlp;
+use crate::moe::{Moe, Routing};
 use crate::mtp::{MtpLayer, MtpLayerConfig};
 use crate::norm::{RmsNorm, RmsNormConfig};
-use crate::rope::{softmax_scale, RotaryEmbedding};
-
-/// The feed-forward half of a decoder layer.
-#[derive(Module, Debug)]
-#[allow(clippy::large_enum_variant)]
-pub enum FeedForward<B: DsBackend> {
-    Dense(Mlp<B>),
-    Moe(Moe<B>),
-}
-
-impl<B: DsBackend> FeedForward<B> {
-    pub fn forward(&self, x: Tensor<B, 3>, record: bool) -> (Tensor<B, 3>, Option<Routing>) {
-        let (y, routing, _) = self.forward_scored(x, record);
-        (y, routing)
-    }
-
-    /// [`Self::forward`], plus the router's sigmoid affinities `[B·T, E]` of a MoE layer.
-    pub fn forward_scored(
-        &self,
-        x: Tensor<B, 3>,
-        record: bool,
-    ) -> (Tensor<B, 3>, Option<Routing>, Option<Tensor<B, 2>>) {
-        match self {
-            FeedForward::Dense(mlp) => (mlp.forward(x), None, None),
-            FeedForward::Moe(moe) => {
-                let (y, routing, scores) = moe.forward_scored(x, record);
-                (y, routing, Some(scores))
-            }
-        }
-    }
-}
-
-/// Where a forward pass's new tokens sit: the rotary angles of their absolute positions and the
-/// additive attention mask over (cached + new) key slots.
-#[derive(Debug, Clone)]
-pub struct Span<B: DsBackend> {
-    /// `[B or 1, T, dr]` rotation tables ([`RotaryEmbedding::cos_sin_at`]).
-    pub cos: Tensor<B, 3>,
-    pub sin: Tensor<B, 3>,
-    /// `[B or 1, 1, T, past + T]`, 0 or −inf; `None` when nothing is masked (one new token per
-    /// row, no padding: every decode step of an unpadded batch).
-    pub mask: Option<Tensor<B, 4>>,
-    /// The rope pair-swap matrix `[dr, dr]` ([`crate::rope::pair_swap`]), built once per span
-    /// rather than per layer.
-    pub swap: Tensor<B, 2>,
-}
-
-impl<B: DsBackend> Span<B> {
-    /// `t` tokens at positions `offset..offset+t` after `past` cached ones, the same for every row.
-    pub fn contiguous(
-        rope: &RotaryEmbedding,
-        offset: usize,
-        t: usize,
-        past: usize,
-        device: &B::Device,
-    ) -> Self {
-        Self::padded(rope, &[offset], t, past, &[0], device)
-    }
-
-    /// Left-padded rows: row `r`'s first `pad[r]` key slots (cache + new) are padding, and its new
-    /// tokens sit at positions `offsets[r]..offsets[r]+t`.
-    pub fn padded(
-        rope: &RotaryEmbedding,
-        offsets: &[usize],
-        t: usize,
-        past: usize,
-        pad: &[usize],
-        device: &B::Device,
-    ) -> Self {
-        let positions: Vec<usize> = offsets.iter().flat_map(|&o| o..o + t).collect();
-        Self::at_positions(
-            rope,
-            &positions,
-            offsets.len(),
-            padded_causal_mask(t, past, pad, device),
-            device,
-        )
-    }
-
-    /// `rows` rows of `positions.len() / rows` new tokens at the given absolute positions
-    /// (row-major), with an explicit additive mask `[rows or 1, 1, T, S]` (`None`: no masking).
-    pub fn at_positions(
-        rope: &RotaryEmbedding,
-        positions: &[usize],
-        rows: usize,
-        mask: Option<Tensor<B, 4>>,
-        device: &B::Device,
-    ) -> Self {
-        let (cos, sin) = rope.cos_sin_at::<B>(positions, device);
-        let [_, n, dr] = cos.dims();
-        Self {
-            cos: cos.reshape([rows, n / rows, dr]),
-            sin: sin.reshape([rows, n / rows, dr]),
-            mask,
-            swap: crate::rope::pair_swap(dr, device),
-        }
-    }
-}
-
-/// How to run a forward pass.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct ForwardOptions {
-    pub attention: AttentionMode,
-    /// Keep every MoE layer's expert choices and weights (a host read per layer).
-    pub record_routing: bool,
-    /// Compute logits for each row's last position only (`[B, 1, V]`): what a prompt's
-    /// prefill needs, and `lm_head` is the largest matmul of a small model.
-    pub last_logits_only: bool,
-}
+use crate::positions::Span;
+use crate::rope::RotaryEmbedding;
 
 /// One MoE layer's routing, with its checkpoint layer index.
 #[derive(Debug, Clone)]
@@ -136,135 +32,12 @@ pub struct LayerRouting {
     pub routing: Routing,
 }
 
-/// Builds the layer modules from the HF config.
-pub(crate) fn mla_config(cfg: &DeepseekV3Config) -> MlaConfig {
-    MlaConfig::new(
-        cfg.hidden_size,
-        cfg.num_attention_heads,
-        cfg.kv_lora_rank,
-        cfg.qk_nope_head_dim,
-        cfg.qk_rope_head_dim,
-        cfg.v_head_dim,
-        softmax_scale(cfg),
-    )
-    .with_q_lora_rank(cfg.q_lora_rank)
-    // Not `rms_norm_eps`: HF builds the latent norms with RMSNorm's default eps
-    // (`DeepseekV3RMSNorm(config.kv_lora_rank)` in modeling_deepseek_v3.py), as do DeepSeek's
-    // inference/model.py and the checkpoints' remote code. It matters for configs whose
-    // rms_norm_eps is not 1e-6 (Moonlight: 1e-5).
-    .with_eps(1e-6)
-    .with_init_std(cfg.initializer_range)
-}
-
-pub(crate) fn feed_forward<B: DsBackend>(
-    cfg: &DeepseekV3Config,
-    layer: usize,
-    device: &B::Device,
-) -> FeedForward<B> {
-    if cfg.is_moe_layer(layer) {
-        let router = RouterConfig::new(
-            cfg.n_routed_experts,
-            cfg.num_experts_per_tok,
-            cfg.n_group,
-            cfg.topk_group,
-        )
-        .with_norm_topk_prob(cfg.norm_topk_prob)
-        .with_routed_scaling_factor(cfg.routed_scaling_factor);
-        FeedForward::Moe(
-            MoeConfig::new(
-                cfg.hidden_size,
-                cfg.moe_intermediate_size,
-                cfg.n_shared_experts,
-                router,
-            )
-            .with_init_std(cfg.initializer_range)
-            .init(device),
-        )
-    } else {
-        FeedForward::Dense(
-            MlpConfig::new(cfg.hidden_size, cfg.intermediate_size)
-                .with_init_std(cfg.initializer_range)
-                .init(device),
-        )
-    }
-}
-
-/// What one residual block returns.
+/// One MoE layer's router affinities `[B·T, E]` (with [`ForwardOptions::router_scores`]).
 #[derive(Debug, Clone)]
-pub struct BlockOutput<B: DsBackend> {
-    /// The block's output `[B, T, H]`.
-    pub h: Tensor<B, 3>,
-    /// Latent entries of the new tokens.
-    pub kv: LatentKv<B>,
-    /// The MoE layer's routing, when recorded.
-    pub routing: Option<Routing>,
-    /// The MoE layer's router affinities `[B·T, E]` (in the autodiff graph); `None` for a
-    /// dense layer.
-    pub scores: Option<Tensor<B, 2>>,
-}
-
-/// Pre-norm residual block shared by decoder layers, MTP modules and the training forward:
-/// `h += attn(norm(h)); h += ffn(norm(h))`. `history` keeps the latent entries (see
-/// [`Mla::forward_with`]).
-#[allow(clippy::too_many_arguments)]
-pub fn residual_block<B: DsBackend>(
-    attn: &Mla<B>,
-    attn_norm: &RmsNorm<B>,
-    ffn: &FeedForward<B>,
-    ffn_norm: &RmsNorm<B>,
-    h: Tensor<B, 3>,
-    span: &Span<B>,
-    history: impl FnOnce(&LatentKv<B>) -> LatentKv<B>,
-    opts: &ForwardOptions,
-) -> BlockOutput<B> {
-    let (a, kv) = attn.forward_with(attn_norm.forward(h.clone()), span, opts.attention, history);
-    let h = h + a;
-    let (f, routing, scores) = ffn.forward_scored(ffn_norm.forward(h.clone()), opts.record_routing);
-    BlockOutput {
-        h: h + f,
-        kv,
-        routing,
-        scores,
-    }
-}
-
-/// The main layers' latent history during a forward pass: `store_layer(l, new)` keeps layer
-/// `l`'s new entries and returns all of its entries (earlier positions first) for attention.
-/// Implemented by inference caches; [`DeepseekV3::forward_span`] uses a concatenating one.
-pub trait LatentStore<B: DsBackend> {
-    fn store_layer(&mut self, layer: usize, new: &LatentKv<B>) -> LatentKv<B>;
-}
-
-/// History given as per-layer tensors: the new entries are appended by concatenation.
-struct Concat<'a, B: DsBackend>(Option<&'a [LatentKv<B>]>);
-
-impl<B: DsBackend> LatentStore<B> for Concat<'_, B> {
-    fn store_layer(&mut self, layer: usize, new: &LatentKv<B>) -> LatentKv<B> {
-        match self.0.map(|p| &p[layer]) {
-            Some(p) if !p.is_empty() => p.cat(new),
-            _ => new.clone(),
-        }
-    }
-}
-
-#[derive(Module, Debug)]
-pub struct DecoderLayer<B: DsBackend> {
-    pub self_attn: Mla<B>,
-    pub mlp: FeedForward<B>,
-    pub input_layernorm: RmsNorm<B>,
-    pub post_attention_layernorm: RmsNorm<B>,
-}
-
-impl<B: DsBackend> DecoderLayer<B> {
-    pub fn new(cfg: &DeepseekV3Config, layer: usize, device: &B::Device) -> Self {
-        let norm = RmsNormConfig::new(cfg.hidden_size).with_eps(cfg.rms_norm_eps);
-        Self {
-            self_attn: mla_config(cfg).init(device),
-            mlp: feed_forward(cfg, layer, device),
-            input_layernorm: norm.init(device),
-            post_attention_layernorm: norm.init(device),
-        }
-    }
+pub struct LayerScores<B: DsBackend> {
+    /// Checkpoint layer index (`num_hidden_layers + k` for MTP module k).
+    pub layer: usize,
+    pub scores: Tensor<B, 2>,
 }
 
 /// `model.*` of the checkpoint.
@@ -288,6 +61,11 @@ pub struct ForwardOutput<B: DsBackend> {
     pub kv: Vec<LatentKv<B>>,
     /// Routing of every MoE layer when requested.
     pub routing: Vec<LayerRouting>,
+    /// Router affinities of every MoE layer with [`ForwardOptions::router_scores`].
+    pub router_scores: Vec<LayerScores<B>>,
+    /// With [`ForwardOptions::probes`]: the embedding's and every block's output, named by
+    /// checkpoint path.
+    pub probes: Vec<(String, Tensor<B, 3>)>,
 }
 
 /// Output of [`DeepseekV3::forward_mtp`].
@@ -299,6 +77,8 @@ pub struct MtpOutput<B: DsBackend> {
     pub hidden: Tensor<B, 3>,
     pub kv: LatentKv<B>,
     pub routing: Option<LayerRouting>,
+    /// With [`ForwardOptions::router_scores`].
+    pub router_scores: Option<LayerScores<B>>,
 }
 
 /// `DeepseekV3ForCausalLM`: the model plus `lm_head`.
@@ -349,6 +129,15 @@ fn mlp_linears<'a, B: DsBackend>(
     out.push((format!("{p}.down_proj"), &mut m.down_proj));
 }
 
+fn block_linears<'a, B: DsBackend>(
+    b: &'a mut DecoderLayer<B>,
+    p: &str,
+    out: &mut Vec<(String, &'a mut Linear<B>)>,
+) {
+    attn_linears(&mut b.self_attn, &format!("{p}.self_attn"), out);
+    ffn_linears(&mut b.mlp, &format!("{p}.mlp"), out);
+}
+
 fn ffn_linears<'a, B: DsBackend>(
     f: &'a mut FeedForward<B>,
     p: &str,
@@ -368,23 +157,52 @@ fn ffn_linears<'a, B: DsBackend>(
 }
 
 impl<B: DsBackend> DeepseekV3<B> {
+    /// Every decoder block with its checkpoint layer index: the main layers, then each MTP
+    /// module's block (`num_hidden_layers + k`).
+    pub fn blocks(&self) -> impl Iterator<Item = (usize, &DecoderLayer<B>)> + '_ {
+        let mtp = self.model.mtp.iter().enumerate();
+        let mtp = mtp.map(|(k, m)| (self.config.mtp_layer(k), &m.block));
+        self.model.layers.iter().enumerate().chain(mtp)
+    }
+
+    /// [`Self::blocks`], mutably.
+    pub fn blocks_mut(&mut self) -> impl Iterator<Item = (usize, &mut DecoderLayer<B>)> + '_ {
+        let cfg = &self.config;
+        let mtp = self.model.mtp.iter_mut().enumerate();
+        let mtp = mtp.map(|(k, m)| (cfg.mtp_layer(k), &mut m.block));
+        self.model.layers.iter_mut().enumerate().chain(mtp)
+    }
+
+    /// The MoE layer of checkpoint layer `layer` (a main layer or an MTP module's block).
+    pub fn moe(&self, layer: usize) -> Option<&Moe<B>> {
+        self.blocks().find(|(i, _)| *i == layer)?.1.mlp.moe()
+    }
+
+    /// [`Self::moe`], mutably.
+    pub fn moe_mut(&mut self, layer: usize) -> Option<&mut Moe<B>> {
+        let block = self.blocks_mut().find(|(i, _)| *i == layer)?.1;
+        block.mlp.moe_mut()
+    }
+
+    /// Checkpoint indices of the MoE layers: main layers, then MTP modules.
+    pub fn moe_layers(&self) -> Vec<usize> {
+        self.blocks()
+            .filter(|(_, b)| b.mlp.moe().is_some())
+            .map(|(i, _)| i)
+            .collect()
+    }
+
     /// Every Linear layer with its checkpoint name (without `.weight`), in module order.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear<B>)> {
         let mut out = Vec::new();
-        let n = self.config.num_hidden_layers;
+        let cfg = &self.config;
         for (l, layer) in self.model.layers.iter_mut().enumerate() {
-            attn_linears(
-                &mut layer.self_attn,
-                &format!("model.layers.{l}.self_attn"),
-                &mut out,
-            );
-            ffn_linears(&mut layer.mlp, &format!("model.layers.{l}.mlp"), &mut out);
+            block_linears(layer, &format!("model.layers.{l}"), &mut out);
         }
         for (k, m) in self.model.mtp.iter_mut().enumerate() {
-            let p = format!("model.layers.{}", n + k);
+            let p = format!("model.layers.{}", cfg.mtp_layer(k));
             out.push((format!("{p}.eh_proj"), &mut m.eh_proj));
-            attn_linears(&mut m.self_attn, &format!("{p}.self_attn"), &mut out);
-            ffn_linears(&mut m.mlp, &format!("{p}.mlp"), &mut out);
+            block_linears(&mut m.block, &p, &mut out);
             out.push((format!("{p}.shared_head.head"), &mut m.shared_head.head));
         }
         out.push(("lm_head".to_string(), &mut self.lm_head));
@@ -393,13 +211,8 @@ impl<B: DsBackend> DeepseekV3<B> {
 
     /// The MoE layers (main layers, then MTP layers).
     fn moe_layers_mut(&mut self) -> Vec<&mut Moe<B>> {
-        let main = self.model.layers.iter_mut().map(|l| &mut l.mlp);
-        let mtp = self.model.mtp.iter_mut().map(|m| &mut m.mlp);
-        main.chain(mtp)
-            .filter_map(|f| match f {
-                FeedForward::Moe(m) => Some(m),
-                FeedForward::Dense(_) => None,
-            })
+        self.blocks_mut()
+            .filter_map(|(_, b)| b.mlp.moe_mut())
             .collect()
     }
 
@@ -413,12 +226,8 @@ impl<B: DsBackend> DeepseekV3<B> {
 
     /// Whether any MoE layer is packed (then the per-expert parameters are placeholders).
     pub fn is_packed(&self) -> bool {
-        self.model
-            .layers
-            .iter()
-            .map(|l| &l.mlp)
-            .chain(self.model.mtp.iter().map(|m| &m.mlp))
-            .any(|f| matches!(f, FeedForward::Moe(m) if m.packed.is_some()))
+        self.blocks()
+            .any(|(_, b)| b.mlp.moe().is_some_and(|m| m.packed.is_some()))
     }
 
     /// Turns every FP8 Linear back into float weights.
@@ -554,7 +363,8 @@ impl<B: DsBackend> DeepseekV3<B> {
         self.forward_store(tokens, span, &mut Concat(past), opts)
     }
 
-    /// [`Self::forward_span`] with the history kept by `store` (an inference cache).
+    /// [`Self::forward_span`] with the history kept by `store` (an inference cache). The one
+    /// walk over the main blocks: inference, scoring and training all run it.
     pub fn forward_store(
         &self,
         tokens: Tensor<B, 2, Int>,
@@ -564,26 +374,26 @@ impl<B: DsBackend> DeepseekV3<B> {
     ) -> ForwardOutput<B> {
         let mut h = self.model.embed_tokens.forward(tokens);
         let mut kv = Vec::with_capacity(self.model.layers.len());
-        let mut routing = Vec::new();
+        let (mut routing, mut router_scores, mut probes) = (Vec::new(), Vec::new(), Vec::new());
+        if opts.probes {
+            probes.push(("model.embed_tokens".to_string(), h.clone()));
+        }
         for (l, layer) in self.model.layers.iter().enumerate() {
-            let out = residual_block(
-                &layer.self_attn,
-                &layer.input_layernorm,
-                &layer.mlp,
-                &layer.post_attention_layernorm,
-                h,
-                span,
-                |new| store.store_layer(l, new),
-                opts,
-            );
+            let out = layer.forward(h, span, |new| store.store_layer(l, new), opts);
             h = out.h;
             kv.push(out.kv);
-            if let Some(routing_l) = out.routing {
+            if let Some(r) = out.routing {
                 routing.push(LayerRouting {
                     layer: l,
                     mtp: false,
-                    routing: routing_l,
+                    routing: r,
                 });
+            }
+            if let (true, Some(scores)) = (opts.router_scores, out.scores) {
+                router_scores.push(LayerScores { layer: l, scores });
+            }
+            if opts.probes {
+                probes.push((format!("model.layers.{l}"), h.clone()));
             }
         }
         let hidden = self.model.norm.forward(h);
@@ -598,6 +408,8 @@ impl<B: DsBackend> DeepseekV3<B> {
             hidden,
             kv,
             routing,
+            router_scores,
+            probes,
         }
     }
 
@@ -630,17 +442,22 @@ impl<B: DsBackend> DeepseekV3<B> {
         past: Option<&LatentKv<B>>,
         opts: &ForwardOptions,
     ) -> MtpOutput<B> {
-        let layer = &self.model.mtp[depth];
-        let (logits, hidden, kv, routing) = layer.forward(h, next_tokens, span, past, opts);
+        let out = self.model.mtp[depth].forward(h, next_tokens, span, past, opts);
+        let layer = self.config.mtp_layer(depth);
         MtpOutput {
-            logits,
-            hidden,
-            kv,
-            routing: routing.map(|routing| LayerRouting {
-                layer: self.config.num_hidden_layers + depth,
+            logits: out.logits,
+            hidden: out.block.h,
+            kv: out.block.kv,
+            routing: out.block.routing.map(|routing| LayerRouting {
+                layer,
                 mtp: true,
                 routing,
             }),
+            router_scores: out
+                .block
+                .scores
+                .filter(|_| opts.router_scores)
+                .map(|scores| LayerScores { layer, scores }),
         }
     }
 

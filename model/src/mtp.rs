@@ -9,13 +9,12 @@ use burn::nn::{Embedding, EmbeddingConfig, Initializer};
 use burn::tensor::{Int, Tensor};
 use dsv3_backends::DsBackend;
 
+use crate::block::{BlockOutput, DecoderLayer, ForwardOptions};
+use crate::cache::LatentKv;
 use crate::config::DeepseekV3Config;
-use crate::linear::Linear;
-use crate::mla::{LatentKv, Mla};
-use crate::mlp::linear;
-use crate::model::{feed_forward, mla_config, residual_block, FeedForward, ForwardOptions, Span};
-use crate::moe::Routing;
+use crate::linear::{linear, Linear};
 use crate::norm::{RmsNorm, RmsNormConfig};
+use crate::positions::Span;
 
 #[derive(Config, Debug)]
 pub struct MtpLayerConfig {
@@ -27,7 +26,7 @@ pub struct MtpLayerConfig {
 
 impl MtpLayerConfig {
     pub fn from_model(cfg: &DeepseekV3Config, k: usize) -> Self {
-        Self::new(cfg.clone(), cfg.num_hidden_layers + k)
+        Self::new(cfg.clone(), cfg.mtp_layer(k))
     }
 
     pub fn init<B: DsBackend>(&self, device: &B::Device) -> MtpLayer<B> {
@@ -41,10 +40,7 @@ impl MtpLayerConfig {
             enorm: norm.init(device),
             hnorm: norm.init(device),
             eh_proj: linear(2 * h, h, std, device),
-            self_attn: mla_config(cfg).init(device),
-            mlp: feed_forward(cfg, self.layer, device),
-            input_layernorm: norm.init(device),
-            post_attention_layernorm: norm.init(device),
+            block: DecoderLayer::new(cfg, self.layer, device),
             shared_head: SharedHead {
                 norm: norm.init(device),
                 head: linear(h, cfg.vocab_size, std, device),
@@ -60,7 +56,8 @@ pub struct SharedHead<B: DsBackend> {
     pub head: Linear<B>,
 }
 
-/// `model.layers.{num_hidden_layers + k}.*` of the checkpoint.
+/// `model.layers.{num_hidden_layers + k}.*` of the checkpoint: the block's tensors sit directly
+/// under that prefix (`self_attn.*`, `mlp.*`, the two norms), beside the module's own.
 #[derive(Module, Debug)]
 pub struct MtpLayer<B: DsBackend> {
     /// A copy of the main embedding (the checkpoint stores it separately).
@@ -69,15 +66,24 @@ pub struct MtpLayer<B: DsBackend> {
     pub hnorm: RmsNorm<B>,
     /// `[H, 2H]` in the checkpoint; input is `[embedding ; hidden]`.
     pub eh_proj: Linear<B>,
-    pub self_attn: Mla<B>,
-    pub mlp: FeedForward<B>,
-    pub input_layernorm: RmsNorm<B>,
-    pub post_attention_layernorm: RmsNorm<B>,
+    /// A full decoder block (always MoE in V3); its field name adds nothing to checkpoint paths.
+    pub block: DecoderLayer<B>,
     pub shared_head: SharedHead<B>,
 }
 
+/// What an MTP module returns.
+#[derive(Debug, Clone)]
+pub struct MtpLayerOutput<B: DsBackend> {
+    /// `[B, T, vocab]` (`[B, 1, vocab]` with [`ForwardOptions::last_logits_only`]).
+    pub logits: Tensor<B, 3>,
+    /// The block's output (its `h` feeds the next depth), latent entries and router outputs.
+    pub block: BlockOutput<B>,
+}
+
 impl<B: DsBackend> MtpLayer<B> {
-    /// Returns (logits, block output, latent entries, routing).
+    /// From the previous depth's representation `h: [B, T, H]` and the embeddings of the tokens
+    /// one step ahead `next_tokens: [B, T]`, at the positions of `span` after the `past` entries
+    /// of this module's own attention.
     pub fn forward(
         &self,
         h: Tensor<B, 3>,
@@ -85,16 +91,12 @@ impl<B: DsBackend> MtpLayer<B> {
         span: &Span<B>,
         past: Option<&LatentKv<B>>,
         opts: &ForwardOptions,
-    ) -> (Tensor<B, 3>, Tensor<B, 3>, LatentKv<B>, Option<Routing>) {
+    ) -> MtpLayerOutput<B> {
         let e = self.enorm.forward(self.embed_tokens.forward(next_tokens));
         let x = self
             .eh_proj
             .forward(Tensor::cat(vec![e, self.hnorm.forward(h)], 2));
-        let block = residual_block(
-            &self.self_attn,
-            &self.input_layernorm,
-            &self.mlp,
-            &self.post_attention_layernorm,
+        let block = self.block.forward(
             x,
             span,
             |new| match past {
@@ -103,17 +105,16 @@ impl<B: DsBackend> MtpLayer<B> {
             },
             opts,
         );
-        let (out, kv, routing) = (block.h, block.kv, block.routing);
         let last = if opts.last_logits_only {
-            let t = out.dims()[1];
-            out.clone().narrow(1, t - 1, 1)
+            let t = block.h.dims()[1];
+            block.h.clone().narrow(1, t - 1, 1)
         } else {
-            out.clone()
+            block.h.clone()
         };
         let logits = self
             .shared_head
             .head
             .forward(self.shared_head.norm.forward(last));
-        (logits, out, kv, routing)
+        MtpLayerOutput { logits, block }
     }
 }

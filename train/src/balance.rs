@@ -6,56 +6,7 @@
 use burn::module::Param;
 use burn::tensor::{Tensor, TensorData};
 use dsv3_backends::DsBackend;
-use dsv3_model::model::FeedForward;
-use dsv3_model::moe::Moe;
 use dsv3_model::DeepseekV3;
-
-/// Checkpoint indices of the MoE layers: main layers, then MTP modules (`num_hidden_layers + k`).
-pub fn moe_layers<B: DsBackend>(model: &DeepseekV3<B>) -> Vec<usize> {
-    let n = model.config.num_hidden_layers;
-    let main = model
-        .model
-        .layers
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| matches!(l.mlp, FeedForward::Moe(_)))
-        .map(|(i, _)| i);
-    let mtp = model
-        .model
-        .mtp
-        .iter()
-        .enumerate()
-        .filter(|(_, m)| matches!(m.mlp, FeedForward::Moe(_)))
-        .map(|(k, _)| n + k);
-    main.chain(mtp).collect()
-}
-
-/// The MoE block at checkpoint layer index `layer`, if it is one.
-pub fn moe_at<B: DsBackend>(model: &DeepseekV3<B>, layer: usize) -> Option<&Moe<B>> {
-    let n = model.config.num_hidden_layers;
-    let ffn = if layer < n {
-        &model.model.layers.get(layer)?.mlp
-    } else {
-        &model.model.mtp.get(layer - n)?.mlp
-    };
-    match ffn {
-        FeedForward::Moe(m) => Some(m),
-        FeedForward::Dense(_) => None,
-    }
-}
-
-fn moe_at_mut<B: DsBackend>(model: &mut DeepseekV3<B>, layer: usize) -> Option<&mut Moe<B>> {
-    let n = model.config.num_hidden_layers;
-    let ffn = if layer < n {
-        &mut model.model.layers.get_mut(layer)?.mlp
-    } else {
-        &mut model.model.mtp.get_mut(layer - n)?.mlp
-    };
-    match ffn {
-        FeedForward::Moe(m) => Some(m),
-        FeedForward::Dense(_) => None,
-    }
-}
 
 /// Tokens routed to each expert (`experts: [tokens][k]`), added into `loads`.
 pub fn add_loads(loads: &mut [u64], experts: &[Vec<u32>]) {
@@ -96,7 +47,7 @@ pub fn updated_bias(bias: &[f32], loads: &[u64], gamma: f32) -> Vec<f32> {
 
 /// The bias of MoE layer `layer` as host values.
 pub fn bias_values<B: DsBackend>(model: &DeepseekV3<B>, layer: usize) -> Option<Vec<f32>> {
-    let moe = moe_at(model, layer)?;
+    let moe = model.moe(layer)?;
     moe.gate
         .e_score_correction_bias
         .val()
@@ -116,7 +67,7 @@ pub fn apply<B: DsBackend>(model: &mut DeepseekV3<B>, loads: &[(usize, Vec<u64>)
             continue;
         };
         let new = updated_bias(&old, l, gamma);
-        let Some(moe) = moe_at_mut(model, *layer) else {
+        let Some(moe) = model.moe_mut(*layer) else {
             continue;
         };
         let param = &moe.gate.e_score_correction_bias;

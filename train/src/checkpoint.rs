@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::TrainConfig;
 use crate::data::{Dataset, Sampler, SamplerState};
 use crate::error::TrainError;
-use crate::optim::{self, ParamPaths};
+use crate::optim;
 use crate::tokenizer::ByteTokenizer;
 use crate::trainer::{Optim, Trainer};
 
@@ -127,7 +127,9 @@ pub fn write_atomically<B: DsBackend>(
 /// The optimiser state keyed by parameter position (module order) instead of the run's
 /// random `ParamId`s, so it binds to a model loaded from safetensors.
 fn optimizer_bytes<B: DsAutodiffBackend>(t: &Trainer<B>) -> Result<Vec<u8>, TrainError> {
-    let index: HashMap<ParamId, u64> = ParamPaths::of::<B, _>(&t.model)
+    let index: HashMap<ParamId, u64> = t
+        .model
+        .param_names()
         .into_iter()
         .enumerate()
         .map(|(i, (id, _))| (id, i as u64))
@@ -225,10 +227,7 @@ pub fn load<B: DsAutodiffBackend>(
         device,
     )
     .map_err(|e| bad(format!("{OPTIM_FILE}: {e:?}")))?;
-    let ids: Vec<ParamId> = ParamPaths::of::<B, _>(&model)
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
+    let ids: Vec<ParamId> = model.param_names().into_iter().map(|(id, _)| id).collect();
     let record: <Optim<B> as Optimizer<DeepseekV3<B>, B>>::Record = record
         .into_iter()
         .map(|(pos, r)| {

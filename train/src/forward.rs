@@ -1,15 +1,11 @@
-//! The training forward pass: the model's own blocks (`residual_block`), walked layer by layer
-//! so that every MoE layer (the MTP module's included) also hands back its router affinities
-//! **with gradient** and its expert choices, which the sequence-wise balance loss and the bias
-//! update need, and so that a NaN can be located by block. The same operations in the same
-//! order as `DeepseekV3::forward`/`forward_mtp`: a test checks the logits are bit-identical.
+//! The training forward pass: the model's own forward (main blocks, then `mtp_depths` MTP
+//! modules), asked to keep what training needs besides the logits: every MoE layer's router
+//! affinities **with gradient** and expert choices (for the sequence-wise balance loss and the
+//! bias update) and, when probing, each block's output (to locate a NaN).
 
 use burn::tensor::{backend::Backend, ElementConversion, Int, Tensor};
 use dsv3_backends::DsBackend;
-use dsv3_model::mla::Mla;
-use dsv3_model::model::{residual_block, DecoderLayer, FeedForward, Span};
-use dsv3_model::norm::RmsNorm;
-use dsv3_model::{AttentionMode, DeepseekV3, ForwardOptions};
+use dsv3_model::{AttentionMode, DeepseekV3, ForwardOptions, LayerRouting, LayerScores};
 
 /// One MoE layer's router in one forward pass.
 #[derive(Debug, Clone)]
@@ -38,47 +34,24 @@ pub struct TrainForward<B: Backend> {
     pub probes: Vec<(String, Tensor<B, 3>)>,
 }
 
-/// One residual block through the model's own [`residual_block`] (no cache), keeping the MoE
-/// layer's router affinities and choices.
-#[allow(clippy::too_many_arguments)]
-fn block<B: DsBackend>(
-    attn: &Mla<B>,
-    attn_norm: &RmsNorm<B>,
-    ffn: &FeedForward<B>,
-    ffn_norm: &RmsNorm<B>,
-    h: Tensor<B, 3>,
-    span: &Span<B>,
-    mode: AttentionMode,
-    trace: (usize, bool),
-    routers: &mut Vec<RouterTrace<B>>,
-) -> Tensor<B, 3> {
-    let [rows, len, _] = h.dims();
-    let opts = ForwardOptions {
-        attention: mode,
-        record_routing: true,
-        ..Default::default()
-    };
-    let out = residual_block(
-        attn,
-        attn_norm,
-        ffn,
-        ffn_norm,
-        h,
-        span,
-        |new| new.clone(),
-        &opts,
-    );
-    if let Some(scores) = out.scores {
-        routers.push(RouterTrace {
-            layer: trace.0,
-            mtp: trace.1,
+/// Pairs each MoE layer's recorded routing with its router affinities.
+fn traces<B: DsBackend>(
+    routing: Vec<LayerRouting>,
+    scores: Vec<LayerScores<B>>,
+    rows: usize,
+    len: usize,
+) -> impl Iterator<Item = RouterTrace<B>> {
+    routing.into_iter().zip(scores).map(move |(r, s)| {
+        debug_assert_eq!(r.layer, s.layer);
+        RouterTrace {
+            layer: r.layer,
+            mtp: r.mtp,
             rows,
             len,
-            scores,
-            experts: out.routing.map(|r| r.experts).unwrap_or_default(),
-        });
-    }
-    out.h
+            scores: s.scores,
+            experts: r.routing.experts,
+        }
+    })
 }
 
 /// Main model over `tokens: [B, T]` (positions 0..T), then `mtp_depths` MTP modules.
@@ -92,85 +65,49 @@ pub fn forward<B: DsBackend>(
     mtp_depths: usize,
     probe: bool,
 ) -> TrainForward<B> {
-    let [_, t] = tokens.dims();
-    let device = model.device();
-    let span = Span::contiguous(&model.rope, 0, t, 0, &device);
-    let mut routers = Vec::new();
-    let mut probes = Vec::new();
-    let mut h = model.model.embed_tokens.forward(tokens.clone());
+    let [rows, t] = tokens.dims();
+    let opts = ForwardOptions {
+        attention: mode,
+        record_routing: true,
+        router_scores: true,
+        probes: probe,
+        ..Default::default()
+    };
+    let out = model.forward(tokens.clone(), 0, None, &opts);
+    let mut routers: Vec<RouterTrace<B>> =
+        traces(out.routing, out.router_scores, rows, t).collect();
+    let mut probes = out.probes;
     if probe {
-        probes.push(("model.embed_tokens".to_string(), h.clone()));
+        probes.push(("model.norm + lm_head".to_string(), out.logits.clone()));
     }
-    for (l, layer) in model.model.layers.iter().enumerate() {
-        let DecoderLayer {
-            self_attn,
-            mlp,
-            input_layernorm,
-            post_attention_layernorm,
-        } = layer;
-        h = block(
-            self_attn,
-            input_layernorm,
-            mlp,
-            post_attention_layernorm,
-            h,
-            &span,
-            mode,
-            (l, false),
-            &mut routers,
-        );
-        if probe {
-            probes.push((format!("model.layers.{l}"), h.clone()));
-        }
-    }
-    let hidden = model.model.norm.forward(h);
-    let logits = model.lm_head.forward(hidden.clone());
-    if probe {
-        probes.push(("model.norm + lm_head".to_string(), logits.clone()));
-    }
-    let n_layers = model.config.num_hidden_layers;
-    let mut prev = hidden;
+    let mut prev = out.hidden;
     let mut mtp_logits = Vec::new();
     for k in 0..mtp_depths.min(model.model.mtp.len()) {
         if t < k + 2 {
             break;
         }
         let len = t - 1 - k;
-        let m = &model.model.mtp[k];
-        let span = Span::contiguous(&model.rope, 0, len, 0, &device);
-        let e = m
-            .enorm
-            .forward(m.embed_tokens.forward(tokens.clone().narrow(1, k + 1, len)));
-        let x = m.eh_proj.forward(Tensor::cat(
-            vec![e, m.hnorm.forward(prev.narrow(1, 0, len))],
-            2,
+        let next = tokens.clone().narrow(1, k + 1, len);
+        let m = model.forward_mtp(k, prev.narrow(1, 0, len), next, 0, None, &opts);
+        let routing = m.routing.into_iter().collect();
+        routers.extend(traces(
+            routing,
+            m.router_scores.into_iter().collect(),
+            rows,
+            len,
         ));
-        let out = block(
-            &m.self_attn,
-            &m.input_layernorm,
-            &m.mlp,
-            &m.post_attention_layernorm,
-            x,
-            &span,
-            mode,
-            (n_layers + k, true),
-            &mut routers,
-        );
-        let lg = m
-            .shared_head
-            .head
-            .forward(m.shared_head.norm.forward(out.clone()));
         if probe {
-            probes.push((
-                format!("model.layers.{} (MTP module {k})", n_layers + k),
-                out.clone(),
-            ));
+            let name = format!(
+                "model.layers.{} (MTP module {k})",
+                model.config.mtp_layer(k)
+            );
+            probes.push((name, m.hidden.clone()));
         }
-        mtp_logits.push(lg);
-        prev = out;
+        mtp_logits.push(m.logits);
+        prev = m.hidden;
     }
     TrainForward {
-        logits,
+        logits: out.logits,
         mtp_logits,
         routers,
         probes,

@@ -7,9 +7,12 @@
 
 use std::f64::consts::PI;
 
-use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::optim::{adaptor::OptimizerAdaptor, AdamW, AdamWConfig, GradientsParams};
 use burn::tensor::{backend::AutodiffBackend, ElementConversion, Tensor};
+
+use dsv3_backends::DsAutodiffBackend;
+use dsv3_model::DeepseekV3;
 
 use crate::config::TrainConfig;
 
@@ -37,53 +40,12 @@ pub fn lr_at(cfg: &TrainConfig, step: usize) -> f64 {
     min + 0.5 * (lr - min) * (1.0 + (PI * progress).cos())
 }
 
-/// Dotted checkpoint-style paths of every parameter, in module order.
-pub struct ParamPaths {
-    stack: Vec<String>,
-    pub out: Vec<(ParamId, String)>,
-}
-
-impl ParamPaths {
-    pub fn of<B: burn::tensor::backend::Backend, M: burn::module::Module<B>>(
-        module: &M,
-    ) -> Vec<(ParamId, String)> {
-        let mut v = ParamPaths {
-            stack: Vec::new(),
-            out: Vec::new(),
-        };
-        module.visit(&mut v);
-        v.out
-    }
-}
-
-impl<B: burn::tensor::backend::Backend> ModuleVisitor<B> for ParamPaths {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.stack.push(if container_type.starts_with("Enum:") {
-            String::new()
-        } else {
-            name.to_string()
-        });
-    }
-    fn exit_module(&mut self, _name: &str, _container_type: &str) {
-        self.stack.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let path: Vec<&str> = self
-            .stack
-            .iter()
-            .filter(|s| !s.is_empty())
-            .map(String::as_str)
-            .collect();
-        self.out.push((param.id, path.join(".")));
-    }
-}
-
-/// The block a parameter belongs to, for per-block reports: `model.layers.3`, `model.mtp.0`,
-/// `model.embed_tokens`, `lm_head`, ...
+/// The block a parameter belongs to, for per-block reports: `model.layers.3`,
+/// `model.embed_tokens`, `lm_head`, ... (checkpoint names: MTP module k is a layer).
 pub fn block_of(path: &str) -> String {
     let parts: Vec<&str> = path.split('.').collect();
     match parts.as_slice() {
-        ["model", "layers" | "mtp", i, ..] => format!("model.{}.{i}", parts[1]),
+        ["model", "layers", i, ..] => format!("model.layers.{i}"),
         [a, b, ..] if *a == "model" => format!("model.{b}"),
         [a, ..] => a.to_string(),
         [] => String::new(),
@@ -127,8 +89,8 @@ pub struct GradNorm {
 
 /// Computes the global L2 norm of all gradients and, when it exceeds `max_norm` (> 0), scales
 /// every gradient by `max_norm / (norm + 1e-6)` (as PyTorch's `clip_grad_norm_`).
-pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
-    model: &M,
+pub fn clip_global_norm<B: DsAutodiffBackend>(
+    model: &DeepseekV3<B>,
     grads: &mut GradientsParams,
     max_norm: f64,
 ) -> GradNorm {
@@ -142,7 +104,7 @@ pub fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
     let non_finite = if norm.is_finite() {
         None
     } else {
-        let paths = ParamPaths::of::<B, M>(model);
+        let paths = model.param_names();
         sq.out.iter().find(|(_, s)| !s.is_finite()).map(|(id, _)| {
             paths
                 .iter()
@@ -187,7 +149,7 @@ mod tests {
             block_of("model.layers.3.mlp.experts.7.up_proj.weight"),
             "model.layers.3"
         );
-        assert_eq!(block_of("model.mtp.0.eh_proj.weight"), "model.mtp.0");
+        assert_eq!(block_of("model.layers.4.eh_proj.weight"), "model.layers.4");
         assert_eq!(block_of("model.embed_tokens.weight"), "model.embed_tokens");
         assert_eq!(block_of("lm_head.weight"), "lm_head");
     }

@@ -179,7 +179,7 @@ pub fn run<B: DsAutodiffBackend>(
     let log = MetricsLog::open(out, resumed_from.as_ref().map(|_| trainer.step))?;
     let start_step = trainer.step;
     let total = trainer.cfg.steps;
-    let layers = balance::moe_layers(&trainer.model);
+    let layers = trainer.model.moe_layers();
     let parameters = trainer.model.config.param_counts(true).total;
     say(&format!(
         "{} {} parameters ({} MoE layers), corpus {} tokens ({} train / {} val windows of {}), {} tokens per step, steps {}..{}",

@@ -16,7 +16,7 @@ use crate::data::{Dataset, Sampler};
 use crate::error::TrainError;
 use crate::forward::{self, TrainForward};
 use crate::loss;
-use crate::optim::{self, ParamPaths};
+use crate::optim;
 use crate::tokenizer;
 
 /// Burn's AdamW over the model.
@@ -287,7 +287,7 @@ impl<B: DsAutodiffBackend> Trainer<B> {
         let step = self.step + 1;
         let lr = optim::lr_at(&self.cfg, step);
         let accum = self.cfg.grad_accum;
-        let layers = balance::moe_layers(&self.model);
+        let layers = self.model.moe_layers();
         let n_experts = self.model.config.n_routed_experts;
         let mut loads: Vec<(usize, Vec<u64>)> =
             layers.iter().map(|&l| (l, vec![0u64; n_experts])).collect();
@@ -403,7 +403,7 @@ impl<B: DsAutodiffBackend> Trainer<B> {
         };
         inner.visit(&mut f);
         if let Some(i) = f.found {
-            let paths = ParamPaths::of::<B::InnerBackend, _>(&inner);
+            let paths = inner.param_names();
             if let Some((_, p)) = paths.get(i) {
                 return format!("parameter {p}");
             }
