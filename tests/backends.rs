@@ -7,7 +7,9 @@ use std::path::Path;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use dsv3_backends::{e4m3, DsBackend, Fp8Weight, GroupedWeight};
-use dsv3_model::{load_with, DeepseekV3, ForwardOptions, LoadOptions, WeightOptions};
+use dsv3_model::{
+    load_with, DeepseekV3, ForwardOptions, LoadOptions, WeightOptions, WeightStorage,
+};
 
 use crate::common::*;
 
@@ -364,7 +366,7 @@ fn sorted(e: &[Vec<u32>]) -> Vec<Vec<u32>> {
 fn bf16_weights_in_memory() {
     let dev = device();
     let bf16 = WeightOptions {
-        bf16: true,
+        storage: WeightStorage::Bf16,
         ..Default::default()
     };
     let golden = goldens(&fixture("tiny-direct"))[0].clone();
@@ -416,7 +418,7 @@ fn bf16_weights_in_memory() {
     };
     for (name, l) in rounded.linears_mut() {
         if name.ends_with("kv_b_proj") {
-            continue; // kept f32 (see WeightOptions::bf16)
+            continue; // kept f32 (see WeightStorage::Bf16)
         }
         let w = l.weight.val();
         let shape = w.dims();
@@ -442,12 +444,12 @@ fn fp8_in_memory_equals_dequantized_model() {
     let (want, want_routing) = logits_of(&dense, &golden);
     for weights in [
         WeightOptions {
-            fp8: true,
+            storage: WeightStorage::Fp8,
             pack_experts: false,
             ..Default::default()
         },
         WeightOptions {
-            fp8: true,
+            storage: WeightStorage::Fp8,
             pack_experts: true,
             ..Default::default()
         },
@@ -468,7 +470,7 @@ fn fp8_in_memory_equals_dequantized_model() {
     let mut fp8 = load_fixture_with::<B>(
         "tiny-fp8",
         WeightOptions {
-            fp8: true,
+            storage: WeightStorage::Fp8,
             pack_experts: true,
             ..Default::default()
         },
@@ -494,7 +496,7 @@ fn packed_experts_match_per_expert_model() {
         let packed = load_fixture_with::<B>(
             name,
             WeightOptions {
-                fp8: false,
+                storage: WeightStorage::F32,
                 pack_experts: true,
                 ..Default::default()
             },
@@ -518,7 +520,7 @@ fn packed_experts_match_per_expert_model() {
         &load_fixture_with::<B>(
             "tiny-qlora",
             WeightOptions {
-                fp8: false,
+                storage: WeightStorage::F32,
                 pack_experts: true,
                 ..Default::default()
             },
@@ -643,7 +645,7 @@ fn fixtures_match_golden_on<Bk: DsBackend>(label: &str, dev: &Bk::Device) {
         ..Default::default()
     };
     let fp8 = WeightOptions {
-        fp8: true,
+        storage: WeightStorage::Fp8,
         pack_experts: true,
         ..Default::default()
     };
@@ -846,7 +848,7 @@ mod wgpu {
             skip_mtp: false,
         };
         let weights = WeightOptions {
-            bf16: true,
+            storage: WeightStorage::Bf16,
             ..Default::default()
         };
         let e = match load_with::<Wgpu>(&fixture("tiny-direct"), &wdev(), &opts, &weights) {

@@ -590,10 +590,11 @@ fn bf16_conversion_with_fp8_quantization_config_loads_with_warning() {
             &dir,
             &device(),
             &LoadOptions::default(),
-            &dsv3_model::WeightOptions {
-                fp8,
-                ..Default::default()
-            },
+            &dsv3_model::WeightOptions::from(if fp8 {
+                dsv3_model::WeightStorage::Fp8
+            } else {
+                dsv3_model::WeightStorage::F32
+            }),
         )
         .unwrap();
         assert!(
@@ -637,10 +638,11 @@ fn fp8_scale_faults_are_clear_errors() {
                 &dir,
                 &device(),
                 &LoadOptions::default(),
-                &dsv3_model::WeightOptions {
-                    fp8,
-                    ..Default::default()
-                },
+                &dsv3_model::WeightOptions::from(if fp8 {
+                    dsv3_model::WeightStorage::Fp8
+                } else {
+                    dsv3_model::WeightStorage::F32
+                }),
             )
             .map(|_| ())
             .unwrap_err()

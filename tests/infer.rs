@@ -953,9 +953,9 @@ fn cli_generate_text_and_chat() {
             max_context: Some(200),
             prefill_chunk: 16,
             run: deepseek_v3::cli::RunArgs {
-                backend: "flex".into(),
-                dtype: "f32".into(),
-                weights: "f32".into(),
+                backend: dsv3_backends::BackendKind::Flex,
+                dtype: dsv3_backends::FloatDtype::F32,
+                weights: dsv3_model::WeightStorage::F32,
             },
         },
         system: None,

@@ -41,7 +41,7 @@ pub use config::DeepseekV3Config;
 pub use error::{ConfigError, LoadError, ModelError};
 pub use load::{
     load, load_from, load_from_with, load_with, save, LoadOptions, LoadReport, SaveDtype,
-    WeightOptions,
+    WeightOptions, WeightStorage,
 };
 pub use mla::AttentionMode;
 pub use model::{DeepseekV3, ForwardOutput, LayerRouting, LayerScores, MtpOutput};

@@ -30,22 +30,73 @@ pub struct LoadOptions {
     pub skip_mtp: bool,
 }
 
+/// How the Linear weights are held in memory once loaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum WeightStorage {
+    /// f32: float checkpoints converted, FP8 checkpoints dequantized while loading.
+    #[default]
+    F32,
+    /// bf16: half the bytes of f32 (a BF16 checkpoint's values exactly, others rounded to
+    /// nearest) and computed in the model's float type: products widen them on the fly
+    /// (`DsBackend::dense_matmul`). Norms, embeddings, the router and `kv_b_proj` (which
+    /// attention reads as per-head views, not through a Linear forward) stay f32. For inference.
+    Bf16,
+    /// An FP8 checkpoint's e4m3 codes plus block scales (about 1 byte per weight), multiplied
+    /// through `DsBackend::fp8_matmul`. Float checkpoints are held as f32.
+    Fp8,
+}
+
+impl WeightStorage {
+    /// Every form with its name (`--weights` of the CLI).
+    pub const ALL: [(&'static str, WeightStorage); 3] = [
+        ("f32", WeightStorage::F32),
+        ("bf16", WeightStorage::Bf16),
+        ("fp8", WeightStorage::Fp8),
+    ];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, w)| *w == self)
+            .map_or("f32", |(n, _)| n)
+    }
+}
+
+impl std::fmt::Display for WeightStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for WeightStorage {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(s.trim()))
+            .map(|(_, w)| *w)
+            .ok_or_else(|| format!("unknown weight form {s:?} (f32, bf16 or fp8)"))
+    }
+}
+
 /// How weights are held in memory once loaded (what [`load_with`] adds to [`LoadOptions`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WeightOptions {
-    /// Keep the checkpoint's FP8 Linear weights as e4m3 codes plus block scales (about 1 byte
-    /// per weight) and multiply through `DsBackend::fp8_matmul`, instead of dequantizing them
-    /// while loading. Float checkpoints are unaffected.
-    pub fp8: bool,
+    /// The Linear weights' form.
+    pub storage: WeightStorage,
     /// Stack each MoE layer's routed experts for the backend's grouped MoE kernels
     /// ([`DeepseekV3::pack_experts`]); the model is then for inference only.
     pub pack_experts: bool,
-    /// Keep Linear weights in bf16 (half the bytes of f32; a BF16 checkpoint's values exactly,
-    /// others rounded to nearest) and compute in the model's float type: products convert them
-    /// on the fly (`DsBackend::dense_matmul`). Norms, embeddings, the router and `kv_b_proj`
-    /// (which attention reads as per-head views, not through a Linear forward) stay f32.
-    /// For inference.
-    pub bf16: bool,
+}
+
+impl From<WeightStorage> for WeightOptions {
+    fn from(storage: WeightStorage) -> Self {
+        Self {
+            storage,
+            pack_experts: false,
+        }
+    }
 }
 
 /// What loading found, for the caller to report.
@@ -74,7 +125,7 @@ struct Loader<'a, B: DsBackend> {
     used: BTreeSet<String>,
     /// Weights already bound in FP8 form (their float parameter is a placeholder).
     fp8: BTreeSet<String>,
-    /// Linear weights in bf16 ([`WeightOptions::bf16`]).
+    /// Linear weights in bf16 ([`WeightStorage::Bf16`]).
     bf16: bool,
     error: Option<LoadError>,
     params: u64,
@@ -207,7 +258,8 @@ pub fn load_from_with<B: DsBackend>(
     opts: &LoadOptions,
     weights: &WeightOptions,
 ) -> Result<(DeepseekV3<B>, LoadReport), ModelError> {
-    if weights.bf16
+    let bf16 = weights.storage == WeightStorage::Bf16;
+    if bf16
         && !<B as burn::tensor::backend::Backend>::supports_dtype(device, burn::tensor::DType::BF16)
     {
         return Err(ModelError::Invalid(
@@ -215,7 +267,7 @@ pub fn load_from_with<B: DsBackend>(
         ));
     }
     let mut model = DeepseekV3::<B>::init(&cfg, device)?;
-    let fp8 = if weights.fp8 {
+    let fp8 = if weights.storage == WeightStorage::Fp8 {
         bind_fp8(&mut model, ckpt, cfg.fp8_block(), device)?
     } else {
         BTreeSet::new()
@@ -227,7 +279,7 @@ pub fn load_from_with<B: DsBackend>(
         fp8_block: cfg.fp8_block(),
         used: BTreeSet::new(),
         fp8,
-        bf16: weights.bf16,
+        bf16,
         error: None,
         params: 0,
         zero_bias: Vec::new(),
@@ -418,6 +470,33 @@ pub enum SaveDtype {
     #[default]
     F32,
     BF16,
+}
+
+impl SaveDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            SaveDtype::F32 => "f32",
+            SaveDtype::BF16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for SaveDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for SaveDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" | "float32" => Ok(SaveDtype::F32),
+            "bf16" | "bfloat16" => Ok(SaveDtype::BF16),
+            _ => Err(format!("unknown save dtype {s:?} (f32 or bf16)")),
+        }
+    }
 }
 
 /// Saves `model` to `dir` in the Hugging Face layout: `config.json` + `model.safetensors`

@@ -21,7 +21,8 @@ use crate::positions::Span;
 use crate::rope::{apply_rope, softmax_scale};
 
 /// Which of the two equivalent attention forms to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AttentionMode {
     /// Per-head keys and values expanded from the latent.
     Naive,
@@ -31,6 +32,33 @@ pub enum AttentionMode {
     /// prefill, absorbed for decode); the cache holds only the latent either way.
     #[default]
     Auto,
+}
+
+impl AttentionMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionMode::Naive => "naive",
+            AttentionMode::Absorbed => "absorbed",
+            AttentionMode::Auto => "auto",
+        }
+    }
+}
+
+impl std::fmt::Display for AttentionMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for AttentionMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Self::Auto, Self::Absorbed, Self::Naive]
+            .into_iter()
+            .find(|m| m.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| format!("unknown attention form {s:?} (auto, absorbed or naive)"))
+    }
 }
 
 #[derive(Config, Debug)]

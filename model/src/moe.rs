@@ -179,13 +179,13 @@ impl<B: DsBackend> Moe<B> {
     /// Stacks the routed experts for the grouped kernels ([`DsBackend::grouped_matmul`]): all
     /// FP8 if every expert projection is FP8, else float `[E, in, out]`. The per-expert weights
     /// are replaced by placeholders, so memory is not doubled; the layer is then for inference.
-    pub fn pack(&mut self) -> Result<(), crate::ModelError> {
+    pub fn pack(&mut self) -> Result<(), crate::error::ModelError> {
         if self.packed.is_some() || self.experts.is_empty() {
             return Ok(());
         }
         let stack = |experts: &mut [Mlp<B>],
                      pick: fn(&mut Mlp<B>) -> &mut Linear<B>|
-         -> Result<GroupedWeight<B>, crate::ModelError> {
+         -> Result<GroupedWeight<B>, crate::error::ModelError> {
             let all_fp8 = experts.iter_mut().all(|e| pick(e).fp8.is_some());
             let w = if all_fp8 {
                 let parts: Vec<Fp8Weight<B>> = experts
@@ -193,7 +193,8 @@ impl<B: DsBackend> Moe<B> {
                     .map(|e| pick(e).fp8.clone().expect("checked"))
                     .collect();
                 GroupedWeight::fp8(
-                    Fp8Weight::cat(parts).map_err(|e| crate::ModelError::Invalid(e.to_string()))?,
+                    Fp8Weight::cat(parts)
+                        .map_err(|e| crate::error::ModelError::Invalid(e.to_string()))?,
                 )
             } else {
                 let parts: Vec<Tensor<B, 2>> = experts

@@ -160,7 +160,7 @@ pub fn softmax_scale(cfg: &DeepseekV3Config) -> f64 {
 /// `y = x·cos + swap_pairs(x)·sin`.
 ///
 /// The pair swap is a product with the permutation matrix `swap` from [`pair_swap`] (built once
-/// per [`crate::model::Span`]), and the tables broadcast as one contiguous row over the leading
+/// per [`crate::positions::Span`]), and the tables broadcast as one contiguous row over the leading
 /// axes, the broadcast CPU backends run fastest.
 pub fn apply_rope<B: DsBackend, const D: usize>(
     x: Tensor<B, D>,

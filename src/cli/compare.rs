@@ -12,7 +12,7 @@ use std::time::Instant;
 use burn::tensor::Tensor;
 use clap::Args;
 use dsv3_backends::{on_backend, BackendKind, DsBackend, FloatDtype, OnBackend};
-use dsv3_model::{ForwardOptions, LatentKv, LoadOptions};
+use dsv3_model::{ForwardOptions, LatentKv, LoadOptions, WeightStorage};
 
 use super::{parse_tokens, weight_options, write_err, CliError};
 
@@ -22,15 +22,15 @@ pub struct CompareArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Comma-separated backends to run, in order (flex, wgpu, cuda).
-    #[arg(long, default_value = "flex,wgpu,cuda")]
-    pub backends: String,
+    #[arg(long, default_value = "flex,wgpu,cuda", value_delimiter = ',', value_parser = BackendKind::parse)]
+    pub backends: Vec<BackendKind>,
     /// Float precision for the GPU backends (f32, bf16, f16); the CPU runs f32.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    #[arg(long, default_value = "f32", value_parser = FloatDtype::parse)]
+    pub dtype: FloatDtype,
     /// How Linear weights are held: f32, bf16 (half the bytes) or fp8 (an FP8 checkpoint's
     /// codes and scales in memory).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "fp8"])]
-    pub weights: String,
+    #[arg(long, default_value = "f32")]
+    pub weights: WeightStorage,
     /// Prompt token ids (default: the golden's when the directory is a fixture, else 0..16).
     #[arg(long)]
     pub tokens: Option<String>,
@@ -97,7 +97,7 @@ fn measure<B: DsBackend>(
         skip_mtp: true,
     };
     let (model, _) =
-        dsv3_model::load_with::<B>(&a.model, &device, &opts, &weight_options(kind, &a.weights))?;
+        dsv3_model::load_with::<B>(&a.model, &device, &opts, &weight_options(kind, a.weights))?;
     super::keep_freed_buffers();
     let fopts = ForwardOptions::default();
     let tokens = model.tokens_tensor(ids)?;
@@ -187,13 +187,8 @@ fn golden(dir: &Path) -> Option<(Vec<u32>, usize, Vec<f64>)> {
 }
 
 pub fn compare(a: &CompareArgs, out: &mut dyn Write) -> Result<(), CliError> {
-    let dtype = FloatDtype::parse(&a.dtype)?;
-    let kinds: Vec<BackendKind> = a
-        .backends
-        .split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(BackendKind::parse)
-        .collect::<Result<_, _>>()?;
+    let dtype = a.dtype;
+    let kinds = a.backends.clone();
     if kinds.is_empty() {
         return Err(CliError::Usage("--backends is empty".into()));
     }
@@ -290,7 +285,7 @@ pub fn compare(a: &CompareArgs, out: &mut dyn Write) -> Result<(), CliError> {
             "tokens": ids.len(),
             "offset": offset,
             "baseline": baseline_name,
-            "weights": a.weights,
+            "weights": a.weights.name(),
             "rows": rows,
         })
         .to_string()

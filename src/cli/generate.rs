@@ -136,7 +136,7 @@ impl DecodeArgs {
             strict: false,
             skip_mtp: self.speculative.is_none(),
         };
-        let weights = weight_options(kind, &self.run.weights);
+        let weights = weight_options(kind, self.run.weights);
         let (model, report) =
             dsv3_model::load_with::<B>(&self.model, &B::Device::default(), &opts, &weights)?;
         super::print_load_warnings(&report);
@@ -201,7 +201,7 @@ pub fn generate_cmd(a: &GenerateArgs, out: &mut dyn Write) -> Result<(), CliErro
             generate_on::<B>(self.0, kind, self.1)
         }
     }
-    let (kind, dtype) = a.decode.run.backend()?;
+    let (kind, dtype) = (a.decode.run.backend, a.decode.run.dtype);
     on_backend(kind, dtype, Run(a, out))?
 }
 
@@ -277,7 +277,7 @@ pub fn chat_cmd(a: &ChatArgs, out: &mut dyn Write) -> Result<(), CliError> {
             chat_on::<B>(self.0, kind, self.1, self.2, self.3)
         }
     }
-    let (kind, dtype) = a.decode.run.backend()?;
+    let (kind, dtype) = (a.decode.run.backend, a.decode.run.dtype);
     on_backend(kind, dtype, Run(a, &mut input, out, interactive))?
 }
 

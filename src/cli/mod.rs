@@ -11,7 +11,8 @@ use clap::{Args, Parser, Subcommand};
 use dsv3_backends::{on_backend, BackendKind, Cpu, DsBackend, FloatDtype, OnBackend};
 use dsv3_model::checkpoint::{Checkpoint, Dtype, SafetensorsWriter};
 use dsv3_model::{
-    AttentionMode, DeepseekV3Config, ForwardOptions, LoadOptions, ModelError, WeightOptions,
+    AttentionMode, DeepseekV3Config, ForwardOptions, LoadOptions, ModelError, SaveDtype,
+    WeightOptions, WeightStorage,
 };
 
 pub mod compare;
@@ -63,8 +64,8 @@ pub struct InitArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Stored precision: f32 or bf16.
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    pub dtype: String,
+    #[arg(long, default_value = "f32")]
+    pub dtype: SaveDtype,
 }
 
 #[derive(Args, Debug)]
@@ -85,37 +86,27 @@ pub struct InspectArgs {
     #[arg(long, requires = "model")]
     pub load: bool,
     /// Backend to load on with `--load`: flex (alias cpu), or wgpu / cuda when built with them.
-    #[arg(long, default_value = "flex", requires = "load")]
-    pub backend: String,
+    #[arg(long, default_value = "flex", requires = "load", value_parser = BackendKind::parse)]
+    pub backend: BackendKind,
     /// How `--load` holds the Linear weights: f32, bf16 or fp8 (as `generate --weights`).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "fp8"], requires = "load")]
-    pub weights: String,
+    #[arg(long, default_value = "f32", requires = "load")]
+    pub weights: WeightStorage,
 }
 
 /// Where and how a command runs the model (`score`, `generate`, `chat`).
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// Backend to run on: flex (alias cpu), or wgpu / cuda when built with those features.
-    #[arg(long, default_value = "flex")]
-    pub backend: String,
+    #[arg(long, default_value = "flex", value_parser = BackendKind::parse)]
+    pub backend: BackendKind,
     /// Float type of weights and activations: f32, or bf16 / f16 where the backend has them (cuda).
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    #[arg(long, default_value = "f32", value_parser = FloatDtype::parse)]
+    pub dtype: FloatDtype,
     /// How Linear weights are held: f32 (FP8 dequantized while loading), bf16 (half the bytes;
     /// widened inside the products) or fp8 (an FP8 checkpoint's e4m3 codes + block scales,
     /// about half the bytes of bf16, dequantized inside the matmul).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "fp8"])]
-    pub weights: String,
-}
-
-impl RunArgs {
-    /// The backend and float type asked for (typed errors for unknown names).
-    pub fn backend(&self) -> Result<(BackendKind, FloatDtype), CliError> {
-        Ok((
-            BackendKind::parse(&self.backend)?,
-            FloatDtype::parse(&self.dtype)?,
-        ))
-    }
+    #[arg(long, default_value = "f32")]
+    pub weights: WeightStorage,
 }
 
 #[derive(Args, Debug)]
@@ -142,8 +133,8 @@ pub struct ScoreArgs {
     pub run: RunArgs,
     /// Attention form: auto (the cheaper of the two for each call: naive for prompts, absorbed
     /// for decode), absorbed (attention over the latent) or naive (per-head k/v).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "absorbed", "naive"])]
-    pub attention: String,
+    #[arg(long, default_value = "auto")]
+    pub attention: AttentionMode,
     /// Fail if the checkpoint holds tensors the model does not use (default: report them).
     #[arg(long)]
     pub strict: bool,
@@ -384,11 +375,10 @@ pub fn inspect(a: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
             impl OnBackend for Run<'_> {
                 type Output = Result<String, CliError>;
                 fn run<B: DsBackend>(self, kind: BackendKind, _: FloatDtype) -> Self::Output {
-                    load_report::<B>(self.1, kind, &self.0.weights)
+                    load_report::<B>(self.1, kind, self.0.weights)
                 }
             }
-            let kind = BackendKind::parse(&a.backend)?;
-            let line = on_backend(kind, FloatDtype::F32, Run(a, dir))??;
+            let line = on_backend(a.backend, FloatDtype::F32, Run(a, dir))??;
             out.write_all(line.as_bytes())
                 .map_err(|e| write_err(Path::new("stdout"), e))?;
         }
@@ -401,7 +391,7 @@ pub fn inspect(a: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
 fn load_report<B: DsBackend>(
     dir: &Path,
     kind: BackendKind,
-    weights: &str,
+    weights: WeightStorage,
 ) -> Result<String, CliError> {
     let t0 = std::time::Instant::now();
     let (mut model, report) = dsv3_model::load_with::<B>(
@@ -474,12 +464,7 @@ pub fn init(a: &InitArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let mut cfg = cfg;
     cfg.quantization_config = None;
     let model = dsv3_model::DeepseekV3::<Cpu>::init(&cfg, &device)?;
-    let dtype = if a.dtype == "bf16" {
-        dsv3_model::SaveDtype::BF16
-    } else {
-        dsv3_model::SaveDtype::F32
-    };
-    dsv3_model::save(&model, &a.out, dtype)?;
+    dsv3_model::save(&model, &a.out, a.dtype)?;
     writeln!(
         out,
         "wrote {} ({} parameters, {})",
@@ -520,17 +505,16 @@ pub fn score(a: &ScoreArgs, out: &mut dyn Write) -> Result<(), CliError> {
             score_on::<B>(self.0, self.1, kind, self.2)
         }
     }
-    let (kind, dtype) = a.run.backend()?;
+    let (kind, dtype) = (a.run.backend, a.run.dtype);
     on_backend(kind, dtype, Run(a, &ids, out))?
 }
 
 /// How a backend holds the weights: the GPU backends run the routed experts through the grouped
 /// MoE kernels (packed); the CPU keeps the per-expert form (bit-identical to the reference path).
-pub fn weight_options(kind: BackendKind, weights: &str) -> WeightOptions {
+pub fn weight_options(kind: BackendKind, weights: WeightStorage) -> WeightOptions {
     WeightOptions {
-        fp8: weights == "fp8",
-        bf16: weights == "bf16",
-        pack_experts: kind != BackendKind::Flex || weights == "fp8",
+        storage: weights,
+        pack_experts: kind != BackendKind::Flex || weights == WeightStorage::Fp8,
     }
 }
 
@@ -545,7 +529,7 @@ fn score_on<B: DsBackend>(
         strict: a.strict,
         skip_mtp: !a.mtp,
     };
-    let weights = weight_options(kind, &a.run.weights);
+    let weights = weight_options(kind, a.run.weights);
     let (model, report) = dsv3_model::load_with::<B>(&a.model, &device, &opts, &weights)?;
     keep_freed_buffers();
     print_load_warnings(&report);
@@ -557,11 +541,7 @@ fn score_on<B: DsBackend>(
     }
     let tokens = model.tokens_tensor(ids)?;
     let fopts = ForwardOptions {
-        attention: match a.attention.as_str() {
-            "naive" => AttentionMode::Naive,
-            "absorbed" => AttentionMode::Absorbed,
-            _ => AttentionMode::Auto,
-        },
+        attention: a.attention,
         record_routing: a.routing.is_some(),
         ..Default::default()
     };

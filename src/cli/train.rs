@@ -42,8 +42,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub resume: bool,
     /// Backend to train on (this build: flex, alias cpu).
-    #[arg(long, default_value = "flex")]
-    pub backend: String,
+    #[arg(long, default_value = "flex", value_parser = BackendKind::parse)]
+    pub backend: BackendKind,
     /// Sequences per micro-batch.
     #[arg(long)]
     pub batch_size: Option<usize>,
@@ -81,8 +81,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub workers: Option<usize>,
     /// Attention form used in training: naive or absorbed (the same function).
-    #[arg(long, value_parser = ["naive", "absorbed"])]
-    pub attention: Option<String>,
+    #[arg(long)]
+    pub attention: Option<dsv3_model::AttentionMode>,
     /// Continuations sampled at the end (0: none).
     #[arg(long, default_value_t = 3)]
     pub samples: usize,
@@ -127,8 +127,8 @@ fn settings(a: &TrainArgs) -> Result<(DeepseekV3Config, TrainConfig), CliError> 
     set(&mut t.keep_checkpoints, a.keep);
     set(&mut t.checkpoint_every, a.checkpoint_every);
     set(&mut t.workers, a.workers);
-    if let Some(m) = &a.attention {
-        t.attention = m.clone();
+    if let Some(m) = a.attention {
+        t.attention = m;
     }
     if let Some(s) = a.seed {
         t.seed = s;
@@ -168,7 +168,7 @@ fn settings(a: &TrainArgs) -> Result<(DeepseekV3Config, TrainConfig), CliError> 
 }
 
 pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
-    match BackendKind::parse(&a.backend)? {
+    match a.backend {
         BackendKind::Flex => train_on(a, out),
         other => Err(dsv3_backends::BackendError::Unsupported {
             backend: other.name(),

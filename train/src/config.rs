@@ -45,8 +45,9 @@ pub struct TrainConfig {
     /// Complete checkpoints kept (the newest).
     pub keep_checkpoints: usize,
     pub seed: u64,
-    /// "naive" or "absorbed" (the same function; naive is cheaper to train).
-    pub attention: String,
+    /// Naive or absorbed (the same function; naive is cheaper to train). Serialized as
+    /// `"naive"`/`"absorbed"`.
+    pub attention: dsv3_model::AttentionMode,
     /// Micro-batches computed in parallel threads (at most `grad_accum`). Flex parallelises only
     /// large matmuls; this model's many small ops run on one thread, so independent micro-batches
     /// are how a step uses more cores. The result does not depend on it (gradients are summed
@@ -79,7 +80,7 @@ impl Default for TrainConfig {
             checkpoint_every: 100,
             keep_checkpoints: 3,
             seed: 0,
-            attention: "naive".into(),
+            attention: dsv3_model::AttentionMode::Naive,
             workers: 2,
         }
     }
@@ -130,21 +131,10 @@ impl TrainConfig {
         if self.keep_checkpoints == 0 {
             return bad("keep_checkpoints must be >= 1".into());
         }
-        if self.attention != "naive" && self.attention != "absorbed" {
-            return bad(format!(
-                "attention = {:?} must be \"naive\" or \"absorbed\"",
-                self.attention
-            ));
+        if self.attention == dsv3_model::AttentionMode::Auto {
+            return bad("attention must be \"naive\" or \"absorbed\" for training".into());
         }
         Ok(())
-    }
-
-    pub fn attention_mode(&self) -> dsv3_model::AttentionMode {
-        if self.attention == "absorbed" {
-            dsv3_model::AttentionMode::Absorbed
-        } else {
-            dsv3_model::AttentionMode::Naive
-        }
     }
 
     /// Tokens per optimiser step.

@@ -165,13 +165,7 @@ fn micro_batch<B: DsAutodiffBackend>(
 ) -> Micro {
     let depths = model.model.mtp.len();
     let batch = make_batch::<B>(data, starts, depths, device);
-    let fwd = forward::forward(
-        model,
-        batch.inputs.clone(),
-        cfg.attention_mode(),
-        depths,
-        false,
-    );
+    let fwd = forward::forward(model, batch.inputs.clone(), cfg.attention, depths, false);
     let experts = fwd
         .routers
         .iter()
@@ -390,7 +384,7 @@ impl<B: DsAutodiffBackend> Trainer<B> {
         let fwd = forward::forward(
             &inner,
             tokens.inner(),
-            self.cfg.attention_mode(),
+            self.cfg.attention,
             self.mtp_depths(),
             true,
         );
@@ -433,7 +427,7 @@ pub fn evaluate<B: DsBackend>(
     let (mut nll, mut tokens, mut bytes) = (0.0f64, 0usize, 0usize);
     for chunk in data.val[..n].chunks(cfg.batch_size.max(1)) {
         let batch = make_batch::<B>(data, chunk, 0, &device);
-        let fwd = forward::forward(model, batch.inputs, cfg.attention_mode(), 0, false);
+        let fwd = forward::forward(model, batch.inputs, cfg.attention, 0, false);
         let sum: f64 = loss::token_nll(fwd.logits, batch.targets)
             .sum()
             .into_scalar()
