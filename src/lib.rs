@@ -13,4 +13,7 @@ pub use dsv3_model::{
     load, save, DeepseekV3, DeepseekV3Config, ForwardOptions, LoadOptions, ModelError,
 };
 
+/// The `dsv3` command line. Not part of the library's API (flags change without notice): it is
+/// public only so the binary and the integration tests run the same code.
+#[doc(hidden)]
 pub mod cli;

@@ -187,26 +187,9 @@ pub fn dsv3(args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8(out).unwrap())
 }
 
-/// The tests' one random generator (Knuth's MMIX LCG; the high bits are used): reproducible
-/// inputs without a dependency.
-pub struct Rng(pub u64);
+pub use dsv3_backends::SplitMix64;
 
-impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        self.0
-    }
-
-    /// Uniform in `[-1, 1)`.
-    pub fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-    }
-
-    /// Uniform in `0..n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        (self.next_u64() >> 33) % n
-    }
+/// Uniform in `[-1, 1)` from the workspace's one generator.
+pub fn symmetric(rng: &mut SplitMix64) -> f64 {
+    2.0 * rng.uniform() - 1.0
 }

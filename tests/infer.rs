@@ -123,8 +123,10 @@ fn cached_prefill_and_decode_match_golden_logits() {
 fn long_context_decode_matches_full_forward() {
     let model = load("tiny-qlora");
     let vocab = model.config.vocab_size as u64;
-    let mut rng = Rng(12345);
-    let mut ids: Vec<u32> = (0..2100).map(|_| rng.below(vocab) as u32).collect();
+    let mut rng = SplitMix64::new(12345);
+    let mut ids: Vec<u32> = (0..2100)
+        .map(|_| rng.below(vocab as usize) as u32)
+        .collect();
     let mut s = Session::new(&model, 1, &SessionOptions::default()).unwrap();
     let mut last = to_vec(s.prefill(&[ids.clone()]).unwrap());
     for step in 0..3 {

@@ -13,7 +13,6 @@ use dsv3_model::{AttentionMode, DeepseekV3, ForwardOptions};
 use dsv3_train::checkpoint;
 use dsv3_train::data::{Dataset, Document};
 use dsv3_train::forward::{self, RouterTrace};
-use dsv3_train::rng::SplitMix64;
 use dsv3_train::trainer::{make_batch, objective, Trainer};
 use dsv3_train::{balance, loss, TrainConfig, TrainError};
 
@@ -924,7 +923,11 @@ fn data_reading_text_dirs_and_jsonl() {
         d.train.len(),
         d.val.len()
     );
-    assert_eq!(d.bytes, dsv3_train::corpus::total_bytes());
+    let total: usize = dsv3_train::data::embedded_documents()
+        .iter()
+        .map(|doc| doc.text.len())
+        .sum();
+    assert_eq!(d.bytes, total);
 }
 
 #[test]

@@ -2,8 +2,8 @@
 //! (the plain-tensor default decodes by table lookup) and packing of codes four to a 32-bit
 //! word (every backend stores them as ordinary 32-bit int tensors, one byte per weight).
 //!
-//! The model crate's loader decodes with this same table (`dsv3_model::fp8::E4M3_TO_F32`); the
-//! integration tests check it against torch's decode of all 256 codes.
+//! The model crate's loader uses this same codec (`dsv3_model::fp8` re-exports it); the
+//! integration tests check the table against torch's decode of all 256 codes.
 
 /// Decodes one code: `(−1)^s 2^(e−7) (1 + m/8)`, subnormals `(−1)^s 2^−6 m/8`, 0x7F/0xFF NaN.
 pub const fn decode(code: u8) -> f32 {
@@ -67,28 +67,48 @@ pub fn unpack(words: &[i32], rows: usize, cols: usize) -> Vec<u8> {
     out
 }
 
-/// Round-to-nearest-even, saturating f32 → e4m3 (the activation quantizer's encoder; the
-/// kernels implement the same steps). The sign comes from `x < 0`, so `-0.0` encodes as 0x00.
+/// Round-to-nearest-even encode of an f32 to `float8_e4m3fn`, saturating: the workspace's one
+/// encoder (weights and activations; the CubeCL kernel `encode_e4m3` computes the same function).
+///
+/// Behaviour (checked against torch 2.15 `x.to(torch.float8_e4m3fn)` on CPU, which this matches
+/// bit for bit on the cases in the tests):
+/// - finite values round to nearest, ties to even (single rounding straight from f32, including
+///   into the subnormal range; values below half the smallest subnormal 2^-10 go to ±0);
+/// - `|x| > 448` (finite or ±inf) **saturates** to ±448 (0x7E / 0xFE). Values in (448, 464]
+///   would round to 448 anyway. (Older torch releases, i.e. c10's scalar
+///   `fp8e4m3fn_from_fp32_value`, returned NaN for |x| > 464 instead; we follow current torch.)
+/// - NaN maps to NaN keeping its sign: 0x7F, or 0xFF for a negative NaN (as torch does).
+/// - `-0.0` encodes as 0x80.
+#[inline]
 pub fn encode(x: f32) -> u8 {
-    if x.is_nan() {
-        return 0x7F;
+    let bits = x.to_bits();
+    let sign = ((bits >> 24) & 0x80) as u8;
+    let abs = bits & 0x7FFF_FFFF;
+    if abs > 0x7F80_0000 {
+        return 0x7F | sign;
     }
-    let a = x.abs().min(MAX);
-    let sign = if x < 0.0 { 0x80 } else { 0 };
-    if a == 0.0 {
-        return sign;
+    // 448 = 0x43E0_0000; anything at or above it (inf included) saturates.
+    if abs >= 0x43E0_0000 {
+        return 0x7E | sign;
     }
-    // e = max(floor(log2 a), -6); r = rne(a / 2^(e-3)) ∈ [0, 16]; code = (e+7)·8 + r − 8.
-    let e = ((a.to_bits() >> 23) as i32 - 127).max(-6);
-    let q = a * f32::from_bits(((127 - (e - 3)) as u32) << 23);
-    let f = q.floor();
-    let d = q - f;
-    let r = if d > 0.5 || (d == 0.5 && (f as i32) % 2 == 1) {
-        f + 1.0
+    let code = if abs < (121 << 23) {
+        // |x| < 2^-6: subnormal range (c10's trick). 2^14 has an f32 ulp of 2^-9, the fp8
+        // subnormal step, so `|x| + 2^14` is rounded by the FPU (RNE) to 2^14 + m·2^-9, and the
+        // low bits of the sum are the code m ∈ 0..=8 (8 is 0x08, the smallest normal).
+        const DENORM_MAGIC: u32 = 141 << 23; // 2^14
+        let sum = f32::from_bits(abs) + f32::from_bits(DENORM_MAGIC);
+        (sum.to_bits() - DENORM_MAGIC) as u8
     } else {
-        f
+        // Normal range: rebias the exponent and round the 20 dropped mantissa bits to even.
+        let mant_odd = (abs >> 20) & 1;
+        let r = abs
+            .wrapping_add(((7u32).wrapping_sub(127)) << 23)
+            .wrapping_add(0x7_FFFF + mant_odd);
+        (r >> 20) as u8
     };
-    (((e + 7) * 8 + r as i32 - 8) as u8) | sign
+    // Rounding up from just below 448 cannot pass 448 (464 is the first value that would), and
+    // 448 itself was handled above, so `code` is at most 0x7E here.
+    code | sign
 }
 
 /// `s` rounded up to a power of two (`2^ceil(log2 s)`, the `ue8m0` scale format), exactly.
@@ -108,8 +128,8 @@ mod tests {
     #[test]
     fn encode_inverts_decode_and_rounds_to_even() {
         for c in 0..=255u8 {
-            if c & 0x7F == 0x7F || c == 0x80 {
-                continue; // NaNs; -0.0 encodes as +0
+            if c & 0x7F == 0x7F {
+                continue; // NaNs (checked below)
             }
             assert_eq!(encode(decode(c)), c, "code {c:#04x}");
         }
@@ -120,6 +140,10 @@ mod tests {
         assert_eq!(encode(1e9), 0x7E);
         assert_eq!(encode(-1e9), 0xFE);
         assert_eq!(encode(2f32.powi(-11)), 0); // below half the smallest subnormal
+        assert_eq!(
+            (encode(-0.0), encode(f32::NAN), encode(-f32::NAN)),
+            (0x80, 0x7F, 0xFF)
+        );
     }
 
     #[test]

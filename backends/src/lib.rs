@@ -10,12 +10,14 @@
 pub mod e4m3;
 mod kind;
 mod ops;
+mod rng;
 
 #[cfg(feature = "cubecl")]
 pub mod cube;
 
 pub use kind::{on_backend, BackendError, BackendKind, FloatDtype, OnBackend, UnknownBackend};
 pub use ops::{DsBackend, Fp8Activations, Fp8Weight, GroupedWeight, MoeDispatch, ShapeError};
+pub use rng::SplitMix64;
 
 /// The CPU backend used by default (pure Rust, the fastest CPU backend of Burn 0.21 here).
 pub type Cpu = burn::backend::Flex;

@@ -17,12 +17,12 @@
 //! # Ok(()) }
 //! ```
 
-pub mod cache;
-pub mod error;
-pub mod generate;
-pub mod sampling;
-pub mod session;
-pub mod tokenizer;
+mod cache;
+mod error;
+mod generate;
+mod sampling;
+mod session;
+mod tokenizer;
 
 pub use cache::LatentCache;
 pub use error::InferError;
@@ -32,4 +32,4 @@ pub use generate::{
 };
 pub use sampling::{Sampler, SamplingOptions};
 pub use session::{Session, SessionOptions};
-pub use tokenizer::{Message, StreamDecoder, Tokenizer};
+pub use tokenizer::{Message, StreamDecoder, Tokenizer, CHAT_TEMPLATE_FILE};

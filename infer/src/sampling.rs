@@ -9,6 +9,7 @@
 //! global RNG.
 
 use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use dsv3_backends::SplitMix64;
 
 use crate::error::InferError;
 
@@ -76,24 +77,6 @@ impl SamplingOptions {
             }
         }
         Ok(())
-    }
-}
-
-/// SplitMix64: tiny, seedable, and good enough for sampling noise.
-#[derive(Debug, Clone)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in the open interval (0, 1) (24-bit grid, never 0 or 1).
-    fn uniform(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 + 0.5) * (1.0 / 16_777_216.0)
     }
 }
 
@@ -184,10 +167,10 @@ impl Sampler {
             for &r in rows {
                 while self.rngs.len() <= r {
                     let s = self.opts.seed.wrapping_add(self.rngs.len() as u64);
-                    self.rngs.push(SplitMix64(s));
+                    self.rngs.push(SplitMix64::new(s));
                 }
                 let rng = &mut self.rngs[r];
-                noise.extend((0..v).map(|_| -(-rng.uniform().ln()).ln()));
+                noise.extend((0..v).map(|_| -(-rng.uniform_open_f32().ln()).ln()));
             }
             let g = Tensor::<B, 2>::from_data(TensorData::new(noise, [b, v]), &x.device());
             (x + g).argmax(1)

@@ -82,7 +82,7 @@ impl<'m, B: DsBackend> Session<'m, B> {
         if opts.max_context == Some(0) {
             return Err(InferError::invalid("max_context", 0, "must be >= 1"));
         }
-        if opts.start_position >= dsv3_model::rope::MAX_POSITION / 2 {
+        if opts.start_position >= dsv3_model::MAX_POSITION / 2 {
             return Err(InferError::invalid(
                 "start_position",
                 opts.start_position,

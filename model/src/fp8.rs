@@ -47,59 +47,9 @@ pub enum Fp8Error {
     },
 }
 
-/// All 256 `float8_e4m3fn` codes decoded to f32 (exact, and bit-identical to torch 2.15's
-/// `.float()`, including the NaNs: 0x7F → 0x7FF00000, 0xFF → 0xFFF00000). The table is the one
-/// the backend operations use, so the loader and the kernels cannot disagree on a code.
-pub static E4M3_TO_F32: [f32; 256] = dsv3_backends::e4m3::TABLE;
-
-/// Exact decode of one `float8_e4m3fn` code.
-#[inline(always)]
-pub fn e4m3_to_f32(code: u8) -> f32 {
-    E4M3_TO_F32[code as usize]
-}
-
-/// Round-to-nearest-even encode of an f32 to `float8_e4m3fn`, saturating.
-///
-/// Behaviour (checked against torch 2.15 `x.to(torch.float8_e4m3fn)` on CPU, which this matches
-/// bit for bit on the cases in the tests):
-/// - finite values round to nearest, ties to even (single rounding straight from f32, including
-///   into the subnormal range; values below half the smallest subnormal 2^-10 go to ±0);
-/// - `|x| > 448` (finite or ±inf) **saturates** to ±448 (0x7E / 0xFE). Values in (448, 464]
-///   would round to 448 anyway. (Older torch releases, i.e. c10's scalar
-///   `fp8e4m3fn_from_fp32_value`, returned NaN for |x| > 464 instead; we follow current torch.)
-/// - NaN maps to NaN keeping its sign: 0x7F, or 0xFF for a negative NaN (as torch does).
-/// - `-0.0` encodes as 0x80.
-#[inline]
-pub fn f32_to_e4m3(x: f32) -> u8 {
-    let bits = x.to_bits();
-    let sign = ((bits >> 24) & 0x80) as u8;
-    let abs = bits & 0x7FFF_FFFF;
-    if abs > 0x7F80_0000 {
-        return E4M3_NAN | sign;
-    }
-    // 448 = 0x43E0_0000; anything at or above it (inf included) saturates.
-    if abs >= 0x43E0_0000 {
-        return 0x7E | sign;
-    }
-    let code = if abs < (121 << 23) {
-        // |x| < 2^-6: subnormal range (c10's trick). 2^14 has an f32 ulp of 2^-9, the fp8
-        // subnormal step, so `|x| + 2^14` is rounded by the FPU (RNE) to 2^14 + m·2^-9, and the
-        // low bits of the sum are the code m ∈ 0..=8 (8 is 0x08, the smallest normal).
-        const DENORM_MAGIC: u32 = 141 << 23; // 2^14
-        let sum = f32::from_bits(abs) + f32::from_bits(DENORM_MAGIC);
-        (sum.to_bits() - DENORM_MAGIC) as u8
-    } else {
-        // Normal range: rebias the exponent and round the 20 dropped mantissa bits to even.
-        let mant_odd = (abs >> 20) & 1;
-        let r = abs
-            .wrapping_add(((7u32).wrapping_sub(127)) << 23)
-            .wrapping_add(0x7_FFFF + mant_odd);
-        (r >> 20) as u8
-    };
-    // Rounding up from just below 448 cannot pass 448 (464 is the first value that would), and
-    // 448 itself was handled above, so `code` is at most 0x7E here.
-    code | sign
-}
+/// All 256 `float8_e4m3fn` codes decoded to f32: the workspace's one codec
+/// (`dsv3_backends::e4m3`), so the loader and the kernels cannot disagree on a code.
+pub use dsv3_backends::e4m3::{decode as e4m3_to_f32, encode as f32_to_e4m3, TABLE as E4M3_TO_F32};
 
 /// Number of blocks of size `block` covering `n` (`ceil(n / block)`).
 #[inline]
@@ -429,17 +379,13 @@ mod tests {
         out
     }
 
-    /// Small deterministic generator (xorshift).
-    fn rng(seed: &mut u64) -> u64 {
-        *seed ^= *seed << 13;
-        *seed ^= *seed >> 7;
-        *seed ^= *seed << 17;
-        *seed
+    fn rng(r: &mut dsv3_backends::SplitMix64) -> u64 {
+        r.next_u64()
     }
 
     #[test]
     fn dequantize_partial_blocks_matches_naive_loop() {
-        let mut seed = 0x1234_5678_9abc_def0u64;
+        let mut seed = dsv3_backends::SplitMix64::new(0x1234_5678_9abc_def0);
         for &(rows, cols, block) in &[
             (300usize, 200usize, 128usize),
             (576, 130, 128),
@@ -508,7 +454,7 @@ mod tests {
     #[test]
     fn quantize_then_dequantize_is_close_and_block_max_is_exact() {
         let (rows, cols, block) = (300, 200, 128);
-        let mut seed = 42u64;
+        let mut seed = dsv3_backends::SplitMix64::new(42);
         let w: Vec<f32> = (0..rows * cols)
             .map(|_| ((rng(&mut seed) % 20001) as f32 - 10000.0) * 1e-4)
             .collect();

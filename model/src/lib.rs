@@ -17,36 +17,46 @@
 //! # Ok::<(), dsv3_model::ModelError>(())
 //! ```
 
-pub mod block;
-pub mod cache;
+// The crate's API is what the root re-exports; `checkpoint` and `fp8` are also public as
+// modules: the safetensors reader and the FP8 block format are useful on their own.
+mod block;
+mod cache;
 pub mod checkpoint;
-pub mod config;
-pub mod error;
+mod config;
+mod error;
 pub mod fp8;
-pub mod linear;
-pub mod load;
-pub mod mla;
-pub mod mlp;
-pub mod model;
-pub mod moe;
-pub mod mtp;
+mod linear;
+mod load;
+mod mla;
+mod mlp;
+mod model;
+mod moe;
+mod mtp;
 mod names;
-pub mod norm;
-pub mod positions;
-pub mod rope;
+mod norm;
+mod positions;
+mod rope;
 
-pub use block::{BlockOutput, DecoderLayer, FeedForward, ForwardOptions};
+pub use block::{BlockOutput, DecoderLayer, FeedForward, FfnOutput, ForwardOptions};
 pub use cache::{LatentKv, LatentStore};
-pub use config::DeepseekV3Config;
+pub use config::{DeepseekV3Config, ParamCounts, QuantizationConfig, RopeScaling, Yarn};
 pub use error::{ConfigError, LoadError, ModelError};
+pub use linear::Linear;
 pub use load::{
     load, load_from, load_from_with, load_with, save, LoadOptions, LoadReport, SaveDtype,
     WeightOptions, WeightStorage,
 };
-pub use mla::AttentionMode;
-pub use model::{DeepseekV3, ForwardOutput, LayerRouting, LayerScores, MtpOutput};
-pub use moe::Routing;
+pub use mla::{AttentionMode, Mla, MlaConfig};
+pub use mlp::{Mlp, MlpConfig};
+pub use model::{DeepseekV3, DeepseekV3Model, ForwardOutput, LayerRouting, LayerScores, MtpOutput};
+pub use moe::{route, Moe, MoeConfig, MoeGate, PackedExperts, RouterConfig, Routing};
+pub use mtp::{MtpLayer, MtpLayerConfig, MtpLayerOutput, SharedHead};
+pub use norm::{RmsNorm, RmsNormConfig};
 pub use positions::{padded_causal_mask, Span};
+pub use rope::{
+    check_positions, softmax_scale, yarn_correction_range, yarn_mscale, RotaryEmbedding,
+    MAX_POSITION,
+};
 
 /// Re-exported so users name one Burn.
 pub use burn;

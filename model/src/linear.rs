@@ -10,7 +10,12 @@ use dsv3_backends::{DsBackend, Fp8Weight};
 
 /// A bias-free linear layer with DeepSeek's init (normal, std = `initializer_range`), created
 /// exactly as Burn's `LinearConfig` would (same lazy initializer call).
-pub fn linear<B: DsBackend>(d_in: usize, d_out: usize, std: f64, device: &B::Device) -> Linear<B> {
+pub(crate) fn linear<B: DsBackend>(
+    d_in: usize,
+    d_out: usize,
+    std: f64,
+    device: &B::Device,
+) -> Linear<B> {
     Linear::new(Initializer::Normal { mean: 0.0, std }.init_with(
         [d_in, d_out],
         Some(d_in),

@@ -333,7 +333,7 @@ fn split_attention<B: DsBackend>(
 /// nope/value widths `dn`/`dv` over a latent of rank `r`: naive pays for expanding every key
 /// once (`s·r·nh·(dn+dv)`) but attends in `dn`/`dv` wide heads; absorbed attends `r` wide.
 /// Prompts favour naive, decode (t = 1) absorbed.
-pub fn cheaper_mode(
+pub(crate) fn cheaper_mode(
     nh: usize,
     dn: usize,
     dv: usize,

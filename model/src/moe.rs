@@ -41,7 +41,7 @@ pub fn route<B: DsBackend>(
 }
 
 /// [`route`] from the sigmoid affinities `scores: [N, E]` themselves.
-pub fn route_scores<B: DsBackend>(
+pub(crate) fn route_scores<B: DsBackend>(
     scores: Tensor<B, 2>,
     bias: Tensor<B, 1>,
     cfg: &RouterConfig,

@@ -162,7 +162,7 @@ pub fn softmax_scale(cfg: &DeepseekV3Config) -> f64 {
 /// The pair swap is a product with the permutation matrix `swap` from [`pair_swap`] (built once
 /// per [`crate::positions::Span`]), and the tables broadcast as one contiguous row over the leading
 /// axes, the broadcast CPU backends run fastest.
-pub fn apply_rope<B: DsBackend, const D: usize>(
+pub(crate) fn apply_rope<B: DsBackend, const D: usize>(
     x: Tensor<B, D>,
     cos: &Tensor<B, 3>,
     sin: &Tensor<B, 3>,
@@ -184,7 +184,7 @@ pub fn apply_rope<B: DsBackend, const D: usize>(
 
 /// The `dr × dr` permutation matrix [`apply_rope`] multiplies by to swap each pair
 /// `(x[2i], x[2i+1])` (exact: one 1 per column).
-pub fn pair_swap<B: DsBackend>(dr: usize, device: &B::Device) -> Tensor<B, 2> {
+pub(crate) fn pair_swap<B: DsBackend>(dr: usize, device: &B::Device) -> Tensor<B, 2> {
     let mut swap = vec![0f32; dr * dr];
     for i in 0..dr {
         // Column i of the product takes x[i ^ 1].

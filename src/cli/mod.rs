@@ -545,7 +545,7 @@ fn score_on<B: DsBackend>(
         record_routing: a.routing.is_some(),
         ..Default::default()
     };
-    dsv3_model::rope::check_positions(a.offset, ids.len())?;
+    dsv3_model::check_positions(a.offset, ids.len())?;
     let fwd = model.forward(tokens.clone(), a.offset, None, &fopts);
     let t = ids.len();
     let vocab = model.config.vocab_size;

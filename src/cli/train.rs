@@ -149,19 +149,19 @@ fn settings(a: &TrainArgs) -> Result<(DeepseekV3Config, TrainConfig), CliError> 
     let model = match &a.config {
         Some(path) => {
             let cfg = DeepseekV3Config::from_file(path).map_err(ModelError::from)?;
-            if cfg.vocab_size < dsv3_train::tokenizer::VOCAB {
+            if cfg.vocab_size < dsv3_train::BYTE_VOCAB {
                 return Err(CliError::Usage(format!(
                     "{}: vocab_size = {} is smaller than the byte-level tokenizer's {}",
                     path.display(),
                     cfg.vocab_size,
-                    dsv3_train::tokenizer::VOCAB
+                    dsv3_train::BYTE_VOCAB
                 )));
             }
-            let mut cfg = dsv3_train::config::for_bytes(cfg.clone(), t.seq_len);
-            cfg.vocab_size = cfg.vocab_size.max(dsv3_train::tokenizer::VOCAB);
+            let mut cfg = dsv3_train::for_bytes(cfg.clone(), t.seq_len);
+            cfg.vocab_size = cfg.vocab_size.max(dsv3_train::BYTE_VOCAB);
             cfg
         }
-        None => dsv3_train::config::for_bytes(preset.model, t.seq_len),
+        None => dsv3_train::for_bytes(preset.model, t.seq_len),
     };
     t.validate().map_err(train_err)?;
     Ok((model, t))
@@ -186,7 +186,7 @@ fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
             return Err(train_err(TrainError::MissingData(d.clone())));
         }
     }
-    if !a.resume && dsv3_train::run::has_checkpoint(&a.out) {
+    if !a.resume && dsv3_train::has_checkpoint(&a.out) {
         return Err(CliError::Usage(format!(
             "{} already holds checkpoints: continue with --resume, or give another --out",
             a.out.display()

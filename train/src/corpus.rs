@@ -76,8 +76,3 @@ pub const DOCUMENTS: &[(&str, &str)] = &[
         include_str!("../corpus/src_cli_mod.rs.txt"),
     ),
 ];
-
-/// Total bytes of the embedded corpus.
-pub fn total_bytes() -> usize {
-    DOCUMENTS.iter().map(|(_, t)| t.len()).sum()
-}

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::corpus;
 use crate::error::TrainError;
-use crate::rng::SplitMix64;
 use crate::tokenizer::ByteTokenizer;
+use dsv3_backends::SplitMix64;
 
 /// One document of the corpus.
 #[derive(Debug, Clone)]

@@ -1,6 +1,6 @@
 //! Seeded initialisation independent of the backend's global RNG: every weight matrix and
 //! embedding is drawn from N(0, std) (DeepSeek's `initializer_range`) by this crate's own
-//! SplitMix64 in module order, RMSNorm weights are 1 and the router bias 0 (as
+//! SplitMix64 (`dsv3_backends::SplitMix64`) in module order, RMSNorm weights are 1 and the router bias 0 (as
 //! `DeepseekV3::init` makes them). The same seed gives the same model on any backend, in any
 //! thread, whatever else the process draws — what bit-identical resume tests and same-seed
 //! comparisons need.
@@ -10,22 +10,13 @@ use burn::tensor::{backend::Backend, Tensor, TensorData};
 use dsv3_backends::DsBackend;
 use dsv3_model::DeepseekV3;
 
-use crate::rng::SplitMix64;
+use dsv3_backends::SplitMix64;
 
 struct Seeded {
     rng: SplitMix64,
     std: f64,
     containers: Vec<String>,
     names: Vec<String>,
-}
-
-impl Seeded {
-    fn normal(&mut self) -> f64 {
-        // Box–Muller from two uniforms in (0, 1].
-        let u = |r: &mut SplitMix64| ((r.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
-        let (a, b) = (u(&mut self.rng), u(&mut self.rng));
-        (-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()
-    }
 }
 
 impl<B: Backend> ModuleMapper<B> for Seeded {
@@ -52,7 +43,7 @@ impl<B: Backend> ModuleMapper<B> for Seeded {
         }
         let shape = t.shape();
         let values: Vec<f32> = (0..shape.num_elements())
-            .map(|_| (self.normal() * self.std) as f32)
+            .map(|_| (self.rng.normal() * self.std) as f32)
             .collect();
         let new = Tensor::<B, D>::from_data(TensorData::new(values, shape), &t.device())
             .set_require_grad(t.is_require_grad());

@@ -9,25 +9,26 @@
 //!   with optimiser and data-order state; [`run()`]: a whole run as `dsv3 train` does it;
 //!   [`metrics`] and [`plot`]: JSONL log, progress bar, PNG.
 
+// The pieces a custom training loop composes are public modules; the run's plumbing (seeded
+// init, optimiser wiring, plots, the embedded corpus) is reached through `run`/`Trainer`.
 pub mod balance;
 pub mod checkpoint;
-pub mod config;
-pub mod corpus;
+mod config;
+mod corpus;
 pub mod data;
-pub mod error;
+mod error;
 pub mod forward;
-pub mod init;
+mod init;
 pub mod loss;
 pub mod metrics;
-pub mod optim;
-pub mod plot;
-pub mod rng;
-pub mod run;
-pub mod tokenizer;
+mod optim;
+mod plot;
+mod run;
+mod tokenizer;
 pub mod trainer;
 
-pub use config::{preset, Preset, TrainConfig, PRESETS};
+pub use config::{for_bytes, preset, Preset, TrainConfig, PRESETS};
 pub use error::TrainError;
-pub use run::{run, DataSource, RunOptions, RunSummary};
-pub use tokenizer::ByteTokenizer;
+pub use run::{has_checkpoint, run, DataSource, RunOptions, RunSummary};
+pub use tokenizer::{ByteTokenizer, VOCAB as BYTE_VOCAB};
 pub use trainer::{EvalStats, StepStats, Trainer};

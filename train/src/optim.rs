@@ -40,18 +40,6 @@ pub fn lr_at(cfg: &TrainConfig, step: usize) -> f64 {
     min + 0.5 * (lr - min) * (1.0 + (PI * progress).cos())
 }
 
-/// The block a parameter belongs to, for per-block reports: `model.layers.3`,
-/// `model.embed_tokens`, `lm_head`, ... (checkpoint names: MTP module k is a layer).
-pub fn block_of(path: &str) -> String {
-    let parts: Vec<&str> = path.split('.').collect();
-    match parts.as_slice() {
-        ["model", "layers", i, ..] => format!("model.layers.{i}"),
-        [a, b, ..] if *a == "model" => format!("model.{b}"),
-        [a, ..] => a.to_string(),
-        [] => String::new(),
-    }
-}
-
 /// Squared norm of each parameter's gradient (parameters without one are skipped).
 struct GradSquares<'a> {
     grads: &'a GradientsParams,
@@ -141,16 +129,5 @@ mod tests {
         assert!((lr_at(&cfg, 60) - 5.5e-4).abs() < 1e-12);
         assert!((lr_at(&cfg, 110) - 1e-4).abs() < 1e-12);
         assert!((lr_at(&cfg, 500) - 1e-4).abs() < 1e-12);
-    }
-
-    #[test]
-    fn blocks() {
-        assert_eq!(
-            block_of("model.layers.3.mlp.experts.7.up_proj.weight"),
-            "model.layers.3"
-        );
-        assert_eq!(block_of("model.layers.4.eh_proj.weight"), "model.layers.4");
-        assert_eq!(block_of("model.embed_tokens.weight"), "model.embed_tokens");
-        assert_eq!(block_of("lm_head.weight"), "lm_head");
     }
 }

@@ -24,11 +24,12 @@ pub fn decode_e4m3(c: u32) -> f32 {
     v
 }
 
-/// f32 → e4m3 code, round to nearest even, saturating at ±448 (same steps as `e4m3::encode`).
+/// f32 → e4m3 code, round to nearest even, saturating at ±448: the function `e4m3::encode`
+/// computes (the sign bit carries over, so −0.0 → 0x80), by float steps instead of bit ones.
 #[cube]
 pub fn encode_e4m3(x: f32) -> u32 {
     let a = f32::min(f32::abs(x), 448.0f32);
-    let sign = select(x < 0.0f32, 0x80u32, 0u32);
+    let sign = (x.to_bits() >> 24u32) & 0x80u32;
     let biased = i32::cast_from(a.to_bits() >> 23u32);
     let e = i32::max(biased - 127i32, -6i32);
     let q = a * f32::from_bits(u32::cast_from(130i32 - e) << 23u32);
