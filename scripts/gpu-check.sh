@@ -15,9 +15,11 @@ export CARGO_TERM_COLOR=never
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/tmp/dsv3-target-cuda}"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 cargo build --features cuda --bin dsv3 --tests
-# Fixtures on CUDA, then the matmul timings (one test at a time: they share the GPU).
+# Fixtures on CUDA (one test at a time: they share the GPU).
 cargo test --features cuda --test integration -- --ignored --nocapture --test-threads=1 \
     backends::cuda::
+# The FP8 vs bf16 matmul timings (a bench, not a test; fails if the FP8 kernel's error >= 1e-5).
+cargo bench --features cuda --bench kernels -- gpu-fp8-vs-bf16
 # The same input on every backend this build has.
 cargo run -q --features cuda --bin dsv3 -- compare --model tests/fixtures/tiny-qlora --backends flex,cuda
 cargo run -q --features cuda --bin dsv3 -- compare --model tests/fixtures/tiny-fp8 --backends flex,cuda --weights fp8

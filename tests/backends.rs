@@ -76,8 +76,6 @@ fn random_fp8<Bk: DsBackend>(
     (w, codes, scales)
 }
 
-/// The backend's encoder agrees with the loader's (torch-checked) one on every finite code.
-/// (The decode table is shared by both crates and checked against torch in `numerics`.)
 /// Flex's thin-product paths (the one-row kernel, columns split over the thread pool) give
 /// exactly the plain matmul for one row (decode) and a few rows, at widths that do not split
 /// evenly, and agree to f32 rounding on small and column-narrowed weights; with bf16 weights
@@ -666,21 +664,6 @@ fn fixtures_match_golden_on<Bk: DsBackend>(label: &str, dev: &Bk::Device) {
     }
 }
 
-/// Median wall time in seconds of `runs` calls of `f` (each must end in a host read or a
-/// device sync), after one warm-up call.
-fn median_secs(runs: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut v: Vec<f64> = (0..runs)
-        .map(|_| {
-            let t = std::time::Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .collect();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[runs / 2]
-}
-
 #[cfg(feature = "wgpu")]
 mod wgpu {
     //! Every CubeCL kernel against its plain-tensor default (run on Flex), on random inputs
@@ -853,114 +836,6 @@ mod wgpu {
     }
 }
 
-/// Benchmarks (run explicitly: `cargo test --test integration --features wgpu -- --ignored
-/// bench_ --nocapture`); they print the numbers recorded in BENCHMARKS.md.
-mod bench {
-    use super::*;
-    use dsv3_model::{Moe, MoeConfig, RouterConfig};
-
-    /// FP8 in memory against bf16 for DeepSeek-V3's real Linear shapes (one expert, attention).
-    #[test]
-    #[ignore]
-    fn bench_fp8_bytes_real_shapes() {
-        let mut rng = Rng::new(1);
-        println!(
-            "| weight | shape [out, in] | bf16 bytes | FP8 in memory (codes + scales) | ratio |"
-        );
-        println!("|---|---|---|---|---|");
-        for (name, n, k) in [
-            ("experts.E.gate_proj / up_proj", 2048, 7168),
-            ("experts.E.down_proj", 7168, 2048),
-            ("self_attn.q_b_proj", 24576, 1536),
-            ("self_attn.kv_a_proj_with_mqa", 576, 7168),
-            ("self_attn.kv_b_proj", 32768, 512),
-            ("self_attn.o_proj", 7168, 16384),
-        ] {
-            let (w, _, _) = random_fp8::<B>(&mut rng, [1, n, k], 128, &device());
-            let bf16 = n * k * 2;
-            println!(
-                "| {name} | [{n}, {k}] | {bf16} | {} | {:.4} |",
-                w.bytes(),
-                w.bytes() as f64 / bf16 as f64
-            );
-            assert!((w.bytes() as f64) < 0.51 * bf16 as f64);
-        }
-    }
-
-    fn moe<Bk: DsBackend>(
-        experts: usize,
-        h: usize,
-        i: usize,
-        k: usize,
-        device: &Bk::Device,
-    ) -> Moe<Bk> {
-        Bk::seed(device, 0);
-        MoeConfig::new(h, i, 1, RouterConfig::new(experts, k, 1, 1)).init(device)
-    }
-
-    fn bench_moe<Bk: DsBackend>(
-        label: &str,
-        packed: bool,
-        device: &Bk::Device,
-    ) -> Vec<(usize, usize, f64)> {
-        let (h, i, k) = (512, 128, 8);
-        let mut rows = Vec::new();
-        for tokens in [1usize, 128] {
-            for experts in [16usize, 256] {
-                let mut m = moe::<Bk>(experts, h, i, k, device);
-                if packed {
-                    m.pack().unwrap();
-                }
-                let x = Tensor::<Bk, 3>::random(
-                    [1, tokens, h],
-                    burn::tensor::Distribution::Normal(0.0, 1.0),
-                    device,
-                );
-                let (_, r) = m.forward(x.clone(), true);
-                let active = r
-                    .unwrap()
-                    .experts
-                    .iter()
-                    .flatten()
-                    .collect::<std::collections::BTreeSet<_>>()
-                    .len();
-                let s = median_secs(5, || {
-                    let (y, _) = m.forward(x.clone(), false);
-                    std::hint::black_box(y.sum().into_scalar().elem::<f32>());
-                });
-                println!("{label}: tokens {tokens:>3}, experts {experts:>3} ({active:>3} active): {:.2} ms", s * 1e3);
-                rows.push((tokens, experts, s));
-            }
-        }
-        for t in [1usize, 128] {
-            let get = |e| {
-                rows.iter()
-                    .find(|r| r.0 == t && r.1 == e)
-                    .map(|r| r.2)
-                    .unwrap_or(f64::NAN)
-            };
-            println!(
-                "{label}: tokens {t}: 256 / 16 experts = {:.2}x",
-                get(256) / get(16)
-            );
-        }
-        rows
-    }
-
-    use burn::tensor::ElementConversion;
-
-    /// One MoE layer (hidden 512, expert width 128, top-8, one shared expert) with 16 and 256
-    /// routed experts: the cost should follow the active experts, not the total.
-    #[test]
-    #[ignore]
-    fn bench_moe_16_vs_256_experts() {
-        bench_moe::<B>("flex per-expert", false, &device());
-        bench_moe::<B>("flex packed (trait defaults)", true, &device());
-        #[cfg(feature = "wgpu")]
-        bench_moe::<dsv3_backends::Wgpu>("wgpu packed (CubeCL kernels)", true, &Default::default());
-    }
-}
-
 /// On a CUDA machine only (`scripts/gpu-check.sh` runs these with `--ignored`): they fail when
 /// no GPU is there, rather than skipping.
 #[cfg(feature = "cuda")]
@@ -980,74 +855,5 @@ mod cuda {
     fn cuda_fixtures_match_golden() {
         require_gpu();
         fixtures_match_golden_on::<Cuda>("cuda", &Default::default());
-    }
-
-    /// FP8 block-scaled matmul (codes dequantized in the kernel, f32 activations) against a
-    /// bf16 matmul of the same shape, DeepSeek-V3's shapes: TFLOP/s and error against float64
-    /// (over the first 4 rows).
-    #[test]
-    #[ignore = "needs a CUDA GPU: scripts/gpu-check.sh"]
-    fn gpu_bench_fp8_vs_bf16_matmul() {
-        require_gpu();
-        type Bf = Cuda<burn::tensor::bf16>;
-        let dev = Default::default();
-        println!("| M×K×N | what | FP8 kernel TFLOP/s | bf16 matmul TFLOP/s | FP8 max rel err vs f64 | bf16 max rel err vs f64 |");
-        println!("|---|---|---|---|---|---|");
-        let mut rng = Rng::new(99);
-        for (m, k, n, what) in [
-            (4096, 7168, 2048, "expert gate/up (issue shape)"),
-            (4096, 2048, 7168, "expert down_proj"),
-            (4096, 1536, 24576, "q_b_proj"),
-            (4096, 7168, 576, "kv_a_proj_with_mqa"),
-            (4096, 512, 32768, "kv_b_proj"),
-            (4096, 16384, 7168, "o_proj"),
-            (64, 7168, 2048, "expert gate/up, 64 tokens"),
-        ] {
-            let codes = rng.codes(n * k);
-            let scales: Vec<f32> = (0..n.div_ceil(128) * k.div_ceil(128))
-                .map(|_| 0.0005 + rng.uniform() * 0.001)
-                .collect();
-            let x = rng.normal_vec(m * k, 1.0);
-            let w8 = Fp8Weight::<Cuda>::from_codes(&codes, &scales, [1, n, k], 128, &dev).unwrap();
-            let xg = Tensor::<Cuda, 2>::from_data(TensorData::new(x.clone(), [m, k]), &dev);
-            let deq = dsv3_model::fp8::dequantize_blocks(&codes, n, k, &scales, 128, true).unwrap(); // [k, n]
-            let wb = Tensor::<Bf, 2>::from_data(TensorData::new(deq.clone(), [k, n]), &dev);
-            let xb = Tensor::<Bf, 2>::from_data(TensorData::new(x.clone(), [m, k]), &dev);
-            let mut y8 = None;
-            let t8 = median_secs(5, || {
-                let y = <Cuda as DsBackend>::fp8_matmul(xg.clone(), &w8);
-                <Cuda as Backend>::sync(&dev).unwrap();
-                y8 = Some(y);
-            });
-            let mut yb = None;
-            let tb = median_secs(5, || {
-                let y = xb.clone().matmul(wb.clone());
-                <Bf as Backend>::sync(&dev).unwrap();
-                yb = Some(y);
-            });
-            let rows = 4.min(m);
-            let y8 = f32s(y8.unwrap().narrow(0, 0, rows));
-            let yb = f32s(yb.unwrap().narrow(0, 0, rows));
-            let (mut e8, mut eb, mut scale) = (0f64, 0f64, 0f64);
-            for r in 0..rows {
-                for c in 0..n {
-                    let want: f64 = (0..k)
-                        .map(|i| x[r * k + i] as f64 * deq[i * n + c] as f64)
-                        .sum();
-                    scale = scale.max(want.abs());
-                    e8 = e8.max((y8[r * n + c] as f64 - want).abs());
-                    eb = eb.max((yb[r * n + c] as f64 - want).abs());
-                }
-            }
-            let flops = 2.0 * (m * k * n) as f64;
-            println!(
-                "| {m}×{k}×{n} | {what} | {:.2} | {:.2} | {:.1e} | {:.1e} |",
-                flops / t8 / 1e12,
-                flops / tb / 1e12,
-                e8 / scale,
-                eb / scale
-            );
-            assert!(e8 / scale < 1e-5, "FP8 kernel error {:.2e}", e8 / scale);
-        }
     }
 }

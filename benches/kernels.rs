@@ -1,0 +1,235 @@
+//! Timing runs of the backend extension's operations (not tests: they print the tables recorded
+//! in BENCHMARKS.md). Run: `scripts/bench-kernels.sh [fp8-bytes|moe-experts|gpu-fp8-vs-bf16]`,
+//! i.e. `cargo bench --bench kernels --features wgpu -- NAME` (`--features cuda` for the GPU one).
+
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{ElementConversion, Tensor, TensorData};
+use dsv3_backends::{Cpu, DsBackend, Fp8Weight, SplitMix64};
+use dsv3_model::{Moe, MoeConfig, RouterConfig};
+
+/// Median wall time in seconds of `runs` calls of `f` (each ends in a host read or a device
+/// sync), after one warm-up call.
+fn median_secs(runs: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut v: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[runs / 2]
+}
+
+/// FP8 codes without the two NaN codes.
+fn codes(rng: &mut SplitMix64, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            let c = (rng.next_u64() >> 56) as u8;
+            if c & 0x7F == 0x7F {
+                c ^ 1
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+fn block_scales(rng: &mut SplitMix64, n: usize, k: usize, lo: f32, width: f32) -> Vec<f32> {
+    (0..n.div_ceil(128) * k.div_ceil(128))
+        .map(|_| lo + rng.uniform() as f32 * width)
+        .collect()
+}
+
+/// FP8 in memory against bf16 for DeepSeek-V3's real Linear shapes (one expert, attention).
+fn fp8_bytes() {
+    let mut rng = SplitMix64::new(1);
+    let device = Default::default();
+    println!("| weight | shape [out, in] | bf16 bytes | FP8 in memory (codes + scales) | ratio |");
+    println!("|---|---|---|---|---|");
+    for (name, n, k) in [
+        ("experts.E.gate_proj / up_proj", 2048, 7168),
+        ("experts.E.down_proj", 7168, 2048),
+        ("self_attn.q_b_proj", 24576, 1536),
+        ("self_attn.kv_a_proj_with_mqa", 576, 7168),
+        ("self_attn.kv_b_proj", 32768, 512),
+        ("self_attn.o_proj", 7168, 16384),
+    ] {
+        let scales = block_scales(&mut rng, n, k, 0.001, 0.01);
+        let w =
+            Fp8Weight::<Cpu>::from_codes(&codes(&mut rng, n * k), &scales, [1, n, k], 128, &device)
+                .expect("valid FP8 weight");
+        let bf16 = n * k * 2;
+        println!(
+            "| {name} | [{n}, {k}] | {bf16} | {} | {:.4} |",
+            w.bytes(),
+            w.bytes() as f64 / bf16 as f64
+        );
+    }
+}
+
+/// One MoE layer (hidden 512, expert width 128, top-8, one shared expert) with 16 and 256
+/// routed experts: the cost should follow the active experts, not the total.
+fn bench_moe<B: DsBackend>(label: &str, packed: bool, device: &B::Device) {
+    let (h, i, k) = (512, 128, 8);
+    let mut rows = Vec::new();
+    for tokens in [1usize, 128] {
+        for experts in [16usize, 256] {
+            B::seed(device, 0);
+            let mut m: Moe<B> =
+                MoeConfig::new(h, i, 1, RouterConfig::new(experts, k, 1, 1)).init(device);
+            if packed {
+                m.pack().expect("pack");
+            }
+            let x = Tensor::<B, 3>::random(
+                [1, tokens, h],
+                burn::tensor::Distribution::Normal(0.0, 1.0),
+                device,
+            );
+            let (_, r) = m.forward(x.clone(), true);
+            let active = r
+                .expect("routing recorded")
+                .experts
+                .iter()
+                .flatten()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len();
+            let s = median_secs(5, || {
+                let (y, _) = m.forward(x.clone(), false);
+                std::hint::black_box(y.sum().into_scalar().elem::<f32>());
+            });
+            println!(
+                "{label}: tokens {tokens:>3}, experts {experts:>3} ({active:>3} active): {:.2} ms",
+                s * 1e3
+            );
+            rows.push((tokens, experts, s));
+        }
+    }
+    for t in [1usize, 128] {
+        let get = |e| {
+            rows.iter()
+                .find(|r| r.0 == t && r.1 == e)
+                .map_or(f64::NAN, |r| r.2)
+        };
+        println!(
+            "{label}: tokens {t}: 256 / 16 experts = {:.2}x",
+            get(256) / get(16)
+        );
+    }
+}
+
+fn moe_experts() {
+    bench_moe::<Cpu>("flex per-expert", false, &Default::default());
+    bench_moe::<Cpu>("flex packed (trait defaults)", true, &Default::default());
+    #[cfg(feature = "wgpu")]
+    bench_moe::<dsv3_backends::Wgpu>("wgpu packed (CubeCL kernels)", true, &Default::default());
+}
+
+/// FP8 block-scaled matmul (codes dequantized in the kernel, f32 activations) against a bf16
+/// matmul of the same shape, DeepSeek-V3's shapes: TFLOP/s and error against float64 (over the
+/// first 4 rows). Needs a CUDA GPU.
+#[cfg(feature = "cuda")]
+fn gpu_fp8_vs_bf16() {
+    use dsv3_backends::{BackendKind, Cuda, FloatDtype};
+    type Bf = Cuda<burn::tensor::bf16>;
+    if let Err(e) = BackendKind::Cuda.check(FloatDtype::F32) {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+    let dev = Default::default();
+    let f32s =
+        |t: Tensor<Cuda, 2>| -> Vec<f32> { t.into_data().convert::<f32>().to_vec().expect("f32") };
+    let f32b =
+        |t: Tensor<Bf, 2>| -> Vec<f32> { t.into_data().convert::<f32>().to_vec().expect("f32") };
+    println!("| M×K×N | what | FP8 kernel TFLOP/s | bf16 matmul TFLOP/s | FP8 max rel err vs f64 | bf16 max rel err vs f64 |");
+    println!("|---|---|---|---|---|---|");
+    let mut rng = SplitMix64::new(99);
+    for (m, k, n, what) in [
+        (4096, 7168, 2048, "expert gate/up"),
+        (4096, 2048, 7168, "expert down_proj"),
+        (4096, 1536, 24576, "q_b_proj"),
+        (4096, 7168, 576, "kv_a_proj_with_mqa"),
+        (4096, 512, 32768, "kv_b_proj"),
+        (4096, 16384, 7168, "o_proj"),
+        (64, 7168, 2048, "expert gate/up, 64 tokens"),
+    ] {
+        let c = codes(&mut rng, n * k);
+        let scales = block_scales(&mut rng, n, k, 0.0005, 0.001);
+        let x: Vec<f32> = (0..m * k).map(|_| rng.normal() as f32).collect();
+        let w8 = Fp8Weight::<Cuda>::from_codes(&c, &scales, [1, n, k], 128, &dev).expect("FP8");
+        let xg = Tensor::<Cuda, 2>::from_data(TensorData::new(x.clone(), [m, k]), &dev);
+        let deq = dsv3_model::fp8::dequantize_blocks(&c, n, k, &scales, 128, true).expect("deq"); // [k, n]
+        let wb = Tensor::<Bf, 2>::from_data(TensorData::new(deq.clone(), [k, n]), &dev);
+        let xb = Tensor::<Bf, 2>::from_data(TensorData::new(x.clone(), [m, k]), &dev);
+        let mut y8 = None;
+        let t8 = median_secs(5, || {
+            let y = <Cuda as DsBackend>::fp8_matmul(xg.clone(), &w8);
+            <Cuda as Backend>::sync(&dev).expect("sync");
+            y8 = Some(y);
+        });
+        let mut yb = None;
+        let tb = median_secs(5, || {
+            let y = xb.clone().matmul(wb.clone());
+            <Bf as Backend>::sync(&dev).expect("sync");
+            yb = Some(y);
+        });
+        let rows = 4.min(m);
+        let y8 = f32s(y8.expect("ran").narrow(0, 0, rows));
+        let yb = f32b(yb.expect("ran").narrow(0, 0, rows));
+        let (mut e8, mut eb, mut scale) = (0f64, 0f64, 0f64);
+        for r in 0..rows {
+            for col in 0..n {
+                let want: f64 = (0..k)
+                    .map(|i| x[r * k + i] as f64 * deq[i * n + col] as f64)
+                    .sum();
+                scale = scale.max(want.abs());
+                e8 = e8.max((y8[r * n + col] as f64 - want).abs());
+                eb = eb.max((yb[r * n + col] as f64 - want).abs());
+            }
+        }
+        let flops = 2.0 * (m * k * n) as f64;
+        println!(
+            "| {m}×{k}×{n} | {what} | {:.2} | {:.2} | {:.1e} | {:.1e} |",
+            flops / t8 / 1e12,
+            flops / tb / 1e12,
+            e8 / scale,
+            eb / scale
+        );
+        // f32 accumulation over K ≤ 16384 products: far below 1e-5 of the largest output.
+        if e8 / scale >= 1e-5 {
+            eprintln!(
+                "error: FP8 kernel relative error {:.2e} >= 1e-5 at {m}×{k}×{n}",
+                e8 / scale
+            );
+            std::process::exit(1);
+        }
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; the first other argument names the run.
+    let which: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let all = which.is_empty();
+    let want = |n: &str| all || which.iter().any(|w| w == n);
+    if want("fp8-bytes") {
+        fp8_bytes();
+    }
+    if want("moe-experts") {
+        moe_experts();
+    }
+    #[cfg(feature = "cuda")]
+    if which.iter().any(|w| w == "gpu-fp8-vs-bf16") {
+        gpu_fp8_vs_bf16();
+    }
+    #[cfg(not(feature = "cuda"))]
+    if which.iter().any(|w| w == "gpu-fp8-vs-bf16") {
+        eprintln!("error: gpu-fp8-vs-bf16 needs the cuda feature (cargo bench --bench kernels --features cuda)");
+        std::process::exit(2);
+    }
+}

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Timing runs of the backend extension's operations, printed as the tables in BENCHMARKS.md:
+#   fp8-bytes     FP8-in-memory bytes against bf16 at DeepSeek-V3's Linear shapes
+#   moe-experts   one MoE layer with 16 vs 256 routed experts (per-expert, packed, wgpu kernels)
+#   gpu-fp8-vs-bf16  FP8 block matmul vs bf16 matmul on CUDA (needs a GPU; see gpu-check.sh)
+#
+#   bash scripts/bench-kernels.sh [NAME...]     # default: fp8-bytes moe-experts
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=never
+cargo bench --features wgpu,cuda --bench kernels -- ${@:-fp8-bytes moe-experts}
