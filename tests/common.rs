@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
+use burn::tensor::{backend::Backend, Int};
+use dsv3_backends::{DsBackend, Fp8Weight};
+
 pub type B = dsv3_backends::Cpu;
 
 /// Absolute tolerance on logits for f32 against the float64 golden. The fixtures' logits have
@@ -192,4 +195,74 @@ pub use dsv3_backends::SplitMix64;
 /// Uniform in `[-1, 1)` from the workspace's one generator.
 pub fn symmetric(rng: &mut SplitMix64) -> f64 {
     2.0 * rng.uniform() - 1.0
+}
+
+/// Test inputs drawn from the workspace's one generator.
+pub struct Rng(SplitMix64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(SplitMix64::new(seed))
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0.next_u64()
+    }
+    pub fn uniform(&mut self) -> f32 {
+        self.0.uniform() as f32
+    }
+    pub fn normal_vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| (self.uniform() + self.uniform() + self.uniform() - 1.5) * 2.0 * scale)
+            .collect()
+    }
+    /// FP8 codes without the two NaN codes.
+    pub fn codes(&mut self, n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                let c = (self.next() >> 56) as u8;
+                if c & 0x7F == 0x7F {
+                    c ^ 1
+                } else {
+                    c
+                }
+            })
+            .collect()
+    }
+}
+
+pub fn f32s<Bk: Backend, const D: usize>(t: Tensor<Bk, D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().to_vec().unwrap()
+}
+
+pub fn ints<Bk: Backend, const D: usize>(t: Tensor<Bk, D, Int>) -> Vec<i64> {
+    t.into_data().convert::<i64>().to_vec().unwrap()
+}
+
+pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Random FP8 weights `[e, n, k]` with random positive block scales.
+pub fn random_fp8<Bk: DsBackend>(
+    rng: &mut Rng,
+    [e, n, k]: [usize; 3],
+    block: usize,
+    device: &Bk::Device,
+) -> (Fp8Weight<Bk>, Vec<u8>, Vec<f32>) {
+    let codes = rng.codes(e * n * k);
+    let scales: Vec<f32> = (0..e * n.div_ceil(block) * k.div_ceil(block))
+        .map(|_| 0.001 + rng.uniform() * 0.01)
+        .collect();
+    let w = Fp8Weight::from_codes(&codes, &scales, [e, n, k], block, device).unwrap();
+    (w, codes, scales)
+}
+
+/// Writes `text` to `path`, creating its directory.
+pub fn write(path: &Path, text: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, text).unwrap();
 }

@@ -1,15 +1,24 @@
-//! Integration tests, in one binary (each Burn-linking test binary is hundreds of MB).
+//! Integration tests, in one binary (each Burn-linking test binary is hundreds of MB), one
+//! module per concept:
+//! - `model`: the model against float64 goldens (HF transformers and an independent float64
+//!   implementation), numerics of its parts, save/load, the weight forms;
+//! - `files`: files as users have them (released configs, tokenizer layouts, converted
+//!   checkpoints);
+//! - `kernels`: the backend extension's operations against their plain-tensor defaults (the
+//!   CubeCL kernels on wgpu; CUDA where a GPU is lent);
+//! - `infer`: the latent cache, generation and sampling;
+//! - `train`: the objective and its gradients, balancing, checkpoints, data;
+//! - `cli`: the `dsv3` commands end to end.
 //!
-//! The fixtures under `tests/fixtures/` were made by `tests/fixtures/gen_fixtures.py` from HF
-//! transformers' `DeepseekV3ForCausalLM` run in float64 (with its float32 casts patched out) and an
-//! independent float64 implementation of the spec. CI needs no Python: the files are committed.
+//! The fixtures under `tests/fixtures/` were made by `tests/fixtures/gen_fixtures.py` and
+//! `gen_released.py` from HF transformers' `DeepseekV3ForCausalLM` run in float64 (with its float32
+//! casts patched out) and an independent float64 implementation of the spec. CI needs no Python:
+//! the files are committed.
 
-mod backends;
 mod cli;
 mod common;
-mod field;
-mod fixtures;
+mod files;
 mod infer;
-mod numerics;
-mod roundtrip;
+mod kernels;
+mod model;
 mod train;

@@ -1,80 +1,14 @@
-//! The backend extension: the plain-tensor defaults against host references, FP8 in memory and
-//! packed experts against the ordinary model, backend errors, `dsv3 compare`, and (feature
-//! `wgpu`) every CubeCL kernel against its default plus the fixtures on wgpu.
-
-use std::path::Path;
+//! The backend extension: the plain-tensor defaults against host references, and (feature
+//! `wgpu`) every CubeCL kernel against its default plus the model fixtures on wgpu; the fixtures
+//! on CUDA where a GPU is lent (`scripts/gpu-check.sh`).
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use dsv3_backends::{e4m3, DsBackend, Fp8Weight, GroupedWeight};
-use dsv3_model::{
-    load_with, DeepseekV3, ForwardOptions, LoadOptions, WeightOptions, WeightStorage,
-};
+use dsv3_model::{load_with, LoadOptions, WeightOptions, WeightStorage};
 
 use crate::common::*;
-
-/// Test inputs drawn from the workspace's one generator.
-struct Rng(SplitMix64);
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(SplitMix64::new(seed))
-    }
-    fn next(&mut self) -> u64 {
-        self.0.next_u64()
-    }
-    fn uniform(&mut self) -> f32 {
-        self.0.uniform() as f32
-    }
-    fn normal_vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| (self.uniform() + self.uniform() + self.uniform() - 1.5) * 2.0 * scale)
-            .collect()
-    }
-    /// FP8 codes without the two NaN codes.
-    fn codes(&mut self, n: usize) -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                let c = (self.next() >> 56) as u8;
-                if c & 0x7F == 0x7F {
-                    c ^ 1
-                } else {
-                    c
-                }
-            })
-            .collect()
-    }
-}
-
-fn f32s<Bk: Backend, const D: usize>(t: Tensor<Bk, D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec().unwrap()
-}
-
-fn ints<Bk: Backend, const D: usize>(t: Tensor<Bk, D, Int>) -> Vec<i64> {
-    t.into_data().convert::<i64>().to_vec().unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-/// Random FP8 weights `[e, n, k]` with random positive block scales.
-fn random_fp8<Bk: DsBackend>(
-    rng: &mut Rng,
-    [e, n, k]: [usize; 3],
-    block: usize,
-    device: &Bk::Device,
-) -> (Fp8Weight<Bk>, Vec<u8>, Vec<f32>) {
-    let codes = rng.codes(e * n * k);
-    let scales: Vec<f32> = (0..e * n.div_ceil(block) * k.div_ceil(block))
-        .map(|_| 0.001 + rng.uniform() * 0.01)
-        .collect();
-    let w = Fp8Weight::from_codes(&codes, &scales, [e, n, k], block, device).unwrap();
-    (w, codes, scales)
-}
+use crate::model::weight_forms::{load_fixture_with, logits_of};
 
 /// Flex's thin-product paths (the one-row kernel, columns split over the thread pool) give
 /// exactly the plain matmul for one row (decode) and a few rows, at widths that do not split
@@ -199,7 +133,7 @@ fn fp8_quantize_default_matches_host_encoder() {
 }
 
 /// Host reference of dispatch: stable counting sort of the slots by expert.
-fn host_dispatch(ids: &[i64], e: usize) -> (Vec<i64>, Vec<i64>) {
+pub(crate) fn host_dispatch(ids: &[i64], e: usize) -> (Vec<i64>, Vec<i64>) {
     let mut order = Vec::new();
     let mut offsets = vec![0i64];
     for x in 0..e as i64 {
@@ -215,7 +149,7 @@ fn host_dispatch(ids: &[i64], e: usize) -> (Vec<i64>, Vec<i64>) {
 }
 
 /// Distinct random experts per token (as the router produces).
-fn random_ids(rng: &mut Rng, t: usize, k: usize, e: usize) -> Vec<i64> {
+pub(crate) fn random_ids(rng: &mut Rng, t: usize, k: usize, e: usize) -> Vec<i64> {
     let mut ids = Vec::new();
     for _ in 0..t {
         let mut row: Vec<i64> = Vec::new();
@@ -230,7 +164,7 @@ fn random_ids(rng: &mut Rng, t: usize, k: usize, e: usize) -> Vec<i64> {
     ids
 }
 
-fn int_tensor<Bk: Backend>(
+pub(crate) fn int_tensor<Bk: Backend>(
     v: &[i64],
     shape: [usize; 2],
     device: &Bk::Device,
@@ -295,337 +229,11 @@ fn moe_defaults_match_host_reference() {
     }
 }
 
-fn load_fixture_with<Bk: DsBackend>(
-    name: &str,
-    weights: WeightOptions,
-    device: &Bk::Device,
-) -> DeepseekV3<Bk> {
-    let opts = LoadOptions {
-        strict: true,
-        skip_mtp: false,
-    };
-    load_with::<Bk>(&fixture(name), device, &opts, &weights)
-        .unwrap_or_else(|e| panic!("loading {name}: {e}"))
-        .0
-}
-
-/// Logits (and recorded routing) of the golden's input.
-fn logits_of<Bk: DsBackend>(
-    model: &DeepseekV3<Bk>,
-    golden: &Path,
-) -> (Vec<f32>, Vec<Vec<Vec<u32>>>) {
-    let g = Golden::read(golden);
-    let tokens = model.tokens_tensor(&g.ids()).unwrap();
-    let opts = ForwardOptions {
-        record_routing: true,
-        ..Default::default()
-    };
-    let out = model.forward(tokens.clone(), g.offset(), None, &opts);
-    let mut routing: Vec<Vec<Vec<u32>>> = out
-        .routing
-        .iter()
-        .map(|r| sorted(&r.routing.experts))
-        .collect();
-    if g.f.contains_key("mtp_logits") {
-        let m = model.mtp_logits(tokens, &out, g.offset(), &opts).unwrap();
-        routing.extend(m.routing.iter().map(|r| sorted(&r.routing.experts)));
-    }
-    (f32s(out.logits), routing)
-}
-
-fn sorted(e: &[Vec<u32>]) -> Vec<Vec<u32>> {
-    e.iter()
-        .map(|r| {
-            let mut r = r.clone();
-            r.sort();
-            r
-        })
-        .collect()
-}
-
-/// bf16 weights in memory: on a BF16 checkpoint the values are the checkpoint's exactly, so the
-/// logits, routing and greedy decode equal the f32-weight model's (the products widen each
-/// weight to the same f32 value; measured bit-identical), in half the bytes. On an f32
-/// checkpoint the weights are rounded to nearest bf16 (relative 2⁻⁹, enough to flip this random
-/// model's closest expert choices, so no comparison with its f32 golden is meaningful).
-#[test]
-fn bf16_weights_in_memory() {
-    let dev = device();
-    let bf16 = WeightOptions {
-        storage: WeightStorage::Bf16,
-        ..Default::default()
-    };
-    let golden = goldens(&fixture("tiny-direct"))[0].clone();
-    let mut f32w = load_fixture_with::<B>("tiny-direct", WeightOptions::default(), &dev);
-    let mut bfw = load_fixture_with::<B>("tiny-direct", bf16, &dev);
-    let (want, want_routing) = logits_of(&f32w, &golden);
-    let (got, routing) = logits_of(&bfw, &golden);
-    let d = max_diff(&got, &want);
-    println!("tiny-direct (BF16 file): bf16 vs f32 weights max |Δlogits| {d:.2e}");
-    assert!(d <= 1e-6, "logits differ by {d:e}");
-    assert_eq!(routing, want_routing);
-    let (b16, b32) = (bfw.linear_weight_bytes(), f32w.linear_weight_bytes());
-    // Half the f32 bytes, except kv_b_proj (kept f32: attention reads it per head every step).
-    let kv_b: usize = f32w
-        .linears_mut()
-        .iter()
-        .filter(|(n, _)| n.ends_with("kv_b_proj"))
-        .map(|(_, l)| l.weight_bytes())
-        .sum();
-    assert!(kv_b > 0);
-    assert_eq!(
-        2 * (b16 - kv_b),
-        b32 - kv_b,
-        "bf16 Linear weights take half the f32 bytes"
-    );
-    // Everything else is held as before.
-    assert_eq!(f32w.weight_bytes() - bfw.weight_bytes(), b32 - b16);
-    // Decode (one-row products read bf16 directly) follows the same greedy path.
-    let ids = Golden::read(&golden).ids();
-    let greedy = |m: &DeepseekV3<B>| {
-        let opts = dsv3_infer::GenerateOptions {
-            max_new_tokens: 8,
-            eos_token_ids: Some(vec![]),
-            ..Default::default()
-        };
-        dsv3_infer::generate(m, None, &ids, &opts, |_| {})
-            .unwrap()
-            .tokens
-    };
-    assert_eq!(greedy(&bfw), greedy(&f32w));
-    // An f32 checkpoint is rounded to nearest bf16 (ties to even): the model then computes
-    // exactly what the f32 model computes with every bf16-held Linear weight rounded by hand.
-    let g = fixture("tiny-qlora").join("golden.safetensors");
-    let m = load_fixture_with::<B>("tiny-qlora", bf16, &dev);
-    let mut rounded = load_fixture_with::<B>("tiny-qlora", WeightOptions::default(), &dev);
-    let to_bf16 = |v: f32| {
-        let b = v.to_bits();
-        f32::from_bits((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000)
-    };
-    for (name, l) in rounded.linears_mut() {
-        if name.ends_with("kv_b_proj") {
-            continue; // kept f32 (see WeightStorage::Bf16)
-        }
-        let w = l.weight.val();
-        let shape = w.dims();
-        let values: Vec<f32> = f32s(w).into_iter().map(to_bf16).collect();
-        let w = Tensor::<B, 2>::from_data(TensorData::new(values, shape), &dev);
-        l.weight = burn::module::Param::initialized(burn::module::ParamId::new(), w);
-    }
-    let (got, routing) = logits_of(&m, &g);
-    let (want, want_routing) = logits_of(&rounded, &g);
-    let d = max_diff(&got, &want);
-    println!("tiny-qlora (f32 file): bf16 weights vs f32-rounded-to-bf16 weights {d:.2e}");
-    assert!(d <= 1e-6, "logits differ by {d:e}");
-    assert_eq!(routing, want_routing);
-}
-
-/// FP8 weights kept in memory (and the experts packed for the grouped kernels) compute what
-/// the dequantized model computes, in about a quarter of the f32 bytes.
-#[test]
-fn fp8_in_memory_equals_dequantized_model() {
-    let dev = device();
-    let dense = load_fixture_with::<B>("tiny-fp8", WeightOptions::default(), &dev);
-    let golden = fixture("tiny-fp8").join("golden.safetensors");
-    let (want, want_routing) = logits_of(&dense, &golden);
-    for weights in [
-        WeightOptions {
-            storage: WeightStorage::Fp8,
-            pack_experts: false,
-            ..Default::default()
-        },
-        WeightOptions {
-            storage: WeightStorage::Fp8,
-            pack_experts: true,
-            ..Default::default()
-        },
-    ] {
-        let mut m = load_fixture_with::<B>("tiny-fp8", weights, &dev);
-        let fp8_linears = m
-            .linears_mut()
-            .iter()
-            .filter(|(_, l)| l.fp8.is_some())
-            .count();
-        let (got, routing) = logits_of(&m, &golden);
-        let d = max_diff(&got, &want);
-        println!("{weights:?}: {fp8_linears} FP8 linears, max |Δlogits| vs dequantized {d:.2e}");
-        assert!(fp8_linears > 0, "FP8 form was not used");
-        assert!(d < 2e-5, "{weights:?}: logits differ by {d:.3e}");
-        assert_eq!(routing, want_routing, "{weights:?}: routing differs");
-    }
-    let mut fp8 = load_fixture_with::<B>(
-        "tiny-fp8",
-        WeightOptions {
-            storage: WeightStorage::Fp8,
-            pack_experts: true,
-            ..Default::default()
-        },
-        &dev,
-    );
-    assert!(fp8.is_packed());
-    let mut dense = dense;
-    let (b_fp8, b_f32) = (fp8.linear_weight_bytes(), dense.linear_weight_bytes());
-    println!("linear weights: fp8 {b_fp8} bytes, f32 {b_f32} bytes");
-    assert!(
-        (b_fp8 as f64) < 0.6 * (b_f32 as f64),
-        "FP8 form must be much smaller than f32 ({b_fp8} vs {b_f32})"
-    );
-}
-
-/// Packed experts (the backend's dispatch / grouped matmul / combine) against the per-expert
-/// form on the CPU, and against the golden.
-#[test]
-fn packed_experts_match_per_expert_model() {
-    let dev = device();
-    for name in ["tiny-qlora", "tiny-direct"] {
-        let plain = load_fixture_with::<B>(name, WeightOptions::default(), &dev);
-        let packed = load_fixture_with::<B>(
-            name,
-            WeightOptions {
-                storage: WeightStorage::F32,
-                pack_experts: true,
-                ..Default::default()
-            },
-            &dev,
-        );
-        for g in goldens(&fixture(name)) {
-            let (a, ra) = logits_of(&plain, &g);
-            let (b, rb) = logits_of(&packed, &g);
-            let d = max_diff(&a, &b);
-            let golden = max_abs_diff(&b, &Golden::read(&g).f("logits").1);
-            println!(
-                "{}: packed vs per-expert {d:.2e}, vs golden {golden:.2e}",
-                g.display()
-            );
-            assert!(d < 1e-5, "{name}: packed experts differ by {d:.3e}");
-            assert!(golden < LOGIT_TOL as f64);
-            assert_eq!(ra, rb);
-        }
-    }
-    let e = dsv3_model::save(
-        &load_fixture_with::<B>(
-            "tiny-qlora",
-            WeightOptions {
-                storage: WeightStorage::F32,
-                pack_experts: true,
-                ..Default::default()
-            },
-            &dev,
-        ),
-        &scratch("packed-save"),
-        dsv3_model::SaveDtype::F32,
-    )
-    .unwrap_err();
-    assert!(e.to_string().contains("packed"), "{e}");
-}
-
-/// Asking for a backend that is missing gives one line (never a driver panic).
-#[test]
-fn backend_errors_are_one_line() {
-    let d = fixture("tiny-qlora");
-    let d = d.to_str().unwrap();
-    for backend in ["cuda", "tpu"] {
-        let e = dsv3(&[
-            "score",
-            "--model",
-            d,
-            "--tokens",
-            "1,2",
-            "--backend",
-            backend,
-        ])
-        .unwrap_err();
-        assert!(e.contains("not available") && !e.contains('\n'), "{e}");
-    }
-    let e = dsv3(&["score", "--model", d, "--tokens", "1,2", "--dtype", "bf16"]).unwrap_err();
-    assert!(
-        e.contains("does not support dtype bf16") && !e.contains('\n'),
-        "{e}"
-    );
-    #[cfg(feature = "wgpu")]
-    {
-        let e = dsv3(&[
-            "score",
-            "--model",
-            d,
-            "--tokens",
-            "1,2",
-            "--backend",
-            "wgpu",
-            "--dtype",
-            "bf16",
-        ])
-        .unwrap_err();
-        assert!(e.contains("does not support dtype bf16"), "{e}");
-    }
-    #[cfg(not(feature = "wgpu"))]
-    {
-        let e = dsv3(&[
-            "score",
-            "--model",
-            d,
-            "--tokens",
-            "1,2",
-            "--backend",
-            "wgpu",
-        ])
-        .unwrap_err();
-        assert!(e.contains("not available in this build"), "{e}");
-    }
-}
-
-/// `dsv3 compare` on a fixture: the CPU row agrees with the float64 golden, the other backends
-/// are either measured or reported as unavailable, and the JSON has one row per backend.
-#[test]
-fn compare_reports_every_backend() {
-    let d = fixture("tiny-qlora");
-    let s = dsv3(&[
-        "compare",
-        "--model",
-        d.to_str().unwrap(),
-        "--backends",
-        "flex,wgpu,cuda",
-        "--json",
-        "--decode",
-        "3",
-    ])
-    .unwrap();
-    let j: serde_json::Value = serde_json::from_str(&s).unwrap();
-    assert_eq!(j["baseline"], "float64 golden");
-    let rows = j["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 3);
-    assert_eq!(rows[0]["status"], "ok");
-    assert!(rows[0]["max_abs_diff"].as_f64().unwrap() < LOGIT_TOL as f64);
-    assert_eq!(rows[0]["greedy"].as_array().unwrap().len(), 3);
-    let wgpu_ok = rows[1]["status"] == "ok";
-    assert_eq!(wgpu_ok, cfg!(feature = "wgpu"), "{}", rows[1]);
-    if wgpu_ok {
-        assert!(rows[1]["max_abs_diff"].as_f64().unwrap() < LOGIT_TOL as f64);
-        assert_eq!(rows[1]["greedy_agrees"], true);
-    }
-    // No GPU on CI: CUDA is reported, not fatal.
-    if rows[2]["status"] != "ok" {
-        assert!(rows[2]["status"]
-            .as_str()
-            .unwrap()
-            .contains("not available"));
-    }
-    let table = dsv3(&[
-        "compare",
-        "--model",
-        d.to_str().unwrap(),
-        "--backends",
-        "flex",
-    ])
-    .unwrap();
-    assert!(table.contains("flex") && table.contains("agree"), "{table}");
-}
-
 /// The model-core fixtures on a GPU backend: logits against the float64 golden (1e-4) and
 /// routing equal to the CPU's, in the per-expert form, the packed (kernel) form, and FP8 in
 /// memory.
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
-fn fixtures_match_golden_on<Bk: DsBackend>(label: &str, dev: &Bk::Device) {
+pub(crate) fn fixtures_match_golden_on<Bk: DsBackend>(label: &str, dev: &Bk::Device) {
     let packed = WeightOptions {
         pack_experts: true,
         ..Default::default()
@@ -665,7 +273,7 @@ fn fixtures_match_golden_on<Bk: DsBackend>(label: &str, dev: &Bk::Device) {
 }
 
 #[cfg(feature = "wgpu")]
-mod wgpu {
+pub(crate) mod wgpu {
     //! Every CubeCL kernel against its plain-tensor default (run on Flex), on random inputs
     //! whose sizes are not multiples of 128, and the fixtures on wgpu.
 
@@ -839,7 +447,7 @@ mod wgpu {
 /// On a CUDA machine only (`scripts/gpu-check.sh` runs these with `--ignored`): they fail when
 /// no GPU is there, rather than skipping.
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(crate) mod cuda {
     use super::*;
     use dsv3_backends::{BackendKind, Cuda, FloatDtype};
 

@@ -1,0 +1,6 @@
+//! The `dsv3` commands end to end, run in-process as the binary runs them (parsing included).
+
+mod backends;
+mod generate;
+mod inspect_score;
+mod train;
