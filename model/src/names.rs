@@ -45,7 +45,11 @@ impl PathTracker {
         let parts: Vec<&str> = self
             .stack
             .iter()
-            .filter(|(n, c)| !c.starts_with("Enum:") && !(n == "block" && c == "Struct:MtpLayer"))
+            .filter(|(n, c)| {
+                let variant = c.starts_with("Enum:");
+                let mtp_block = n == "block" && c == "Struct:MtpLayer";
+                !(variant || mtp_block)
+            })
             .map(|(n, _)| n.as_str())
             .collect();
         let mut name = parts.join(".");
