@@ -60,6 +60,7 @@ pub enum BackendError {
 pub type UnknownBackend = BackendError;
 
 impl BackendKind {
+    /// Accepted names (`--backend`, case-insensitive) and the backend each selects.
     pub const ALL: &'static [(&'static str, BackendKind)] = &[
         ("flex", BackendKind::Flex),
         ("cpu", BackendKind::Flex),
@@ -68,6 +69,9 @@ impl BackendKind {
     ];
 
     /// Parses a backend name (case-insensitive); does not check that it is compiled in.
+    ///
+    /// # Errors
+    /// [`BackendError::Unknown`] when `name` is none of [`BackendKind::ALL`].
     pub fn parse(name: &str) -> Result<Self, BackendError> {
         Self::ALL
             .iter()
@@ -98,6 +102,13 @@ impl BackendKind {
     /// Checks that the backend is compiled in, that its device exists (CUDA: libcuda is loaded
     /// and reports a device, probed without any call that can panic), and that it supports
     /// `dtype`.
+    ///
+    /// # Errors
+    /// - [`BackendError::NotCompiled`]: this build lacks the backend's feature.
+    /// - [`BackendError::Dtype`]: a half dtype on Flex or wgpu (they run f32 only).
+    /// - [`BackendError::NoCudaDriver`] / [`BackendError::CudaDevice`]: libcuda is missing, or
+    ///   reports no device or an error.
+    /// - [`BackendError::NoWgpuAdapter`]: wgpu finds no usable adapter (its panic is caught).
     pub fn check(self, dtype: FloatDtype) -> Result<(), BackendError> {
         if !self.compiled() {
             return Err(BackendError::NotCompiled { name: self.name() });
@@ -131,6 +142,11 @@ impl fmt::Display for BackendKind {
 }
 
 impl FloatDtype {
+    /// Parses a dtype name (case-insensitive): `f32`/`float32`, `bf16`/`bfloat16`,
+    /// `f16`/`float16`/`half`.
+    ///
+    /// # Errors
+    /// [`BackendError::UnknownDtype`] for any other name.
     pub fn parse(name: &str) -> Result<Self, BackendError> {
         match name.trim().to_ascii_lowercase().as_str() {
             "f32" | "float32" => Ok(FloatDtype::F32),
@@ -219,6 +235,10 @@ pub trait OnBackend {
 }
 
 /// Checks `kind`/`dtype` ([`BackendKind::check`]) and runs `f` on that backend.
+///
+/// # Errors
+/// Whatever [`BackendKind::check`] returns; `f` does not run then. Panics inside `f` are not
+/// caught.
 pub fn on_backend<F: OnBackend>(
     kind: BackendKind,
     dtype: FloatDtype,

@@ -27,6 +27,7 @@ pub struct Fp8Weight<B: Backend> {
     pub rows: usize,
     /// `K`: input features (columns of each matrix).
     pub cols: usize,
+    /// `b`: side of the square scale blocks (DeepSeek-V3: 128); a positive multiple of 4.
     pub block: usize,
 }
 
@@ -38,6 +39,10 @@ pub struct ShapeError(pub String);
 impl<B: Backend> Fp8Weight<B> {
     /// Builds `E` matrices from their codes (`E·N·K` bytes, row-major) and scales
     /// (`E·ceil(N/b)·ceil(K/b)` values).
+    ///
+    /// # Errors
+    /// [`ShapeError`] when `block` is not a positive multiple of 4, or `codes`/`scales` do not
+    /// hold exactly the lengths above for `shape = [E, N, K]`.
     pub fn from_codes(
         codes: &[u8],
         scales: &[f32],
@@ -98,6 +103,9 @@ impl<B: Backend> Fp8Weight<B> {
     }
 
     /// Stacks weights of equal shape along the expert axis.
+    ///
+    /// # Errors
+    /// [`ShapeError`] when `parts` is empty or the parts differ in `rows`, `cols` or `block`.
     pub fn cat(parts: Vec<Self>) -> Result<Self, ShapeError> {
         let first = parts
             .first()

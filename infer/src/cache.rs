@@ -14,6 +14,8 @@ use dsv3_model::{LatentKv, LatentStore};
 
 use crate::error::InferError;
 
+/// The latent KV cache of a batch: per layer `c [batch, len, kv_lora_rank]` and
+/// `k_pe [batch, len, qk_rope_head_dim]`, growing or preallocated (see the module docs).
 #[derive(Debug, Clone)]
 pub struct LatentCache<B: DsBackend> {
     /// One entry per layer. Growing: exactly `len` slots (empty vector while `len == 0`);
@@ -119,6 +121,10 @@ impl<B: DsBackend> LatentCache<B> {
     }
 
     /// Appends the new positions' entries (one per layer, `[batch, t, ·]`).
+    ///
+    /// # Errors
+    /// [`InferError::ContextFull`] when a preallocated cache has no room for `t` more positions
+    /// ([`Self::reserve`]); nothing is written then.
     pub fn append(&mut self, new: Vec<LatentKv<B>>) -> Result<(), InferError> {
         debug_assert_eq!(new.len(), self.num_layers);
         let Some(t) = new.first().map(|kv| kv.len()) else {
@@ -166,6 +172,10 @@ impl<B: DsBackend> LatentCache<B> {
 
 impl<B: DsBackend> LatentCache<B> {
     /// Fails with [`InferError::ContextFull`] unless `t` more positions fit.
+    ///
+    /// # Errors
+    /// [`InferError::ContextFull`] when the cache is preallocated and `len + t` exceeds its
+    /// capacity; a growing cache always has room.
     pub fn reserve(&self, t: usize) -> Result<(), InferError> {
         match self.capacity {
             Some(cap) if self.len + t > cap => Err(InferError::ContextFull {

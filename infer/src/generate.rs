@@ -65,6 +65,14 @@ impl Default for GenerateOptions {
 }
 
 impl GenerateOptions {
+    /// Rejects option values no generation can run with (checked before any forward).
+    ///
+    /// # Errors
+    /// - [`InferError::InvalidOption`]: a sampling option out of its domain
+    ///   ([`SamplingOptions::validate`]), `prefill_chunk` or `max_context` 0, an empty stop
+    ///   string, or `Speculative::Tokens` with `per_step` 0.
+    /// - [`InferError::Speculative`]: speculative decoding with sampling or a repetition
+    ///   penalty (it reproduces greedy decoding only).
     pub fn validate(&self) -> Result<(), InferError> {
         self.sampling.validate()?;
         if self.prefill_chunk == 0 {
@@ -198,6 +206,14 @@ pub struct TokenEvent<'a> {
 
 /// Generates a continuation of `prompt` (ids; BOS is the caller's business, see
 /// [`Tokenizer::encode_prompt`]). `tokenizer` enables text, streaming text and stop strings.
+/// A full preallocated context ends the generation ([`StopReason::ContextFull`]), not an error.
+///
+/// # Errors
+/// - [`InferError::InvalidOption`] / [`InferError::Speculative`]: `opts` fails
+///   [`GenerateOptions::validate`], or [`Speculative::Mtp`] on a model without an MTP module.
+/// - Everything [`continue_session`] returns on a fresh one-row session: an empty or
+///   out-of-vocabulary `prompt`, a prompt longer than `max_context`, stop strings without a
+///   tokenizer, decoding or readback failures.
 pub fn generate<B: DsBackend>(
     model: &DeepseekV3<B>,
     tokenizer: Option<&Tokenizer>,
@@ -212,6 +228,18 @@ pub fn generate<B: DsBackend>(
 
 /// Generates for several prompts at once (left-padded batch); each row stops on its own and
 /// equals what [`generate`] gives for it alone (greedy; sampled rows use stream `seed + row`).
+///
+/// # Errors
+/// - [`InferError::InvalidOption`]: `opts` fails [`GenerateOptions::validate`].
+/// - [`InferError::EmptyPrompt`]: no prompt, or one of them is empty.
+/// - [`InferError::Speculative`]: speculative decoding with more than one prompt or with
+///   sampling, or [`Speculative::Mtp`] on a model without an MTP module.
+/// - [`InferError::StopStringsNeedTokenizer`]: stop strings without a tokenizer.
+/// - [`InferError::TokenOutOfRange`]: a prompt id (or a [`Speculative::Tokens`] draft)
+///   `>= vocab_size`.
+/// - [`InferError::ContextFull`]: the longest prompt does not fit in `max_context`.
+/// - [`InferError::Tokenizer`] / [`InferError::Readback`]: detokenizing a generated id, or
+///   reading the picked ids back from the device, failed.
 pub fn generate_batch<B: DsBackend>(
     model: &DeepseekV3<B>,
     tokenizer: Option<&Tokenizer>,
@@ -238,6 +266,16 @@ pub fn generate_batch<B: DsBackend>(
 /// Continues a single-row session with `ids` — the whole context so far, e.g. the re-rendered
 /// chat: the cached common prefix is reused, anything after it is rolled back and prefilled.
 /// The generated tokens stay in the session (the last one is fed at the next turn).
+///
+/// # Errors
+/// - [`InferError::InvalidOption`]: `opts` fails [`GenerateOptions::validate`], or the
+///   session has more than one row.
+/// - [`InferError::Speculative`]: [`Speculative::Mtp`] on a session opened without `mtp`.
+/// - [`InferError::StopStringsNeedTokenizer`]: stop strings without a tokenizer.
+/// - [`InferError::EmptyPrompt`] / [`InferError::TokenOutOfRange`]: `ids` is empty, or it
+///   (or a [`Speculative::Tokens`] draft) holds an id `>= vocab_size`.
+/// - [`InferError::ContextFull`]: `ids` does not fit in the session's `max_context`.
+/// - [`InferError::Tokenizer`] / [`InferError::Readback`]: as in [`generate_batch`].
 pub fn continue_session<B: DsBackend>(
     session: &mut Session<'_, B>,
     tokenizer: Option<&Tokenizer>,

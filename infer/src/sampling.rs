@@ -41,6 +41,11 @@ impl SamplingOptions {
     }
 
     /// Rejects values outside each option's domain.
+    ///
+    /// # Errors
+    /// [`InferError::InvalidOption`] naming the first option at fault: a negative or
+    /// non-finite `temperature`, `top_k` 0, `top_p` outside (0, 1], `min_p` outside [0, 1], or
+    /// a `repetition_penalty` that is not finite and > 0.
     pub fn validate(&self) -> Result<(), InferError> {
         let t = self.temperature;
         if !t.is_finite() || t < 0.0 {
@@ -89,6 +94,9 @@ pub struct Sampler {
 
 impl Sampler {
     /// Validates `opts`. Rows get streams `seed + r` as they are first used.
+    ///
+    /// # Errors
+    /// [`InferError::InvalidOption`] when `opts` fails [`SamplingOptions::validate`].
     pub fn new(opts: &SamplingOptions) -> Result<Self, InferError> {
         opts.validate()?;
         Ok(Self {
@@ -140,6 +148,11 @@ impl Sampler {
 
     /// One token per row. `rows[r]` names the noise stream of row r (its index in the original
     /// batch, so a row keeps its stream when others finish).
+    ///
+    /// # Errors
+    /// - [`InferError::InvalidOption`]: `rows` or `history` does not hold one entry per
+    ///   logits row.
+    /// - [`InferError::Readback`]: the chosen ids cannot be read back from the device.
     pub fn sample<B: Backend>(
         &mut self,
         logits: Tensor<B, 2>,

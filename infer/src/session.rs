@@ -51,6 +51,8 @@ struct MtpState<B: DsBackend> {
     pending: Option<Tensor<B, 3>>,
 }
 
+/// A running context of one or more rows over a borrowed model: its latent cache, the ids it
+/// holds and, for MTP speculation, the MTP module's cache (see the module docs).
 #[derive(Debug, Clone)]
 pub struct Session<'m, B: DsBackend> {
     model: &'m DeepseekV3<B>,
@@ -64,6 +66,12 @@ pub struct Session<'m, B: DsBackend> {
 
 impl<'m, B: DsBackend> Session<'m, B> {
     /// An empty session of `batch` rows.
+    ///
+    /// # Errors
+    /// - [`InferError::InvalidOption`]: `batch`, `prefill_chunk` or `max_context` is 0, or
+    ///   `start_position >= 2^31`.
+    /// - [`InferError::Speculative`]: `opts.mtp` on a model without an MTP module, or with
+    ///   `batch > 1`.
     pub fn new(
         model: &'m DeepseekV3<B>,
         batch: usize,
@@ -178,6 +186,14 @@ impl<'m, B: DsBackend> Session<'m, B> {
     ///
     /// On an empty session the rows may differ in length (they are left-padded); afterwards
     /// every row must add the same number of tokens. Runs in chunks of `prefill_chunk` slots.
+    ///
+    /// # Errors
+    /// Checked before any forward, so the session is unchanged:
+    /// - [`InferError::InvalidOption`]: `rows.len()` is not the batch size, or (on a non-empty
+    ///   session) the rows differ in length.
+    /// - [`InferError::TokenOutOfRange`]: an id `>= vocab_size`.
+    /// - [`InferError::EmptyPrompt`]: every row is empty.
+    /// - [`InferError::ContextFull`]: the new slots do not fit in `max_context`.
     pub fn prefill(&mut self, rows: &[Vec<u32>]) -> Result<Tensor<B, 2>, InferError> {
         if rows.len() != self.batch() {
             return Err(InferError::invalid(
@@ -240,6 +256,12 @@ impl<'m, B: DsBackend> Session<'m, B> {
 
     /// One forward over `t` new slots per row (all rows the same `t`), appended to the cache.
     /// Returns the whole forward output (logits `[B, t, V]`, hidden states).
+    ///
+    /// # Errors
+    /// Checked before any forward, so the session is unchanged:
+    /// - [`InferError::InvalidOption`]: not one non-empty row per batch row, all of one length.
+    /// - [`InferError::TokenOutOfRange`]: an id `>= vocab_size`.
+    /// - [`InferError::ContextFull`]: `t` more slots do not fit in `max_context`.
     pub fn forward_chunk(&mut self, rows: &[Vec<u32>]) -> Result<ForwardOutput<B>, InferError> {
         let t = rows.first().map_or(0, Vec::len);
         if rows.len() != self.batch() || t == 0 || rows.iter().any(|r| r.len() != t) {
@@ -307,6 +329,10 @@ impl<'m, B: DsBackend> Session<'m, B> {
     }
 
     /// Feeds one token per row and returns the next logits `[B, V]`.
+    ///
+    /// # Errors
+    /// As [`Session::forward_chunk`]: [`InferError::InvalidOption`] when `next` does not hold
+    /// one id per row, [`InferError::TokenOutOfRange`], [`InferError::ContextFull`].
     pub fn decode_step(&mut self, next: &[u32]) -> Result<Tensor<B, 2>, InferError> {
         let rows: Vec<Vec<u32>> = next.iter().map(|&i| vec![i]).collect();
         let out = self.forward_chunk(&rows)?;
@@ -327,6 +353,11 @@ impl<'m, B: DsBackend> Session<'m, B> {
     }
 
     /// Rolls a single-row session back to its first `len` tokens.
+    ///
+    /// # Errors
+    /// [`InferError::InvalidOption`] when the session has more than one row. (With MTP, rolling
+    /// back past the MTP cache re-runs the last kept token through [`Session::forward_chunk`],
+    /// which cannot fail on a shorter context.)
     pub fn truncate(&mut self, len: usize) -> Result<(), InferError> {
         if self.batch() != 1 {
             return Err(InferError::invalid(
@@ -387,6 +418,13 @@ impl<'m, B: DsBackend> Session<'m, B> {
     /// Makes a single-row session hold exactly `ids` and returns the last position's logits
     /// `[1, V]`: keeps the longest common prefix of what is cached, rolls back the rest and
     /// prefills the remainder (at least the last token, whose logits are needed).
+    ///
+    /// # Errors
+    /// - [`InferError::EmptyPrompt`]: `ids` is empty.
+    /// - [`InferError::TokenOutOfRange`]: an id `>= vocab_size`.
+    /// - [`InferError::InvalidOption`]: the session has more than one row.
+    /// - [`InferError::ContextFull`]: `ids` does not fit in `max_context` (the session is then
+    ///   already rolled back to the common prefix).
     pub fn sync(&mut self, ids: &[u32]) -> Result<Tensor<B, 2>, InferError> {
         if ids.is_empty() {
             return Err(InferError::EmptyPrompt);
@@ -407,6 +445,13 @@ impl<'m, B: DsBackend> Session<'m, B> {
     /// MTP draft logits `[1, V]` for the token after `next`: feeds the pending pairs (ending
     /// with the last cached position paired with `next`, the sampled but not yet fed token)
     /// through MTP module 0 with its cache.
+    ///
+    /// # Errors
+    /// - [`InferError::TokenOutOfRange`]: `next >= vocab_size`.
+    /// - [`InferError::Speculative`]: the session was opened without `mtp`, or nothing has
+    ///   been prefilled since the last draft.
+    /// - [`InferError::ContextFull`]: the MTP cache is full (not expected: it never holds more
+    ///   positions than the main cache).
     pub fn mtp_draft_logits(&mut self, next: u32) -> Result<Tensor<B, 2>, InferError> {
         self.check_ids(&[next])?;
         let start = self.opts.start_position;
@@ -458,6 +503,12 @@ impl<'m, B: DsBackend> Session<'m, B> {
     /// accepts the longest prefix of drafts that greedy decoding would have produced, rolls the
     /// cache back past the first rejected one, and returns (accepted drafts, the token greedy
     /// decoding picks after them). `next` and the accepted drafts stay cached.
+    ///
+    /// # Errors
+    /// - As [`Session::forward_chunk`] for the row `[next, drafts..]`:
+    ///   [`InferError::InvalidOption`] (more than one row), [`InferError::TokenOutOfRange`],
+    ///   [`InferError::ContextFull`].
+    /// - [`InferError::Readback`]: the greedy picks cannot be read back from the device.
     pub fn verify_greedy(&mut self, next: u32, drafts: &[u32]) -> Result<(usize, u32), InferError> {
         let before = self.ids[0].len();
         let mut row = vec![next];

@@ -194,6 +194,10 @@ impl Tokenizer {
 
     /// The ids of `text` exactly as `tokenizer.json` encodes it (special-token strings in the
     /// text become their ids; nothing is added).
+    ///
+    /// # Errors
+    /// [`InferError::Tokenizer`] naming `tokenizer.json` when the `tokenizers` crate fails to
+    /// encode `text`.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, InferError> {
         Ok(self
             .inner
@@ -205,6 +209,9 @@ impl Tokenizer {
 
     /// A plain (non-chat) prompt: BOS first when the config asks for it and the text does not
     /// already begin with it (so a prompt pasted from a rendered chat gets one BOS, not two).
+    ///
+    /// # Errors
+    /// As [`Tokenizer::encode`].
     pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, InferError> {
         let mut ids = Vec::new();
         let body = self.encode(text)?;
@@ -225,6 +232,11 @@ impl Tokenizer {
     /// Renders the chat template as HF's `apply_chat_template(messages, tokenize=False)`:
     /// Jinja with `trim_blocks`/`lstrip_blocks`, Python string methods, and the special tokens
     /// (`bos_token`, `eos_token`) in the context.
+    ///
+    /// # Errors
+    /// [`InferError::ChatTemplate`] when the directory has no chat template, the template does
+    /// not compile, or rendering fails (including the template's own `raise_exception`, e.g.
+    /// for roles out of order).
     pub fn render_chat(
         &self,
         messages: &[Message],
@@ -269,6 +281,9 @@ impl Tokenizer {
     }
 
     /// The ids of the rendered chat (BOS comes from the template text).
+    ///
+    /// # Errors
+    /// As [`Tokenizer::render_chat`], then [`Tokenizer::encode`].
     pub fn encode_chat(
         &self,
         messages: &[Message],
@@ -278,6 +293,10 @@ impl Tokenizer {
     }
 
     /// Text of `ids` (special tokens skipped when asked).
+    ///
+    /// # Errors
+    /// [`InferError::Tokenizer`] naming `tokenizer.json` when the `tokenizers` crate fails to
+    /// decode `ids`.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, InferError> {
         self.inner
             .decode(ids, skip_special_tokens)
@@ -332,6 +351,9 @@ pub struct StreamDecoder<'a> {
 
 impl StreamDecoder<'_> {
     /// Adds one id; returns the text that became complete (possibly empty).
+    ///
+    /// # Errors
+    /// As [`Tokenizer::decode`] (of the context window).
     pub fn push(&mut self, id: u32) -> Result<String, InferError> {
         self.ids.push(id);
         let done = self.decode(self.prefix, self.read)?;
@@ -347,6 +369,9 @@ impl StreamDecoder<'_> {
     }
 
     /// Whatever is still held back (an incomplete character at the very end decodes as U+FFFD).
+    ///
+    /// # Errors
+    /// As [`Tokenizer::decode`].
     pub fn finish(&mut self) -> Result<String, InferError> {
         let done = self.decode(self.prefix, self.read)?;
         let all = self.decode(self.prefix, self.ids.len())?;

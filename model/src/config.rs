@@ -326,6 +326,11 @@ pub struct Yarn {
 
 impl DeepseekV3Config {
     /// Reads and validates `config.json`.
+    ///
+    /// # Errors
+    /// - [`ConfigError::Io`]: the file cannot be read (missing, not UTF-8, permissions).
+    /// - [`ConfigError::Parse`]: it is not JSON of this shape (wrong type, missing brace).
+    /// - [`ConfigError::Invalid`]: it parses but fails [`Self::validate`].
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
             path: path.to_path_buf(),
@@ -422,6 +427,13 @@ impl DeepseekV3Config {
     }
 
     /// Checks the config is one this implementation computes correctly.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first setting at fault: a zero size, an odd
+    /// `qk_rope_head_dim`, grouped kv heads, another activation, `tie_word_embeddings`,
+    /// `attention_bias`, a router the experts/groups cannot satisfy or that is not sigmoid +
+    /// `noaux_tc`, a rope type other than `yarn`/`default`, or quantization other than FP8 e4m3
+    /// with square blocks.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |msg: String| Err(ConfigError::Invalid(msg));
         let positive = [

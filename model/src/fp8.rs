@@ -65,6 +65,12 @@ pub fn num_blocks(n: usize, block: usize) -> usize {
 ///
 /// With `transpose` the result is written in `[cols, rows]` order (`out[j*rows + i]`) in the
 /// same pass.
+///
+/// # Errors
+/// - [`Fp8Error::ZeroBlock`]: `block` is 0.
+/// - [`Fp8Error::CodesLen`]: `codes` does not hold `rows * cols` bytes.
+/// - [`Fp8Error::ScaleShape`]: `scales` does not hold `ceil(rows/block) * ceil(cols/block)`
+///   values.
 pub fn dequantize_blocks(
     codes: &[u8],
     rows: usize,
@@ -80,6 +86,9 @@ pub fn dequantize_blocks(
 }
 
 /// Like [`dequantize_blocks`], into a caller-provided buffer of exactly `rows * cols` values.
+///
+/// # Errors
+/// As [`dequantize_blocks`]; `out` is left untouched then.
 ///
 /// # Panics
 /// If `out.len() != rows * cols`.

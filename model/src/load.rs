@@ -195,6 +195,9 @@ impl<B: DsBackend> ModuleMapper<B> for Loader<'_, B> {
 }
 
 /// Loads `dir/config.json` and the safetensors checkpoint beside it.
+///
+/// # Errors
+/// As [`load_with`] with f32 weights.
 pub fn load<B: DsBackend>(
     dir: &Path,
     device: &B::Device,
@@ -204,6 +207,17 @@ pub fn load<B: DsBackend>(
 }
 
 /// [`load`], holding the weights as `weights` says (FP8 in memory, packed experts).
+///
+/// A checkpoint without the MTP layers that `config.json` declares loads without MTP (a
+/// warning in the report, not an error).
+///
+/// # Errors
+/// - [`ModelError::Load`] with [`LoadError::NoCheckpoint`]: `dir` is not a directory, or holds
+///   neither `model.safetensors` nor its index; other [`LoadError`]s when a file or header is
+///   unreadable or malformed ([`Checkpoint::open`]).
+/// - [`ModelError::Config`]: `config.json` is missing, not JSON or not a computable config
+///   ([`DeepseekV3Config::from_file`]).
+/// - Everything [`load_from_with`] returns.
 pub fn load_with<B: DsBackend>(
     dir: &Path,
     device: &B::Device,
@@ -241,6 +255,9 @@ pub fn load_with<B: DsBackend>(
 }
 
 /// Binds the tensors of an opened checkpoint to a model of config `cfg`.
+///
+/// # Errors
+/// As [`load_from_with`] with f32 weights.
 pub fn load_from<B: DsBackend>(
     cfg: DeepseekV3Config,
     ckpt: &Checkpoint,
@@ -251,6 +268,19 @@ pub fn load_from<B: DsBackend>(
 }
 
 /// [`load_from`] with [`WeightOptions`].
+///
+/// # Errors
+/// - [`ModelError::Config`]: `cfg` fails [`DeepseekV3Config::validate`].
+/// - [`ModelError::Load`]: the first parameter whose tensor is missing
+///   ([`LoadError::MissingTensor`]), of another shape ([`LoadError::WrongShape`]) or dtype
+///   ([`LoadError::UnsupportedDtype`]), or an FP8 weight whose `_scale_inv` is missing or
+///   malformed ([`LoadError::MissingScale`], [`LoadError::BadScale`]). A missing
+///   `e_score_correction_bias` is not an error: it loads as zeros with a warning.
+/// - [`ModelError::UnexpectedTensors`]: `opts.strict` and the checkpoint holds tensors no
+///   parameter uses (FP8 scales and skipped MTP layers excepted).
+/// - [`ModelError::Invalid`]: bf16 storage on a backend without bf16 tensors, or FP8 storage
+///   with a block size that is not a positive multiple of 4.
+/// - With `weights.pack_experts`, whatever [`DeepseekV3::pack_experts`] returns.
 pub fn load_from_with<B: DsBackend>(
     cfg: DeepseekV3Config,
     ckpt: &Checkpoint,

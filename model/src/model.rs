@@ -217,6 +217,10 @@ impl<B: DsBackend> DeepseekV3<B> {
     }
 
     /// Stacks every MoE layer's experts for the backend's grouped kernels ([`Moe::pack`]).
+    ///
+    /// # Errors
+    /// [`ModelError::Invalid`] when a layer's FP8 experts differ in shape or block size (see
+    /// [`Moe::pack`]); layers before it stay packed.
     pub fn pack_experts(&mut self) -> Result<(), ModelError> {
         for m in self.moe_layers_mut() {
             m.pack()?;
@@ -285,6 +289,9 @@ impl<B: DsBackend> DeepseekV3<B> {
 
     /// A model with freshly initialised weights (normal, std `initializer_range`; norms 1, bias 0).
     /// Parameters are created lazily: loading a checkpoint over them never allocates the init.
+    ///
+    /// # Errors
+    /// [`ModelError::Config`] when `cfg` fails [`DeepseekV3Config::validate`].
     pub fn init(cfg: &DeepseekV3Config, device: &B::Device) -> Result<Self, ModelError> {
         cfg.validate()?;
         let std = cfg.initializer_range;
@@ -316,6 +323,10 @@ impl<B: DsBackend> DeepseekV3<B> {
     }
 
     /// Checks ids against the vocabulary and turns them into a `[1, T]` tensor.
+    ///
+    /// # Errors
+    /// - [`ModelError::EmptyInput`]: `ids` is empty.
+    /// - [`ModelError::TokenOutOfRange`]: the first id `>= vocab_size`, with its index.
     pub fn tokens_tensor(&self, ids: &[u32]) -> Result<Tensor<B, 2, Int>, ModelError> {
         if ids.is_empty() {
             return Err(ModelError::EmptyInput);
@@ -463,6 +474,10 @@ impl<B: DsBackend> DeepseekV3<B> {
 
     /// Convenience for scoring: the first MTP module's logits `[B, T-1, V]` for a sequence whose
     /// main-model forward gave `out`.
+    ///
+    /// # Errors
+    /// [`ModelError::NoMtp`] when the model has no MTP module (none configured, or skipped at
+    /// load) or `tokens` holds fewer than 2 positions (nothing to predict a token ahead of).
     pub fn mtp_logits(
         &self,
         tokens: Tensor<B, 2, Int>,

@@ -179,6 +179,11 @@ impl<B: DsBackend> Moe<B> {
     /// Stacks the routed experts for the grouped kernels ([`DsBackend::grouped_matmul`]): all
     /// FP8 if every expert projection is FP8, else float `[E, in, out]`. The per-expert weights
     /// are replaced by placeholders, so memory is not doubled; the layer is then for inference.
+    /// Packing twice, or a layer without experts, is a no-op.
+    ///
+    /// # Errors
+    /// [`ModelError::Invalid`](crate::ModelError::Invalid) when the experts' FP8 weights
+    /// cannot be stacked (different shapes or block sizes; [`Fp8Weight::cat`]).
     pub fn pack(&mut self) -> Result<(), crate::error::ModelError> {
         if self.packed.is_some() || self.experts.is_empty() {
             return Ok(());

@@ -16,7 +16,7 @@ pub struct Span<B: DsBackend> {
     /// `[B or 1, 1, T, past + T]`, 0 or −inf; `None` when nothing is masked (one new token per
     /// row, no padding: every decode step of an unpadded batch).
     pub mask: Option<Tensor<B, 4>>,
-    /// The rope pair-swap matrix `[dr, dr]` ([`crate::rope::pair_swap`]), built once per span
+    /// The rope pair-swap matrix `[dr, dr]` (`rope::pair_swap`), built once per span
     /// rather than per layer.
     pub swap: Tensor<B, 2>,
 }

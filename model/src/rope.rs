@@ -15,6 +15,10 @@ use crate::error::ModelError;
 pub const MAX_POSITION: usize = 1 << 32;
 
 /// `Ok` when positions `offset..offset + len` are all below [`MAX_POSITION`].
+///
+/// # Errors
+/// [`ModelError::PositionOutOfRange`] when `offset + len` exceeds [`MAX_POSITION`] (or
+/// overflows `usize`).
 pub fn check_positions(offset: usize, len: usize) -> Result<(), ModelError> {
     match offset.checked_add(len) {
         Some(end) if end <= MAX_POSITION => Ok(()),
@@ -110,7 +114,7 @@ impl RotaryEmbedding {
     }
 
     /// Rotation tables `[1, n, dr]` for arbitrary absolute positions, in the interleaved layout
-    /// [`apply_rope`] uses: `cos = (c₀, c₀, c₁, c₁, …)` and `sin = (−s₀, s₀, −s₁, s₁, …)`,
+    /// `apply_rope` uses: `cos = (c₀, c₀, c₁, c₁, …)` and `sin = (−s₀, s₀, −s₁, s₁, …)`,
     /// both already multiplied by `attention_factor`.
     pub fn cos_sin_at<B: DsBackend>(
         &self,

@@ -84,6 +84,12 @@ fn sync_dir_files(dir: &Path) -> Result<(), TrainError> {
 
 /// Writes a complete model directory (model + tokenizer + `extra` files) to `dest` atomically:
 /// a temporary sibling, fsynced, then renamed over `dest`.
+///
+/// # Errors
+/// - [`TrainError::Io`]: creating, writing, fsyncing, removing or renaming a file or
+///   directory fails (the message names the action and the path).
+/// - [`TrainError::Model`]: [`dsv3_model::save`] refuses the model (packed experts) or
+///   cannot write the safetensors file.
 pub fn write_atomically<B: DsBackend>(
     model: &DeepseekV3<B>,
     dest: &Path,
@@ -149,6 +155,10 @@ fn optimizer_bytes<B: DsAutodiffBackend>(t: &Trainer<B>) -> Result<Vec<u8>, Trai
 }
 
 /// Saves the trainer as `out/step-N` and prunes old checkpoints. Returns the directory.
+///
+/// # Errors
+/// As [`write_atomically`]; also [`TrainError::Io`] when the optimiser state cannot be
+/// serialised or an old checkpoint cannot be removed ([`prune`]).
 pub fn save<B: DsAutodiffBackend>(
     t: &Trainer<B>,
     out: &Path,
@@ -175,7 +185,11 @@ pub fn save<B: DsAutodiffBackend>(
     Ok(dest)
 }
 
-/// Deletes complete checkpoints beyond the newest `keep`.
+/// Deletes complete checkpoints beyond the newest `keep` (at least one is kept).
+///
+/// # Errors
+/// [`TrainError::Io`] when a checkpoint directory cannot be removed; older ones may already
+/// be gone then. An unreadable `out` is not an error (nothing is pruned).
 pub fn prune(out: &Path, keep: usize) -> Result<(), TrainError> {
     let all = complete(out);
     let n = all.len();
@@ -186,6 +200,10 @@ pub fn prune(out: &Path, keep: usize) -> Result<(), TrainError> {
 }
 
 /// Reads `train_state.json` of a checkpoint.
+///
+/// # Errors
+/// - [`TrainError::Io`]: the file cannot be read (missing, permissions).
+/// - [`TrainError::BadCheckpoint`]: it is not a valid `train_state.json`.
 pub fn read_state(dir: &Path) -> Result<TrainState, TrainError> {
     let p = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&p).map_err(io("read", &p))?;
@@ -197,6 +215,15 @@ pub fn read_state(dir: &Path) -> Result<TrainState, TrainError> {
 
 /// Restores a trainer from checkpoint `dir` over `data` (which must be the data it was
 /// trained on). `steps` (when given) replaces the run's total.
+///
+/// # Errors
+/// - [`TrainError::BadCheckpoint`]: `dir` was trained on other data (fingerprint), its model
+///   does not load strictly, or `optimizer.mpk` is missing, unreadable or for other
+///   parameters; also an invalid `train_state.json` ([`read_state`]).
+/// - [`TrainError::Io`]: `train_state.json` cannot be read.
+/// - [`TrainError::Invalid`] / [`TrainError::Model`]: the restored settings (with `steps`)
+///   fail [`check_setup`](crate::trainer::check_setup), e.g. `steps` is 0 or `data` is packed
+///   for another `seq_len`.
 pub fn load<B: DsAutodiffBackend>(
     dir: &Path,
     data: Dataset,
@@ -256,6 +283,12 @@ pub fn load<B: DsAutodiffBackend>(
 
 /// The newest complete checkpoint of `out` that loads; older ones are tried when a newer one
 /// is unusable (their problems are returned as warnings).
+///
+/// # Errors
+/// - [`TrainError::NoCheckpoint`]: `out` holds no complete checkpoint.
+/// - [`TrainError::BadCheckpoint`]: every checkpoint is unusable (the error of the oldest).
+/// - Any other error of [`load`] ([`TrainError::Io`], [`TrainError::Invalid`],
+///   [`TrainError::Model`]) at once, without trying older checkpoints.
 pub fn resume<B: DsAutodiffBackend>(
     out: &Path,
     data: &Dataset,

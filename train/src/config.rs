@@ -88,6 +88,12 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     /// One line naming the first setting that cannot work.
+    ///
+    /// # Errors
+    /// [`TrainError::Invalid`]: `steps`, `batch_size`, `grad_accum`, `workers`, `log_every`,
+    /// `eval_every` or `keep_checkpoints` is 0; `seq_len` or `val_every` is below 2; a learning
+    /// rate, `weight_decay`, `grad_clip`, a loss weight, `bias_gamma` or `eps` is negative or
+    /// not finite; a beta is outside [0, 1); or `attention` is `Auto`.
     pub fn validate(&self) -> Result<(), TrainError> {
         let bad = |m: String| Err(TrainError::Invalid(m));
         if self.steps == 0 {

@@ -20,7 +20,7 @@ pub struct Document {
     pub text: String,
 }
 
-/// The embedded default corpus (see [`crate::corpus`]).
+/// The embedded default corpus (`corpus.rs`).
 pub fn embedded_documents() -> Vec<Document> {
     corpus::DOCUMENTS
         .iter()
@@ -40,6 +40,14 @@ pub struct ReadReport {
 
 /// Reads a text file, a `.jsonl` file (one JSON object per line with a string `text`), or a
 /// directory of them (recursively, in path order, hidden entries skipped).
+///
+/// # Errors
+/// - [`TrainError::MissingData`]: `path` does not exist.
+/// - [`TrainError::Io`]: a file or directory cannot be read.
+/// - [`TrainError::NotText`]: `path` is a file that is not UTF-8 (inside a directory such
+///   files are skipped and listed in [`ReadReport::skipped`]).
+/// - [`TrainError::Jsonl`]: a `.jsonl` line is not JSON or has no string `text` field.
+/// - [`TrainError::EmptyData`]: no non-empty document was found.
 pub fn read_documents(path: &Path) -> Result<(Vec<Document>, ReadReport), TrainError> {
     if !path.exists() {
         return Err(TrainError::MissingData(path.to_path_buf()));
@@ -136,6 +144,11 @@ pub struct Dataset {
 impl Dataset {
     /// Packs `docs` and splits the windows: window `w` (tokens `w·T ..= w·T + T`) is held out
     /// when `w % val_every == val_every − 1`; at least one window is held out.
+    ///
+    /// # Errors
+    /// - [`TrainError::Invalid`]: `seq_len` or `val_every` is below 2.
+    /// - [`TrainError::CorpusTooSmall`]: fewer than `2·seq_len + 1` tokens (one training and
+    ///   one validation window).
     pub fn pack(docs: &[Document], seq_len: usize, val_every: usize) -> Result<Self, TrainError> {
         if seq_len < 2 {
             return Err(TrainError::Invalid(format!(

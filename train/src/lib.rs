@@ -1,13 +1,13 @@
 //! DeepSeek-V3 pretraining on Burn.
 //!
 //! - [`data`]: text files, directories, JSONL; packing with a separator; validation split;
-//!   seeded order. [`tokenizer`]: byte-level, saved as a Hugging Face `tokenizer.json`.
-//!   [`corpus`]: the embedded default corpus.
+//!   seeded order. [`ByteTokenizer`]: byte-level, saved as a Hugging Face `tokenizer.json`.
+//!   [`data::embedded_documents`]: the embedded default corpus.
 //! - [`forward`] + [`loss`]: next-token CE + λ·MTP CE + the sequence-wise balance loss.
-//! - [`balance`]: the aux-loss-free bias update. [`optim`]: AdamW, schedule, global clipping.
+//! - [`balance`]: the aux-loss-free bias update. `optim`: AdamW, schedule, global clipping.
 //! - [`trainer`]: one step / one validation pass; [`checkpoint`]: atomic HF-layout checkpoints
 //!   with optimiser and data-order state; [`run()`]: a whole run as `dsv3 train` does it;
-//!   [`metrics`] and [`plot`]: JSONL log, progress bar, PNG.
+//!   [`metrics`] and `plot`: JSONL log, progress bar, PNG.
 
 // The pieces a custom training loop composes are public modules; the run's plumbing (seeded
 // init, optimiser wiring, plots, the embedded corpus) is reached through `run`/`Trainer`.

@@ -34,12 +34,16 @@ pub struct LogRecord {
 
 /// Appends records to `metrics.jsonl`.
 pub struct MetricsLog {
+    /// `DIR/metrics.jsonl`.
     pub path: PathBuf,
 }
 
 impl MetricsLog {
     /// Opens `dir/metrics.jsonl`; when resuming at `keep_until`, drops records of later steps
-    /// (they belong to work after the checkpoint, which is redone).
+    /// (they belong to work after the checkpoint, which is redone). A new run truncates it.
+    ///
+    /// # Errors
+    /// [`TrainError::Io`] when the file cannot be read or written (e.g. `dir` does not exist).
     pub fn open(dir: &Path, keep_until: Option<usize>) -> Result<Self, TrainError> {
         let path = dir.join("metrics.jsonl");
         match keep_until {
@@ -63,6 +67,10 @@ impl MetricsLog {
         Ok(Self { path })
     }
 
+    /// Appends `r` as one JSON line (the file is created if missing).
+    ///
+    /// # Errors
+    /// [`TrainError::Io`] when the file cannot be opened or written.
     pub fn append(&self, r: &LogRecord) -> Result<(), TrainError> {
         let mut f = std::fs::OpenOptions::new()
             .append(true)
@@ -79,6 +87,9 @@ impl MetricsLog {
 }
 
 /// All records of a metrics file (lines that do not parse are skipped).
+///
+/// # Errors
+/// [`TrainError::Io`] when the file cannot be read.
 pub fn read(path: &Path) -> Result<Vec<LogRecord>, TrainError> {
     let text = std::fs::read_to_string(path).map_err(|e| TrainError::io("read", path, e))?;
     Ok(text

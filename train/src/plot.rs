@@ -92,6 +92,9 @@ fn panel<DB: DrawingBackend>(
 }
 
 /// Draws the loss and imbalance curves of `records` into `path`.
+///
+/// # Errors
+/// [`TrainError::Io`] (action `draw`) when `plotters` fails to draw or write the PNG.
 pub fn draw(records: &[LogRecord], path: &Path) -> Result<(), TrainError> {
     let text = font();
     let e = err(path);

@@ -20,7 +20,7 @@ use crate::trainer::{EvalStats, Trainer};
 /// Where the text comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DataSource {
-    /// The corpus compiled into the binary ([`crate::corpus`]).
+    /// The corpus compiled into the binary ([`crate::data::embedded_documents`]).
     Embedded,
     Path(PathBuf),
 }
@@ -43,6 +43,9 @@ impl DataSource {
     }
 
     /// The documents, and files skipped as not being text.
+    ///
+    /// # Errors
+    /// For a path, what [`data::read_documents`] returns; the embedded corpus cannot fail.
     pub fn documents(&self) -> Result<(Vec<Document>, Vec<PathBuf>), TrainError> {
         match self {
             DataSource::Embedded => Ok((data::embedded_documents(), Vec::new())),
@@ -138,6 +141,16 @@ fn pack(
 
 /// Runs training to `steps`, saving checkpoints and `final/`. Returns the summary and the
 /// trained model (inference backend).
+///
+/// # Errors
+/// - [`TrainError::NoCheckpoint`]: `resume` and `out` holds no complete checkpoint.
+/// - Reading and packing the data ([`DataSource::documents`], [`Dataset::pack`]).
+/// - Starting: [`Trainer::new`] for a new run, [`checkpoint::resume`] (and
+///   [`checkpoint::read_state`] of the newest checkpoint) on resume, then
+///   [`TrainConfig::validate`] of the merged settings.
+/// - [`TrainError::NonFinite`] from [`Trainer::train_step`]; the last checkpoint is kept.
+/// - [`TrainError::Io`] / [`TrainError::Model`]: creating `out`, the metrics log or a
+///   checkpoint fails. A plot that cannot be drawn is only a warning.
 pub fn run<B: DsAutodiffBackend>(
     opts: &RunOptions,
     device: &B::Device,

@@ -97,6 +97,9 @@ impl ByteTokenizer {
     }
 
     /// Writes `tokenizer.json` and `tokenizer_config.json` (names BOS/EOS) into `dir`.
+    ///
+    /// # Errors
+    /// [`TrainError::Io`] when a file cannot be written (e.g. `dir` does not exist).
     pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
         let write = |name: &str, v: Value| {
             let path = dir.join(name);

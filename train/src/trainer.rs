@@ -231,6 +231,10 @@ pub struct Trainer<B: DsAutodiffBackend> {
 
 impl<B: DsAutodiffBackend> Trainer<B> {
     /// A fresh run: checks the settings and initialises the model from the seed.
+    ///
+    /// # Errors
+    /// What [`check_setup`] returns: [`TrainError::Invalid`] for settings that cannot work,
+    /// [`TrainError::Model`] for a model config that fails validation.
     pub fn new(
         model_cfg: &DeepseekV3Config,
         cfg: TrainConfig,
@@ -277,6 +281,11 @@ impl<B: DsAutodiffBackend> Trainer<B> {
 
     /// One optimiser step over `grad_accum` micro-batches. On a NaN/inf loss or gradient it
     /// returns [`TrainError::NonFinite`] before touching the parameters.
+    ///
+    /// # Errors
+    /// [`TrainError::NonFinite`] with `what` = `"loss"` (and the first non-finite block or
+    /// parameter, [`Self::diagnose`]) or `"gradient"` (the first non-finite gradient). The data
+    /// order has advanced by then; the parameters, optimiser and `step` have not.
     pub fn train_step(&mut self) -> Result<StepStats, TrainError> {
         let step = self.step + 1;
         let lr = optim::lr_at(&self.cfg, step);
@@ -444,6 +453,12 @@ pub fn evaluate<B: DsBackend>(
 }
 
 /// Settings that cannot work together, each in one line.
+///
+/// # Errors
+/// - [`TrainError::Invalid`]: `cfg` fails [`TrainConfig::validate`], the model's
+///   `vocab_size` is below the byte tokenizer's, or `data` was packed for another `seq_len`.
+/// - [`TrainError::Model`] (wrapping [`dsv3_model::ModelError::Config`]): `model` fails
+///   [`DeepseekV3Config::validate`].
 pub fn check_setup(
     model: &DeepseekV3Config,
     cfg: &TrainConfig,

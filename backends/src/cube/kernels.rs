@@ -196,7 +196,7 @@ pub fn tiled_matmul_kernel<F: Float, I: Int>(
 }
 
 /// One thread per output: `out[m, n] = Σ_k x[m, k] · W_e[k, n]`, with the weights and `e` as in
-/// [`tiled_matmul_kernel`] (FP8 codes + scales decoded in registers when `fp8`, else float
+/// [`tiled_matmul_kernel()`] (FP8 codes + scales decoded in registers when `fp8`, else float
 /// `w [E, K, N]`). Used for grouped matmuls with few rows per expert, where the tiled kernel
 /// would run one pass per expert present in a tile.
 #[allow(clippy::too_many_arguments)]
