@@ -241,7 +241,6 @@ pub(crate) fn fixtures_match_golden_on<Bk: DsBackend>(label: &str, dev: &Bk::Dev
     let fp8 = WeightOptions {
         storage: WeightStorage::Fp8,
         pack_experts: true,
-        ..Default::default()
     };
     for (name, weights) in [
         ("tiny-qlora", WeightOptions::default()),

@@ -148,12 +148,10 @@ fn fp8_in_memory_equals_dequantized_model() {
         WeightOptions {
             storage: WeightStorage::Fp8,
             pack_experts: false,
-            ..Default::default()
         },
         WeightOptions {
             storage: WeightStorage::Fp8,
             pack_experts: true,
-            ..Default::default()
         },
     ] {
         let mut m = load_fixture_with::<B>("tiny-fp8", weights, &dev);
@@ -174,7 +172,6 @@ fn fp8_in_memory_equals_dequantized_model() {
         WeightOptions {
             storage: WeightStorage::Fp8,
             pack_experts: true,
-            ..Default::default()
         },
         &dev,
     );
@@ -200,7 +197,6 @@ fn packed_experts_match_per_expert_model() {
             WeightOptions {
                 storage: WeightStorage::F32,
                 pack_experts: true,
-                ..Default::default()
             },
             &dev,
         );
@@ -224,7 +220,6 @@ fn packed_experts_match_per_expert_model() {
             WeightOptions {
                 storage: WeightStorage::F32,
                 pack_experts: true,
-                ..Default::default()
             },
             &dev,
         ),
