@@ -17,7 +17,7 @@ new=${NEW_TOKENS:-64}
 threads=${THREADS:-$(nproc)}
 mkdir -p "$work"
 cargo build --release --quiet
-bin=target/release/dsv3
+bin="${CARGO_TARGET_DIR:-target}/release/dsv3"
 [ -f "$work/model/model.safetensors" ] || "$bin" init --preset small --out "$work/model" --seed 1 > /dev/null
 python3 -c "import random; r = random.Random(7); print(','.join(str(r.randrange(2, 8000)) for _ in range(512)))" > "$work/ids"
 ids=$(cat "$work/ids")

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 work="${1:-${TMPDIR:-/tmp}/dsv3-bench-load}"
 mkdir -p "$work"
 cargo build --release --quiet
-bin=target/release/dsv3
+bin="${CARGO_TARGET_DIR:-target}/release/dsv3"
 cat > "$work/config.json" <<'JSON'
 {"vocab_size": 32000, "hidden_size": 1536, "intermediate_size": 4096, "moe_intermediate_size": 512,
  "num_hidden_layers": 8, "first_k_dense_replace": 1, "num_attention_heads": 12, "num_key_value_heads": 12,

@@ -18,7 +18,7 @@ STEPS=${STEPS:-}
 SPEED_STEPS=${SPEED_STEPS:-12}
 mkdir -p "$OUT"
 cargo build --release -q
-DSV3=target/release/dsv3
+DSV3="${CARGO_TARGET_DIR:-target}/release/dsv3"
 steps_flag=()
 [ -n "$STEPS" ] && steps_flag=(--steps "$STEPS")
 
