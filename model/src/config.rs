@@ -124,193 +124,140 @@ pub struct QuantizationConfig {
     pub scale_fmt: Option<String>,
 }
 
-fn d_vocab() -> usize {
-    129280
-}
-fn d_hidden() -> usize {
-    7168
-}
-fn d_inter() -> usize {
-    18432
-}
-fn d_moe_inter() -> usize {
-    2048
-}
-fn d_layers() -> usize {
-    61
-}
-fn d_dense() -> usize {
-    3
-}
-fn d_heads() -> usize {
-    128
-}
-fn d_qlora() -> Option<usize> {
-    Some(1536)
-}
-fn d_kvlora() -> usize {
-    512
-}
-fn d_nope() -> usize {
-    128
-}
-fn d_rope() -> usize {
-    64
-}
-fn d_experts() -> usize {
-    256
-}
-fn d_one() -> usize {
-    1
-}
-fn d_topk() -> usize {
-    8
-}
-fn d_group() -> usize {
-    8
-}
-fn d_topk_group() -> usize {
-    4
-}
-fn d_true() -> bool {
-    true
-}
-fn d_scale() -> f64 {
-    2.5
-}
-fn d_eps() -> f64 {
-    1e-6
-}
-fn d_maxpos() -> usize {
-    4096
-}
-fn d_init() -> f64 {
-    0.02
-}
-fn d_silu() -> String {
-    "silu".into()
-}
-fn d_model_type() -> String {
-    "deepseek_v3".into()
-}
-fn d_arch() -> Vec<String> {
-    vec!["DeepseekV3ForCausalLM".into()]
-}
-fn d_topk_method() -> String {
-    "noaux_tc".into()
-}
-fn d_sigmoid() -> String {
-    "sigmoid".into()
-}
-
 /// The model's hyper-parameters. Defaults are those of HF transformers' `DeepseekV3Config`
 /// (the 671B shape), so a `config.json` that omits a field means what it means to HF.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct DeepseekV3Config {
-    #[serde(default = "d_arch")]
     pub architectures: Vec<String>,
-    #[serde(default = "d_model_type")]
     pub model_type: String,
-    #[serde(default = "d_vocab")]
     pub vocab_size: usize,
-    #[serde(default = "d_hidden")]
     pub hidden_size: usize,
     /// Width of the dense-layer MLP.
-    #[serde(default = "d_inter")]
     pub intermediate_size: usize,
     /// Width of one routed expert (and the unit of the shared experts).
-    #[serde(default = "d_moe_inter")]
     pub moe_intermediate_size: usize,
-    #[serde(default = "d_layers")]
     pub num_hidden_layers: usize,
     /// Layers `< first_k_dense_replace` use the dense MLP.
-    #[serde(default = "d_dense")]
     pub first_k_dense_replace: usize,
     /// Ignored (as by the official code and HF 5.x); kept so a saved config round-trips.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub moe_layer_freq: Option<usize>,
-    #[serde(default = "d_heads")]
     pub num_attention_heads: usize,
     /// Meaningless for MLA; must equal `num_attention_heads` when present.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub num_key_value_heads: Option<usize>,
     /// `null` = a direct `q_proj` (V2-Lite style).
-    #[serde(default = "d_qlora")]
     pub q_lora_rank: Option<usize>,
-    #[serde(default = "d_kvlora")]
     pub kv_lora_rank: usize,
-    #[serde(default = "d_nope")]
     pub qk_nope_head_dim: usize,
-    #[serde(default = "d_rope")]
     pub qk_rope_head_dim: usize,
-    #[serde(default = "d_nope")]
     pub v_head_dim: usize,
-    #[serde(default = "d_experts")]
     pub n_routed_experts: usize,
-    #[serde(default = "d_one")]
     pub n_shared_experts: usize,
-    #[serde(default = "d_topk")]
     pub num_experts_per_tok: usize,
-    #[serde(default = "d_group")]
     pub n_group: usize,
-    #[serde(default = "d_topk_group")]
     pub topk_group: usize,
-    #[serde(default = "d_topk_method")]
     pub topk_method: String,
-    #[serde(default = "d_sigmoid")]
     pub scoring_func: String,
-    #[serde(default = "d_true")]
     pub norm_topk_prob: bool,
-    #[serde(default = "d_scale")]
     pub routed_scaling_factor: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub seq_aux: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub aux_loss_alpha: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ep_size: Option<usize>,
-    #[serde(default = "d_silu")]
     pub hidden_act: String,
-    #[serde(default = "d_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_theta: Option<f64>,
     /// Legacy key (the released checkpoint uses it).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
     /// HF 5.x key; wins over `rope_scaling` when both are present.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<RopeScaling>,
     /// HF only: the checkpoint's rotary dims are interleaved pairs. Must be true for DeepSeek weights.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rope_interleave: Option<bool>,
-    #[serde(default = "d_maxpos")]
     pub max_position_embeddings: usize,
     /// Number of MTP modules, stored as layers `num_hidden_layers..`.
-    #[serde(default, alias = "num_mtp_layers")]
+    #[serde(alias = "num_mtp_layers")]
     pub num_nextn_predict_layers: usize,
-    #[serde(default)]
     pub attention_bias: bool,
-    #[serde(default)]
     pub attention_dropout: f64,
-    #[serde(default)]
     pub tie_word_embeddings: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub bos_token_id: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<serde_json::Value>,
-    #[serde(default = "d_init")]
     pub initializer_range: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub torch_dtype: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub quantization_config: Option<QuantizationConfig>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub use_cache: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pretraining_tp: Option<usize>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub transformers_version: Option<String>,
+}
+
+impl Default for DeepseekV3Config {
+    /// HF transformers' `DeepseekV3Config()` defaults: the 671B shape.
+    fn default() -> Self {
+        Self {
+            architectures: vec!["DeepseekV3ForCausalLM".into()],
+            model_type: "deepseek_v3".into(),
+            vocab_size: 129280,
+            hidden_size: 7168,
+            intermediate_size: 18432,
+            moe_intermediate_size: 2048,
+            num_hidden_layers: 61,
+            first_k_dense_replace: 3,
+            moe_layer_freq: None,
+            num_attention_heads: 128,
+            num_key_value_heads: None,
+            q_lora_rank: Some(1536),
+            kv_lora_rank: 512,
+            qk_nope_head_dim: 128,
+            qk_rope_head_dim: 64,
+            v_head_dim: 128,
+            n_routed_experts: 256,
+            n_shared_experts: 1,
+            num_experts_per_tok: 8,
+            n_group: 8,
+            topk_group: 4,
+            topk_method: "noaux_tc".into(),
+            scoring_func: "sigmoid".into(),
+            norm_topk_prob: true,
+            routed_scaling_factor: 2.5,
+            seq_aux: None,
+            aux_loss_alpha: None,
+            ep_size: None,
+            hidden_act: "silu".into(),
+            rms_norm_eps: 1e-6,
+            rope_theta: None,
+            rope_scaling: None,
+            rope_parameters: None,
+            rope_interleave: None,
+            max_position_embeddings: 4096,
+            num_nextn_predict_layers: 0,
+            attention_bias: false,
+            attention_dropout: 0.0,
+            tie_word_embeddings: false,
+            bos_token_id: None,
+            eos_token_id: None,
+            initializer_range: 0.02,
+            torch_dtype: None,
+            quantization_config: None,
+            use_cache: None,
+            pretraining_tp: None,
+            transformers_version: None,
+        }
+    }
 }
 
 /// YaRN parameters resolved from either key, with HF's defaulting rules (spec §3.2).
@@ -586,7 +533,7 @@ impl DeepseekV3Config {
 
     /// The released 671B model (`deepseek-ai/DeepSeek-V3` config.json).
     pub fn deepseek_v3_671b() -> Self {
-        let mut c: Self = serde_json::from_str("{}").expect("defaults");
+        let mut c = Self::default();
         c.rope_theta = Some(10000.0);
         c.max_position_embeddings = 163840;
         c.num_nextn_predict_layers = 1;

@@ -261,7 +261,7 @@ pub fn inspect(a: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
     };
     let mtp_present = match &ckpt {
         Some(c) => {
-            let prefix = format!("model.layers.{}.", cfg.num_hidden_layers);
+            let prefix = format!("model.layers.{}.", cfg.mtp_layer(0));
             cfg.num_nextn_predict_layers > 0 && c.names().any(|n| n.starts_with(&prefix))
         }
         None => cfg.num_nextn_predict_layers > 0,
