@@ -1,32 +1,29 @@
 //! Reading and writing Hugging Face safetensors checkpoints, streaming (spec §7, §8).
 //!
-//! [`Checkpoint`] memory-maps `model.safetensors` or every shard named by
-//! `model.safetensors.index.json`, validates every header up front (so that a lying header is
-//! reported at open time with the file and tensor it concerns), and converts one tensor at a
-//! time to f32 on request ([`Checkpoint::read_f32`]), dequantizing FP8 block-quantized weights
-//! with their `weight_scale_inv` grid.
-//!
-//! [`SafetensorsWriter`] writes a safetensors file tensor by tensor, holding at most one
-//! tensor's bytes (less: conversions go through a small buffer), to `<path>.tmp`, renamed to
-//! `<path>` by [`SafetensorsWriter::finish`]. [`write_index`] writes the shard index.
-//!
-//! File format (as the reference `safetensors` crate reads and writes it): an 8-byte
-//! little-endian header length `n`, `n` bytes of UTF-8 JSON (`{"__metadata__": {str: str}?,
-//! name: {"dtype", "shape", "data_offsets": [start, end]}, ...}`, padded with spaces to a
-//! multiple of 8), then the data section; offsets are relative to the data section, and the
-//! tensors' byte ranges must tile it exactly (no gap, no overlap, nothing after the last one).
+//! The file format is the `safetensors` crate's: [`Checkpoint`] memory-maps `model.safetensors`
+//! or every shard named by `model.safetensors.index.json` and validates each header at open
+//! time with [`SafeTensors::read_metadata`]; [`write_safetensors`] writes through
+//! [`safetensors::serialize_to_file`]. What is this project's own: resolving tensor names
+//! across shards, converting one tensor at a time to f32 (threaded, transposed in the same
+//! pass), dequantizing FP8 block-quantized weights with their `weight_scale_inv` grid, releasing
+//! each tensor's pages once converted, a durable atomic write, and errors that name the file and
+//! the tensor.
 //!
 //! Nothing here depends on Burn.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::borrow::Cow;
+use std::cell::{Cell, RefCell};
+use std::collections::{btree_map, BTreeMap, HashMap};
 use std::fmt;
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
-use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+use safetensors::tensor::{Metadata, SafeTensorError, View};
+use safetensors::SafeTensors;
 use serde_json::Value;
+
+pub use safetensors::Dtype;
 
 use crate::fp8;
 
@@ -34,77 +31,22 @@ use crate::fp8;
 pub const SINGLE_FILE: &str = "model.safetensors";
 /// File name of the shard index of a sharded checkpoint.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
-/// Largest header accepted (the reference implementation's limit).
-pub const MAX_HEADER_LEN: u64 = 100_000_000;
 
-/// Element types this crate reads and writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Dtype {
-    F32,
-    BF16,
-    F16,
-    /// `float8_e4m3fn`, safetensors name `F8_E4M3`.
-    F8E4M3,
-}
-
-impl Dtype {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            Dtype::F32 => 4,
-            Dtype::BF16 | Dtype::F16 => 2,
-            Dtype::F8E4M3 => 1,
-        }
-    }
-
-    /// The safetensors header spelling (`"F32"`, `"BF16"`, `"F16"`, `"F8_E4M3"`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Dtype::F32 => "F32",
-            Dtype::BF16 => "BF16",
-            Dtype::F16 => "F16",
-            Dtype::F8E4M3 => "F8_E4M3",
-        }
-    }
-
-    /// Parses a safetensors header spelling; `None` for any other dtype.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "F32" => Some(Dtype::F32),
-            "BF16" => Some(Dtype::BF16),
-            "F16" => Some(Dtype::F16),
-            "F8_E4M3" => Some(Dtype::F8E4M3),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Dtype {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Bit width of the other dtypes the safetensors format defines (not convertible here, but
-/// their byte ranges can still be validated, so a file holding one opens fine).
-fn other_dtype_bits(s: &str) -> Option<usize> {
-    Some(match s {
-        "F4" => 4,
-        "F6_E2M3" | "F6_E3M2" => 6,
-        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E8M0" | "F8_E4M3FNUZ" | "F8_E5M2FNUZ" => 8,
-        "I16" | "U16" => 16,
-        "I32" | "U32" => 32,
-        "I64" | "U64" | "F64" | "C64" => 64,
-        _ => return None,
-    })
+/// Whether tensors of `dtype` convert to f32 here (F32, BF16, F16, F8_E4M3). Tensors of the
+/// other safetensors dtypes are listed by [`Checkpoint::unsupported`]; reading one is an error.
+fn readable(dtype: Dtype) -> bool {
+    matches!(
+        dtype,
+        Dtype::F32 | Dtype::BF16 | Dtype::F16 | Dtype::F8_E4M3
+    )
 }
 
 /// Where a tensor lives: its dtype, shape, file (index into the checkpoint's files) and absolute
 /// byte range in that file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TensorInfo {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorInfo<'a> {
     pub dtype: Dtype,
-    pub shape: Vec<usize>,
+    pub shape: &'a [usize],
     /// Index into the checkpoint's files (see [`Checkpoint::file_path`]).
     pub file: usize,
     /// Absolute byte range `start..end` in the file (header included in the count).
@@ -112,7 +54,7 @@ pub struct TensorInfo {
     pub end: usize,
 }
 
-impl TensorInfo {
+impl TensorInfo<'_> {
     /// Number of elements (1 for a scalar).
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
@@ -142,8 +84,13 @@ pub enum LoadError {
     NoCheckpoint { dir: PathBuf },
     #[error("{}: bad checkpoint index: {reason}", path.display())]
     BadIndex { path: PathBuf, reason: String },
-    #[error("{}: bad safetensors header: {reason}", path.display())]
-    BadHeader { path: PathBuf, reason: String },
+    /// A header the `safetensors` crate rejects.
+    #[error("{}: invalid safetensors file: {source}", path.display())]
+    Format {
+        path: PathBuf,
+        #[source]
+        source: SafeTensorError,
+    },
     #[error(
         "{}: tensor '{tensor}' is truncated: its data ends at byte {end} but the file has only \
          {file_len} bytes",
@@ -155,6 +102,8 @@ pub enum LoadError {
         end: u64,
         file_len: u64,
     },
+    /// A header entry whose byte range does not fit its shape and dtype (what the crate reports
+    /// without naming the tensor).
     #[error("{}: tensor '{tensor}': bad data_offsets: {reason}", path.display())]
     BadOffsets {
         path: PathBuf,
@@ -168,7 +117,7 @@ pub enum LoadError {
     UnsupportedDtype {
         path: PathBuf,
         tensor: String,
-        dtype: String,
+        dtype: Dtype,
     },
     #[error("{}: tensor '{name}' is not in the checkpoint", dir.display())]
     MissingTensor { dir: PathBuf, name: String },
@@ -208,40 +157,17 @@ pub enum LoadError {
         first: PathBuf,
         second: PathBuf,
     },
-    /// A read the tensor cannot satisfy (transpose of a non-2-D tensor, wrong output buffer
-    /// size, FP8 block size 0).
+    /// A read the tensor cannot satisfy (transpose of a non-2-D tensor, FP8 block size 0).
     #[error("{}: tensor '{tensor}': {reason}", path.display())]
     InvalidRequest {
         path: PathBuf,
         tensor: String,
         reason: String,
     },
-    /// Strict loading: checkpoint tensors that the model does not use.
-    #[error(
-        "the checkpoint has {} tensor(s) the model does not use: {}",
-        names.len(),
-        list_names(names)
-    )]
-    Unexpected { names: Vec<String> },
-    /// Misuse of [`SafetensorsWriter`] (undeclared or duplicate tensor, wrong data length,
-    /// tensors left unwritten, ...).
+    /// A tensor [`write_safetensors`] cannot write (dtype, value count, failed read of its
+    /// values), or an error of the crate's writer other than I/O.
     #[error("{}: writing safetensors: {reason}", path.display())]
     Writer { path: PathBuf, reason: String },
-}
-
-/// `'a', 'b', 'c' and 7 more`: a short one-line list.
-fn list_names(names: &[String]) -> String {
-    const SHOWN: usize = 5;
-    let mut s = names
-        .iter()
-        .take(SHOWN)
-        .map(|n| format!("'{n}'"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    if names.len() > SHOWN {
-        s.push_str(&format!(" and {} more", names.len() - SHOWN));
-    }
-    s
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
@@ -252,237 +178,78 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Header parsing
+// Header errors
 // ---------------------------------------------------------------------------------------------
 
-/// The header's top-level entries in file order, duplicates kept (serde_json's map would drop
-/// them and sort the keys).
-struct Entries(Vec<(String, Value)>);
-
-impl<'de> Deserialize<'de> for Entries {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Entries;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries, A::Error> {
-                let mut v = Vec::with_capacity(map.size_hint().unwrap_or(0));
-                while let Some(e) = map.next_entry::<String, Value>()? {
-                    v.push(e);
-                }
-                Ok(Entries(v))
-            }
-        }
-        d.deserialize_map(V)
+/// Wraps the crate's rejection of the header of `buf` (a whole file) with the file's path, and
+/// names the tensor at fault where the crate does not: a data section shorter than the header
+/// promises (a truncated download), or an entry whose byte range does not match its shape.
+fn header_error(path: &Path, buf: &[u8], source: SafeTensorError) -> LoadError {
+    use SafeTensorError::*;
+    let unnamed = matches!(
+        source,
+        MetadataIncompleteBuffer | TensorInvalidInfo | MisalignedSlice | ValidationOverflow
+    );
+    if let Some(e) = unnamed.then(|| name_the_tensor(path, buf)).flatten() {
+        return e;
     }
-}
-
-/// One tensor of a parsed header.
-struct Parsed {
-    name: String,
-    /// `Ok` for a supported dtype, `Err(spelling)` for another safetensors dtype.
-    dtype: Result<Dtype, String>,
-    shape: Vec<usize>,
-    /// Relative to the data section.
-    start: usize,
-    end: usize,
-}
-
-struct ParsedHeader {
-    /// Absolute offset of the data section (8 + header length).
-    data_start: usize,
-    metadata: Option<BTreeMap<String, String>>,
-    tensors: Vec<Parsed>,
-}
-
-fn parse_usize(v: &Value) -> Option<usize> {
-    v.as_u64().and_then(|x| usize::try_from(x).ok())
-}
-
-/// Parses and validates the header of a whole safetensors file held in `buf`.
-fn parse_header(path: &Path, buf: &[u8]) -> Result<ParsedHeader, LoadError> {
-    let bad = |reason: String| LoadError::BadHeader {
+    LoadError::Format {
         path: path.to_path_buf(),
-        reason,
-    };
-    let file_len = buf.len() as u64;
-    if buf.len() < 8 {
-        return Err(bad(format!(
-            "the file is {file_len} bytes, shorter than the 8-byte header length"
-        )));
+        source,
     }
-    let n = u64::from_le_bytes(buf[..8].try_into().expect("8 bytes"));
-    if n > MAX_HEADER_LEN {
-        return Err(bad(format!(
-            "header length {n} exceeds the {MAX_HEADER_LEN}-byte limit (file is {file_len} bytes)"
-        )));
-    }
-    if 8 + n > file_len {
-        return Err(bad(format!(
-            "header length {n} runs past the end of the file ({file_len} bytes)"
-        )));
-    }
-    let data_start = 8 + n as usize;
-    let text = std::str::from_utf8(&buf[8..data_start])
-        .map_err(|e| bad(format!("header is not UTF-8: {e}")))?;
-    let Entries(entries) = serde_json::from_str(text)
-        .map_err(|e| bad(format!("header is not a valid JSON object: {e}")))?;
+}
 
-    let data_len = buf.len() - data_start;
-    let mut metadata = None;
-    let mut seen = BTreeSet::new();
-    let mut tensors = Vec::with_capacity(entries.len());
-    for (name, value) in entries {
-        if !seen.insert(name.clone()) {
-            return Err(bad(format!("'{name}' appears twice in the header")));
-        }
-        if name == "__metadata__" {
-            let Value::Object(map) = value else {
-                return Err(bad("__metadata__ is not an object".into()));
-            };
-            let mut m = BTreeMap::new();
-            for (k, v) in map {
-                let Value::String(s) = v else {
-                    return Err(bad(format!("__metadata__ value '{k}' is not a string")));
-                };
-                m.insert(k, s);
-            }
-            metadata = Some(m);
-            continue;
-        }
-        let field = |key: &str| -> Result<&Value, LoadError> {
-            value
-                .get(key)
-                .ok_or_else(|| bad(format!("tensor '{name}' has no \"{key}\"")))
-        };
-        let dtype_str = field("dtype")?
-            .as_str()
-            .ok_or_else(|| bad(format!("tensor '{name}': \"dtype\" is not a string")))?;
-        let shape: Vec<usize> = field("shape")?
-            .as_array()
-            .and_then(|a| a.iter().map(parse_usize).collect::<Option<Vec<_>>>())
-            .ok_or_else(|| {
-                bad(format!(
-                    "tensor '{name}': \"shape\" is not an array of non-negative integers"
-                ))
-            })?;
-        let offsets: Vec<usize> = field("data_offsets")?
-            .as_array()
-            .and_then(|a| a.iter().map(parse_usize).collect::<Option<Vec<_>>>())
-            .filter(|a| a.len() == 2)
-            .ok_or_else(|| {
-                bad(format!(
-                    "tensor '{name}': \"data_offsets\" is not [start, end] with non-negative \
-                     integers"
-                ))
-            })?;
-        let (start, end) = (offsets[0], offsets[1]);
-        let (dtype, bits) = match Dtype::parse(dtype_str) {
-            Some(d) => (Ok(d), d.size() * 8),
-            None => match other_dtype_bits(dtype_str) {
-                Some(b) => (Err(dtype_str.to_string()), b),
-                None => {
-                    return Err(LoadError::UnsupportedDtype {
-                        path: path.to_path_buf(),
-                        tensor: name,
-                        dtype: dtype_str.to_string(),
-                    })
-                }
-            },
-        };
-        let bad_off = |reason: String| LoadError::BadOffsets {
-            path: path.to_path_buf(),
-            tensor: name.clone(),
-            reason,
-        };
-        let nbits = shape
+/// The first tensor (by offset) whose byte range does not fit its shape and dtype or runs past
+/// the end of `buf`, for a header the crate rejected; `None` when none is found that way.
+fn name_the_tensor(path: &Path, buf: &[u8]) -> Option<LoadError> {
+    let n = usize::try_from(u64::from_le_bytes(buf.get(..8)?.try_into().ok()?)).ok()?;
+    let header = buf.get(8..n.checked_add(8)?)?;
+    let entries: HashMap<String, Value> = serde_json::from_slice(header).ok()?;
+    let mut tensors = entries
+        .into_iter()
+        .filter(|(name, _)| name != "__metadata__")
+        .map(|(name, v)| Some((name, serde_json::from_value(v).ok()?)))
+        .collect::<Option<Vec<(String, safetensors::tensor::TensorInfo)>>>()?;
+    tensors.sort_by_key(|(_, t)| t.data_offsets);
+    let data_len = buf.len() - 8 - n;
+    for (tensor, t) in tensors {
+        let (start, end) = t.data_offsets;
+        let bits = t
+            .shape
             .iter()
-            .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .and_then(|n| n.checked_mul(bits))
-            .ok_or_else(|| bad_off(format!("shape {shape:?} overflows")))?;
-        if nbits % 8 != 0 {
-            return Err(bad_off(format!(
-                "shape {shape:?} of {dtype_str} is not a whole number of bytes"
-            )));
-        }
-        if end < start {
-            return Err(bad_off(format!("[{start}, {end}] ends before it starts")));
-        }
-        if end - start != nbits / 8 {
-            return Err(bad_off(format!(
-                "[{start}, {end}] spans {} bytes but shape {shape:?} of {dtype_str} needs {}",
-                end - start,
-                nbits / 8
-            )));
-        }
-        if end > data_len {
-            return Err(LoadError::Truncated {
+            .try_fold(t.dtype.bitsize(), |a, &d| a.checked_mul(d));
+        let reason = match (bits, end.checked_sub(start)) {
+            (None, _) => Some(format!("shape {:?} overflows", t.shape)),
+            (Some(b), _) if b % 8 != 0 => Some(format!(
+                "shape {:?} of {} is not a whole number of bytes",
+                t.shape, t.dtype
+            )),
+            (Some(_), None) => Some(format!("[{start}, {end}] ends before it starts")),
+            (Some(b), Some(len)) if len != b / 8 => Some(format!(
+                "[{start}, {end}] spans {len} bytes but shape {:?} of {} needs {}",
+                t.shape,
+                t.dtype,
+                b / 8
+            )),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            return Some(LoadError::BadOffsets {
                 path: path.to_path_buf(),
-                tensor: name,
-                end: (data_start + end) as u64,
-                file_len,
-            });
-        }
-        tensors.push(Parsed {
-            name,
-            dtype,
-            shape,
-            start,
-            end,
-        });
-    }
-
-    // The byte ranges must tile the data section, as the reference reader requires (JSON order
-    // does not matter; it sorts by offset too).
-    let mut order: Vec<usize> = (0..tensors.len()).collect();
-    order.sort_by_key(|&i| (tensors[i].start, tensors[i].end));
-    let mut prev: Option<&Parsed> = None;
-    for &i in &order {
-        let t = &tensors[i];
-        let prev_end = prev.map_or(0, |p| p.end);
-        if t.start != prev_end {
-            let reason = match prev {
-                Some(p) if t.start < p.end => format!(
-                    "[{}, {}] overlaps tensor '{}' at [{}, {}]",
-                    t.start, t.end, p.name, p.start, p.end
-                ),
-                Some(p) => format!(
-                    "[{}, {}] leaves a gap of {} bytes after tensor '{}' at [{}, {}]",
-                    t.start,
-                    t.end,
-                    t.start - p.end,
-                    p.name,
-                    p.start,
-                    p.end
-                ),
-                None => format!(
-                    "[{}, {}]: the first tensor must start at 0 (gap of {} bytes)",
-                    t.start, t.end, t.start
-                ),
-            };
-            return Err(LoadError::BadOffsets {
-                path: path.to_path_buf(),
-                tensor: t.name.clone(),
+                tensor,
                 reason,
             });
         }
-        prev = Some(t);
+        if end > data_len {
+            return Some(LoadError::Truncated {
+                path: path.to_path_buf(),
+                tensor,
+                end: (8 + n + end) as u64,
+                file_len: buf.len() as u64,
+            });
+        }
     }
-    let covered = prev.map_or(0, |p| p.end);
-    if covered != data_len {
-        return Err(bad(format!(
-            "{} bytes after the end of the last tensor's data (data section is {data_len} bytes, \
-             tensors cover {covered})",
-            data_len - covered
-        )));
-    }
-    Ok(ParsedHeader {
-        data_start,
-        metadata,
-        tensors,
-    })
+    None
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -502,19 +269,6 @@ fn bf16_le(b: [u8; 2]) -> f32 {
 #[inline(always)]
 fn f16_le(b: [u8; 2]) -> f32 {
     half::f16::from_bits(u16::from_le_bytes(b)).to_f32()
-}
-
-/// f32 → bf16 bits, round to nearest even, bit-identical to torch's `.bfloat16()` for every
-/// non-NaN input (checked on 3M values; overflow rounds to ±inf). Every NaN becomes 0x7FC0, as
-/// c10's scalar `round_to_nearest_even` does (torch's vectorized CPU path gives 0xFFFF instead).
-#[inline(always)]
-pub fn f32_to_bf16(x: f32) -> u16 {
-    if x.is_nan() {
-        return 0x7FC0;
-    }
-    let b = x.to_bits();
-    // No overflow: the largest non-NaN pattern is 0xFF80_0000.
-    ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
 }
 
 /// Converts `bytes` (W bytes per element, `rows × cols` row-major) into `out`, optionally
@@ -576,7 +330,8 @@ fn convert_float(
         Dtype::F32 => convert::<4>(bytes, rows, cols, transpose, first, out, f32_le),
         Dtype::BF16 => convert::<2>(bytes, rows, cols, transpose, first, out, bf16_le),
         Dtype::F16 => convert::<2>(bytes, rows, cols, transpose, first, out, f16_le),
-        Dtype::F8E4M3 => unreachable!("FP8 goes through fp8::dequantize_blocks_into"),
+        // FP8 goes through fp8::dequantize_blocks_into; other dtypes are refused by `lookup`.
+        other => unreachable!("convert_float of {other}"),
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (out_rows, width) = if transpose && rows > 1 && cols > 1 {
@@ -599,27 +354,46 @@ fn convert_float(
 // Checkpoint
 // ---------------------------------------------------------------------------------------------
 
-struct MappedFile {
+/// One mapped safetensors file and its header, as the crate parsed it.
+struct Shard {
     path: PathBuf,
     map: Mmap,
-    metadata: Option<BTreeMap<String, String>>,
+    /// Absolute offset of the data section (8 + header length).
+    data_start: usize,
+    metadata: Metadata,
 }
 
-/// A tensor of a dtype this crate cannot convert (e.g. I64, F64): listed so that a read names
-/// the dtype instead of reporting a missing tensor.
-struct OtherTensor {
-    dtype: String,
-    file: usize,
-    nbytes: usize,
+impl Shard {
+    fn open(path: &Path) -> Result<Self, LoadError> {
+        let file = File::open(path).map_err(io_err(path))?;
+        if file.metadata().map_err(io_err(path))?.len() == 0 {
+            // Not mapped: an empty mapping is an error on some systems.
+            return Err(LoadError::Format {
+                path: path.to_path_buf(),
+                source: SafeTensorError::HeaderTooSmall,
+            });
+        }
+        // SAFETY: the map is read-only; as with every mmap-based loader, the file must not be
+        // truncated or modified by another process while the checkpoint is open.
+        let map = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
+        let (n, metadata) =
+            SafeTensors::read_metadata(&map).map_err(|e| header_error(path, &map, e))?;
+        Ok(Shard {
+            path: path.to_path_buf(),
+            map,
+            data_start: 8 + n,
+            metadata,
+        })
+    }
 }
 
 /// A memory-mapped safetensors checkpoint (one file or a sharded set). Opening reads only the
 /// headers; tensor data is read (through the page cache) when converted.
 pub struct Checkpoint {
     dir: PathBuf,
-    files: Vec<MappedFile>,
-    tensors: BTreeMap<String, TensorInfo>,
-    other: BTreeMap<String, OtherTensor>,
+    files: Vec<Shard>,
+    /// Every tensor of every file (readable or not) -> index into `files`.
+    index: BTreeMap<String, usize>,
 }
 
 impl fmt::Debug for Checkpoint {
@@ -630,7 +404,7 @@ impl fmt::Debug for Checkpoint {
                 "files",
                 &self.files.iter().map(|m| &m.path).collect::<Vec<_>>(),
             )
-            .field("tensors", &self.tensors.len())
+            .field("tensors", &self.index.len())
             .finish()
     }
 }
@@ -693,14 +467,10 @@ impl Checkpoint {
         let mut ck = Self::open_files(&paths)?;
         ck.dir = dir.to_path_buf();
         for (name, shard) in weight_map {
-            let file = match (ck.tensors.get(name), ck.other.get(name)) {
-                (Some(t), _) => t.file,
-                (None, Some(o)) => o.file,
-                (None, None) => {
-                    return Err(bad(format!(
-                        "tensor '{name}' is mapped to shard '{shard}', which does not contain it"
-                    )))
-                }
+            let Some(&file) = ck.index.get(name) else {
+                return Err(bad(format!(
+                    "tensor '{name}' is mapped to shard '{shard}', which does not contain it"
+                )));
             };
             if ck.files[file].path != dir.join(shard) {
                 return Err(bad(format!(
@@ -720,75 +490,27 @@ impl Checkpoint {
             .and_then(|p| p.parent())
             .map(Path::to_path_buf)
             .unwrap_or_default();
-        let mut ck = Checkpoint {
-            dir,
-            files: Vec::with_capacity(paths.len()),
-            tensors: BTreeMap::new(),
-            other: BTreeMap::new(),
-        };
+        let mut files: Vec<Shard> = Vec::with_capacity(paths.len());
+        let mut index = BTreeMap::new();
         for path in paths {
-            let file = File::open(path).map_err(io_err(path))?;
-            let len = file.metadata().map_err(io_err(path))?.len();
-            if len < 8 {
-                // Also avoids mapping an empty file.
-                return Err(LoadError::BadHeader {
-                    path: path.clone(),
-                    reason: format!(
-                        "the file is {len} bytes, shorter than the 8-byte header length"
-                    ),
-                });
-            }
-            // SAFETY: the map is read-only; as with every mmap-based loader, the file must not be
-            // truncated or modified by another process while the checkpoint is open.
-            let map = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
-            let header = parse_header(path, &map)?;
-            let fi = ck.files.len();
-            for t in header.tensors {
-                let existing = ck
-                    .tensors
-                    .get(&t.name)
-                    .map(|i| i.file)
-                    .or_else(|| ck.other.get(&t.name).map(|o| o.file));
-                if let Some(first) = existing {
-                    return Err(LoadError::DuplicateTensor {
-                        name: t.name,
-                        first: ck.files[first].path.clone(),
-                        second: path.clone(),
-                    });
-                }
-                let (start, end) = (header.data_start + t.start, header.data_start + t.end);
-                match t.dtype {
-                    Ok(dtype) => {
-                        ck.tensors.insert(
-                            t.name,
-                            TensorInfo {
-                                dtype,
-                                shape: t.shape,
-                                file: fi,
-                                start,
-                                end,
-                            },
-                        );
+            let shard = Shard::open(path)?;
+            for name in shard.metadata.offset_keys() {
+                match index.entry(name) {
+                    btree_map::Entry::Vacant(v) => {
+                        v.insert(files.len());
                     }
-                    Err(dtype) => {
-                        ck.other.insert(
-                            t.name,
-                            OtherTensor {
-                                dtype,
-                                file: fi,
-                                nbytes: end - start,
-                            },
-                        );
+                    btree_map::Entry::Occupied(o) => {
+                        return Err(LoadError::DuplicateTensor {
+                            name: o.key().clone(),
+                            first: files[*o.get()].path.clone(),
+                            second: path.clone(),
+                        })
                     }
                 }
             }
-            ck.files.push(MappedFile {
-                path: path.clone(),
-                map,
-                metadata: header.metadata,
-            });
+            files.push(shard);
         }
-        Ok(ck)
+        Ok(Checkpoint { dir, files, index })
     }
 
     /// The checkpoint directory (for [`Checkpoint::open_files`], the first file's parent).
@@ -802,40 +524,65 @@ impl Checkpoint {
     }
 
     /// The `__metadata__` map of file `file`, if it has one.
-    pub fn file_metadata(&self, file: usize) -> Option<&BTreeMap<String, String>> {
-        self.files.get(file).and_then(|f| f.metadata.as_ref())
+    pub fn file_metadata(&self, file: usize) -> Option<&HashMap<String, String>> {
+        self.files
+            .get(file)
+            .and_then(|f| f.metadata.metadata().as_ref())
+    }
+
+    /// Any tensor, readable or not.
+    fn entry(&self, name: &str) -> Option<TensorInfo<'_>> {
+        self.located(name, *self.index.get(name)?)
+    }
+
+    /// Tensor `name` of file `file`.
+    fn located(&self, name: &str, file: usize) -> Option<TensorInfo<'_>> {
+        let shard = &self.files[file];
+        let t = shard.metadata.info(name)?;
+        let (start, end) = t.data_offsets;
+        Some(TensorInfo {
+            dtype: t.dtype,
+            shape: &t.shape,
+            file,
+            start: shard.data_start + start,
+            end: shard.data_start + end,
+        })
     }
 
     /// Names of the readable tensors (dtype F32/BF16/F16/F8_E4M3), sorted.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().map(String::as_str)
+        self.index.iter().filter_map(|(n, &file)| {
+            let t = self.located(n, file)?;
+            readable(t.dtype).then_some(n.as_str())
+        })
     }
 
-    /// Tensors present in the files with a dtype this crate does not convert: `(name, dtype)`.
-    pub fn unsupported(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.other
-            .iter()
-            .map(|(n, o)| (n.as_str(), o.dtype.as_str()))
+    /// Tensors present in the files with a dtype this crate does not convert, sorted by name.
+    pub fn unsupported(&self) -> impl Iterator<Item = (&str, Dtype)> {
+        self.index.iter().filter_map(|(n, &file)| {
+            let t = self.located(n, file)?;
+            (!readable(t.dtype)).then_some((n.as_str(), t.dtype))
+        })
     }
 
     /// Number of readable tensors.
     pub fn len(&self) -> usize {
-        self.tensors.len()
+        self.names().count()
     }
 
     /// Whether there are no readable tensors.
     pub fn is_empty(&self) -> bool {
-        self.tensors.is_empty()
+        self.names().next().is_none()
     }
 
     /// Whether `name` is a readable tensor.
     pub fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.info(name).is_some()
     }
 
-    /// Where tensor `name` lives.
-    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
-        self.tensors.get(name)
+    /// Where readable tensor `name` lives.
+    pub fn info(&self, name: &str) -> Option<TensorInfo<'_>> {
+        self.entry(name).filter(|t| readable(t.dtype))
     }
 
     /// The path of the file holding `info`.
@@ -846,32 +593,29 @@ impl Checkpoint {
     /// Sum of the data bytes of all tensors (headers excluded; unsupported dtypes included), as
     /// the index's `total_size`.
     pub fn total_bytes(&self) -> u64 {
-        self.tensors
-            .values()
-            .map(|t| t.nbytes() as u64)
-            .sum::<u64>()
-            + self.other.values().map(|o| o.nbytes as u64).sum::<u64>()
+        self.files
+            .iter()
+            .map(|f| f.metadata.data_len() as u64)
+            .sum()
     }
 
-    fn lookup(&self, name: &str) -> Result<&TensorInfo, LoadError> {
-        if let Some(t) = self.tensors.get(name) {
-            return Ok(t);
-        }
-        if let Some(o) = self.other.get(name) {
-            return Err(LoadError::UnsupportedDtype {
-                path: self.files[o.file].path.clone(),
+    fn lookup(&self, name: &str) -> Result<TensorInfo<'_>, LoadError> {
+        match self.entry(name) {
+            Some(t) if readable(t.dtype) => Ok(t),
+            Some(t) => Err(LoadError::UnsupportedDtype {
+                path: self.file_path(&t).to_path_buf(),
                 tensor: name.to_string(),
-                dtype: o.dtype.clone(),
-            });
+                dtype: t.dtype,
+            }),
+            None => Err(LoadError::MissingTensor {
+                dir: self.dir.clone(),
+                name: name.to_string(),
+            }),
         }
-        Err(LoadError::MissingTensor {
-            dir: self.dir.clone(),
-            name: name.to_string(),
-        })
     }
 
     /// Raw bytes of tensor `name` (little-endian, row-major) with its info.
-    pub fn raw(&self, name: &str) -> Result<(&TensorInfo, &[u8]), LoadError> {
+    pub fn raw(&self, name: &str) -> Result<(TensorInfo<'_>, &[u8]), LoadError> {
         let info = self.lookup(name)?;
         Ok((info, &self.files[info.file].map[info.start..info.end]))
     }
@@ -896,9 +640,16 @@ impl Checkpoint {
         fp8_block: usize,
     ) -> Result<Vec<f32>, LoadError> {
         let info = self.lookup(name)?;
-        self.check_shape(name, info, expected)?;
+        if info.shape != expected {
+            return Err(LoadError::WrongShape {
+                path: self.file_path(&info).to_path_buf(),
+                tensor: name.to_string(),
+                expected: expected.to_vec(),
+                found: info.shape.to_vec(),
+            });
+        }
         let mut out = vec![0.0f32; info.numel()];
-        self.read_into(name, info, transpose, fp8_block, &mut out)?;
+        self.read_into(name, &info, transpose, fp8_block, &mut out)?;
         self.release(name);
         Ok(out)
     }
@@ -910,7 +661,7 @@ impl Checkpoint {
     /// The mapping stays valid: a later access re-reads the pages from the file.
     pub fn release(&self, name: &str) {
         for n in [name.to_string(), format!("{name}_scale_inv")] {
-            let Some(info) = self.tensors.get(&n) else {
+            let Some(info) = self.entry(&n) else {
                 continue;
             };
             let map = &self.files[info.file].map;
@@ -926,51 +677,6 @@ impl Checkpoint {
                 let _ = map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len);
             }
         }
-    }
-
-    /// Like [`Checkpoint::read_f32`], into `out`, which must hold exactly `numel` values (e.g.
-    /// one expert's slice of a fused `[E, ...]` buffer).
-    pub fn read_f32_into(
-        &self,
-        name: &str,
-        expected: &[usize],
-        transpose: bool,
-        fp8_block: usize,
-        out: &mut [f32],
-    ) -> Result<(), LoadError> {
-        let info = self.lookup(name)?;
-        self.check_shape(name, info, expected)?;
-        if out.len() != info.numel() {
-            return Err(LoadError::InvalidRequest {
-                path: self.file_path(info).to_path_buf(),
-                tensor: name.to_string(),
-                reason: format!(
-                    "output buffer holds {} values, the tensor has {}",
-                    out.len(),
-                    info.numel()
-                ),
-            });
-        }
-        self.read_into(name, info, transpose, fp8_block, out)?;
-        self.release(name);
-        Ok(())
-    }
-
-    fn check_shape(
-        &self,
-        name: &str,
-        info: &TensorInfo,
-        expected: &[usize],
-    ) -> Result<(), LoadError> {
-        if info.shape != expected {
-            return Err(LoadError::WrongShape {
-                path: self.file_path(info).to_path_buf(),
-                tensor: name.to_string(),
-                expected: expected.to_vec(),
-                found: info.shape.clone(),
-            });
-        }
-        Ok(())
     }
 
     fn read_into(
@@ -989,12 +695,12 @@ impl Checkpoint {
                 reason: format!("cannot transpose shape {:?}: not 2-D", info.shape),
             });
         }
-        let (rows, cols) = match info.shape[..] {
-            [r, c] => (r, c),
+        let (rows, cols) = match info.shape {
+            &[r, c] => (r, c),
             _ => (1, info.numel()),
         };
         let bytes = &self.files[info.file].map[info.start..info.end];
-        if info.dtype != Dtype::F8E4M3 {
+        if info.dtype != Dtype::F8_E4M3 {
             convert_float(info.dtype, bytes, rows, cols, transpose, out);
             return Ok(());
         }
@@ -1025,7 +731,7 @@ impl Checkpoint {
     /// it is FP8, 1-D (per-channel scales, another quantization scheme) or of the wrong grid.
     pub fn block_scales(&self, name: &str, block: usize) -> Result<Vec<f32>, LoadError> {
         let info = self.lookup(name)?;
-        let path = self.file_path(info);
+        let path = self.file_path(&info);
         let scale = format!("{name}_scale_inv");
         let bad_scale = |reason: String| LoadError::BadScale {
             path: path.to_path_buf(),
@@ -1033,7 +739,7 @@ impl Checkpoint {
             scale: scale.clone(),
             reason,
         };
-        let [rows, cols] = info.shape[..] else {
+        let &[rows, cols] = info.shape else {
             return Err(bad_scale(format!(
                 "block scales need a 2-D weight, the tensor has shape {:?}",
                 info.shape
@@ -1050,8 +756,8 @@ impl Checkpoint {
             }
             Err(e) => return Err(bad_scale(e.to_string())),
         };
-        let spath = self.file_path(sinfo).display();
-        if sinfo.dtype == Dtype::F8E4M3 {
+        let spath = self.file_path(&sinfo).display();
+        if sinfo.dtype == Dtype::F8_E4M3 {
             return Err(bad_scale(format!(
                 "dtype is F8_E4M3 (in {spath}), expected F32"
             )));
@@ -1083,295 +789,175 @@ impl Checkpoint {
 // Writer
 // ---------------------------------------------------------------------------------------------
 
-struct Declared {
+/// The f32 values of a tensor to write, produced when the writer reaches the tensor.
+pub type Values<'a> = Box<dyn FnOnce() -> Result<Vec<f32>, String> + 'a>;
+
+/// A tensor for [`write_safetensors`]: stored as `dtype` (F32, BF16 or F16) with `shape`;
+/// `values` gives its row-major f32 values in that shape.
+pub struct TensorSource<'a> {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub values: Values<'a>,
+}
+
+impl fmt::Debug for TensorSource<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TensorSource")
+            .field("dtype", &self.dtype)
+            .field("shape", &self.shape)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One tensor as the crate's writer sees it: the bytes are produced by [`View::data`], which
+/// the crate calls once per tensor while writing, so only one tensor is in memory at a time.
+struct Lazy<'s, 'a> {
     name: String,
     dtype: Dtype,
-    numel: usize,
-    /// Absolute file offset of the tensor's data.
-    offset: u64,
-    nbytes: u64,
-    written: bool,
+    shape: Vec<usize>,
+    nbytes: usize,
+    values: Cell<Option<Values<'a>>>,
+    /// The first failure (a value producer's error, a wrong value count); the rest is skipped.
+    failed: &'s RefCell<Option<String>>,
 }
 
-/// Streaming safetensors writer.
-///
-/// All tensors (name, dtype, shape) are declared up front; the header is written at once, then
-/// each tensor's bytes as it is given. The data section is laid out by descending dtype size
-/// (F32, then BF16/F16, then F8), stable in declaration order, like the reference writer, so
-/// that every tensor's data is aligned to its element size in the file (what torch needs to
-/// view the bytes without a copy). Tensors may therefore be written in any order (the writer
-/// seeks when needed; writing in declaration order is fine); each exactly once.
-///
-/// The file is written to `<path>.tmp` and renamed to `<path>` by [`SafetensorsWriter::finish`];
-/// a writer dropped before `finish` removes its temporary file.
-pub struct SafetensorsWriter {
-    path: PathBuf,
-    tmp: PathBuf,
-    file: Option<File>,
-    tensors: Vec<Declared>,
-    by_name: HashMap<String, usize>,
-    /// Current file position, `None` after an I/O error (the writer is then unusable).
-    pos: Option<u64>,
-    buf: Vec<u8>,
-}
-
-impl fmt::Debug for SafetensorsWriter {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SafetensorsWriter")
-            .field("path", &self.path)
-            .field("tensors", &self.tensors.len())
-            .field(
-                "written",
-                &self.tensors.iter().filter(|t| t.written).count(),
-            )
-            .finish()
-    }
-}
-
-/// Elements converted per `write` call.
-const WRITE_CHUNK: usize = 1 << 16;
-
-impl SafetensorsWriter {
-    /// Creates `<path>.tmp` and writes the header for `tensors` (name, dtype, shape).
-    ///
-    /// `metadata` becomes the header's `__metadata__`; `"format": "pt"` is added when absent
-    /// (HF transformers refuses safetensors files whose metadata lacks a known format).
-    pub fn create(
-        path: &Path,
-        tensors: &[(String, Dtype, Vec<usize>)],
-        metadata: Option<BTreeMap<String, String>>,
-    ) -> Result<Self, LoadError> {
-        let werr = |reason: String| LoadError::Writer {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let Some(fname) = path.file_name() else {
-            return Err(werr("the path has no file name".into()));
-        };
-        let mut tmp_name = fname.to_os_string();
-        tmp_name.push(".tmp");
-        let tmp = path.with_file_name(tmp_name);
-
-        let mut by_name = HashMap::with_capacity(tensors.len());
-        for (i, (name, _, _)) in tensors.iter().enumerate() {
-            if name.is_empty() || name == "__metadata__" {
-                return Err(werr(format!("invalid tensor name '{name}'")));
-            }
-            if by_name.insert(name.clone(), i).is_some() {
-                return Err(werr(format!("tensor '{name}' is declared twice")));
-            }
-        }
-        let mut order: Vec<usize> = (0..tensors.len()).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(tensors[i].1.size()));
-
-        let mut meta = metadata.unwrap_or_default();
-        meta.entry("format".into()).or_insert_with(|| "pt".into());
-        let mut header = String::with_capacity(64 + 96 * tensors.len());
-        header.push_str("{\"__metadata__\":");
-        header.push_str(&serde_json::to_string(&meta).expect("string map serializes"));
-        let mut rel = 0usize;
-        let mut rel_offsets = vec![0usize; tensors.len()];
-        for &i in &order {
-            let (name, dtype, shape) = &tensors[i];
-            let numel = shape
-                .iter()
-                .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .and_then(|n| n.checked_mul(dtype.size()))
-                .ok_or_else(|| werr(format!("tensor '{name}': shape {shape:?} overflows")))?;
-            rel_offsets[i] = rel;
-            let end = rel + numel;
-            header.push(',');
-            header.push_str(&serde_json::to_string(name).expect("string serializes"));
-            header.push_str(&format!(
-                ":{{\"dtype\":\"{}\",\"shape\":{},\"data_offsets\":[{rel},{end}]}}",
-                dtype.as_str(),
-                serde_json::to_string(shape).expect("shape serializes"),
+impl Lazy<'_, '_> {
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        let produce = self.values.take().ok_or("values already taken")?;
+        let v = produce()?;
+        let numel: usize = self.shape.iter().product();
+        if v.len() != numel {
+            return Err(format!(
+                "got {} values, shape {:?} has {numel}",
+                v.len(),
+                self.shape
             ));
-            rel = end;
         }
-        header.push('}');
-        while !header.len().is_multiple_of(8) {
-            header.push(' ');
-        }
-        if header.len() as u64 > MAX_HEADER_LEN {
-            return Err(werr(format!(
-                "header of {} bytes exceeds the {MAX_HEADER_LEN}-byte limit",
-                header.len()
-            )));
-        }
-        let data_start = 8 + header.len() as u64;
-        let declared = tensors
-            .iter()
-            .zip(&rel_offsets)
-            .map(|((name, dtype, shape), &off)| {
-                let numel: usize = shape.iter().product();
-                Declared {
-                    name: name.clone(),
-                    dtype: *dtype,
-                    numel,
-                    offset: data_start + off as u64,
-                    nbytes: (numel * dtype.size()) as u64,
-                    written: false,
-                }
-            })
-            .collect();
-
-        let mut file = File::create(&tmp).map_err(io_err(&tmp))?;
-        let mut w = SafetensorsWriter {
-            path: path.to_path_buf(),
-            tmp,
-            file: None,
-            tensors: declared,
-            by_name,
-            pos: Some(0),
-            buf: Vec::new(),
-        };
-        // From here on, dropping `w` removes the temporary file.
-        let res = file
-            .write_all(&(header.len() as u64).to_le_bytes())
-            .and_then(|_| file.write_all(header.as_bytes()));
-        w.file = Some(file);
-        res.map_err(io_err(&w.tmp))?;
-        w.pos = Some(data_start);
-        Ok(w)
-    }
-
-    /// Final path of the file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Sum of the declared tensors' data bytes (for the index's `total_size`).
-    pub fn data_bytes(&self) -> u64 {
-        self.tensors.iter().map(|t| t.nbytes).sum()
-    }
-
-    fn werr(&self, reason: String) -> LoadError {
-        LoadError::Writer {
-            path: self.path.clone(),
-            reason,
-        }
-    }
-
-    /// Finds a declared, not yet written tensor and positions the file at its offset.
-    fn begin(&mut self, name: &str) -> Result<usize, LoadError> {
-        let Some(&i) = self.by_name.get(name) else {
-            return Err(self.werr(format!("tensor '{name}' was not declared")));
-        };
-        if self.tensors[i].written {
-            return Err(self.werr(format!("tensor '{name}' written twice")));
-        }
-        let Some(pos) = self.pos else {
-            return Err(self.werr("the writer failed earlier".into()));
-        };
-        let offset = self.tensors[i].offset;
-        if pos != offset {
-            self.pos = None;
-            let file = self.file.as_mut().expect("file open until finish");
-            file.seek(SeekFrom::Start(offset))
-                .map_err(io_err(&self.tmp))?;
-            self.pos = Some(offset);
-        }
-        Ok(i)
-    }
-
-    /// Writes tensor `name` from f32 values, converted to its declared dtype (F32 as is, BF16
-    /// and F16 rounded to nearest even, bit-identical to torch's `.to()` except for NaN payloads, see
-    /// [`f32_to_bf16`]). F8_E4M3 tensors must be written
-    /// with [`SafetensorsWriter::write_raw`] (quantize with [`fp8::quantize_blocks`] and write
-    /// the scale grid as its own F32 tensor).
-    pub fn write_f32(&mut self, name: &str, data: &[f32]) -> Result<(), LoadError> {
-        let i = self.begin(name)?;
-        let (dtype, numel) = (self.tensors[i].dtype, self.tensors[i].numel);
-        if data.len() != numel {
-            return Err(self.werr(format!(
-                "tensor '{name}': got {} values, declared shape has {numel}",
-                data.len()
-            )));
-        }
-        if dtype == Dtype::F8E4M3 {
-            return Err(self.werr(format!(
-                "tensor '{name}' is declared F8_E4M3: quantize it (fp8::quantize_blocks) and use \
-                 write_raw"
-            )));
-        }
-        let nbytes = self.tensors[i].nbytes;
-        // Poisoned (None) until the whole tensor is written.
-        let pos = self.pos.take();
-        let file = self.file.as_mut().expect("file open until finish");
-        let buf = &mut self.buf;
-        for chunk in data.chunks(WRITE_CHUNK) {
-            buf.clear();
-            match dtype {
-                Dtype::F32 => buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes())),
-                Dtype::BF16 => buf.extend(chunk.iter().flat_map(|&x| f32_to_bf16(x).to_le_bytes())),
-                Dtype::F16 => buf.extend(
-                    chunk
-                        .iter()
-                        .flat_map(|&x| half::f16::from_f32(x).to_bits().to_le_bytes()),
-                ),
-                Dtype::F8E4M3 => unreachable!("rejected above"),
-            }
-            file.write_all(buf).map_err(io_err(&self.tmp))?;
-        }
-        self.pos = pos.map(|p| p + nbytes);
-        self.tensors[i].written = true;
-        Ok(())
-    }
-
-    /// Writes tensor `name` from its raw little-endian bytes (exactly numel × dtype size).
-    pub fn write_raw(&mut self, name: &str, bytes: &[u8]) -> Result<(), LoadError> {
-        let i = self.begin(name)?;
-        if bytes.len() as u64 != self.tensors[i].nbytes {
-            return Err(self.werr(format!(
-                "tensor '{name}': got {} bytes, declared {} {:?} needs {}",
-                bytes.len(),
-                self.tensors[i].dtype,
-                self.tensors[i].numel,
-                self.tensors[i].nbytes
-            )));
-        }
-        let pos = self.pos.take();
-        let file = self.file.as_mut().expect("file open until finish");
-        file.write_all(bytes).map_err(io_err(&self.tmp))?;
-        self.pos = pos.map(|p| p + bytes.len() as u64);
-        self.tensors[i].written = true;
-        Ok(())
-    }
-
-    /// Checks that every declared tensor was written, fsyncs the file, and renames it from
-    /// `<path>.tmp` to `<path>`.
-    pub fn finish(mut self) -> Result<(), LoadError> {
-        let missing: Vec<String> = self
-            .tensors
-            .iter()
-            .filter(|t| !t.written)
-            .map(|t| t.name.clone())
-            .collect();
-        if !missing.is_empty() {
-            return Err(self.werr(format!(
-                "{} declared tensor(s) never written: {}",
-                missing.len(),
-                list_names(&missing)
-            )));
-        }
-        let file = self.file.take().expect("file open until finish");
-        file.sync_all().map_err(io_err(&self.tmp))?;
-        drop(file);
-        std::fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))?;
-        sync_parent(&self.path);
-        Ok(())
+        Ok(match self.dtype {
+            Dtype::F32 => encode(&v, f32::to_le_bytes),
+            Dtype::BF16 => encode(&v, |x| half::bf16::from_f32(x).to_le_bytes()),
+            Dtype::F16 => encode(&v, |x| half::f16::from_f32(x).to_le_bytes()),
+            other => unreachable!("checked by write_safetensors: {other}"),
+        })
     }
 }
 
-impl Drop for SafetensorsWriter {
-    fn drop(&mut self) {
-        // Unfinished (or failed) writer: remove the partial file.
-        self.file = None;
-        if self.tmp.exists() {
-            let _ = std::fs::remove_file(&self.tmp);
+impl View for Lazy<'_, '_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data_len(&self) -> usize {
+        self.nbytes
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        if self.failed.borrow().is_some() {
+            return Cow::Borrowed(&[]);
+        }
+        match self.bytes() {
+            Ok(b) => Cow::Owned(b),
+            Err(e) => {
+                *self.failed.borrow_mut() = Some(format!("tensor '{}': {e}", self.name));
+                Cow::Borrowed(&[])
+            }
         }
     }
+}
+
+/// `values` as little-endian bytes, `W` per element (round to nearest even for the halves).
+fn encode<const W: usize>(values: &[f32], f: impl Fn(f32) -> [u8; W]) -> Vec<u8> {
+    let mut out = vec![0u8; values.len() * W];
+    for (o, &x) in out.as_chunks_mut::<W>().0.iter_mut().zip(values) {
+        *o = f(x);
+    }
+    out
+}
+
+/// Writes `tensors` as a safetensors file at `path` with [`safetensors::serialize_to_file`]
+/// (which lays the data out by descending dtype, then by name). Each tensor's values are
+/// produced and converted only when the crate writes that tensor: F32 as is, BF16 and F16
+/// rounded to nearest even (`half`). `metadata` becomes the header's `__metadata__`, with
+/// `"format": "pt"` added when absent (HF transformers refuses files without a known format).
+///
+/// The crate writes a temporary file and renames it, without fsync; here that is `<path>.tmp`,
+/// which is then fsynced and renamed to `path` (and the directory fsynced), so that a crash
+/// leaves the old file or the complete new one. On error `<path>.tmp` is removed and `path` is
+/// left as it was.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: Vec<(String, TensorSource<'_>)>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<(), LoadError> {
+    let werr = |reason: String| LoadError::Writer {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let Some(fname) = path.file_name() else {
+        return Err(werr("the path has no file name".into()));
+    };
+    let mut tmp_name = fname.to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+
+    let failed = RefCell::new(None);
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        if !matches!(t.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+            return Err(werr(format!(
+                "tensor '{name}': cannot write {} from f32 values (F32, BF16 or F16)",
+                t.dtype
+            )));
+        }
+        let nbytes = t
+            .shape
+            .iter()
+            .try_fold(t.dtype.bitsize() / 8, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| werr(format!("tensor '{name}': shape {:?} overflows", t.shape)))?;
+        views.push((
+            name.clone(),
+            Lazy {
+                name,
+                dtype: t.dtype,
+                shape: t.shape,
+                nbytes,
+                values: Cell::new(Some(t.values)),
+                failed: &failed,
+            },
+        ));
+    }
+    let mut meta = metadata.unwrap_or_default();
+    meta.entry("format".into()).or_insert_with(|| "pt".into());
+
+    // The crate writes a private (0600) temporary file and renames it over `tmp`: give the
+    // result the permissions of a file created the ordinary way (0666 less the umask), read
+    // off a placeholder at `tmp`.
+    let perms = File::create(&tmp)
+        .and_then(|f| f.metadata())
+        .map_err(io_err(&tmp))?
+        .permissions();
+    let written = safetensors::serialize_to_file(views, Some(meta), &tmp)
+        .map_err(|e| match e {
+            SafeTensorError::IoError(source) => LoadError::Io {
+                path: tmp.clone(),
+                source,
+            },
+            e => werr(e.to_string()),
+        })
+        .and_then(|()| failed.take().map_or(Ok(()), |reason| Err(werr(reason))))
+        .and_then(|()| {
+            std::fs::set_permissions(&tmp, perms)
+                .and_then(|()| File::open(&tmp)?.sync_all())
+                .map_err(io_err(&tmp))
+        });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    sync_parent(path);
+    Ok(())
 }
 
 /// Best-effort fsync of a file's directory so that a rename survives a crash.
@@ -1391,38 +977,10 @@ fn sync_parent(path: &Path) {
     let _ = path;
 }
 
-/// Writes `dir/model.safetensors.index.json` (`{"metadata": {"total_size": N}, "weight_map":
-/// {tensor: shard file name}}`, keys sorted, 2-space indent, as HF writes it), atomically.
-pub fn write_index(
-    dir: &Path,
-    weight_map: &BTreeMap<String, String>,
-    total_size: u64,
-) -> Result<(), LoadError> {
-    let path = dir.join(INDEX_FILE);
-    let tmp = dir.join(format!("{INDEX_FILE}.tmp"));
-    let json = serde_json::json!({
-        "metadata": { "total_size": total_size },
-        "weight_map": weight_map,
-    });
-    let mut text = serde_json::to_string_pretty(&json).expect("index serializes");
-    text.push('\n');
-    let res = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()
-    })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io_err(&tmp)(e));
-    }
-    std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
-    sync_parent(&path);
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use safetensors::tensor::TensorView;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// The threaded conversion (tensors above `PARALLEL_MIN_ELEMS`, split by output rows) gives
@@ -1522,6 +1080,18 @@ mod tests {
         x.iter().map(|v| v.to_bits()).collect()
     }
 
+    fn le(x: &[f32]) -> Vec<u8> {
+        x.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    /// Writes `(name, dtype, shape, raw little-endian bytes)` with the crate.
+    fn write_raw(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, &[u8])]) {
+        let views = tensors
+            .iter()
+            .map(|(n, d, s, b)| (n.to_string(), TensorView::new(*d, s.clone(), b).unwrap()));
+        safetensors::serialize_to_file(views, None, path).unwrap();
+    }
+
     /// Writes a file with a hand-made header (no padding added) and data.
     fn raw_file(path: &Path, header: &str, data: &[u8]) {
         let mut b = (header.len() as u64).to_le_bytes().to_vec();
@@ -1556,38 +1126,47 @@ mod tests {
     const W_SHAPE: [usize; 2] = [300, 200];
 
     fn write_sample(path: &Path) -> Sample {
+        let w = randn(300 * 200, 4);
+        let (codes, scales) = fp8::quantize_blocks(&w, 300, 200, 128);
         let s = Sample {
             f32_: randn(6 * 7, 1),
             bf16: randn(5 * 9, 2),
             f16: randn(11, 3),
-            w: randn(300 * 200, 4),
-            codes: vec![],
-            scales: vec![],
+            w,
+            codes,
+            scales,
         };
-        let (codes, scales) = fp8::quantize_blocks(&s.w, 300, 200, 128);
-        let decl = vec![
-            ("a.f16".to_string(), Dtype::F16, vec![11]),
-            (
-                "layer.proj.weight".to_string(),
-                Dtype::F8E4M3,
-                W_SHAPE.to_vec(),
-            ),
-            ("b.bf16".to_string(), Dtype::BF16, vec![5, 9]),
-            (
-                "layer.proj.weight_scale_inv".to_string(),
-                Dtype::F32,
-                vec![3, 2],
-            ),
-            ("c.f32".to_string(), Dtype::F32, vec![6, 7]),
-        ];
-        let mut w = SafetensorsWriter::create(path, &decl, None).unwrap();
-        w.write_f32("a.f16", &s.f16).unwrap();
-        w.write_raw("layer.proj.weight", &codes).unwrap();
-        w.write_f32("b.bf16", &s.bf16).unwrap();
-        w.write_f32("layer.proj.weight_scale_inv", &scales).unwrap();
-        w.write_f32("c.f32", &s.f32_).unwrap();
-        w.finish().unwrap();
-        Sample { codes, scales, ..s }
+        let bf: Vec<u8> = s
+            .bf16
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect();
+        let hf: Vec<u8> = s
+            .f16
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect();
+        write_raw(
+            path,
+            &[
+                ("a.f16", Dtype::F16, vec![11], &hf),
+                (
+                    "layer.proj.weight",
+                    Dtype::F8_E4M3,
+                    W_SHAPE.to_vec(),
+                    &s.codes,
+                ),
+                ("b.bf16", Dtype::BF16, vec![5, 9], &bf),
+                (
+                    "layer.proj.weight_scale_inv",
+                    Dtype::F32,
+                    vec![3, 2],
+                    &le(&s.scales),
+                ),
+                ("c.f32", Dtype::F32, vec![6, 7], &le(&s.f32_)),
+            ],
+        );
+        s
     }
 
     #[test]
@@ -1595,11 +1174,10 @@ mod tests {
         let d = TempDir::new("rt");
         let path = d.path("model.safetensors");
         let s = write_sample(&path);
-        assert!(!d.path("model.safetensors.tmp").exists());
         let ck = Checkpoint::open(&d.0).unwrap();
         assert_eq!(ck.len(), 5);
         assert_eq!(ck.dir(), d.0.as_path());
-        assert_eq!(ck.file_metadata(0).unwrap()["format"], "pt");
+        assert!(ck.file_metadata(0).is_none());
 
         let f = ck.read_f32("c.f32", &[6, 7], false, 128).unwrap();
         assert_eq!(bits(&f), bits(&s.f32_));
@@ -1610,7 +1188,6 @@ mod tests {
             .map(|&x| half::bf16::from_f32(x).to_f32())
             .collect();
         assert_eq!(bits(&b), bits(&want));
-        assert_ne!(bits(&b), bits(&s.bf16)); // really rounded
         let h = ck.read_f32("a.f16", &[11], false, 128).unwrap();
         let want: Vec<f32> = s
             .f16
@@ -1632,76 +1209,110 @@ mod tests {
         assert_eq!(raw, &s.codes[..]);
         assert_eq!(
             (info.dtype, info.numel(), info.nbytes()),
-            (Dtype::F8E4M3, 60000, 60000)
+            (Dtype::F8_E4M3, 60000, 60000)
         );
-        assert_eq!(ck.file_path(info), path.as_path());
+        assert_eq!(ck.file_path(&info), path.as_path());
         let (_, raw) = ck.raw("c.f32").unwrap();
-        assert_eq!(
-            raw,
-            s.f32_
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect::<Vec<_>>()
-        );
+        assert_eq!(raw, le(&s.f32_));
         assert_eq!(ck.total_bytes(), 11 * 2 + 60000 + 45 * 2 + 6 * 4 + 42 * 4);
-
-        // Layout: header padded to 8, data aligned to the element size, sorted by offset.
-        let bytes = std::fs::read(&path).unwrap();
-        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        assert_eq!(n % 8, 0);
-        let mut infos: Vec<_> = ck.names().map(|nm| ck.info(nm).unwrap()).collect();
-        infos.sort_by_key(|i| i.start);
-        assert_eq!(infos[0].start, 8 + n);
-        for w in infos.windows(2) {
-            assert_eq!(w[0].end, w[1].start);
-            assert!(w[0].dtype.size() >= w[1].dtype.size());
-        }
-        for i in &infos {
-            assert_eq!((i.start - 8 - n) % i.dtype.size(), 0);
-        }
-        assert_eq!(infos.last().unwrap().end, bytes.len());
     }
 
+    /// `write_safetensors` converts each tensor when the crate writes it (BF16/F16 rounded to
+    /// nearest even), adds `"format": "pt"`, and leaves nothing behind when it fails.
     #[test]
-    fn bf16_rounding_matches_half() {
-        let mut xs = vec![
-            0.0f32,
-            -0.0,
-            1.0,
-            f32::MAX,
-            f32::MIN,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-        ];
-        // Exact ties between two bf16 values (round to even) and their neighbours.
-        for b in [
+    fn writer_round_trip_and_failure() {
+        let d = TempDir::new("writer");
+        let p = d.path("w.safetensors");
+        let tmp = d.path("w.safetensors.tmp");
+        let mut x = randn(4 * 6, 5);
+        // Exact ties between two bf16 values (round to even) and their neighbours, and specials.
+        for (i, b) in [
             0x3F80_8000u32,
             0x3F81_8000,
             0x0000_8000,
             0x7F7F_8000,
             0x8001_8000,
-        ] {
-            let x = f32::from_bits(b);
-            xs.extend([x, x.next_up(), x.next_down()]);
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let v = f32::from_bits(b);
+            x[3 * i..3 * i + 3].copy_from_slice(&[v, v.next_up(), v.next_down()]);
         }
-        let mut b = 0u32;
-        while b < u32::MAX - 65_521 {
-            xs.push(f32::from_bits(b));
-            b += 65_521;
-        }
-        for x in xs {
-            if x.is_nan() {
-                assert_eq!(f32_to_bf16(x), 0x7FC0);
-            } else {
-                assert_eq!(f32_to_bf16(x), half::bf16::from_f32(x).to_bits(), "{x:e}");
+        x[15..19].copy_from_slice(&[f32::MAX, f32::MIN, f32::INFINITY, -0.0]);
+        let src = |dtype, shape: Vec<usize>, v: &[f32]| {
+            let v = v.to_vec();
+            TensorSource {
+                dtype,
+                shape,
+                values: Box::new(move || Ok(v)),
             }
+        };
+        let tensors = vec![
+            ("b".to_string(), src(Dtype::BF16, vec![4, 6], &x)),
+            ("f".to_string(), src(Dtype::F32, vec![24], &x)),
+            ("h".to_string(), src(Dtype::F16, vec![2, 3, 4], &x)),
+        ];
+        write_safetensors(&p, tensors, None).unwrap();
+        assert!(!tmp.exists());
+        // Created with the ordinary permissions, not the crate's private temporary file's.
+        let plain = d.path("plain");
+        std::fs::write(&plain, b"").unwrap();
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions(),
+            std::fs::metadata(&plain).unwrap().permissions()
+        );
+        let ck = Checkpoint::open(&p).unwrap();
+        assert_eq!(ck.file_metadata(0).unwrap()["format"], "pt");
+        let want = |f: fn(f32) -> f32| x.iter().map(|&v| f(v)).collect::<Vec<_>>();
+        let b = ck.read_f32("b", &[4, 6], false, 128).unwrap();
+        assert_eq!(bits(&b), bits(&want(|v| half::bf16::from_f32(v).to_f32())));
+        assert_ne!(bits(&b), bits(&x)); // really rounded
+        let f = ck.read_f32("f", &[24], false, 128).unwrap();
+        assert_eq!(bits(&f), bits(&x));
+        let h = ck.read_f32("h", &[2, 3, 4], false, 128).unwrap();
+        assert_eq!(bits(&h), bits(&want(|v| half::f16::from_f32(v).to_f32())));
+
+        // A failing producer, a wrong value count or dtype: an error naming the file and the
+        // tensor, no temporary file left, and the previous file at `p` untouched.
+        drop(ck);
+        let before = std::fs::read(&p).unwrap();
+        for (tensors, words) in [
+            (
+                vec![(
+                    "bad".to_string(),
+                    TensorSource {
+                        dtype: Dtype::F32,
+                        shape: vec![2],
+                        values: Box::new(|| Err("device lost".to_string())),
+                    },
+                )],
+                ["'bad'", "device lost"],
+            ),
+            (
+                vec![("short".to_string(), src(Dtype::BF16, vec![3], &[1.0]))],
+                ["'short'", "1 values"],
+            ),
+            (
+                vec![("q".to_string(), src(Dtype::F8_E4M3, vec![1], &[1.0]))],
+                ["'q'", "F8_E4M3"],
+            ),
+        ] {
+            let e = write_safetensors(&p, tensors, None).unwrap_err();
+            assert!(matches!(e, LoadError::Writer { .. }), "{e}");
+            assert_names(&e, &["w.safetensors", words[0], words[1]]);
+            assert!(!tmp.exists());
+            assert_eq!(std::fs::read(&p).unwrap(), before);
         }
+        // No tensors is a valid (empty) file.
+        write_safetensors(&p, vec![], None).unwrap();
+        assert!(Checkpoint::open(&p).unwrap().is_empty());
     }
 
     #[test]
     fn transpose_all_dtypes() {
         let d = TempDir::new("tr");
-        let s = write_sample(&d.path("model.safetensors"));
+        write_sample(&d.path("model.safetensors"));
         let ck = Checkpoint::open(&d.0).unwrap();
         for (name, shape) in [
             ("c.f32", [6, 7]),
@@ -1716,95 +1327,67 @@ mod tests {
                 "{name}"
             );
         }
-        assert_eq!(s.f32_.len(), 42);
         // A 1-D tensor cannot be transposed.
         let e = ck.read_f32("a.f16", &[11], true, 128).unwrap_err();
         assert!(matches!(e, LoadError::InvalidRequest { .. }), "{e}");
         assert_names(&e, &["a.f16", "model.safetensors", "2-D"]);
-        // read_f32_into a slice of a larger buffer.
-        let mut buf = vec![0.0f32; 84];
-        ck.read_f32_into("c.f32", &[6, 7], true, 128, &mut buf[42..])
-            .unwrap();
-        assert_eq!(bits(&buf[42..]), bits(&transpose(&s.f32_, 6, 7)));
-        let e = ck
-            .read_f32_into("c.f32", &[6, 7], true, 128, &mut buf)
-            .unwrap_err();
-        assert!(matches!(e, LoadError::InvalidRequest { .. }), "{e}");
+    }
+
+    fn write_index(dir: &Path, weight_map: &[(&str, &str)]) {
+        let map: BTreeMap<&str, &str> = weight_map.iter().copied().collect();
+        let json = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": map});
+        std::fs::write(dir.join(INDEX_FILE), json.to_string()).unwrap();
     }
 
     #[test]
     fn sharded_index_two_shards() {
         let d = TempDir::new("shard");
+        let (s1, s2) = (
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+        );
         let x = randn(4 * 3, 7);
         let y = randn(130 * 260, 8);
         let (yc, ys) = fp8::quantize_blocks(&y, 130, 260, 128);
-        let mut w1 = SafetensorsWriter::create(
-            &d.path("model-00001-of-00002.safetensors"),
+        write_raw(
+            &d.path(s1),
             &[
-                ("x".into(), Dtype::BF16, vec![4, 3]),
-                ("y.weight".into(), Dtype::F8E4M3, vec![130, 260]),
+                ("x", Dtype::F32, vec![4, 3], &le(&x)),
+                ("y.weight", Dtype::F8_E4M3, vec![130, 260], &yc),
             ],
-            None,
-        )
-        .unwrap();
-        w1.write_f32("x", &x).unwrap();
-        w1.write_raw("y.weight", &yc).unwrap();
-        let size1 = w1.data_bytes();
-        w1.finish().unwrap();
+        );
         // The scale lives in the other shard (allowed: lookup is by name across files).
-        let mut w2 = SafetensorsWriter::create(
-            &d.path("model-00002-of-00002.safetensors"),
-            &[("y.weight_scale_inv".into(), Dtype::F32, vec![2, 3])],
-            Some(BTreeMap::from([("note".to_string(), "hi".to_string())])),
-        )
-        .unwrap();
-        w2.write_f32("y.weight_scale_inv", &ys).unwrap();
-        let size2 = w2.data_bytes();
-        w2.finish().unwrap();
-        let map: BTreeMap<String, String> = [
-            ("x", "model-00001-of-00002.safetensors"),
-            ("y.weight", "model-00001-of-00002.safetensors"),
-            ("y.weight_scale_inv", "model-00002-of-00002.safetensors"),
-        ]
-        .into_iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect();
-        write_index(&d.0, &map, size1 + size2).unwrap();
+        write_raw(
+            &d.path(s2),
+            &[("y.weight_scale_inv", Dtype::F32, vec![2, 3], &le(&ys))],
+        );
+        let map = [("x", s1), ("y.weight", s1), ("y.weight_scale_inv", s2)];
+        write_index(&d.0, &map);
 
         let ck = Checkpoint::open(&d.0).unwrap();
         assert_eq!(
             ck.names().collect::<Vec<_>>(),
             ["x", "y.weight", "y.weight_scale_inv"]
         );
-        assert_eq!(ck.total_bytes(), size1 + size2);
+        assert_eq!(ck.total_bytes(), (12 * 4 + 130 * 260 + 6 * 4) as u64);
         assert_eq!(ck.files().count(), 2);
         let yi = ck.info("y.weight_scale_inv").unwrap();
-        assert!(ck
-            .file_path(yi)
-            .ends_with("model-00002-of-00002.safetensors"));
-        assert_eq!(ck.file_metadata(yi.file).unwrap()["note"], "hi");
+        assert!(ck.file_path(&yi).ends_with(s2));
         let got = ck.read_f32("y.weight", &[130, 260], true, 128).unwrap();
         let want = fp8::dequantize_blocks(&yc, 130, 260, &ys, 128, true).unwrap();
         assert_eq!(bits(&got), bits(&want));
         let got = ck.read_f32("x", &[4, 3], false, 128).unwrap();
-        let want: Vec<f32> = x
-            .iter()
-            .map(|&v| half::bf16::from_f32(v).to_f32())
-            .collect();
-        assert_eq!(bits(&got), bits(&want));
-        let idx: Value =
-            serde_json::from_str(&std::fs::read_to_string(d.path(INDEX_FILE)).unwrap()).unwrap();
-        assert_eq!(idx["metadata"]["total_size"], size1 + size2);
+        assert_eq!(bits(&got), bits(&x));
 
         // An index that maps a tensor to the wrong shard, or names a missing shard.
-        let mut bad = map.clone();
-        bad.insert("x".into(), "model-00002-of-00002.safetensors".into());
-        write_index(&d.0, &bad, 0).unwrap();
+        let mut bad = map;
+        bad[0].1 = s2;
+        write_index(&d.0, &bad);
         let e = Checkpoint::open(&d.0).unwrap_err();
         assert!(matches!(e, LoadError::BadIndex { .. }), "{e}");
         assert_names(&e, &[INDEX_FILE, "'x'", "model-00002-of-00002"]);
-        bad.insert("x".into(), "model-00003-of-00002.safetensors".into());
-        write_index(&d.0, &bad, 0).unwrap();
+        bad[0].1 = "model-00003-of-00002.safetensors";
+        write_index(&d.0, &bad);
         let e = Checkpoint::open(&d.0).unwrap_err();
         assert!(matches!(e, LoadError::BadIndex { .. }), "{e}");
         assert_names(
@@ -1812,9 +1395,15 @@ mod tests {
             &[
                 INDEX_FILE,
                 "model-00003-of-00002.safetensors",
+                "'x'",
                 "does not exist",
             ],
         );
+        // A tensor the index names that no shard holds.
+        write_index(&d.0, &[("x", s1), ("ghost", s1)]);
+        let e = Checkpoint::open(&d.0).unwrap_err();
+        assert!(matches!(e, LoadError::BadIndex { .. }), "{e}");
+        assert_names(&e, &[INDEX_FILE, "'ghost'", s1]);
         std::fs::write(d.path(INDEX_FILE), "{\"weight_map\": [").unwrap();
         let e = Checkpoint::open(&d.0).unwrap_err();
         assert!(matches!(e, LoadError::BadIndex { .. }), "{e}");
@@ -1835,67 +1424,21 @@ mod tests {
             "{e}"
         );
         assert_names(&e, &["nope.safetensors"]);
+        // An empty file, and one the crate rejects: its error with the path.
+        std::fs::write(&p, []).unwrap();
+        assert_names(&open_err(&p), &["nope.safetensors", "header too small"]);
+        raw_file(&p, "{\"a\": {\"dtype\": \"F32\", ", &[]);
+        let e = open_err(&p);
+        assert!(matches!(e, LoadError::Format { .. }), "{e}");
+        assert_names(&e, &["nope.safetensors", "JSON"]);
         // A file path works with `open` too.
         write_sample(&d.path("other.safetensors"));
         let ck = Checkpoint::open(&d.path("other.safetensors")).unwrap();
         assert!(ck.contains("c.f32") && !ck.is_empty());
     }
 
-    #[test]
-    fn header_length_beyond_file() {
-        let d = TempDir::new("hlen");
-        let p = d.path("m.safetensors");
-        let mut b = 1000u64.to_le_bytes().to_vec();
-        b.extend_from_slice(b"{}      ");
-        std::fs::write(&p, &b).unwrap();
-        let e = open_err(&p);
-        assert!(matches!(e, LoadError::BadHeader { .. }), "{e}");
-        assert_names(&e, &["m.safetensors", "1000", "16 bytes"]);
-        // Shorter than the length prefix.
-        std::fs::write(&p, [1u8, 2, 3]).unwrap();
-        let e = open_err(&p);
-        assert!(matches!(e, LoadError::BadHeader { .. }), "{e}");
-        assert_names(&e, &["m.safetensors", "3 bytes"]);
-        // Absurd header length.
-        std::fs::write(&p, u64::MAX.to_le_bytes()).unwrap();
-        assert!(matches!(open_err(&p), LoadError::BadHeader { .. }));
-    }
-
-    #[test]
-    fn invalid_json_header() {
-        let d = TempDir::new("json");
-        let p = d.path("m.safetensors");
-        raw_file(&p, "{\"a\": {\"dtype\": \"F32\", ", &[]);
-        let e = open_err(&p);
-        assert!(matches!(e, LoadError::BadHeader { .. }), "{e}");
-        assert_names(&e, &["m.safetensors", "JSON"]);
-        raw_file(&p, "[1, 2]", &[]);
-        assert!(matches!(open_err(&p), LoadError::BadHeader { .. }));
-        let mut b = 4u64.to_le_bytes().to_vec();
-        b.extend_from_slice(&[0x7B, 0xFF, 0xFE, 0x7D]);
-        std::fs::write(&p, &b).unwrap();
-        let e = open_err(&p);
-        assert!(matches!(e, LoadError::BadHeader { .. }), "{e}");
-        assert_names(&e, &["UTF-8"]);
-        // Structurally wrong entries.
-        raw_file(
-            &p,
-            r#"{"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}"#,
-            &[0; 4],
-        );
-        let e = open_err(&p);
-        assert!(matches!(e, LoadError::BadHeader { .. }), "{e}");
-        assert_names(&e, &["'t'", "shape"]);
-        raw_file(&p, r#"{"t": {"dtype": "F32", "shape": [1]}}"#, &[0; 4]);
-        assert_names(&open_err(&p), &["'t'", "data_offsets"]);
-        raw_file(
-            &p,
-            r#"{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}"#,
-            &[0; 4],
-        );
-        assert_names(&open_err(&p), &["'t'", "twice"]);
-    }
-
+    /// A data section shorter than the header promises (an interrupted download) names the
+    /// file and the first tensor cut off.
     #[test]
     fn truncated_data() {
         let d = TempDir::new("trunc");
@@ -1916,79 +1459,6 @@ mod tests {
     }
 
     #[test]
-    fn offsets_that_lie_about_length() {
-        let d = TempDir::new("lie");
-        let p = d.path("m.safetensors");
-        raw_file(
-            &p,
-            r#"{"w": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 8]}}"#,
-            &[0; 8],
-        );
-        let e = open_err(&p);
-        assert!(
-            matches!(&e, LoadError::BadOffsets { tensor, .. } if tensor == "w"),
-            "{e}"
-        );
-        assert_names(&e, &["m.safetensors", "'w'", "8 bytes", "needs 12"]);
-        // end before start
-        raw_file(
-            &p,
-            r#"{"w": {"dtype": "F32", "shape": [0], "data_offsets": [4, 0]}}"#,
-            &[0; 4],
-        );
-        assert!(matches!(open_err(&p), LoadError::BadOffsets { .. }));
-    }
-
-    #[test]
-    fn overlapping_and_gapped_offsets() {
-        let d = TempDir::new("overlap");
-        let p = d.path("m.safetensors");
-        raw_file(
-            &p,
-            r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}"#,
-            &[0; 12],
-        );
-        let e = open_err(&p);
-        assert!(
-            matches!(&e, LoadError::BadOffsets { tensor, .. } if tensor == "b"),
-            "{e}"
-        );
-        assert_names(&e, &["m.safetensors", "'b'", "overlaps", "'a'"]);
-        raw_file(
-            &p,
-            r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]}}"#,
-            &[0; 16],
-        );
-        let e = open_err(&p);
-        assert!(
-            matches!(&e, LoadError::BadOffsets { tensor, .. } if tensor == "b"),
-            "{e}"
-        );
-        assert_names(&e, &["gap"]);
-        // JSON order does not matter, only the byte ranges.
-        raw_file(
-            &p,
-            r#"{"b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}, "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}"#,
-            &[0; 12],
-        );
-        assert_eq!(
-            Checkpoint::open_files(std::slice::from_ref(&p))
-                .unwrap()
-                .len(),
-            2
-        );
-        // Trailing bytes after the last tensor.
-        raw_file(
-            &p,
-            r#"{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}"#,
-            &[0; 6],
-        );
-        let e = open_err(&p);
-        assert!(matches!(e, LoadError::BadHeader { .. }), "{e}");
-        assert_names(&e, &["2 bytes after"]);
-    }
-
-    #[test]
     fn unsupported_dtypes() {
         let d = TempDir::new("dtype");
         let p = d.path("m.safetensors");
@@ -2002,12 +1472,17 @@ mod tests {
         assert_eq!(ck.names().collect::<Vec<_>>(), ["f"]);
         assert_eq!(
             ck.unsupported().collect::<Vec<_>>(),
-            [("g", "F64"), ("h", "BOOL"), ("ids", "I64"), ("q", "I8")]
+            [
+                ("g", Dtype::F64),
+                ("h", Dtype::BOOL),
+                ("ids", Dtype::I64),
+                ("q", Dtype::I8)
+            ]
         );
         assert_eq!(ck.total_bytes(), 24);
         let e = ck.read_f32("q", &[3], false, 128).unwrap_err();
         assert!(
-            matches!(&e, LoadError::UnsupportedDtype { tensor, dtype, .. } if tensor == "q" && dtype == "I8"),
+            matches!(&e, LoadError::UnsupportedDtype { tensor, dtype, .. } if tensor == "q" && *dtype == Dtype::I8),
             "{e}"
         );
         assert_names(&e, &["m.safetensors", "'q'", "I8"]);
@@ -2015,15 +1490,15 @@ mod tests {
             ck.raw("ids").unwrap_err(),
             LoadError::UnsupportedDtype { .. }
         ));
-        // A dtype safetensors does not define fails at open.
+        // A dtype safetensors does not define fails at open (the crate's JSON error).
         raw_file(
             &p,
             r#"{"w": {"dtype": "Q4_K", "shape": [2], "data_offsets": [0, 2]}}"#,
             &[0; 2],
         );
         let e = open_err(&p);
-        assert!(matches!(e, LoadError::UnsupportedDtype { .. }), "{e}");
-        assert_names(&e, &["m.safetensors", "'w'", "Q4_K"]);
+        assert!(matches!(e, LoadError::Format { .. }), "{e}");
+        assert_names(&e, &["m.safetensors", "Q4_K"]);
     }
 
     #[test]
@@ -2047,24 +1522,20 @@ mod tests {
         let d = TempDir::new("scale");
         let p = d.path("model.safetensors");
         let codes = vec![0x38u8; 130 * 4];
-        let mut w = SafetensorsWriter::create(
+        let o_scale: Vec<u8> = [0.5f32, 2.0]
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect();
+        write_raw(
             &p,
             &[
-                ("m.weight".into(), Dtype::F8E4M3, vec![130, 4]),
-                ("n.weight".into(), Dtype::F8E4M3, vec![130, 4]),
-                ("n.weight_scale_inv".into(), Dtype::F32, vec![1, 1]),
-                ("o.weight".into(), Dtype::F8E4M3, vec![130, 4]),
-                ("o.weight_scale_inv".into(), Dtype::BF16, vec![2, 1]),
+                ("m.weight", Dtype::F8_E4M3, vec![130, 4], &codes),
+                ("n.weight", Dtype::F8_E4M3, vec![130, 4], &codes),
+                ("n.weight_scale_inv", Dtype::F32, vec![1, 1], &le(&[0.5])),
+                ("o.weight", Dtype::F8_E4M3, vec![130, 4], &codes),
+                ("o.weight_scale_inv", Dtype::BF16, vec![2, 1], &o_scale),
             ],
-            None,
-        )
-        .unwrap();
-        w.write_raw("m.weight", &codes).unwrap();
-        w.write_raw("n.weight", &codes).unwrap();
-        w.write_f32("n.weight_scale_inv", &[0.5]).unwrap();
-        w.write_raw("o.weight", &codes).unwrap();
-        w.write_f32("o.weight_scale_inv", &[0.5, 2.0]).unwrap();
-        w.finish().unwrap();
+        );
         let ck = Checkpoint::open(&d.0).unwrap();
         let e = ck.read_f32("m.weight", &[130, 4], false, 128).unwrap_err();
         assert!(
@@ -2096,18 +1567,13 @@ mod tests {
     fn duplicate_across_shards() {
         let d = TempDir::new("dup");
         for f in ["a.safetensors", "b.safetensors"] {
-            let mut w = SafetensorsWriter::create(
+            write_raw(
                 &d.path(f),
                 &[
-                    ("t".into(), Dtype::F32, vec![1]),
-                    (f.into(), Dtype::F32, vec![1]),
+                    ("t", Dtype::F32, vec![1], &le(&[1.0])),
+                    (f, Dtype::F32, vec![1], &le(&[2.0])),
                 ],
-                None,
-            )
-            .unwrap();
-            w.write_f32("t", &[1.0]).unwrap();
-            w.write_f32(f, &[2.0]).unwrap();
-            w.finish().unwrap();
+            );
         }
         let e = Checkpoint::open_files(&[d.path("a.safetensors"), d.path("b.safetensors")])
             .unwrap_err();
@@ -2117,52 +1583,5 @@ mod tests {
             "{e}"
         );
         assert_names(&e, &["'t'", "a.safetensors", "b.safetensors"]);
-    }
-
-    #[test]
-    fn writer_misuse() {
-        let d = TempDir::new("writer");
-        let p = d.path("w.safetensors");
-        let tmp = d.path("w.safetensors.tmp");
-        let decl = vec![
-            ("a".to_string(), Dtype::F32, vec![2]),
-            ("b".to_string(), Dtype::F8E4M3, vec![3]),
-        ];
-        let dup = vec![decl[0].clone(), decl[0].clone()];
-        assert!(matches!(
-            SafetensorsWriter::create(&p, &dup, None).unwrap_err(),
-            LoadError::Writer { .. }
-        ));
-        let mut w = SafetensorsWriter::create(&p, &decl, None).unwrap();
-        assert!(tmp.exists());
-        let e = w.write_f32("zz", &[1.0]).unwrap_err();
-        assert_names(&e, &["w.safetensors", "'zz'", "not declared"]);
-        let e = w.write_f32("a", &[1.0]).unwrap_err();
-        assert_names(&e, &["'a'", "1 values", "2"]);
-        let e = w.write_f32("b", &[1.0; 3]).unwrap_err();
-        assert_names(&e, &["'b'", "write_raw"]);
-        let e = w.write_raw("b", &[0; 4]).unwrap_err();
-        assert_names(&e, &["'b'", "4 bytes"]);
-        w.write_raw("b", &[0x38; 3]).unwrap();
-        let e = w.write_raw("b", &[0x38; 3]).unwrap_err();
-        assert_names(&e, &["'b'", "twice"]);
-        let e = w.finish().unwrap_err();
-        assert!(matches!(e, LoadError::Writer { .. }), "{e}");
-        assert_names(&e, &["w.safetensors", "never written", "'a'"]);
-        assert!(
-            !tmp.exists() && !p.exists(),
-            "failed writer leaves nothing behind"
-        );
-        // Dropped without finish: nothing left either.
-        let w = SafetensorsWriter::create(&p, &decl, None).unwrap();
-        drop(w);
-        assert!(!tmp.exists() && !p.exists());
-        // Empty file (no tensors) is valid.
-        SafetensorsWriter::create(&p, &[], None)
-            .unwrap()
-            .finish()
-            .unwrap();
-        let ck = Checkpoint::open_files(&[p]).unwrap();
-        assert!(ck.is_empty());
     }
 }

@@ -10,12 +10,12 @@
 
 use dsv3_backends::DsBackend;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Tensor, TensorData};
 
-use crate::checkpoint::{Checkpoint, Dtype, LoadError, SafetensorsWriter};
+use crate::checkpoint::{write_safetensors, Checkpoint, Dtype, LoadError, TensorSource};
 use crate::config::DeepseekV3Config;
 use crate::error::{ConfigError, ModelError};
 use crate::model::DeepseekV3;
@@ -332,7 +332,7 @@ pub fn load_from_with<B: DsBackend>(
     }
     let has_f8 = ckpt
         .names()
-        .any(|n| ckpt.info(n).is_some_and(|i| i.dtype == Dtype::F8E4M3));
+        .any(|n| ckpt.info(n).is_some_and(|i| i.dtype == Dtype::F8_E4M3));
     if cfg.quantization_config.is_some() && !has_f8 {
         report.warnings.push(
             "config.json has an FP8 quantization_config but the checkpoint holds no F8_E4M3 \
@@ -394,17 +394,17 @@ fn bind_fp8<B: DsBackend>(
     for (name, linear) in model.linears_mut() {
         let wname = format!("{name}.weight");
         match ckpt.info(&wname) {
-            Some(info) if info.dtype == Dtype::F8E4M3 => {}
+            Some(info) if info.dtype == Dtype::F8_E4M3 => {}
             _ => continue,
         }
         let (d_in, d_out) = linear.dims();
         let (info, codes) = ckpt.raw(&wname)?;
         if info.shape != [d_out, d_in] {
             return Err(LoadError::WrongShape {
-                path: ckpt.file_path(info).to_path_buf(),
+                path: ckpt.file_path(&info).to_path_buf(),
                 tensor: wname,
                 expected: vec![d_out, d_in],
-                found: info.shape.clone(),
+                found: info.shape.to_vec(),
             }
             .into());
         }
@@ -424,10 +424,12 @@ fn bind_fp8<B: DsBackend>(
     Ok(bound)
 }
 
-/// Collects `(hf_name, disk_shape, transpose)` of every parameter, in module order.
+/// Collects every parameter as a tensor to write: its HF name, dtype and shape on disk, and how
+/// to read its values (Linear weights transposed back to `[out, in]`) once the writer gets to it.
 struct Lister {
     path: PathTracker,
-    out: Vec<(String, Vec<usize>, bool)>,
+    dtype: SaveDtype,
+    out: Vec<(String, TensorSource<'static>)>,
 }
 
 impl<B: DsBackend> ModuleVisitor<B> for Lister {
@@ -439,50 +441,42 @@ impl<B: DsBackend> ModuleVisitor<B> for Lister {
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let (name, transpose) = self.path.name();
+        let transpose = transpose && D == 2;
         let shape: Vec<usize> = param.lazy_shape().dims::<D>().to_vec();
         let shape = if transpose {
             shape.into_iter().rev().collect()
         } else {
             shape
         };
-        self.out.push((name, shape, transpose));
-    }
-}
-
-/// Writes every parameter's values, in module order, to the open writer.
-struct Saver<'a> {
-    writer: &'a mut SafetensorsWriter,
-    names: std::vec::IntoIter<(String, Vec<usize>, bool)>,
-    error: Option<LoadError>,
-}
-
-impl<B: DsBackend> ModuleVisitor<B> for Saver<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let Some((name, _, transpose)) = self.names.next() else {
-            return;
-        };
-        if self.error.is_some() {
-            return;
-        }
-        let tensor = param.val();
-        let tensor = if transpose && D == 2 {
-            tensor.transpose()
+        // The router bias stays f32 (HF keeps it in float32).
+        let dtype = if self.dtype == SaveDtype::BF16 && !name.ends_with("e_score_correction_bias") {
+            Dtype::BF16
         } else {
+            Dtype::F32
+        };
+        // A handle on the parameter's tensor: read (and copied off the device) only when the
+        // writer reaches this tensor, so one tensor at a time is in memory.
+        let tensor = param.val();
+        let values = Box::new(move || {
+            let tensor = if transpose {
+                tensor.transpose()
+            } else {
+                tensor
+            };
             tensor
-        };
-        let values: Vec<f32> = match tensor.into_data().convert::<f32>().to_vec() {
-            Ok(v) => v,
-            Err(e) => {
-                self.error = Some(LoadError::Io {
-                    path: PathBuf::from(&name),
-                    source: std::io::Error::other(format!("{e:?}")),
-                });
-                return;
-            }
-        };
-        if let Err(e) = self.writer.write_f32(&name, &values) {
-            self.error = Some(e);
-        }
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .map_err(|e| format!("{e:?}"))
+        });
+        self.out.push((
+            name,
+            TensorSource {
+                dtype,
+                shape,
+                values,
+            },
+        ));
     }
 }
 
@@ -554,35 +548,11 @@ pub fn save<B: DsBackend>(
     })?;
     let mut lister = Lister {
         path: PathTracker::new(&model.config),
+        dtype,
         out: Vec::new(),
     };
     model.visit(&mut lister);
-    let header: Vec<(String, Dtype, Vec<usize>)> = lister
-        .out
-        .iter()
-        .map(|(n, s, _)| {
-            let dt = if dtype == SaveDtype::BF16 && !n.ends_with("e_score_correction_bias") {
-                Dtype::BF16
-            } else {
-                Dtype::F32
-            };
-            (n.clone(), dt, s.clone())
-        })
-        .collect();
-    let mut meta = BTreeMap::new();
-    meta.insert("format".to_string(), "pt".to_string());
-    let mut writer =
-        SafetensorsWriter::create(&dir.join("model.safetensors"), &header, Some(meta))?;
-    let mut saver = Saver {
-        writer: &mut writer,
-        names: lister.out.into_iter(),
-        error: None,
-    };
-    model.visit(&mut saver);
-    if let Some(e) = saver.error {
-        return Err(e.into());
-    }
-    writer.finish()?;
+    write_safetensors(&dir.join("model.safetensors"), lister.out, None)?;
     let mut cfg = model.config.clone();
     cfg.quantization_config = None;
     cfg.torch_dtype = Some(

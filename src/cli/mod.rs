@@ -9,7 +9,7 @@ use burn::tensor::activation::log_softmax;
 use clap::{Args, Parser, Subcommand};
 
 use dsv3_backends::{on_backend, BackendKind, Cpu, DsBackend, FloatDtype, OnBackend};
-use dsv3_model::checkpoint::{Checkpoint, Dtype, SafetensorsWriter};
+use dsv3_model::checkpoint::{write_safetensors, Checkpoint, Dtype, TensorSource};
 use dsv3_model::{
     AttentionMode, DeepseekV3Config, ForwardOptions, LoadOptions, ModelError, SaveDtype,
     WeightOptions, WeightStorage,
@@ -593,29 +593,35 @@ fn score_on<B: DsBackend>(
         mtp_logits = Some(m.logits);
     }
     if let Some(path) = &a.out {
-        let mut header = vec![("logits".to_string(), Dtype::F32, vec![t, vocab])];
-        if mtp_logits.is_some() {
-            header.push(("mtp_logits".to_string(), Dtype::F32, vec![t - 1, vocab]));
-        }
-        let mut w =
-            SafetensorsWriter::create(path, &header, None).map_err(|e| write_err(path, e))?;
-        let l: Vec<f32> = fwd
-            .logits
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .map_err(|e| write_err(path, format!("{e:?}")))?;
-        w.write_f32("logits", &l).map_err(|e| write_err(path, e))?;
+        // Each tensor is copied off the device when the writer reaches it.
+        let f32_values =
+            |x: burn::tensor::Tensor<B, 3>| -> dsv3_model::checkpoint::Values<'static> {
+                Box::new(move || {
+                    x.into_data()
+                        .convert::<f32>()
+                        .into_vec()
+                        .map_err(|e| format!("{e:?}"))
+                })
+            };
+        let mut tensors = vec![(
+            "logits".to_string(),
+            TensorSource {
+                dtype: Dtype::F32,
+                shape: vec![t, vocab],
+                values: f32_values(fwd.logits),
+            },
+        )];
         if let Some(m) = mtp_logits {
-            let m: Vec<f32> = m
-                .into_data()
-                .convert::<f32>()
-                .to_vec()
-                .map_err(|e| write_err(path, format!("{e:?}")))?;
-            w.write_f32("mtp_logits", &m)
-                .map_err(|e| write_err(path, e))?;
+            tensors.push((
+                "mtp_logits".to_string(),
+                TensorSource {
+                    dtype: Dtype::F32,
+                    shape: vec![t - 1, vocab],
+                    values: f32_values(m),
+                },
+            ));
         }
-        w.finish().map_err(|e| write_err(path, e))?;
+        write_safetensors(path, tensors, None).map_err(|e| write_err(path, e))?;
         let _ = writeln!(report_s, "wrote {}", path.display());
     }
     if let Some(path) = &a.routing {

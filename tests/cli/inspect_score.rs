@@ -20,7 +20,7 @@ fn inspect_preset_671b() {
 fn inspect_fixture_dir() {
     let dir = fixture("tiny-fp8");
     let s = dsv3(&["inspect", "--model", dir.to_str().unwrap()]).unwrap();
-    assert!(s.contains("F8E4M3"), "{s}");
+    assert!(s.contains("F8_E4M3"), "{s}");
     assert!(s.contains("present"), "{s}");
 }
 

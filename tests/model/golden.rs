@@ -174,7 +174,7 @@ fn fp8_dequantization_is_bit_exact() {
             .unwrap_or_else(|| panic!("{name} not in checkpoint"));
         assert_eq!(
             format!("{:?}", info.dtype),
-            "F8E4M3",
+            "F8_E4M3",
             "{name} should be stored as FP8"
         );
         let got = ckpt.read_f32(name, shape, false, 128).unwrap();
