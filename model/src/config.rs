@@ -533,32 +533,33 @@ impl DeepseekV3Config {
 
     /// The released 671B model (`deepseek-ai/DeepSeek-V3` config.json).
     pub fn deepseek_v3_671b() -> Self {
-        let mut c = Self::default();
-        c.rope_theta = Some(10000.0);
-        c.max_position_embeddings = 163840;
-        c.num_nextn_predict_layers = 1;
-        c.num_key_value_heads = Some(128);
-        c.bos_token_id = Some(0);
-        c.eos_token_id = Some(serde_json::json!(1));
-        c.rope_scaling = Some(RopeScaling {
-            rope_type: Some("yarn".into()),
-            factor: Some(40.0),
-            original_max_position_embeddings: Some(4096),
-            beta_fast: Some(32.0),
-            beta_slow: Some(1.0),
-            mscale: Some(1.0),
-            mscale_all_dim: Some(1.0),
-            rope_theta: None,
-        });
-        c.torch_dtype = Some("bfloat16".into());
-        c.quantization_config = Some(QuantizationConfig {
-            quant_method: "fp8".into(),
-            fmt: Some("e4m3".into()),
-            activation_scheme: Some("dynamic".into()),
-            weight_block_size: Some(vec![128, 128]),
-            scale_fmt: None,
-        });
-        c
+        Self {
+            rope_theta: Some(10000.0),
+            max_position_embeddings: 163840,
+            num_nextn_predict_layers: 1,
+            num_key_value_heads: Some(128),
+            bos_token_id: Some(0),
+            eos_token_id: Some(serde_json::json!(1)),
+            rope_scaling: Some(RopeScaling {
+                rope_type: Some("yarn".into()),
+                factor: Some(40.0),
+                original_max_position_embeddings: Some(4096),
+                beta_fast: Some(32.0),
+                beta_slow: Some(1.0),
+                mscale: Some(1.0),
+                mscale_all_dim: Some(1.0),
+                rope_theta: None,
+            }),
+            torch_dtype: Some("bfloat16".into()),
+            quantization_config: Some(QuantizationConfig {
+                quant_method: "fp8".into(),
+                fmt: Some("e4m3".into()),
+                activation_scheme: Some("dynamic".into()),
+                weight_block_size: Some(vec![128, 128]),
+                scale_fmt: None,
+            }),
+            ..Self::default()
+        }
     }
 
     /// A tiny model of the same architecture for smoke tests (q-LoRA, YaRN, grouped routing, MTP).
