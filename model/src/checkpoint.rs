@@ -414,6 +414,11 @@ impl Checkpoint {
     /// it names (the single file wins when both exist, as in HF transformers). `dir` may also be
     /// a `.safetensors` file. Memory-maps the files and validates the headers; reads no tensor
     /// data.
+    ///
+    /// # Errors
+    /// [`LoadError::NoCheckpoint`] when neither file is there; [`LoadError::BadIndex`] for an
+    /// index that is not valid JSON, names a missing shard or maps a tensor to a shard that
+    /// lacks it; and the errors of [`Checkpoint::open_files`].
     pub fn open(dir: &Path) -> Result<Self, LoadError> {
         if dir.is_file() {
             return Self::open_files(&[dir.to_path_buf()]);
@@ -484,6 +489,12 @@ impl Checkpoint {
 
     /// Opens the given safetensors files as one checkpoint (a tensor name may appear in only
     /// one of them). The checkpoint's directory is the first file's parent.
+    ///
+    /// # Errors
+    /// [`LoadError::Io`] when a file cannot be opened or mapped; [`LoadError::Format`],
+    /// [`LoadError::Truncated`] or [`LoadError::BadOffsets`] for a header the `safetensors`
+    /// crate rejects (naming the tensor where the fault is one tensor's);
+    /// [`LoadError::DuplicateTensor`] when a name is in two files.
     pub fn open_files(paths: &[PathBuf]) -> Result<Self, LoadError> {
         let dir = paths
             .first()
@@ -615,6 +626,10 @@ impl Checkpoint {
     }
 
     /// Raw bytes of tensor `name` (little-endian, row-major) with its info.
+    ///
+    /// # Errors
+    /// [`LoadError::MissingTensor`] when there is no such tensor, [`LoadError::UnsupportedDtype`]
+    /// when its dtype is not one this crate converts.
     pub fn raw(&self, name: &str) -> Result<(TensorInfo<'_>, &[u8]), LoadError> {
         let info = self.lookup(name)?;
         Ok((info, &self.files[info.file].map[info.start..info.end]))
@@ -632,6 +647,11 @@ impl Checkpoint {
     ///
     /// With `transpose` (2-D tensors only) the result is in `[cols, rows]` order, produced in
     /// the same pass.
+    ///
+    /// # Errors
+    /// [`LoadError::MissingTensor`], [`LoadError::UnsupportedDtype`], [`LoadError::WrongShape`];
+    /// [`LoadError::InvalidRequest`] for a transpose of a non-2-D tensor or an FP8 block of 0;
+    /// for FP8 tensors the errors of [`Checkpoint::block_scales`].
     pub fn read_f32(
         &self,
         name: &str,
@@ -885,6 +905,11 @@ fn encode<const W: usize>(values: &[f32], f: impl Fn(f32) -> [u8; W]) -> Vec<u8>
 /// which is then fsynced and renamed to `path` (and the directory fsynced), so that a crash
 /// leaves the old file or the complete new one. On error `<path>.tmp` is removed and `path` is
 /// left as it was.
+///
+/// # Errors
+/// [`LoadError::Writer`] when a tensor's values cannot be read or do not match its shape, or
+/// the crate refuses the set (duplicate names); [`LoadError::Io`] when writing, syncing or
+/// renaming fails.
 pub fn write_safetensors(
     path: &Path,
     tensors: Vec<(String, TensorSource<'_>)>,

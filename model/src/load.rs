@@ -526,6 +526,11 @@ impl std::str::FromStr for SaveDtype {
 /// Saves `model` to `dir` in the Hugging Face layout: `config.json` + `model.safetensors`
 /// (MTP modules as `model.layers.{num_hidden_layers + k}`, the router bias in F32). Files are
 /// written to a temporary name and renamed, so an interrupted save never leaves a torn file.
+///
+/// # Errors
+/// [`ModelError::Invalid`] for a model whose experts are packed (save it before packing);
+/// [`LoadError::Io`] or [`LoadError::Writer`] when writing `model.safetensors` fails;
+/// [`ConfigError::Io`] when writing `config.json` fails.
 pub fn save<B: DsBackend>(
     model: &DeepseekV3<B>,
     dir: &Path,
