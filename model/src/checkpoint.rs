@@ -1077,18 +1077,10 @@ mod tests {
         }
     }
 
-    fn rng(seed: &mut u64) -> u64 {
-        *seed ^= *seed << 13;
-        *seed ^= *seed >> 7;
-        *seed ^= *seed << 17;
-        *seed
-    }
-
+    /// Values uniform in `[-4, 4)` from the workspace's one generator.
     fn randn(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| ((rng(&mut s) >> 11) as f64 / (1u64 << 53) as f64 * 8.0 - 4.0) as f32)
-            .collect()
+        let mut r = dsv3_backends::SplitMix64::new(seed);
+        (0..n).map(|_| (r.uniform() * 8.0 - 4.0) as f32).collect()
     }
 
     fn transpose(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
