@@ -101,6 +101,29 @@ fn cli_train_tiny_writes_metrics_checkpoints_plot_and_resumes() {
         .collect();
     assert_eq!(steps, vec![2, 4, 6, 8]);
     assert!(run_dir.join("step-8/train_state.json").is_file());
+
+    // A newest checkpoint whose train_state.json is unreadable is passed over with a warning:
+    // the run resumes from the one before it.
+    std::fs::write(run_dir.join("step-8/train_state.json"), "{ not json").unwrap();
+    let s = dsv3(&[
+        "train",
+        "--resume",
+        "--steps",
+        "8",
+        "--checkpoint-every",
+        "0",
+        "--out",
+        run_dir.to_str().unwrap(),
+        "--samples",
+        "0",
+    ])
+    .unwrap();
+    assert!(s.contains("resumed from") && s.contains("step-6"), "{s}");
+    assert!(
+        s.contains("warning:") && s.contains("step-8") && s.contains("train_state.json"),
+        "{s}"
+    );
+    assert_eq!(s.matches("warning:").count(), 1, "{s}");
 }
 
 #[test]

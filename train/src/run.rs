@@ -145,9 +145,9 @@ fn pack(
 /// # Errors
 /// - [`TrainError::NoCheckpoint`]: `resume` and `out` holds no complete checkpoint.
 /// - Reading and packing the data ([`DataSource::documents`], [`Dataset::pack`]).
-/// - Starting: [`Trainer::new`] for a new run, [`checkpoint::resume`] (and
-///   [`checkpoint::read_state`] of the newest checkpoint) on resume, then
-///   [`TrainConfig::validate`] of the merged settings.
+/// - Starting: [`Trainer::new`] for a new run, [`checkpoint::resume`] on resume (checkpoints
+///   whose state cannot be read are passed over with a warning; the error of the oldest when
+///   none can), then [`TrainConfig::validate`] of the merged settings.
 /// - [`TrainError::NonFinite`] from [`Trainer::train_step`]; the last checkpoint is kept.
 /// - [`TrainError::Io`] / [`TrainError::Model`]: creating `out`, the metrics log or a
 ///   checkpoint fails. A plot that cannot be drawn is only a warning.
@@ -160,10 +160,17 @@ pub fn run<B: DsAutodiffBackend>(
     let mut warnings = Vec::new();
     let out = &opts.out;
     let (mut trainer, source, resumed_from, elapsed_before) = if opts.resume {
-        let newest = checkpoint::complete(out)
-            .pop()
-            .ok_or_else(|| TrainError::NoCheckpoint(out.clone()))?;
-        let state = checkpoint::read_state(&newest.1)?;
+        // The data source comes from the newest checkpoint whose state reads; an unreadable
+        // one is passed over (with a warning), as `checkpoint::resume` passes over it below.
+        let mut state = Err(TrainError::NoCheckpoint(out.clone()));
+        for (_, dir) in checkpoint::complete(out).into_iter().rev() {
+            state = checkpoint::read_state(&dir);
+            match &state {
+                Err(e @ TrainError::BadCheckpoint { .. }) => warnings.push(e.to_string()),
+                _ => break,
+            }
+        }
+        let state = state?;
         let source = opts
             .data
             .clone()
@@ -210,7 +217,9 @@ pub fn run<B: DsAutodiffBackend>(
     if let Some(d) = &resumed_from {
         say(&format!("resumed from {}", d.display()));
     }
-    for w in &warnings {
+    // The same unreadable checkpoint may be reported twice (data source, then resume): once.
+    let mut said = std::collections::BTreeSet::new();
+    for w in warnings.iter().filter(|w| said.insert(w.as_str())) {
         say(&format!("warning: {w}"));
     }
     let pb = metrics::progress_bar(start_step, total, opts.progress);
