@@ -16,6 +16,15 @@
 //! println!("{:?}", out.logits.dims()); // [1, 3, vocab]
 //! # Ok::<(), dsv3_model::ModelError>(())
 //! ```
+//!
+//! How it is put together (one file per concept, imports flowing one way):
+//! [`DeepseekV3`] holds the embedding, a list of [`DecoderLayer`]s (MLA attention, [`Mla`], and
+//! a dense [`Mlp`] or a [`Moe`] layer), the final norm, `lm_head` and the [`MtpLayer`]s (each
+//! wrapping one more `DecoderLayer`). [`DeepseekV3::forward`] is the one walk over the blocks;
+//! [`ForwardOptions`] asks it for routing, router affinities (training) or per-block outputs.
+//! [`Span`] carries the positions and mask of a forward's tokens, [`LatentStore`] the latent
+//! cache. [`load`]/[`save`] bind parameters to checkpoint tensors by name ([`checkpoint`] reads
+//! safetensors, [`fp8`] the block-scaled e4m3 format).
 
 // The crate's API is what the root re-exports; `checkpoint` and `fp8` are also public as
 // modules: the safetensors reader and the FP8 block format are useful on their own.
