@@ -230,56 +230,85 @@ impl<B: DsBackend> Mla<B> {
         let w_uv = w.narrow(2, dn, dv).swap_dims(0, 1); // [nh, r, dv]
 
         let out = match mode {
-            AttentionMode::Naive => {
-                // Per-head keys [k_nope | k_pe] and queries [q_nope | q_pe]: one score matmul.
-                let c = c.reshape([1, b * s, r]);
-                let k_pe = k_pe.unsqueeze_dim::<4>(0); // [1, B, S, dr]
-                let k_nope = c.clone().matmul(w_uk).reshape([nh, b, s, dn]);
-                let v = c.matmul(w_uv).reshape([nh, b, s, dv]);
-                let k = Tensor::cat(vec![k_nope, k_pe.expand([nh, b, s, dr])], 3);
-                let q = Tensor::cat(vec![q_nope, q_pe], 3);
-                let scores = q.matmul(k.swap_dims(2, 3)); // [nh, B, T, S]
-                let scores = match mask {
-                    Some(mask) => add_mask(scores, mask),
-                    None => scores,
-                };
-                softmax(scores, 3).matmul(v).reshape([nh, b * t, dv])
-            }
-            _ => {
-                // Every head attends over the same latent: fold the heads into the query rows,
-                // `[B, nh·T, ·]` against `[B, S, ·]`, so each latent row is read once per step,
-                // not once per head (what dominates long-context decode).
-                let q_abs = q_nope
-                    .reshape([nh, b * t, dn])
-                    .matmul(w_uk.swap_dims(1, 2))
-                    .reshape([nh, b, t, r]);
-                let fold = |q: Tensor<B, 4>, d: usize| q.swap_dims(0, 1).reshape([b, nh * t, d]);
-                let (q_abs, q_pe) = (fold(q_abs, r), fold(q_pe, dr));
-                let pieces = B::parallel_jobs().min(s / SPLIT_MIN_KEYS);
-                let o_lat = match mask {
-                    None if pieces > 1 => split_attention::<B>(q_abs, q_pe, c, k_pe, pieces),
-                    _ => {
-                        let scores = q_abs.matmul(c.clone().swap_dims(1, 2))
-                            + q_pe.matmul(k_pe.swap_dims(1, 2)); // [B, nh·T, S]
-                        let p = match mask {
-                            Some(mask) => {
-                                let s4 = scores.reshape([b, nh, t, s]).swap_dims(0, 1);
-                                softmax(add_mask(s4, mask), 3) // [nh, B, T, S]
-                                    .swap_dims(0, 1)
-                                    .reshape([b, nh * t, s])
-                            }
-                            None => softmax(scores, 2),
-                        };
-                        p.matmul(c)
-                    }
-                };
-                let o_lat = o_lat.reshape([b, nh, t, r]); // [B, nh, T, r]
-                o_lat.swap_dims(0, 1).reshape([nh, b * t, r]).matmul(w_uv) // [nh, B*T, dv]
-            }
+            AttentionMode::Naive => attend_naive(q_nope, q_pe, c, k_pe, w_uk, w_uv, mask),
+            _ => attend_absorbed(q_nope, q_pe, c, k_pe, w_uk, w_uv, mask),
         };
         let out = out.swap_dims(0, 1).reshape([b, t, nh * dv]);
         (self.o_proj.forward(out), new)
     }
+}
+
+/// Naive attention: per-head keys `[k_nope | k_pe]` expanded from the latent and queries
+/// `[q_nope | q_pe]`, one score matmul. Queries `[nh, B, T, dn|dr]`, latent `c: [B, S, r]`,
+/// `k_pe: [B, S, dr]`, `w_uk: [nh, r, dn]`, `w_uv: [nh, r, dv]`; returns `[nh, B·T, dv]`.
+fn attend_naive<B: DsBackend>(
+    q_nope: Tensor<B, 4>,
+    q_pe: Tensor<B, 4>,
+    c: Tensor<B, 3>,
+    k_pe: Tensor<B, 3>,
+    w_uk: Tensor<B, 3>,
+    w_uv: Tensor<B, 3>,
+    mask: Option<&Tensor<B, 4>>,
+) -> Tensor<B, 3> {
+    let [nh, b, t, dn] = q_nope.dims();
+    let [_, s, r] = c.dims();
+    let (dr, dv) = (k_pe.dims()[2], w_uv.dims()[2]);
+    let c = c.reshape([1, b * s, r]);
+    let k_pe = k_pe.unsqueeze_dim::<4>(0); // [1, B, S, dr]
+    let k_nope = c.clone().matmul(w_uk).reshape([nh, b, s, dn]);
+    let v = c.matmul(w_uv).reshape([nh, b, s, dv]);
+    let k = Tensor::cat(vec![k_nope, k_pe.expand([nh, b, s, dr])], 3);
+    let q = Tensor::cat(vec![q_nope, q_pe], 3);
+    let scores = q.matmul(k.swap_dims(2, 3)); // [nh, B, T, S]
+    let scores = match mask {
+        Some(mask) => add_mask(scores, mask),
+        None => scores,
+    };
+    softmax(scores, 3).matmul(v).reshape([nh, b * t, dv])
+}
+
+/// Absorbed attention: `W_UK` folded into the queries and `W_UV` into the output, attention over
+/// the latent itself. Every head attends over the same latent, so the heads are folded into the
+/// query rows, `[B, nh·T, ·]` against `[B, S, ·]`: each latent row is read once per step, not once
+/// per head (what dominates long-context decode). Shapes as [`attend_naive`].
+fn attend_absorbed<B: DsBackend>(
+    q_nope: Tensor<B, 4>,
+    q_pe: Tensor<B, 4>,
+    c: Tensor<B, 3>,
+    k_pe: Tensor<B, 3>,
+    w_uk: Tensor<B, 3>,
+    w_uv: Tensor<B, 3>,
+    mask: Option<&Tensor<B, 4>>,
+) -> Tensor<B, 3> {
+    let [nh, b, t, dn] = q_nope.dims();
+    let [_, s, r] = c.dims();
+    let dr = k_pe.dims()[2];
+    let q_abs = q_nope
+        .reshape([nh, b * t, dn])
+        .matmul(w_uk.swap_dims(1, 2))
+        .reshape([nh, b, t, r]);
+    let fold = |q: Tensor<B, 4>, d: usize| q.swap_dims(0, 1).reshape([b, nh * t, d]);
+    let (q_abs, q_pe) = (fold(q_abs, r), fold(q_pe, dr));
+    let pieces = B::parallel_jobs().min(s / SPLIT_MIN_KEYS);
+    let o_lat = match mask {
+        None if pieces > 1 => split_attention::<B>(q_abs, q_pe, c, k_pe, pieces),
+        _ => {
+            let scores =
+                q_abs.matmul(c.clone().swap_dims(1, 2)) + q_pe.matmul(k_pe.swap_dims(1, 2)); // [B, nh·T, S]
+            let p = match mask {
+                Some(mask) => {
+                    let s4 = scores.reshape([b, nh, t, s]).swap_dims(0, 1);
+                    softmax(add_mask(s4, mask), 3) // [nh, B, T, S]
+                        .swap_dims(0, 1)
+                        .reshape([b, nh * t, s])
+                }
+                None => softmax(scores, 2),
+            };
+            p.matmul(c)
+        }
+    };
+    let o_lat = o_lat.reshape([b, nh, t, r]); // [B, nh, T, r]
+    o_lat.swap_dims(0, 1).reshape([nh, b * t, r]).matmul(w_uv) // [nh, B·T, dv]
 }
 
 /// Keys per piece below which absorbed attention is not split across parallel jobs.
