@@ -28,7 +28,9 @@ pub enum InferError {
     Tokenizer { path: PathBuf, reason: String },
     #[error("chat template: {0}")]
     ChatTemplate(String),
-    #[error("token id {id} is out of range for the tokenizer/model (vocab_size = {vocab})")]
+    #[error(
+        "token id {id} is not below the model's vocab_size = {vocab} (a tokenizer of another model?)"
+    )]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("cannot read tensor data from the device: {0}")]
     Readback(String),

@@ -1,7 +1,6 @@
 //! DeepSeek-V3 written once against Burn's backend abstraction.
 //!
-//! The model computes exactly what `../shared/deepseek-v3-spec.md` (kept in the repository as
-//! `docs/spec.md`) states: MLA attention with q/kv low-rank projections and decoupled rope,
+//! The model computes exactly what the repository's `docs/spec.md` states: MLA attention with q/kv low-rank projections and decoupled rope,
 //! DeepSeekMoE with the sigmoid group-limited router and its aux-loss-free bias, YaRN, dense first
 //! layers and the MTP modules. Weights bind by their Hugging Face names.
 //!

@@ -248,6 +248,29 @@ pub fn load_with<B: DsBackend>(
     if opts.skip_mtp || !mtp_in_ckpt {
         cfg.num_nextn_predict_layers = 0;
     }
+    // Layers past the main stack must be MTP modules (they have `eh_proj`); a plain block there
+    // means config.json's `num_hidden_layers` is smaller than the checkpoint's.
+    let beyond: BTreeSet<usize> = ckpt
+        .names()
+        .filter_map(|n| {
+            n.strip_prefix("model.layers.")?
+                .split('.')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .filter(|&l| cfg.mtp_module(l).is_some())
+        .filter(|l| !ckpt.contains(&format!("model.layers.{l}.eh_proj.weight")))
+        .collect();
+    if !beyond.is_empty() {
+        let layers: Vec<String> = beyond.iter().map(|l| l.to_string()).collect();
+        warnings.push(format!(
+            "checkpoint layer(s) {} lie past num_hidden_layers = {} but are not MTP modules (no \
+             eh_proj): config.json's num_hidden_layers looks smaller than the checkpoint's",
+            layers.join(", "),
+            cfg.num_hidden_layers
+        ));
+    }
     let (model, mut report) = load_from_with(cfg, &ckpt, device, opts, weights)?;
     warnings.append(&mut report.warnings);
     report.warnings = warnings;
@@ -297,10 +320,10 @@ pub fn load_from_with<B: DsBackend>(
         ));
     }
     let mut model = DeepseekV3::<B>::init(&cfg, device)?;
-    let fp8 = if weights.storage == WeightStorage::Fp8 {
+    let (fp8, fp8_params) = if weights.storage == WeightStorage::Fp8 {
         bind_fp8(&mut model, ckpt, cfg.fp8_block(), device)?
     } else {
-        BTreeSet::new()
+        (BTreeSet::new(), 0)
     };
     let mut loader = Loader::<B> {
         ckpt,
@@ -311,7 +334,8 @@ pub fn load_from_with<B: DsBackend>(
         fp8,
         bf16,
         error: None,
-        params: 0,
+        // The FP8-bound weights are parameters loaded too (held as codes + scales).
+        params: fp8_params,
         zero_bias: Vec::new(),
     };
     let mut model = model.map(&mut loader);
@@ -333,6 +357,13 @@ pub fn load_from_with<B: DsBackend>(
     let has_f8 = ckpt
         .names()
         .any(|n| ckpt.info(n).is_some_and(|i| i.dtype == Dtype::F8_E4M3));
+    if weights.storage == WeightStorage::Fp8 && !has_f8 {
+        report.warnings.push(
+            "FP8 weights were asked for but the checkpoint holds no F8_E4M3 tensor: its float \
+             Linear weights are held as f32"
+                .into(),
+        );
+    }
     if cfg.quantization_config.is_some() && !has_f8 {
         report.warnings.push(
             "config.json has an FP8 quantization_config but the checkpoint holds no F8_E4M3 \
@@ -383,14 +414,16 @@ pub fn load_from_with<B: DsBackend>(
 }
 
 /// Binds every Linear whose checkpoint weight is FP8 in FP8 form (codes + block scales, no
-/// dequantization). Returns the weight names bound, which the float loader then skips.
+/// dequantization). Returns the weight names bound, which the float loader then skips, and
+/// their number of weights.
 fn bind_fp8<B: DsBackend>(
     model: &mut DeepseekV3<B>,
     ckpt: &Checkpoint,
     block: usize,
     device: &B::Device,
-) -> Result<BTreeSet<String>, ModelError> {
+) -> Result<(BTreeSet<String>, u64), ModelError> {
     let mut bound = BTreeSet::new();
+    let mut params = 0u64;
     for (name, linear) in model.linears_mut() {
         let wname = format!("{name}.weight");
         match ckpt.info(&wname) {
@@ -420,8 +453,9 @@ fn bind_fp8<B: DsBackend>(
         ckpt.release(&wname);
         linear.set_fp8(w);
         bound.insert(wname);
+        params += (d_out * d_in) as u64;
     }
-    Ok(bound)
+    Ok((bound, params))
 }
 
 /// Collects every parameter as a tensor to write: its HF name, dtype and shape on disk, and how

@@ -71,9 +71,11 @@ pub struct ForwardOutput<B: DsBackend> {
 /// Output of [`DeepseekV3::forward_mtp`].
 #[derive(Debug, Clone)]
 pub struct MtpOutput<B: DsBackend> {
-    /// `[B, T-1, vocab]`: row i predicts token i+2.
+    /// `[B, T, vocab]` for `T` input rows (`[B, 1, vocab]` with
+    /// [`ForwardOptions::last_logits_only`]): row i predicts the token `depth + 2` after
+    /// position i (for [`DeepseekV3::mtp_logits`], `T` is the sequence length minus one).
     pub logits: Tensor<B, 3>,
-    /// The module's block output `[B, T-1, H]` (input of the next depth).
+    /// The module's block output `[B, T, H]` (input of the next depth).
     pub hidden: Tensor<B, 3>,
     pub kv: LatentKv<B>,
     pub routing: Option<LayerRouting>,

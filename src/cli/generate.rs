@@ -140,6 +140,16 @@ impl DecodeArgs {
         let (model, report) =
             dsv3_model::load_with::<B>(&self.model, &B::Device::default(), &opts, &weights)?;
         super::print_load_warnings(&report);
+        if let Some(t) = &tok {
+            if t.vocab_size() > model.config.vocab_size {
+                eprintln!(
+                    "warning: the tokenizer has {} ids but the model's vocab_size is {}: text \
+                     whose ids reach past it cannot be fed (is this the model's tokenizer?)",
+                    t.vocab_size(),
+                    model.config.vocab_size
+                );
+            }
+        }
         super::keep_freed_buffers();
         Ok((model, tok))
     }
@@ -300,8 +310,10 @@ pub fn chat_on<B: DsBackend>(
     })?;
     if !tok.has_chat_template() {
         return Err(CliError::Usage(format!(
-            "chat needs a chat_template in {}/tokenizer_config.json",
-            a.decode.model.display()
+            "chat needs a chat template: {} has neither {} nor a chat_template key in \
+             tokenizer_config.json",
+            a.decode.model.display(),
+            dsv3_infer::CHAT_TEMPLATE_FILE
         )));
     }
     let mut session = Session::new(&model, 1, &opts.session_options()).map_err(infer)?;

@@ -590,6 +590,25 @@ fn score_on<B: DsBackend>(
         if let Some(r) = m.routing.clone() {
             routing.push(r);
         }
+        // Row i predicts token i+2: its NLL, as for the main model.
+        let mlogp: Vec<f32> = log_softmax(m.logits.clone(), 2)
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .map_err(|e| CliError::Usage(format!("{e:?}")))?;
+        if t > 2 {
+            let total: f64 = (2..t)
+                .map(|i| -(mlogp[(i - 2) * vocab + ids[i] as usize] as f64))
+                .sum();
+            let mean = total / (t - 2) as f64;
+            let _ = writeln!(
+                report_s,
+                "MTP (token i+2): mean nll {:.6}, perplexity {:.4} over {} predicted tokens",
+                mean,
+                mean.exp(),
+                t - 2
+            );
+        }
         mtp_logits = Some(m.logits);
     }
     if let Some(path) = &a.out {

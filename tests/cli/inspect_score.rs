@@ -101,6 +101,31 @@ fn score_writes_logits_mtp_and_routing() {
     let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
     let want = lse - row[g.ids()[1] as usize];
     assert!((nll - want).abs() < 1e-4, "{nll} vs {want}");
+    // With --mtp the MTP module's mean NLL (row i predicts token i+2) is printed too, from the
+    // golden's float64 MTP logits.
+    let line = s
+        .lines()
+        .find(|l| l.starts_with("MTP (token i+2): mean nll"))
+        .unwrap_or_else(|| panic!("no MTP line in {s}"));
+    let got: f64 = line
+        .split_whitespace()
+        .nth(5)
+        .unwrap()
+        .trim_end_matches(',')
+        .parse()
+        .unwrap();
+    let (_, mtp) = g.f("mtp_logits");
+    let ids = g.ids();
+    let t = ids.len();
+    let want: f64 = (2..t)
+        .map(|i| {
+            let row = &mtp[(i - 2) * v..(i - 1) * v];
+            let m = row.iter().cloned().fold(f64::MIN, f64::max);
+            m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln() - row[ids[i] as usize]
+        })
+        .sum::<f64>()
+        / (t - 2) as f64;
+    assert!((got - want).abs() < 1e-4, "MTP mean nll {got} vs {want}");
 }
 
 #[test]

@@ -323,3 +323,56 @@ fn mtp_declared_absent_or_present_undeclared_warns() {
     let d = max_abs_diff(&logits(&model, &g.ids()), &g.f("logits").1);
     assert!(d < LOGIT_TOL as f64, "{d}");
 }
+
+/// `--weights fp8`: every parameter is counted whether held as FP8 codes or as floats, and a
+/// float checkpoint (nothing to hold as FP8) says so instead of pretending.
+#[test]
+fn fp8_weight_form_counts_every_parameter_and_warns_on_float_files() {
+    let load_as = |name: &str, storage| {
+        dsv3_model::load_with::<B>(
+            &fixture(name),
+            &device(),
+            &LoadOptions::default(),
+            &dsv3_model::WeightOptions::from(storage),
+        )
+        .unwrap()
+        .1
+    };
+    let f32 = load_as("tiny-fp8", dsv3_model::WeightStorage::F32);
+    let fp8 = load_as("tiny-fp8", dsv3_model::WeightStorage::Fp8);
+    assert_eq!(fp8.params, f32.params);
+    assert!(fp8.warnings.is_empty(), "{:?}", fp8.warnings);
+    let float = load_as("tiny-qlora", dsv3_model::WeightStorage::Fp8);
+    assert!(
+        float.warnings.iter().any(|w| w.contains("no F8_E4M3")),
+        "{:?}",
+        float.warnings
+    );
+}
+
+/// A config whose `num_hidden_layers` is smaller than the checkpoint's: the layers past it are
+/// plain blocks, not MTP modules, and loading says so (it used to drop them silently).
+#[test]
+fn layers_past_num_hidden_layers_that_are_not_mtp_warn() {
+    let dir = copy_fixture("tiny-qlora");
+    let mut c = read_json(&dir.join("config.json"));
+    c["num_hidden_layers"] = json!(2);
+    write_json(&dir.join("config.json"), &c);
+    let (_, report) = dsv3_model::load::<B>(
+        &dir,
+        &device(),
+        &LoadOptions {
+            strict: false,
+            skip_mtp: true,
+        },
+    )
+    .unwrap();
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("layer(s) 2") && w.contains("not MTP modules")),
+        "{:?}",
+        report.warnings
+    );
+}
