@@ -315,9 +315,10 @@ pub fn load_from_with<B: DsBackend>(
     if bf16
         && !<B as burn::tensor::backend::Backend>::supports_dtype(device, burn::tensor::DType::BF16)
     {
-        return Err(ModelError::Invalid(
-            "this backend cannot hold bf16 tensors: load the weights as f32 (or fp8)".into(),
-        ));
+        return Err(ModelError::Invalid(format!(
+            "backend {} cannot hold bf16 tensors: load the weights as f32 (or fp8)",
+            <B as burn::tensor::backend::Backend>::name(device)
+        )));
     }
     let mut model = DeepseekV3::<B>::init(&cfg, device)?;
     let (fp8, fp8_params) = if weights.storage == WeightStorage::Fp8 {

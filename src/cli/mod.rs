@@ -52,7 +52,7 @@ pub enum Command {
 #[derive(Args, Debug)]
 pub struct InitArgs {
     /// Built-in config: 671b, small, mini or tiny.
-    #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+    #[arg(long, conflicts_with = "config", required_unless_present = "config", value_parser = model_preset)]
     pub preset: Option<String>,
     /// A config.json to use instead of a preset.
     #[arg(long)]
@@ -74,7 +74,7 @@ pub struct InspectArgs {
     #[arg(long, conflicts_with_all = ["preset", "config"], required_unless_present_any = ["preset", "config"])]
     pub model: Option<PathBuf>,
     /// Inspect a built-in config instead of a directory: 671b, small, mini or tiny.
-    #[arg(long, conflicts_with = "config")]
+    #[arg(long, conflicts_with = "config", value_parser = model_preset)]
     pub preset: Option<String>,
     /// Inspect a config.json file alone (no checkpoint), e.g. a released model's.
     #[arg(long)]
@@ -91,6 +91,18 @@ pub struct InspectArgs {
     /// How `--load` holds the Linear weights: f32, bf16 or fp8 (as `generate --weights`).
     #[arg(long, default_value = "f32", requires = "load")]
     pub weights: WeightStorage,
+}
+
+/// A built-in model config's name, checked while parsing (a usage error, exit 2).
+fn model_preset(name: &str) -> Result<String, String> {
+    DeepseekV3Config::preset(name)
+        .map(|_| name.to_string())
+        .ok_or_else(|| {
+            format!(
+                "unknown preset {name:?} (available: {})",
+                DeepseekV3Config::PRESETS.join(", ")
+            )
+        })
 }
 
 /// Where and how a command runs the model (`score`, `generate`, `chat`).

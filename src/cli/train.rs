@@ -12,6 +12,18 @@ use dsv3_train::{DataSource, RunOptions, TrainConfig, TrainError};
 
 use super::CliError;
 
+/// A training preset's name, checked while parsing (a usage error, exit 2).
+fn train_preset(name: &str) -> Result<String, String> {
+    dsv3_train::preset(name)
+        .map(|_| name.to_string())
+        .ok_or_else(|| {
+            format!(
+                "unknown training preset {name:?} (available: {})",
+                dsv3_train::PRESETS.join(", ")
+            )
+        })
+}
+
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// Text file, directory of text files (recursive), or .jsonl with a "text" field.
@@ -21,7 +33,7 @@ pub struct TrainArgs {
     pub data: Option<PathBuf>,
     /// Model shape and training settings: mini (default; ≤ 10 min on 2 cores), tiny (smoke
     /// test), small (~100M shape; slow on CPU).
-    #[arg(long, conflicts_with = "config")]
+    #[arg(long, conflicts_with = "config", value_parser = train_preset)]
     pub preset: Option<String>,
     /// A model config.json (HF layout) instead of a preset's model; training settings are mini's.
     #[arg(long)]
