@@ -69,12 +69,13 @@ pub struct InitArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["model", "config", "preset"])))]
 pub struct InspectArgs {
     /// Model directory (config.json + model.safetensors or model.safetensors.index.json).
-    #[arg(long, conflicts_with_all = ["preset", "config"], required_unless_present_any = ["preset", "config"])]
+    #[arg(long)]
     pub model: Option<PathBuf>,
     /// Inspect a built-in config instead of a directory: 671b, small, mini or tiny.
-    #[arg(long, conflicts_with = "config", value_parser = model_preset)]
+    #[arg(long, value_parser = model_preset)]
     pub preset: Option<String>,
     /// Inspect a config.json file alone (no checkpoint), e.g. a released model's.
     #[arg(long)]
@@ -82,8 +83,9 @@ pub struct InspectArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Also load every tensor (as `score` would) and report load time, throughput and peak memory.
-    #[arg(long, requires = "model")]
+    /// Also load every tensor (as `score` would) and report load time, throughput and peak
+    /// memory (with `--model`).
+    #[arg(long)]
     pub load: bool,
     /// Backend to load on with `--load`: flex (alias cpu), or wgpu / cuda when built with them.
     #[arg(long, default_value = "flex", requires = "load", value_parser = BackendKind::parse)]
@@ -237,6 +239,12 @@ fn gib(bytes: f64) -> String {
 }
 
 pub fn inspect(a: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    if a.load && a.model.is_none() {
+        return Err(CliError::Usage(
+            "--load needs --model DIR (a checkpoint to load); --config and --preset have none"
+                .into(),
+        ));
+    }
     let (cfg, ckpt) = match (&a.model, &a.preset) {
         (None, None) if a.config.is_some() => {
             let path = a.config.as_deref().unwrap_or(Path::new("config.json"));

@@ -38,6 +38,15 @@ fn inspect_load_reports_the_weight_form() {
     }
     let e = dsv3(&["inspect", "--model", d, "--weights", "bf16"]).unwrap_err();
     assert!(e.contains("--load") && !e.contains('\n'), "{e}");
+    // --load needs a checkpoint; a preset or a lone config has none.
+    let e = dsv3(&["inspect", "--preset", "tiny", "--load"]).unwrap_err();
+    assert!(e.contains("--model") && !e.contains('\n'), "{e}");
+    // Without a source, every way to give one is named.
+    let e = dsv3(&["inspect"]).unwrap_err();
+    assert!(
+        e.contains("--model") && e.contains("--config") && e.contains("--preset"),
+        "{e}"
+    );
 }
 
 #[test]
