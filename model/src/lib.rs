@@ -44,6 +44,7 @@ mod names;
 mod norm;
 mod positions;
 mod rope;
+mod rotation;
 
 pub use block::{BlockOutput, DecoderLayer, FeedForward, FfnOutput, ForwardOptions};
 pub use cache::{LatentKv, LatentStore};

@@ -18,7 +18,8 @@ use crate::config::DeepseekV3Config;
 use crate::linear::{linear, Linear};
 use crate::norm::{RmsNorm, RmsNormConfig};
 use crate::positions::Span;
-use crate::rope::{apply_rope, softmax_scale};
+use crate::rope::softmax_scale;
+use crate::rotation::apply_rope;
 
 /// Which of the two equivalent attention forms to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]

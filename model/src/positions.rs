@@ -16,7 +16,7 @@ pub struct Span<B: DsBackend> {
     /// `[B or 1, 1, T, past + T]`, 0 or −inf; `None` when nothing is masked (one new token per
     /// row, no padding: every decode step of an unpadded batch).
     pub mask: Option<Tensor<B, 4>>,
-    /// The rope pair-swap matrix `[dr, dr]` (`rope::pair_swap`), built once per span
+    /// The rope pair-swap matrix `[dr, dr]` (`rotation::pair_swap`), built once per span
     /// rather than per layer.
     pub swap: Tensor<B, 2>,
 }
@@ -68,7 +68,7 @@ impl<B: DsBackend> Span<B> {
             cos: cos.reshape([rows, n / rows, dr]),
             sin: sin.reshape([rows, n / rows, dr]),
             mask,
-            swap: crate::rope::pair_swap(dr, device),
+            swap: crate::rotation::pair_swap(dr, device),
         }
     }
 }
