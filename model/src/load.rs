@@ -236,7 +236,7 @@ pub fn load_with<B: DsBackend>(
     let first_mtp = cfg.mtp_layer(0);
     let mtp_in_ckpt = ckpt
         .names()
-        .any(|name| name.starts_with(&format!("model.layers.{first_mtp}.")));
+        .any(|name| checkpoint_layer(name) == Some(first_mtp));
     if !mtp_in_ckpt && cfg.num_nextn_predict_layers > 0 && !opts.skip_mtp {
         // A checkpoint without its MTP layers (as converted by the official code) still loads.
         warnings.push(format!(
@@ -247,29 +247,6 @@ pub fn load_with<B: DsBackend>(
     }
     if opts.skip_mtp || !mtp_in_ckpt {
         cfg.num_nextn_predict_layers = 0;
-    }
-    // Layers past the main stack must be MTP modules (they have `eh_proj`); a plain block there
-    // means config.json's `num_hidden_layers` is smaller than the checkpoint's.
-    let beyond: BTreeSet<usize> = ckpt
-        .names()
-        .filter_map(|n| {
-            n.strip_prefix("model.layers.")?
-                .split('.')
-                .next()?
-                .parse()
-                .ok()
-        })
-        .filter(|&l| cfg.mtp_module(l).is_some())
-        .filter(|l| !ckpt.contains(&format!("model.layers.{l}.eh_proj.weight")))
-        .collect();
-    if !beyond.is_empty() {
-        let layers: Vec<String> = beyond.iter().map(|l| l.to_string()).collect();
-        warnings.push(format!(
-            "checkpoint layer(s) {} lie past num_hidden_layers = {} but are not MTP modules (no \
-             eh_proj): config.json's num_hidden_layers looks smaller than the checkpoint's",
-            layers.join(", "),
-            cfg.num_hidden_layers
-        ));
     }
     let (model, mut report) = load_from_with(cfg, &ckpt, device, opts, weights)?;
     warnings.append(&mut report.warnings);
@@ -355,9 +332,51 @@ pub fn load_from_with<B: DsBackend>(
             loader.zero_bias.len()
         ));
     }
-    let has_f8 = ckpt
-        .names()
-        .any(|n| ckpt.info(n).is_some_and(|i| i.dtype == Dtype::F8_E4M3));
+    // Layers past the main stack are MTP modules (they have `eh_proj`) that were skipped or not
+    // declared, or plain blocks: then config.json's `num_hidden_layers` is too small.
+    let (mut undeclared_mtp, mut plain) = (BTreeSet::new(), BTreeSet::new());
+    for name in ckpt.names() {
+        if let Some(info) = ckpt.info(name) {
+            *report
+                .dtypes
+                .entry(format!("{:?}", info.dtype))
+                .or_default() += 1;
+        }
+        let aux = name.ends_with("_scale_inv");
+        let past_main = checkpoint_layer(name).filter(|&l| cfg.mtp_module(l).is_some());
+        let skipped_mtp = cfg.num_nextn_predict_layers == 0 && past_main.is_some();
+        if let Some(l) = past_main {
+            if !ckpt.contains(&format!("model.layers.{l}.eh_proj.weight")) {
+                plain.insert(l);
+            } else if skipped_mtp && !opts.skip_mtp {
+                undeclared_mtp.insert(l);
+            }
+        }
+        if !aux && !skipped_mtp && !loader.used.contains(name) {
+            report.unexpected.push(name.to_string());
+        }
+    }
+    let list = |layers: &BTreeSet<usize>| -> String {
+        let v: Vec<String> = layers.iter().map(|l| l.to_string()).collect();
+        v.join(", ")
+    };
+    if !undeclared_mtp.is_empty() {
+        report.warnings.push(format!(
+            "the checkpoint has layer(s) {} beyond num_hidden_layers = {} (MTP modules?) but \
+             config.json declares num_nextn_predict_layers = 0: they were not loaded",
+            list(&undeclared_mtp),
+            cfg.num_hidden_layers
+        ));
+    }
+    if !plain.is_empty() {
+        report.warnings.push(format!(
+            "checkpoint layer(s) {} lie past num_hidden_layers = {} but are not MTP modules (no \
+             eh_proj): config.json's num_hidden_layers looks smaller than the checkpoint's",
+            list(&plain),
+            cfg.num_hidden_layers
+        ));
+    }
+    let has_f8 = report.dtypes.contains_key(&format!("{:?}", Dtype::F8_E4M3));
     if weights.storage == WeightStorage::Fp8 && !has_f8 {
         report.warnings.push(
             "FP8 weights were asked for but the checkpoint holds no F8_E4M3 tensor: its float \
@@ -372,37 +391,6 @@ pub fn load_from_with<B: DsBackend>(
                 .into(),
         );
     }
-    let mut undeclared_mtp = BTreeSet::new();
-    for name in ckpt.names() {
-        if let Some(info) = ckpt.info(name) {
-            *report
-                .dtypes
-                .entry(format!("{:?}", info.dtype))
-                .or_default() += 1;
-        }
-        let aux = name.ends_with("_scale_inv");
-        let layer = name
-            .strip_prefix("model.layers.")
-            .and_then(|r| r.split('.').next())
-            .and_then(|i| i.parse::<usize>().ok());
-        let skipped_mtp =
-            cfg.num_nextn_predict_layers == 0 && layer.is_some_and(|i| cfg.mtp_module(i).is_some());
-        if skipped_mtp && !opts.skip_mtp {
-            undeclared_mtp.extend(layer);
-        }
-        if !aux && !skipped_mtp && !loader.used.contains(name) {
-            report.unexpected.push(name.to_string());
-        }
-    }
-    if !undeclared_mtp.is_empty() {
-        let layers: Vec<String> = undeclared_mtp.iter().map(|l| l.to_string()).collect();
-        report.warnings.push(format!(
-            "the checkpoint has layer(s) {} beyond num_hidden_layers = {} (MTP modules?) but \
-             config.json declares num_nextn_predict_layers = 0: they were not loaded",
-            layers.join(", "),
-            cfg.num_hidden_layers
-        ));
-    }
     if opts.strict && !report.unexpected.is_empty() {
         return Err(ModelError::UnexpectedTensors {
             names: report.unexpected.clone(),
@@ -412,6 +400,15 @@ pub fn load_from_with<B: DsBackend>(
         model.pack_experts()?;
     }
     Ok((model, report))
+}
+
+/// The layer index of a checkpoint tensor name (`model.layers.{i}.…`), if it is in a layer.
+fn checkpoint_layer(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Binds every Linear whose checkpoint weight is FP8 in FP8 form (codes + block scales, no

@@ -53,7 +53,7 @@ pub enum Command {
 pub struct InitArgs {
     /// Built-in config: 671b, small, mini or tiny.
     #[arg(long, conflicts_with = "config", required_unless_present = "config", value_parser = model_preset)]
-    pub preset: Option<String>,
+    pub preset: Option<Box<DeepseekV3Config>>,
     /// A config.json to use instead of a preset.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -76,7 +76,7 @@ pub struct InspectArgs {
     pub model: Option<PathBuf>,
     /// Inspect a built-in config instead of a directory: 671b, small, mini or tiny.
     #[arg(long, value_parser = model_preset)]
-    pub preset: Option<String>,
+    pub preset: Option<Box<DeepseekV3Config>>,
     /// Inspect a config.json file alone (no checkpoint), e.g. a released model's.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -95,16 +95,20 @@ pub struct InspectArgs {
     pub weights: WeightStorage,
 }
 
-/// A built-in model config's name, checked while parsing (a usage error, exit 2).
-fn model_preset(name: &str) -> Result<String, String> {
+/// A built-in model config by name, looked up while parsing (an unknown name is a usage error,
+/// exit 2).
+fn model_preset(name: &str) -> Result<Box<DeepseekV3Config>, String> {
     DeepseekV3Config::preset(name)
-        .map(|_| name.to_string())
-        .ok_or_else(|| {
-            format!(
-                "unknown preset {name:?} (available: {})",
-                DeepseekV3Config::PRESETS.join(", ")
-            )
-        })
+        .map(Box::new)
+        .ok_or_else(|| unknown_preset("preset", name, DeepseekV3Config::PRESETS))
+}
+
+/// `unknown preset "x" (available: a, b)`.
+pub(crate) fn unknown_preset(what: &str, name: &str, available: &[&str]) -> String {
+    format!(
+        "unknown {what} {name:?} (available: {})",
+        available.join(", ")
+    )
 }
 
 /// Where and how a command runs the model (`score`, `generate`, `chat`).
@@ -245,39 +249,27 @@ pub fn inspect(a: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
                 .into(),
         ));
     }
-    let (cfg, ckpt) = match (&a.model, &a.preset) {
-        (None, None) if a.config.is_some() => {
-            let path = a.config.as_deref().unwrap_or(Path::new("config.json"));
-            (
-                DeepseekV3Config::from_file(path).map_err(ModelError::from)?,
-                None,
-            )
+    let (cfg, ckpt) = if let Some(dir) = &a.model {
+        if !dir.is_dir() {
+            return Err(CliError::Usage(format!(
+                "model directory {} does not exist",
+                dir.display()
+            )));
         }
-        (Some(dir), _) => {
-            if !dir.is_dir() {
-                return Err(CliError::Usage(format!(
-                    "model directory {} does not exist",
-                    dir.display()
-                )));
-            }
-            let cfg =
-                DeepseekV3Config::from_file(&dir.join("config.json")).map_err(ModelError::from)?;
-            (cfg, Some(Checkpoint::open(dir).map_err(ModelError::from)?))
-        }
-        (None, Some(p)) => (
-            DeepseekV3Config::preset(p).ok_or_else(|| {
-                CliError::Usage(format!(
-                    "unknown preset {p:?} (available: {})",
-                    DeepseekV3Config::PRESETS.join(", ")
-                ))
-            })?,
+        let cfg =
+            DeepseekV3Config::from_file(&dir.join("config.json")).map_err(ModelError::from)?;
+        (cfg, Some(Checkpoint::open(dir).map_err(ModelError::from)?))
+    } else if let Some(cfg) = &a.preset {
+        (DeepseekV3Config::clone(cfg), None)
+    } else if let Some(path) = &a.config {
+        (
+            DeepseekV3Config::from_file(path).map_err(ModelError::from)?,
             None,
-        ),
-        (None, None) => {
-            return Err(CliError::Usage(
-                "give --model DIR, --config FILE or --preset NAME".into(),
-            ))
-        }
+        )
+    } else {
+        return Err(CliError::Usage(
+            "give --model DIR, --config FILE or --preset NAME".into(),
+        ));
     };
     let mtp_present = match &ckpt {
         Some(c) => {
@@ -459,12 +451,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 pub fn init(a: &InitArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let cfg = match (&a.preset, &a.config) {
-        (Some(p), _) => DeepseekV3Config::preset(p).ok_or_else(|| {
-            CliError::Usage(format!(
-                "unknown preset {p:?} (available: {})",
-                DeepseekV3Config::PRESETS.join(", ")
-            ))
-        })?,
+        (Some(cfg), _) => DeepseekV3Config::clone(cfg),
         (None, Some(path)) => DeepseekV3Config::from_file(path).map_err(ModelError::from)?,
         (None, None) => {
             return Err(CliError::Usage(
@@ -538,6 +525,37 @@ pub fn weight_options(kind: BackendKind, weights: WeightStorage) -> WeightOption
     }
 }
 
+/// `-log p(targets[i])` under row i of `logits: [1, R, vocab]` (rows past the targets unused).
+fn target_nlls<B: DsBackend>(
+    logits: burn::tensor::Tensor<B, 3>,
+    targets: &[u32],
+    vocab: usize,
+) -> Result<Vec<f64>, CliError> {
+    let logp: Vec<f32> = log_softmax(logits, 2)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| CliError::Usage(format!("{e:?}")))?;
+    Ok(targets
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| -(logp[i * vocab + id as usize] as f64))
+        .collect())
+}
+
+/// `mean nll …, perplexity … over N predicted tokens` (`None` when nothing was predicted).
+fn mean_line(nll: &[f64]) -> Option<String> {
+    (!nll.is_empty()).then(|| {
+        let mean = nll.iter().sum::<f64>() / nll.len() as f64;
+        format!(
+            "mean nll {:.6}, perplexity {:.4} over {} predicted tokens",
+            mean,
+            mean.exp(),
+            nll.len()
+        )
+    })
+}
+
 fn score_on<B: DsBackend>(
     a: &ScoreArgs,
     ids: &[u32],
@@ -569,38 +587,31 @@ fn score_on<B: DsBackend>(
     let fwd = model.forward(tokens.clone(), a.offset, None, &fopts);
     let t = ids.len();
     let vocab = model.config.vocab_size;
-    let logp: Vec<f32> = log_softmax(fwd.logits.clone(), 2)
-        .into_data()
-        .convert::<f32>()
-        .to_vec()
-        .map_err(|e| CliError::Usage(format!("{e:?}")))?;
+    // Row i of the logits predicts token i+1.
+    let nll = target_nlls(fwd.logits.clone(), &ids[1..], vocab)?;
     let mut report_s = String::new();
     use std::fmt::Write as _;
     let _ = writeln!(report_s, "{:>5} {:>8} {:>12}", "pos", "token", "nll");
-    let mut total = 0.0f64;
-    for i in 0..t {
-        if i == 0 {
-            let _ = writeln!(report_s, "{:>5} {:>8} {:>12}", a.offset, ids[0], "-");
-            continue;
-        }
-        let nll = -(logp[(i - 1) * vocab + ids[i] as usize] as f64);
-        total += nll;
-        let _ = writeln!(report_s, "{:>5} {:>8} {:>12.6}", a.offset + i, ids[i], nll);
+    let _ = writeln!(report_s, "{:>5} {:>8} {:>12}", a.offset, ids[0], "-");
+    for (i, v) in nll.iter().enumerate() {
+        let _ = writeln!(
+            report_s,
+            "{:>5} {:>8} {:>12.6}",
+            a.offset + i + 1,
+            ids[i + 1],
+            v
+        );
     }
-    if t > 1 {
-        let mean = total / (t - 1) as f64;
-        let _ = writeln!(
-            report_s,
-            "mean nll {:.6}, perplexity {:.4} over {} predicted tokens",
-            mean,
-            mean.exp(),
-            t - 1
-        );
-    } else {
-        let _ = writeln!(
-            report_s,
-            "one token: nothing to predict (logits are still written with --out)"
-        );
+    match mean_line(&nll) {
+        Some(line) => {
+            let _ = writeln!(report_s, "{line}");
+        }
+        None => {
+            let _ = writeln!(
+                report_s,
+                "one token: nothing to predict (logits are still written with --out)"
+            );
+        }
     }
 
     let mut routing = fwd.routing.clone();
@@ -610,24 +621,10 @@ fn score_on<B: DsBackend>(
         if let Some(r) = m.routing.clone() {
             routing.push(r);
         }
-        // Row i predicts token i+2: its NLL, as for the main model.
-        let mlogp: Vec<f32> = log_softmax(m.logits.clone(), 2)
-            .into_data()
-            .convert::<f32>()
-            .to_vec()
-            .map_err(|e| CliError::Usage(format!("{e:?}")))?;
-        if t > 2 {
-            let total: f64 = (2..t)
-                .map(|i| -(mlogp[(i - 2) * vocab + ids[i] as usize] as f64))
-                .sum();
-            let mean = total / (t - 2) as f64;
-            let _ = writeln!(
-                report_s,
-                "MTP (token i+2): mean nll {:.6}, perplexity {:.4} over {} predicted tokens",
-                mean,
-                mean.exp(),
-                t - 2
-            );
+        // Row i predicts token i+2.
+        let nll = target_nlls(m.logits.clone(), ids.get(2..).unwrap_or(&[]), vocab)?;
+        if let Some(line) = mean_line(&nll) {
+            let _ = writeln!(report_s, "MTP (token i+2): {line}");
         }
         mtp_logits = Some(m.logits);
     }

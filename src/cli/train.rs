@@ -12,16 +12,11 @@ use dsv3_train::{DataSource, RunOptions, TrainConfig, TrainError};
 
 use super::CliError;
 
-/// A training preset's name, checked while parsing (a usage error, exit 2).
-fn train_preset(name: &str) -> Result<String, String> {
+/// A training preset by name, looked up while parsing (an unknown name is a usage error, exit 2).
+fn train_preset(name: &str) -> Result<Box<dsv3_train::Preset>, String> {
     dsv3_train::preset(name)
-        .map(|_| name.to_string())
-        .ok_or_else(|| {
-            format!(
-                "unknown training preset {name:?} (available: {})",
-                dsv3_train::PRESETS.join(", ")
-            )
-        })
+        .map(Box::new)
+        .ok_or_else(|| super::unknown_preset("training preset", name, dsv3_train::PRESETS))
 }
 
 #[derive(Args, Debug)]
@@ -34,7 +29,7 @@ pub struct TrainArgs {
     /// Model shape and training settings: mini (default; ≤ 10 min on 2 cores), tiny (smoke
     /// test), small (~100M shape; slow on CPU).
     #[arg(long, conflicts_with = "config", value_parser = train_preset)]
-    pub preset: Option<String>,
+    pub preset: Option<Box<dsv3_train::Preset>>,
     /// A model config.json (HF layout) instead of a preset's model; training settings are mini's.
     #[arg(long)]
     pub config: Option<PathBuf>,
@@ -116,13 +111,11 @@ fn train_err(e: TrainError) -> CliError {
 
 /// The model shape and settings of a new run, flags applied.
 fn settings(a: &TrainArgs) -> Result<(DeepseekV3Config, TrainConfig), CliError> {
-    let name = a.preset.as_deref().unwrap_or("mini");
-    let preset = dsv3_train::preset(name).ok_or_else(|| {
-        CliError::Usage(format!(
-            "unknown training preset {name:?} (available: {})",
-            dsv3_train::PRESETS.join(", ")
-        ))
-    })?;
+    let preset = match &a.preset {
+        Some(p) => p.clone(),
+        None => train_preset("mini").map_err(CliError::Usage)?,
+    };
+    let preset = *preset;
     let mut t = preset.train;
     let set = |dst: &mut usize, v: Option<usize>| {
         if let Some(v) = v {

@@ -59,7 +59,7 @@ fn sharded_index_faults_name_shard_and_tensor() {
 fn shards_without_metadata_load() {
     let dir = copy_fixture("tiny-direct");
     for shard in ["model-00001-of-00002", "model-00002-of-00002"] {
-        rewrite_safetensors(&dir.join(format!("{shard}.safetensors")), None, keep);
+        rewrite_safetensors(&dir.join(format!("{shard}.safetensors")), |_| {});
     }
     let ckpt = dsv3_model::checkpoint::Checkpoint::open(&dir).unwrap();
     assert!(ckpt.file_metadata(0).is_none() && ckpt.file_metadata(1).is_none());
@@ -82,18 +82,8 @@ fn bf16_conversion_with_fp8_quantization_config_loads_with_warning() {
     c["quantization_config"] = json!({"activation_scheme": "dynamic", "fmt": "e4m3",
         "quant_method": "fp8", "weight_block_size": [128, 128]});
     write_json(&dir.join("config.json"), &c);
-    for fp8 in [false, true] {
-        let (model, report) = dsv3_model::load_with::<B>(
-            &dir,
-            &device(),
-            &LoadOptions::default(),
-            &dsv3_model::WeightOptions::from(if fp8 {
-                dsv3_model::WeightStorage::Fp8
-            } else {
-                dsv3_model::WeightStorage::F32
-            }),
-        )
-        .unwrap();
+    for storage in [WeightStorage::F32, WeightStorage::Fp8] {
+        let (model, report) = load_as(&dir, storage).unwrap();
         assert!(
             report
                 .warnings
@@ -118,32 +108,14 @@ fn fp8_scale_faults_are_clear_errors() {
     let scale = format!("{weight}_scale_inv");
     for (tag, new_shape) in [("per-channel", vec![200usize]), ("grid", vec![1usize, 1])] {
         let dir = copy_fixture("tiny-fp8");
-        rewrite_safetensors(&dir.join("model.safetensors"), None, |n, d, s, b| {
-            if n != scale {
-                return keep(n, d, s, b);
+        rewrite_safetensors(&dir.join("model.safetensors"), |t| {
+            for x in t.iter_mut().filter(|x| x.0 == scale) {
+                let numel: usize = new_shape.iter().product();
+                (x.1, x.2, x.3) = (Dtype::F32, new_shape.clone(), vec![0x3c; 4 * numel]);
             }
-            let numel: usize = new_shape.iter().product();
-            Some((
-                n.to_string(),
-                Dtype::F32,
-                new_shape.clone(),
-                vec![0x3c; 4 * numel],
-            ))
         });
-        for fp8 in [false, true] {
-            let e = dsv3_model::load_with::<B>(
-                &dir,
-                &device(),
-                &LoadOptions::default(),
-                &dsv3_model::WeightOptions::from(if fp8 {
-                    dsv3_model::WeightStorage::Fp8
-                } else {
-                    dsv3_model::WeightStorage::F32
-                }),
-            )
-            .map(|_| ())
-            .unwrap_err()
-            .to_string();
+        for storage in [WeightStorage::F32, WeightStorage::Fp8] {
+            let e = load_as(&dir, storage).map(|_| ()).unwrap_err().to_string();
             assert!(e.contains(weight) && e.contains(&scale), "{tag}: {e}");
             assert!(e.contains("[2, 1]"), "{tag}: expected grid named: {e}");
             if tag == "per-channel" {
@@ -251,16 +223,12 @@ fn fp8_partial_block_576_rows_is_exact() {
 fn missing_router_bias_is_zeros_with_warning() {
     let dropped = copy_fixture("tiny-qlora");
     let zeroed = copy_fixture("tiny-qlora");
-    rewrite_safetensors(&dropped.join("model.safetensors"), None, |n, d, s, b| {
-        (!n.ends_with("e_score_correction_bias")).then(|| keep(n, d, s, b).unwrap())
+    let bias = |x: &RawTensor| x.0.ends_with("e_score_correction_bias");
+    rewrite_safetensors(&dropped.join("model.safetensors"), |t| {
+        t.retain(|x| !bias(x))
     });
-    rewrite_safetensors(&zeroed.join("model.safetensors"), None, |n, d, s, b| {
-        let b = if n.ends_with("e_score_correction_bias") {
-            vec![0u8; b.len()]
-        } else {
-            b.to_vec()
-        };
-        Some((n.to_string(), d, s.to_vec(), b))
+    rewrite_safetensors(&zeroed.join("model.safetensors"), |t| {
+        t.iter_mut().filter(|x| bias(x)).for_each(|x| x.3.fill(0));
     });
     let (a, ra) = loads(&dropped);
     let (z, rz) = loads(&zeroed);
@@ -287,8 +255,8 @@ fn mtp_declared_absent_or_present_undeclared_warns() {
     let golden = fixture("tiny-qlora").join("golden.safetensors");
     // Declared (num_nextn_predict_layers 1), absent from the file.
     let absent = copy_fixture("tiny-qlora");
-    rewrite_safetensors(&absent.join("model.safetensors"), None, |n, d, s, b| {
-        (!n.starts_with("model.layers.3.")).then(|| keep(n, d, s, b).unwrap())
+    rewrite_safetensors(&absent.join("model.safetensors"), |t| {
+        t.retain(|x| !x.0.starts_with("model.layers.3."));
     });
     let (model, report) = loads(&absent);
     assert!(model.model.mtp.is_empty());
@@ -328,21 +296,12 @@ fn mtp_declared_absent_or_present_undeclared_warns() {
 /// float checkpoint (nothing to hold as FP8) says so instead of pretending.
 #[test]
 fn fp8_weight_form_counts_every_parameter_and_warns_on_float_files() {
-    let load_as = |name: &str, storage| {
-        dsv3_model::load_with::<B>(
-            &fixture(name),
-            &device(),
-            &LoadOptions::default(),
-            &dsv3_model::WeightOptions::from(storage),
-        )
-        .unwrap()
-        .1
-    };
-    let f32 = load_as("tiny-fp8", dsv3_model::WeightStorage::F32);
-    let fp8 = load_as("tiny-fp8", dsv3_model::WeightStorage::Fp8);
+    let report = |name: &str, storage| load_as(&fixture(name), storage).unwrap().1;
+    let f32 = report("tiny-fp8", WeightStorage::F32);
+    let fp8 = report("tiny-fp8", WeightStorage::Fp8);
     assert_eq!(fp8.params, f32.params);
     assert!(fp8.warnings.is_empty(), "{:?}", fp8.warnings);
-    let float = load_as("tiny-qlora", dsv3_model::WeightStorage::Fp8);
+    let float = report("tiny-qlora", WeightStorage::Fp8);
     assert!(
         float.warnings.iter().any(|w| w.contains("no F8_E4M3")),
         "{:?}",

@@ -9,11 +9,9 @@ mod tokenizers;
 
 pub(crate) use tokenizers::byte_tokenizer;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use dsv3_model::{load, DeepseekV3Config, ForwardOptions, LoadOptions, LoadReport};
-use safetensors::{Dtype, SafeTensors};
+use dsv3_model::{DeepseekV3Config, ForwardOptions, LoadOptions, LoadReport, WeightStorage};
 use serde_json::Value;
 
 use crate::common::*;
@@ -47,8 +45,15 @@ pub(crate) fn parse(v: &Value) -> Result<DeepseekV3Config, String> {
 }
 
 pub(crate) fn loads(dir: &Path) -> (dsv3_model::DeepseekV3<B>, LoadReport) {
-    load::<B>(dir, &device(), &LoadOptions::default())
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+    load_as(dir, WeightStorage::F32).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+/// Loads `dir` with its Linear weights held as `storage`.
+pub(crate) fn load_as(
+    dir: &Path,
+    storage: WeightStorage,
+) -> Result<(dsv3_model::DeepseekV3<B>, LoadReport), dsv3_model::ModelError> {
+    dsv3_model::load_with::<B>(dir, &device(), &LoadOptions::default(), &storage.into())
 }
 
 pub(crate) fn logits(model: &dsv3_model::DeepseekV3<B>, ids: &[u32]) -> Vec<f32> {
@@ -63,43 +68,6 @@ pub(crate) fn logits(model: &dsv3_model::DeepseekV3<B>, ids: &[u32]) -> Vec<f32>
 
 pub(crate) fn golden_ids(fixture_dir: &Path) -> Vec<u32> {
     Golden::read(&fixture_dir.join("golden.safetensors")).ids()
-}
-
-/// Rewrites a safetensors file: `edit` sees each tensor and returns what to store under which
-/// name (`None` drops it); `metadata` replaces the `__metadata__` map.
-pub(crate) fn rewrite_safetensors(
-    path: &Path,
-    metadata: Option<HashMap<String, String>>,
-    mut edit: impl FnMut(&str, Dtype, &[usize], &[u8]) -> Option<(String, Dtype, Vec<usize>, Vec<u8>)>,
-) {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut out = Vec::new();
-    for (name, view) in st.tensors() {
-        if let Some(t) = edit(&name, view.dtype(), view.shape(), view.data()) {
-            out.push(t);
-        }
-    }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = out
-        .iter()
-        .map(|(n, d, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    drop(st);
-    safetensors::serialize_to_file(views, metadata, path).unwrap();
-}
-
-pub(crate) fn keep(
-    name: &str,
-    d: Dtype,
-    s: &[usize],
-    b: &[u8],
-) -> Option<(String, Dtype, Vec<usize>, Vec<u8>)> {
-    Some((name.to_string(), d, s.to_vec(), b.to_vec()))
 }
 
 /// Logit tolerance against the released goldens. A float32 run of the reference itself lands

@@ -128,30 +128,9 @@ fn invalid_config_is_reported() {
 }
 
 /// Rewrites the checkpoint with one tensor dropped, renamed or reshaped, or with an extra one.
-fn rewrite(
-    name: &str,
-    edit: impl Fn(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
-) -> std::path::PathBuf {
+fn rewrite(name: &str, edit: impl FnOnce(&mut Vec<RawTensor>)) -> std::path::PathBuf {
     let dir = copy_fixture(name);
-    let path = dir.join("model.safetensors");
-    let bytes = std::fs::read(&path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
-        .collect();
-    edit(&mut tensors);
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, d, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &path).unwrap();
+    rewrite_safetensors(&dir.join("model.safetensors"), edit);
     dir
 }
 

@@ -161,13 +161,13 @@ pub fn run<B: DsAutodiffBackend>(
     let out = &opts.out;
     let (mut trainer, source, resumed_from, elapsed_before) = if opts.resume {
         // The data source comes from the newest checkpoint whose state reads; an unreadable
-        // one is passed over (with a warning), as `checkpoint::resume` passes over it below.
+        // one is passed over here as `checkpoint::resume` passes over it below (which is what
+        // reports it).
         let mut state = Err(TrainError::NoCheckpoint(out.clone()));
         for (_, dir) in checkpoint::complete(out).into_iter().rev() {
             state = checkpoint::read_state(&dir);
-            match &state {
-                Err(e @ TrainError::BadCheckpoint { .. }) => warnings.push(e.to_string()),
-                _ => break,
+            if !matches!(state, Err(TrainError::BadCheckpoint { .. })) {
+                break;
             }
         }
         let state = state?;
@@ -217,9 +217,7 @@ pub fn run<B: DsAutodiffBackend>(
     if let Some(d) = &resumed_from {
         say(&format!("resumed from {}", d.display()));
     }
-    // The same unreadable checkpoint may be reported twice (data source, then resume): once.
-    let mut said = std::collections::BTreeSet::new();
-    for w in warnings.iter().filter(|w| said.insert(w.as_str())) {
+    for w in &warnings {
         say(&format!("warning: {w}"));
     }
     let pb = metrics::progress_bar(start_step, total, opts.progress);
