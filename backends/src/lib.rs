@@ -7,6 +7,7 @@
 //! one source for both. [`BackendKind`] and [`on_backend`] select a backend at run time for
 //! `--backend` flags, with a probe that reports a missing GPU as one error line.
 
+pub mod comm;
 pub mod e4m3;
 mod kind;
 mod ops;
@@ -82,10 +83,59 @@ impl DsBackend for burn::backend::Flex {
 }
 
 /// Under autodiff the defaults are differentiated through; the inner backend's kernels are not
-/// used (no backward is written for them).
+/// used (no backward is written for them), except the expert exchange, whose backward is the
+/// reverse exchange.
 impl<B: DsBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy> DsBackend
     for burn::backend::Autodiff<B, C>
 {
+    fn all_to_all_rows(
+        x: burn::tensor::Tensor<Self, 2>,
+        ex: &comm::RowExchange,
+    ) -> Result<burn::tensor::Tensor<Self, 2>, comm::CommError> {
+        use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
+        use burn::tensor::{Tensor, TensorPrimitive};
+
+        /// The exchange's backward: every rank sends each row's gradient back to where the row
+        /// came from. Ranks run their backward passes in the same layer order (the tape runs by
+        /// depth), so the collectives pair up; a mismatch panics (a backward cannot return).
+        #[derive(Debug)]
+        struct Exchange;
+        impl<B: DsBackend> Backward<B, 1> for Exchange {
+            type State = comm::RowExchange;
+            fn backward(
+                self,
+                ops: Ops<Self::State, 1>,
+                grads: &mut burn::backend::autodiff::grads::Gradients,
+                _: &mut burn::backend::autodiff::checkpoint::base::Checkpointer,
+            ) {
+                let Ops {
+                    parents,
+                    node,
+                    state,
+                } = ops;
+                let back = state.reversed();
+                unary::<B, _>(parents, node, grads, |g| {
+                    let g = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(g));
+                    B::all_to_all_rows(g, &back)
+                        .unwrap_or_else(|e| panic!("backward of the expert exchange: {e}"))
+                        .into_primitive()
+                        .tensor()
+                });
+            }
+        }
+        let x = x.into_primitive().tensor();
+        let inner = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(x.primitive.clone()));
+        let out = B::all_to_all_rows(inner, ex)?.into_primitive().tensor();
+        let out = match Exchange
+            .prepare::<C>([x.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(ex.clone(), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
 }
 
 /// An autodiff backend whose inner backend is also a [`DsBackend`] (what training needs:

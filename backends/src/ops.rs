@@ -14,6 +14,7 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor, TensorData};
 
+use crate::comm::{CommError, RowExchange};
 use crate::e4m3;
 
 /// FP8 e4m3 weights with block scales, as kept in device memory (about 1 byte per weight).
@@ -281,6 +282,37 @@ pub trait DsBackend: Backend {
             w.cast(x.dtype())
         };
         x.matmul(w)
+    }
+
+    /// The expert-parallel all-to-all of rows (dispatch, and combine as its reverse):
+    /// `x [Σ ex.send_rows, H]`, rows sorted by destination rank, becomes the
+    /// `[Σ ex.recv_rows, H]` rows this rank receives, in source-rank order. The default goes
+    /// through host memory in f32 (MPI's path); under `Autodiff` the gradient is the reverse
+    /// exchange of the output's gradient.
+    ///
+    /// # Errors
+    /// What the communicator returns ([`CommError`]), e.g. counts that do not match `x`.
+    fn all_to_all_rows(x: Tensor<Self, 2>, ex: &RowExchange) -> Result<Tensor<Self, 2>, CommError> {
+        let [rows, h] = x.dims();
+        if rows != ex.send_rows.iter().sum::<usize>() {
+            return Err(CommError::Invalid {
+                op: "all_to_all_rows",
+                detail: format!("{rows} rows but the exchange sends {:?}", ex.send_rows),
+            });
+        }
+        let (dtype, device) = (x.dtype(), x.device());
+        let v: Vec<f32> =
+            x.into_data()
+                .convert::<f32>()
+                .into_vec()
+                .map_err(|e| CommError::Invalid {
+                    op: "all_to_all_rows",
+                    detail: format!("{e:?}"),
+                })?;
+        let out = ex.run(&v, h)?;
+        let recv = ex.recv_rows.iter().sum::<usize>();
+        let y = Tensor::<Self, 2>::from_data(TensorData::new(out, [recv, h]), &device);
+        Ok(if y.dtype() == dtype { y } else { y.cast(dtype) })
     }
 
     /// How many [`Self::par_map`] jobs run at once (1: in order). Code may split work into
