@@ -8,7 +8,9 @@
 //!   CubeCL kernels on wgpu; CUDA where a GPU is lent);
 //! - `infer`: the latent cache, generation and sampling;
 //! - `train`: the objective and its gradients, balancing, checkpoints, data;
-//! - `cli`: the `dsv3` commands end to end.
+//! - `cli`: the `dsv3` commands end to end;
+//! - `dist` (feature `mpi`): the binary under `mpirun`: expert-parallel scoring and expert- and
+//!   data-parallel training against the single-process runs.
 //!
 //! The fixtures under `tests/fixtures/` were made by `tests/fixtures/gen_fixtures.py` and
 //! `gen_released.py` from HF transformers' `DeepseekV3ForCausalLM` run in float64 (with its float32
@@ -17,6 +19,8 @@
 
 mod cli;
 mod common;
+#[cfg(feature = "mpi")]
+mod dist;
 mod files;
 mod infer;
 mod kernels;

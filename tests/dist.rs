@@ -1,0 +1,519 @@
+//! Distributed runs under `mpirun` (feature `mpi`): the communicator and expert-parallel
+//! self-checks, expert-parallel scoring against the single-process forward, and expert- plus
+//! ZeRO-1 data-parallel training against the single-process loss curve (and its resume).
+//!
+//! Every run here is the real `dsv3` binary started by OpenMPI's `mpirun` (needs the Debian
+//! packages `openmpi-bin libopenmpi-dev`; a missing `mpirun` fails the test saying so). The
+//! single-process references are the same binary started directly, with the same environment, so
+//! that only the distribution differs. MPI jobs are run one at a time (they oversubscribe the
+//! cores already) and killed after [`TIMEOUT`].
+//!
+//! Tolerances:
+//! - logits of an expert-parallel forward: max |Δ| ≤ 1e-5 against the single-process forward.
+//!   The arithmetic is the same f32 arithmetic; only the order in which the routed experts'
+//!   outputs are summed may change, which moves logits of magnitude ~10 by a few ulps (~1e-6);
+//! - routing dumps: the same layers and the exact same expert ids for every token; the routing
+//!   weights are floats computed from hidden states that went through earlier (re-ordered) expert
+//!   sums, so they are held to the logits' 1e-5;
+//! - training losses: relative 1e-4 per logged step. f32 gradients summed across ranks in a
+//!   different order differ by ~1e-7 relative per step; over a few Adam steps that grows but
+//!   stays far below 1e-4, while a wrong shard, a missing all-reduce or a mis-scaled gradient
+//!   moves the loss by 1e-3 or more.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+/// Wall-clock limit of one launched job; past it the job is terminated and the test fails.
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Max |Δ| of expert-parallel logits (and routing weights) against the single-process run.
+const EP_LOGIT_TOL: f64 = 1e-5;
+
+/// Relative tolerance on each logged training loss.
+const LOSS_RTOL: f64 = 1e-4;
+
+/// Serialises the MPI jobs of concurrently running tests.
+static MPI_JOBS: Mutex<()> = Mutex::new(());
+
+fn dsv3_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_dsv3")
+}
+
+/// `prog` from `PATH`, if there.
+fn on_path(prog: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+}
+
+/// The environment of every launched job: OpenMPI may run as root (containers, CI), may place
+/// more ranks than cores, avoids the single-copy mechanism (CMA) that containers forbid, and each
+/// rank computes on one thread (ranks share the few cores).
+fn job_env(cmd: &mut Command) -> &mut Command {
+    cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .env("RAYON_NUM_THREADS", "1")
+}
+
+/// Runs `cmd` to completion or [`TIMEOUT`]: `Ok(stdout)` when it exits 0, else
+/// `Err(stderr + stdout)` with the exit status.
+fn launch(mut cmd: Command) -> Result<String, String> {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    // Drain both pipes while waiting (a full pipe would block the job).
+    let drain = |mut r: Box<dyn Read + Send>| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let b = buf.clone();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 8192];
+            while let Ok(n) = r.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                b.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        buf
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for the job") {
+            break Some(s);
+        }
+        if start.elapsed() > TIMEOUT {
+            // SIGTERM first: mpirun forwards it to its ranks; then SIGKILL.
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let grace = Instant::now();
+            while grace.elapsed() < Duration::from_secs(10) {
+                if child.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Give the readers a moment to see the pipes close (ranks may outlive a killed mpirun).
+    std::thread::sleep(Duration::from_millis(100));
+    let text = |b: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&b.lock().unwrap()).into_owned();
+    let (stdout, stderr) = (text(&out), text(&err));
+    match status {
+        Some(s) if s.success() => Ok(stdout),
+        Some(s) => Err(format!("{what} exited with {s}\n{stderr}{stdout}")),
+        None => panic!(
+            "{what} did not finish within {} s\nstderr:\n{stderr}\nstdout:\n{stdout}",
+            TIMEOUT.as_secs()
+        ),
+    }
+}
+
+/// `mpirun -n N --oversubscribe dsv3 ARGS`: `Ok(stdout)` on exit 0, else `Err(stderr + stdout)`.
+/// Panics when `mpirun` is not installed.
+fn mpirun(n: usize, args: &[&str]) -> Result<String, String> {
+    let mpirun = on_path("mpirun").unwrap_or_else(|| {
+        panic!("mpirun not found: install openmpi-bin libopenmpi-dev (see .ci/run)")
+    });
+    let mut cmd = Command::new(mpirun);
+    cmd.args(["-n", &n.to_string(), "--oversubscribe", dsv3_bin()])
+        .args(args);
+    job_env(&mut cmd);
+    let _one_at_a_time = MPI_JOBS.lock().unwrap_or_else(|e| e.into_inner());
+    launch(cmd)
+}
+
+/// The same binary as one plain process, in the environment of the MPI jobs.
+fn plain(args: &[&str]) -> Result<String, String> {
+    let mut cmd = Command::new(dsv3_bin());
+    cmd.args(args);
+    job_env(&mut cmd);
+    launch(cmd)
+}
+
+fn dist_check(n: usize) {
+    let out = mpirun(n, &["dist-check"]).unwrap_or_else(|e| panic!("dist-check failed:\n{e}"));
+    let lines: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        lines.len() >= 3,
+        "expected at least 3 checks from {n} ranks, got:\n{out}"
+    );
+    for l in &lines {
+        assert!(l.starts_with("ok "), "not an ok line: {l:?}\n{out}");
+    }
+}
+
+#[test]
+fn dist_check_2_ranks() {
+    dist_check(2);
+}
+
+#[test]
+fn dist_check_4_ranks() {
+    dist_check(4);
+}
+
+/// The fixture's golden token ids, comma-separated.
+fn golden_tokens(dir: &Path) -> String {
+    let g = Golden::read(&dir.join("golden.safetensors"));
+    g.ids()
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Compares two routing dumps: same structure, same strings/bools/integers (layer indices, expert
+/// ids), floats (routing weights) within `tol`.
+fn assert_json_close(got: &serde_json::Value, want: &serde_json::Value, at: &str, tol: f64) {
+    use serde_json::Value as V;
+    match (got, want) {
+        (V::Array(a), V::Array(b)) => {
+            assert_eq!(a.len(), b.len(), "{at}: array lengths differ");
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                assert_json_close(x, y, &format!("{at}[{i}]"), tol);
+            }
+        }
+        (V::Object(a), V::Object(b)) => {
+            let (ka, kb): (Vec<_>, Vec<_>) = (a.keys().collect(), b.keys().collect());
+            assert_eq!(ka, kb, "{at}: keys differ");
+            for (k, x) in a {
+                assert_json_close(x, &b[k], &format!("{at}.{k}"), tol);
+            }
+        }
+        (V::Number(x), V::Number(y)) if x.is_f64() || y.is_f64() => {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            assert!((x - y).abs() <= tol, "{at}: {x} vs {y}");
+        }
+        _ => assert_eq!(got, want, "{at}"),
+    }
+}
+
+/// Scores `fixture` with `--mtp --out --routing` single-process and under `mpirun -n N --ep N`
+/// for N = 2, 4; the written logits (and MTP logits) and routing dumps must agree.
+fn score_ep_equals_single(fixture_dir: &Path, name: &str) {
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture_dir.join("config.json")).unwrap())
+            .unwrap();
+    let experts = cfg["n_routed_experts"].as_u64().unwrap();
+    assert!(
+        experts >= 4 && experts % 4 == 0,
+        "{name}: {experts} routed experts cannot be split over 4 ranks"
+    );
+    let model = fixture_dir.to_str().unwrap();
+    let tokens = golden_tokens(fixture_dir);
+    let dir = scratch(&format!("dist-score-{name}"));
+    let run = |ep: usize| -> (String, PathBuf, PathBuf) {
+        let (o, r) = (
+            dir.join(format!("logits-ep{ep}.safetensors")),
+            dir.join(format!("routing-ep{ep}.json")),
+        );
+        let stdout = {
+            let ep_s = ep.to_string();
+            let mut args = vec![
+                "score",
+                "--model",
+                model,
+                "--tokens",
+                &tokens,
+                "--mtp",
+                "--out",
+                o.to_str().unwrap(),
+                "--routing",
+                r.to_str().unwrap(),
+            ];
+            if ep == 1 {
+                plain(&args)
+            } else {
+                args.extend(["--ep", &ep_s]);
+                mpirun(ep, &args)
+            }
+        }
+        .unwrap_or_else(|e| panic!("{name} score --ep {ep} failed:\n{e}"));
+        (stdout, o, r)
+    };
+    let (ref_out, ref_logits, ref_routing) = run(1);
+    let want = Golden::read(&ref_logits);
+    let want_routing: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&ref_routing).unwrap()).unwrap();
+    assert!(
+        want.f.contains_key("logits") && want.f.contains_key("mtp_logits"),
+        "{name}: single-process --out lacks logits or mtp_logits"
+    );
+    let report_lines = ref_out.matches("perplexity").count();
+    assert!(report_lines >= 1, "{ref_out}");
+    for ep in [2, 4] {
+        let (out, logits, routing) = run(ep);
+        // Rank 0 prints the report once; the other ranks are silent.
+        assert_eq!(
+            out.matches("perplexity").count(),
+            report_lines,
+            "{name} --ep {ep}: the report is not printed exactly once:\n{out}"
+        );
+        let got = Golden::read(&logits);
+        let mut names: Vec<_> = got.f.keys().collect();
+        let mut want_names: Vec<_> = want.f.keys().collect();
+        names.sort();
+        want_names.sort();
+        assert_eq!(names, want_names, "{name} --ep {ep}: tensors in --out");
+        for (t, (shape, w)) in &want.f {
+            let (s, g) = got.f(t);
+            assert_eq!(s, shape, "{name} --ep {ep}: {t} shape");
+            let d = g
+                .iter()
+                .zip(w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f64::max);
+            assert!(
+                d <= EP_LOGIT_TOL,
+                "{name} --ep {ep}: {t} max |Δ| = {d:.3e} > {EP_LOGIT_TOL:e}"
+            );
+        }
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&routing).unwrap()).unwrap();
+        assert_json_close(
+            &r,
+            &want_routing,
+            &format!("{name} --ep {ep} routing"),
+            EP_LOGIT_TOL,
+        );
+    }
+}
+
+/// Expert-parallel scoring over 2 and 4 ranks equals the single-process forward on a tiny
+/// fixture (12 experts, two MoE layers, MTP) and a scaled DeepSeek-V3 release (24 FP8 experts in
+/// 8 groups with group-limited routing, MTP).
+#[test]
+fn score_ep2_and_ep4_equal_ep1() {
+    score_ep_equals_single(&fixture("tiny-qlora"), "tiny-qlora");
+    score_ep_equals_single(&fixture("released/deepseek-v3"), "deepseek-v3");
+}
+
+/// `--ep` must equal the MPI world size: one error line naming it, non-zero exit.
+#[test]
+fn score_ep_must_match_world() {
+    let dir = fixture("tiny-qlora");
+    let e = mpirun(
+        2,
+        &[
+            "score",
+            "--model",
+            dir.to_str().unwrap(),
+            "--tokens",
+            "1,2,3",
+            "--ep",
+            "4",
+        ],
+    )
+    .expect_err("--ep 4 on 2 ranks must fail");
+    let errors: Vec<&str> = e.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "expected one error line:\n{e}");
+    let line = errors[0].to_lowercase();
+    assert!(
+        line.contains("world") && line.contains('2') && line.contains('4'),
+        "the error does not name the world size: {line}"
+    );
+}
+
+/// `(step, loss)` of each record of `DIR/metrics.jsonl`, and the records themselves.
+fn losses(run_dir: &Path) -> (Vec<(u64, f64)>, Vec<serde_json::Value>) {
+    let p = run_dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let recs: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    let pairs = recs
+        .iter()
+        .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
+        .collect();
+    (pairs, recs)
+}
+
+fn assert_losses_close(got: &[(u64, f64)], want: &[(u64, f64)], what: &str) {
+    let steps = |v: &[(u64, f64)]| v.iter().map(|p| p.0).collect::<Vec<_>>();
+    assert_eq!(steps(got), steps(want), "{what}: logged steps");
+    for (&(step, g), &(_, w)) in got.iter().zip(want) {
+        let rel = (g - w).abs() / w.abs().max(f64::MIN_POSITIVE);
+        assert!(
+            rel <= LOSS_RTOL,
+            "{what}: step {step} loss {g} vs single-process {w} (relative {rel:.2e} > {LOSS_RTOL:e})"
+        );
+    }
+}
+
+/// Expert-parallel records carry the communication counters.
+fn assert_comm_fields(recs: &[serde_json::Value], what: &str) {
+    for r in recs {
+        for key in ["comm_sent_bytes", "comm_recv_bytes", "ep_ranks_per_token"] {
+            assert!(r.get(key).is_some(), "{what}: {key} missing in {r}");
+        }
+        for key in ["comm_sent_bytes", "comm_recv_bytes"] {
+            let v = r[key].as_f64().unwrap_or(0.0);
+            assert!(v > 0.0, "{what}: {key} = {} in {r}", r[key]);
+        }
+    }
+}
+
+/// The tensor names, dtypes and shapes of a checkpoint's `model.safetensors`.
+fn checkpoint_layout(dir: &Path) -> Vec<(String, String, Vec<usize>)> {
+    let p = dir.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut v: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| (n, format!("{:?}", t.dtype()), t.shape().to_vec()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// The flags every training run here shares: the tiny preset, 4 sequences of 32 tokens per
+/// (global) micro-batch, a record per step, no validation within the run, no samples.
+const TRAIN: &[&str] = &[
+    "train",
+    "--preset",
+    "tiny",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "32",
+    "--log-every",
+    "1",
+    "--eval-every",
+    "1000",
+    "--checkpoint-every",
+    "2",
+    "--samples",
+    "0",
+];
+
+fn train_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    TRAIN.iter().copied().chain(extra.iter().copied()).collect()
+}
+
+/// `mpirun -n 2 dsv3 train --ep 2` (two groups of 8 experts, no data parallelism) follows the
+/// single-process loss curve of the same flags (relative 1e-4 per step); rank 0 alone prints and
+/// writes complete checkpoints (every expert, as in the single-process run).
+#[test]
+fn train_ep2_matches_single_process() {
+    let dir = scratch("dist-train-ep2");
+    let (single, ep) = (dir.join("single"), dir.join("ep2"));
+    plain(&train_args(&[
+        "--steps",
+        "4",
+        "--out",
+        single.to_str().unwrap(),
+    ]))
+    .unwrap_or_else(|e| panic!("single-process train failed:\n{e}"));
+    let out = mpirun(
+        2,
+        &train_args(&["--steps", "4", "--out", ep.to_str().unwrap(), "--ep", "2"]),
+    )
+    .unwrap_or_else(|e| panic!("train --ep 2 failed:\n{e}"));
+    assert_eq!(
+        out.matches("trained steps").count(),
+        1,
+        "rank 0 alone reports:\n{out}"
+    );
+    let (want, _) = losses(&single);
+    let (got, recs) = losses(&ep);
+    assert_eq!(want.len(), 4, "one record per step: {want:?}");
+    assert_losses_close(&got, &want, "--ep 2");
+    assert_comm_fields(&recs, "--ep 2");
+    for d in ["step-2", "step-4", "final"] {
+        assert_eq!(
+            checkpoint_layout(&ep.join(d)),
+            checkpoint_layout(&single.join(d)),
+            "--ep 2 {d}: checkpoint tensors differ from the single-process run's"
+        );
+    }
+}
+
+/// `mpirun -n 4 dsv3 train --ep 2 --dp 2` follows the single-process 6-step loss curve; then,
+/// with its last checkpoint removed, `--resume --steps 6` continues from step 4 and its steps 5
+/// and 6 again match the uninterrupted single-process run (the learning-rate schedule depends on
+/// the total steps, so the interrupted run is a 6-step run too).
+#[test]
+fn train_ep2_dp2_matches_and_resumes() {
+    let dir = scratch("dist-train-ep2dp2");
+    let (single, dist) = (dir.join("single"), dir.join("ep2dp2"));
+    plain(&train_args(&[
+        "--steps",
+        "6",
+        "--out",
+        single.to_str().unwrap(),
+    ]))
+    .unwrap_or_else(|e| panic!("single-process train failed:\n{e}"));
+    let d = dist.to_str().unwrap();
+    let dist_flags = ["--ep", "2", "--dp", "2"];
+    let mut args = train_args(&["--steps", "6", "--out", d]);
+    args.extend(dist_flags);
+    mpirun(4, &args).unwrap_or_else(|e| panic!("train --ep 2 --dp 2 failed:\n{e}"));
+    let (want, _) = losses(&single);
+    assert_eq!(want.len(), 6, "one record per step: {want:?}");
+    let (got, recs) = losses(&dist);
+    assert_losses_close(&got, &want, "--ep 2 --dp 2");
+    assert_comm_fields(&recs, "--ep 2 --dp 2");
+    for c in ["step-2", "step-4", "step-6", "final"] {
+        assert!(
+            dist.join(c).join("model.safetensors").is_file(),
+            "rank 0 did not write {c}"
+        );
+    }
+
+    // Interrupt after step 4: without step-6 (and final/) the newest checkpoint is step-4.
+    std::fs::remove_dir_all(dist.join("step-6")).unwrap();
+    std::fs::remove_dir_all(dist.join("final")).unwrap();
+    let mut args = vec![
+        "train",
+        "--resume",
+        "--steps",
+        "6",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "1000",
+        "--checkpoint-every",
+        "2",
+        "--samples",
+        "0",
+        "--out",
+        d,
+    ];
+    args.extend(dist_flags);
+    let out = mpirun(4, &args).unwrap_or_else(|e| panic!("--resume under mpirun failed:\n{e}"));
+    assert!(
+        out.contains("resumed from") && out.contains("step-4"),
+        "not resumed from step-4:\n{out}"
+    );
+    assert_eq!(
+        out.matches("resumed from").count(),
+        1,
+        "rank 0 alone reports:\n{out}"
+    );
+    let (got, _) = losses(&dist);
+    assert_losses_close(&got, &want, "--ep 2 --dp 2 resumed at step 4");
+    assert!(dist.join("step-6/model.safetensors").is_file());
+    assert!(dist.join("final/model.safetensors").is_file());
+}
