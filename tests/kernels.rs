@@ -424,6 +424,7 @@ pub(crate) mod wgpu {
         let opts = LoadOptions {
             strict: true,
             skip_mtp: false,
+            ..Default::default()
         };
         let weights = WeightOptions {
             storage: WeightStorage::Bf16,
@@ -462,5 +463,121 @@ pub(crate) mod cuda {
     fn cuda_fixtures_match_golden() {
         require_gpu();
         fixtures_match_golden_on::<Cuda>("cuda", &Default::default());
+    }
+
+    /// The NCCL communicator in a world of one (a single GPU can hold only one NCCL rank): every
+    /// host-buffer call against the values it must give, and the device-pointer calls on a Burn
+    /// CUDA tensor's memory. Run alone (`nccl_one_rank`): MPI initialises once per process.
+    #[cfg(feature = "nccl")]
+    #[test]
+    #[ignore = "needs a GPU and libnccl: run by scripts/gpu-check.sh"]
+    fn nccl_one_rank_collectives() {
+        use dsv3_backends::comm::nccl::{cuda_tensor_ptr, NcclComm};
+        use dsv3_backends::comm::{
+            Buf, BufMut, CommError, CommExt, Communicator, MpiRuntime, Owned, ReduceOp,
+        };
+        use std::sync::Arc;
+
+        require_gpu();
+        let (_mpi_env, world) = MpiRuntime::init().expect("MPI init");
+        let world: Arc<dyn Communicator> = world;
+        let nccl = NcclComm::new(&world, 0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((nccl.rank(), nccl.size(), nccl.engine()), (0, 1, "nccl"));
+
+        // Reductions over one rank give the input back, in every reducible type.
+        let mut f = vec![1.5f32, -2.0, 3.25];
+        nccl.all_reduce_in_place(&mut f, ReduceOp::Sum).unwrap();
+        assert_eq!(f, [1.5, -2.0, 3.25]);
+        let mut d = vec![1.0f64, -7.5];
+        nccl.all_reduce_in_place(&mut d, ReduceOp::Max).unwrap();
+        assert_eq!(d, [1.0, -7.5]);
+        let mut i = vec![7i32, -3, 0];
+        nccl.all_reduce_in_place(&mut i, ReduceOp::Min).unwrap();
+        assert_eq!(i, [7, -3, 0]);
+        assert!(matches!(
+            nccl.all_reduce_in_place(&mut [1u16, 2], ReduceOp::Sum),
+            Err(CommError::Unsupported { .. })
+        ));
+        let mut empty: Vec<f32> = vec![];
+        nccl.all_reduce_in_place(&mut empty, ReduceOp::Sum).unwrap();
+
+        // bf16 bits travel as bytes.
+        let bits = [0x3f80u16, 0xbf80, 0x1234];
+        assert_eq!(nccl.all_gather_vec(&bits).unwrap(), bits);
+        assert_eq!(nccl.all_gather_vec(&[3u8, 250]).unwrap(), [3, 250]);
+
+        let mut rs = [0f32; 4];
+        nccl.reduce_scatter(
+            Buf::F32(&[1.0, 2.0, 3.0, 4.0]),
+            BufMut::F32(&mut rs),
+            ReduceOp::Sum,
+        )
+        .unwrap();
+        assert_eq!(rs, [1.0, 2.0, 3.0, 4.0]);
+
+        assert_eq!(
+            nccl.all_to_all_v_vec(&[1i32, 2, 3], &[3], &[3]).unwrap(),
+            [1, 2, 3]
+        );
+        assert_eq!(
+            nccl.all_to_all_v_vec(&[5u16, 6], &[2], &[2]).unwrap(),
+            [5, 6]
+        );
+        assert!(nccl
+            .all_to_all_v_vec::<f32>(&[], &[0], &[0])
+            .unwrap()
+            .is_empty());
+        assert_eq!(nccl.exchange_counts(&[4], 9).unwrap(), [4]);
+
+        let mut b = [9u8, 8, 7];
+        nccl.broadcast(BufMut::U8(&mut b), 0).unwrap();
+        assert_eq!(b, [9, 8, 7]);
+        assert!(nccl.broadcast(BufMut::U8(&mut b), 1).is_err());
+
+        // To self: the host queue, matched by tag.
+        nccl.send(Buf::F32(&[4.0, 5.0]), 0, 3).unwrap();
+        nccl.send(Buf::F32(&[6.0]), 0, 2).unwrap();
+        let mut r = [0f32];
+        nccl.recv(BufMut::F32(&mut r), 0, 2).unwrap();
+        assert_eq!(r, [6.0]);
+        let mut r = [0f32; 2];
+        nccl.recv(BufMut::F32(&mut r), 0, 3).unwrap();
+        assert_eq!(r, [4.0, 5.0]);
+        let sent = nccl.isend(Owned::I32(vec![1, 2]), 0, 4).unwrap();
+        let got = nccl.irecv(Owned::I32(vec![0, 0]), 0, 4).unwrap();
+        assert_eq!(got.wait().unwrap(), Owned::I32(vec![1, 2]));
+        assert_eq!(sent.wait().unwrap(), Owned::I32(vec![1, 2]));
+
+        nccl.barrier().unwrap();
+        let sub = nccl.split(0, 0).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((sub.rank(), sub.size(), sub.engine()), (0, 1, "nccl"));
+        let mut s = vec![2.5f32];
+        sub.all_reduce_in_place(&mut s, ReduceOp::Sum).unwrap();
+        assert_eq!(s, [2.5]);
+        assert_eq!(nccl.traffic().sent_bytes, 0, "one rank sends nothing");
+
+        // Device pointers of Burn CUDA tensors.
+        let dev = Default::default();
+        let host = vec![0.5f32, 1.5, -2.5, 4.0, 8.0];
+        let a = Tensor::<Cuda, 1>::from_floats(host.as_slice(), &dev);
+        let b = Tensor::<Cuda, 1>::zeros([host.len()], &dev);
+        let pa = cuda_tensor_ptr(&a.clone().into_primitive().tensor()).unwrap();
+        let pb = cuda_tensor_ptr(&b.clone().into_primitive().tensor()).unwrap();
+        assert_eq!(pa.len, host.len());
+        <Cuda as Backend>::sync(&dev).unwrap();
+        // SAFETY: both tensors are alive, contiguous f32 of `len` elements, and synced; `b` is
+        // written only here.
+        unsafe {
+            nccl.all_reduce_device(pa.ptr, pa.len, pa.dtype, ReduceOp::Sum)
+                .unwrap();
+            nccl.all_to_all_v_device(pa.ptr, &[pa.len], pb.ptr, &[pb.len], pa.dtype)
+                .unwrap();
+        }
+        drop((pa, pb));
+        let mut expect = host.clone();
+        nccl.all_reduce_in_place(&mut expect, ReduceOp::Sum)
+            .unwrap();
+        assert_eq!(a.into_data().to_vec::<f32>().unwrap(), expect);
+        assert_eq!(b.into_data().to_vec::<f32>().unwrap(), expect);
     }
 }

@@ -264,11 +264,13 @@ impl std::ops::Sub for Traffic {
 
 /// The counters behind [`Communicator::traffic`].
 #[derive(Debug, Default)]
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 pub(crate) struct TrafficCounter {
     sent: AtomicU64,
     recv: AtomicU64,
 }
 
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
 impl TrafficCounter {
     pub(crate) fn add(&self, sent: u64, recv: u64) {
         self.sent.fetch_add(sent, Ordering::Relaxed);
@@ -580,7 +582,7 @@ impl LocalComm {
     }
 }
 
-fn check_peer(op: &'static str, peer: usize, size: usize) -> Result<(), CommError> {
+pub(crate) fn check_peer(op: &'static str, peer: usize, size: usize) -> Result<(), CommError> {
     if peer >= size {
         return Err(invalid(op, format!("rank {peer} of a group of {size}")));
     }
