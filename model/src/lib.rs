@@ -32,6 +32,7 @@ mod cache;
 pub mod checkpoint;
 mod config;
 mod error;
+mod expert_parallel;
 pub mod fp8;
 mod linear;
 mod load;
@@ -50,10 +51,11 @@ pub use block::{BlockOutput, DecoderLayer, FeedForward, FfnOutput, ForwardOption
 pub use cache::{LatentKv, LatentStore};
 pub use config::{DeepseekV3Config, ParamCounts, QuantizationConfig, RopeScaling, Yarn};
 pub use error::{ConfigError, LoadError, ModelError};
+pub use expert_parallel::{expert_of, expert_owner, owned_experts, EpStats, ExpertParallel};
 pub use linear::Linear;
 pub use load::{
-    load, load_from, load_from_with, load_with, save, LoadOptions, LoadReport, SaveDtype,
-    WeightOptions, WeightStorage,
+    load, load_from, load_from_with, load_with, save, save_expert_parallel, LoadOptions,
+    LoadReport, SaveDtype, WeightOptions, WeightStorage,
 };
 pub use mla::{AttentionMode, Mla, MlaConfig};
 pub use mlp::{Mlp, MlpConfig};

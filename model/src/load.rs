@@ -28,6 +28,22 @@ pub struct LoadOptions {
     pub strict: bool,
     /// Skip the MTP modules even when the checkpoint has them (saves their memory).
     pub skip_mtp: bool,
+    /// `(rank, size)` of an expert-parallel group: read only the routed experts this rank
+    /// holds ([`crate::owned_experts`]); the others become placeholders, never read from
+    /// the (memory-mapped) files. Call [`DeepseekV3::set_expert_parallel`] on the result.
+    pub expert_shard: Option<(usize, usize)>,
+}
+
+impl LoadOptions {
+    /// Whether checkpoint tensor `name` belongs to a routed expert held by another rank.
+    fn elsewhere(&self, name: &str, n_experts: usize) -> bool {
+        match (self.expert_shard, crate::expert_parallel::expert_of(name)) {
+            (Some((rank, size)), Some(e)) => {
+                crate::expert_parallel::expert_owner(e, n_experts, size) != rank
+            }
+            _ => false,
+        }
+    }
 }
 
 /// How the Linear weights are held in memory once loaded.
@@ -131,6 +147,8 @@ struct Loader<'a, B: DsBackend> {
     params: u64,
     /// Router biases absent from the checkpoint, loaded as zeros.
     zero_bias: Vec<String>,
+    opts: LoadOptions,
+    n_experts: usize,
 }
 
 impl<B: DsBackend> ModuleMapper<B> for Loader<'_, B> {
@@ -148,6 +166,12 @@ impl<B: DsBackend> ModuleMapper<B> for Loader<'_, B> {
         if self.fp8.contains(&name) {
             self.used.insert(name);
             return param;
+        }
+        if self.opts.elsewhere(&name, self.n_experts) {
+            // Another rank's expert: a placeholder, like `Linear::clear`.
+            self.used.insert(name);
+            let shape = [1; D];
+            return Param::initialized(param.id, Tensor::<B, D>::zeros(shape, &self.device));
         }
         let shape: Vec<usize> = param.lazy_shape().dims::<D>().to_vec();
         let kv_b_proj = name.ends_with("kv_b_proj.weight");
@@ -299,7 +323,7 @@ pub fn load_from_with<B: DsBackend>(
     }
     let mut model = DeepseekV3::<B>::init(&cfg, device)?;
     let (fp8, fp8_params) = if weights.storage == WeightStorage::Fp8 {
-        bind_fp8(&mut model, ckpt, cfg.fp8_block(), device)?
+        bind_fp8(&mut model, ckpt, cfg.fp8_block(), device, opts)?
     } else {
         (BTreeSet::new(), 0)
     };
@@ -315,6 +339,8 @@ pub fn load_from_with<B: DsBackend>(
         // The FP8-bound weights are parameters loaded too (held as codes + scales).
         params: fp8_params,
         zero_bias: Vec::new(),
+        opts: opts.clone(),
+        n_experts: cfg.n_routed_experts,
     };
     let mut model = model.map(&mut loader);
     if let Some(e) = loader.error {
@@ -419,11 +445,16 @@ fn bind_fp8<B: DsBackend>(
     ckpt: &Checkpoint,
     block: usize,
     device: &B::Device,
+    opts: &LoadOptions,
 ) -> Result<(BTreeSet<String>, u64), ModelError> {
     let mut bound = BTreeSet::new();
     let mut params = 0u64;
+    let n_experts = model.config.n_routed_experts;
     for (name, linear) in model.linears_mut() {
         let wname = format!("{name}.weight");
+        if opts.elsewhere(&wname, n_experts) {
+            continue;
+        }
         match ckpt.info(&wname) {
             Some(info) if info.dtype == Dtype::F8_E4M3 => {}
             _ => continue,
@@ -462,6 +493,11 @@ struct Lister {
     path: PathTracker,
     dtype: SaveDtype,
     out: Vec<(String, TensorSource<'static>)>,
+    /// Under expert parallelism: `(rank, size, n_experts)`; other ranks' experts are listed
+    /// by name only (`names`), not as tensors.
+    shard: Option<(usize, usize, usize)>,
+    /// Every tensor name with the rank whose file holds it (expert parallelism).
+    names: Vec<(String, usize)>,
 }
 
 impl<B: DsBackend> ModuleVisitor<B> for Lister {
@@ -473,6 +509,14 @@ impl<B: DsBackend> ModuleVisitor<B> for Lister {
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let (name, transpose) = self.path.name();
+        if let Some((rank, size, n)) = self.shard {
+            let owner = crate::expert_parallel::expert_of(&name)
+                .map_or(0, |e| crate::expert_parallel::expert_owner(e, n, size));
+            self.names.push((name.clone(), owner));
+            if owner != rank {
+                return;
+            }
+        }
         let transpose = transpose && D == 2;
         let shape: Vec<usize> = param.lazy_shape().dims::<D>().to_vec();
         let shape = if transpose {
@@ -587,9 +631,20 @@ pub fn save<B: DsBackend>(
         path: PathTracker::new(&model.config),
         dtype,
         out: Vec::new(),
+        shard: None,
+        names: Vec::new(),
     };
     model.visit(&mut lister);
     write_safetensors(&dir.join("model.safetensors"), lister.out, None)?;
+    write_config(model, dir, dtype)
+}
+
+/// `config.json` of a saved model (no quantization; `torch_dtype` as saved).
+fn write_config<B: DsBackend>(
+    model: &DeepseekV3<B>,
+    dir: &Path,
+    dtype: SaveDtype,
+) -> Result<(), ModelError> {
     let mut cfg = model.config.clone();
     cfg.quantization_config = None;
     cfg.torch_dtype = Some(
@@ -608,5 +663,77 @@ pub fn save<B: DsBackend>(
             path: cfg_path,
             source: e,
         })?;
+    Ok(())
+}
+
+/// Saves an expert-parallel model ([`DeepseekV3::set_expert_parallel`]) as a sharded
+/// checkpoint in the Hugging Face layout, without gathering the experts anywhere: rank `r` of
+/// the group writes `model-{r+1:05}-of-{N:05}.safetensors` with the routed experts it holds
+/// (rank 0 also every other tensor), and rank 0 writes `model.safetensors.index.json` and
+/// `config.json`. [`load`] reads the result like any sharded checkpoint (with
+/// [`LoadOptions::expert_shard`] each rank reads only its own experts). Collective: every rank
+/// of the group calls it with the same `dir` (a shared file system); it returns after a
+/// barrier, once every shard is written. Without expert parallelism it is [`save`].
+///
+/// # Errors
+/// As [`save`]; [`ModelError::Invalid`] when the group's collectives fail.
+pub fn save_expert_parallel<B: DsBackend>(
+    model: &DeepseekV3<B>,
+    dir: &Path,
+    dtype: SaveDtype,
+) -> Result<(), ModelError> {
+    let Some(ep) = model.expert_parallel() else {
+        return save(model, dir, dtype);
+    };
+    let comm = ep.comm().clone();
+    let (rank, size) = (comm.rank(), comm.size());
+    let comm_err = |e: dsv3_backends::comm::CommError| ModelError::Invalid(e.to_string());
+    if has_fp8(model) {
+        let mut dense = model.clone();
+        dense.dequantize_fp8();
+        return save_expert_parallel(&dense, dir, dtype);
+    }
+    std::fs::create_dir_all(dir).map_err(|e| LoadError::Io {
+        path: dir.to_path_buf(),
+        source: e,
+    })?;
+    let mut lister = Lister {
+        path: PathTracker::new(&model.config),
+        dtype,
+        out: Vec::new(),
+        shard: Some((rank, size, model.config.n_routed_experts)),
+        names: Vec::new(),
+    };
+    model.visit(&mut lister);
+    let file = |r: usize| format!("model-{:05}-of-{size:05}.safetensors", r + 1);
+    // Every rank reports whether its shard was written, so no rank waits forever for one
+    // that failed.
+    let written = write_safetensors(&dir.join(file(rank)), lister.out, None);
+    let mut ok = [i32::from(written.is_ok())];
+    comm.all_reduce(
+        dsv3_backends::comm::BufMut::I32(&mut ok),
+        dsv3_backends::comm::ReduceOp::Min,
+    )
+    .map_err(comm_err)?;
+    written?;
+    if ok[0] == 0 {
+        return Err(ModelError::Invalid(format!(
+            "another rank failed to write its shard of {}",
+            dir.display()
+        )));
+    }
+    if rank == 0 {
+        let weight_map: serde_json::Map<String, serde_json::Value> = lister
+            .names
+            .iter()
+            .map(|(n, r)| (n.clone(), serde_json::Value::String(file(*r))))
+            .collect();
+        let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+        let path = dir.join(crate::checkpoint::INDEX_FILE);
+        std::fs::write(&path, serde_json::to_vec_pretty(&index).expect("json"))
+            .map_err(|e| LoadError::Io { path, source: e })?;
+        write_config(model, dir, dtype)?;
+    }
+    comm.barrier().map_err(comm_err)?;
     Ok(())
 }

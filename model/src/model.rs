@@ -15,6 +15,7 @@ use crate::block::{DecoderLayer, FeedForward, ForwardOptions};
 use crate::cache::{Concat, LatentKv, LatentStore};
 use crate::config::DeepseekV3Config;
 use crate::error::ModelError;
+use crate::expert_parallel::{owned_experts, EpStats, ExpertParallel};
 use crate::linear::{linear, Linear};
 use crate::mla::Mla;
 use crate::mlp::Mlp;
@@ -216,6 +217,74 @@ impl<B: DsBackend> DeepseekV3<B> {
         self.blocks_mut()
             .filter_map(|(_, b)| b.mlp.moe_mut())
             .collect()
+    }
+
+    /// Splits the routed experts of every MoE layer (the MTP modules' too) over the members of
+    /// `comm`: expert `e` stays on rank [`expert_owner`](crate::expert_owner)`(e, E, size)`, the others become
+    /// placeholders (their memory is freed), and every MoE forward then dispatches rows to
+    /// the experts' owners and combines the results ([`ExpertParallel`]). Every rank must hold
+    /// the same dense weights and call the model's forward passes in step.
+    ///
+    /// # Errors
+    /// [`ModelError::Invalid`] for a model whose experts are packed, or a group larger than
+    /// the number of routed experts.
+    pub fn set_expert_parallel(
+        &mut self,
+        comm: std::sync::Arc<dyn dsv3_backends::comm::Communicator>,
+    ) -> Result<(), ModelError> {
+        if self.is_packed() {
+            return Err(ModelError::Invalid(
+                "expert parallelism runs the experts unpacked: split them before (instead of)                  packing"
+                    .into(),
+            ));
+        }
+        let n = self.config.n_routed_experts;
+        let owned = owned_experts(comm.rank(), n, comm.size());
+        let stats = std::sync::Arc::new(std::sync::Mutex::new(EpStats::default()));
+        for layer in self.moe_layers() {
+            let ep = ExpertParallel::with_stats(comm.clone(), n, layer, stats.clone())?;
+            let moe = self.moe_mut(layer).expect("a MoE layer");
+            for (e, expert) in moe.experts.iter_mut().enumerate() {
+                if !owned.contains(&e) {
+                    expert.gate_proj.clear();
+                    expert.up_proj.clear();
+                    expert.down_proj.clear();
+                }
+            }
+            moe.ep = Some(ep);
+        }
+        Ok(())
+    }
+
+    /// The expert-parallel group, when [`Self::set_expert_parallel`] was called.
+    pub fn expert_parallel(&self) -> Option<&ExpertParallel> {
+        self.blocks()
+            .find_map(|(_, b)| b.mlp.moe().and_then(|m| m.ep.as_ref()))
+    }
+
+    /// Ids of the parameters of the routed experts this rank holds (every routed expert
+    /// without expert parallelism). Under expert parallelism these are the parameters that are
+    /// not replicated over the expert-parallel group: their gradients already sum every
+    /// rank's tokens (the exchange's backward brings them), the others must be all-reduced.
+    pub fn routed_expert_params(&self) -> std::collections::HashSet<burn::module::ParamId> {
+        use burn::module::{ModuleVisitor, Param, ParamId};
+        struct Ids(std::collections::HashSet<ParamId>);
+        impl<B: DsBackend> ModuleVisitor<B> for Ids {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+                self.0.insert(p.id);
+            }
+        }
+        let mut ids = Ids(Default::default());
+        let n = self.config.n_routed_experts;
+        for (_, block) in self.blocks() {
+            if let Some(moe) = block.mlp.moe() {
+                let owned = moe.ep.as_ref().map_or(0..n, |ep| ep.owned());
+                for e in owned {
+                    moe.experts[e].visit(&mut ids);
+                }
+            }
+        }
+        ids.0
     }
 
     /// Stacks every MoE layer's experts for the backend's grouped kernels ([`Moe::pack`]).

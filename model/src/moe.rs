@@ -9,6 +9,7 @@ use burn::tensor::{
 };
 use dsv3_backends::{DsBackend, Fp8Weight, GroupedWeight};
 
+use crate::expert_parallel::ExpertParallel;
 use crate::linear::Linear;
 use crate::mlp::{Mlp, MlpConfig};
 
@@ -121,6 +122,7 @@ impl MoeConfig {
             shared_experts: shared,
             router: self.router.clone(),
             packed: None,
+            ep: None,
         }
     }
 }
@@ -149,6 +151,11 @@ pub struct Moe<B: DsBackend> {
     /// The routed experts stacked for the grouped kernels (see [`Moe::pack`]). Not parameters:
     /// once packed, `experts` hold placeholders and the layer is for inference only.
     pub packed: Option<PackedExperts<B>>,
+    /// Set when the routed experts are split over ranks
+    /// ([`DeepseekV3::set_expert_parallel`](crate::DeepseekV3::set_expert_parallel)): the
+    /// experts held elsewhere are placeholders and rows travel to their owners.
+    #[module(skip)]
+    pub ep: Option<ExpertParallel>,
 }
 
 /// The routed experts' projections stacked along a leading expert axis, float or FP8.
@@ -245,6 +252,16 @@ impl<B: DsBackend> Moe<B> {
         let bias = self.gate.e_score_correction_bias.val().detach();
         let scores = sigmoid(self.gate.logits(x.clone()));
         let (idx, weights) = route_scores(scores.clone(), bias, &self.router);
+        if let Some(ep) = &self.ep {
+            let ids = host_ids(idx);
+            let base = match &self.shared_experts {
+                Some(shared) => shared.forward(x.clone()),
+                None => Tensor::zeros([n, h], &x.device()),
+            };
+            let out = ep.routed(&self.experts, x, &ids, weights.clone(), base);
+            let routing = record.then(|| Routing::from_ids(&ids, weights, k));
+            return (out.reshape([b, t, h]), routing, scores);
+        }
         if let Some(packed) = &self.packed {
             let routing = record.then(|| routing_of(idx.clone(), weights.clone(), k));
             let out = self.forward_packed(x, idx, weights, packed);
@@ -252,11 +269,7 @@ impl<B: DsBackend> Moe<B> {
         }
 
         // Group the (token, slot) pairs by expert on the host: each expert runs only on its tokens.
-        let ids: Vec<i64> = idx
-            .into_data()
-            .convert::<i64>()
-            .to_vec()
-            .expect("int routing ids");
+        let ids = host_ids(idx);
         let mut tokens: Vec<Vec<i64>> = vec![Vec::new(); self.experts.len()];
         let mut slots: Vec<Vec<i64>> = vec![Vec::new(); self.experts.len()];
         for (pos, &e) in ids.iter().enumerate() {
@@ -348,12 +361,15 @@ impl Routing {
     }
 }
 
-/// Reads routing ids and weights to the host.
-fn routing_of<B: DsBackend>(idx: Tensor<B, 2, Int>, weights: Tensor<B, 2>, k: usize) -> Routing {
-    let ids: Vec<i64> = idx
-        .into_data()
+/// The chosen expert ids, row-major, on the host.
+fn host_ids<B: DsBackend>(idx: Tensor<B, 2, Int>) -> Vec<i64> {
+    idx.into_data()
         .convert::<i64>()
         .to_vec()
-        .expect("int routing ids");
-    Routing::from_ids(&ids, weights, k)
+        .expect("int routing ids")
+}
+
+/// Reads routing ids and weights to the host.
+fn routing_of<B: DsBackend>(idx: Tensor<B, 2, Int>, weights: Tensor<B, 2>, k: usize) -> Routing {
+    Routing::from_ids(&host_ids(idx), weights, k)
 }

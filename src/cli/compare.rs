@@ -95,6 +95,7 @@ fn measure<B: DsBackend>(
     let opts = LoadOptions {
         strict: false,
         skip_mtp: true,
+        ..Default::default()
     };
     let (model, _) =
         dsv3_model::load_with::<B>(&a.model, &device, &opts, &weight_options(kind, a.weights))?;

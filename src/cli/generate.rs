@@ -135,6 +135,7 @@ impl DecodeArgs {
         let opts = LoadOptions {
             strict: false,
             skip_mtp: self.speculative.is_none(),
+            ..Default::default()
         };
         let weights = weight_options(kind, self.run.weights);
         let (model, report) =

@@ -16,6 +16,7 @@ use dsv3_model::{
 };
 
 pub mod compare;
+pub mod dist;
 pub mod generate;
 pub mod train;
 
@@ -47,6 +48,10 @@ pub enum Command {
     /// Run the same input on several backends: max |Δ logits| against a baseline, greedy
     /// agreement, prefill/decode tokens/s.
     Compare(compare::CompareArgs),
+    /// Self-checks of a distributed run (run under `mpirun -n W`): collectives, the expert
+    /// exchange, and distributed training steps against single-process references.
+    #[command(hide = true)]
+    DistCheck(dist::DistCheckArgs),
 }
 
 #[derive(Args, Debug)]
@@ -156,6 +161,10 @@ pub struct ScoreArgs {
     /// Fail if the checkpoint holds tensors the model does not use (default: report them).
     #[arg(long)]
     pub strict: bool,
+    /// Expert parallelism: split the routed experts over this many processes (start them with
+    /// `mpirun -n N`; each reads only its own experts). Rank 0 prints and writes the files.
+    #[arg(long, default_value_t = 1)]
+    pub ep: usize,
 }
 
 /// A command's failure: one line.
@@ -224,6 +233,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Generate(a) => generate::generate_cmd(&a, out),
         Command::Chat(a) => generate::chat_cmd(&a, out),
         Command::Compare(a) => compare::compare(&a, out),
+        Command::DistCheck(a) => dist::dist_check(&a, out),
     }
 }
 
@@ -505,15 +515,35 @@ pub fn parse_tokens(s: &str) -> Result<Vec<u32>, CliError> {
 
 pub fn score(a: &ScoreArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let ids = parse_tokens(&a.tokens)?;
-    struct Run<'a>(&'a ScoreArgs, &'a [u32], &'a mut dyn Write);
+    let world = dist::world(a.ep)?;
+    let n = world.comm.size();
+    if a.ep != n {
+        return Err(CliError::Usage(format!(
+            "--ep {} must equal the number of processes, {n} (start them with `mpirun -n {}`)",
+            a.ep, a.ep
+        )));
+    }
+    let comm = (n > 1).then(|| world.comm.clone());
+    let mut silent = dist::Silent;
+    let out: &mut dyn Write = if world.comm.rank() == 0 {
+        out
+    } else {
+        &mut silent
+    };
+    struct Run<'a>(
+        &'a ScoreArgs,
+        &'a [u32],
+        Option<std::sync::Arc<dyn dsv3_backends::comm::Communicator>>,
+        &'a mut dyn Write,
+    );
     impl OnBackend for Run<'_> {
         type Output = Result<(), CliError>;
         fn run<B: DsBackend>(self, kind: BackendKind, _: FloatDtype) -> Self::Output {
-            score_on::<B>(self.0, self.1, kind, self.2)
+            score_on::<B>(self.0, self.1, kind, self.2, self.3)
         }
     }
     let (kind, dtype) = (a.run.backend, a.run.dtype);
-    on_backend(kind, dtype, Run(a, &ids, out))?
+    on_backend(kind, dtype, Run(a, &ids, comm, out))?
 }
 
 /// How a backend holds the weights: the GPU backends run the routed experts through the grouped
@@ -560,17 +590,27 @@ fn score_on<B: DsBackend>(
     a: &ScoreArgs,
     ids: &[u32],
     kind: BackendKind,
+    comm: Option<std::sync::Arc<dyn dsv3_backends::comm::Communicator>>,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
     let device = B::Device::default();
     let opts = LoadOptions {
         strict: a.strict,
         skip_mtp: !a.mtp,
+        expert_shard: comm.as_ref().map(|c| (c.rank(), c.size())),
     };
-    let weights = weight_options(kind, a.run.weights);
-    let (model, report) = dsv3_model::load_with::<B>(&a.model, &device, &opts, &weights)?;
+    let mut weights = weight_options(kind, a.run.weights);
+    // Expert-parallel layers run their experts unpacked (the exchange is host-staged).
+    weights.pack_experts &= comm.is_none();
+    let (mut model, report) = dsv3_model::load_with::<B>(&a.model, &device, &opts, &weights)?;
+    let lead = comm.as_ref().is_none_or(|c| c.rank() == 0);
+    if let Some(c) = comm {
+        model.set_expert_parallel(c)?;
+    }
     keep_freed_buffers();
-    print_load_warnings(&report);
+    if lead {
+        print_load_warnings(&report);
+    }
     if a.mtp && model.model.mtp.is_empty() {
         return Err(ModelError::NoMtp(format!("{} has no MTP layer", a.model.display())).into());
     }
@@ -627,6 +667,9 @@ fn score_on<B: DsBackend>(
             let _ = writeln!(report_s, "MTP (token i+2): {line}");
         }
         mtp_logits = Some(m.logits);
+    }
+    if !lead {
+        return Ok(());
     }
     if let Some(path) = &a.out {
         // Each tensor is copied off the device when the writer reaches it.

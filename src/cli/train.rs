@@ -100,6 +100,13 @@ pub struct TrainArgs {
     /// decoding. A greedy MTP-speculative continuation is always added when the model has MTP.
     #[arg(long, default_value_t = 0.7)]
     pub sample_temperature: f32,
+    /// Expert parallelism: split the routed experts over groups of this many processes
+    /// (start W processes with `mpirun -n W`; W/ep groups are data-parallel replicas, ZeRO-1).
+    #[arg(long, default_value_t = 1)]
+    pub ep: usize,
+    /// Data-parallel replicas (default: processes / --ep); must equal processes / --ep.
+    #[arg(long)]
+    pub dp: Option<usize>,
 }
 
 fn train_err(e: TrainError) -> CliError {
@@ -186,6 +193,23 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
 
 fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let (model, train) = settings(a)?;
+    let world = super::dist::world(a.ep * a.dp.unwrap_or(1))?;
+    let w = world.comm.size();
+    if a.ep == 0 || !w.is_multiple_of(a.ep) || a.dp.is_some_and(|d| d * a.ep != w) {
+        return Err(CliError::Usage(format!(
+            "--ep {}{} does not match the {w} processes (ep × dp must equal the number started              by mpirun)",
+            a.ep,
+            a.dp.map(|d| format!(" --dp {d}")).unwrap_or_default()
+        )));
+    }
+    let parallel = if w > 1 {
+        Some(dsv3_train::Parallel::new(world.comm.clone(), a.ep).map_err(train_err)?)
+    } else {
+        None
+    };
+    let lead = world.comm.rank() == 0;
+    let mut silent = super::dist::Silent;
+    let out: &mut dyn Write = if lead { out } else { &mut silent };
     if let Some(d) = &a.data {
         if !d.exists() {
             return Err(train_err(TrainError::MissingData(d.clone())));
@@ -205,6 +229,7 @@ fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
         steps_given: a.steps.is_some(),
         resume: a.resume,
         progress: true,
+        parallel: parallel.clone(),
     };
     let device = Default::default();
     let mut say = |line: &str| {
@@ -246,7 +271,16 @@ fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
     );
     out.write_all(report.as_bytes())
         .map_err(|e| super::write_err(Path::new("stdout"), e))?;
-    if a.samples > 0 {
+    if parallel.is_some() {
+        if a.samples > 0 {
+            let _ = writeln!(
+                out,
+                "samples skipped in a distributed run: `dsv3 generate --model {}` samples the \
+                 final model",
+                summary.final_dir.display()
+            );
+        }
+    } else if a.samples > 0 {
         sample(
             &trained,
             &summary.final_dir,

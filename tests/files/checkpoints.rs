@@ -323,6 +323,7 @@ fn layers_past_num_hidden_layers_that_are_not_mtp_warn() {
         &LoadOptions {
             strict: false,
             skip_mtp: true,
+            ..Default::default()
         },
     )
     .unwrap();

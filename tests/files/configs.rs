@@ -217,6 +217,7 @@ fn scaled_released_models_match_golden() {
             &LoadOptions {
                 strict: true,
                 skip_mtp: false,
+                ..Default::default()
             },
         )
         .unwrap_or_else(|e| panic!("{name}: {e}"));

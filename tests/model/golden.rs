@@ -13,6 +13,7 @@ fn load_fixture(name: &str) -> DeepseekV3<B> {
         &LoadOptions {
             strict: true,
             skip_mtp: false,
+            ..Default::default()
         },
     )
     .unwrap_or_else(|e| panic!("loading {name}: {e}"));

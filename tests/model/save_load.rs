@@ -37,6 +37,7 @@ fn save_then_load_is_bit_exact() {
             &LoadOptions {
                 strict: true,
                 skip_mtp: false,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -90,6 +91,7 @@ fn load_err(dir: &std::path::Path) -> String {
         &LoadOptions {
             strict: true,
             skip_mtp: false,
+            ..Default::default()
         },
     ) {
         Ok(_) => panic!("{} loaded but should not", dir.display()),

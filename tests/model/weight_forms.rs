@@ -19,6 +19,7 @@ pub(crate) fn load_fixture_with<Bk: DsBackend>(
     let opts = LoadOptions {
         strict: true,
         skip_mtp: false,
+        ..Default::default()
     };
     load_with::<Bk>(&fixture(name), device, &opts, &weights)
         .unwrap_or_else(|e| panic!("loading {name}: {e}"))

@@ -40,7 +40,7 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
     assert_eq!(dir, out.join("step-2"));
     drop(b);
     let data = Dataset::pack(&docs(6), cfg.seq_len, cfg.val_every).unwrap();
-    let mut c = checkpoint::load::<AD>(&dir, data, None, &device()).unwrap();
+    let mut c = checkpoint::load::<AD>(&dir, data, None, &device(), None).unwrap();
     assert_eq!(c.step, 2);
     for _ in 0..2 {
         c.train_step().unwrap();
@@ -48,7 +48,7 @@ fn resume_is_bit_identical_to_an_uninterrupted_run() {
     assert_same_params(&a.model, &c.model);
     // A run on other data refuses the checkpoint.
     let other = Dataset::pack(&docs(7), cfg.seq_len, cfg.val_every).unwrap();
-    let e = checkpoint::load::<AD>(&dir, other, None, &device())
+    let e = checkpoint::load::<AD>(&dir, other, None, &device(), None)
         .err()
         .unwrap()
         .to_string();
@@ -108,7 +108,8 @@ fn interrupted_writes_leave_the_previous_checkpoint_loadable() {
     std::fs::write(torn.join("model.safetensors"), &full[..100]).unwrap();
 
     let data = Dataset::pack(&docs(6), cfg.seq_len, cfg.val_every).unwrap();
-    let (r, dir, _, warnings) = checkpoint::resume::<AD>(&out, &data, None, &device()).unwrap();
+    let (r, dir, _, warnings) =
+        checkpoint::resume::<AD>(&out, &data, None, &device(), None).unwrap();
     assert_eq!(dir, good);
     assert_eq!(r.step, 2);
     assert!(

@@ -23,8 +23,10 @@ use crate::config::TrainConfig;
 use crate::data::{Dataset, Sampler, SamplerState};
 use crate::error::TrainError;
 use crate::optim;
+use crate::parallel::Parallel;
 use crate::tokenizer::ByteTokenizer;
 use crate::trainer::{Optim, Trainer};
+use dsv3_backends::comm::{CommExt, ReduceOp};
 
 pub const STATE_FILE: &str = "train_state.json";
 pub const OPTIM_FILE: &str = "optimizer.mpk";
@@ -41,6 +43,21 @@ pub struct TrainState {
     pub data_fingerprint: u64,
     /// Wall-clock seconds of training so far (for reports across resumes).
     pub elapsed_s: f64,
+    /// Processes of the run that wrote it (1: a single-process run).
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// Expert-parallel group size of that run.
+    #[serde(default = "one")]
+    pub ep_size: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// The optimiser state of world rank `rank` in a distributed run (its ZeRO-1 shard).
+pub fn optim_shard_file(rank: usize) -> String {
+    format!("optimizer-rank{rank}.mpk")
 }
 
 fn io<'a>(action: &'static str, p: &'a Path) -> impl FnOnce(std::io::Error) -> TrainError + 'a {
@@ -130,6 +147,93 @@ pub fn write_atomically<B: DsBackend>(
     Ok(())
 }
 
+/// Whether every rank succeeded: each rank's `result` is combined (an all-reduce), so a
+/// failure on one rank is an error on all of them instead of a hang at the next collective.
+fn agree(par: &Parallel, result: Result<(), TrainError>) -> Result<(), TrainError> {
+    let mut ok = [result.is_ok() as i32];
+    par.world
+        .all_reduce_in_place(&mut ok, ReduceOp::Min)
+        .map_err(crate::parallel::comm_err)?;
+    result?;
+    if ok[0] == 0 {
+        return Err(TrainError::Invalid(
+            "another rank failed while writing the checkpoint (see its message)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// [`write_atomically`] for a distributed run, collective over `par.world`: the first
+/// data-parallel replica writes the model as a sharded checkpoint
+/// ([`dsv3_model::save_expert_parallel`]: each expert-parallel rank its own experts), every
+/// rank writes its `per_rank` file (its optimiser shard), and rank 0 adds the tokenizer and
+/// `lead_files` (the state file last) and renames the directory into place.
+///
+/// # Errors
+/// As [`write_atomically`], on any rank (every rank returns an error then).
+pub fn write_parallel<B: DsBackend>(
+    model: &DeepseekV3<B>,
+    par: &Parallel,
+    dest: &Path,
+    lead_files: &[(&str, Vec<u8>)],
+    per_rank: Option<(String, Vec<u8>)>,
+) -> Result<(), TrainError> {
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "checkpoint".into());
+    let tmp = parent.join(format!(".{name}.tmp"));
+    let lead = par.is_lead();
+    let prepared = if lead {
+        (|| {
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp).map_err(io("remove stale", &tmp))?;
+            }
+            std::fs::create_dir_all(&tmp).map_err(io("create", &tmp))
+        })()
+    } else {
+        Ok(())
+    };
+    agree(par, prepared)?;
+    let written = (|| {
+        if par.dp.rank() == 0 {
+            dsv3_model::save_expert_parallel(model, &tmp, SaveDtype::F32)?;
+        }
+        if let Some((file, bytes)) = &per_rank {
+            let p = tmp.join(file);
+            std::fs::write(&p, bytes).map_err(io("write", &p))?;
+        }
+        Ok(())
+    })();
+    agree(par, written)?;
+    let finished = if lead {
+        (|| {
+            ByteTokenizer.save(&tmp)?;
+            for (file, bytes) in lead_files {
+                let p = tmp.join(file);
+                std::fs::write(&p, bytes).map_err(io("write", &p))?;
+            }
+            sync_dir_files(&tmp)?;
+            if dest.exists() {
+                let old = parent.join(format!(".{name}.old"));
+                if old.exists() {
+                    std::fs::remove_dir_all(&old).map_err(io("remove", &old))?;
+                }
+                std::fs::rename(dest, &old).map_err(io("move aside", dest))?;
+                std::fs::rename(&tmp, dest).map_err(io("rename into place", dest))?;
+                std::fs::remove_dir_all(&old).map_err(io("remove", &old))?;
+            } else {
+                std::fs::rename(&tmp, dest).map_err(io("rename into place", dest))?;
+            }
+            Ok(())
+        })()
+    } else {
+        Ok(())
+    };
+    agree(par, finished)
+}
+
 /// The optimiser state keyed by parameter position (module order) instead of the run's
 /// random `ParamId`s, so it binds to a model loaded from safetensors.
 fn optimizer_bytes<B: DsAutodiffBackend>(t: &Trainer<B>) -> Result<Vec<u8>, TrainError> {
@@ -165,6 +269,10 @@ pub fn save<B: DsAutodiffBackend>(
     data_name: &str,
     elapsed_s: f64,
 ) -> Result<PathBuf, TrainError> {
+    let (world_size, ep_size) = t
+        .parallel
+        .as_ref()
+        .map_or((1, 1), |p| (p.world.size(), p.ep.size()));
     let state = TrainState {
         step: t.step,
         sampler: t.sampler.state(),
@@ -172,9 +280,26 @@ pub fn save<B: DsAutodiffBackend>(
         data: data_name.to_string(),
         data_fingerprint: t.data.fingerprint(),
         elapsed_s,
+        world_size,
+        ep_size,
     };
     let dest = step_dir(out, t.step);
     let state_json = serde_json::to_vec_pretty(&state).expect("state serialises");
+    if let Some(par) = &t.parallel {
+        let shard = (optim_shard_file(par.world.rank()), optimizer_bytes(t)?);
+        write_parallel(
+            &t.model,
+            par,
+            &dest,
+            &[(STATE_FILE, state_json)],
+            Some(shard),
+        )?;
+        if par.is_lead() {
+            prune(out, t.cfg.keep_checkpoints)?;
+        }
+        agree(par, Ok(()))?;
+        return Ok(dest);
+    }
     // train_state.json is written last inside the temporary directory.
     write_atomically(
         &t.model,
@@ -229,6 +354,7 @@ pub fn load<B: DsAutodiffBackend>(
     data: Dataset,
     steps: Option<usize>,
     device: &B::Device,
+    par: Option<&Parallel>,
 ) -> Result<Trainer<B>, TrainError> {
     let bad = |reason: String| TrainError::BadCheckpoint {
         path: dir.to_path_buf(),
@@ -241,13 +367,30 @@ pub fn load<B: DsAutodiffBackend>(
             state.data
         )));
     }
+    let (world, ep) = par.map_or((1, 1), |p| (p.world.size(), p.ep.size()));
+    if (state.world_size, state.ep_size) != (world, ep) {
+        return Err(TrainError::Invalid(format!(
+            "{} was written by {} process(es) with --ep {}; resume it with the same layout \
+             (this run: {world} with --ep {ep})",
+            dir.display(),
+            state.world_size,
+            state.ep_size
+        )));
+    }
     let opts = LoadOptions {
         strict: true,
         skip_mtp: false,
+        expert_shard: par
+            .filter(|p| p.ep.size() > 1)
+            .map(|p| (p.ep.rank(), p.ep.size())),
     };
     let (model, _) = dsv3_model::load::<B>(dir, device, &opts).map_err(|e| bad(e.to_string()))?;
+    let optim_file = match par {
+        Some(p) => optim_shard_file(p.world.rank()),
+        None => OPTIM_FILE.to_string(),
+    };
     let bytes =
-        std::fs::read(dir.join(OPTIM_FILE)).map_err(|e| bad(format!("{OPTIM_FILE}: {e}")))?;
+        std::fs::read(dir.join(&optim_file)).map_err(|e| bad(format!("{optim_file}: {e}")))?;
     let record: <Optim<B> as Optimizer<DeepseekV3<B>, B>>::Record = Recorder::<B>::load(
         &NamedMpkBytesRecorder::<FullPrecisionSettings>::default(),
         bytes,
@@ -276,9 +419,11 @@ pub fn load<B: DsAutodiffBackend>(
     crate::trainer::check_setup(&model.config, &cfg, &data)?;
     let optim = optim::adamw::<B, DeepseekV3<B>>(&cfg).load_record(record);
     let sampler = Sampler::restore(data.train.len(), state.sampler);
-    Ok(Trainer::from_parts(
-        model, optim, cfg, data, sampler, state.step, device,
-    ))
+    let mut t = Trainer::from_parts(model, optim, cfg, data, sampler, state.step, device);
+    if let Some(p) = par {
+        t.distribute(p.clone())?;
+    }
+    Ok(t)
 }
 
 /// The newest complete checkpoint of `out` that loads; older ones are tried when a newer one
@@ -294,11 +439,12 @@ pub fn resume<B: DsAutodiffBackend>(
     data: &Dataset,
     steps: Option<usize>,
     device: &B::Device,
+    par: Option<&Parallel>,
 ) -> Result<(Trainer<B>, PathBuf, TrainState, Vec<String>), TrainError> {
     let mut warnings = Vec::new();
     let mut last_err = None;
     for (_, dir) in complete(out).into_iter().rev() {
-        match load::<B>(&dir, data.clone(), steps, device) {
+        match load::<B>(&dir, data.clone(), steps, device, par) {
             Ok(t) => {
                 let state = read_state(&dir)?;
                 return Ok((t, dir, state, warnings));

@@ -30,6 +30,18 @@ pub struct LogRecord {
     pub tokens: u64,
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
+    /// Distributed runs: bytes rank 0 sent to / received from other ranks in the last step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm_sent_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm_recv_bytes: Option<u64>,
+    /// Expert parallelism: mean number of ranks each token reached in the last step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ep_ranks_per_token: Option<f64>,
+    /// Expert parallelism: the analytic exchange volume rank 0 sent in the last step (rows
+    /// to other ranks × hidden × 4 bytes, dispatch + combine, forward + backward).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ep_bytes: Option<u64>,
 }
 
 /// Appends records to `metrics.jsonl`.

@@ -69,6 +69,9 @@ pub struct RunOptions {
     pub resume: bool,
     /// Draw the progress bar on stderr.
     pub progress: bool,
+    /// A distributed run's communicators (`mpirun`): rank 0 logs, plots and reports;
+    /// checkpoints are written together ([`checkpoint::write_parallel`]).
+    pub parallel: Option<crate::parallel::Parallel>,
 }
 
 /// What a run did.
@@ -177,7 +180,8 @@ pub fn run<B: DsAutodiffBackend>(
             .unwrap_or_else(|| DataSource::from_name(&state.data));
         let data = pack(&source, &state.train, &mut warnings)?;
         let steps = opts.steps_given.then_some(opts.train.steps);
-        let (mut t, dir, state, w) = checkpoint::resume::<B>(out, &data, steps, device)?;
+        let par = opts.parallel.as_ref();
+        let (mut t, dir, state, w) = checkpoint::resume::<B>(out, &data, steps, device, par)?;
         warnings.extend(w);
         t.cfg.checkpoint_every = opts.train.checkpoint_every;
         t.cfg.log_every = opts.train.log_every;
@@ -188,15 +192,22 @@ pub fn run<B: DsAutodiffBackend>(
     } else {
         let source = opts.data.clone().unwrap_or(DataSource::Embedded);
         let data = pack(&source, &opts.train, &mut warnings)?;
-        (
-            Trainer::<B>::new(&opts.model, opts.train.clone(), data, device)?,
-            source,
-            None,
-            0.0,
-        )
+        let mut t = Trainer::<B>::new(&opts.model, opts.train.clone(), data, device)?;
+        if let Some(p) = &opts.parallel {
+            t.distribute(p.clone())?;
+        }
+        (t, source, None, 0.0)
     };
+    let lead = opts.parallel.as_ref().is_none_or(|p| p.is_lead());
     std::fs::create_dir_all(out).map_err(|e| TrainError::io("create", out, e))?;
-    let log = MetricsLog::open(out, resumed_from.as_ref().map(|_| trainer.step))?;
+    let log = if lead {
+        Some(MetricsLog::open(
+            out,
+            resumed_from.as_ref().map(|_| trainer.step),
+        )?)
+    } else {
+        None
+    };
     let start_step = trainer.step;
     let total = trainer.cfg.steps;
     let layers = trainer.model.moe_layers();
@@ -220,7 +231,7 @@ pub fn run<B: DsAutodiffBackend>(
     for w in &warnings {
         say(&format!("warning: {w}"));
     }
-    let pb = metrics::progress_bar(start_step, total, opts.progress);
+    let pb = metrics::progress_bar(start_step, total, opts.progress && lead);
     let mut window = Window::default();
     let (mut train_s, mut tokens) = (0.0f64, 0u64);
     let mut last_val = None;
@@ -269,8 +280,14 @@ pub fn run<B: DsAutodiffBackend>(
                 tokens: (step * trainer.cfg.tokens_per_step()) as u64,
                 tokens_per_s: tps,
                 elapsed_s: elapsed_before + t0.elapsed().as_secs_f64(),
+                comm_sent_bytes: stats.comm.map(|c| c.sent_bytes),
+                comm_recv_bytes: stats.comm.map(|c| c.recv_bytes),
+                ep_ranks_per_token: stats.comm.and_then(|c| c.ranks_per_token),
+                ep_bytes: stats.comm.and_then(|c| c.ep_bytes),
             };
-            log.append(&rec)?;
+            if let Some(log) = &log {
+                log.append(&rec)?;
+            }
             let mut line = format!(
                 "step {step:>5}  loss {:.4}  ce {:.4}",
                 rec.loss, rec.ce_loss
@@ -305,15 +322,24 @@ pub fn run<B: DsAutodiffBackend>(
         say(&format!("saved {}", dir.display()));
     }
     let final_dir = out.join("final");
-    checkpoint::write_atomically(&trainer.model, &final_dir, &[])?;
-    let records = metrics::read(&log.path)?;
-    let png = out.join("training.png");
-    let plot = match plot::draw(&records, &png) {
-        Ok(()) => Some(png),
-        Err(e) => {
-            say(&format!("warning: no plot: {e}"));
-            None
+    match &trainer.parallel {
+        Some(p) => checkpoint::write_parallel(&trainer.model, p, &final_dir, &[], None)?,
+        None => checkpoint::write_atomically(&trainer.model, &final_dir, &[])?,
+    }
+    let metrics_path = out.join("metrics.jsonl");
+    let plot = match &log {
+        Some(log) => {
+            let records = metrics::read(&log.path)?;
+            let png = out.join("training.png");
+            match plot::draw(&records, &png) {
+                Ok(()) => Some(png),
+                Err(e) => {
+                    say(&format!("warning: no plot: {e}"));
+                    None
+                }
+            }
         }
+        None => None,
     };
     let val = match last_val {
         Some(v) => Some(v),
@@ -333,7 +359,7 @@ pub fn run<B: DsAutodiffBackend>(
         imbalance: last_imbalance,
         parameters,
         corpus_tokens: trainer.data.tokens.len(),
-        metrics: log.path.clone(),
+        metrics: metrics_path,
         plot,
         warnings,
     };

@@ -17,6 +17,7 @@ use crate::error::TrainError;
 use crate::forward::{self, TrainForward};
 use crate::loss;
 use crate::optim;
+use crate::parallel::Parallel;
 use crate::tokenizer;
 
 /// Burn's AdamW over the model.
@@ -132,7 +133,23 @@ pub struct StepStats {
     pub grad_norm: f64,
     /// `(layer, tokens routed to each expert)` for every MoE layer over the step.
     pub loads: Vec<(usize, Vec<u64>)>,
+    /// Tokens of the step (the global batch in a distributed run).
     pub tokens: usize,
+    /// A distributed run's communication during the step (this rank).
+    pub comm: Option<CommStats>,
+}
+
+/// What one rank moved during a step of a distributed run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CommStats {
+    /// Bytes this rank sent to / received from other ranks (every collective of the step).
+    pub sent_bytes: u64,
+    pub recv_bytes: u64,
+    /// Mean number of expert-parallel ranks each token reached (`None` without EP).
+    pub ranks_per_token: Option<f64>,
+    /// The analytic expert-exchange volume this rank sent: rows to other ranks × hidden × 4
+    /// bytes, for dispatch and combine, forward and backward (`None` without EP).
+    pub ep_bytes: Option<u64>,
 }
 
 /// Validation result.
@@ -156,13 +173,18 @@ struct Micro {
     experts: Vec<(usize, Vec<Vec<u32>>)>,
 }
 
+/// One micro-batch's forward and backward. In a distributed run `starts` is this rank's share
+/// of the global micro-batch: the loss parts are averaged over the ranks before anything else
+/// (so every rank agrees whether to run the backward, whose exchanges are collective) and the
+/// gradient is of this rank's `1/W` of the objective.
 fn micro_batch<B: DsAutodiffBackend>(
     model: &DeepseekV3<B>,
     data: &Dataset,
     starts: &[usize],
     cfg: &TrainConfig,
     device: &B::Device,
-) -> Micro {
+    par: Option<&Parallel>,
+) -> Result<Micro, TrainError> {
     let depths = model.model.mtp.len();
     let batch = make_batch::<B>(data, starts, depths, device);
     let fwd = forward::forward(model, batch.inputs.clone(), cfg.attention, depths, false);
@@ -172,26 +194,39 @@ fn micro_batch<B: DsAutodiffBackend>(
         .map(|r| (r.layer, r.experts.clone()))
         .collect();
     let parts = objective(&fwd, &batch, cfg);
-    let total = scalar(&parts.total);
-    let (ce, mtp, balance) = (
+    let mut total = scalar(&parts.total);
+    let (mut ce, mut mtp, mut balance) = (
         scalar(&parts.ce),
         parts.mtp.as_ref().map(scalar),
         parts.balance.as_ref().map(scalar),
     );
+    let mut world = 1.0;
+    if let Some(p) = par {
+        world = p.world.size() as f64;
+        let mut v = [total, ce, mtp.unwrap_or(0.0), balance.unwrap_or(0.0)];
+        p.sum(&mut v)?;
+        total = v[0] / world;
+        ce = v[1] / world;
+        mtp = mtp.map(|_| v[2] / world);
+        balance = balance.map(|_| v[3] / world);
+    }
     let grads = if total.is_finite() {
-        let g = parts.total.div_scalar(cfg.grad_accum as f64).backward();
+        let g = parts
+            .total
+            .div_scalar(cfg.grad_accum as f64 * world)
+            .backward();
         GradientsParams::from_grads(g, model)
     } else {
         GradientsParams::new()
     };
-    Micro {
+    Ok(Micro {
         grads,
         total,
         ce,
         mtp,
         balance,
         experts,
-    }
+    })
 }
 
 /// First parameter holding a NaN or infinity.
@@ -227,6 +262,8 @@ pub struct Trainer<B: DsAutodiffBackend> {
     /// Completed optimiser steps.
     pub step: usize,
     pub device: B::Device,
+    /// The communicators of a distributed run ([`Self::distribute`]); `None`: one process.
+    pub parallel: Option<Parallel>,
 }
 
 impl<B: DsAutodiffBackend> Trainer<B> {
@@ -272,7 +309,32 @@ impl<B: DsAutodiffBackend> Trainer<B> {
             sampler,
             step,
             device: device.clone(),
+            parallel: None,
         }
+    }
+
+    /// Makes this a distributed run: the routed experts are split over `par.ep`
+    /// ([`DeepseekV3::set_expert_parallel`]; a model loaded with
+    /// [`dsv3_model::LoadOptions::expert_shard`] already holds only its own) and the steps
+    /// go through [`crate::parallel`]. Every rank must hold the same dense weights.
+    ///
+    /// # Errors
+    /// [`TrainError::Invalid`] when the global batch does not split over the ranks or
+    /// `workers > 1`; [`TrainError::Model`] when the experts cannot be split.
+    pub fn distribute(&mut self, par: Parallel) -> Result<(), TrainError> {
+        let w = par.world.size();
+        if !self.cfg.batch_size.is_multiple_of(w) {
+            return Err(TrainError::Invalid(format!(
+                "batch_size = {} (the global micro-batch) must be divisible by the {w} processes",
+                self.cfg.batch_size
+            )));
+        }
+        self.cfg.workers = 1;
+        if par.ep.size() > 1 || self.model.expert_parallel().is_some() {
+            self.model.set_expert_parallel(par.ep.clone())?;
+        }
+        self.parallel = Some(par);
+        Ok(())
     }
 
     fn mtp_depths(&self) -> usize {
@@ -303,9 +365,25 @@ impl<B: DsAutodiffBackend> Trainer<B> {
                     .collect()
             })
             .collect();
+        let par = self.parallel.clone();
+        let micro: Vec<Vec<usize>> = match &par {
+            Some(p) => micro
+                .into_iter()
+                .map(|m| m[p.share(m.len())].to_vec())
+                .collect(),
+            None => micro,
+        };
+        let traffic0 = par.as_ref().map(|p| p.world.traffic());
+        if let Some(ep) = self.model.expert_parallel() {
+            ep.take_stats();
+        }
         let mut acc = GradientsAccumulator::<DeepseekV3<B>>::new();
         let (mut loss, mut ce, mut mtp, mut bal) = (0.0, 0.0, None::<f64>, None::<f64>);
-        let workers = self.cfg.workers.clamp(1, accum);
+        let workers = if par.is_some() {
+            1
+        } else {
+            self.cfg.workers.clamp(1, accum)
+        };
         for group in micro.chunks(workers) {
             let outs: Vec<Micro> = if group.len() == 1 {
                 vec![micro_batch(
@@ -314,7 +392,8 @@ impl<B: DsAutodiffBackend> Trainer<B> {
                     &group[0],
                     &self.cfg,
                     &self.device,
-                )]
+                    par.as_ref(),
+                )?]
             } else {
                 // Independent micro-batches in parallel threads, each on its own fork of the
                 // model (a separate autodiff graph); results are summed in micro-batch order,
@@ -325,14 +404,14 @@ impl<B: DsAutodiffBackend> Trainer<B> {
                         .map(|starts| {
                             let fork = DeepseekV3::<B>::from_inner(self.model.valid());
                             let (data, cfg, device) = (&self.data, &self.cfg, &self.device);
-                            s.spawn(move || micro_batch(&fork, data, starts, cfg, device))
+                            s.spawn(move || micro_batch(&fork, data, starts, cfg, device, None))
                         })
                         .collect();
                     handles
                         .into_iter()
                         .map(|h| h.join().expect("training worker panicked"))
-                        .collect()
-                })
+                        .collect::<Result<Vec<_>, _>>()
+                })?
             };
             for (m, starts) in outs.into_iter().zip(group) {
                 if !m.total.is_finite() {
@@ -361,18 +440,65 @@ impl<B: DsAutodiffBackend> Trainer<B> {
             }
         }
         let mut grads = acc.grads();
-        let norm = optim::clip_global_norm(&self.model, &mut grads, self.cfg.grad_clip);
-        if let Some(location) = norm.non_finite {
-            return Err(TrainError::NonFinite {
-                what: "gradient",
-                step,
-                location,
-            });
-        }
         let model = self.model.clone();
-        self.model = self.optim.step(lr, model, grads);
+        let norm = if let Some(p) = &par {
+            // Loads over every rank's tokens: the bias stays identical everywhere.
+            let mut flat: Vec<f64> = loads
+                .iter()
+                .flat_map(|(_, l)| l.iter().map(|&x| x as f64))
+                .collect();
+            p.sum(&mut flat)?;
+            let mut it = flat.into_iter();
+            for (_, l) in loads.iter_mut() {
+                l.iter_mut()
+                    .for_each(|x| *x = it.next().expect("same layout") as u64);
+            }
+            let (m, norm) = crate::parallel::step(
+                p,
+                model,
+                &mut self.optim,
+                grads,
+                lr,
+                self.cfg.grad_clip,
+                &self.device,
+            )?;
+            if let Some(location) = norm.non_finite {
+                return Err(TrainError::NonFinite {
+                    what: "gradient",
+                    step,
+                    location,
+                });
+            }
+            self.model = m;
+            norm
+        } else {
+            let norm = optim::clip_global_norm(&self.model, &mut grads, self.cfg.grad_clip);
+            if let Some(location) = norm.non_finite {
+                return Err(TrainError::NonFinite {
+                    what: "gradient",
+                    step,
+                    location,
+                });
+            }
+            self.model = self.optim.step(lr, model, grads);
+            norm
+        };
         balance::apply(&mut self.model, &loads, self.cfg.bias_gamma as f32);
         self.step = step;
+        let comm = match (&par, traffic0) {
+            (Some(p), Some(t0)) => {
+                let t = p.world.traffic() - t0;
+                let ep = self.model.expert_parallel().map(|ep| ep.take_stats());
+                Some(CommStats {
+                    sent_bytes: t.sent_bytes,
+                    recv_bytes: t.recv_bytes,
+                    ranks_per_token: ep.map(|s| s.ranks_per_token()),
+                    // Forward dispatch + combine, and the same again in the backward.
+                    ep_bytes: ep.map(|s| 2 * s.forward_bytes()),
+                })
+            }
+            _ => None,
+        };
         Ok(StepStats {
             step,
             loss,
@@ -383,6 +509,7 @@ impl<B: DsAutodiffBackend> Trainer<B> {
             grad_norm: norm.norm,
             loads,
             tokens: self.cfg.tokens_per_step(),
+            comm,
         })
     }
 

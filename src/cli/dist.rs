@@ -1,0 +1,380 @@
+//! The processes of a distributed run (`mpirun -n W dsv3 ...`): the world communicator, and
+//! `dsv3 dist-check`, the self-checks of the communicator, the expert exchange and the
+//! distributed training step against single-process references computed in the same process.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{Tensor, TensorData};
+use clap::Args;
+use dsv3_backends::comm::{Buf, BufMut, CommExt, Communicator, LocalComm, Owned, ReduceOp};
+use dsv3_backends::{Cpu, CpuAutodiff, DsBackend, SplitMix64};
+use dsv3_model::{DeepseekV3, DeepseekV3Config, ExpertParallel};
+
+use super::CliError;
+
+/// The world of this process: MPI's when started by `mpirun` (or when `ranks > 1` is asked
+/// for), else a world of one. Fields drop in order: communicators before MPI is finalised.
+pub struct World {
+    pub comm: Arc<dyn Communicator>,
+    #[cfg(feature = "mpi")]
+    _mpi: Option<dsv3_backends::comm::MpiRuntime>,
+}
+
+/// Whether a launcher (OpenMPI, MPICH/PMI) started this process.
+fn under_launcher() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
+}
+
+/// The world for a command asking for `ranks` processes (`--ep`, `--dp`).
+///
+/// # Errors
+/// [`CliError::Usage`] when more than one process is asked for in a build without MPI, or
+/// MPI fails to start.
+pub fn world(ranks: usize) -> Result<World, CliError> {
+    if ranks <= 1 && !under_launcher() {
+        return Ok(World {
+            comm: LocalComm::new(),
+            #[cfg(feature = "mpi")]
+            _mpi: None,
+        });
+    }
+    #[cfg(feature = "mpi")]
+    {
+        let (rt, comm) = dsv3_backends::comm::MpiRuntime::init()
+            .map_err(|e| CliError::Usage(format!("cannot start MPI: {e}")))?;
+        Ok(World {
+            comm,
+            _mpi: Some(rt),
+        })
+    }
+    #[cfg(not(feature = "mpi"))]
+    Err(CliError::Usage(
+        "distributed runs need a build with MPI: `cargo build --release --features mpi`, then \
+         `mpirun -n W target/release/dsv3 ...`"
+            .into(),
+    ))
+}
+
+/// A writer for ranks other than 0 (they stay silent).
+pub struct Silent;
+impl Write for Silent {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct DistCheckArgs {
+    /// Seed of the checks' random data.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+}
+
+/// Runs every check on every rank; rank 0 prints one `ok …` line per check. A failure is an
+/// error (one line, non-zero exit; the launcher stops the other ranks).
+pub fn dist_check(a: &DistCheckArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let world = world(2)?;
+    let comm = world.comm.clone();
+    let lead = comm.rank() == 0;
+    let mut say = |line: String| {
+        if lead {
+            let _ = writeln!(out, "ok {line}");
+        }
+    };
+    say(collectives(&comm)?);
+    say(exchange(&comm, a.seed)?);
+    let w = comm.size();
+    let mut layouts = vec![(w, 1), (1, w)];
+    if w == 4 {
+        layouts.push((2, 2));
+    }
+    layouts.dedup();
+    for (ep, dp) in layouts {
+        say(train_steps(&comm, ep, dp, a.seed)?);
+    }
+    Ok(())
+}
+
+fn fail(what: &str, detail: String) -> CliError {
+    CliError::Usage(format!("FAILED {what}: {detail}"))
+}
+
+fn c<T>(r: Result<T, dsv3_backends::comm::CommError>) -> Result<T, CliError> {
+    r.map_err(|e| fail("collective", e.to_string()))
+}
+
+/// Every collective against values each rank can compute on its own.
+fn collectives(comm: &Arc<dyn Communicator>) -> Result<String, CliError> {
+    let (r, n) = (comm.rank(), comm.size());
+    let check = |ok: bool, what: &str| {
+        if ok {
+            Ok(())
+        } else {
+            Err(fail(
+                "collectives",
+                format!("{what} gave a wrong result on rank {r}"),
+            ))
+        }
+    };
+    let mut v = vec![r as f32 + 0.5, 1.0];
+    c(comm.all_reduce_in_place(&mut v, ReduceOp::Sum))?;
+    let sum: f32 = (0..n).map(|q| q as f32 + 0.5).sum();
+    check(v == vec![sum, n as f32], "all_reduce")?;
+    let mut mx = [r as i32];
+    c(comm.all_reduce_in_place(&mut mx, ReduceOp::Max))?;
+    check(mx[0] == n as i32 - 1, "all_reduce max")?;
+    let g = c(comm.all_gather_vec(&[r as u16, 7]))?;
+    check(
+        g == (0..n).flat_map(|q| [q as u16, 7]).collect::<Vec<_>>(),
+        "all_gather (bf16 bits)",
+    )?;
+    // Block q of every rank's send is q·10 + rank: the reduced block is Σ_ranks.
+    let send: Vec<f64> = (0..n).map(|q| (q * 10 + r) as f64).collect();
+    let mut recv = [0f64];
+    c(comm.reduce_scatter(Buf::F64(&send), BufMut::F64(&mut recv), ReduceOp::Sum))?;
+    let want = (0..n).map(|q| (r * 10 + q) as f64).sum::<f64>();
+    check(recv[0] == want, "reduce_scatter")?;
+    // Rank r sends p+1 bytes of value r to each p; receives r+1 bytes of value q from each q.
+    let counts: Vec<usize> = (0..n).map(|p| p + 1).collect();
+    let send: Vec<u8> = (0..n).flat_map(|p| vec![r as u8; p + 1]).collect();
+    let recv_counts = c(comm.exchange_counts(&counts, 99))?;
+    check(recv_counts == vec![r + 1; n], "exchange_counts")?;
+    let got = c(comm.all_to_all_v_vec(&send, &counts, &recv_counts))?;
+    let want: Vec<u8> = (0..n).flat_map(|q| vec![q as u8; r + 1]).collect();
+    check(got == want, "all_to_all_v (e4m3 bytes)")?;
+    let mut b = [if r == 0 { 42i32 } else { 0 }];
+    c(comm.broadcast(BufMut::I32(&mut b), 0))?;
+    check(b[0] == 42, "broadcast")?;
+    // A ring: blocking and non-blocking point-to-point.
+    let (next, prev) = ((r + 1) % n, (r + n - 1) % n);
+    let rq = c(comm.irecv(Owned::F32(vec![0.0; 3]), prev, 5))?;
+    let sq = c(comm.isend(Owned::F32(vec![r as f32; 3]), next, 5))?;
+    let got = c(rq.wait())?;
+    c(sq.wait())?;
+    check(got == Owned::F32(vec![prev as f32; 3]), "isend/irecv")?;
+    if n > 1 {
+        // Even ranks send first; blocking calls pair up without deadlock.
+        let mut got = [0i32; 2];
+        if r % 2 == 0 {
+            c(comm.send(Buf::I32(&[r as i32, 1]), next, 6))?;
+            c(comm.recv(BufMut::I32(&mut got), prev, 6))?;
+        } else {
+            c(comm.recv(BufMut::I32(&mut got), prev, 6))?;
+            c(comm.send(Buf::I32(&[r as i32, 1]), next, 6))?;
+        }
+        check(got == [prev as i32, 1], "send/recv")?;
+    }
+    let sub = c(comm.split(r % 2, r))?;
+    let mut s = [1i32];
+    c(sub.all_reduce_in_place(&mut s, ReduceOp::Sum))?;
+    check(
+        s[0] as usize == (0..n).filter(|q| q % 2 == r % 2).count(),
+        "split",
+    )?;
+    c(comm.barrier())?;
+    Ok(format!(
+        "collectives on {n} {} rank(s): all_reduce, all_gather, reduce_scatter, all_to_all_v, \
+         broadcast, send/recv, isend/irecv, split",
+        comm.engine()
+    ))
+}
+
+/// Dispatch → identity experts → combine returns `x · Σ weights`; rows tagged with their
+/// source reach exactly the owners of the experts that chose them.
+fn exchange(comm: &Arc<dyn Communicator>, seed: u64) -> Result<String, CliError> {
+    type B = Cpu;
+    let (r, n) = (comm.rank(), comm.size());
+    let (e_total, k, tokens, h) = (4 * n + 3, 3, 11 + r, 37);
+    let ep = ExpertParallel::new(comm.clone(), e_total, 0)
+        .map_err(|e| fail("exchange", e.to_string()))?;
+    let mut rng = SplitMix64::new(seed ^ (r as u64 + 1) * 0x9E37);
+    let mut ids = Vec::new();
+    for _ in 0..tokens {
+        let mut row: Vec<i64> = Vec::new();
+        while row.len() < k {
+            let e = (rng.next_u64() % e_total as u64) as i64;
+            if !row.contains(&e) {
+                row.push(e);
+            }
+        }
+        ids.extend(row);
+    }
+    let w: Vec<f32> = (0..tokens * k).map(|_| rng.uniform() as f32).collect();
+    // Columns 0 and 1 tag the row (source rank, token); the rest are random.
+    let mut x = vec![0f32; tokens * h];
+    for t in 0..tokens {
+        x[t * h] = r as f32;
+        x[t * h + 1] = t as f32;
+        for j in 2..h {
+            x[t * h + j] = (rng.uniform() as f32) - 0.5;
+        }
+    }
+    let device = Default::default();
+    let xt = Tensor::<B, 2>::from_data(TensorData::new(x.clone(), [tokens, h]), &device);
+    let wt = Tensor::<B, 2>::from_data(TensorData::new(w.clone(), [tokens, k]), &device);
+    let base = Tensor::<B, 2>::zeros([tokens, h], &device);
+    let seen: Mutex<Vec<(usize, usize, usize)>> = Mutex::new(Vec::new());
+    let y = ep.dispatch_combine(xt, &ids, wt, base, |e, rows| {
+        let v: Vec<f32> = rows.clone().into_data().to_vec().expect("f32");
+        let mut s = seen.lock().expect("lock");
+        for row in v.chunks(h) {
+            s.push((e, row[0] as usize, row[1] as usize));
+        }
+        rows
+    });
+    let y: Vec<f32> = y.into_data().to_vec().expect("f32");
+    let mut err = 0f32;
+    for t in 0..tokens {
+        let ws: f32 = w[t * k..(t + 1) * k].iter().sum();
+        for j in 0..h {
+            err = err.max((y[t * h + j] - x[t * h + j] * ws).abs());
+        }
+    }
+    // f32: a sum of k products of values below 1.
+    if err > 1e-5 {
+        return Err(fail(
+            "exchange",
+            format!("combine(identity(dispatch(x))) differs from x·Σw by {err:e} on rank {r}"),
+        ));
+    }
+    // What each rank should have received: every (expert, source, token) whose expert it holds.
+    let all_ids = c(comm.all_gather_vec(&pad_ids(&ids, (11 + n) * k)))?;
+    let per = all_ids.len() / n;
+    let owned = ep.owned();
+    let mut want: Vec<(usize, usize, usize)> = Vec::new();
+    for src in 0..n {
+        let theirs = &all_ids[src * per..(src + 1) * per];
+        for (pos, &e) in theirs.iter().enumerate().filter(|(_, &e)| e >= 0) {
+            if owned.contains(&(e as usize)) {
+                want.push((e as usize, src, pos / k));
+            }
+        }
+    }
+    let mut got = seen.into_inner().expect("lock");
+    got.sort_unstable();
+    want.sort_unstable();
+    if got != want {
+        return Err(fail(
+            "exchange",
+            format!(
+                "rank {r} received {} rows, expected {} (experts {owned:?})",
+                got.len(),
+                want.len()
+            ),
+        ));
+    }
+    Ok(format!(
+        "expert exchange on {n} rank(s) ({e_total} experts, k {k}, hidden {h}): identity experts \
+         return x·Σw (max err {err:.1e}); every row reached exactly the owner of its expert"
+    ))
+}
+
+/// Ids padded with -1 to a common length (for an equal-count all-gather).
+fn pad_ids(ids: &[i64], len: usize) -> Vec<i32> {
+    let mut v: Vec<i32> = ids.iter().map(|&e| e as i32).collect();
+    v.resize(len.max(ids.len()), -1);
+    v
+}
+
+/// Parameter values by checkpoint name (placeholders of other ranks' experts left out).
+fn params_by_name<B: DsBackend>(m: &DeepseekV3<B>) -> HashMap<String, Vec<f32>> {
+    struct Read(Vec<Vec<f32>>);
+    impl<B: DsBackend> ModuleVisitor<B> for Read {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            self.0
+                .push(p.val().into_data().convert::<f32>().to_vec().expect("f32"));
+        }
+    }
+    let mut r = Read(Vec::new());
+    m.visit(&mut r);
+    let held = m.routed_expert_params();
+    m.param_names()
+        .into_iter()
+        .zip(r.0)
+        .filter(|((id, name), _)| dsv3_model::expert_of(name).is_none() || held.contains(id))
+        .map(|((_, name), v)| (name, v))
+        .collect()
+}
+
+/// Two distributed training steps with `ep` × `dp` = W ranks against the single-process steps
+/// of the same global batches: losses, gradient norms and every parameter this rank holds.
+fn train_steps(
+    world: &Arc<dyn Communicator>,
+    ep: usize,
+    dp: usize,
+    seed: u64,
+) -> Result<String, CliError> {
+    type AD = CpuAutodiff;
+    let w = world.size();
+    let preset = dsv3_train::preset("tiny").expect("tiny preset");
+    let mut cfg = preset.train;
+    cfg.batch_size = 2 * w;
+    cfg.seq_len = 24;
+    cfg.seed = seed;
+    cfg.workers = 1;
+    cfg.mtp_lambda = 0.3;
+    cfg.warmup_steps = 1;
+    cfg.steps = 2;
+    let model_cfg: DeepseekV3Config = dsv3_train::for_bytes(preset.model, cfg.seq_len);
+    let docs = dsv3_train::data::embedded_documents();
+    let data = dsv3_train::data::Dataset::pack(&docs, cfg.seq_len, cfg.val_every)
+        .map_err(|e| fail("train", e.to_string()))?;
+    let device = Default::default();
+    let terr = |e: dsv3_train::TrainError| fail("train", e.to_string());
+    let mut single = dsv3_train::Trainer::<AD>::new(&model_cfg, cfg.clone(), data.clone(), &device)
+        .map_err(terr)?;
+    let mut dist = dsv3_train::Trainer::<AD>::new(&model_cfg, cfg, data, &device).map_err(terr)?;
+    let par = dsv3_train::Parallel::new(world.clone(), ep).map_err(terr)?;
+    dist.distribute(par).map_err(terr)?;
+    let mut worst = (0f64, 0f64, 0f32);
+    for _ in 0..2 {
+        let a = single.train_step().map_err(terr)?;
+        let b = dist.train_step().map_err(terr)?;
+        let rel = |x: f64, y: f64| (x - y).abs() / x.abs().max(1e-12);
+        worst.0 = worst.0.max(rel(a.loss, b.loss));
+        worst.1 = worst.1.max(rel(a.grad_norm, b.grad_norm));
+    }
+    let reference = params_by_name(&single.model);
+    let mine = params_by_name(&dist.model);
+    for (name, v) in &mine {
+        let r = reference
+            .get(name)
+            .ok_or_else(|| fail("train", format!("{name} missing from the reference")))?;
+        for (x, y) in v.iter().zip(r) {
+            worst.2 = worst.2.max((x - y).abs());
+        }
+    }
+    // f32 sums in another order: relative 1e-5 on the loss and norm; parameters move by
+    // about lr = 3e-3 per step, differences far below it.
+    if worst.0 > 1e-5 || worst.1 > 1e-4 || worst.2 > 2e-5 {
+        return Err(fail(
+            "train",
+            format!(
+                "EP {ep} × DP {dp} on rank {}: loss rel {:.1e}, grad norm rel {:.1e}, params \
+                 max |Δ| {:.1e} against the single-process steps",
+                world.rank(),
+                worst.0,
+                worst.1,
+                worst.2
+            ),
+        ));
+    }
+    let mut worst_all = [worst.0, worst.1, worst.2 as f64];
+    c(world.all_reduce_in_place(&mut worst_all, ReduceOp::Max))?;
+    Ok(format!(
+        "training EP {ep} × DP {dp} (ZeRO-1) = 2 steps of the single-process run: loss rel \
+         {:.1e}, grad norm rel {:.1e}, parameters max |Δ| {:.1e} ({} held here)",
+        worst_all[0],
+        worst_all[1],
+        worst_all[2],
+        mine.len()
+    ))
+}
