@@ -215,7 +215,7 @@ fn score_ep_equals_single(fixture_dir: &Path, name: &str) {
             .unwrap();
     let experts = cfg["n_routed_experts"].as_u64().unwrap();
     assert!(
-        experts >= 4 && experts % 4 == 0,
+        experts >= 4 && experts.is_multiple_of(4),
         "{name}: {experts} routed experts cannot be split over 4 ranks"
     );
     let model = fixture_dir.to_str().unwrap();

@@ -195,7 +195,7 @@ fn exchange(comm: &Arc<dyn Communicator>, seed: u64) -> Result<String, CliError>
     let (e_total, k, tokens, h) = (4 * n + 3, 3, 11 + r, 37);
     let ep = ExpertParallel::new(comm.clone(), e_total, 0)
         .map_err(|e| fail("exchange", e.to_string()))?;
-    let mut rng = SplitMix64::new(seed ^ (r as u64 + 1) * 0x9E37);
+    let mut rng = SplitMix64::new(seed ^ ((r as u64 + 1) * 0x9E37));
     let mut ids = Vec::new();
     for _ in 0..tokens {
         let mut row: Vec<i64> = Vec::new();

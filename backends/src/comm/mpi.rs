@@ -164,6 +164,8 @@ impl MpiComm {
     fn new(comm: SimpleCommunicator) -> Self {
         let (rank, size) = (comm.rank() as usize, comm.size() as usize);
         Self {
+            // Not Send by itself: shared with requests under the lock (see the SAFETY note above).
+            #[allow(clippy::arc_with_non_send_sync)]
             comm: Arc::new(Mutex::new(comm)),
             rank,
             size,
