@@ -10,8 +10,20 @@ fn main() {
         }
     };
     let mut stdout = std::io::stdout().lock();
-    if let Err(e) = deepseek_v3::cli::run(cli, &mut stdout) {
-        eprintln!("error: {e}");
-        std::process::exit(1);
+    match deepseek_v3::cli::run(cli, &mut stdout) {
+        Ok(()) => {}
+        Err(deepseek_v3::cli::CliError::OtherRank) => std::process::exit(1),
+        Err(e) => {
+            // Under mpirun, ranks other than 0 name themselves.
+            match ["OMPI_COMM_WORLD_RANK", "PMI_RANK"]
+                .iter()
+                .find_map(|v| std::env::var(v).ok())
+                .filter(|r| r != "0")
+            {
+                Some(rank) => eprintln!("error (rank {rank}): {e}"),
+                None => eprintln!("error: {e}"),
+            }
+            std::process::exit(1);
+        }
     }
 }

@@ -304,7 +304,7 @@ fn params_by_name<B: DsBackend>(m: &DeepseekV3<B>) -> HashMap<String, Vec<f32>> 
         .collect()
 }
 
-/// Two distributed training steps with `ep` × `dp` = W ranks against the single-process steps
+/// Four distributed training steps with `ep` × `dp` = W ranks against the single-process steps
 /// of the same global batches: losses, gradient norms and every parameter this rank holds.
 fn train_steps(
     world: &Arc<dyn Communicator>,
@@ -316,26 +316,29 @@ fn train_steps(
     let w = world.size();
     let preset = dsv3_train::preset("tiny").expect("tiny preset");
     let mut cfg = preset.train;
-    cfg.batch_size = 2 * w;
+    // One sequence per rank: sparse routing, so experts go without tokens on some steps (the
+    // ZeRO-1 partition must not move with them).
+    cfg.batch_size = w;
     cfg.seq_len = 24;
     cfg.seed = seed;
     cfg.workers = 1;
     cfg.mtp_lambda = 0.3;
     cfg.warmup_steps = 1;
-    cfg.steps = 2;
+    cfg.steps = 4;
     let model_cfg: DeepseekV3Config = dsv3_train::for_bytes(preset.model, cfg.seq_len);
     let docs = dsv3_train::data::embedded_documents();
     let data = dsv3_train::data::Dataset::pack(&docs, cfg.seq_len, cfg.val_every)
         .map_err(|e| fail("train", e.to_string()))?;
     let device = Default::default();
     let terr = |e: dsv3_train::TrainError| fail("train", e.to_string());
+    let (cfg_steps, lr) = (cfg.steps, cfg.lr);
     let mut single = dsv3_train::Trainer::<AD>::new(&model_cfg, cfg.clone(), data.clone(), &device)
         .map_err(terr)?;
     let mut dist = dsv3_train::Trainer::<AD>::new(&model_cfg, cfg, data, &device).map_err(terr)?;
     let par = dsv3_train::Parallel::new(world.clone(), ep).map_err(terr)?;
     dist.distribute(par).map_err(terr)?;
     let mut worst = (0f64, 0f64, 0f32);
-    for _ in 0..2 {
+    for _ in 0..cfg_steps {
         let a = single.train_step().map_err(terr)?;
         let b = dist.train_step().map_err(terr)?;
         let rel = |x: f64, y: f64| (x - y).abs() / x.abs().max(1e-12);
@@ -352,9 +355,12 @@ fn train_steps(
             worst.2 = worst.2.max((x - y).abs());
         }
     }
-    // f32 sums in another order: relative 1e-5 on the loss and norm; parameters move by
-    // about lr = 3e-3 per step, differences far below it.
-    if worst.0 > 1e-5 || worst.1 > 1e-4 || worst.2 > 2e-5 {
+    // f32 sums in another order: relative 1e-5 on the loss, 1e-4 on the norm. AdamW moves an
+    // element by up to lr per step whatever its gradient's size, so an element whose gradient
+    // is at rounding level can move differently: allow 2% of lr per step (seen: under 1%; a
+    // wrong optimizer state or gradient moves elements by a good part of lr).
+    let param_tol = 0.02 * lr * cfg_steps as f64;
+    if worst.0 > 1e-5 || worst.1 > 1e-4 || worst.2 as f64 > param_tol {
         return Err(fail(
             "train",
             format!(
@@ -370,7 +376,7 @@ fn train_steps(
     let mut worst_all = [worst.0, worst.1, worst.2 as f64];
     c(world.all_reduce_in_place(&mut worst_all, ReduceOp::Max))?;
     Ok(format!(
-        "training EP {ep} × DP {dp} (ZeRO-1) = 2 steps of the single-process run: loss rel \
+        "training EP {ep} × DP {dp} (ZeRO-1) = 4 steps of the single-process run: loss rel \
          {:.1e}, grad norm rel {:.1e}, parameters max |Δ| {:.1e} ({} held here)",
         worst_all[0],
         worst_all[1],

@@ -178,6 +178,10 @@ pub enum CliError {
     Usage(String),
     #[error("cannot write {path}: {reason}")]
     Write { path: PathBuf, reason: String },
+    /// A distributed run's rank other than 0 met the error every rank meets (bad flags for the
+    /// world size); rank 0 reports it, the others exit quietly.
+    #[error("the error rank 0 reports")]
+    OtherRank,
 }
 
 /// Runs a parsed command, writing its report to `out`.
@@ -518,6 +522,9 @@ pub fn score(a: &ScoreArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let world = dist::world(a.ep)?;
     let n = world.comm.size();
     if a.ep != n {
+        if world.comm.rank() != 0 {
+            return Err(CliError::OtherRank);
+        }
         return Err(CliError::Usage(format!(
             "--ep {} must equal the number of processes, {n} (start them with `mpirun -n {}`)",
             a.ep, a.ep

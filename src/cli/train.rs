@@ -196,6 +196,9 @@ fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let world = super::dist::world(a.ep * a.dp.unwrap_or(1))?;
     let w = world.comm.size();
     if a.ep == 0 || !w.is_multiple_of(a.ep) || a.dp.is_some_and(|d| d * a.ep != w) {
+        if world.comm.rank() != 0 {
+            return Err(CliError::OtherRank);
+        }
         return Err(CliError::Usage(format!(
             "--ep {}{} does not match the {w} processes (ep × dp must equal the number started              by mpirun)",
             a.ep,
@@ -236,8 +239,17 @@ fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
     };
+    // Settings every rank checks alike (e.g. a global batch that does not split) are reported
+    // by rank 0 alone.
+    let uniform = |e: &TrainError| matches!(e, TrainError::Invalid(_));
     let (summary, trained) =
-        dsv3_train::run::<CpuAutodiff>(&opts, &device, &mut say).map_err(train_err)?;
+        dsv3_train::run::<CpuAutodiff>(&opts, &device, &mut say).map_err(|e| {
+            if !lead && uniform(&e) {
+                CliError::OtherRank
+            } else {
+                train_err(e)
+            }
+        })?;
     let mut report = String::new();
     use std::fmt::Write as _;
     let _ = writeln!(

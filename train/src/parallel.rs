@@ -82,6 +82,15 @@ impl Parallel {
         r * n / w..(r + 1) * n / w
     }
 
+    /// Bytes moved so far through all three communicators.
+    pub fn traffic(&self) -> dsv3_backends::comm::Traffic {
+        let (w, e, d) = (self.world.traffic(), self.ep.traffic(), self.dp.traffic());
+        dsv3_backends::comm::Traffic {
+            sent_bytes: w.sent_bytes + e.sent_bytes + d.sent_bytes,
+            recv_bytes: w.recv_bytes + e.recv_bytes + d.recv_bytes,
+        }
+    }
+
     /// Element-wise sum over every rank.
     ///
     /// # Errors
@@ -216,7 +225,8 @@ impl<B: AutodiffBackend> ModuleMapper<B> for WriteParams<'_, B> {
 }
 
 /// Owner (DP member) of each entry: whole tensors, greedily to the least-loaded member, in
-/// module order (the same on every member).
+/// module order. The entries are every parameter the DP group holds, so the partition is the
+/// same on every member and at every step (an owner keeps its parameters' optimizer state).
 fn partition(entries: &[Entry], m: usize) -> Vec<usize> {
     let mut load = vec![0usize; m];
     entries
@@ -276,18 +286,13 @@ pub(crate) fn step<B: DsAutodiffBackend>(
             *p = dp_iter.next().expect("one flag per dense entry");
         }
     }
-    let mut entries: Vec<Entry> = entries
-        .into_iter()
-        .zip(present)
-        .filter(|(_, p)| *p != 0)
-        .map(|(mut e, _)| {
-            if e.grad.is_none() {
-                e.grad = Some(vec![0.0; e.numel]);
-            }
-            e
-        })
-        .collect();
-
+    // Every held parameter keeps its slot (and its owner, so its optimizer state stays on one
+    // rank); those without a gradient anywhere travel as zeros and are not stepped.
+    for e in entries.iter_mut() {
+        if e.grad.is_none() {
+            e.grad = Some(vec![0.0; e.numel]);
+        }
+    }
     // Dense gradients: sum over the expert-parallel group.
     if par.ep.size() > 1 {
         let mut flat: Vec<f32> = entries
@@ -352,6 +357,11 @@ pub(crate) fn step<B: DsAutodiffBackend>(
             }
         }
     }
+    for (e, &p) in entries.iter_mut().zip(&present) {
+        if p == 0 {
+            e.grad = None;
+        }
+    }
 
     // The global norm: each DP group holds every dense parameter once (N groups) and its own
     // experts once.
@@ -399,8 +409,9 @@ pub(crate) fn step<B: DsAutodiffBackend>(
     };
     let mine: HashSet<ParamId> = entries
         .iter()
-        .filter(|e| e.grad.is_some())
-        .map(|e| e.id)
+        .zip(&owner)
+        .filter(|(_, &q)| q == me)
+        .map(|(e, _)| e.id)
         .collect();
     let mut values: HashMap<ParamId, Vec<f32>> = HashMap::new();
     for e in entries.iter_mut() {

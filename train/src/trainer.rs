@@ -373,7 +373,7 @@ impl<B: DsAutodiffBackend> Trainer<B> {
                 .collect(),
             None => micro,
         };
-        let traffic0 = par.as_ref().map(|p| p.world.traffic());
+        let traffic0 = par.as_ref().map(|p| p.traffic());
         if let Some(ep) = self.model.expert_parallel() {
             ep.take_stats();
         }
@@ -487,7 +487,7 @@ impl<B: DsAutodiffBackend> Trainer<B> {
         self.step = step;
         let comm = match (&par, traffic0) {
             (Some(p), Some(t0)) => {
-                let t = p.world.traffic() - t0;
+                let t = p.traffic() - t0;
                 let ep = self.model.expert_parallel().map(|ep| ep.take_stats());
                 Some(CommStats {
                     sent_bytes: t.sent_bytes,
