@@ -53,8 +53,13 @@ pub struct EpStats {
     pub local_rows: u64,
     /// Dispatched rows sent to other ranks (each comes back once, combined).
     pub remote_rows: u64,
+    /// Rows received from other ranks for this rank's experts (each goes back in the combine).
+    pub served_rows: u64,
     /// Hidden size (for byte counts: a row is `hidden × 4` bytes in f32).
     pub hidden: u64,
+    /// Bytes the forward exchanges (counts, expert ids, dispatch and combine rows) sent to
+    /// other ranks, as the communicator counted them.
+    pub sent_bytes: u64,
 }
 
 impl EpStats {
@@ -62,11 +67,12 @@ impl EpStats {
     pub fn ranks_per_token(&self) -> f64 {
         self.token_ranks as f64 / self.tokens.max(1) as f64
     }
-    /// Bytes a forward pass's dispatch and combine put on the wire from this rank (f32 rows):
-    /// the analytic volume `tokens·k·hidden·4` minus the rows that stay local, twice. A
-    /// backward pass moves the same again (the gradient of each exchange is the reverse one).
-    pub fn forward_bytes(&self) -> u64 {
-        2 * self.remote_rows * self.hidden * 4
+    /// The analytic bytes this rank sends in the forward dispatch and combine (f32 rows): its
+    /// `tokens·k` rows minus those that stay local (dispatch), plus the rows its experts
+    /// computed for other ranks (combine), `hidden × 4` bytes each. A backward pass moves the
+    /// same again (each exchange's gradient is the reverse exchange).
+    pub fn analytic_bytes(&self) -> u64 {
+        (self.remote_rows + self.served_rows) * self.hidden * 4
     }
 }
 
@@ -179,6 +185,7 @@ impl ExpertParallel {
         let k = ids.len() / n.max(1);
         let size = self.comm.size();
         let device = x.device();
+        let traffic = self.comm.traffic();
         // (token, slot) pairs in expert order: each destination's rows are contiguous.
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_by_key(|&p| ids[p]);
@@ -244,6 +251,12 @@ impl ExpertParallel {
             y
         };
         let back = B::all_to_all_rows(y, &ex.reversed()).unwrap_or_else(|e| fail("combine", &e));
+        let sent = self.comm.traffic().sent_bytes - traffic.sent_bytes;
+        {
+            let mut st = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+            st.sent_bytes += sent;
+            st.served_rows += ex.remote_rows().1 as u64;
+        }
         let w = weights.reshape([s]).select(0, slots).reshape([s, 1]);
         base.select_assign(0, tokens, back * w, IndexingUpdateOp::Add)
     }

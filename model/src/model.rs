@@ -234,7 +234,7 @@ impl<B: DsBackend> DeepseekV3<B> {
     ) -> Result<(), ModelError> {
         if self.is_packed() {
             return Err(ModelError::Invalid(
-                "expert parallelism runs the experts unpacked: split them before (instead of)                  packing"
+                "expert parallelism runs the experts unpacked: split them before (instead of) packing"
                     .into(),
             ));
         }

@@ -60,6 +60,17 @@ pub fn world(ranks: usize) -> Result<World, CliError> {
     ))
 }
 
+/// `peak RSS per rank: …` (each rank's `VmHWM`, gathered; collective), for rank 0 to print.
+///
+/// # Errors
+/// [`CliError::Usage`] when the gather fails.
+pub fn peak_rss_line(comm: &Arc<dyn Communicator>) -> Result<String, CliError> {
+    let mine = super::peak_rss_bytes().unwrap_or(0) as f64;
+    let all = c(comm.all_gather_vec(&[mine]))?;
+    let list: Vec<String> = all.iter().map(|&b| super::gib(b)).collect();
+    Ok(format!("peak RSS per rank: {}", list.join(", ")))
+}
+
 /// A writer for ranks other than 0 (they stay silent).
 pub struct Silent;
 impl Write for Silent {
@@ -91,6 +102,7 @@ pub fn dist_check(a: &DistCheckArgs, out: &mut dyn Write) -> Result<(), CliError
     };
     say(collectives(&comm)?);
     say(exchange(&comm, a.seed)?);
+    say(gradients(&comm, a.seed)?);
     let w = comm.size();
     let mut layouts = vec![(w, 1), (1, w)];
     if w == 4 {
@@ -282,6 +294,125 @@ fn pad_ids(ids: &[i64], len: usize) -> Vec<i32> {
     let mut v: Vec<i32> = ids.iter().map(|&e| e as i32).collect();
     v.resize(len.max(ids.len()), -1);
     v
+}
+
+/// Gradients by checkpoint name (parameters without one, and other ranks' experts, left out).
+fn grads_by_name<B: burn::tensor::backend::AutodiffBackend + DsBackend>(
+    m: &DeepseekV3<B>,
+    grads: &burn::optim::GradientsParams,
+) -> Vec<(String, bool, Vec<f32>)> {
+    struct Read<'a>(&'a burn::optim::GradientsParams, Vec<Option<Vec<f32>>>);
+    impl<B: burn::tensor::backend::AutodiffBackend> ModuleVisitor<B> for Read<'_> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            let g = self.0.get::<B::InnerBackend, D>(p.id);
+            self.1
+                .push(g.map(|g| g.into_data().convert::<f32>().to_vec().expect("f32")));
+        }
+    }
+    let mut r = Read(grads, Vec::new());
+    m.visit(&mut r);
+    let held = m.routed_expert_params();
+    m.param_names()
+        .into_iter()
+        .zip(r.1)
+        .filter_map(|((id, name), g)| {
+            let expert = dsv3_model::expert_of(&name).is_some();
+            (!expert || held.contains(&id)).then_some((name, expert, g?))
+        })
+        .collect()
+}
+
+/// The gradients of a tiny model split over every rank (expert parallelism, each rank with its
+/// own share of the global batch, dense gradients all-reduced) against the single-process
+/// gradients of the whole global batch, computed here too.
+fn gradients(world: &Arc<dyn Communicator>, seed: u64) -> Result<String, CliError> {
+    type AD = CpuAutodiff;
+    let (r, w) = (world.rank(), world.size());
+    let preset = dsv3_train::preset("tiny").expect("tiny preset");
+    let mut cfg = preset.train;
+    cfg.seq_len = 20;
+    let model_cfg = dsv3_train::for_bytes(preset.model, cfg.seq_len);
+    let device = Default::default();
+    let merr = |e: dsv3_model::ModelError| fail("gradients", e.to_string());
+    let full = dsv3_train::init::seeded(
+        DeepseekV3::<AD>::init(&model_cfg, &device).map_err(merr)?,
+        seed,
+    );
+    let mut split = full.clone();
+    split.set_expert_parallel(world.clone()).map_err(merr)?;
+    let docs = dsv3_train::data::embedded_documents();
+    let data = dsv3_train::data::Dataset::pack(&docs, cfg.seq_len, cfg.val_every)
+        .map_err(|e| fail("gradients", e.to_string()))?;
+    let depths = full.model.mtp.len();
+    let starts: Vec<usize> = data.train.iter().step_by(7).take(2 * w).copied().collect();
+    let run = |m: &DeepseekV3<AD>, starts: &[usize], scale: f64| {
+        use dsv3_train::trainer::{make_batch, objective};
+        let batch = make_batch::<AD>(&data, starts, depths, &device);
+        let fwd =
+            dsv3_train::forward::forward(m, batch.inputs.clone(), cfg.attention, depths, false);
+        let loss = objective(&fwd, &batch, &cfg).total.div_scalar(scale);
+        burn::optim::GradientsParams::from_grads(loss.backward(), m)
+    };
+    let reference = grads_by_name(&full, &run(&full, &starts, 1.0));
+    let mine = grads_by_name(&split, &run(&split, &starts[2 * r..2 * r + 2], w as f64));
+    // Dense gradients are summed over the ranks (each holds every dense parameter).
+    let mut dense: Vec<f32> = mine
+        .iter()
+        .filter(|(_, expert, _)| !expert)
+        .flat_map(|(_, _, g)| g.iter().copied())
+        .collect();
+    c(world.all_reduce_in_place(&mut dense, ReduceOp::Sum))?;
+    let mut at = 0;
+    let (mut worst, mut compared) = (0f64, 0usize);
+    for (name, expert, g) in &mine {
+        let g: &[f32] = if *expert {
+            g
+        } else {
+            at += g.len();
+            &dense[at - g.len()..at]
+        };
+        let want = &reference
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .ok_or_else(|| fail("gradients", format!("{name} has no reference gradient")))?
+            .2;
+        let scale = want.iter().fold(0f32, |a, &x| a.max(x.abs())).max(1e-12);
+        let diff = g
+            .iter()
+            .zip(want)
+            .fold(0f32, |a, (&x, &y)| a.max((x - y).abs()));
+        worst = worst.max((diff / scale) as f64);
+        compared += 1;
+    }
+    let expected = reference
+        .iter()
+        .filter(|(n, expert, _)| !expert || mine.iter().any(|(m, _, _)| m == n))
+        .count();
+    if compared != expected {
+        return Err(fail(
+            "gradients",
+            format!("rank {r} has {compared} gradients, the reference {expected}"),
+        ));
+    }
+    // f32 sums in another order (the batch split, the exchange): relative 1e-4 of each
+    // tensor's largest gradient.
+    let mut all = [worst];
+    c(world.all_reduce_in_place(&mut all, ReduceOp::Max))?;
+    if all[0] > 1e-4 {
+        return Err(fail(
+            "gradients",
+            format!(
+                "max relative difference {:.1e} from the single-process gradients",
+                all[0]
+            ),
+        ));
+    }
+    Ok(format!(
+        "gradients under EP {w} (experts split, batch split, dense all-reduced) = single-process \
+         gradients of the global batch: max relative difference {:.1e} ({compared} tensors on \
+         rank 0)",
+        all[0]
+    ))
 }
 
 /// Parameter values by checkpoint name (placeholders of other ranks' experts left out).

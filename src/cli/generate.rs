@@ -1,6 +1,9 @@
 //! `dsv3 generate` and `dsv3 chat`: text (or ids) in, streamed text (or ids) out, then one line
 //! of statistics.
 
+use std::sync::Arc;
+
+use dsv3_backends::comm::{CommExt, Communicator};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 
@@ -80,6 +83,11 @@ pub struct GenerateArgs {
     /// Print one JSON object {"tokens", "text", "stop", "stats"} instead of streaming.
     #[arg(long)]
     pub json: bool,
+    /// Expert parallelism: split the routed experts over this many processes (start them with
+    /// `mpirun -n N`; each reads only its own experts). Every rank decodes the same tokens;
+    /// rank 0 prints.
+    #[arg(long, default_value_t = 1)]
+    pub ep: usize,
 }
 
 #[derive(Args, Debug)]
@@ -130,17 +138,24 @@ impl DecodeArgs {
     fn load<B: DsBackend>(
         &self,
         kind: BackendKind,
+        comm: Option<&Arc<dyn Communicator>>,
     ) -> Result<(DeepseekV3<B>, Option<Tokenizer>), CliError> {
         let tok = Tokenizer::from_dir(&self.model).map_err(infer)?;
         let opts = LoadOptions {
             strict: false,
             skip_mtp: self.speculative.is_none(),
-            ..Default::default()
+            expert_shard: comm.map(|c| (c.rank(), c.size())),
         };
-        let weights = weight_options(kind, self.run.weights);
-        let (model, report) =
+        let mut weights = weight_options(kind, self.run.weights);
+        weights.pack_experts &= comm.is_none();
+        let (mut model, report) =
             dsv3_model::load_with::<B>(&self.model, &B::Device::default(), &opts, &weights)?;
-        super::print_load_warnings(&report);
+        if let Some(c) = comm {
+            model.set_expert_parallel(c.clone())?;
+        }
+        if comm.is_none_or(|c| c.rank() == 0) {
+            super::print_load_warnings(&report);
+        }
         if let Some(t) = &tok {
             if t.vocab_size() > model.config.vocab_size {
                 eprintln!(
@@ -205,20 +220,43 @@ pub fn stats_json(g: &Generation) -> serde_json::Value {
 }
 
 pub fn generate_cmd(a: &GenerateArgs, out: &mut dyn Write) -> Result<(), CliError> {
-    struct Run<'a>(&'a GenerateArgs, &'a mut dyn Write);
+    let world = super::dist::world(a.ep)?;
+    let n = world.comm.size();
+    if a.ep != n {
+        if world.comm.rank() != 0 {
+            return Err(CliError::OtherRank);
+        }
+        return Err(CliError::Usage(format!(
+            "--ep {} must equal the number of processes, {n} (start them with `mpirun -n {}`)",
+            a.ep, a.ep
+        )));
+    }
+    let comm = (n > 1).then(|| world.comm.clone());
+    let mut silent = super::dist::Silent;
+    let out: &mut dyn Write = if world.comm.rank() == 0 {
+        out
+    } else {
+        &mut silent
+    };
+    struct Run<'a>(
+        &'a GenerateArgs,
+        Option<Arc<dyn Communicator>>,
+        &'a mut dyn Write,
+    );
     impl OnBackend for Run<'_> {
         type Output = Result<(), CliError>;
         fn run<B: DsBackend>(self, kind: BackendKind, _: FloatDtype) -> Self::Output {
-            generate_on::<B>(self.0, kind, self.1)
+            generate_on::<B>(self.0, kind, self.1, self.2)
         }
     }
     let (kind, dtype) = (a.decode.run.backend, a.decode.run.dtype);
-    on_backend(kind, dtype, Run(a, out))?
+    on_backend(kind, dtype, Run(a, comm, out))?
 }
 
 fn generate_on<B: DsBackend>(
     a: &GenerateArgs,
     kind: BackendKind,
+    comm: Option<Arc<dyn Communicator>>,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
     let opts = a.decode.options()?;
@@ -228,7 +266,7 @@ fn generate_on<B: DsBackend>(
             a.decode.model.display()
         )));
     }
-    let (model, tok) = a.decode.load::<B>(kind)?;
+    let (model, tok) = a.decode.load::<B>(kind, comm.as_ref())?;
     let ids = match (&a.tokens, &a.prompt, &tok) {
         (Some(t), _, _) => parse_tokens(t)?,
         (None, Some(p), Some(tok)) if a.chat => {
@@ -261,6 +299,29 @@ fn generate_on<B: DsBackend>(
     if let Some(e) = write_err {
         return Err(io(e));
     }
+    let mut rss = None;
+    if let Some(c) = &comm {
+        // Every rank decoded for itself; they must have chosen the same tokens (the same
+        // logits bit for bit: the experts' rows come back from one computation).
+        let mine: Vec<i32> = g.tokens.iter().map(|&t| t as i32).collect();
+        let lens = c
+            .all_gather_vec(&[mine.len() as i32])
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        let all = if lens.iter().all(|&l| l == lens[0]) {
+            c.all_gather_vec(&mine)
+                .map_err(|e| CliError::Usage(e.to_string()))?
+        } else {
+            Vec::new()
+        };
+        if all.is_empty() && !mine.is_empty()
+            || all.chunks(mine.len().max(1)).any(|r| r != mine.as_slice())
+        {
+            return Err(CliError::Usage(
+                "the expert-parallel ranks decoded different tokens".into(),
+            ));
+        }
+        rss = Some(super::dist::peak_rss_line(c)?);
+    }
     if a.json {
         let j = serde_json::json!({
             "tokens": g.tokens,
@@ -272,6 +333,9 @@ fn generate_on<B: DsBackend>(
     } else {
         writeln!(out).map_err(io)?;
         writeln!(out, "{}", stats_line(&g, 1)).map_err(io)?;
+        if let Some(line) = rss {
+            writeln!(out, "{line}").map_err(io)?;
+        }
     }
     Ok(())
 }
@@ -302,7 +366,7 @@ pub fn chat_on<B: DsBackend>(
     interactive: bool,
 ) -> Result<(), CliError> {
     let opts = a.decode.options()?;
-    let (model, tok) = a.decode.load::<B>(kind)?;
+    let (model, tok) = a.decode.load::<B>(kind, None)?;
     let tok = tok.ok_or_else(|| {
         CliError::Usage(format!(
             "chat needs a tokenizer: {} has no tokenizer.json",

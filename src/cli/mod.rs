@@ -248,7 +248,7 @@ fn write_err(path: &Path, e: impl std::fmt::Display) -> CliError {
     }
 }
 
-fn gib(bytes: f64) -> String {
+pub(crate) fn gib(bytes: f64) -> String {
     if bytes >= 1024f64.powi(3) {
         format!("{:.2} GiB", bytes / 1024f64.powi(3))
     } else {
@@ -611,8 +611,8 @@ fn score_on<B: DsBackend>(
     weights.pack_experts &= comm.is_none();
     let (mut model, report) = dsv3_model::load_with::<B>(&a.model, &device, &opts, &weights)?;
     let lead = comm.as_ref().is_none_or(|c| c.rank() == 0);
-    if let Some(c) = comm {
-        model.set_expert_parallel(c)?;
+    if let Some(c) = &comm {
+        model.set_expert_parallel(c.clone())?;
     }
     keep_freed_buffers();
     if lead {
@@ -674,6 +674,10 @@ fn score_on<B: DsBackend>(
             let _ = writeln!(report_s, "MTP (token i+2): {line}");
         }
         mtp_logits = Some(m.logits);
+    }
+    if let Some(c) = &comm {
+        let line = dist::peak_rss_line(c)?;
+        let _ = writeln!(report_s, "{line}");
     }
     if !lead {
         return Ok(());

@@ -200,7 +200,7 @@ fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
             return Err(CliError::OtherRank);
         }
         return Err(CliError::Usage(format!(
-            "--ep {}{} does not match the {w} processes (ep × dp must equal the number started              by mpirun)",
+            "--ep {}{} does not match the {w} processes (ep × dp must equal the number started by mpirun)",
             a.ep,
             a.dp.map(|d| format!(" --dp {d}")).unwrap_or_default()
         )));
@@ -252,6 +252,9 @@ fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
         })?;
     let mut report = String::new();
     use std::fmt::Write as _;
+    if parallel.is_some() {
+        let _ = writeln!(report, "{}", super::dist::peak_rss_line(&world.comm)?);
+    }
     let _ = writeln!(
         report,
         "trained steps {}..{} in {:.1} s ({:.1} s in optimiser steps, {:.0} tokens/s)",

@@ -30,18 +30,22 @@ pub struct LogRecord {
     pub tokens: u64,
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
-    /// Distributed runs: bytes rank 0 sent to / received from other ranks in the last step.
+    /// Distributed runs, last step of the window: bytes each rank sent to / received from
+    /// other ranks (all collectives).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub comm_sent_bytes: Option<u64>,
+    pub comm_sent_bytes: Option<Vec<u64>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub comm_recv_bytes: Option<u64>,
-    /// Expert parallelism: mean number of ranks each token reached in the last step.
+    pub comm_recv_bytes: Option<Vec<u64>>,
+    /// Expert parallelism: bytes each rank's forward expert exchanges sent, and their analytic
+    /// volume (rows leaving the rank × hidden × 4, dispatch + combine); the backward repeats
+    /// the rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ep_sent_bytes: Option<Vec<u64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ep_analytic_bytes: Option<Vec<u64>>,
+    /// Expert parallelism: mean number of ranks each token reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ep_ranks_per_token: Option<f64>,
-    /// Expert parallelism: the analytic exchange volume rank 0 sent in the last step (rows
-    /// to other ranks × hidden × 4 bytes, dispatch + combine, forward + backward).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ep_bytes: Option<u64>,
 }
 
 /// Appends records to `metrics.jsonl`.

@@ -280,10 +280,14 @@ pub fn run<B: DsAutodiffBackend>(
                 tokens: (step * trainer.cfg.tokens_per_step()) as u64,
                 tokens_per_s: tps,
                 elapsed_s: elapsed_before + t0.elapsed().as_secs_f64(),
-                comm_sent_bytes: stats.comm.map(|c| c.sent_bytes),
-                comm_recv_bytes: stats.comm.map(|c| c.recv_bytes),
-                ep_ranks_per_token: stats.comm.and_then(|c| c.ranks_per_token),
-                ep_bytes: stats.comm.and_then(|c| c.ep_bytes),
+                comm_sent_bytes: stats.comm.as_ref().map(|c| c.sent_bytes.clone()),
+                comm_recv_bytes: stats.comm.as_ref().map(|c| c.recv_bytes.clone()),
+                ep_sent_bytes: stats.comm.as_ref().and_then(|c| c.ep_sent_bytes.clone()),
+                ep_analytic_bytes: stats
+                    .comm
+                    .as_ref()
+                    .and_then(|c| c.ep_analytic_bytes.clone()),
+                ep_ranks_per_token: stats.comm.as_ref().and_then(|c| c.ranks_per_token),
             };
             if let Some(log) = &log {
                 log.append(&rec)?;

@@ -19,6 +19,7 @@ use crate::loss;
 use crate::optim;
 use crate::parallel::Parallel;
 use crate::tokenizer;
+use dsv3_backends::comm::CommExt;
 
 /// Burn's AdamW over the model.
 pub type Optim<B> = OptimizerAdaptor<AdamW, DeepseekV3<B>, B>;
@@ -139,17 +140,22 @@ pub struct StepStats {
     pub comm: Option<CommStats>,
 }
 
-/// What one rank moved during a step of a distributed run.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// What the ranks of a distributed run moved during a step (one entry per world rank).
+#[derive(Debug, Clone, PartialEq)]
 pub struct CommStats {
-    /// Bytes this rank sent to / received from other ranks (every collective of the step).
-    pub sent_bytes: u64,
-    pub recv_bytes: u64,
-    /// Mean number of expert-parallel ranks each token reached (`None` without EP).
+    /// Bytes each rank sent to / received from other ranks (every collective of the step:
+    /// expert exchanges forward and backward, gradient reductions, parameter gathers).
+    pub sent_bytes: Vec<u64>,
+    pub recv_bytes: Vec<u64>,
+    /// Bytes each rank's forward expert exchanges sent (counts, ids, rows; `None` without EP).
+    /// The backward sends the rows again.
+    pub ep_sent_bytes: Option<Vec<u64>>,
+    /// The analytic volume of those forward exchanges: dispatched rows that leave the rank ×
+    /// hidden × 4 bytes, dispatch and combine.
+    pub ep_analytic_bytes: Option<Vec<u64>>,
+    /// Mean number of expert-parallel ranks each token reached, over every rank's tokens and
+    /// MoE layer (at most `topk_group` when each expert group lies on one rank).
     pub ranks_per_token: Option<f64>,
-    /// The analytic expert-exchange volume this rank sent: rows to other ranks × hidden × 4
-    /// bytes, for dispatch and combine, forward and backward (`None` without EP).
-    pub ep_bytes: Option<u64>,
 }
 
 /// Validation result.
@@ -489,12 +495,28 @@ impl<B: DsAutodiffBackend> Trainer<B> {
             (Some(p), Some(t0)) => {
                 let t = p.traffic() - t0;
                 let ep = self.model.expert_parallel().map(|ep| ep.take_stats());
+                let mine = [
+                    t.sent_bytes as f64,
+                    t.recv_bytes as f64,
+                    ep.map_or(0.0, |s| s.sent_bytes as f64),
+                    ep.map_or(0.0, |s| s.analytic_bytes() as f64),
+                    ep.map_or(0.0, |s| s.tokens as f64),
+                    ep.map_or(0.0, |s| s.token_ranks as f64),
+                ];
+                let all = p
+                    .world
+                    .all_gather_vec(&mine)
+                    .map_err(crate::parallel::comm_err)?;
+                let col = |j: usize| all.chunks(6).map(|r| r[j] as u64).collect::<Vec<_>>();
+                let (tokens, ranks): (f64, f64) = all
+                    .chunks(6)
+                    .fold((0.0, 0.0), |(a, b), r| (a + r[4], b + r[5]));
                 Some(CommStats {
-                    sent_bytes: t.sent_bytes,
-                    recv_bytes: t.recv_bytes,
-                    ranks_per_token: ep.map(|s| s.ranks_per_token()),
-                    // Forward dispatch + combine, and the same again in the backward.
-                    ep_bytes: ep.map(|s| 2 * s.forward_bytes()),
+                    sent_bytes: col(0),
+                    recv_bytes: col(1),
+                    ep_sent_bytes: ep.map(|_| col(2)),
+                    ep_analytic_bytes: ep.map(|_| col(3)),
+                    ranks_per_token: ep.map(|_| ranks / tokens.max(1.0)),
                 })
             }
             _ => None,
