@@ -14,6 +14,14 @@ impl SplitMix64 {
         Self { state: seed }
     }
 
+    /// Skips `n` values of [`Self::next_u64`] in O(1) (the state is a counter): what
+    /// drawing them and throwing them away would leave.
+    pub fn skip(&mut self, n: u64) {
+        self.state = self
+            .state
+            .wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    }
+
     pub fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.state;

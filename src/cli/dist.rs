@@ -465,9 +465,10 @@ fn train_steps(
     let (cfg_steps, lr) = (cfg.steps, cfg.lr);
     let mut single = dsv3_train::Trainer::<AD>::new(&model_cfg, cfg.clone(), data.clone(), &device)
         .map_err(terr)?;
-    let mut dist = dsv3_train::Trainer::<AD>::new(&model_cfg, cfg, data, &device).map_err(terr)?;
+    // Each rank draws only the experts it holds (the others' draws are skipped).
     let par = dsv3_train::Parallel::new(world.clone(), ep).map_err(terr)?;
-    dist.distribute(par).map_err(terr)?;
+    let mut dist = dsv3_train::Trainer::<AD>::new_distributed(&model_cfg, cfg, data, &device, par)
+        .map_err(terr)?;
     let mut worst = (0f64, 0f64, 0f32);
     for _ in 0..cfg_steps {
         let a = single.train_step().map_err(terr)?;

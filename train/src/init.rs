@@ -15,6 +15,9 @@ use dsv3_backends::SplitMix64;
 struct Seeded {
     rng: SplitMix64,
     std: f64,
+    /// Elements of one routed expert matrix: what a placeholder (an expert held by another
+    /// rank) would have drawn, skipped so every held weight gets the single-process value.
+    expert_numel: usize,
     containers: Vec<String>,
     names: Vec<String>,
 }
@@ -42,6 +45,11 @@ impl<B: Backend> ModuleMapper<B> for Seeded {
             return Param::from_mapped_value(id, t, mapper);
         }
         let shape = t.shape();
+        if shape.num_elements() == 1 && self.names.iter().any(|n| n == "experts") {
+            // `normal` takes two draws per value.
+            self.rng.skip(2 * self.expert_numel as u64);
+            return Param::from_mapped_value(id, t, mapper);
+        }
         let values: Vec<f32> = (0..shape.num_elements())
             .map(|_| (self.rng.normal() * self.std) as f32)
             .collect();
@@ -51,12 +59,16 @@ impl<B: Backend> ModuleMapper<B> for Seeded {
     }
 }
 
-/// Re-draws the model's random weights from `seed` (norms and bias untouched).
+/// Re-draws the model's random weights from `seed` (norms and bias untouched). Under expert
+/// parallelism (after [`DeepseekV3::set_expert_parallel`]) the held experts get the values
+/// the whole model would give them, and the others are never materialised.
 pub fn seeded<B: DsBackend>(model: DeepseekV3<B>, seed: u64) -> DeepseekV3<B> {
     let std = model.config.initializer_range;
+    let expert_numel = model.config.hidden_size * model.config.moe_intermediate_size;
     model.map(&mut Seeded {
         rng: SplitMix64::new(seed ^ 0x1A17_5EED_0000_0000),
         std,
+        expert_numel,
         containers: Vec::new(),
         names: Vec::new(),
     })

@@ -192,10 +192,16 @@ pub fn run<B: DsAutodiffBackend>(
     } else {
         let source = opts.data.clone().unwrap_or(DataSource::Embedded);
         let data = pack(&source, &opts.train, &mut warnings)?;
-        let mut t = Trainer::<B>::new(&opts.model, opts.train.clone(), data, device)?;
-        if let Some(p) = &opts.parallel {
-            t.distribute(p.clone())?;
-        }
+        let t = match &opts.parallel {
+            Some(p) => Trainer::<B>::new_distributed(
+                &opts.model,
+                opts.train.clone(),
+                data,
+                device,
+                p.clone(),
+            )?,
+            None => Trainer::<B>::new(&opts.model, opts.train.clone(), data, device)?,
+        };
         (t, source, None, 0.0)
     };
     let lead = opts.parallel.as_ref().is_none_or(|p| p.is_lead());

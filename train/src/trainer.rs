@@ -298,6 +298,31 @@ impl<B: DsAutodiffBackend> Trainer<B> {
         ))
     }
 
+    /// [`Self::new`] for a distributed run: the routed experts are split over `par.ep` before
+    /// the weights are drawn, so each rank materialises only the experts it holds (with the
+    /// values a single-process run of the same seed gives them).
+    ///
+    /// # Errors
+    /// As [`Self::new`] and [`Self::distribute`].
+    pub fn new_distributed(
+        model_cfg: &DeepseekV3Config,
+        cfg: TrainConfig,
+        data: Dataset,
+        device: &B::Device,
+        par: Parallel,
+    ) -> Result<Self, TrainError> {
+        check_setup(model_cfg, &cfg, &data)?;
+        let mut model = DeepseekV3::<B>::init(model_cfg, device)?;
+        if par.ep.size() > 1 {
+            model.set_expert_parallel(par.ep.clone())?;
+        }
+        let model = crate::init::seeded(model, cfg.seed);
+        let sampler = Sampler::new(data.train.len(), cfg.seed);
+        let mut t = Self::from_parts(model, optim::adamw(&cfg), cfg, data, sampler, 0, device);
+        t.distribute(par)?;
+        Ok(t)
+    }
+
     pub fn from_parts(
         model: DeepseekV3<B>,
         optim: Optim<B>,
@@ -336,7 +361,7 @@ impl<B: DsAutodiffBackend> Trainer<B> {
             )));
         }
         self.cfg.workers = 1;
-        if par.ep.size() > 1 || self.model.expert_parallel().is_some() {
+        if par.ep.size() > 1 && self.model.expert_parallel().is_none() {
             self.model.set_expert_parallel(par.ep.clone())?;
         }
         self.parallel = Some(par);
