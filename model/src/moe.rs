@@ -190,10 +190,18 @@ impl<B: DsBackend> Moe<B> {
     ///
     /// # Errors
     /// [`ModelError::Invalid`](crate::ModelError::Invalid) when the experts' FP8 weights
-    /// cannot be stacked (different shapes or block sizes; [`Fp8Weight::cat`]).
+    /// cannot be stacked (different shapes or block sizes; [`Fp8Weight::cat`]), or the layer
+    /// is expert-parallel.
     pub fn pack(&mut self) -> Result<(), crate::error::ModelError> {
         if self.packed.is_some() || self.experts.is_empty() {
             return Ok(());
+        }
+        if self.ep.is_some() {
+            return Err(crate::error::ModelError::Invalid(
+                "an expert-parallel layer runs its experts unpacked (the experts of other ranks \
+                 are placeholders here): it cannot be packed"
+                    .into(),
+            ));
         }
         let stack = |experts: &mut [Mlp<B>],
                      pick: fn(&mut Mlp<B>) -> &mut Linear<B>|

@@ -16,6 +16,9 @@ use dsv3_model::DeepseekV3;
 
 use crate::config::TrainConfig;
 
+/// Burn's AdamW over the model.
+pub type Optim<B> = OptimizerAdaptor<AdamW, DeepseekV3<B>, B>;
+
 /// AdamW with the run's betas, epsilon and weight decay (no per-tensor clipping).
 pub fn adamw<B: AutodiffBackend, M: AutodiffModule<B>>(
     cfg: &TrainConfig,

@@ -23,7 +23,7 @@ use dsv3_model::DeepseekV3;
 
 use crate::error::TrainError;
 use crate::optim::GradNorm;
-use crate::trainer::Optim;
+use crate::optim::Optim;
 
 /// The communicators of a distributed run.
 #[derive(Clone, Debug)]

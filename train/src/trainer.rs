@@ -3,7 +3,7 @@
 
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use burn::optim::{
-    adaptor::OptimizerAdaptor, AdamW, GradientsAccumulator, GradientsParams, Optimizer,
+    GradientsAccumulator, GradientsParams, Optimizer,
 };
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
@@ -21,8 +21,7 @@ use crate::parallel::Parallel;
 use crate::tokenizer;
 use dsv3_backends::comm::CommExt;
 
-/// Burn's AdamW over the model.
-pub type Optim<B> = OptimizerAdaptor<AdamW, DeepseekV3<B>, B>;
+pub use crate::optim::Optim;
 
 /// A micro-batch as tensors.
 #[derive(Debug, Clone)]
