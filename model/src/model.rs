@@ -26,7 +26,7 @@ use crate::positions::Span;
 use crate::rope::RotaryEmbedding;
 
 /// One MoE layer's routing, with its checkpoint layer index.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LayerRouting {
     pub layer: usize,
     pub mtp: bool,

@@ -7,8 +7,7 @@ use dsv3_backends::comm::{
     Buf, BufMut, CommError, CommExt, Communicator, LocalComm, Owned, ReduceOp,
 };
 use dsv3_model::{
-    expert_owner, load, owned_experts, save_expert_parallel, ForwardOptions, LoadOptions,
-    SaveDtype,
+    expert_owner, load, owned_experts, save_expert_parallel, ForwardOptions, LoadOptions, SaveDtype,
 };
 
 use crate::common::*;
@@ -59,19 +58,29 @@ fn local_comm_contract() {
     let err = c
         .all_gather(Buf::F32(&[1.0]), BufMut::I32(&mut [0]))
         .unwrap_err();
-    assert!(err.to_string().contains("f32") && err.to_string().contains("i32"), "{err}");
+    assert!(
+        err.to_string().contains("f32") && err.to_string().contains("i32"),
+        "{err}"
+    );
     // Point-to-point to self pairs by tag; a receive nothing was sent for is an error.
     c.send(Buf::F64(&[2.5]), 0, 4).unwrap();
     let rq = c.isend(Owned::I32(vec![9, 8]), 0, 5).unwrap();
     assert_eq!(rq.wait().unwrap(), Owned::I32(vec![9, 8]));
-    let got = c.irecv(Owned::I32(vec![0, 0]), 0, 5).unwrap().wait().unwrap();
+    let got = c
+        .irecv(Owned::I32(vec![0, 0]), 0, 5)
+        .unwrap()
+        .wait()
+        .unwrap();
     assert_eq!(got, Owned::I32(vec![9, 8]));
     let mut x = [0f64];
     c.recv(BufMut::F64(&mut x), 0, 4).unwrap();
     assert_eq!(x, [2.5]);
     let err = c.recv(BufMut::F64(&mut x), 0, 4).unwrap_err();
     assert!(err.to_string().contains("wait forever"), "{err}");
-    assert!(c.send(Buf::F64(&[1.0]), 1, 0).is_err(), "rank 1 of a world of one");
+    assert!(
+        c.send(Buf::F64(&[1.0]), 1, 0).is_err(),
+        "rank 1 of a world of one"
+    );
     assert_eq!(c.traffic().sent_bytes, 0);
 }
 
@@ -118,7 +127,11 @@ fn expert_parallel_path_on_one_rank_equals_plain_path() {
         .unwrap();
         assert!(report.unexpected.is_empty());
         let c = back.forward(back.tokens_tensor(&ids).unwrap(), 0, None, &opts);
-        assert_eq!(to_vec(a.logits), to_vec(c.logits), "{name}: saved and loaded");
+        assert_eq!(
+            to_vec(a.logits),
+            to_vec(c.logits),
+            "{name}: saved and loaded"
+        );
     }
 }
 
@@ -142,7 +155,11 @@ fn expert_shard_loads_only_the_ranks_experts() {
     for layer in m.moe_layers() {
         for (i, expert) in m.moe(layer).unwrap().experts.iter().enumerate() {
             let n = expert.up_proj.weight.val().shape().num_elements();
-            assert_eq!(n == 1, !own.contains(&i), "layer {layer} expert {i}: {n} elements");
+            assert_eq!(
+                n == 1,
+                !own.contains(&i),
+                "layer {layer} expert {i}: {n} elements"
+            );
         }
     }
     let _: Tensor<B, 1> = m.moe(1).unwrap().gate.e_score_correction_bias.val();

@@ -2,9 +2,7 @@
 //! clipping, AdamW, and the bias update, with NaN/inf caught before anything is applied.
 
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
-use burn::optim::{
-    GradientsAccumulator, GradientsParams, Optimizer,
-};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
 use dsv3_backends::{DsAutodiffBackend, DsBackend};
