@@ -13,7 +13,7 @@
 //!   Burn's streams are private to CubeCL.
 //!
 //! NCCL has no tags and no unsigned 16-bit type: bf16 bit patterns (`u16`) travel as bytes (they
-//! cannot be reduced anyway, see [`Communicator::all_reduce`](super::Communicator::all_reduce)), and point-to-point messages
+//! cannot be reduced anyway, see [`Communicator::all_reduce`]), and point-to-point messages
 //! between two ranks match in the order they are issued, whatever their tags. Messages a rank
 //! sends to itself never reach NCCL: they wait in a host queue for the matching receive (by
 //! tag), as in [`super::LocalComm`].
