@@ -332,7 +332,7 @@ fn score_ep_must_match_world() {
     // (mpirun's banner also names processes, with job ids full of digits: only lines of ours.)
     let names_sizes = |l: &str| {
         let l = l.to_lowercase();
-        l.contains("--ep 4") && l.contains("processes, 2")
+        l.contains("--ep 4") && l.contains("2 process")
     };
     let errors: Vec<&str> = e
         .lines()
@@ -623,5 +623,65 @@ fn generate_ep_equals_single_process() {
             assert_eq!(ids(&out), want, "generate --ep {n} {extra:?}");
             assert!(out.contains("peak RSS per rank"), "{out}");
         }
+    }
+}
+
+/// An error every rank meets (a bad token id, a global batch that does not split, a layout that
+/// does not fit the world, a missing checkpoint to resume) is one line from rank 0 and a
+/// non-zero exit: the ranks agree before any of them exits, so mpirun stops none of them before
+/// rank 0 has printed, and the others stay silent.
+#[test]
+fn errors_every_rank_meets_are_printed_once() {
+    let m = fixture("tiny-qlora");
+    let m = m.to_str().unwrap();
+    let dir = scratch("dist-errors");
+    let out = dir.join("run");
+    let out = out.to_str().unwrap();
+    let cases: [(usize, Vec<&str>, &str); 4] = [
+        (
+            2,
+            vec!["score", "--model", m, "--tokens", "1,2,999", "--ep", "2"],
+            "token id 999",
+        ),
+        (
+            2,
+            vec![
+                "train",
+                "--preset",
+                "tiny",
+                "--ep",
+                "2",
+                "--batch-size",
+                "3",
+                "--out",
+                out,
+            ],
+            "divisible by the 2 processes",
+        ),
+        (
+            2,
+            vec![
+                "train", "--preset", "tiny", "--ep", "2", "--dp", "2", "--out", out,
+            ],
+            "does not fit the 2 process(es)",
+        ),
+        (
+            2,
+            vec![
+                "train", "--preset", "tiny", "--ep", "2", "--resume", "--out", out,
+            ],
+            "no complete checkpoint",
+        ),
+    ];
+    for (n, args, want) in cases {
+        let e = mpirun(n, &args).expect_err("must fail");
+        let ours: Vec<&str> = e.lines().filter(|l| l.starts_with("error")).collect();
+        assert_eq!(ours.len(), 1, "{args:?}: one error line expected:\n{e}");
+        assert!(
+            ours[0].starts_with("error: ") && ours[0].contains(want),
+            "{args:?}: {:?} should name {want:?}",
+            ours[0]
+        );
+        assert!(!e.contains("panicked"), "{args:?}:\n{e}");
     }
 }

@@ -60,6 +60,107 @@ pub fn world(ranks: usize) -> Result<World, CliError> {
     ))
 }
 
+/// Writes `error: MSG` (or `error (rank R): MSG`) to stderr in one write, so mpirun's merged
+/// output cannot split the line.
+pub fn print_error(rank: Option<usize>, msg: &str) {
+    let line = match rank {
+        Some(r) if r > 0 => format!("error (rank {r}): {msg}\n"),
+        _ => format!("error: {msg}\n"),
+    };
+    let _ = std::io::stderr().write_all(line.as_bytes());
+}
+
+/// Ends a distributed command whose ranks all stopped at the same point, some or all with an
+/// error: rank 0 prints its error (or that another rank failed), a rank whose message differs
+/// from rank 0's prints its own, and every rank passes a barrier before returning
+/// [`CliError::Reported`], so mpirun stops no rank before it printed. Collective.
+fn report(comm: &Arc<dyn Communicator>, mine: Option<CliError>) -> CliError {
+    let (rank, msg) = (comm.rank(), mine.as_ref().map(|e| e.to_string()));
+    // Rank 0's message, to compare (its length first, then its bytes).
+    let bytes = msg.clone().unwrap_or_default().into_bytes();
+    let mut len = [bytes.len() as i32];
+    let _ = comm.broadcast(BufMut::I32(&mut len), 0);
+    let mut lead = if rank == 0 {
+        bytes.clone()
+    } else {
+        vec![0u8; len[0].max(0) as usize]
+    };
+    let _ = comm.broadcast(BufMut::U8(&mut lead), 0);
+    match (&msg, rank) {
+        (Some(m), 0) => print_error(None, m),
+        (None, 0) => print_error(None, "another rank failed (see its message)"),
+        (Some(m), r) if m.as_bytes() != lead.as_slice() => print_error(Some(r), m),
+        _ => {}
+    }
+    let _ = comm.barrier();
+    CliError::Reported
+}
+
+/// The point where the ranks of a distributed command agree that every one of them got this
+/// far: `result` unchanged when all succeeded (or in a single process); otherwise each rank
+/// returns [`CliError::Reported`] after the errors were printed once ([`report`]). Collective:
+/// every rank must call it at the same point.
+///
+/// # Errors
+/// `result`'s error (single process), or [`CliError::Reported`].
+pub fn agree<T>(comm: &Arc<dyn Communicator>, result: Result<T, CliError>) -> Result<T, CliError> {
+    if comm.size() <= 1 {
+        return result;
+    }
+    let mut ok = [result.is_ok() as i32];
+    if let Err(e) = comm.all_reduce_in_place(&mut ok, ReduceOp::Min) {
+        return Err(CliError::Usage(format!("ranks could not agree: {e}")));
+    }
+    match result {
+        Ok(v) if ok[0] == 1 => Ok(v),
+        Ok(_) => Err(report(comm, None)),
+        Err(e) => Err(report(comm, Some(e))),
+    }
+}
+
+/// The layout flags must fit the processes mpirun started: `--ep` alone (score, generate: every
+/// process holds a share of the experts) must equal their number; with data parallelism
+/// (train) `--ep` × `--dp` must, `--dp` defaulting to the number ÷ `--ep`.
+///
+/// # Errors
+/// [`CliError::Usage`] in one line naming both (printed by rank 0 alone, via [`agree`]).
+pub fn check_world(
+    comm: &Arc<dyn Communicator>,
+    ep: usize,
+    dp: Option<usize>,
+    data_parallel: bool,
+) -> Result<(), CliError> {
+    let w = comm.size();
+    let fits = ep > 0
+        && if data_parallel {
+            w.is_multiple_of(ep) && dp.is_none_or(|d| d * ep == w)
+        } else {
+            ep == w
+        };
+    let res = if fits {
+        Ok(())
+    } else {
+        let (asked, hint) = match dp {
+            Some(d) => (
+                format!("--ep {ep} --dp {d} (= {} processes)", ep * d),
+                String::new(),
+            ),
+            None if data_parallel => (
+                format!("--ep {ep}"),
+                " (--ep must divide the number of processes)".to_string(),
+            ),
+            None => (
+                format!("--ep {ep}"),
+                format!(": pass --ep {w}, or start {ep} with `mpirun -n {ep}`"),
+            ),
+        };
+        Err(CliError::Usage(format!(
+            "{asked} does not fit the {w} process(es) started{hint}"
+        )))
+    };
+    agree(comm, res)
+}
+
 /// `peak RSS per rank: …` (each rank's `VmHWM`, gathered; collective), for rank 0 to print.
 ///
 /// # Errors

@@ -221,16 +221,8 @@ pub fn stats_json(g: &Generation) -> serde_json::Value {
 
 pub fn generate_cmd(a: &GenerateArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let world = super::dist::world(a.ep)?;
+    super::dist::check_world(&world.comm, a.ep, None, false)?;
     let n = world.comm.size();
-    if a.ep != n {
-        if world.comm.rank() != 0 {
-            return Err(CliError::OtherRank);
-        }
-        return Err(CliError::Usage(format!(
-            "--ep {} must equal the number of processes, {n} (start them with `mpirun -n {}`)",
-            a.ep, a.ep
-        )));
-    }
     let comm = (n > 1).then(|| world.comm.clone());
     let mut silent = super::dist::Silent;
     let out: &mut dyn Write = if world.comm.rank() == 0 {
@@ -259,26 +251,34 @@ fn generate_on<B: DsBackend>(
     comm: Option<Arc<dyn Communicator>>,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
-    let opts = a.decode.options()?;
-    if a.prompt.is_some() && !a.decode.model.join("tokenizer.json").is_file() {
-        return Err(CliError::Usage(format!(
-            "--prompt needs a tokenizer: {} has no tokenizer.json (use --tokens IDS)",
-            a.decode.model.display()
-        )));
-    }
-    let (model, tok) = a.decode.load::<B>(kind, comm.as_ref())?;
-    let ids = match (&a.tokens, &a.prompt, &tok) {
-        (Some(t), _, _) => parse_tokens(t)?,
-        (None, Some(p), Some(tok)) if a.chat => {
-            let mut msgs = Vec::new();
-            if let Some(s) = &a.system {
-                msgs.push(Message::new("system", s));
-            }
-            msgs.push(Message::new("user", p));
-            tok.encode_chat(&msgs, true).map_err(infer)?
+    // Everything before decoding fails alike on every rank: they agree before it.
+    let prepared = (|| -> Result<_, CliError> {
+        let opts = a.decode.options()?;
+        if a.prompt.is_some() && !a.decode.model.join("tokenizer.json").is_file() {
+            return Err(CliError::Usage(format!(
+                "--prompt needs a tokenizer: {} has no tokenizer.json (use --tokens IDS)",
+                a.decode.model.display()
+            )));
         }
-        (None, Some(p), Some(tok)) => tok.encode_prompt(p).map_err(infer)?,
-        _ => return Err(CliError::Usage("give --prompt TEXT or --tokens IDS".into())),
+        let (model, tok) = a.decode.load::<B>(kind, comm.as_ref())?;
+        let ids = match (&a.tokens, &a.prompt, &tok) {
+            (Some(t), _, _) => parse_tokens(t)?,
+            (None, Some(p), Some(tok)) if a.chat => {
+                let mut msgs = Vec::new();
+                if let Some(s) = &a.system {
+                    msgs.push(Message::new("system", s));
+                }
+                msgs.push(Message::new("user", p));
+                tok.encode_chat(&msgs, true).map_err(infer)?
+            }
+            (None, Some(p), Some(tok)) => tok.encode_prompt(p).map_err(infer)?,
+            _ => return Err(CliError::Usage("give --prompt TEXT or --tokens IDS".into())),
+        };
+        Ok((opts, model, tok, ids))
+    })();
+    let (opts, model, tok, ids) = match &comm {
+        Some(c) => super::dist::agree(c, prepared)?,
+        None => prepared?,
     };
     let mut write_err = None;
     let g = {
@@ -294,7 +294,11 @@ fn generate_on<B: DsBackend>(
                 write_err = Some(e);
             }
         };
-        generate(&model, tok.as_ref(), &ids, &opts, &mut on_token).map_err(infer)?
+        let g = generate(&model, tok.as_ref(), &ids, &opts, &mut on_token).map_err(infer);
+        match &comm {
+            Some(c) => super::dist::agree(c, g)?,
+            None => g?,
+        }
     };
     if let Some(e) = write_err {
         return Err(io(e));

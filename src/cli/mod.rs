@@ -48,9 +48,8 @@ pub enum Command {
     /// Run the same input on several backends: max |Δ logits| against a baseline, greedy
     /// agreement, prefill/decode tokens/s.
     Compare(compare::CompareArgs),
-    /// Self-checks of a distributed run (run under `mpirun -n W`): collectives, the expert
-    /// exchange, and distributed training steps against single-process references.
-    #[command(hide = true)]
+    /// Self-checks of a distributed setup (run under `mpirun -n W`): collectives, the expert
+    /// exchange, gradients and training steps against single-process references.
     DistCheck(dist::DistCheckArgs),
 }
 
@@ -178,10 +177,10 @@ pub enum CliError {
     Usage(String),
     #[error("cannot write {path}: {reason}")]
     Write { path: PathBuf, reason: String },
-    /// A distributed run's rank other than 0 met the error every rank meets (bad flags for the
-    /// world size); rank 0 reports it, the others exit quietly.
-    #[error("the error rank 0 reports")]
-    OtherRank,
+    /// A distributed command's error, already printed by the rank(s) that had to
+    /// ([`dist::agree`]): the process exits non-zero without printing again.
+    #[error("(reported above)")]
+    Reported,
 }
 
 /// Runs a parsed command, writing its report to `out`.
@@ -518,18 +517,10 @@ pub fn parse_tokens(s: &str) -> Result<Vec<u32>, CliError> {
 }
 
 pub fn score(a: &ScoreArgs, out: &mut dyn Write) -> Result<(), CliError> {
-    let ids = parse_tokens(&a.tokens)?;
     let world = dist::world(a.ep)?;
+    dist::check_world(&world.comm, a.ep, None, false)?;
     let n = world.comm.size();
-    if a.ep != n {
-        if world.comm.rank() != 0 {
-            return Err(CliError::OtherRank);
-        }
-        return Err(CliError::Usage(format!(
-            "--ep {} must equal the number of processes, {n} (start them with `mpirun -n {}`)",
-            a.ep, a.ep
-        )));
-    }
+    let ids = dist::agree(&world.comm, parse_tokens(&a.tokens))?;
     let comm = (n > 1).then(|| world.comm.clone());
     let mut silent = dist::Silent;
     let out: &mut dyn Write = if world.comm.rank() == 0 {
@@ -601,36 +592,46 @@ fn score_on<B: DsBackend>(
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
     let device = B::Device::default();
-    let opts = LoadOptions {
-        strict: a.strict,
-        skip_mtp: !a.mtp,
-        expert_shard: comm.as_ref().map(|c| (c.rank(), c.size())),
-    };
-    let mut weights = weight_options(kind, a.run.weights);
-    // Expert-parallel layers run their experts unpacked (the exchange is host-staged).
-    weights.pack_experts &= comm.is_none();
-    let (mut model, report) = dsv3_model::load_with::<B>(&a.model, &device, &opts, &weights)?;
     let lead = comm.as_ref().is_none_or(|c| c.rank() == 0);
-    if let Some(c) = &comm {
-        model.set_expert_parallel(c.clone())?;
-    }
+    // Everything up to the forward pass fails alike on every rank: they agree before it.
+    let loaded = (|| -> Result<_, CliError> {
+        let opts = LoadOptions {
+            strict: a.strict,
+            skip_mtp: !a.mtp,
+            expert_shard: comm.as_ref().map(|c| (c.rank(), c.size())),
+        };
+        let mut weights = weight_options(kind, a.run.weights);
+        // Expert-parallel layers run their experts unpacked (the exchange is host-staged).
+        weights.pack_experts &= comm.is_none();
+        let (mut model, report) = dsv3_model::load_with::<B>(&a.model, &device, &opts, &weights)?;
+        if let Some(c) = &comm {
+            model.set_expert_parallel(c.clone())?;
+        }
+        if a.mtp && model.model.mtp.is_empty() {
+            return Err(
+                ModelError::NoMtp(format!("{} has no MTP layer", a.model.display())).into(),
+            );
+        }
+        if a.mtp && ids.len() < 2 {
+            return Err(ModelError::NoMtp("--mtp needs at least 2 tokens".into()).into());
+        }
+        let tokens = model.tokens_tensor(ids)?;
+        dsv3_model::check_positions(a.offset, ids.len())?;
+        Ok((model, report, tokens))
+    })();
+    let (model, report, tokens) = match &comm {
+        Some(c) => dist::agree(c, loaded)?,
+        None => loaded?,
+    };
     keep_freed_buffers();
     if lead {
         print_load_warnings(&report);
     }
-    if a.mtp && model.model.mtp.is_empty() {
-        return Err(ModelError::NoMtp(format!("{} has no MTP layer", a.model.display())).into());
-    }
-    if a.mtp && ids.len() < 2 {
-        return Err(ModelError::NoMtp("--mtp needs at least 2 tokens".into()).into());
-    }
-    let tokens = model.tokens_tensor(ids)?;
     let fopts = ForwardOptions {
         attention: a.attention,
         record_routing: a.routing.is_some(),
         ..Default::default()
     };
-    dsv3_model::check_positions(a.offset, ids.len())?;
     let fwd = model.forward(tokens.clone(), a.offset, None, &fopts);
     let t = ids.len();
     let vocab = model.config.vocab_size;

@@ -194,36 +194,32 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
 fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let (model, train) = settings(a)?;
     let world = super::dist::world(a.ep * a.dp.unwrap_or(1))?;
-    let w = world.comm.size();
-    if a.ep == 0 || !w.is_multiple_of(a.ep) || a.dp.is_some_and(|d| d * a.ep != w) {
-        if world.comm.rank() != 0 {
-            return Err(CliError::OtherRank);
+    let comm = &world.comm;
+    super::dist::check_world(comm, a.ep, a.dp, true)?;
+    let w = comm.size();
+    let lead = comm.rank() == 0;
+    let mut silent = super::dist::Silent;
+    let out: &mut dyn Write = if lead { out } else { &mut silent };
+    let checked = (|| {
+        if let Some(d) = &a.data {
+            if !d.exists() {
+                return Err(train_err(TrainError::MissingData(d.clone())));
+            }
         }
-        return Err(CliError::Usage(format!(
-            "--ep {}{} does not match the {w} processes (ep × dp must equal the number started by mpirun)",
-            a.ep,
-            a.dp.map(|d| format!(" --dp {d}")).unwrap_or_default()
-        )));
-    }
+        if !a.resume && dsv3_train::has_checkpoint(&a.out) {
+            return Err(CliError::Usage(format!(
+                "{} already holds checkpoints: continue with --resume, or give another --out",
+                a.out.display()
+            )));
+        }
+        Ok(())
+    })();
+    super::dist::agree(comm, checked)?;
     let parallel = if w > 1 {
-        Some(dsv3_train::Parallel::new(world.comm.clone(), a.ep).map_err(train_err)?)
+        Some(dsv3_train::Parallel::new(comm.clone(), a.ep).map_err(train_err)?)
     } else {
         None
     };
-    let lead = world.comm.rank() == 0;
-    let mut silent = super::dist::Silent;
-    let out: &mut dyn Write = if lead { out } else { &mut silent };
-    if let Some(d) = &a.data {
-        if !d.exists() {
-            return Err(train_err(TrainError::MissingData(d.clone())));
-        }
-    }
-    if !a.resume && dsv3_train::has_checkpoint(&a.out) {
-        return Err(CliError::Usage(format!(
-            "{} already holds checkpoints: continue with --resume, or give another --out",
-            a.out.display()
-        )));
-    }
     let opts = RunOptions {
         out: a.out.clone(),
         data: a.data.clone().map(DataSource::Path),
@@ -239,17 +235,10 @@ fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
     };
-    // Settings every rank checks alike (e.g. a global batch that does not split) are reported
-    // by rank 0 alone.
-    let uniform = |e: &TrainError| matches!(e, TrainError::Invalid(_));
-    let (summary, trained) =
-        dsv3_train::run::<CpuAutodiff>(&opts, &device, &mut say).map_err(|e| {
-            if !lead && uniform(&e) {
-                CliError::OtherRank
-            } else {
-                train_err(e)
-            }
-        })?;
+    // The ranks of a distributed run stop together (the run's failures are agreed on: the
+    // same settings, the same losses, checkpoint writes that agree), so they agree here once.
+    let result = dsv3_train::run::<CpuAutodiff>(&opts, &device, &mut say).map_err(train_err);
+    let (summary, trained) = super::dist::agree(comm, result)?;
     let mut report = String::new();
     use std::fmt::Write as _;
     if parallel.is_some() {
