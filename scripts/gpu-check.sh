@@ -23,23 +23,20 @@ cargo bench --features cuda --bench kernels -- gpu-fp8-vs-bf16
 # The same input on every backend this build has.
 cargo run -q --features cuda --bin dsv3 -- compare --model tests/fixtures/tiny-qlora --backends flex,cuda
 cargo run -q --features cuda --bin dsv3 -- compare --model tests/fixtures/tiny-fp8 --backends flex,cuda --weights fp8
-# NCCL (features mpi + nccl; needs OpenMPI to build and libnccl to run): a communicator of one
-# rank (one GPU holds one NCCL rank), its host-buffer collectives and the device-pointer calls
-# on a Burn CUDA tensor. cudarc opens `libnccl.so` but NCCL (e.g. the nvidia-nccl-cu* wheel)
-# installs `libnccl.so.2`: link it under that name into a folder on LD_LIBRARY_PATH.
-if command -v mpicc >/dev/null || pkg-config --exists ompi 2>/dev/null; then
-    nccl_lib="$(find / -path /proc -prune -o -name 'libnccl.so*' -type f -print 2>/dev/null | sort | head -n 1 || true)"
-    if [ -n "$nccl_lib" ]; then
-        nccl_dir="$(mktemp -d)"
-        ln -sf "$nccl_lib" "$nccl_dir/libnccl.so"
-        ln -sf "$nccl_lib" "$nccl_dir/libnccl.so.2"
-        echo "NCCL: $nccl_lib"
-        LD_LIBRARY_PATH="$nccl_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
-            cargo test --features wgpu,cuda,mpi,nccl --test integration -- --ignored --nocapture \
-            --test-threads=1 nccl_one_rank
-    else
-        echo "NCCL check skipped: no libnccl.so* on this machine (pip install nvidia-nccl-cu12)"
-    fi
+# NCCL (feature nccl; libnccl is opened at run time): a communicator of one rank (one GPU holds
+# one NCCL rank; its id goes over a world-of-one communicator, no MPI needed), its host-buffer
+# collectives and the device-pointer calls on a Burn CUDA tensor. cudarc opens `libnccl.so` but
+# NCCL (e.g. the nvidia-nccl-cu* wheel) installs `libnccl.so.2`: link it under that name into a
+# folder on LD_LIBRARY_PATH.
+nccl_lib="$(find / -path /proc -prune -o -name 'libnccl.so*' -type f -print 2>/dev/null | sort | head -n 1 || true)"
+if [ -n "$nccl_lib" ]; then
+    nccl_dir="$(mktemp -d)"
+    ln -sf "$nccl_lib" "$nccl_dir/libnccl.so"
+    ln -sf "$nccl_lib" "$nccl_dir/libnccl.so.2"
+    echo "NCCL: $nccl_lib"
+    LD_LIBRARY_PATH="$nccl_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" \
+        cargo test --features cuda,nccl --test integration -- --ignored --nocapture \
+        --test-threads=1 nccl_one_rank
 else
-    echo "NCCL check skipped: no OpenMPI (apt-get install openmpi-bin libopenmpi-dev libclang-dev)"
+    echo "NCCL check FAILED to start: no libnccl.so* on this machine (pip install nvidia-nccl-cu12)"
 fi

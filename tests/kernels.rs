@@ -467,20 +467,20 @@ pub(crate) mod cuda {
 
     /// The NCCL communicator in a world of one (a single GPU can hold only one NCCL rank): every
     /// host-buffer call against the values it must give, and the device-pointer calls on a Burn
-    /// CUDA tensor's memory. Run alone (`nccl_one_rank`): MPI initialises once per process.
+    /// CUDA tensor's memory. One rank needs no launcher: the id is "broadcast" over a
+    /// `LocalComm` (a multi-rank communicator bootstraps over MPI the same way).
     #[cfg(feature = "nccl")]
     #[test]
     #[ignore = "needs a GPU and libnccl: run by scripts/gpu-check.sh"]
     fn nccl_one_rank_collectives() {
         use dsv3_backends::comm::nccl::{cuda_tensor_ptr, NcclComm};
         use dsv3_backends::comm::{
-            Buf, BufMut, CommError, CommExt, Communicator, MpiRuntime, Owned, ReduceOp,
+            Buf, BufMut, CommError, CommExt, Communicator, LocalComm, Owned, ReduceOp,
         };
         use std::sync::Arc;
 
         require_gpu();
-        let (_mpi_env, world) = MpiRuntime::init().expect("MPI init");
-        let world: Arc<dyn Communicator> = world;
+        let world: Arc<dyn Communicator> = LocalComm::new();
         let nccl = NcclComm::new(&world, 0).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((nccl.rank(), nccl.size(), nccl.engine()), (0, 1, "nccl"));
 

@@ -1,5 +1,6 @@
-//! [`Communicator`] over NCCL through cudarc: one rank per GPU, bootstrapped over MPI (rank 0
-//! makes the NCCL unique id and broadcasts it with the MPI communicator it is given).
+//! [`Communicator`] over NCCL through cudarc: one rank per GPU, bootstrapped over another
+//! communicator (rank 0 makes the NCCL unique id and broadcasts it: MPI across processes, a
+//! `LocalComm` for one rank).
 //!
 //! Two ways in:
 //! - the trait's host-buffer calls, which stage through the GPU: copy to device memory, run the
