@@ -25,3 +25,5 @@ echo "== read the file once (cat, warm cache)"
 /usr/bin/time -f "cat: %e s wall, %M KiB peak RSS" cat "$work/model/model.safetensors" > /dev/null
 echo "== dsv3 inspect --load (bf16 file -> f32 weights)"
 /usr/bin/time -f "dsv3: %e s wall, %M KiB peak RSS" "$bin" inspect --model "$work/model" --load | tail -1
+echo "== dsv3 inspect --load --weights bf16 (bf16 file -> bf16 Linear weights, the rest f32)"
+/usr/bin/time -f "dsv3: %e s wall, %M KiB peak RSS" "$bin" inspect --model "$work/model" --load --weights bf16 | tail -1

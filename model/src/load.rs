@@ -180,6 +180,33 @@ impl<B: DsBackend> ModuleMapper<B> for Loader<'_, B> {
         } else {
             shape.clone()
         };
+        // bf16 Linear weights from a float checkpoint: straight into bf16 (a BF16 file's bits
+        // copied), without an f32 buffer in between.
+        let direct_bf16 = self.bf16
+            && transpose
+            && D == 2
+            && !kv_b_proj
+            && self
+                .ckpt
+                .info(&name)
+                .is_some_and(|i| matches!(i.dtype, Dtype::BF16 | Dtype::F32 | Dtype::F16));
+        if direct_bf16 {
+            return match self.ckpt.read_bf16(&name, &disk_shape, true) {
+                Ok(values) => {
+                    self.params += values.len() as u64;
+                    self.used.insert(name);
+                    let t = Tensor::<B, D>::from_data(
+                        TensorData::new(values, shape),
+                        (&self.device, burn::tensor::DType::BF16),
+                    );
+                    Param::initialized(param.id, t.require_grad())
+                }
+                Err(e) => {
+                    self.error = Some(e);
+                    param
+                }
+            };
+        }
         match self
             .ckpt
             .read_f32(&name, &disk_shape, transpose, self.fp8_block)

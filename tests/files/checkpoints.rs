@@ -336,3 +336,58 @@ fn layers_past_num_hidden_layers_that_are_not_mtp_warn() {
         report.warnings
     );
 }
+
+/// `read_bf16` (what `--weights bf16` loads through) gives exactly what reading f32 and rounding
+/// to nearest even gives — a BF16 tensor's own bits — for BF16, F16 and F32 storage, plain and
+/// transposed, on a tensor large enough to be split over the cores (515 × 1031, not multiples of
+/// the 64-element transpose tile) and on a small one.
+#[test]
+fn read_bf16_equals_rounded_f32_read() {
+    use dsv3_model::checkpoint::{write_safetensors, Checkpoint, TensorSource};
+    let dir = scratch("read-bf16");
+    let mut rng = Rng::new(11);
+    let mut tensors = Vec::new();
+    let mut shapes = Vec::new();
+    for (dtype, tag) in [
+        (Dtype::BF16, "bf16"),
+        (Dtype::F16, "f16"),
+        (Dtype::F32, "f32"),
+    ] {
+        for shape in [vec![515usize, 1031], vec![3, 5], vec![7]] {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = (0..n).map(|_| (rng.uniform() - 0.5) * 8.0).collect();
+            let name = format!("{tag}.{}", shape.len() * 1000 + n % 1000);
+            shapes.push((name.clone(), shape.clone()));
+            tensors.push((
+                name,
+                TensorSource {
+                    dtype,
+                    shape,
+                    values: Box::new(move || Ok(values)),
+                },
+            ));
+        }
+    }
+    let path = dir.join("model.safetensors");
+    write_safetensors(&path, tensors, None).unwrap();
+    let ckpt = Checkpoint::open_files(&[path]).unwrap();
+    for (name, shape) in shapes {
+        for transpose in [false, shape.len() == 2] {
+            let want: Vec<u16> = ckpt
+                .read_f32(&name, &shape, transpose, 128)
+                .unwrap()
+                .into_iter()
+                .map(|v| burn::tensor::bf16::from_f32(v).to_bits())
+                .collect();
+            let got: Vec<u16> = ckpt
+                .read_bf16(&name, &shape, transpose)
+                .unwrap()
+                .into_iter()
+                .map(|v| v.to_bits())
+                .collect();
+            assert_eq!(got, want, "{name} transpose {transpose}");
+        }
+    }
+    let e = ckpt.read_bf16("bf16.1007", &[8], false).unwrap_err();
+    assert!(e.to_string().contains("bf16.1007"), "{e}");
+}
