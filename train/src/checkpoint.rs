@@ -23,10 +23,10 @@ use crate::config::TrainConfig;
 use crate::data::{Dataset, Sampler, SamplerState};
 use crate::error::TrainError;
 use crate::optim;
-use crate::parallel::Parallel;
+use crate::parallel::{agree, Parallel};
 use crate::tokenizer::ByteTokenizer;
 use crate::trainer::{Optim, Trainer};
-use dsv3_backends::comm::{CommExt, ReduceOp};
+use dsv3_backends::comm::CommExt;
 
 pub const STATE_FILE: &str = "train_state.json";
 pub const OPTIM_FILE: &str = "optimizer.mpk";
@@ -147,22 +147,6 @@ pub fn write_atomically<B: DsBackend>(
     Ok(())
 }
 
-/// Whether every rank succeeded: each rank's `result` is combined (an all-reduce), so a
-/// failure on one rank is an error on all of them instead of a hang at the next collective.
-fn agree(par: &Parallel, result: Result<(), TrainError>) -> Result<(), TrainError> {
-    let mut ok = [result.is_ok() as i32];
-    par.world
-        .all_reduce_in_place(&mut ok, ReduceOp::Min)
-        .map_err(crate::parallel::comm_err)?;
-    result?;
-    if ok[0] == 0 {
-        return Err(TrainError::Invalid(
-            "another rank failed while writing the checkpoint (see its message)".into(),
-        ));
-    }
-    Ok(())
-}
-
 /// [`write_atomically`] for a distributed run, collective over `par.world`: the first
 /// data-parallel replica writes the model as a sharded checkpoint
 /// ([`dsv3_model::save_expert_parallel`]: each expert-parallel rank its own experts), every
@@ -195,7 +179,7 @@ pub fn write_parallel<B: DsBackend>(
     } else {
         Ok(())
     };
-    agree(par, prepared)?;
+    agree(par, prepared, "writing the checkpoint")?;
     let written = (|| {
         if par.dp.rank() == 0 {
             dsv3_model::save_expert_parallel(model, &tmp, SaveDtype::F32)?;
@@ -206,7 +190,7 @@ pub fn write_parallel<B: DsBackend>(
         }
         Ok(())
     })();
-    agree(par, written)?;
+    agree(par, written, "writing the checkpoint")?;
     let finished = if lead {
         (|| {
             ByteTokenizer.save(&tmp)?;
@@ -231,7 +215,7 @@ pub fn write_parallel<B: DsBackend>(
     } else {
         Ok(())
     };
-    agree(par, finished)
+    agree(par, finished, "writing the checkpoint")
 }
 
 /// The optimiser state keyed by parameter position (module order) instead of the run's
@@ -286,7 +270,8 @@ pub fn save<B: DsAutodiffBackend>(
     let dest = step_dir(out, t.step);
     let state_json = serde_json::to_vec_pretty(&state).expect("state serialises");
     if let Some(par) = &t.parallel {
-        let shard = (optim_shard_file(par.world.rank()), optimizer_bytes(t)?);
+        let shard = agree(par, optimizer_bytes(t), "serialising its optimiser state")?;
+        let shard = (optim_shard_file(par.world.rank()), shard);
         write_parallel(
             &t.model,
             par,
@@ -294,10 +279,12 @@ pub fn save<B: DsAutodiffBackend>(
             &[(STATE_FILE, state_json)],
             Some(shard),
         )?;
-        if par.is_lead() {
-            prune(out, t.cfg.keep_checkpoints)?;
-        }
-        agree(par, Ok(()))?;
+        let pruned = if par.is_lead() {
+            prune(out, t.cfg.keep_checkpoints)
+        } else {
+            Ok(())
+        };
+        agree(par, pruned, "pruning old checkpoints")?;
         return Ok(dest);
     }
     // train_state.json is written last inside the temporary directory.
@@ -443,18 +430,44 @@ pub fn resume<B: DsAutodiffBackend>(
 ) -> Result<(Trainer<B>, PathBuf, TrainState, Vec<String>), TrainError> {
     let mut warnings = Vec::new();
     let mut last_err = None;
+    let mut found = None;
     for (_, dir) in complete(out).into_iter().rev() {
         match load::<B>(&dir, data.clone(), steps, device, par) {
             Ok(t) => {
-                let state = read_state(&dir)?;
-                return Ok((t, dir, state, warnings));
+                found = Some(read_state(&dir).map(|state| (t, dir, state)));
+                break;
             }
             Err(e @ TrainError::BadCheckpoint { .. }) => {
                 warnings.push(e.to_string());
                 last_err = Some(e);
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                found = Some(Err(e));
+                break;
+            }
         }
     }
-    Err(last_err.unwrap_or_else(|| TrainError::NoCheckpoint(out.to_path_buf())))
+    let result = found.unwrap_or_else(|| {
+        Err(last_err.unwrap_or_else(|| TrainError::NoCheckpoint(out.to_path_buf())))
+    });
+    let Some(p) = par else {
+        return result.map(|(t, dir, state)| (t, dir, state, warnings));
+    };
+    // Every rank must continue from the same checkpoint (one of them could have passed over a
+    // damaged shard of its own): they agree on the step before the first collective of training.
+    let (t, dir, state) = agree(p, result, "resuming")?;
+    let mut v = [t.step as f64, -(t.step as f64)];
+    p.world
+        .all_reduce_in_place(&mut v, dsv3_backends::comm::ReduceOp::Max)
+        .map_err(crate::parallel::comm_err)?;
+    if v[0] != -v[1] {
+        return Err(TrainError::Invalid(format!(
+            "the ranks found different newest checkpoints (steps {} to {}) in {}: every rank \
+             needs the same complete checkpoint",
+            -v[1],
+            v[0],
+            out.display()
+        )));
+    }
+    Ok((t, dir, state, warnings))
 }

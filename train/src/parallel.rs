@@ -40,6 +40,30 @@ pub(crate) fn comm_err(e: CommError) -> TrainError {
     TrainError::Invalid(format!("communication failed: {e}"))
 }
 
+/// Whether every rank succeeded at this point: each rank's `result` is combined (an all-reduce),
+/// so a failure on one rank is an error on all of them, at the same point, instead of a hang at
+/// the next collective. `what` names the step for the ranks that did not fail themselves.
+///
+/// # Errors
+/// This rank's error; [`TrainError::Invalid`] when another rank failed or the collective fails.
+pub(crate) fn agree<T>(
+    par: &Parallel,
+    result: Result<T, TrainError>,
+    what: &str,
+) -> Result<T, TrainError> {
+    let mut ok = [result.is_ok() as i32];
+    par.world
+        .all_reduce_in_place(&mut ok, ReduceOp::Min)
+        .map_err(comm_err)?;
+    let value = result?;
+    if ok[0] == 0 {
+        return Err(TrainError::Invalid(format!(
+            "another rank failed {what} (see its message)"
+        )));
+    }
+    Ok(value)
+}
+
 impl Parallel {
     /// Splits `world` into expert-parallel groups of `ep_size` ranks (and data-parallel groups
     /// of `world.size() / ep_size`).

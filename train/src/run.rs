@@ -207,12 +207,13 @@ pub fn run<B: DsAutodiffBackend>(
     let lead = opts.parallel.as_ref().is_none_or(|p| p.is_lead());
     std::fs::create_dir_all(out).map_err(|e| TrainError::io("create", out, e))?;
     let log = if lead {
-        Some(MetricsLog::open(
-            out,
-            resumed_from.as_ref().map(|_| trainer.step),
-        )?)
+        MetricsLog::open(out, resumed_from.as_ref().map(|_| trainer.step)).map(Some)
     } else {
-        None
+        Ok(None)
+    };
+    let log = match &opts.parallel {
+        Some(p) => crate::parallel::agree(p, log, "opening the metrics log")?,
+        None => log?,
     };
     let start_step = trainer.step;
     let total = trainer.cfg.steps;
@@ -295,8 +296,10 @@ pub fn run<B: DsAutodiffBackend>(
                     .and_then(|c| c.ep_analytic_bytes.clone()),
                 ep_ranks_per_token: stats.comm.as_ref().and_then(|c| c.ranks_per_token),
             };
-            if let Some(log) = &log {
-                log.append(&rec)?;
+            let appended = log.as_ref().map_or(Ok(()), |l| l.append(&rec));
+            match &opts.parallel {
+                Some(p) => crate::parallel::agree(p, appended, "writing the metrics log")?,
+                None => appended?,
             }
             let mut line = format!(
                 "step {step:>5}  loss {:.4}  ce {:.4}",
