@@ -71,7 +71,8 @@ impl<B: DsBackend> Linear<B> {
 
     /// Drops the weight (both forms) for a placeholder, e.g. once it was stacked elsewhere.
     pub fn clear(&mut self) {
-        let device = self.weight.device();
+        // `lazy_device`: a weight not yet materialised (a fresh `init`) is never drawn.
+        let device = self.weight.lazy_device();
         self.weight = Param::initialized(ParamId::new(), Tensor::zeros([1, 1], &device));
         self.fp8 = None;
     }

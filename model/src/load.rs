@@ -20,6 +20,7 @@ use crate::config::DeepseekV3Config;
 use crate::error::{ConfigError, ModelError};
 use crate::model::DeepseekV3;
 use crate::names::PathTracker;
+use dsv3_backends::comm::CommExt;
 
 /// Options for [`load`].
 #[derive(Debug, Clone, Default)]
@@ -699,8 +700,9 @@ fn write_config<B: DsBackend>(
 /// (rank 0 also every other tensor), and rank 0 writes `model.safetensors.index.json` and
 /// `config.json`. [`load`] reads the result like any sharded checkpoint (with
 /// [`LoadOptions::expert_shard`] each rank reads only its own experts). Collective: every rank
-/// of the group calls it with the same `dir` (a shared file system); it returns after a
-/// barrier, once every shard is written. Without expert parallelism it is [`save`].
+/// of the group calls it with the same `dir` (a shared file system); it returns once every
+/// shard is written (the ranks agree after each step, so a failure anywhere is an error on
+/// every rank). Without expert parallelism it is [`save`].
 ///
 /// # Errors
 /// As [`save`]; [`ModelError::Invalid`] when the group's collectives fail.
@@ -714,16 +716,34 @@ pub fn save_expert_parallel<B: DsBackend>(
     };
     let comm = ep.comm().clone();
     let (rank, size) = (comm.rank(), comm.size());
-    let comm_err = |e: dsv3_backends::comm::CommError| ModelError::Invalid(e.to_string());
     if has_fp8(model) {
         let mut dense = model.clone();
         dense.dequantize_fp8();
         return save_expert_parallel(&dense, dir, dtype);
     }
-    std::fs::create_dir_all(dir).map_err(|e| LoadError::Io {
-        path: dir.to_path_buf(),
-        source: e,
-    })?;
+    // Every step that can fail on one rank is agreed on before the next collective, so a
+    // failure is an error on every rank instead of a rank waiting forever.
+    let agree = |result: Result<(), ModelError>, point: &str| -> Result<(), ModelError> {
+        let all_ok = comm
+            .agree_at(result.is_ok(), point)
+            .map_err(|e| ModelError::Invalid(e.to_string()))?;
+        result?;
+        if !all_ok {
+            return Err(ModelError::Invalid(format!(
+                "another rank failed {point} in {} (see its message)",
+                dir.display()
+            )));
+        }
+        Ok(())
+    };
+    let created = std::fs::create_dir_all(dir).map_err(|e| {
+        LoadError::Io {
+            path: dir.to_path_buf(),
+            source: e,
+        }
+        .into()
+    });
+    agree(created, "creating the directory")?;
     let mut lister = Lister {
         path: PathTracker::new(&model.config),
         dtype,
@@ -733,23 +753,9 @@ pub fn save_expert_parallel<B: DsBackend>(
     };
     model.visit(&mut lister);
     let file = |r: usize| format!("model-{:05}-of-{size:05}.safetensors", r + 1);
-    // Every rank reports whether its shard was written, so no rank waits forever for one
-    // that failed.
-    let written = write_safetensors(&dir.join(file(rank)), lister.out, None);
-    let mut ok = [i32::from(written.is_ok())];
-    comm.all_reduce(
-        dsv3_backends::comm::BufMut::I32(&mut ok),
-        dsv3_backends::comm::ReduceOp::Min,
-    )
-    .map_err(comm_err)?;
-    written?;
-    if ok[0] == 0 {
-        return Err(ModelError::Invalid(format!(
-            "another rank failed to write its shard of {}",
-            dir.display()
-        )));
-    }
-    if rank == 0 {
+    let written = write_safetensors(&dir.join(file(rank)), lister.out, None).map_err(Into::into);
+    agree(written, "writing its shard")?;
+    let indexed = if rank == 0 {
         let weight_map: serde_json::Map<String, serde_json::Value> = lister
             .names
             .iter()
@@ -758,9 +764,10 @@ pub fn save_expert_parallel<B: DsBackend>(
         let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
         let path = dir.join(crate::checkpoint::INDEX_FILE);
         std::fs::write(&path, serde_json::to_vec_pretty(&index).expect("json"))
-            .map_err(|e| LoadError::Io { path, source: e })?;
-        write_config(model, dir, dtype)?;
-    }
-    comm.barrier().map_err(comm_err)?;
-    Ok(())
+            .map_err(|e| LoadError::Io { path, source: e }.into())
+            .and_then(|()| write_config(model, dir, dtype))
+    } else {
+        Ok(())
+    };
+    agree(indexed, "writing the index and config.json")
 }

@@ -47,6 +47,16 @@ pub fn world(ranks: usize) -> Result<World, CliError> {
     {
         let (rt, comm) = dsv3_backends::comm::MpiRuntime::init()
             .map_err(|e| CliError::Usage(format!("cannot start MPI: {e}")))?;
+        if comm.size() > 1 {
+            // A panic on one rank (a broken invariant, a failed exchange) would otherwise leave
+            // the others waiting in their next collective: end the whole job instead.
+            let hook = std::panic::take_hook();
+            let abort: Arc<dyn Communicator> = comm.clone();
+            std::panic::set_hook(Box::new(move |info| {
+                hook(info);
+                abort.abort(101);
+            }));
+        }
         Ok(World {
             comm,
             _mpi: Some(rt),
@@ -96,23 +106,27 @@ fn report(comm: &Arc<dyn Communicator>, mine: Option<CliError>) -> CliError {
     CliError::Reported
 }
 
-/// The point where the ranks of a distributed command agree that every one of them got this
-/// far: `result` unchanged when all succeeded (or in a single process); otherwise each rank
+/// The point (named `point`) where the ranks of a distributed command agree that every one of
+/// them got this far: `result` unchanged when all succeeded (or in a single process); otherwise each rank
 /// returns [`CliError::Reported`] after the errors were printed once ([`report`]). Collective:
 /// every rank must call it at the same point.
 ///
 /// # Errors
 /// `result`'s error (single process), or [`CliError::Reported`].
-pub fn agree<T>(comm: &Arc<dyn Communicator>, result: Result<T, CliError>) -> Result<T, CliError> {
+pub fn agree<T>(
+    comm: &Arc<dyn Communicator>,
+    result: Result<T, CliError>,
+    point: &str,
+) -> Result<T, CliError> {
     if comm.size() <= 1 {
         return result;
     }
-    let mut ok = [result.is_ok() as i32];
-    if let Err(e) = comm.all_reduce_in_place(&mut ok, ReduceOp::Min) {
-        return Err(CliError::Usage(format!("ranks could not agree: {e}")));
-    }
+    let all_ok = match comm.agree_at(result.is_ok(), point) {
+        Ok(all) => all,
+        Err(e) => return Err(CliError::Usage(format!("ranks could not agree: {e}"))),
+    };
     match result {
-        Ok(v) if ok[0] == 1 => Ok(v),
+        Ok(v) if all_ok => Ok(v),
         Ok(_) => Err(report(comm, None)),
         Err(e) => Err(report(comm, Some(e))),
     }
@@ -158,7 +172,7 @@ pub fn check_world(
             "{asked} does not fit the {w} process(es) started{hint}"
         )))
     };
-    agree(comm, res)
+    agree(comm, res, "layout")
 }
 
 /// `peak RSS per rank: …` (each rank's `VmHWM`, gathered; collective), for rank 0 to print.
@@ -190,8 +204,8 @@ pub struct DistCheckArgs {
     pub seed: u64,
 }
 
-/// Runs every check on every rank; rank 0 prints one `ok …` line per check. A failure is an
-/// error (one line, non-zero exit; the launcher stops the other ranks).
+/// Runs every check on every rank; rank 0 prints one `ok …` line per check. A failure prints one
+/// line (`error (rank r): FAILED …`) and ends the whole job with a non-zero exit (`MPI_Abort`).
 pub fn dist_check(a: &DistCheckArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let world = world(2)?;
     let comm = world.comm.clone();
@@ -201,9 +215,23 @@ pub fn dist_check(a: &DistCheckArgs, out: &mut dyn Write) -> Result<(), CliError
             let _ = writeln!(out, "ok {line}");
         }
     };
-    say(collectives(&comm)?);
-    say(exchange(&comm, a.seed)?);
-    say(gradients(&comm, a.seed)?);
+    // A check that fails on one rank may leave the others inside its collectives: the failing
+    // rank prints and ends the whole job.
+    let rank = comm.rank();
+    let mut run = |check: Result<String, CliError>| match check {
+        Ok(line) => say(line),
+        Err(e) if comm.size() > 1 => {
+            print_error(Some(rank), &e.to_string());
+            comm.abort(1)
+        }
+        Err(e) => {
+            print_error(None, &e.to_string());
+            std::process::exit(1)
+        }
+    };
+    run(collectives(&comm));
+    run(exchange(&comm, a.seed));
+    run(gradients(&comm, a.seed));
     let w = comm.size();
     let mut layouts = vec![(w, 1), (1, w)];
     if w == 4 {
@@ -211,7 +239,7 @@ pub fn dist_check(a: &DistCheckArgs, out: &mut dyn Write) -> Result<(), CliError
     }
     layouts.dedup();
     for (ep, dp) in layouts {
-        say(train_steps(&comm, ep, dp, a.seed)?);
+        run(train_steps(&comm, ep, dp, a.seed));
     }
     Ok(())
 }

@@ -277,7 +277,7 @@ fn generate_on<B: DsBackend>(
         Ok((opts, model, tok, ids))
     })();
     let (opts, model, tok, ids) = match &comm {
-        Some(c) => super::dist::agree(c, prepared)?,
+        Some(c) => super::dist::agree(c, prepared, "loading")?,
         None => prepared?,
     };
     let mut write_err = None;
@@ -296,17 +296,16 @@ fn generate_on<B: DsBackend>(
         };
         let g = generate(&model, tok.as_ref(), &ids, &opts, &mut on_token).map_err(infer);
         match &comm {
-            Some(c) => super::dist::agree(c, g)?,
+            Some(c) => super::dist::agree(c, g, "decoding")?,
             None => g?,
         }
     };
-    if let Some(e) = write_err {
-        return Err(io(e));
-    }
     let mut rss = None;
     if let Some(c) = &comm {
-        // Every rank decoded for itself; they must have chosen the same tokens (the same
-        // logits bit for bit: the experts' rows come back from one computation).
+        // Every rank decoded for itself, from logits that agree bit for bit in practice (the
+        // same dense arithmetic everywhere; each token's expert rows computed by their owner in
+        // one product): check that they chose the same tokens. (A divergence that changed the
+        // number of steps would stop the exchanges from pairing before this check.)
         let mine: Vec<i32> = g.tokens.iter().map(|&t| t as i32).collect();
         let lens = c
             .all_gather_vec(&[mine.len() as i32])
@@ -325,6 +324,10 @@ fn generate_on<B: DsBackend>(
             ));
         }
         rss = Some(super::dist::peak_rss_line(c)?);
+    }
+    // Rank 0's stdout failing is reported after the collectives above, which every rank runs.
+    if let Some(e) = write_err {
+        return Err(io(e));
     }
     if a.json {
         let j = serde_json::json!({

@@ -520,7 +520,7 @@ pub fn score(a: &ScoreArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let world = dist::world(a.ep)?;
     dist::check_world(&world.comm, a.ep, None, false)?;
     let n = world.comm.size();
-    let ids = dist::agree(&world.comm, parse_tokens(&a.tokens))?;
+    let ids = dist::agree(&world.comm, parse_tokens(&a.tokens), "tokens")?;
     let comm = (n > 1).then(|| world.comm.clone());
     let mut silent = dist::Silent;
     let out: &mut dyn Write = if world.comm.rank() == 0 {
@@ -620,7 +620,7 @@ fn score_on<B: DsBackend>(
         Ok((model, report, tokens))
     })();
     let (model, report, tokens) = match &comm {
-        Some(c) => dist::agree(c, loaded)?,
+        Some(c) => dist::agree(c, loaded, "loading")?,
         None => loaded?,
     };
     keep_freed_buffers();

@@ -214,7 +214,7 @@ fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
         }
         Ok(())
     })();
-    super::dist::agree(comm, checked)?;
+    super::dist::agree(comm, checked, "checks")?;
     let parallel = if w > 1 {
         Some(dsv3_train::Parallel::new(comm.clone(), a.ep).map_err(train_err)?)
     } else {
@@ -238,7 +238,7 @@ fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
     // The ranks of a distributed run stop together (the run's failures are agreed on: the
     // same settings, the same losses, checkpoint writes that agree), so they agree here once.
     let result = dsv3_train::run::<CpuAutodiff>(&opts, &device, &mut say).map_err(train_err);
-    let (summary, trained) = super::dist::agree(comm, result)?;
+    let (summary, trained) = super::dist::agree(comm, result, "training")?;
     let mut report = String::new();
     use std::fmt::Write as _;
     if parallel.is_some() {

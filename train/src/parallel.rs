@@ -17,7 +17,7 @@ use std::sync::Arc;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::{backend::AutodiffBackend, Tensor, TensorData};
-use dsv3_backends::comm::{CommError, CommExt, Communicator, LocalComm, ReduceOp};
+use dsv3_backends::comm::{CommError, CommExt, Communicator, ReduceOp};
 use dsv3_backends::DsAutodiffBackend;
 use dsv3_model::DeepseekV3;
 
@@ -51,12 +51,9 @@ pub(crate) fn agree<T>(
     result: Result<T, TrainError>,
     what: &str,
 ) -> Result<T, TrainError> {
-    let mut ok = [result.is_ok() as i32];
-    par.world
-        .all_reduce_in_place(&mut ok, ReduceOp::Min)
-        .map_err(comm_err)?;
+    let all_ok = par.world.agree_at(result.is_ok(), what).map_err(comm_err)?;
     let value = result?;
-    if ok[0] == 0 {
+    if !all_ok {
         return Err(TrainError::Invalid(format!(
             "another rank failed {what} (see its message)"
         )));
@@ -84,15 +81,6 @@ impl Parallel {
         let ep = world.split(d, e).map_err(comm_err)?;
         let dp = world.split(e, d).map_err(comm_err)?;
         Ok(Self { world, ep, dp })
-    }
-
-    /// One process: every group is the process itself.
-    pub fn single() -> Self {
-        Self {
-            world: LocalComm::new(),
-            ep: LocalComm::new(),
-            dp: LocalComm::new(),
-        }
     }
 
     /// Whether this rank reports and writes files (world rank 0).

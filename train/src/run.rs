@@ -339,6 +339,12 @@ pub fn run<B: DsAutodiffBackend>(
         Some(p) => checkpoint::write_parallel(&trainer.model, p, &final_dir, &[], None)?,
         None => checkpoint::write_atomically(&trainer.model, &final_dir, &[])?,
     }
+    // Evaluation is collective in a distributed run: before anything only rank 0 does.
+    let val = match last_val {
+        Some(v) => Some(v),
+        None if start_step == total => Some(trainer.evaluate()),
+        None => None,
+    };
     let metrics_path = out.join("metrics.jsonl");
     let plot = match &log {
         Some(log) => {
@@ -352,11 +358,6 @@ pub fn run<B: DsAutodiffBackend>(
                 }
             }
         }
-        None => None,
-    };
-    let val = match last_val {
-        Some(v) => Some(v),
-        None if start_step == total => Some(trainer.evaluate()),
         None => None,
     };
     let summary = RunSummary {

@@ -435,6 +435,13 @@ pub trait CommExt {
     /// # Errors
     /// [`CommError::Mismatch`]; as [`Communicator::all_to_all_v`].
     fn exchange_counts(&self, send_counts: &[usize], tag: u64) -> Result<Vec<usize>, CommError>;
+    /// Whether every member succeeded (`ok`) at the agreement point named `point`: one small
+    /// all-reduce. Members that stopped at different points (one failed early, say) get
+    /// [`CommError::Mismatch`] instead of pairing the wrong calls.
+    ///
+    /// # Errors
+    /// [`CommError::Mismatch`]; what the all-reduce returns.
+    fn agree_at(&self, ok: bool, point: &str) -> Result<bool, CommError>;
     /// [`Communicator::all_to_all_v`] of typed values into a new vector.
     ///
     /// # Errors
@@ -456,6 +463,23 @@ impl<C: Communicator + ?Sized> CommExt for C {
         let mut out = vec![T::default(); v.len() * self.size()];
         self.all_gather(T::buf(v), T::buf_mut(&mut out))?;
         Ok(out)
+    }
+
+    fn agree_at(&self, ok: bool, point: &str) -> Result<bool, CommError> {
+        // FNV-1a of the name, 31 bits, so that its negation fits (min of tag and of −tag).
+        let tag = point.bytes().fold(0x811c_9dc5u32, |h, b| {
+            (h ^ b as u32).wrapping_mul(0x0100_0193)
+        }) as i32
+            & i32::MAX;
+        let mut v = [ok as i32, tag, -tag];
+        self.all_reduce_in_place(&mut v, ReduceOp::Min)?;
+        if v[1] != -v[2] {
+            return Err(CommError::Mismatch(format!(
+                "rank {} reached {point:?} while another rank was at another agreement point",
+                self.rank()
+            )));
+        }
+        Ok(v[0] == 1)
     }
 
     fn exchange_counts(&self, send_counts: &[usize], tag: u64) -> Result<Vec<usize>, CommError> {

@@ -38,9 +38,10 @@ pub struct MpiComm {
     traffic: TrafficCounter,
 }
 
-// SAFETY: the raw MPI handle inside `SimpleCommunicator` is only used under `comm`'s lock, and
-// MPI runs at `MPI_THREAD_SERIALIZED` (checked in `MpiRuntime::init`), which allows calls from
-// any thread one at a time.
+// SAFETY: the raw MPI handle inside `SimpleCommunicator` is only used under the process-wide
+// lock (`PROCESS`, taken by every MPI call of this module), and MPI runs at
+// `MPI_THREAD_SERIALIZED` (checked in `MpiRuntime::init`), which allows calls from any thread,
+// one at a time in the process.
 unsafe impl Send for MpiComm {}
 unsafe impl Sync for MpiComm {}
 
@@ -110,8 +111,29 @@ fn counts(v: &[usize]) -> Result<(Vec<i32>, Vec<i32>), CommError> {
     Ok((c, displs))
 }
 
-fn lock(c: &Mutex<SimpleCommunicator>) -> MutexGuard<'_, SimpleCommunicator> {
-    c.lock().unwrap_or_else(|p| p.into_inner())
+/// `MPI_THREAD_SERIALIZED` allows one MPI call at a time in the whole process, whatever the
+/// communicator: every call holds this lock (then the communicator's own).
+static PROCESS: Mutex<()> = Mutex::new(());
+
+/// A communicator locked for one MPI call (process lock first, then the communicator's).
+struct Locked<'a> {
+    comm: MutexGuard<'a, SimpleCommunicator>,
+    _process: MutexGuard<'static, ()>,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = SimpleCommunicator;
+    fn deref(&self) -> &SimpleCommunicator {
+        &self.comm
+    }
+}
+
+fn lock(c: &Mutex<SimpleCommunicator>) -> Locked<'_> {
+    let process = PROCESS.lock().unwrap_or_else(|p| p.into_inner());
+    Locked {
+        comm: c.lock().unwrap_or_else(|p| p.into_inner()),
+        _process: process,
+    }
 }
 
 fn mpi_op(op: ReduceOp) -> SystemOperation {
@@ -173,7 +195,7 @@ impl MpiComm {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, SimpleCommunicator> {
+    fn lock(&self) -> Locked<'_> {
         lock(&self.comm)
     }
 
@@ -479,11 +501,17 @@ impl PendingOp for Immediate {
 
 impl Drop for Immediate {
     fn drop(&mut self) {
-        if self.buf.is_some() {
-            while !self.done {
-                if self.test().is_err() {
-                    break;
-                }
+        if mpi::environment::is_finalized() {
+            // Nothing may call MPI any more: keep the buffer and the communicator alive (leak)
+            // rather than free memory MPI might still own or free the communicator late.
+            std::mem::forget(self.buf.take());
+            std::mem::forget(self.comm.clone());
+            return;
+        }
+        while self.buf.is_some() && !self.done {
+            if self.test().is_err() {
+                // MPI may still write into the buffer: leak it rather than free it.
+                std::mem::forget(self.buf.take());
             }
         }
     }
