@@ -162,48 +162,57 @@ pub fn run<B: DsAutodiffBackend>(
     let t0 = Instant::now();
     let mut warnings = Vec::new();
     let out = &opts.out;
-    let (mut trainer, source, resumed_from, elapsed_before) = if opts.resume {
-        // The data source comes from the newest checkpoint whose state reads; an unreadable
-        // one is passed over here as `checkpoint::resume` passes over it below (which is what
-        // reports it).
-        let mut state = Err(TrainError::NoCheckpoint(out.clone()));
-        for (_, dir) in checkpoint::complete(out).into_iter().rev() {
-            state = checkpoint::read_state(&dir);
-            if !matches!(state, Err(TrainError::BadCheckpoint { .. })) {
-                break;
+    // Data, a fresh model or a checkpoint: in a distributed run the ranks agree that every one
+    // of them got through (data is read by each rank) before the first collective of training.
+    let started = (|| -> Result<_, TrainError> {
+        Ok(if opts.resume {
+            // The data source comes from the newest checkpoint whose state reads; an unreadable
+            // one is passed over here as `checkpoint::resume` passes over it below (which is what
+            // reports it).
+            let mut state = Err(TrainError::NoCheckpoint(out.clone()));
+            for (_, dir) in checkpoint::complete(out).into_iter().rev() {
+                state = checkpoint::read_state(&dir);
+                if !matches!(state, Err(TrainError::BadCheckpoint { .. })) {
+                    break;
+                }
             }
-        }
-        let state = state?;
-        let source = opts
-            .data
-            .clone()
-            .unwrap_or_else(|| DataSource::from_name(&state.data));
-        let data = pack(&source, &state.train, &mut warnings)?;
-        let steps = opts.steps_given.then_some(opts.train.steps);
-        let par = opts.parallel.as_ref();
-        let (mut t, dir, state, w) = checkpoint::resume::<B>(out, &data, steps, device, par)?;
-        warnings.extend(w);
-        t.cfg.checkpoint_every = opts.train.checkpoint_every;
-        t.cfg.log_every = opts.train.log_every;
-        t.cfg.eval_every = opts.train.eval_every;
-        t.cfg.keep_checkpoints = opts.train.keep_checkpoints;
-        t.cfg.validate()?;
-        (t, source, Some(dir), state.elapsed_s)
-    } else {
-        let source = opts.data.clone().unwrap_or(DataSource::Embedded);
-        let data = pack(&source, &opts.train, &mut warnings)?;
-        let t = match &opts.parallel {
-            Some(p) => Trainer::<B>::new_distributed(
-                &opts.model,
-                opts.train.clone(),
-                data,
-                device,
-                p.clone(),
-            )?,
-            None => Trainer::<B>::new(&opts.model, opts.train.clone(), data, device)?,
-        };
-        (t, source, None, 0.0)
+            let state = state?;
+            let source = opts
+                .data
+                .clone()
+                .unwrap_or_else(|| DataSource::from_name(&state.data));
+            let data = pack(&source, &state.train, &mut warnings)?;
+            let steps = opts.steps_given.then_some(opts.train.steps);
+            let par = opts.parallel.as_ref();
+            let (mut t, dir, state, w) = checkpoint::resume::<B>(out, &data, steps, device, par)?;
+            warnings.extend(w);
+            t.cfg.checkpoint_every = opts.train.checkpoint_every;
+            t.cfg.log_every = opts.train.log_every;
+            t.cfg.eval_every = opts.train.eval_every;
+            t.cfg.keep_checkpoints = opts.train.keep_checkpoints;
+            t.cfg.validate()?;
+            (t, source, Some(dir), state.elapsed_s)
+        } else {
+            let source = opts.data.clone().unwrap_or(DataSource::Embedded);
+            let data = pack(&source, &opts.train, &mut warnings)?;
+            let t = match &opts.parallel {
+                Some(p) => Trainer::<B>::new_distributed(
+                    &opts.model,
+                    opts.train.clone(),
+                    data,
+                    device,
+                    p.clone(),
+                )?,
+                None => Trainer::<B>::new(&opts.model, opts.train.clone(), data, device)?,
+            };
+            (t, source, None, 0.0)
+        })
+    })();
+    let started = match &opts.parallel {
+        Some(p) => crate::parallel::agree(p, started, "starting the run")?,
+        None => started?,
     };
+    let (mut trainer, source, resumed_from, elapsed_before) = started;
     let lead = opts.parallel.as_ref().is_none_or(|p| p.is_lead());
     std::fs::create_dir_all(out).map_err(|e| TrainError::io("create", out, e))?;
     let log = if lead {
