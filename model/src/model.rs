@@ -266,7 +266,7 @@ impl<B: DsBackend> DeepseekV3<B> {
     /// without expert parallelism). Under expert parallelism these are the parameters that are
     /// not replicated over the expert-parallel group: their gradients already sum every
     /// rank's tokens (the exchange's backward brings them), the others must be all-reduced.
-    pub fn routed_expert_params(&self) -> std::collections::HashSet<burn::module::ParamId> {
+    pub fn held_expert_params(&self) -> std::collections::HashSet<burn::module::ParamId> {
         use burn::module::{ModuleVisitor, Param, ParamId};
         struct Ids(std::collections::HashSet<ParamId>);
         impl<B: DsBackend> ModuleVisitor<B> for Ids {

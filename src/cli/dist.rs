@@ -108,7 +108,7 @@ fn report(comm: &Arc<dyn Communicator>, mine: Option<CliError>) -> CliError {
 
 /// The point (named `point`) where the ranks of a distributed command agree that every one of
 /// them got this far: `result` unchanged when all succeeded (or in a single process); otherwise each rank
-/// returns [`CliError::Reported`] after the errors were printed once ([`report`]). Collective:
+/// returns [`CliError::Reported`] after the errors were printed once. Collective:
 /// every rank must call it at the same point.
 ///
 /// # Errors
@@ -440,7 +440,7 @@ fn grads_by_name<B: burn::tensor::backend::AutodiffBackend + DsBackend>(
     }
     let mut r = Read(grads, Vec::new());
     m.visit(&mut r);
-    let held = m.routed_expert_params();
+    let held = m.held_expert_params();
     m.param_names()
         .into_iter()
         .zip(r.1)
@@ -555,7 +555,7 @@ fn params_by_name<B: DsBackend>(m: &DeepseekV3<B>) -> HashMap<String, Vec<f32>> 
     }
     let mut r = Read(Vec::new());
     m.visit(&mut r);
-    let held = m.routed_expert_params();
+    let held = m.held_expert_params();
     m.param_names()
         .into_iter()
         .zip(r.0)

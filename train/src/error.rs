@@ -27,6 +27,9 @@ pub enum TrainError {
     },
     #[error("invalid training setting: {0}")]
     Invalid(String),
+    /// A collective of a distributed run failed (or ranks disagreed about where they were).
+    #[error("communication between the ranks failed: {0}")]
+    Comm(#[from] dsv3_backends::comm::CommError),
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("cannot {action} {path}: {reason}")]

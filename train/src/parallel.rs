@@ -37,7 +37,7 @@ pub struct Parallel {
 }
 
 pub(crate) fn comm_err(e: CommError) -> TrainError {
-    TrainError::Invalid(format!("communication failed: {e}"))
+    TrainError::Comm(e)
 }
 
 /// Whether every rank succeeded at this point: each rank's `result` is combined (an all-reduce),
@@ -45,7 +45,8 @@ pub(crate) fn comm_err(e: CommError) -> TrainError {
 /// the next collective. `what` names the step for the ranks that did not fail themselves.
 ///
 /// # Errors
-/// This rank's error; [`TrainError::Invalid`] when another rank failed or the collective fails.
+/// This rank's error; [`TrainError::Invalid`] when another rank failed; [`TrainError::Comm`]
+/// when the collective fails or the ranks are at different points.
 pub(crate) fn agree<T>(
     par: &Parallel,
     result: Result<T, TrainError>,
@@ -106,7 +107,7 @@ impl Parallel {
     /// Element-wise sum over every rank.
     ///
     /// # Errors
-    /// [`TrainError::Invalid`] when the collective fails.
+    /// [`TrainError::Comm`] when the collective fails.
     pub fn sum(&self, v: &mut [f64]) -> Result<(), TrainError> {
         self.world
             .all_reduce_in_place(v, ReduceOp::Sum)
@@ -127,7 +128,7 @@ enum Kind {
 
 /// Which parameters are dense, held experts, or placeholders, by id.
 fn kinds<B: DsAutodiffBackend>(model: &DeepseekV3<B>) -> HashMap<ParamId, Kind> {
-    let held = model.routed_expert_params();
+    let held = model.held_expert_params();
     model
         .param_names()
         .into_iter()
@@ -256,7 +257,7 @@ fn partition(entries: &[Entry], m: usize) -> Vec<usize> {
 /// Returns the updated model and the global norm (before clipping).
 ///
 /// # Errors
-/// [`TrainError::Invalid`] when a collective fails. A non-finite norm is returned in
+/// [`TrainError::Comm`] when a collective fails. A non-finite norm is returned in
 /// [`GradNorm::non_finite`] with nothing applied.
 pub(crate) fn step<B: DsAutodiffBackend>(
     par: &Parallel,

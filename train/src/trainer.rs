@@ -347,8 +347,9 @@ impl<B: DsAutodiffBackend> Trainer<B> {
     /// go through [`crate::parallel`]. Every rank must hold the same dense weights.
     ///
     /// # Errors
-    /// [`TrainError::Invalid`] when the global batch does not split over the ranks or
-    /// `workers > 1`; [`TrainError::Model`] when the experts cannot be split.
+    /// [`TrainError::Invalid`] when the global batch does not split over the ranks (micro-batch
+    /// threads are turned off: `workers` becomes 1); [`TrainError::Model`] when the experts
+    /// cannot be split.
     pub fn distribute(&mut self, par: Parallel) -> Result<(), TrainError> {
         let w = par.world.size();
         if !self.cfg.batch_size.is_multiple_of(w) {

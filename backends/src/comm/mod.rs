@@ -613,7 +613,8 @@ pub(crate) fn check_peer(op: &'static str, peer: usize, size: usize) -> Result<(
     Ok(())
 }
 
-fn owned_of(b: Buf<'_>) -> Owned {
+/// A copy of a buffer (what a send to oneself keeps until the receive).
+pub(crate) fn owned_of(b: Buf<'_>) -> Owned {
     match b {
         Buf::F32(s) => Owned::F32(s.to_vec()),
         Buf::F64(s) => Owned::F64(s.to_vec()),
@@ -623,7 +624,9 @@ fn owned_of(b: Buf<'_>) -> Owned {
     }
 }
 
-struct Done(Owned);
+/// A request that completed when it was made.
+pub(crate) struct Done(pub(crate) Owned);
+
 impl PendingOp for Done {
     fn test(&mut self) -> Result<bool, CommError> {
         Ok(true)

@@ -32,8 +32,8 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nccl::{result, sys};
 
 use super::{
-    check_all_to_all, check_peer, check_reducible, invalid, Buf, BufMut, CommError, Communicator,
-    Owned, PendingOp, ReduceOp, Request, Traffic, TrafficCounter,
+    check_all_to_all, check_peer, check_reducible, invalid, owned_of, Buf, BufMut, CommError,
+    Communicator, Done, Owned, ReduceOp, Request, Traffic, TrafficCounter,
 };
 
 /// Element type of device memory handed to the device-pointer calls. Unlike host buffers, bf16
@@ -561,28 +561,6 @@ impl Reborrow for BufMut<'_> {
             BufMut::U16(s) => BufMut::U16(s),
             BufMut::U8(s) => BufMut::U8(s),
         }
-    }
-}
-
-fn owned_of(b: Buf<'_>) -> Owned {
-    match b {
-        Buf::F32(s) => Owned::F32(s.to_vec()),
-        Buf::F64(s) => Owned::F64(s.to_vec()),
-        Buf::I32(s) => Owned::I32(s.to_vec()),
-        Buf::U16(s) => Owned::U16(s.to_vec()),
-        Buf::U8(s) => Owned::U8(s.to_vec()),
-    }
-}
-
-/// A request that completed when it was made.
-struct Done(Owned);
-
-impl PendingOp for Done {
-    fn test(&mut self) -> Result<bool, CommError> {
-        Ok(true)
-    }
-    fn into_buffer(self: Box<Self>) -> Owned {
-        self.0
     }
 }
 
