@@ -276,6 +276,22 @@ impl TrafficCounter {
         self.sent.fetch_add(sent, Ordering::Relaxed);
         self.recv.fetch_add(recv, Ordering::Relaxed);
     }
+    /// Counts an all-to-all of `me`: the values it sends to and receives from the other
+    /// members (its own block stays in memory), `elem_bytes` each.
+    pub(crate) fn add_all_to_all(
+        &self,
+        me: usize,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+        elem_bytes: u64,
+    ) {
+        let (sent, recv) = (
+            to_others(send_counts, me) as u64,
+            to_others(recv_counts, me) as u64,
+        );
+        self.add(sent * elem_bytes, recv * elem_bytes);
+    }
+
     pub(crate) fn get(&self) -> Traffic {
         Traffic {
             sent_bytes: self.sent.load(Ordering::Relaxed),
@@ -525,6 +541,16 @@ impl<C: Communicator + ?Sized> CommExt for C {
     }
 }
 
+/// The sum of per-member `counts` without member `me`'s own.
+pub(crate) fn to_others(counts: &[usize], me: usize) -> usize {
+    counts
+        .iter()
+        .enumerate()
+        .filter(|(p, _)| *p != me)
+        .map(|(_, c)| c)
+        .sum()
+}
+
 /// Checks an all-to-all's counts against its buffers (shared by the implementations).
 pub(crate) fn check_all_to_all(
     size: usize,
@@ -733,14 +759,10 @@ impl RowExchange {
     /// Rows sent to and received from other members (the rank's own rows stay in memory).
     pub fn remote_rows(&self) -> (usize, usize) {
         let me = self.comm.rank();
-        let other = |v: &[usize]| {
-            v.iter()
-                .enumerate()
-                .filter(|(p, _)| *p != me)
-                .map(|(_, c)| c)
-                .sum()
-        };
-        (other(&self.send_rows), other(&self.recv_rows))
+        (
+            to_others(&self.send_rows, me),
+            to_others(&self.recv_rows, me),
+        )
     }
 
     /// Moves `x` (`[Σ send_rows, width]`, row-major) to the receivers; returns the

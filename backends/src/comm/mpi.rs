@@ -330,15 +330,8 @@ impl Communicator for MpiComm {
             let mut r = PartitionMut::new(r, rc, &rd[..]);
             c.all_to_all_varcount_into(&s, &mut r)
         });
-        let other = |v: &[usize]| -> u64 {
-            v.iter()
-                .enumerate()
-                .filter(|(p, _)| *p != self.rank)
-                .map(|(_, &n)| n as u64)
-                .sum()
-        };
         self.traffic
-            .add(other(send_counts) * eb, other(recv_counts) * eb);
+            .add_all_to_all(self.rank, send_counts, recv_counts, eb);
         Ok(())
     }
 

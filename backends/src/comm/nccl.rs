@@ -510,15 +510,8 @@ impl NcclComm {
     }
 
     fn count_all_to_all(&self, send_counts: &[usize], recv_counts: &[usize], eb: u64) {
-        let other = |v: &[usize]| -> u64 {
-            v.iter()
-                .enumerate()
-                .filter(|(p, _)| *p != self.rank)
-                .map(|(_, &n)| n as u64)
-                .sum()
-        };
         self.traffic
-            .add(other(send_counts) * eb, other(recv_counts) * eb);
+            .add_all_to_all(self.rank, send_counts, recv_counts, eb);
     }
 
     fn take_own(&self, op: &'static str, tag: u16, mut buf: BufMut<'_>) -> Result<(), CommError> {
