@@ -42,6 +42,17 @@ pub fn expert_of(name: &str) -> Option<usize> {
     rest.split('.').next()?.parse().ok()
 }
 
+/// How this rank holds a parameter ([`crate::DeepseekV3::param_holdings`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holding {
+    /// Every rank holds it (attention, norms, router, shared experts, embeddings...).
+    Replicated,
+    /// A routed expert this rank holds (all of them without expert parallelism).
+    HeldExpert,
+    /// A routed expert another rank holds: a 1-element placeholder here.
+    OtherExpert,
+}
+
 /// What the exchanges of a rank did since the last [`ExpertParallel::take_stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct EpStats {

@@ -51,7 +51,9 @@ pub use block::{BlockOutput, DecoderLayer, FeedForward, FfnOutput, ForwardOption
 pub use cache::{LatentKv, LatentStore};
 pub use config::{DeepseekV3Config, ParamCounts, QuantizationConfig, RopeScaling, Yarn};
 pub use error::{ConfigError, LoadError, ModelError};
-pub use expert_parallel::{expert_of, expert_owner, owned_experts, EpStats, ExpertParallel};
+pub use expert_parallel::{
+    expert_of, expert_owner, owned_experts, EpStats, ExpertParallel, Holding,
+};
 pub use linear::Linear;
 pub use load::{
     load, load_from, load_from_with, load_with, save, save_expert_parallel, LoadOptions,

@@ -15,7 +15,7 @@ use crate::block::{DecoderLayer, FeedForward, ForwardOptions};
 use crate::cache::{Concat, LatentKv, LatentStore};
 use crate::config::DeepseekV3Config;
 use crate::error::ModelError;
-use crate::expert_parallel::{owned_experts, EpStats, ExpertParallel};
+use crate::expert_parallel::{owned_experts, EpStats, ExpertParallel, Holding};
 use crate::linear::{linear, Linear};
 use crate::mla::Mla;
 use crate::mlp::Mlp;
@@ -285,6 +285,26 @@ impl<B: DsBackend> DeepseekV3<B> {
             }
         }
         ids.0
+    }
+
+    /// Every float parameter's id, checkpoint name and [`Holding`], in module order: what a
+    /// distributed optimizer needs to know (which gradients to sum over which ranks, which
+    /// parameters are another rank's placeholders).
+    pub fn param_holdings(&self) -> Vec<(burn::module::ParamId, String, Holding)> {
+        let held = self.held_expert_params();
+        self.param_names()
+            .into_iter()
+            .map(|(id, name)| {
+                let holding = if held.contains(&id) {
+                    Holding::HeldExpert
+                } else if crate::expert_parallel::expert_of(&name).is_some() {
+                    Holding::OtherExpert
+                } else {
+                    Holding::Replicated
+                };
+                (id, name, holding)
+            })
+            .collect()
     }
 
     /// Stacks every MoE layer's experts for the backend's grouped kernels ([`Moe::pack`]).

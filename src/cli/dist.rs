@@ -11,7 +11,7 @@ use burn::tensor::{Tensor, TensorData};
 use clap::Args;
 use dsv3_backends::comm::{Buf, BufMut, CommExt, Communicator, LocalComm, Owned, ReduceOp};
 use dsv3_backends::{Cpu, CpuAutodiff, DsBackend, SplitMix64};
-use dsv3_model::{DeepseekV3, DeepseekV3Config, ExpertParallel};
+use dsv3_model::{DeepseekV3, DeepseekV3Config, ExpertParallel, Holding};
 
 use super::CliError;
 
@@ -440,13 +440,12 @@ fn grads_by_name<B: burn::tensor::backend::AutodiffBackend + DsBackend>(
     }
     let mut r = Read(grads, Vec::new());
     m.visit(&mut r);
-    let held = m.held_expert_params();
-    m.param_names()
+    m.param_holdings()
         .into_iter()
         .zip(r.1)
-        .filter_map(|((id, name), g)| {
-            let expert = dsv3_model::expert_of(&name).is_some();
-            (!expert || held.contains(&id)).then_some((name, expert, g?))
+        .filter_map(|((_, name, holding), g)| match holding {
+            Holding::OtherExpert => None,
+            h => Some((name, h == Holding::HeldExpert, g?)),
         })
         .collect()
 }
@@ -555,12 +554,11 @@ fn params_by_name<B: DsBackend>(m: &DeepseekV3<B>) -> HashMap<String, Vec<f32>> 
     }
     let mut r = Read(Vec::new());
     m.visit(&mut r);
-    let held = m.held_expert_params();
-    m.param_names()
+    m.param_holdings()
         .into_iter()
         .zip(r.0)
-        .filter(|((id, name), _)| dsv3_model::expert_of(name).is_none() || held.contains(id))
-        .map(|((_, name), v)| (name, v))
+        .filter(|((_, _, holding), _)| *holding != Holding::OtherExpert)
+        .map(|((_, name, _), v)| (name, v))
         .collect()
 }
 

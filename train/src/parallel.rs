@@ -19,7 +19,7 @@ use burn::optim::{GradientsParams, Optimizer};
 use burn::tensor::{backend::AutodiffBackend, Tensor, TensorData};
 use dsv3_backends::comm::{CommError, CommExt, Communicator, ReduceOp};
 use dsv3_backends::DsAutodiffBackend;
-use dsv3_model::DeepseekV3;
+use dsv3_model::{DeepseekV3, Holding as Kind};
 
 use crate::error::TrainError;
 use crate::optim::GradNorm;
@@ -115,33 +115,12 @@ impl Parallel {
     }
 }
 
-/// How a parameter is held.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    /// Replicated on every rank.
-    Dense,
-    /// A routed expert this rank holds (replicated over the DP group only).
-    Expert,
-    /// Another rank's expert: a placeholder here.
-    Elsewhere,
-}
-
-/// Which parameters are dense, held experts, or placeholders, by id.
+/// How each parameter is held, by id.
 fn kinds<B: DsAutodiffBackend>(model: &DeepseekV3<B>) -> HashMap<ParamId, Kind> {
-    let held = model.held_expert_params();
     model
-        .param_names()
+        .param_holdings()
         .into_iter()
-        .map(|(id, name)| {
-            let kind = if held.contains(&id) {
-                Kind::Expert
-            } else if dsv3_model::expert_of(&name).is_some() {
-                Kind::Elsewhere
-            } else {
-                Kind::Dense
-            };
-            (id, kind)
-        })
+        .map(|(id, _, holding)| (id, holding))
         .collect()
 }
 
@@ -161,8 +140,12 @@ struct Collect<'a> {
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let kind = self.kinds.get(&param.id).copied().unwrap_or(Kind::Dense);
-        if kind == Kind::Elsewhere {
+        let kind = self
+            .kinds
+            .get(&param.id)
+            .copied()
+            .unwrap_or(Kind::Replicated);
+        if kind == Kind::OtherExpert {
             return;
         }
         let grad = self.grads.remove::<B::InnerBackend, D>(param.id).map(|g| {
@@ -287,7 +270,7 @@ pub(crate) fn step<B: DsAutodiffBackend>(
     let mut dense_present: Vec<i32> = entries
         .iter()
         .zip(&present)
-        .filter(|(e, _)| e.kind == Kind::Dense)
+        .filter(|(e, _)| e.kind == Kind::Replicated)
         .map(|(_, &p)| p)
         .collect();
     par.ep
@@ -295,7 +278,7 @@ pub(crate) fn step<B: DsAutodiffBackend>(
         .map_err(comm_err)?;
     let mut dp_iter = dense_present.into_iter();
     for (e, p) in entries.iter_mut().zip(&mut present) {
-        if e.kind == Kind::Dense {
+        if e.kind == Kind::Replicated {
             *p = dp_iter.next().expect("one flag per dense entry");
         }
     }
@@ -310,14 +293,14 @@ pub(crate) fn step<B: DsAutodiffBackend>(
     if par.ep.size() > 1 {
         let mut flat: Vec<f32> = entries
             .iter()
-            .filter(|e| e.kind == Kind::Dense)
+            .filter(|e| e.kind == Kind::Replicated)
             .flat_map(|e| e.grad.as_ref().expect("filled").iter().copied())
             .collect();
         par.ep
             .all_reduce_in_place(&mut flat, ReduceOp::Sum)
             .map_err(comm_err)?;
         let mut at = 0;
-        for e in entries.iter_mut().filter(|e| e.kind == Kind::Dense) {
+        for e in entries.iter_mut().filter(|e| e.kind == Kind::Replicated) {
             e.grad
                 .as_mut()
                 .expect("filled")
@@ -392,7 +375,7 @@ pub(crate) fn step<B: DsAutodiffBackend>(
             first_bad = Some(e.id);
         }
         match e.kind {
-            Kind::Expert => expert_sq += sq,
+            Kind::HeldExpert => expert_sq += sq,
             _ => dense_sq += sq,
         }
     }
