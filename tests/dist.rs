@@ -472,42 +472,59 @@ fn train_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     TRAIN.iter().copied().chain(extra.iter().copied()).collect()
 }
 
-/// `mpirun -n 2 dsv3 train --ep 2` (two groups of 8 experts, no data parallelism) follows the
-/// single-process loss curve of the same flags (relative 1e-4 per step); rank 0 alone prints and
-/// writes complete checkpoints (every expert, as in the single-process run).
-#[test]
-fn train_ep2_matches_single_process() {
-    let dir = scratch("dist-train-ep2");
-    let (single, ep) = (dir.join("single"), dir.join("ep2"));
+/// Trains `steps` steps in one process (`DIR/single`) and as `ranks` processes with `dist_flags`
+/// (`DIR/dist`), both with the same flags otherwise; checks that each run logged every step, that
+/// the distributed losses follow the single-process ones (relative 1e-4 per step), that its
+/// records carry the communication counters, and that its checkpoints hold the single-process
+/// run's tensors (sharded). Returns both run directories and the distributed run's stdout.
+fn train_both(
+    name: &str,
+    steps: usize,
+    ranks: usize,
+    dist_flags: &[&str],
+) -> (PathBuf, PathBuf, String) {
+    let dir = scratch(name);
+    let (single, dist) = (dir.join("single"), dir.join("dist"));
+    let steps_s = steps.to_string();
     plain(&train_args(&[
         "--steps",
-        "4",
+        &steps_s,
         "--out",
         single.to_str().unwrap(),
     ]))
     .unwrap_or_else(|e| panic!("single-process train failed:\n{e}"));
-    let out = mpirun(
-        2,
-        &train_args(&["--steps", "4", "--out", ep.to_str().unwrap(), "--ep", "2"]),
-    )
-    .unwrap_or_else(|e| panic!("train --ep 2 failed:\n{e}"));
+    let mut args = train_args(&["--steps", &steps_s, "--out", dist.to_str().unwrap()]);
+    args.extend(dist_flags);
+    let what = dist_flags.join(" ");
+    let out = mpirun(ranks, &args).unwrap_or_else(|e| panic!("train {what} failed:\n{e}"));
+    let (want, _) = losses(&single);
+    assert_eq!(want.len(), steps, "one record per step: {want:?}");
+    let (got, recs) = losses(&dist);
+    assert_losses_close(&got, &want, &what);
+    assert_comm_fields(&recs, ranks, &what);
+    let layout = checkpoint_layout(&single.join("final"));
+    let saved = (2..=steps).step_by(2).map(|s| format!("step-{s}"));
+    for d in saved.chain(["final".to_string()]) {
+        assert_eq!(
+            checkpoint_layout(&dist.join(&d)),
+            layout,
+            "{what} {d}: checkpoint tensors differ from the single-process run's"
+        );
+    }
+    (single, dist, out)
+}
+
+/// `mpirun -n 2 dsv3 train --ep 2` (two groups of 8 experts, no data parallelism) follows the
+/// single-process loss curve of the same flags (relative 1e-4 per step) and writes the same
+/// tensors (as shards); rank 0 alone prints.
+#[test]
+fn train_ep2_matches_single_process() {
+    let (_, _, out) = train_both("dist-train-ep2", 4, 2, &["--ep", "2"]);
     assert_eq!(
         out.matches("trained steps").count(),
         1,
         "rank 0 alone reports:\n{out}"
     );
-    let (want, _) = losses(&single);
-    let (got, recs) = losses(&ep);
-    assert_eq!(want.len(), 4, "one record per step: {want:?}");
-    assert_losses_close(&got, &want, "--ep 2");
-    assert_comm_fields(&recs, 2, "--ep 2");
-    for d in ["step-2", "step-4", "final"] {
-        assert_eq!(
-            checkpoint_layout(&ep.join(d)),
-            checkpoint_layout(&single.join(d)),
-            "--ep 2 {d}: checkpoint tensors differ from the single-process run's"
-        );
-    }
 }
 
 /// `mpirun -n 4 dsv3 train --ep 2 --dp 2` follows the single-process 6-step loss curve; then,
@@ -516,33 +533,11 @@ fn train_ep2_matches_single_process() {
 /// the total steps, so the interrupted run is a 6-step run too).
 #[test]
 fn train_ep2_dp2_matches_and_resumes() {
-    let dir = scratch("dist-train-ep2dp2");
-    let (single, dist) = (dir.join("single"), dir.join("ep2dp2"));
-    plain(&train_args(&[
-        "--steps",
-        "6",
-        "--out",
-        single.to_str().unwrap(),
-    ]))
-    .unwrap_or_else(|e| panic!("single-process train failed:\n{e}"));
-    let d = dist.to_str().unwrap();
     let dist_flags = ["--ep", "2", "--dp", "2"];
-    let mut args = train_args(&["--steps", "6", "--out", d]);
-    args.extend(dist_flags);
-    mpirun(4, &args).unwrap_or_else(|e| panic!("train --ep 2 --dp 2 failed:\n{e}"));
+    let (single, dist, _) = train_both("dist-train-ep2dp2", 6, 4, &dist_flags);
     let (want, _) = losses(&single);
-    assert_eq!(want.len(), 6, "one record per step: {want:?}");
-    let (got, recs) = losses(&dist);
-    assert_losses_close(&got, &want, "--ep 2 --dp 2");
-    assert_comm_fields(&recs, 4, "--ep 2 --dp 2");
     let layout = checkpoint_layout(&single.join("final"));
-    for c in ["step-2", "step-4", "step-6", "final"] {
-        assert_eq!(
-            checkpoint_layout(&dist.join(c)),
-            layout,
-            "--ep 2 --dp 2 {c}: checkpoint tensors differ from the single-process run's"
-        );
-    }
+    let d = dist.to_str().unwrap();
 
     // Interrupt after step 4: without step-6 (and final/) the newest checkpoint is step-4.
     std::fs::remove_dir_all(dist.join("step-6")).unwrap();

@@ -321,8 +321,35 @@ fn convert<const W: usize, T: Copy + Default>(
 /// Tensors with fewer elements convert on the calling thread (spawning costs more).
 const PARALLEL_MIN_ELEMS: usize = 1 << 18;
 
-/// Converts a float tensor's bytes (F32/BF16/F16) to f32, split by output rows over the
-/// machine's threads for large tensors (reading the mapped file in parallel too).
+/// Converts a float tensor's bytes (F32/BF16/F16) to `T`, split by output rows over the
+/// machine's threads for large tensors (reading the mapped file in parallel too): BF16 through
+/// `from_bf16` (to bf16: its bits as they are), the others through f32 and `from_f32`.
+#[allow(clippy::too_many_arguments)]
+fn convert_float_to<T: Copy + Default + Send>(
+    dtype: Dtype,
+    bytes: &[u8],
+    rows: usize,
+    cols: usize,
+    transpose: bool,
+    out: &mut [T],
+    from_bf16: impl Fn([u8; 2]) -> T + Copy + Sync,
+    from_f32: impl Fn(f32) -> T + Copy + Sync,
+) {
+    let run = |first: usize, out: &mut [T]| match dtype {
+        Dtype::F32 => convert::<4, _>(bytes, rows, cols, transpose, first, out, |b| {
+            from_f32(f32_le(b))
+        }),
+        Dtype::BF16 => convert::<2, _>(bytes, rows, cols, transpose, first, out, from_bf16),
+        Dtype::F16 => convert::<2, _>(bytes, rows, cols, transpose, first, out, |b| {
+            from_f32(f16_le(b))
+        }),
+        // FP8 goes through fp8::dequantize_blocks_into; other dtypes are refused by `lookup`.
+        other => unreachable!("convert_float of {other}"),
+    };
+    on_cores(rows, cols, transpose, out, run);
+}
+
+/// [`convert_float_to`] f32.
 fn convert_float(
     dtype: Dtype,
     bytes: &[u8],
@@ -331,38 +358,7 @@ fn convert_float(
     transpose: bool,
     out: &mut [f32],
 ) {
-    let run = |first: usize, out: &mut [f32]| match dtype {
-        Dtype::F32 => convert::<4, _>(bytes, rows, cols, transpose, first, out, f32_le),
-        Dtype::BF16 => convert::<2, _>(bytes, rows, cols, transpose, first, out, bf16_le),
-        Dtype::F16 => convert::<2, _>(bytes, rows, cols, transpose, first, out, f16_le),
-        // FP8 goes through fp8::dequantize_blocks_into; other dtypes are refused by `lookup`.
-        other => unreachable!("convert_float of {other}"),
-    };
-    on_cores(rows, cols, transpose, out, run);
-}
-
-/// [`convert_float`] into bf16: BF16 bits are copied as they are (no rounding, half the bytes
-/// of the f32 path to write), F32 and F16 are rounded to nearest even.
-fn convert_bf16(
-    dtype: Dtype,
-    bytes: &[u8],
-    rows: usize,
-    cols: usize,
-    transpose: bool,
-    out: &mut [half::bf16],
-) {
-    let bits = |b: [u8; 2]| half::bf16::from_bits(u16::from_le_bytes(b));
-    let run = |first: usize, out: &mut [half::bf16]| match dtype {
-        Dtype::BF16 => convert::<2, _>(bytes, rows, cols, transpose, first, out, bits),
-        Dtype::F32 => convert::<4, _>(bytes, rows, cols, transpose, first, out, |b| {
-            half::bf16::from_f32(f32_le(b))
-        }),
-        Dtype::F16 => convert::<2, _>(bytes, rows, cols, transpose, first, out, |b| {
-            half::bf16::from_f32(f16_le(b))
-        }),
-        other => unreachable!("convert_bf16 of {other}"),
-    };
-    on_cores(rows, cols, transpose, out, run);
+    convert_float_to(dtype, bytes, rows, cols, transpose, out, bf16_le, |v| v);
 }
 
 /// Runs `run(first_element, chunk)` over `out` split by output rows on every core (large
@@ -701,15 +697,7 @@ impl Checkpoint {
         transpose: bool,
         fp8_block: usize,
     ) -> Result<Vec<f32>, LoadError> {
-        let info = self.lookup(name)?;
-        if info.shape != expected {
-            return Err(LoadError::WrongShape {
-                path: self.file_path(&info).to_path_buf(),
-                tensor: name.to_string(),
-                expected: expected.to_vec(),
-                found: info.shape.to_vec(),
-            });
-        }
+        let info = self.shaped(name, expected)?;
         let mut out = vec![0.0f32; info.numel()];
         self.read_into(name, &info, transpose, fp8_block, &mut out)?;
         self.release(name);
@@ -729,36 +717,15 @@ impl Checkpoint {
         expected: &[usize],
         transpose: bool,
     ) -> Result<Vec<half::bf16>, LoadError> {
-        let info = self.lookup(name)?;
-        let path = self.file_path(&info).to_path_buf();
-        if info.shape != expected {
-            return Err(LoadError::WrongShape {
-                path,
+        let info = self.shaped(name, expected)?;
+        if info.dtype == Dtype::F8_E4M3 {
+            return Err(LoadError::InvalidRequest {
+                path: self.file_path(&info).to_path_buf(),
                 tensor: name.to_string(),
-                expected: expected.to_vec(),
-                found: info.shape.to_vec(),
+                reason: "FP8 tensors are read with read_f32 (scales)".into(),
             });
         }
-        let invalid = |reason: String| LoadError::InvalidRequest {
-            path: path.clone(),
-            tensor: name.to_string(),
-            reason,
-        };
-        if info.dtype == Dtype::F8_E4M3 {
-            return Err(invalid(
-                "FP8 tensors are read with read_f32 (scales)".into(),
-            ));
-        }
-        if transpose && info.shape.len() != 2 {
-            return Err(invalid(format!(
-                "cannot transpose shape {:?}: not 2-D",
-                info.shape
-            )));
-        }
-        let (rows, cols) = match info.shape {
-            &[r, c] => (r, c),
-            _ => (1, info.numel()),
-        };
+        let (rows, cols) = self.matrix(name, &info, transpose)?;
         // Zeroed u16s come from the allocator's zero pages (calloc), so the first touch of the
         // buffer happens in the converting threads, not in a memset.
         use half::slice::HalfBitsSliceExt;
@@ -766,16 +733,62 @@ impl Checkpoint {
         let mut bits = vec![0u16; info.numel()];
         self.populate(&info);
         let bytes = &self.files[info.file].map[info.start..info.end];
-        convert_bf16(
+        convert_float_to(
             info.dtype,
             bytes,
             rows,
             cols,
             transpose,
             bits.reinterpret_cast_mut::<half::bf16>(),
+            |b| half::bf16::from_bits(u16::from_le_bytes(b)),
+            half::bf16::from_f32,
         );
         self.release(name);
         Ok(bits.reinterpret_into::<half::bf16>())
+    }
+
+    /// The whole pages `(offset, length)` of the mapping that hold a tensor's bytes.
+    fn pages(&self, info: &TensorInfo) -> (usize, usize) {
+        let page = 4096;
+        let start = info.start / page * page;
+        let end = info.end.div_ceil(page) * page;
+        (start, end.min(self.files[info.file].map.len()) - start)
+    }
+
+    /// Tensor `name`'s info, checked to have shape `expected` (the error names the file, the
+    /// tensor and both shapes).
+    fn shaped(&self, name: &str, expected: &[usize]) -> Result<TensorInfo<'_>, LoadError> {
+        let info = self.lookup(name)?;
+        if info.shape != expected {
+            return Err(LoadError::WrongShape {
+                path: self.file_path(&info).to_path_buf(),
+                tensor: name.to_string(),
+                expected: expected.to_vec(),
+                found: info.shape.to_vec(),
+            });
+        }
+        Ok(info)
+    }
+
+    /// `(rows, cols)` of a tensor read as a matrix (1-D and others: one row); a transpose asks
+    /// for a 2-D tensor.
+    fn matrix(
+        &self,
+        name: &str,
+        info: &TensorInfo,
+        transpose: bool,
+    ) -> Result<(usize, usize), LoadError> {
+        if transpose && info.shape.len() != 2 {
+            return Err(LoadError::InvalidRequest {
+                path: self.file_path(info).to_path_buf(),
+                tensor: name.to_string(),
+                reason: format!("cannot transpose shape {:?}: not 2-D", info.shape),
+            });
+        }
+        Ok(match info.shape {
+            &[r, c] => (r, c),
+            _ => (1, info.numel()),
+        })
     }
 
     /// Maps the pages of a tensor's bytes in one call (`MADV_POPULATE_READ`) instead of one
@@ -783,12 +796,11 @@ impl Checkpoint {
     fn populate(&self, info: &TensorInfo) {
         #[cfg(target_os = "linux")]
         {
-            let map = &self.files[info.file].map;
-            let page = 4096;
-            let start = info.start / page * page;
-            let end = info.end.div_ceil(page) * page;
-            let len = end.min(map.len()) - start;
-            let _ = map.advise_range(memmap2::Advice::PopulateRead, start, len);
+            let (start, len) = self.pages(info);
+            let _ =
+                self.files[info.file]
+                    .map
+                    .advise_range(memmap2::Advice::PopulateRead, start, len);
         }
         #[cfg(not(target_os = "linux"))]
         let _ = info;
@@ -805,10 +817,7 @@ impl Checkpoint {
                 continue;
             };
             let map = &self.files[info.file].map;
-            let page = 4096;
-            let start = info.start / page * page;
-            let end = info.end.div_ceil(page) * page;
-            let len = end.min(map.len()) - start;
+            let (start, len) = self.pages(&info);
             // SAFETY: the map is a private read-only file mapping and no reference into the
             // released range is held across this call; MADV_DONTNEED on it only discards
             // clean pages, which the kernel reloads from the file on the next access.
@@ -828,17 +837,7 @@ impl Checkpoint {
         out: &mut [f32],
     ) -> Result<(), LoadError> {
         let path = self.file_path(info);
-        if transpose && info.shape.len() != 2 {
-            return Err(LoadError::InvalidRequest {
-                path: path.to_path_buf(),
-                tensor: name.to_string(),
-                reason: format!("cannot transpose shape {:?}: not 2-D", info.shape),
-            });
-        }
-        let (rows, cols) = match info.shape {
-            &[r, c] => (r, c),
-            _ => (1, info.numel()),
-        };
+        let (rows, cols) = self.matrix(name, info, transpose)?;
         self.populate(info);
         let bytes = &self.files[info.file].map[info.start..info.end];
         if info.dtype != Dtype::F8_E4M3 {

@@ -584,6 +584,30 @@ impl<B: DsBackend> ModuleVisitor<B> for Lister {
     }
 }
 
+/// Every tensor to write (FP8-held Linear weights dequantized first: saved in float), or under
+/// expert parallelism (`shard` = `(rank, size, n_experts)`) this rank's part.
+fn list_tensors<B: DsBackend>(
+    model: &DeepseekV3<B>,
+    dtype: SaveDtype,
+    shard: Option<(usize, usize, usize)>,
+) -> Lister {
+    let mut lister = Lister {
+        path: PathTracker::new(&model.config),
+        dtype,
+        out: Vec::new(),
+        shard,
+        names: Vec::new(),
+    };
+    if has_fp8(model) {
+        let mut dense = model.clone();
+        dense.dequantize_fp8();
+        dense.visit(&mut lister);
+    } else {
+        model.visit(&mut lister);
+    }
+    lister
+}
+
 fn has_fp8<B: DsBackend>(model: &DeepseekV3<B>) -> bool {
     model
         .clone()
@@ -646,23 +670,11 @@ pub fn save<B: DsBackend>(
                 .into(),
         ));
     }
-    if has_fp8(model) {
-        let mut dense = model.clone();
-        dense.dequantize_fp8();
-        return save(&dense, dir, dtype);
-    }
     std::fs::create_dir_all(dir).map_err(|e| LoadError::Io {
         path: dir.to_path_buf(),
         source: e,
     })?;
-    let mut lister = Lister {
-        path: PathTracker::new(&model.config),
-        dtype,
-        out: Vec::new(),
-        shard: None,
-        names: Vec::new(),
-    };
-    model.visit(&mut lister);
+    let lister = list_tensors(model, dtype, None);
     write_safetensors(&dir.join("model.safetensors"), lister.out, None)?;
     write_config(model, dir, dtype)
 }
@@ -716,11 +728,6 @@ pub fn save_expert_parallel<B: DsBackend>(
     };
     let comm = ep.comm().clone();
     let (rank, size) = (comm.rank(), comm.size());
-    if has_fp8(model) {
-        let mut dense = model.clone();
-        dense.dequantize_fp8();
-        return save_expert_parallel(&dense, dir, dtype);
-    }
     // Every step that can fail on one rank is agreed on before the next collective, so a
     // failure is an error on every rank instead of a rank waiting forever.
     let agree = |result: Result<(), ModelError>, point: &str| -> Result<(), ModelError> {
@@ -744,14 +751,11 @@ pub fn save_expert_parallel<B: DsBackend>(
         .into()
     });
     agree(created, "creating the directory")?;
-    let mut lister = Lister {
-        path: PathTracker::new(&model.config),
+    let lister = list_tensors(
+        model,
         dtype,
-        out: Vec::new(),
-        shard: Some((rank, size, model.config.n_routed_experts)),
-        names: Vec::new(),
-    };
-    model.visit(&mut lister);
+        Some((rank, size, model.config.n_routed_experts)),
+    );
     let file = |r: usize| format!("model-{:05}-of-{size:05}.safetensors", r + 1);
     let written = write_safetensors(&dir.join(file(rank)), lister.out, None).map_err(Into::into);
     agree(written, "writing its shard")?;

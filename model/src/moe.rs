@@ -262,10 +262,7 @@ impl<B: DsBackend> Moe<B> {
         let (idx, weights) = route_scores(scores.clone(), bias, &self.router);
         if let Some(ep) = &self.ep {
             let ids = host_ids(idx);
-            let base = match &self.shared_experts {
-                Some(shared) => shared.forward(x.clone()),
-                None => Tensor::zeros([n, h], &x.device()),
-            };
+            let base = self.shared_output(x.clone());
             let out = ep.routed(&self.experts, x, &ids, weights.clone(), base);
             let routing = record.then(|| Routing::from_ids(&ids, weights, k));
             return (out.reshape([b, t, h]), routing, scores);
@@ -333,17 +330,23 @@ impl<B: DsBackend> Moe<B> {
         weights: Tensor<B, 2>,
         packed: &PackedExperts<B>,
     ) -> Tensor<B, 2> {
-        let [n, h] = x.dims();
         let d = B::moe_dispatch(idx, self.router.n_routed_experts);
         let xs = x.clone().select(0, d.tokens.clone());
         let g = B::grouped_matmul(xs.clone(), &packed.gate_proj, &d);
         let u = B::grouped_matmul(xs, &packed.up_proj, &d);
         let y = B::grouped_matmul(silu(g) * u, &packed.down_proj, &d);
-        let base = match &self.shared_experts {
+        B::moe_combine(y, &d, weights, self.shared_output(x))
+    }
+}
+
+impl<B: DsBackend> Moe<B> {
+    /// The shared experts' output for `x: [n, h]` (zeros without shared experts): what the
+    /// routed experts' weighted outputs are summed onto.
+    fn shared_output(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match &self.shared_experts {
             Some(shared) => shared.forward(x),
-            None => Tensor::zeros([n, h], &x.device()),
-        };
-        B::moe_combine(y, &d, weights, base)
+            None => Tensor::zeros(x.dims(), &x.device()),
+        }
     }
 }
 

@@ -186,14 +186,29 @@ pub fn peak_rss_line(comm: &Arc<dyn Communicator>) -> Result<String, CliError> {
     Ok(format!("peak RSS per rank: {}", list.join(", ")))
 }
 
-/// A writer for ranks other than 0 (they stay silent).
-pub struct Silent;
-impl Write for Silent {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+/// The processes of an expert-parallel `score` or `generate`: the world, whose size must equal
+/// `ep` (every process holds a share of the experts), and the communicator to split the experts
+/// over when there are several.
+///
+/// # Errors
+/// As [`world`] and [`check_world`].
+pub fn ep_world(ep: usize) -> Result<(World, Option<Arc<dyn Communicator>>), CliError> {
+    let world = world(ep)?;
+    check_world(&world.comm, ep, None, false)?;
+    let comm = (world.comm.size() > 1).then(|| world.comm.clone());
+    Ok((world, comm))
+}
+
+/// `out` on rank 0; the others write to `sink` (they stay silent).
+pub fn lead_output<'a>(
+    comm: &Arc<dyn Communicator>,
+    out: &'a mut dyn Write,
+    sink: &'a mut std::io::Sink,
+) -> &'a mut dyn Write {
+    if comm.rank() == 0 {
+        out
+    } else {
+        sink
     }
 }
 

@@ -220,16 +220,9 @@ pub fn stats_json(g: &Generation) -> serde_json::Value {
 }
 
 pub fn generate_cmd(a: &GenerateArgs, out: &mut dyn Write) -> Result<(), CliError> {
-    let world = super::dist::world(a.ep)?;
-    super::dist::check_world(&world.comm, a.ep, None, false)?;
-    let n = world.comm.size();
-    let comm = (n > 1).then(|| world.comm.clone());
-    let mut silent = super::dist::Silent;
-    let out: &mut dyn Write = if world.comm.rank() == 0 {
-        out
-    } else {
-        &mut silent
-    };
+    let (world, comm) = super::dist::ep_world(a.ep)?;
+    let mut sink = std::io::sink();
+    let out = super::dist::lead_output(&world.comm, out, &mut sink);
     struct Run<'a>(
         &'a GenerateArgs,
         Option<Arc<dyn Communicator>>,

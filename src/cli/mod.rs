@@ -517,17 +517,10 @@ pub fn parse_tokens(s: &str) -> Result<Vec<u32>, CliError> {
 }
 
 pub fn score(a: &ScoreArgs, out: &mut dyn Write) -> Result<(), CliError> {
-    let world = dist::world(a.ep)?;
-    dist::check_world(&world.comm, a.ep, None, false)?;
-    let n = world.comm.size();
+    let (world, comm) = dist::ep_world(a.ep)?;
     let ids = dist::agree(&world.comm, parse_tokens(&a.tokens), "tokens")?;
-    let comm = (n > 1).then(|| world.comm.clone());
-    let mut silent = dist::Silent;
-    let out: &mut dyn Write = if world.comm.rank() == 0 {
-        out
-    } else {
-        &mut silent
-    };
+    let mut sink = std::io::sink();
+    let out = dist::lead_output(&world.comm, out, &mut sink);
     struct Run<'a>(
         &'a ScoreArgs,
         &'a [u32],

@@ -197,9 +197,8 @@ fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let comm = &world.comm;
     super::dist::check_world(comm, a.ep, a.dp, true)?;
     let w = comm.size();
-    let lead = comm.rank() == 0;
-    let mut silent = super::dist::Silent;
-    let out: &mut dyn Write = if lead { out } else { &mut silent };
+    let mut sink = std::io::sink();
+    let out = super::dist::lead_output(comm, out, &mut sink);
     let checked = (|| {
         if let Some(d) = &a.data {
             if !d.exists() {

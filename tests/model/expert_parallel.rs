@@ -2,7 +2,6 @@
 //! partition, and the expert-parallel MoE path (dispatch → experts → combine through a
 //! `LocalComm`) against the plain path, with its sharded save. Several processes: `tests/dist.rs`.
 
-use burn::tensor::Tensor;
 use dsv3_backends::comm::{
     Buf, BufMut, CommError, CommExt, Communicator, LocalComm, Owned, ReduceOp,
 };
@@ -81,7 +80,6 @@ fn local_comm_contract() {
         c.send(Buf::F64(&[1.0]), 1, 0).is_err(),
         "rank 1 of a world of one"
     );
-    assert_eq!(c.traffic().sent_bytes, 0);
 }
 
 /// With every expert on the one rank, the expert-parallel path (host-staged exchange, experts
@@ -162,5 +160,4 @@ fn expert_shard_loads_only_the_ranks_experts() {
             );
         }
     }
-    let _: Tensor<B, 1> = m.moe(1).unwrap().gate.e_score_correction_bias.val();
 }

@@ -99,6 +99,68 @@ fn sync_dir_files(dir: &Path) -> Result<(), TrainError> {
     Ok(())
 }
 
+/// A directory written under a temporary sibling name (`.NAME.tmp`), fsynced, and only then
+/// renamed over its destination: a kill at any point leaves the old directory or the new one.
+struct Staging<'a> {
+    dest: &'a Path,
+    parent: &'a Path,
+    name: String,
+    tmp: PathBuf,
+}
+
+impl<'a> Staging<'a> {
+    fn new(dest: &'a Path) -> Self {
+        let parent = dest.parent().unwrap_or(Path::new("."));
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "checkpoint".into());
+        let tmp = parent.join(format!(".{name}.tmp"));
+        Self {
+            dest,
+            parent,
+            name,
+            tmp,
+        }
+    }
+
+    /// An empty temporary directory (a stale one from a killed run is removed).
+    fn create(&self) -> Result<(), TrainError> {
+        if self.tmp.exists() {
+            std::fs::remove_dir_all(&self.tmp).map_err(io("remove stale", &self.tmp))?;
+        }
+        std::fs::create_dir_all(&self.tmp).map_err(io("create", &self.tmp))
+    }
+
+    /// The tokenizer and `files` (in order: the state file last), fsynced with everything
+    /// else in the directory, then the rename over the destination.
+    fn finish(&self, files: &[(&str, Vec<u8>)]) -> Result<(), TrainError> {
+        ByteTokenizer.save(&self.tmp)?;
+        for (file, bytes) in files {
+            let p = self.tmp.join(file);
+            std::fs::write(&p, bytes).map_err(io("write", &p))?;
+        }
+        sync_dir_files(&self.tmp)?;
+        let dest = self.dest;
+        if dest.exists() {
+            // Replace only now that the new one is complete.
+            let old = self.parent.join(format!(".{}.old", self.name));
+            if old.exists() {
+                std::fs::remove_dir_all(&old).map_err(io("remove", &old))?;
+            }
+            std::fs::rename(dest, &old).map_err(io("move aside", dest))?;
+            std::fs::rename(&self.tmp, dest).map_err(io("rename into place", dest))?;
+            std::fs::remove_dir_all(&old).map_err(io("remove", &old))?;
+        } else {
+            std::fs::rename(&self.tmp, dest).map_err(io("rename into place", dest))?;
+        }
+        if let Ok(d) = std::fs::File::open(self.parent) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
 /// Writes a complete model directory (model + tokenizer + `extra` files) to `dest` atomically:
 /// a temporary sibling, fsynced, then renamed over `dest`.
 ///
@@ -112,39 +174,10 @@ pub fn write_atomically<B: DsBackend>(
     dest: &Path,
     extra: &[(&str, Vec<u8>)],
 ) -> Result<(), TrainError> {
-    let parent = dest.parent().unwrap_or(Path::new("."));
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "checkpoint".into());
-    let tmp = parent.join(format!(".{name}.tmp"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(io("remove stale", &tmp))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(io("create", &tmp))?;
-    dsv3_model::save(model, &tmp, SaveDtype::F32)?;
-    ByteTokenizer.save(&tmp)?;
-    for (file, bytes) in extra {
-        let p = tmp.join(file);
-        std::fs::write(&p, bytes).map_err(io("write", &p))?;
-    }
-    sync_dir_files(&tmp)?;
-    if dest.exists() {
-        // Replace only now that the new one is complete.
-        let old = parent.join(format!(".{name}.old"));
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(io("remove", &old))?;
-        }
-        std::fs::rename(dest, &old).map_err(io("move aside", dest))?;
-        std::fs::rename(&tmp, dest).map_err(io("rename into place", dest))?;
-        std::fs::remove_dir_all(&old).map_err(io("remove", &old))?;
-    } else {
-        std::fs::rename(&tmp, dest).map_err(io("rename into place", dest))?;
-    }
-    if let Ok(d) = std::fs::File::open(parent) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    let staging = Staging::new(dest);
+    staging.create()?;
+    dsv3_model::save(model, &staging.tmp, SaveDtype::F32)?;
+    staging.finish(extra)
 }
 
 /// [`write_atomically`] for a distributed run, collective over `par.world`: the first
@@ -162,56 +195,23 @@ pub fn write_parallel<B: DsBackend>(
     lead_files: &[(&str, Vec<u8>)],
     per_rank: Option<(String, Vec<u8>)>,
 ) -> Result<(), TrainError> {
-    let parent = dest.parent().unwrap_or(Path::new("."));
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "checkpoint".into());
-    let tmp = parent.join(format!(".{name}.tmp"));
+    let staging = Staging::new(dest);
     let lead = par.is_lead();
-    let prepared = if lead {
-        (|| {
-            if tmp.exists() {
-                std::fs::remove_dir_all(&tmp).map_err(io("remove stale", &tmp))?;
-            }
-            std::fs::create_dir_all(&tmp).map_err(io("create", &tmp))
-        })()
-    } else {
-        Ok(())
-    };
-    agree(par, prepared, "writing the checkpoint")?;
+    let created = if lead { staging.create() } else { Ok(()) };
+    agree(par, created, "writing the checkpoint")?;
     let written = (|| {
         if par.dp.rank() == 0 {
-            dsv3_model::save_expert_parallel(model, &tmp, SaveDtype::F32)?;
+            dsv3_model::save_expert_parallel(model, &staging.tmp, SaveDtype::F32)?;
         }
         if let Some((file, bytes)) = &per_rank {
-            let p = tmp.join(file);
+            let p = staging.tmp.join(file);
             std::fs::write(&p, bytes).map_err(io("write", &p))?;
         }
         Ok(())
     })();
     agree(par, written, "writing the checkpoint")?;
     let finished = if lead {
-        (|| {
-            ByteTokenizer.save(&tmp)?;
-            for (file, bytes) in lead_files {
-                let p = tmp.join(file);
-                std::fs::write(&p, bytes).map_err(io("write", &p))?;
-            }
-            sync_dir_files(&tmp)?;
-            if dest.exists() {
-                let old = parent.join(format!(".{name}.old"));
-                if old.exists() {
-                    std::fs::remove_dir_all(&old).map_err(io("remove", &old))?;
-                }
-                std::fs::rename(dest, &old).map_err(io("move aside", dest))?;
-                std::fs::rename(&tmp, dest).map_err(io("rename into place", dest))?;
-                std::fs::remove_dir_all(&old).map_err(io("remove", &old))?;
-            } else {
-                std::fs::rename(&tmp, dest).map_err(io("rename into place", dest))?;
-            }
-            Ok(())
-        })()
+        staging.finish(lead_files)
     } else {
         Ok(())
     };

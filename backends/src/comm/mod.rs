@@ -91,6 +91,7 @@ pub enum Owned {
     U8(Vec<u8>),
 }
 
+/// Runs `$body` with `$s` bound to the typed slice of a [`Buf`].
 macro_rules! each_buf {
     ($v:expr, $s:ident => $body:expr) => {
         match $v {
@@ -102,6 +103,22 @@ macro_rules! each_buf {
         }
     };
 }
+
+/// Runs `$body` with `$s` bound to the typed slice of a [`BufMut`].
+#[cfg_attr(not(feature = "mpi"), allow(unused_macros))]
+macro_rules! each_buf_mut {
+    ($v:expr, $s:ident => $body:expr) => {
+        match $v {
+            BufMut::F32($s) => $body,
+            BufMut::F64($s) => $body,
+            BufMut::I32($s) => $body,
+            BufMut::U16($s) => $body,
+            BufMut::U8($s) => $body,
+        }
+    };
+}
+#[cfg_attr(not(feature = "mpi"), allow(unused_imports))]
+pub(crate) use {each_buf, each_buf_mut};
 
 impl Buf<'_> {
     pub fn len(&self) -> usize {
@@ -414,17 +431,26 @@ pub trait Communicator: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// As [`Self::send`].
     fn recv(&self, buf: BufMut<'_>, src: usize, tag: u16) -> Result<(), CommError>;
-    /// Non-blocking send; the buffer comes back from [`Request::wait`].
+    /// Non-blocking send; the buffer comes back from [`Request::wait`]. The default completes
+    /// before returning (a blocking [`Self::send`]), for engines with no progress of their own
+    /// (a world of one, NCCL): two ranks that each `isend` to the other before posting their
+    /// receive then wait forever; exchange with [`Self::all_to_all_v`] instead.
     ///
     /// # Errors
     /// As [`Self::send`].
-    fn isend(&self, buf: Owned, dest: usize, tag: u16) -> Result<Request, CommError>;
+    fn isend(&self, buf: Owned, dest: usize, tag: u16) -> Result<Request, CommError> {
+        self.send(buf.as_buf(), dest, tag)?;
+        Ok(Request::new(Box::new(Done(buf))))
+    }
     /// Non-blocking receive into `buf` (its length is the message's); the values come back
-    /// from [`Request::wait`].
+    /// from [`Request::wait`]. The default completes before returning, as [`Self::isend`].
     ///
     /// # Errors
     /// As [`Self::send`].
-    fn irecv(&self, buf: Owned, src: usize, tag: u16) -> Result<Request, CommError>;
+    fn irecv(&self, mut buf: Owned, src: usize, tag: u16) -> Result<Request, CommError> {
+        self.recv(buf.as_buf_mut(), src, tag)?;
+        Ok(Request::new(Box::new(Done(buf))))
+    }
     /// Bytes moved so far by this member (see [`Traffic`]).
     fn traffic(&self) -> Traffic;
     /// Ends every member's process with `code` (after an error on one rank the others would
@@ -590,6 +616,53 @@ pub(crate) fn check_all_to_all(
     Ok(())
 }
 
+/// Checks an all-gather's buffers: `recv` holds `size` times `send`, of the same type.
+pub(crate) fn check_all_gather(
+    size: usize,
+    send: Buf<'_>,
+    recv: &BufMut<'_>,
+) -> Result<(), CommError> {
+    let op = "all_gather";
+    if recv.len() != send.len() * size {
+        return Err(invalid(
+            op,
+            format!(
+                "{} values from each of {size} ranks into {}",
+                send.len(),
+                recv.len()
+            ),
+        ));
+    }
+    if send.dtype() != recv.as_ref().dtype() {
+        return Err(type_mismatch(op, send, recv.as_ref()));
+    }
+    Ok(())
+}
+
+/// Checks a reduce-scatter's buffers: a reducible type, `send` holds `size` times `recv`.
+pub(crate) fn check_reduce_scatter(
+    size: usize,
+    send: Buf<'_>,
+    recv: &BufMut<'_>,
+) -> Result<(), CommError> {
+    let op = "reduce_scatter";
+    check_reducible(op, send)?;
+    if send.len() != recv.len() * size {
+        return Err(invalid(
+            op,
+            format!(
+                "{} values for {size} ranks of {} each",
+                send.len(),
+                recv.len()
+            ),
+        ));
+    }
+    if send.dtype() != recv.as_ref().dtype() {
+        return Err(type_mismatch(op, send, recv.as_ref()));
+    }
+    Ok(())
+}
+
 /// Rejects reductions on types without arithmetic.
 pub(crate) fn check_reducible(op: &'static str, b: Buf<'_>) -> Result<(), CommError> {
     match b {
@@ -601,34 +674,60 @@ pub(crate) fn check_reducible(op: &'static str, b: Buf<'_>) -> Result<(), CommEr
     }
 }
 
+/// Messages a member sends to itself, waiting for the matching receive (by tag): how a
+/// communicator serves point-to-point calls to its own rank without the engine.
+#[derive(Debug, Default)]
+pub(crate) struct SelfQueue(Mutex<VecDeque<(u16, Owned)>>);
+
+impl SelfQueue {
+    pub(crate) fn push(&self, tag: u16, buf: Buf<'_>) {
+        let copy = match buf {
+            Buf::F32(s) => Owned::F32(s.to_vec()),
+            Buf::F64(s) => Owned::F64(s.to_vec()),
+            Buf::I32(s) => Owned::I32(s.to_vec()),
+            Buf::U16(s) => Owned::U16(s.to_vec()),
+            Buf::U8(s) => Owned::U8(s.to_vec()),
+        };
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((tag, copy));
+    }
+
+    /// Moves the oldest message with `tag` into `buf` (same type and length; a message that
+    /// does not fit stays queued).
+    pub(crate) fn take_into(
+        &self,
+        op: &'static str,
+        tag: u16,
+        mut buf: BufMut<'_>,
+    ) -> Result<(), CommError> {
+        let mut q = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let pos = q.iter().position(|(t, _)| *t == tag).ok_or_else(|| {
+            invalid(
+                op,
+                format!(
+                    "no message with tag {tag} was sent by this rank to itself (it would wait \
+                     forever)"
+                ),
+            )
+        })?;
+        buf.copy_from(op, q[pos].1.as_buf())?;
+        q.remove(pos);
+        Ok(())
+    }
+}
+
 /// The group of one process: every collective is a copy, sends to self are queued for the
 /// matching receive. What a run without `mpirun` uses, through the same code as a real group.
 #[derive(Debug, Default)]
 pub struct LocalComm {
-    queue: Mutex<VecDeque<(u16, Owned)>>,
+    queue: SelfQueue,
 }
 
 impl LocalComm {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
-    }
-
-    fn take(&self, op: &'static str, tag: u16, len: usize) -> Result<Owned, CommError> {
-        let mut q = self.queue.lock().expect("local queue");
-        let pos = q.iter().position(|(t, _)| *t == tag).ok_or_else(|| {
-            invalid(
-                op,
-                format!("no message with tag {tag} was sent to this rank (it would wait forever)"),
-            )
-        })?;
-        let (_, m) = q.remove(pos).expect("found");
-        if m.as_buf().len() != len {
-            return Err(invalid(
-                op,
-                format!("message of {} values into {len}", m.as_buf().len()),
-            ));
-        }
-        Ok(m)
     }
 }
 
@@ -639,19 +738,8 @@ pub(crate) fn check_peer(op: &'static str, peer: usize, size: usize) -> Result<(
     Ok(())
 }
 
-/// A copy of a buffer (what a send to oneself keeps until the receive).
-pub(crate) fn owned_of(b: Buf<'_>) -> Owned {
-    match b {
-        Buf::F32(s) => Owned::F32(s.to_vec()),
-        Buf::F64(s) => Owned::F64(s.to_vec()),
-        Buf::I32(s) => Owned::I32(s.to_vec()),
-        Buf::U16(s) => Owned::U16(s.to_vec()),
-        Buf::U8(s) => Owned::U8(s.to_vec()),
-    }
-}
-
 /// A request that completed when it was made.
-pub(crate) struct Done(pub(crate) Owned);
+struct Done(Owned);
 
 impl PendingOp for Done {
     fn test(&mut self) -> Result<bool, CommError> {
@@ -685,6 +773,7 @@ impl Communicator for LocalComm {
         check_reducible("all_reduce", buf.as_ref())
     }
     fn all_gather(&self, send: Buf<'_>, mut recv: BufMut<'_>) -> Result<(), CommError> {
+        check_all_gather(1, send, &recv)?;
         recv.copy_from("all_gather", send)
     }
     fn reduce_scatter(
@@ -693,7 +782,7 @@ impl Communicator for LocalComm {
         mut recv: BufMut<'_>,
         _op: ReduceOp,
     ) -> Result<(), CommError> {
-        check_reducible("reduce_scatter", send)?;
+        check_reduce_scatter(1, send, &recv)?;
         recv.copy_from("reduce_scatter", send)
     }
     fn all_to_all_v(
@@ -708,24 +797,12 @@ impl Communicator for LocalComm {
     }
     fn send(&self, buf: Buf<'_>, dest: usize, tag: u16) -> Result<(), CommError> {
         check_peer("send", dest, 1)?;
-        self.queue
-            .lock()
-            .expect("local queue")
-            .push_back((tag, owned_of(buf)));
+        self.queue.push(tag, buf);
         Ok(())
     }
-    fn recv(&self, mut buf: BufMut<'_>, src: usize, tag: u16) -> Result<(), CommError> {
+    fn recv(&self, buf: BufMut<'_>, src: usize, tag: u16) -> Result<(), CommError> {
         check_peer("recv", src, 1)?;
-        let m = self.take("recv", tag, buf.len())?;
-        buf.copy_from("recv", m.as_buf())
-    }
-    fn isend(&self, buf: Owned, dest: usize, tag: u16) -> Result<Request, CommError> {
-        self.send(buf.as_buf(), dest, tag)?;
-        Ok(Request::new(Box::new(Done(buf))))
-    }
-    fn irecv(&self, mut buf: Owned, src: usize, tag: u16) -> Result<Request, CommError> {
-        self.recv(buf.as_buf_mut(), src, tag)?;
-        Ok(Request::new(Box::new(Done(buf))))
+        self.queue.take_into("recv", tag, buf)
     }
     fn traffic(&self) -> Traffic {
         Traffic::default()

@@ -1,6 +1,6 @@
 //! [`Communicator`] over MPI through the `mpi` crate (rsmpi): the CPU path, and how processes
 //! start anywhere (`mpirun -n W dsv3 ...`). MPI is initialised with `MPI_THREAD_SERIALIZED`
-//! and every call holds the communicator's lock, so any thread may call (one at a time);
+//! and every call holds one process-wide lock, so any thread may call (one at a time);
 //! Burn's worker threads never do.
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,8 +14,9 @@ use mpi::traits::*;
 use mpi::Threading;
 
 use super::{
-    check_all_to_all, check_peer, check_reducible, invalid, type_mismatch, Buf, BufMut, CommError,
-    Communicator, Owned, PendingOp, ReduceOp, Request, Traffic, TrafficCounter,
+    check_all_gather, check_all_to_all, check_peer, check_reduce_scatter, check_reducible,
+    each_buf, each_buf_mut, invalid, type_mismatch, Buf, BufMut, CommError, Communicator, Owned,
+    PendingOp, ReduceOp, Request, Traffic, TrafficCounter,
 };
 
 /// The MPI environment of the process: finalises MPI when dropped, so keep it alive (declared
@@ -32,7 +33,7 @@ impl std::fmt::Debug for MpiRuntime {
 
 /// A group of MPI processes (the world, or a part of it from [`Communicator::split`]).
 pub struct MpiComm {
-    comm: Arc<Mutex<SimpleCommunicator>>,
+    comm: Arc<SimpleCommunicator>,
     rank: usize,
     size: usize,
     traffic: TrafficCounter,
@@ -112,27 +113,26 @@ fn counts(v: &[usize]) -> Result<(Vec<i32>, Vec<i32>), CommError> {
 }
 
 /// `MPI_THREAD_SERIALIZED` allows one MPI call at a time in the whole process, whatever the
-/// communicator: every call holds this lock (then the communicator's own).
+/// communicator: every call holds this lock.
 static PROCESS: Mutex<()> = Mutex::new(());
 
-/// A communicator locked for one MPI call (process lock first, then the communicator's).
+/// A communicator under the process lock, for one MPI call.
 struct Locked<'a> {
-    comm: MutexGuard<'a, SimpleCommunicator>,
+    comm: &'a SimpleCommunicator,
     _process: MutexGuard<'static, ()>,
 }
 
 impl std::ops::Deref for Locked<'_> {
     type Target = SimpleCommunicator;
     fn deref(&self) -> &SimpleCommunicator {
-        &self.comm
+        self.comm
     }
 }
 
-fn lock(c: &Mutex<SimpleCommunicator>) -> Locked<'_> {
-    let process = PROCESS.lock().unwrap_or_else(|p| p.into_inner());
+fn lock(comm: &SimpleCommunicator) -> Locked<'_> {
     Locked {
-        comm: c.lock().unwrap_or_else(|p| p.into_inner()),
-        _process: process,
+        comm,
+        _process: PROCESS.lock().unwrap_or_else(|p| p.into_inner()),
     }
 }
 
@@ -158,37 +158,13 @@ macro_rules! same_type {
     };
 }
 
-macro_rules! each_mut {
-    ($buf:expr, |$s:ident| $body:expr) => {
-        match $buf {
-            BufMut::F32($s) => $body,
-            BufMut::F64($s) => $body,
-            BufMut::I32($s) => $body,
-            BufMut::U16($s) => $body,
-            BufMut::U8($s) => $body,
-        }
-    };
-}
-
-macro_rules! each_ref {
-    ($buf:expr, |$s:ident| $body:expr) => {
-        match $buf {
-            Buf::F32($s) => $body,
-            Buf::F64($s) => $body,
-            Buf::I32($s) => $body,
-            Buf::U16($s) => $body,
-            Buf::U8($s) => $body,
-        }
-    };
-}
-
 impl MpiComm {
     fn new(comm: SimpleCommunicator) -> Self {
         let (rank, size) = (comm.rank() as usize, comm.size() as usize);
         Self {
             // Not Send by itself: shared with requests under the lock (see the SAFETY note above).
             #[allow(clippy::arc_with_non_send_sync)]
-            comm: Arc::new(Mutex::new(comm)),
+            comm: Arc::new(comm),
             rank,
             size,
             traffic: TrafficCounter::default(),
@@ -233,7 +209,7 @@ impl Communicator for MpiComm {
         let bytes = buf.len() * buf.as_ref().elem_bytes();
         let c = self.lock();
         let p = c.process_at_rank(root as i32);
-        each_mut!(buf, |s| p.broadcast_into(s));
+        each_buf_mut!(buf, s => p.broadcast_into(s));
         if self.rank == root {
             self.traffic.add(bytes as u64, 0);
         } else {
@@ -267,17 +243,7 @@ impl Communicator for MpiComm {
     }
 
     fn all_gather(&self, send: Buf<'_>, recv: BufMut<'_>) -> Result<(), CommError> {
-        if recv.len() != send.len() * self.size {
-            return Err(invalid(
-                "all_gather",
-                format!(
-                    "{} values from each of {} ranks into {}",
-                    send.len(),
-                    self.size,
-                    recv.len()
-                ),
-            ));
-        }
+        check_all_gather(self.size, send, &recv)?;
         let bytes = recv.len() * send.elem_bytes();
         let c = self.lock();
         same_type!("all_gather", send, recv, |s, r| c.all_gather_into(s, r));
@@ -292,18 +258,7 @@ impl Communicator for MpiComm {
         recv: BufMut<'_>,
         op: ReduceOp,
     ) -> Result<(), CommError> {
-        check_reducible("reduce_scatter", send)?;
-        if send.len() != recv.len() * self.size {
-            return Err(invalid(
-                "reduce_scatter",
-                format!(
-                    "{} values for {} ranks of {} each",
-                    send.len(),
-                    self.size,
-                    recv.len()
-                ),
-            ));
-        }
+        check_reduce_scatter(self.size, send, &recv)?;
         let bytes = send.len() * send.elem_bytes();
         let c = self.lock();
         same_type!("reduce_scatter", send, recv, |s, r| c
@@ -340,7 +295,7 @@ impl Communicator for MpiComm {
         let bytes = (buf.len() * buf.elem_bytes()) as u64;
         let c = self.lock();
         let p = c.process_at_rank(dest as i32);
-        each_ref!(buf, |s| p.send_with_tag(s, tag as i32));
+        each_buf!(buf, s => p.send_with_tag(s, tag as i32));
         self.traffic.add(bytes, 0);
         Ok(())
     }
@@ -350,7 +305,7 @@ impl Communicator for MpiComm {
         let (want, eb) = (buf.len(), buf.as_ref().elem_bytes());
         let c = self.lock();
         let p = c.process_at_rank(src as i32);
-        let status = each_mut!(buf, |s| p.receive_into_with_tag(s, tag as i32));
+        let status = each_buf_mut!(buf, s => p.receive_into_with_tag(s, tag as i32));
         let got = status.count(match eb {
             8 => f64::equivalent_datatype(),
             4 => f32::equivalent_datatype(),
@@ -400,7 +355,7 @@ struct Immediate {
     request: mpi::ffi::MPI_Request,
     done: bool,
     /// The communicator (its lock is held during each MPI call).
-    comm: Arc<Mutex<SimpleCommunicator>>,
+    comm: Arc<SimpleCommunicator>,
 }
 
 // SAFETY: the request handle is only touched under the communicator's lock (serialized MPI),

@@ -23,7 +23,6 @@
 //! the name NCCL installs): put a `libnccl.so` link on `LD_LIBRARY_PATH` when only
 //! `libnccl.so.2` is there (`scripts/gpu-check.sh` does).
 
-use std::collections::VecDeque;
 use std::ffi::c_int;
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -32,8 +31,8 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nccl::{result, sys};
 
 use super::{
-    check_all_to_all, check_peer, check_reducible, invalid, owned_of, Buf, BufMut, CommError,
-    Communicator, Done, Owned, ReduceOp, Request, Traffic, TrafficCounter,
+    check_all_gather, check_all_to_all, check_peer, check_reduce_scatter, check_reducible, invalid,
+    Buf, BufMut, CommError, Communicator, ReduceOp, SelfQueue, Traffic, TrafficCounter,
 };
 
 /// Element type of device memory handed to the device-pointer calls. Unlike host buffers, bf16
@@ -300,9 +299,11 @@ pub struct NcclComm {
     size: usize,
     /// The bootstrap communicator: kept for [`Communicator::abort`] (which must end every
     /// process, something NCCL cannot do).
-    mpi: Arc<dyn Communicator>,
+    /// The communicator the NCCL id went over (MPI, or a world of one); also how `abort`
+    /// ends every process.
+    bootstrap: Arc<dyn Communicator>,
     /// Messages this rank sent to itself, waiting for their receive.
-    own: Mutex<VecDeque<(u16, Owned)>>,
+    own: SelfQueue,
     traffic: TrafficCounter,
 }
 
@@ -320,16 +321,17 @@ impl std::fmt::Debug for NcclComm {
 }
 
 impl NcclComm {
-    /// Creates the NCCL communicator of the group `mpi` (same ranks), this rank on CUDA device
-    /// `ordinal`. Collective over `mpi`: every member must call it. Every member first checks
+    /// Creates the NCCL communicator of the group `bootstrap` (same ranks: MPI across
+    /// processes, a `LocalComm` for one), this rank on CUDA device `ordinal`. Collective over
+    /// `bootstrap`: every member must call it. Every member first checks
     /// that libcuda and libnccl load and agrees on the outcome, so a missing library is an error
     /// on every rank rather than a hang.
     ///
     /// # Errors
     /// [`CommError::Engine`] when a library is missing on some rank, or CUDA or NCCL fail; what
-    /// the MPI communicator reports.
-    pub fn new(mpi: &Arc<dyn Communicator>, ordinal: usize) -> Result<Arc<Self>, CommError> {
-        let (rank, size) = (mpi.rank(), mpi.size());
+    /// the bootstrap communicator reports.
+    pub fn new(bootstrap: &Arc<dyn Communicator>, ordinal: usize) -> Result<Arc<Self>, CommError> {
+        let (rank, size) = (bootstrap.rank(), bootstrap.size());
         let nranks = to_c_int("NcclComm::new", size)?;
         let my_rank = to_c_int("NcclComm::new", rank)?;
         // SAFETY: these only try to dlopen the libraries.
@@ -345,7 +347,7 @@ impl NcclComm {
             Ok(())
         };
         let mut ok = [i32::from(local.is_ok())];
-        mpi.all_reduce(BufMut::I32(&mut ok), ReduceOp::Min)?;
+        bootstrap.all_reduce(BufMut::I32(&mut ok), ReduceOp::Min)?;
         if let Err(e) = local {
             return Err(engine(format!("rank {rank}: {e}")));
         }
@@ -369,7 +371,7 @@ impl NcclComm {
                 Err(e) => made = Err(nccl_err("ncclGetUniqueId", e)),
             }
         }
-        mpi.broadcast(BufMut::U8(&mut msg), 0)?;
+        bootstrap.broadcast(BufMut::U8(&mut msg), 0)?;
         made?;
         if msg[0] != 1 {
             return Err(engine("rank 0 could not make an NCCL unique id".into()));
@@ -397,17 +399,17 @@ impl NcclComm {
             Inner { comm, stream },
             rank,
             size,
-            mpi.clone(),
+            bootstrap.clone(),
         )))
     }
 
-    fn wrap(inner: Inner, rank: usize, size: usize, mpi: Arc<dyn Communicator>) -> Self {
+    fn wrap(inner: Inner, rank: usize, size: usize, bootstrap: Arc<dyn Communicator>) -> Self {
         Self {
             inner: Mutex::new(inner),
             rank,
             size,
-            mpi,
-            own: Mutex::new(VecDeque::new()),
+            bootstrap,
+            own: SelfQueue::default(),
             traffic: TrafficCounter::default(),
         }
     }
@@ -513,48 +515,6 @@ impl NcclComm {
         self.traffic
             .add_all_to_all(self.rank, send_counts, recv_counts, eb);
     }
-
-    fn take_own(&self, op: &'static str, tag: u16, mut buf: BufMut<'_>) -> Result<(), CommError> {
-        let mut q = self.own.lock().unwrap_or_else(|p| p.into_inner());
-        let pos = q.iter().position(|(t, _)| *t == tag).ok_or_else(|| {
-            invalid(
-                op,
-                format!("no message with tag {tag} was sent by this rank to itself"),
-            )
-        })?;
-        let m = &q[pos].1;
-        if m.as_buf().dtype() != buf.as_ref().dtype() || m.as_buf().len() != buf.len() {
-            return Err(invalid(
-                op,
-                format!(
-                    "message of {} {} values into {} {}",
-                    m.as_buf().len(),
-                    m.as_buf().dtype(),
-                    buf.len(),
-                    buf.as_ref().dtype()
-                ),
-            ));
-        }
-        bytes_mut(buf.reborrow()).copy_from_slice(bytes(m.as_buf()));
-        q.remove(pos);
-        Ok(())
-    }
-}
-
-trait Reborrow {
-    fn reborrow(&mut self) -> BufMut<'_>;
-}
-
-impl Reborrow for BufMut<'_> {
-    fn reborrow(&mut self) -> BufMut<'_> {
-        match self {
-            BufMut::F32(s) => BufMut::F32(s),
-            BufMut::F64(s) => BufMut::F64(s),
-            BufMut::I32(s) => BufMut::I32(s),
-            BufMut::U16(s) => BufMut::U16(s),
-            BufMut::U8(s) => BufMut::U8(s),
-        }
-    }
 }
 
 impl Communicator for NcclComm {
@@ -593,7 +553,7 @@ impl Communicator for NcclComm {
             inner,
             rank as usize,
             size as usize,
-            self.mpi.clone(),
+            self.bootstrap.clone(),
         )))
     }
 
@@ -661,20 +621,7 @@ impl Communicator for NcclComm {
     }
 
     fn all_gather(&self, send: Buf<'_>, recv: BufMut<'_>) -> Result<(), CommError> {
-        if recv.len() != send.len() * self.size {
-            return Err(invalid(
-                "all_gather",
-                format!(
-                    "{} values from each of {} ranks into {}",
-                    send.len(),
-                    self.size,
-                    recv.len()
-                ),
-            ));
-        }
-        if send.dtype() != recv.as_ref().dtype() {
-            return Err(super::type_mismatch("all_gather", send, recv.as_ref()));
-        }
+        check_all_gather(self.size, send, &recv)?;
         let (dt, wb) = wire(send);
         let (src, dst) = (bytes(send), bytes_mut(recv));
         let g = self.lock()?;
@@ -705,21 +652,7 @@ impl Communicator for NcclComm {
         recv: BufMut<'_>,
         op: ReduceOp,
     ) -> Result<(), CommError> {
-        check_reducible("reduce_scatter", send)?;
-        if send.len() != recv.len() * self.size {
-            return Err(invalid(
-                "reduce_scatter",
-                format!(
-                    "{} values for {} ranks of {} each",
-                    send.len(),
-                    self.size,
-                    recv.len()
-                ),
-            ));
-        }
-        if send.dtype() != recv.as_ref().dtype() {
-            return Err(super::type_mismatch("reduce_scatter", send, recv.as_ref()));
-        }
+        check_reduce_scatter(self.size, send, &recv)?;
         let (dt, wb) = wire(send);
         let (src, dst) = (bytes(send), bytes_mut(recv));
         let g = self.lock()?;
@@ -772,10 +705,7 @@ impl Communicator for NcclComm {
     fn send(&self, buf: Buf<'_>, dest: usize, tag: u16) -> Result<(), CommError> {
         check_peer("send", dest, self.size)?;
         if dest == self.rank {
-            self.own
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push_back((tag, owned_of(buf)));
+            self.own.push(tag, buf);
             return Ok(());
         }
         let (dt, wb) = wire(buf);
@@ -803,7 +733,7 @@ impl Communicator for NcclComm {
     fn recv(&self, buf: BufMut<'_>, src: usize, tag: u16) -> Result<(), CommError> {
         check_peer("recv", src, self.size)?;
         if src == self.rank {
-            return self.take_own("recv", tag, buf);
+            return self.own.take_into("recv", tag, buf);
         }
         let (dt, wb) = wire(buf.as_ref());
         let dst = bytes_mut(buf);
@@ -827,27 +757,13 @@ impl Communicator for NcclComm {
         Ok(())
     }
 
-    /// Completes before returning (a blocking [`Self::send`]): NCCL has no progress engine to
-    /// hand a pending send to. Two ranks that each `isend` to the other before posting their
-    /// receive therefore wait for each other forever; exchange with `all_to_all_v` instead.
-    fn isend(&self, buf: Owned, dest: usize, tag: u16) -> Result<Request, CommError> {
-        self.send(buf.as_buf(), dest, tag)?;
-        Ok(Request::new(Box::new(Done(buf))))
-    }
-
-    /// Completes before returning (a blocking [`Self::recv`]); see [`Self::isend`].
-    fn irecv(&self, mut buf: Owned, src: usize, tag: u16) -> Result<Request, CommError> {
-        self.recv(buf.as_buf_mut(), src, tag)?;
-        Ok(Request::new(Box::new(Done(buf))))
-    }
-
     fn traffic(&self) -> Traffic {
         self.traffic.get()
     }
 
-    /// Aborts through the MPI communicator the group was made from, which ends every process.
+    /// Aborts through the communicator the group was made from, which ends every process.
     fn abort(&self, code: i32) -> ! {
-        self.mpi.abort(code)
+        self.bootstrap.abort(code)
     }
 }
 
