@@ -209,6 +209,51 @@ fn gpu_fp8_vs_bf16() {
     }
 }
 
+/// Decode's products at a few rows: `DsBackend::dense_matmul` (Flex: the few-row kernel, each
+/// weight read once for all rows) against Flex's general matmul (the `gemm` crate), on the
+/// `small` preset's shapes, f32 and bf16 weights. Prints weight GB/s and GFLOP/s.
+fn few_rows() {
+    let dev = Default::default();
+    let mut rng = SplitMix64::new(5);
+    println!("| [K, N] | weights | rows | dense_matmul (µs) | GB/s of weights | GFLOP/s | Flex matmul (µs) | ratio |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (k, n) in [(512, 1408), (1408, 512), (512, 8000)] {
+        let wv: Vec<f32> = (0..k * n).map(|_| rng.uniform() as f32 - 0.5).collect();
+        let w32 = Tensor::<Cpu, 2>::from_data(TensorData::new(wv, [k, n]), &dev);
+        for bf in [false, true] {
+            let w = if bf {
+                w32.clone().cast(burn::tensor::DType::BF16)
+            } else {
+                w32.clone()
+            };
+            let wide = w.clone().cast(burn::tensor::DType::F32);
+            for m in [1, 2, 4, 8, 16] {
+                let xv: Vec<f32> = (0..m * k).map(|_| rng.uniform() as f32 - 0.5).collect();
+                let x = Tensor::<Cpu, 2>::from_data(TensorData::new(xv, [m, k]), &dev);
+                let ours = median_secs(21, || {
+                    let y = Cpu::dense_matmul(x.clone(), w.clone());
+                    std::hint::black_box(y.into_data());
+                });
+                // Flex's matmul on f32 weights (a user of bf16 storage would widen first).
+                let flex = median_secs(21, || {
+                    let y = x.clone().matmul(wide.clone());
+                    std::hint::black_box(y.into_data());
+                });
+                let bytes = (k * n * if bf { 2 } else { 4 }) as f64;
+                println!(
+                    "| [{k}, {n}] | {} | {m} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2}x |",
+                    if bf { "bf16" } else { "f32" },
+                    ours * 1e6,
+                    bytes / ours / 1e9,
+                    (2 * m * k * n) as f64 / ours / 1e9,
+                    flex * 1e6,
+                    flex / ours
+                );
+            }
+        }
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; the first other argument names the run.
     let which: Vec<String> = std::env::args()
@@ -222,6 +267,9 @@ fn main() {
     }
     if want("moe-experts") {
         moe_experts();
+    }
+    if which.iter().any(|w| w == "few-rows") {
+        few_rows();
     }
     #[cfg(feature = "cuda")]
     if which.iter().any(|w| w == "gpu-fp8-vs-bf16") {

@@ -10,26 +10,66 @@ use dsv3_model::{load_with, LoadOptions, WeightOptions, WeightStorage};
 use crate::common::*;
 use crate::model::weight_forms::{load_fixture_with, logits_of};
 
-/// Flex's thin-product paths (the one-row kernel, columns split over the thread pool) give
-/// exactly the plain matmul for one row (decode) and a few rows, at widths that do not split
-/// evenly, and agree to f32 rounding on small and column-narrowed weights; with bf16 weights
-/// the kernel equals the product with the widened weights; `par_map` keeps the order of its
-/// items.
+/// Flex's few-row paths (decode batches, MTP verification): one row equals the plain matmul
+/// bit for bit; every row of an `m`-row product through the kernel (m ≤ 4 with f32 weights, at
+/// widths that split over the pool unevenly and leave a column tail) equals that row multiplied
+/// alone, bit for bit, so such a batch decodes exactly what each prompt decodes alone; every
+/// `m ≤ 16` (kernel or columns split over the pool) equals a float64
+/// product to f32 accumulation error (701 terms of unit normals: |error| ≤ k·2⁻²⁴·Σ|x·w|, well
+/// under 1e-4·(1 + Σ|x·w|)). Small and column-narrowed weights agree to f32 rounding; with bf16
+/// weights the kernel equals the product with the widened weights; `par_map` keeps the order of
+/// its items.
 #[test]
 fn flex_thin_products_and_par_map_are_exact() {
     let mut rng = Rng::new(41);
     let (k, n) = (701, 1013); // k·n above the split threshold (2^19)
-    let w = tensor2(rng.normal_vec(k * n, 1.0), [k, n]);
-    for m in [1, 3, 16] {
-        let x = tensor2(rng.normal_vec(m * k, 1.0), [m, k]);
-        let plain = f32s(x.clone().matmul(w.clone()));
-        let split = f32s(B::dense_matmul(x, w.clone()));
-        assert_eq!(plain.len(), m * n);
-        let same = plain
+    let wv = rng.normal_vec(k * n, 1.0);
+    let w = tensor2(wv.clone(), [k, n]);
+    let x16 = rng.normal_vec(16 * k, 1.0);
+    let alone: Vec<Vec<f32>> = (0..16)
+        .map(|r| {
+            f32s(B::dense_matmul(
+                tensor2(x16[r * k..(r + 1) * k].to_vec(), [1, k]),
+                w.clone(),
+            ))
+        })
+        .collect();
+    let plain = f32s(tensor2(x16[..k].to_vec(), [1, k]).matmul(w.clone()));
+    assert!(
+        plain
             .iter()
-            .zip(&split)
-            .all(|(a, b)| a.to_bits() == b.to_bits());
-        assert!(same, "m = {m}: max |Δ| {}", max_diff(&plain, &split));
+            .zip(&alone[0])
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "one row: max |Δ| {}",
+        max_diff(&plain, &alone[0])
+    );
+    for m in [2, 3, 4, 5, 7, 8, 13, 16] {
+        let x = tensor2(x16[..m * k].to_vec(), [m, k]);
+        let got = f32s(B::dense_matmul(x, w.clone()));
+        assert_eq!(got.len(), m * n);
+        for (r, (row, want)) in got.chunks(n).zip(&alone).enumerate() {
+            if m <= 4 {
+                let same = row
+                    .iter()
+                    .zip(want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "m = {m}, row {r}: max |Δ| {}", max_diff(row, want));
+            }
+            for c in (0..n).step_by(97).chain([n - 1]) {
+                let (mut exact, mut mag) = (0f64, 0f64);
+                for i in 0..k {
+                    let t = x16[r * k + i] as f64 * wv[i * n + c] as f64;
+                    exact += t;
+                    mag += t.abs();
+                }
+                let err = (row[c] as f64 - exact).abs();
+                assert!(
+                    err <= 1e-4 * (1.0 + mag),
+                    "m = {m}, [{r}, {c}]: {} vs {exact}",
+                    row[c]
+                );
+            }
+        }
     }
     // Small (one thread) and column-narrowed (row stride > width) weights, and k = 0.
     for (k, n, first, width) in [(37, 53, 0, 53), (301, 517, 9, 200), (0, 5, 0, 5)] {
@@ -54,7 +94,12 @@ fn flex_thin_products_and_par_map_are_exact() {
             .narrow(1, first, width);
         let x = tensor2(rng.normal_vec(k, 1.0), [1, k]);
         let plain = f32s(x.clone().matmul(w.clone().cast(burn::tensor::DType::F32)));
-        let ours = f32s(B::dense_matmul(x, w));
+        let ours = f32s(B::dense_matmul(x.clone(), w.clone()));
+        // Two rows of bf16 weights: each equals its row alone.
+        let two = f32s(B::dense_matmul(Tensor::cat(vec![x.clone(), x], 0), w));
+        assert!(two
+            .chunks(width)
+            .all(|r| r.iter().zip(&ours).all(|(a, b)| a.to_bits() == b.to_bits())));
         let same = plain
             .iter()
             .zip(&ours)

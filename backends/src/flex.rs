@@ -6,12 +6,25 @@ use burn::tensor::{bf16, DType, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-/// `x [1, K] · w [K, N]` reading `w` once, row by row (`y += x[k] · w[k, :]`), with the columns
-/// split over the thread pool for large weights. Flex's general matmul runs products under ~7M
-/// multiply-adds on one thread and streams a one-row product below memory speed; decode is
-/// nothing but such products. `w` may be f32 or bf16 (widened as it is read). `None` when the
-/// operands are not f32 (`x`) / f32 or bf16 (`w`) with unit column stride.
-pub(crate) fn row_times_matrix(
+/// Most rows [`rows_times_matrix`] takes: decode batches and MTP verification. Above this the
+/// general matmul's packing pays for itself.
+pub(crate) const MAX_ROWS: usize = 16;
+
+/// Most rows for which the kernel beats Flex's matmul on f32 weights (`bash
+/// scripts/bench-kernels.sh few-rows`: at 8 and 16 rows the `gemm` crate's register tiles win on
+/// this machine). With bf16 weights the kernel takes up to [`MAX_ROWS`]: the general path
+/// would widen the whole weight on every call.
+pub(crate) const MAX_ROWS_F32: usize = 4;
+
+/// `x [M, K] · w [K, N]` for `M ≤ MAX_ROWS`, reading `w` once, eight weight rows at a time, each
+/// loaded vector used for all `M` rows (`y[r] += x[r, k] · w[k, :]`), with the columns split over
+/// the thread pool for large weights. Flex's general matmul runs products under ~7M
+/// multiply-adds on one thread and streams a few-row product below memory speed; decode is
+/// nothing but such products. Each output row is computed in the same order whatever `M` is, so
+/// a row of a batch equals the same row multiplied alone, bit for bit. `w` may be f32 or bf16
+/// (widened as it is read). `None` when the operands are not f32 (`x`) / f32 or bf16 (`w`) with
+/// unit column stride, or `M` is 0 or above [`MAX_ROWS`].
+pub(crate) fn rows_times_matrix(
     x: &Tensor<Flex, 2>,
     w: &Tensor<Flex, 2>,
 ) -> Option<Tensor<Flex, 2>> {
@@ -21,108 +34,147 @@ pub(crate) fn row_times_matrix(
         return None;
     }
     let (xl, wl) = (xt.layout(), wt.layout());
-    let (k, n) = (wl.shape()[0], wl.shape()[1]);
-    let (x_col, w_row, w_col) = (xl.strides()[1], wl.strides()[0], wl.strides()[1]);
-    if xl.shape()[0] != 1 || w_col != 1 || w_row < n as isize || x_col <= 0 {
+    let (m, k, n) = (xl.shape()[0], wl.shape()[0], wl.shape()[1]);
+    let (x_row, x_col) = (xl.strides()[0], xl.strides()[1]);
+    let (w_row, w_col) = (wl.strides()[0], wl.strides()[1]);
+    if m == 0 || m > MAX_ROWS || w_col != 1 || w_row < n as isize || x_col <= 0 || x_row < 0 {
         return None;
     }
     let xs = xt.storage::<f32>();
     let x0 = xl.start_offset();
-    let xv: Vec<f32> = (0..k).map(|i| xs[x0 + i * x_col as usize]).collect();
+    let xv: Vec<f32> = (0..m)
+        .flat_map(|r| (0..k).map(move |i| (r, i)))
+        .map(|(r, i)| xs[x0 + r * x_row as usize + i * x_col as usize])
+        .collect();
     let (w0, w_row) = (wl.start_offset(), w_row as usize);
+    let weights = Weights { w0, w_row, n };
     let out = match wt.dtype() {
-        DType::F32 => product(&xv, wt.storage::<f32>(), w0, w_row, n, |v| v),
-        DType::BF16 => product(&xv, wt.storage::<bf16>(), w0, w_row, n, bf16::to_f32),
+        DType::F32 => product(&xv, m, wt.storage::<f32>(), weights, |v| v),
+        DType::BF16 => product(&xv, m, wt.storage::<bf16>(), weights, bf16::to_f32),
         _ => return None,
     };
-    let t = FlexTensor::from_data(TensorData::new(out, [1, n]));
+    let t = FlexTensor::from_data(TensorData::new(out, [m, n]));
     Some(Tensor::from_primitive(TensorPrimitive::Float(t)))
 }
 
-/// `y[c] = Σ_i x[i] · w[w0 + i·w_row + c]` for `c < n`, by column blocks.
-fn product<T: Wide>(
-    xv: &[f32],
-    ws: &[T],
+/// Where the `[K, N]` weight sits in its storage: row `i` starts at `w0 + i · w_row`.
+#[derive(Clone, Copy)]
+struct Weights {
     w0: usize,
     w_row: usize,
     n: usize,
+}
+
+/// `y[r, c] = Σ_i x[r, i] · w[w0 + i·w_row + c]` for `r < m`, `c < n`, by column blocks.
+fn product<T: Wide>(
+    xv: &[f32],
+    m: usize,
+    ws: &[T],
+    Weights { w0, w_row, n }: Weights,
     widen: impl Fn(T) -> f32 + Copy + Sync,
 ) -> Vec<f32> {
-    let k = xv.len();
-    // Output columns `c0..c0 + out.len()`: eight weight rows per pass over the partial sums
-    // (fewer loads and stores of them), each pass adding its eight products in k order.
-    let block = |c0: usize, out: &mut [f32]| {
-        let len = out.len();
+    let k = xv.len() / m;
+    // Columns `c0..c0 + len` of every row into `out [m, len]`.
+    let block = |c0: usize, len: usize, out: &mut [f32]| {
         let rows: Vec<&[T]> = (0..k)
             .map(|i| &ws[w0 + i * w_row + c0..w0 + i * w_row + c0 + len])
             .collect();
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
-            // SAFETY: the CPU has the features the function is compiled for, and every row
-            // holds `out.len()` values.
-            unsafe { T::accumulate_avx2(xv, &rows, out) };
+            // SAFETY: the CPU has the features the function is compiled for, every row holds
+            // `len` values, `xv` holds `m · k` and `out` `m · len`.
+            unsafe { T::accumulate_avx2(xv, m, &rows, out) };
             return;
         }
-        accumulate(xv, &rows, out, widen, |a, b, c| c + a * b);
+        accumulate(xv, m, &rows, out, widen);
     };
-    let mut out = vec![0f32; n];
+    // Column blocks whose partial sums (m × len) stay in L1.
+    let width = (8192 / m).next_multiple_of(16);
     let threads = rayon::current_num_threads();
-    // Below ~512K weights the pool's wake-up costs more than a second core saves.
-    if threads < 2 || k * n < 1 << 19 {
-        // Column blocks that keep the partial sums in L1.
-        for (j, chunk) in out.chunks_mut(1024).enumerate() {
-            block(j * 1024, chunk);
+    if m == 1 {
+        // One row: the blocks write straight into the output.
+        let mut out = vec![0f32; n];
+        if threads < 2 || k * n < 1 << 19 {
+            for (j, chunk) in out.chunks_mut(width).enumerate() {
+                block(j * width, chunk.len(), chunk);
+            }
+        } else {
+            let per = n.div_ceil(threads).next_multiple_of(16).min(4096);
+            out.par_chunks_mut(per)
+                .enumerate()
+                .for_each(|(j, chunk)| block(j * per, chunk.len(), chunk));
         }
+        return out;
+    }
+    // Several rows: each block fills its own `[m, len]` buffer, copied into place after.
+    // Below ~512K weights the pool's wake-up costs more than a second core saves.
+    let per = if threads < 2 || k * n < 1 << 19 {
+        width
     } else {
-        let per = n.div_ceil(threads).next_multiple_of(16).min(4096);
-        out.par_chunks_mut(per)
-            .enumerate()
-            .for_each(|(j, chunk)| block(j * per, chunk));
+        n.div_ceil(threads).next_multiple_of(16).min(width)
+    };
+    let starts: Vec<usize> = (0..n).step_by(per).collect();
+    let run = |&c0: &usize| {
+        let len = per.min(n - c0);
+        let mut buf = vec![0f32; m * len];
+        block(c0, len, &mut buf);
+        (c0, len, buf)
+    };
+    let parts: Vec<_> = if per == width && (threads < 2 || k * n < 1 << 19) {
+        starts.iter().map(run).collect()
+    } else {
+        starts.par_iter().map(run).collect()
+    };
+    let mut out = vec![0f32; m * n];
+    for (c0, len, buf) in parts {
+        for (r, src) in buf.chunks_exact(len).enumerate() {
+            out[r * n + c0..r * n + c0 + len].copy_from_slice(src);
+        }
     }
     out
 }
 
-/// `out[c] = Σ_i x[i] · widen(rows[i][c])`, eight rows per pass, `madd(a, b, acc)` = `acc + a·b`.
+/// `out[r, c] = Σ_i x[r, i] · widen(rows[i][c])` (`out [m, len]`), eight weight rows per pass,
+/// each pass adding its eight products in k order with fused multiply-adds.
 #[inline(always)]
 fn accumulate<T: Copy>(
     x: &[f32],
+    m: usize,
     rows: &[&[T]],
     out: &mut [f32],
     widen: impl Fn(T) -> f32,
-    madd: impl Fn(f32, f32, f32) -> f32,
 ) {
     out.fill(0.0);
-    let (k, len) = (x.len(), out.len());
+    let k = rows.len();
+    let len = out.len() / m;
     let mut i = 0;
-    while i + 8 <= k {
-        let r: [&[T]; 8] = std::array::from_fn(|j| &rows[i + j][..len]);
-        let a: [f32; 8] = std::array::from_fn(|j| x[i + j]);
-        for c in 0..len {
-            let mut acc = out[c];
-            for j in 0..8 {
-                acc = madd(a[j], widen(r[j][c]), acc);
+    while i < k {
+        let g = (k - i).min(8);
+        for (r, o) in out.chunks_exact_mut(len).enumerate() {
+            let a = &x[r * k + i..r * k + i + g];
+            for (c, oc) in o.iter_mut().enumerate() {
+                let mut acc = *oc;
+                for (j, &aj) in a.iter().enumerate() {
+                    acc = aj.mul_add(widen(rows[i + j][c]), acc);
+                }
+                *oc = acc;
             }
-            out[c] = acc;
         }
-        i += 8;
-    }
-    for (&xi, row) in x.iter().zip(rows).skip(i) {
-        for (o, &wv) in out.iter_mut().zip(&row[..len]) {
-            *o = madd(xi, widen(wv), *o);
-        }
+        i += g;
     }
 }
 
-/// A weight element type the one-row kernel reads (f32, or bf16 widened as it is loaded).
+/// A weight element type the few-row kernel reads (f32, or bf16 widened as it is loaded).
 trait Wide: Copy + Sync {
     /// `accumulate` with AVX2 vectors of eight columns and fused multiply-adds (the same
-    /// operations in the same order per column as the scalar form with `f32::mul_add`).
+    /// operations in the same order per output as the scalar form).
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA, and every row must hold at least `out.len()` values.
+    /// The CPU must have AVX2 and FMA, `x` must hold `m · rows.len()` values, `out` `m · len`
+    /// and every row at least `len`, where `len = out.len() / m`.
     #[cfg(target_arch = "x86_64")]
-    unsafe fn accumulate_avx2(x: &[f32], rows: &[&[Self]], out: &mut [f32]);
+    unsafe fn accumulate_avx2(x: &[f32], m: usize, rows: &[&[Self]], out: &mut [f32]);
 }
 
 /// Eight consecutive weights as f32 lanes.
@@ -166,33 +218,51 @@ impl Load8 for bf16 {
 #[cfg(target_arch = "x86_64")]
 impl<T: Load8 + Sync> Wide for T {
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn accumulate_avx2(x: &[f32], rows: &[&[T]], out: &mut [f32]) {
+    unsafe fn accumulate_avx2(x: &[f32], m: usize, rows: &[&[T]], out: &mut [f32]) {
         use std::arch::x86_64::*;
         out.fill(0.0);
-        let (k, len) = (x.len(), out.len());
+        let k = rows.len();
+        let len = out.len() / m;
         let o = out.as_mut_ptr();
+        let xp = x.as_ptr();
         let mut i = 0;
         while i < k {
-            let g = (k - i).min(8); // rows in this pass
-            let a: [f32; 8] = std::array::from_fn(|j| if j < g { x[i + j] } else { 0.0 });
+            let g = (k - i).min(8); // weight rows in this pass
             let p: [*const T; 8] = std::array::from_fn(|j| rows[i + j.min(g - 1)].as_ptr());
             let mut c = 0;
-            // SAFETY: c + 8 <= len and every row holds `len` values; `o` points at `len`.
+            // SAFETY: c + 8 <= len and every row holds `len` values; `o` points at `m · len`
+            // and `xp` at `m · k` values, of which row r's pass reads `r·k + i .. r·k + i + g`.
             unsafe {
                 while c + 8 <= len {
-                    let mut acc = _mm256_loadu_ps(o.add(c));
-                    for j in 0..g {
-                        acc = _mm256_fmadd_ps(_mm256_set1_ps(a[j]), T::load8(p[j].add(c)), acc);
+                    // The eight weight vectors are loaded once and used for every row.
+                    let wv: [__m256; 8] = std::array::from_fn(|j| {
+                        if j < g {
+                            T::load8(p[j].add(c))
+                        } else {
+                            _mm256_setzero_ps()
+                        }
+                    });
+                    for r in 0..m {
+                        let a = xp.add(r * k + i);
+                        let dst = o.add(r * len + c);
+                        let mut acc = _mm256_loadu_ps(dst);
+                        for (j, &wj) in wv.iter().enumerate().take(g) {
+                            acc = _mm256_fmadd_ps(_mm256_set1_ps(*a.add(j)), wj, acc);
+                        }
+                        _mm256_storeu_ps(dst, acc);
                     }
-                    _mm256_storeu_ps(o.add(c), acc);
                     c += 8;
                 }
                 while c < len {
-                    let mut acc = *o.add(c);
-                    for j in 0..g {
-                        acc = a[j].mul_add((*p[j].add(c)).widen(), acc);
+                    for r in 0..m {
+                        let a = xp.add(r * k + i);
+                        let dst = o.add(r * len + c);
+                        let mut acc = *dst;
+                        for (j, &pj) in p.iter().enumerate().take(g) {
+                            acc = (*a.add(j)).mul_add((*pj.add(c)).widen(), acc);
+                        }
+                        *dst = acc;
                     }
-                    *o.add(c) = acc;
                     c += 1;
                 }
             }

@@ -39,16 +39,23 @@ mod flex;
 /// jobs, which use its thread pool (see `flex.rs`).
 impl DsBackend for burn::backend::Flex {
     /// Flex runs a product under ~7M multiply-adds on one thread, so decode would read the
-    /// weights at one core's speed. One row: the kernel in `flex.rs`. A few rows with many
-    /// weights: the columns are split over the pool (each column's sum unchanged).
+    /// weights at one core's speed. A few rows (decode batches, MTP verification): the kernel
+    /// in `flex.rs`, which reads each weight once for all rows and splits the columns over the
+    /// pool; up to [`flex::MAX_ROWS_F32`] rows of f32 weights and [`flex::MAX_ROWS`] of bf16.
+    /// Up to 16 rows of f32 weights otherwise: the columns split over the pool.
     fn dense_matmul(
         x: burn::tensor::Tensor<Self, 2>,
         w: burn::tensor::Tensor<Self, 2>,
     ) -> burn::tensor::Tensor<Self, 2> {
         use rayon::prelude::*;
         let ([m, k], n) = (x.dims(), w.dims()[1]);
-        if m == 1 {
-            if let Some(y) = flex::row_times_matrix(&x, &w) {
+        let kernel_rows = if w.dtype() == burn::tensor::DType::BF16 {
+            flex::MAX_ROWS
+        } else {
+            flex::MAX_ROWS_F32
+        };
+        if m <= kernel_rows {
+            if let Some(y) = flex::rows_times_matrix(&x, &w) {
                 return y;
             }
         }

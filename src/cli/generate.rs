@@ -11,8 +11,8 @@ use clap::Args;
 
 use dsv3_backends::{on_backend, BackendKind, DsBackend, FloatDtype, OnBackend};
 use dsv3_infer::{
-    continue_session, generate, GenerateOptions, Generation, InferError, Message, SamplingOptions,
-    Session, Speculative, Tokenizer,
+    continue_session, generate, generate_batch, GenerateOptions, Generation, InferError, Message,
+    SamplingOptions, Session, Speculative, Tokenizer,
 };
 use dsv3_model::{DeepseekV3, LoadOptions};
 
@@ -69,13 +69,27 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub decode: DecodeArgs,
     /// Prompt text (needs tokenizer.json in the model directory).
-    #[arg(long, conflicts_with = "tokens", required_unless_present = "tokens")]
+    #[arg(
+        long,
+        conflicts_with = "tokens",
+        required_unless_present_any = ["tokens", "prompts"]
+    )]
     pub prompt: Option<String>,
     /// Prompt as comma-separated token ids, e.g. 0,15,7 (works without a tokenizer).
     #[arg(long)]
     pub tokens: Option<String>,
+    /// A JSONL file of prompts, one object per line: {"prompt": TEXT} (a user message with
+    /// --chat), {"messages": [{"role", "content"}, ...]} (rendered with the chat template, ready
+    /// for the assistant's turn) or {"tokens": [IDS]}; other keys are ignored. Prints one JSON
+    /// line per prompt, in order: {"index", "tokens", "text", "stop", "stats"}, where "stats"
+    /// are its batch's (decode tokens/s summed over the batch's rows).
+    #[arg(long, conflicts_with_all = ["prompt", "tokens"])]
+    pub prompts: Option<PathBuf>,
+    /// Prompts decoded together as the rows of one batch (with --prompts).
+    #[arg(long, default_value_t = 8, requires = "prompts")]
+    pub batch_size: usize,
     /// Wrap the prompt as a user message in the model's chat template.
-    #[arg(long, requires = "prompt")]
+    #[arg(long, conflicts_with = "tokens")]
     pub chat: bool,
     /// System message (with --chat).
     #[arg(long, requires = "chat")]
@@ -194,8 +208,8 @@ pub fn stats_line(g: &Generation, rows: usize) -> String {
     line
 }
 
-/// The `stats` object of `--json`.
-pub fn stats_json(g: &Generation) -> serde_json::Value {
+/// The `stats` object of `--json` (decode tokens/s summed over the batch's `rows`).
+pub fn stats_json(g: &Generation, rows: usize) -> serde_json::Value {
     let s = &g.stats;
     let mut j = serde_json::json!({
         "prompt_tokens": s.prompt_tokens,
@@ -204,7 +218,7 @@ pub fn stats_json(g: &Generation) -> serde_json::Value {
         "prefill_secs": s.prefill_secs,
         "decode_secs": s.decode_secs,
         "prefill_tokens_per_sec": s.prefill_tokens_per_sec(),
-        "decode_tokens_per_sec": s.decode_tokens_per_sec(1),
+        "decode_tokens_per_sec": s.decode_tokens_per_sec(rows),
         "cache_bytes": s.cache_bytes,
         "cache_bytes_per_token": s.cache_bytes_per_token,
     });
@@ -238,12 +252,148 @@ pub fn generate_cmd(a: &GenerateArgs, out: &mut dyn Write) -> Result<(), CliErro
     on_backend(kind, dtype, Run(a, comm, out))?
 }
 
+/// One line of a `--prompts` file (keys other than these are ignored, e.g. an `answer`).
+#[derive(serde::Deserialize)]
+struct PromptLine {
+    prompt: Option<String>,
+    messages: Option<Vec<MessageLine>>,
+    tokens: Option<Vec<u32>>,
+}
+
+#[derive(serde::Deserialize)]
+struct MessageLine {
+    role: String,
+    content: String,
+}
+
+/// The prompts of a `--prompts` file as ids, each error naming `FILE:LINE`.
+fn read_prompts(
+    path: &Path,
+    tok: Option<&Tokenizer>,
+    chat: bool,
+    system: Option<&str>,
+) -> Result<Vec<Vec<u32>>, CliError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::Usage(format!("cannot read --prompts {}: {e}", path.display())))?;
+    let mut prompts = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = |msg: String| CliError::Usage(format!("{}:{}: {msg}", path.display(), i + 1));
+        let p: PromptLine = serde_json::from_str(line).map_err(|e| at(e.to_string()))?;
+        let need_tok = || {
+            tok.ok_or_else(|| {
+                at(
+                    "text prompts need the model directory's tokenizer.json (or give \"tokens\")"
+                        .into(),
+                )
+            })
+        };
+        let ids = match (p.prompt, p.messages, p.tokens) {
+            (None, None, Some(ids)) => ids,
+            (Some(text), None, None) if chat => {
+                let mut msgs: Vec<Message> = system
+                    .map(|s| Message::new("system", s))
+                    .into_iter()
+                    .collect();
+                msgs.push(Message::new("user", &text));
+                need_tok()?
+                    .encode_chat(&msgs, true)
+                    .map_err(|e| at(e.to_string()))?
+            }
+            (Some(text), None, None) => need_tok()?
+                .encode_prompt(&text)
+                .map_err(|e| at(e.to_string()))?,
+            (None, Some(msgs), None) => {
+                let msgs: Vec<Message> = msgs
+                    .iter()
+                    .map(|m| Message::new(&m.role, &m.content))
+                    .collect();
+                need_tok()?
+                    .encode_chat(&msgs, true)
+                    .map_err(|e| at(e.to_string()))?
+            }
+            _ => {
+                return Err(at(
+                    "give exactly one of \"prompt\", \"messages\" or \"tokens\"".into(),
+                ))
+            }
+        };
+        if ids.is_empty() {
+            return Err(at("the prompt is empty".into()));
+        }
+        prompts.push(ids);
+    }
+    if prompts.is_empty() {
+        return Err(CliError::Usage(format!(
+            "--prompts {} holds no prompt",
+            path.display()
+        )));
+    }
+    Ok(prompts)
+}
+
+/// `generate --prompts FILE`: batches of `--batch-size` rows through [`generate_batch`], one
+/// JSON line per prompt, then a summary line on stderr.
+fn generate_file<B: DsBackend>(
+    a: &GenerateArgs,
+    path: &Path,
+    kind: BackendKind,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    if a.batch_size == 0 {
+        return Err(CliError::Usage("--batch-size must be at least 1".into()));
+    }
+    let opts = a.decode.options()?;
+    let (model, tok) = a.decode.load::<B>(kind, None)?;
+    let prompts = read_prompts(path, tok.as_ref(), a.chat, a.system.as_deref())?;
+    let (mut generated, mut decode_secs, mut index) = (0, 0.0, 0);
+    for batch in prompts.chunks(a.batch_size) {
+        let gens = generate_batch(&model, tok.as_ref(), batch, &opts, |_| {}).map_err(infer)?;
+        let stats = gens.first().map(|g| stats_json(g, batch.len()));
+        for g in &gens {
+            let j = serde_json::json!({
+                "index": index,
+                "tokens": g.tokens,
+                "text": g.text,
+                "stop": g.stop,
+                "stats": stats,
+            });
+            writeln!(out, "{j}").map_err(io)?;
+            index += 1;
+        }
+        if let Some(g) = gens.first() {
+            generated += g.stats.generated_tokens.saturating_sub(batch.len());
+            decode_secs += g.stats.decode_secs;
+        }
+    }
+    out.flush().map_err(io)?;
+    eprintln!(
+        "prompts: {}, batch size: {}, decode: {:.1} tok/s summed over rows",
+        prompts.len(),
+        a.batch_size,
+        if decode_secs > 0.0 {
+            generated as f64 / decode_secs
+        } else {
+            0.0
+        }
+    );
+    Ok(())
+}
+
 fn generate_on<B: DsBackend>(
     a: &GenerateArgs,
     kind: BackendKind,
     comm: Option<Arc<dyn Communicator>>,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
+    if let Some(path) = &a.prompts {
+        if comm.is_some() {
+            return Err(CliError::Usage("--prompts does not take --ep yet".into()));
+        }
+        return generate_file::<B>(a, path, kind, out);
+    }
     // Everything before decoding fails alike on every rank: they agree before it.
     let prepared = (|| -> Result<_, CliError> {
         let opts = a.decode.options()?;
@@ -327,7 +477,7 @@ fn generate_on<B: DsBackend>(
             "tokens": g.tokens,
             "text": g.text,
             "stop": g.stop,
-            "stats": stats_json(&g),
+            "stats": stats_json(&g, 1),
         });
         writeln!(out, "{j}").map_err(io)?;
     } else {

@@ -254,3 +254,95 @@ fn generate_with_fp8_or_bf16_weights_matches_f32() {
         );
     }
 }
+
+/// `dsv3 generate --prompts FILE --batch-size B`: prompts of different lengths (left-padded in a
+/// batch) as ids, text and chat messages give, line by line and in order, the tokens each gives
+/// alone with `--tokens`/`--prompt` (greedy); a batch's stats count its rows; a malformed line
+/// is named by file and line.
+#[test]
+fn cli_generate_prompts_file_equals_one_by_one() {
+    let dir = model_with_tokenizer();
+    let m = dir.to_str().unwrap();
+    let common = ["--max-new-tokens", "6", "--ignore-eos"];
+    let ids = ["5,9,200,17", "40,41", "7,8,9,10,11,12,13", "99"];
+    let mut lines: Vec<String> = ids
+        .iter()
+        .map(|t| format!("{{\"tokens\": [{t}], \"answer\": \"ignored\"}}"))
+        .collect();
+    lines.push(r#"{"prompt": "Hello"}"#.into());
+    let file = dir.join("prompts.jsonl");
+    write(&file, &(lines.join("\n") + "\n\n"));
+    let alone = |extra: &[&str]| -> Vec<u64> {
+        let mut args = vec!["generate", "--model", m, "--json"];
+        args.extend_from_slice(&common);
+        args.extend_from_slice(extra);
+        let j: serde_json::Value = serde_json::from_str(dsv3(&args).unwrap().trim()).unwrap();
+        j["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect()
+    };
+    let mut want: Vec<Vec<u64>> = ids.iter().map(|t| alone(&["--tokens", t])).collect();
+    want.push(alone(&["--prompt", "Hello"]));
+    for batch in ["1", "3", "16"] {
+        let mut args = vec![
+            "generate",
+            "--model",
+            m,
+            "--prompts",
+            file.to_str().unwrap(),
+        ];
+        args.extend_from_slice(&common);
+        args.extend_from_slice(&["--batch-size", batch]);
+        let out = dsv3(&args).unwrap();
+        let got: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(got.len(), want.len(), "{out}");
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g["index"], i as u64);
+            let toks: Vec<u64> = g["tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect();
+            assert_eq!(&toks, w, "batch {batch}, prompt {i}");
+        }
+        let rows = batch.parse::<u64>().unwrap().min(want.len() as u64);
+        assert_eq!(
+            got[0]["stats"]["generated_tokens"],
+            6 * rows,
+            "batch {batch}"
+        );
+        assert!(got[4]["text"].is_string());
+    }
+    // Bad lines: named by file and line, one line on stderr, non-zero exit.
+    for (bad, what) in [
+        ("{\"tokens\": [1]}\n{\"tokens\": [1,}\n", ":2: "),
+        ("{\"tokens\": [1], \"prompt\": \"x\"}\n", "exactly one of"),
+        ("{\"tokens\": []}\n", "the prompt is empty"),
+        (
+            "{\"messages\": [{\"role\": \"user\"}]}\n",
+            "missing field `content`",
+        ),
+    ] {
+        write(&file, bad);
+        let err = dsv3(&[
+            "generate",
+            "--model",
+            m,
+            "--prompts",
+            file.to_str().unwrap(),
+        ])
+        .unwrap_err();
+        assert!(
+            err.contains(what) && err.contains("prompts.jsonl:"),
+            "{bad}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+}
