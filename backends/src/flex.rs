@@ -89,8 +89,9 @@ fn product<T: Wide>(
         }
         accumulate(xv, m, &rows, out, widen);
     };
-    // Column blocks whose partial sums (m × len) stay in L1.
-    let width = (8192 / m).next_multiple_of(16);
+    // Column blocks whose partial sums (m × len, ~4 KiB) stay in L1 (the one-row kernel took
+    // 1024 columns before it took several rows).
+    let width = (1024 / m).next_multiple_of(16);
     let threads = rayon::current_num_threads();
     if m == 1 {
         // One row: the blocks write straight into the output.
