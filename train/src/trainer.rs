@@ -30,8 +30,11 @@ pub struct Batch<B: Backend> {
     pub targets: Tensor<B, 2, Int>,
     /// Per MTP depth k: `[b, T−1−k]` tokens k+2..=T (two or more ahead of each input).
     pub mtp_targets: Vec<Tensor<B, 2, Int>>,
-    /// Text bytes among the targets (for bits per byte).
+    /// Text bytes among the targets (for bits per byte; only the counted ones when masked).
     pub target_bytes: usize,
+    /// With a [`Dataset::mask`]: `[b, T]` 1 where the target counts, else 0, and the same per
+    /// MTP depth (`[b, T−1−k]`).
+    pub target_mask: Option<(Tensor<B, 2>, Vec<Tensor<B, 2>>)>,
 }
 
 /// Builds the tensors of the windows starting at `starts`.
@@ -50,18 +53,39 @@ pub fn make_batch<B: Backend>(
             .collect();
         Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, w]), device)
     };
+    let counts = |s: usize, i: usize| data.window_mask(s).is_none_or(|m| m[i]);
     let target_bytes = starts
         .iter()
-        .map(|&s| data.window(s)[1..].iter().filter(|&&x| x < 256).count())
+        .map(|&s| {
+            (1..=t)
+                .filter(|&i| data.window(s)[i] < 256 && counts(s, i))
+                .count()
+        })
         .sum();
+    let depths: Vec<usize> = (0..mtp_depths).filter(|k| t >= k + 2).collect();
+    let target_mask = data.mask.as_ref().map(|_| {
+        let mask = |cols: std::ops::Range<usize>| {
+            let w = cols.len();
+            let v: Vec<f32> = starts
+                .iter()
+                .flat_map(|&s| {
+                    cols.clone()
+                        .map(move |i| if counts(s, i) { 1.0 } else { 0.0 })
+                })
+                .collect();
+            Tensor::<B, 2>::from_data(TensorData::new(v, [b, w]), device)
+        };
+        (
+            mask(1..t + 1),
+            depths.iter().map(|k| mask(k + 2..t + 1)).collect(),
+        )
+    });
     Batch {
         inputs: tensor(0..t),
         targets: tensor(1..t + 1),
-        mtp_targets: (0..mtp_depths)
-            .filter(|k| t >= k + 2)
-            .map(|k| tensor(k + 2..t + 1))
-            .collect(),
+        mtp_targets: depths.iter().map(|k| tensor(k + 2..t + 1)).collect(),
         target_bytes,
+        target_mask,
     }
 }
 
@@ -79,14 +103,21 @@ pub fn objective<B: Backend>(
     batch: &Batch<B>,
     cfg: &TrainConfig,
 ) -> Losses<B> {
-    let ce = loss::cross_entropy(fwd.logits.clone(), batch.targets.clone());
+    // Fine-tuning counts only the masked-in targets (the assistant's tokens).
+    let ce_of = |l: &Tensor<B, 3>, t: &Tensor<B, 2, Int>, m: Option<&Tensor<B, 2>>| match m {
+        Some(m) => loss::masked_cross_entropy(l.clone(), t.clone(), m.clone()),
+        None => loss::cross_entropy(l.clone(), t.clone()),
+    };
+    let masks = batch.target_mask.as_ref();
+    let ce = ce_of(&fwd.logits, &batch.targets, masks.map(|m| &m.0));
     let mut total = ce.clone();
     let mtp = (!fwd.mtp_logits.is_empty()).then(|| {
         let d = fwd.mtp_logits.len() as f64;
         fwd.mtp_logits
             .iter()
             .zip(&batch.mtp_targets)
-            .map(|(l, t)| loss::cross_entropy(l.clone(), t.clone()))
+            .enumerate()
+            .map(|(k, (l, t))| ce_of(l, t, masks.map(|m| &m.1[k])))
             .reduce(|a, b| a + b)
             .expect("one depth")
             .div_scalar(d)
@@ -267,6 +298,9 @@ pub struct Trainer<B: DsAutodiffBackend> {
     pub device: B::Device,
     /// The communicators of a distributed run ([`Self::distribute`]); `None`: one process.
     pub parallel: Option<Parallel>,
+    /// Tokenizer files (name, bytes) that checkpoints carry instead of the byte-level
+    /// tokenizer's: a fine-tuned model keeps the tokenizer and chat template it started with.
+    pub tokenizer_files: Option<Vec<(String, Vec<u8>)>>,
 }
 
 impl<B: DsAutodiffBackend> Trainer<B> {
@@ -338,7 +372,31 @@ impl<B: DsAutodiffBackend> Trainer<B> {
             step,
             device: device.clone(),
             parallel: None,
+            tokenizer_files: None,
         }
+    }
+
+    /// A run that starts from trained weights (fine-tuning) instead of a seeded init.
+    ///
+    /// # Errors
+    /// As [`Self::new`] ([`check_setup`] against the model's own config).
+    pub fn from_model(
+        model: DeepseekV3<B>,
+        cfg: TrainConfig,
+        data: Dataset,
+        device: &B::Device,
+    ) -> Result<Self, TrainError> {
+        check_setup(&model.config, &cfg, &data)?;
+        let sampler = Sampler::new(data.train.len(), cfg.seed);
+        Ok(Self::from_parts(
+            model,
+            optim::adamw(&cfg),
+            cfg,
+            data,
+            sampler,
+            0,
+            device,
+        ))
     }
 
     /// Makes this a distributed run: the routed experts are split over `par.ep`
@@ -609,12 +667,16 @@ pub fn evaluate<B: DsBackend>(
     for chunk in data.val[..n].chunks(cfg.batch_size.max(1)) {
         let batch = make_batch::<B>(data, chunk, 0, &device);
         let fwd = forward::forward(model, batch.inputs, cfg.attention, 0, false);
-        let sum: f64 = loss::token_nll(fwd.logits, batch.targets)
-            .sum()
-            .into_scalar()
-            .elem::<f64>();
-        nll += sum;
-        tokens += chunk.len() * data.seq_len;
+        let token_nll = loss::token_nll(fwd.logits, batch.targets);
+        let (sum, count) = match batch.target_mask {
+            Some((m, _)) => {
+                let count = m.clone().sum().into_scalar().elem::<f64>() as usize;
+                (token_nll * m, count)
+            }
+            None => (token_nll, chunk.len() * data.seq_len),
+        };
+        nll += sum.sum().into_scalar().elem::<f64>();
+        tokens += count;
         bytes += batch.target_bytes;
     }
     EvalStats {
