@@ -61,6 +61,9 @@ pub enum Command {
     /// Supervised fine-tuning on chat JSONL: rendered with the model's chat template, loss on
     /// the assistant's tokens only; the training flags, checkpoints and --resume of `train`.
     Sft(post::SftArgs),
+    /// Logit distillation: `sft` with (1 − α)·CE + α·τ²·KL(teacher ‖ student) on the
+    /// assistant tokens, from a teacher sharing the tokenizer.
+    Distill(post::DistillArgs),
 }
 
 #[derive(Args, Debug)]
@@ -250,6 +253,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         Command::MakeTask(a) => post::make_task(&a, out),
         Command::Eval(a) => post::eval_cmd(&a, out),
         Command::Sft(a) => post::sft(&a, out),
+        Command::Distill(a) => post::distill(&a, out),
     }
 }
 

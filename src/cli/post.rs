@@ -98,7 +98,7 @@ pub struct EvalArgs {
     pub json: bool,
     /// Evaluate only the first N items (documents for ppl).
     #[arg(long)]
-    pub limit: Option<usize>,
+    pub limit: Option<std::num::NonZeroUsize>,
     /// ppl: tokens per window (disjoint windows, each conditioned on the previous window's
     /// last token, as lm-evaluation-harness's rolling log-likelihood); default: the model's
     /// max_position_embeddings, at most 2048.
@@ -196,9 +196,9 @@ fn eval_on<B: DsBackend>(
     }
 }
 
-fn limit<T>(mut v: Vec<T>, n: Option<usize>) -> Vec<T> {
+fn limit<T>(mut v: Vec<T>, n: Option<std::num::NonZeroUsize>) -> Vec<T> {
     if let Some(n) = n {
-        v.truncate(n);
+        v.truncate(n.get());
     }
     v
 }
@@ -584,14 +584,14 @@ pub struct SftArgs {
     #[arg(long)]
     pub resume: bool,
     /// Conversations per micro-batch.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
     /// Tokens per window (one conversation each, padded; longer ones are cut). Default: the
     /// longest conversation, at most the model's max_position_embeddings.
     #[arg(long)]
     pub seq_len: Option<usize>,
-    /// Micro-batches accumulated per optimiser step.
-    #[arg(long, default_value_t = 1)]
+    /// Micro-batches accumulated per optimiser step (computed in parallel by --workers).
+    #[arg(long, default_value_t = 2)]
     pub grad_accum: usize,
     /// Peak learning rate (warm-up, then cosine decay to a tenth of it).
     #[arg(long, default_value_t = 5e-4)]
@@ -681,8 +681,53 @@ pub fn read_sft(
         .collect()
 }
 
+#[derive(Args, Debug)]
+pub struct DistillArgs {
+    /// The teacher's model directory (the same tokenizer as --model's).
+    #[arg(long)]
+    pub teacher: PathBuf,
+    /// τ: both distributions are softened as softmax(logits / τ).
+    #[arg(long, default_value_t = 2.0)]
+    pub temperature: f64,
+    /// α: weight of the soft term τ²·KL(teacher ‖ student); the hard-label term gets 1 − α.
+    #[arg(long, default_value_t = 0.5)]
+    pub alpha: f64,
+    #[command(flatten)]
+    pub sft: SftArgs,
+}
+
+/// `dsv3 distill`: `sft` with the next-token term replaced by the distillation mix.
+pub fn distill(a: &DistillArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let student = Tokenizer::from_dir(&a.sft.model).map_err(infer)?;
+    let teacher = Tokenizer::from_dir(&a.teacher).map_err(infer)?;
+    let same = match (&student, &teacher) {
+        (Some(s), Some(t)) => s.inner().get_vocab(true) == t.inner().get_vocab(true),
+        _ => false,
+    };
+    if !same {
+        return Err(CliError::Usage(format!(
+            "teacher {} and student {} do not share a tokenizer (tokenizer.json vocabularies              differ or one is missing): distillation compares their distributions id by id",
+            a.teacher.display(),
+            a.sft.model.display()
+        )));
+    }
+    run_sft(
+        &a.sft,
+        Some((a.teacher.clone(), a.temperature, a.alpha)),
+        out,
+    )
+}
+
 /// `dsv3 sft`.
 pub fn sft(a: &SftArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    run_sft(a, None, out)
+}
+
+fn run_sft(
+    a: &SftArgs,
+    teacher: Option<(PathBuf, f64, f64)>,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
     let model_cfg = dsv3_model::DeepseekV3Config::from_file(&a.model.join("config.json"))
         .map_err(dsv3_model::ModelError::from)?;
     let tok = Tokenizer::from_dir(&a.model)
@@ -762,6 +807,7 @@ pub fn sft(a: &SftArgs, out: &mut dyn Write) -> Result<(), CliError> {
         data,
         model_dir: a.model.clone(),
         tokenizer_files,
+        teacher,
     };
     let opts = dsv3_train::RunOptions {
         out: a.out.clone(),
@@ -777,6 +823,12 @@ pub fn sft(a: &SftArgs, out: &mut dyn Write) -> Result<(), CliError> {
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
     };
+    if let Some((dir, t, alpha)) = &ft.teacher {
+        say(&format!(
+            "distilling from {} at temperature {t}, soft weight {alpha}",
+            dir.display()
+        ));
+    }
     say(&format!(
         "sft: {} conversations ({} held out), windows of {} tokens (padded, one conversation each; {} cut, longest {}), {} assistant target tokens",
         report.examples,

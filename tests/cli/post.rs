@@ -465,3 +465,70 @@ fn sft_bad_inputs_get_one_line() {
     assert!(!out.exists());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `distill` from a teacher identical to the student at τ = 1 with no hard-label weight (and
+/// the MTP and balance terms off): the first step's loss is the KL of two equal distributions,
+/// 0 up to the autodiff forward's rounding against the plain one (both f32 on Flex; 1e-5 is far
+/// below the ~5.5 nats of a hard-label loss on 317 ids). A teacher with another tokenizer is
+/// refused in one line.
+#[test]
+fn distill_from_an_identical_teacher_starts_at_zero_loss() {
+    let (dir, data) = sft_setup(4);
+    let out = dir.join("run");
+    let teacher = super::generate::model_with_tokenizer();
+    let report = dsv3(&[
+        "distill",
+        "--teacher",
+        s(&teacher),
+        "--model",
+        s(&dir),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--temperature",
+        "1",
+        "--alpha",
+        "1",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--val-every",
+        "2",
+        "--mtp-lambda",
+        "0",
+        "--balance-alpha",
+        "0",
+        "--log-every",
+        "1",
+    ])
+    .unwrap();
+    assert!(report.contains("distilling from"), "{report}");
+    let records = read_lines(&out.join("metrics.jsonl"));
+    let loss = records[0]["loss"].as_f64().unwrap();
+    let ce = records[0]["ce_loss"].as_f64().unwrap();
+    assert!(loss.abs() < 1e-5, "loss {loss}");
+    assert!(ce > 1.0, "the hard-label term is still reported: {ce}");
+    // Another tokenizer: the byte-level one `dsv3 train` writes (258 ids, no added markers).
+    dsv3_train::ByteTokenizer.save(&teacher).unwrap();
+    let e = dsv3(&[
+        "distill",
+        "--teacher",
+        s(&teacher),
+        "--model",
+        s(&dir),
+        "--data",
+        s(&data),
+        "--out",
+        s(&dir.join("run2")),
+    ])
+    .unwrap_err();
+    assert!(
+        e.starts_with("teacher ") && e.contains("do not share a tokenizer"),
+        "{e}"
+    );
+    for d in [dir, teacher] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}

@@ -144,7 +144,8 @@ pub fn exact_match(text: &str, answer: &str) -> bool {
     } else {
         Some(answer.trim().to_string())
     };
-    extracted_answer(text, answer).is_some() && extracted_answer(text, answer) == want
+    let got = extracted_answer(text, answer);
+    got.is_some() && got == want
 }
 
 #[cfg(test)]

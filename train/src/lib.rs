@@ -9,9 +9,9 @@
 //!   with optimiser and data-order state; [`run()`]: a whole run as `dsv3 train` does it;
 //!   [`metrics`] and `plot`: JSONL log, progress bar, PNG.
 //! - Post-training: [`task`] generates a task (addition as chat turns, train and held-out
-//!   sets); [`sft`] packs tokenised conversations with their assistant masks for
-//!   [`fine_tune`]; [`eval`] scores as lm-evaluation-harness does (perplexity, bits per byte, acc,
-//!   acc_norm, exact match).
+//!   sets); [`sft`] lays out tokenised conversations with their assistant masks for
+//!   [`fine_tune`]; [`distill`] is the logit-distillation loss and teacher; [`eval`] scores as
+//!   lm-evaluation-harness does (perplexity, bits per byte, acc, acc_norm, exact match).
 
 // The pieces a custom training loop composes are public modules; the run's plumbing (seeded
 // init, optimiser wiring, plots, the embedded corpus) is reached through `run`/`Trainer`.
@@ -20,6 +20,7 @@ pub mod checkpoint;
 mod config;
 mod corpus;
 pub mod data;
+pub mod distill;
 mod error;
 pub mod eval;
 pub mod forward;

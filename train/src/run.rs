@@ -140,6 +140,36 @@ pub struct FineTune {
     pub model_dir: PathBuf,
     /// Tokenizer files (name, bytes) written into every checkpoint and `final/`.
     pub tokenizer_files: Vec<(String, Vec<u8>)>,
+    /// Logit distillation: the teacher's directory, τ and α ([`crate::distill`]).
+    pub teacher: Option<(PathBuf, f64, f64)>,
+}
+
+/// The frozen teacher of a distillation run, checked against the student's vocabulary.
+fn teacher<B: DsAutodiffBackend>(
+    ft: &FineTune,
+    device: &B::Device,
+) -> Result<Option<crate::distill::Teacher<B::InnerBackend>>, TrainError> {
+    let Some((dir, temperature, alpha)) = &ft.teacher else {
+        return Ok(None);
+    };
+    let opts = dsv3_model::LoadOptions {
+        skip_mtp: true,
+        ..Default::default()
+    };
+    let (model, _) = dsv3_model::load::<B::InnerBackend>(dir, device, &opts)?;
+    let student = dsv3_model::DeepseekV3Config::from_file(&ft.model_dir.join("config.json"))
+        .map_err(dsv3_model::ModelError::from)?;
+    crate::distill::check_vocab(
+        model.config.vocab_size,
+        student.vocab_size,
+        *temperature,
+        *alpha,
+    )?;
+    Ok(Some(crate::distill::Teacher {
+        model,
+        temperature: *temperature,
+        alpha: *alpha,
+    }))
 }
 
 /// Packs the documents with the run's sequence length and split.
@@ -244,12 +274,14 @@ fn run_with<B: DsAutodiffBackend>(
             t.cfg.keep_checkpoints = opts.train.keep_checkpoints;
             t.cfg.validate()?;
             t.tokenizer_files = ft.map(|f| f.tokenizer_files.clone());
+            t.teacher = ft.map(|f| teacher::<B>(f, device)).transpose()?.flatten();
             (t, source, Some(dir), state.elapsed_s)
         } else if let Some(ft) = ft {
             let (model, _) = dsv3_model::load::<B>(&ft.model_dir, device, &Default::default())?;
             let mut t =
                 Trainer::<B>::from_model(model, opts.train.clone(), ft.data.clone(), device)?;
             t.tokenizer_files = Some(ft.tokenizer_files.clone());
+            t.teacher = teacher::<B>(ft, device)?;
             (t, DataSource::Path(ft.data_name.clone().into()), None, 0.0)
         } else {
             let source = opts.data.clone().unwrap_or(DataSource::Embedded);

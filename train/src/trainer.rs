@@ -11,6 +11,7 @@ use dsv3_model::{DeepseekV3, DeepseekV3Config};
 use crate::balance;
 use crate::config::TrainConfig;
 use crate::data::{Dataset, Sampler};
+use crate::distill::Teacher;
 use crate::error::TrainError;
 use crate::forward::{self, TrainForward};
 use crate::loss;
@@ -218,6 +219,7 @@ fn micro_batch<B: DsAutodiffBackend>(
     cfg: &TrainConfig,
     device: &B::Device,
     par: Option<&Parallel>,
+    teacher: Option<&Teacher<B::InnerBackend>>,
 ) -> Result<Micro, TrainError> {
     let depths = model.model.mtp.len();
     let batch = make_batch::<B>(data, starts, depths, device);
@@ -227,7 +229,19 @@ fn micro_batch<B: DsAutodiffBackend>(
         .iter()
         .map(|r| (r.layer, r.experts.clone()))
         .collect();
-    let parts = objective(&fwd, &batch, cfg);
+    let mut parts = objective(&fwd, &batch, cfg);
+    if let Some(t) = teacher {
+        // (1 − α)·CE + α·τ²·KL in place of the CE; `ce` still reports the hard term.
+        let mask = batch.target_mask.as_ref().map(|m| m.0.clone());
+        let kl = t.kl(
+            fwd.logits.clone(),
+            batch.inputs.clone(),
+            mask,
+            cfg.attention,
+        );
+        let mixed = crate::distill::mix(parts.ce.clone(), kl, t.alpha);
+        parts.total = parts.total - parts.ce.clone() + mixed;
+    }
     let mut total = scalar(&parts.total);
     let (mut ce, mut mtp, mut balance) = (
         scalar(&parts.ce),
@@ -301,6 +315,8 @@ pub struct Trainer<B: DsAutodiffBackend> {
     /// Tokenizer files (name, bytes) that checkpoints carry instead of the byte-level
     /// tokenizer's: a fine-tuned model keeps the tokenizer and chat template it started with.
     pub tokenizer_files: Option<Vec<(String, Vec<u8>)>>,
+    /// Logit distillation from a frozen teacher ([`crate::distill`]); `None`: hard labels only.
+    pub teacher: Option<Teacher<B::InnerBackend>>,
 }
 
 impl<B: DsAutodiffBackend> Trainer<B> {
@@ -373,6 +389,7 @@ impl<B: DsAutodiffBackend> Trainer<B> {
             device: device.clone(),
             parallel: None,
             tokenizer_files: None,
+            teacher: None,
         }
     }
 
@@ -480,6 +497,7 @@ impl<B: DsAutodiffBackend> Trainer<B> {
                     &self.cfg,
                     &self.device,
                     par.as_ref(),
+                    self.teacher.as_ref(),
                 )?]
             } else {
                 // Independent micro-batches in parallel threads, each on its own fork of the
@@ -491,7 +509,18 @@ impl<B: DsAutodiffBackend> Trainer<B> {
                         .map(|starts| {
                             let fork = DeepseekV3::<B>::from_inner(self.model.valid());
                             let (data, cfg, device) = (&self.data, &self.cfg, &self.device);
-                            s.spawn(move || micro_batch(&fork, data, starts, cfg, device, None))
+                            let teacher = self.teacher.clone();
+                            s.spawn(move || {
+                                micro_batch(
+                                    &fork,
+                                    data,
+                                    starts,
+                                    cfg,
+                                    device,
+                                    None,
+                                    teacher.as_ref(),
+                                )
+                            })
                         })
                         .collect();
                     handles
