@@ -10,7 +10,8 @@
 //!   [`metrics`] and `plot`: JSONL log, progress bar, PNG.
 //! - Post-training: [`task`] generates a task (addition as chat turns, train and held-out
 //!   sets); [`sft`] lays out tokenised conversations with their assistant masks for
-//!   [`fine_tune`]; [`distill`] is the logit-distillation loss and teacher; [`eval`] scores as
+//!   [`fine_tune`]; [`distill`] is the logit-distillation loss and teacher; [`grpo`] the GRPO
+//!   objective (no `rl` command yet); [`eval`] scores as
 //!   lm-evaluation-harness does (perplexity, bits per byte, acc, acc_norm, exact match).
 
 // The pieces a custom training loop composes are public modules; the run's plumbing (seeded
@@ -24,6 +25,7 @@ pub mod distill;
 mod error;
 pub mod eval;
 pub mod forward;
+pub mod grpo;
 pub mod init;
 pub mod loss;
 pub mod metrics;
