@@ -1,5 +1,6 @@
 //! DeepSeek-V3 inference on Burn: latent KV cache, on-device sampling, tokenizer and chat
-//! template, streaming generation, batching, and MTP speculative decoding.
+//! template (with the assistant mask fine-tuning needs), streaming generation, batching, and MTP
+//! speculative decoding.
 //!
 //! ```no_run
 //! use dsv3_infer::{generate, GenerateOptions, Tokenizer};
@@ -17,6 +18,7 @@
 //! # Ok(()) }
 //! ```
 
+mod assistant_mask;
 mod cache;
 mod error;
 mod generate;

@@ -18,6 +18,7 @@ use dsv3_model::{
 pub mod compare;
 pub mod dist;
 pub mod generate;
+pub mod post;
 pub mod train;
 
 #[derive(Parser, Debug)]
@@ -51,6 +52,18 @@ pub enum Command {
     /// Self-checks of a distributed setup (run under `mpirun -n W`): collectives, the expert
     /// exchange, gradients and training steps against single-process references.
     DistCheck(dist::DistCheckArgs),
+    /// Write a generated task (no download, fixed by the seed): chat lines for `sft`, prompts
+    /// with answers for `eval --task gen`, split into training and held-out files.
+    MakeTask(post::MakeTaskArgs),
+    /// Evaluate a model: perplexity and bits per byte (ppl), multiple-choice acc/acc_norm (mc),
+    /// or generative exact match (gen).
+    Eval(post::EvalArgs),
+    /// Supervised fine-tuning on chat JSONL: rendered with the model's chat template, loss on
+    /// the assistant's tokens only; the training flags, checkpoints and --resume of `train`.
+    Sft(post::SftArgs),
+    /// Logit distillation: `sft` with (1 − α)·CE + α·τ²·KL(teacher ‖ student) on the
+    /// assistant tokens, from a teacher sharing the tokenizer.
+    Distill(post::DistillArgs),
 }
 
 #[derive(Args, Debug)]
@@ -237,6 +250,10 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Chat(a) => generate::chat_cmd(&a, out),
         Command::Compare(a) => compare::compare(&a, out),
         Command::DistCheck(a) => dist::dist_check(&a, out),
+        Command::MakeTask(a) => post::make_task(&a, out),
+        Command::Eval(a) => post::eval_cmd(&a, out),
+        Command::Sft(a) => post::sft(&a, out),
+        Command::Distill(a) => post::distill(&a, out),
     }
 }
 
@@ -547,7 +564,7 @@ pub fn weight_options(kind: BackendKind, weights: WeightStorage) -> WeightOption
 }
 
 /// `-log p(targets[i])` under row i of `logits: [1, R, vocab]` (rows past the targets unused).
-fn target_nlls<B: DsBackend>(
+pub(crate) fn target_nlls<B: DsBackend>(
     logits: burn::tensor::Tensor<B, 3>,
     targets: &[u32],
     vocab: usize,

@@ -3,4 +3,5 @@
 mod backends;
 mod generate;
 mod inspect_score;
+mod post;
 mod train;

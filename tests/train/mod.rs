@@ -4,6 +4,7 @@ mod balancing;
 mod checkpoints;
 mod data;
 mod objective;
+mod sft;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::backend::Backend;

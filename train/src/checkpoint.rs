@@ -133,9 +133,12 @@ impl<'a> Staging<'a> {
     }
 
     /// The tokenizer and `files` (in order: the state file last), fsynced with everything
-    /// else in the directory, then the rename over the destination.
+    /// else in the directory, then the rename over the destination. The tokenizer is the
+    /// byte-level one unless `files` bring a `tokenizer.json` (a fine-tuned model's own).
     fn finish(&self, files: &[(&str, Vec<u8>)]) -> Result<(), TrainError> {
-        ByteTokenizer.save(&self.tmp)?;
+        if !files.iter().any(|(name, _)| *name == "tokenizer.json") {
+            ByteTokenizer.save(&self.tmp)?;
+        }
         for (file, bytes) in files {
             let p = self.tmp.join(file);
             std::fs::write(&p, bytes).map_err(io("write", &p))?;
@@ -242,6 +245,15 @@ fn optimizer_bytes<B: DsAutodiffBackend>(t: &Trainer<B>) -> Result<Vec<u8>, Trai
     .map_err(|e| TrainError::io("serialise", OPTIM_FILE, format!("{e:?}")))
 }
 
+/// The trainer's own tokenizer files ([`Trainer::tokenizer_files`]), if any.
+pub fn tokenizer_files<B: DsAutodiffBackend>(t: &Trainer<B>) -> Vec<(&str, Vec<u8>)> {
+    t.tokenizer_files
+        .iter()
+        .flatten()
+        .map(|(n, b)| (n.as_str(), b.clone()))
+        .collect()
+}
+
 /// Saves the trainer as `out/step-N` and prunes old checkpoints. Returns the directory.
 ///
 /// # Errors
@@ -288,11 +300,9 @@ pub fn save<B: DsAutodiffBackend>(
         return Ok(dest);
     }
     // train_state.json is written last inside the temporary directory.
-    write_atomically(
-        &t.model,
-        &dest,
-        &[(OPTIM_FILE, optimizer_bytes(t)?), (STATE_FILE, state_json)],
-    )?;
+    let mut files = tokenizer_files(t);
+    files.extend([(OPTIM_FILE, optimizer_bytes(t)?), (STATE_FILE, state_json)]);
+    write_atomically(&t.model, &dest, &files)?;
     prune(out, t.cfg.keep_checkpoints)?;
     Ok(dest)
 }

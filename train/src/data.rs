@@ -139,6 +139,9 @@ pub struct Dataset {
     pub documents: usize,
     /// Bytes of text (special tokens excluded).
     pub bytes: usize,
+    /// Per token of `tokens`: whether it counts as a target (fine-tuning's assistant mask and
+    /// padding, [`crate::sft`]). `None`: every token counts (pre-training).
+    pub mask: Option<Vec<bool>>,
 }
 
 impl Dataset {
@@ -193,12 +196,20 @@ impl Dataset {
             val,
             documents: docs.len(),
             bytes,
+            mask: None,
         })
     }
 
     /// Window at `start`: `seq_len + 1` tokens.
     pub fn window(&self, start: usize) -> &[u32] {
         &self.tokens[start..start + self.seq_len + 1]
+    }
+
+    /// The mask of the window at `start` (`None` when every token counts).
+    pub fn window_mask(&self, start: usize) -> Option<&[bool]> {
+        self.mask
+            .as_ref()
+            .map(|m| &m[start..start + self.seq_len + 1])
     }
 
     /// FNV-1a of the token stream and the split: a resumed run checks it trains on the same data.
@@ -215,6 +226,11 @@ impl Dataset {
         }
         eat(self.seq_len as u64);
         eat(self.val.len() as u64);
+        if let Some(m) = &self.mask {
+            for &b in m {
+                eat(b as u64);
+            }
+        }
         h
     }
 }

@@ -8,6 +8,11 @@
 //! - [`trainer`]: one step / one validation pass; [`checkpoint`]: atomic HF-layout checkpoints
 //!   with optimiser and data-order state; [`run()`]: a whole run as `dsv3 train` does it;
 //!   [`metrics`] and `plot`: JSONL log, progress bar, PNG.
+//! - Post-training: [`task`] generates a task (addition as chat turns, train and held-out
+//!   sets); [`sft`] lays out tokenised conversations with their assistant masks for
+//!   [`fine_tune`]; [`distill`] is the logit-distillation loss and teacher; [`grpo`] the GRPO
+//!   objective (no `rl` command yet); [`eval`] scores as
+//!   lm-evaluation-harness does (perplexity, bits per byte, acc, acc_norm, exact match).
 
 // The pieces a custom training loop composes are public modules; the run's plumbing (seeded
 // init, optimiser wiring, plots, the embedded corpus) is reached through `run`/`Trainer`.
@@ -16,8 +21,11 @@ pub mod checkpoint;
 mod config;
 mod corpus;
 pub mod data;
+pub mod distill;
 mod error;
+pub mod eval;
 pub mod forward;
+pub mod grpo;
 pub mod init;
 pub mod loss;
 pub mod metrics;
@@ -25,12 +33,14 @@ mod optim;
 pub mod parallel;
 mod plot;
 mod run;
+pub mod sft;
+pub mod task;
 mod tokenizer;
 pub mod trainer;
 
 pub use config::{for_bytes, preset, Preset, TrainConfig, PRESETS};
 pub use error::TrainError;
 pub use parallel::Parallel;
-pub use run::{has_checkpoint, run, DataSource, RunOptions, RunSummary};
+pub use run::{fine_tune, has_checkpoint, run, DataSource, FineTune, RunOptions, RunSummary};
 pub use tokenizer::{ByteTokenizer, VOCAB as BYTE_VOCAB};
 pub use trainer::{CommStats, EvalStats, StepStats, Trainer};

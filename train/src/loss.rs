@@ -20,6 +20,17 @@ pub fn cross_entropy<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int
     token_nll(logits, targets).mean()
 }
 
+/// Mean cross-entropy over the targets whose `mask` (`[B, L]`, 1 or 0) is 1: fine-tuning's
+/// loss on the assistant's tokens only. A batch with no such target gives 0.
+pub fn masked_cross_entropy<B: Backend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+    mask: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    let count = mask.clone().sum().clamp_min(1.0);
+    (token_nll(logits, targets) * mask).sum() / count
+}
+
 /// Per-sequence expert-selection frequencies `f_i = E / (K·T) · Σ_t 1[i ∈ TopK_t]`,
 /// `[rows][E]`, from the chosen experts `[rows·len][k]`.
 pub fn selection_frequencies(

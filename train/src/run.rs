@@ -129,6 +129,49 @@ impl Window {
     }
 }
 
+/// Fine-tuning ([`fine_tune`]): a prepared dataset (token ids with the assistant mask, see
+/// [`crate::sft`]) and a starting model directory instead of text and a seeded init.
+#[derive(Debug, Clone)]
+pub struct FineTune {
+    /// Recorded in checkpoints as the run's data.
+    pub data_name: String,
+    pub data: Dataset,
+    /// The starting weights (Hugging Face layout).
+    pub model_dir: PathBuf,
+    /// Tokenizer files (name, bytes) written into every checkpoint and `final/`.
+    pub tokenizer_files: Vec<(String, Vec<u8>)>,
+    /// Logit distillation: the teacher's directory, τ and α ([`crate::distill`]).
+    pub teacher: Option<(PathBuf, f64, f64)>,
+}
+
+/// The frozen teacher of a distillation run, checked against the student's vocabulary.
+fn teacher<B: DsAutodiffBackend>(
+    ft: &FineTune,
+    device: &B::Device,
+) -> Result<Option<crate::distill::Teacher<B::InnerBackend>>, TrainError> {
+    let Some((dir, temperature, alpha)) = &ft.teacher else {
+        return Ok(None);
+    };
+    let opts = dsv3_model::LoadOptions {
+        skip_mtp: true,
+        ..Default::default()
+    };
+    let (model, _) = dsv3_model::load::<B::InnerBackend>(dir, device, &opts)?;
+    let student = dsv3_model::DeepseekV3Config::from_file(&ft.model_dir.join("config.json"))
+        .map_err(dsv3_model::ModelError::from)?;
+    crate::distill::check_vocab(
+        model.config.vocab_size,
+        student.vocab_size,
+        *temperature,
+        *alpha,
+    )?;
+    Ok(Some(crate::distill::Teacher {
+        model,
+        temperature: *temperature,
+        alpha: *alpha,
+    }))
+}
+
 /// Packs the documents with the run's sequence length and split.
 fn pack(
     source: &DataSource,
@@ -159,6 +202,36 @@ pub fn run<B: DsAutodiffBackend>(
     device: &B::Device,
     say: &mut dyn FnMut(&str),
 ) -> Result<(RunSummary, DeepseekV3<B::InnerBackend>), TrainError> {
+    run_with::<B>(opts, None, device, say)
+}
+
+/// [`run`] for fine-tuning: the steps, schedule, logging, validation, checkpoints, `--resume`
+/// and plot are the same; the data is `ft.data` (`opts.data` and `opts.model` are not used)
+/// and a new run starts from `ft.model_dir`'s weights. One process only.
+///
+/// # Errors
+/// As [`run`]; also [`TrainError::Invalid`] with `opts.parallel`, and [`TrainError::Model`]
+/// when `ft.model_dir` does not load.
+pub fn fine_tune<B: DsAutodiffBackend>(
+    opts: &RunOptions,
+    ft: &FineTune,
+    device: &B::Device,
+    say: &mut dyn FnMut(&str),
+) -> Result<(RunSummary, DeepseekV3<B::InnerBackend>), TrainError> {
+    if opts.parallel.is_some() {
+        return Err(TrainError::Invalid(
+            "fine-tuning runs in one process (no --ep/--dp yet)".into(),
+        ));
+    }
+    run_with::<B>(opts, Some(ft), device, say)
+}
+
+fn run_with<B: DsAutodiffBackend>(
+    opts: &RunOptions,
+    ft: Option<&FineTune>,
+    device: &B::Device,
+    say: &mut dyn FnMut(&str),
+) -> Result<(RunSummary, DeepseekV3<B::InnerBackend>), TrainError> {
     let t0 = Instant::now();
     let mut warnings = Vec::new();
     let out = &opts.out;
@@ -177,11 +250,20 @@ pub fn run<B: DsAutodiffBackend>(
                 }
             }
             let state = state?;
-            let source = opts
-                .data
-                .clone()
-                .unwrap_or_else(|| DataSource::from_name(&state.data));
-            let data = pack(&source, &state.train, &mut warnings)?;
+            let (source, data) = match ft {
+                Some(ft) => (
+                    DataSource::Path(ft.data_name.clone().into()),
+                    ft.data.clone(),
+                ),
+                None => {
+                    let source = opts
+                        .data
+                        .clone()
+                        .unwrap_or_else(|| DataSource::from_name(&state.data));
+                    let data = pack(&source, &state.train, &mut warnings)?;
+                    (source, data)
+                }
+            };
             let steps = opts.steps_given.then_some(opts.train.steps);
             let par = opts.parallel.as_ref();
             let (mut t, dir, state, w) = checkpoint::resume::<B>(out, &data, steps, device, par)?;
@@ -191,7 +273,16 @@ pub fn run<B: DsAutodiffBackend>(
             t.cfg.eval_every = opts.train.eval_every;
             t.cfg.keep_checkpoints = opts.train.keep_checkpoints;
             t.cfg.validate()?;
+            t.tokenizer_files = ft.map(|f| f.tokenizer_files.clone());
+            t.teacher = ft.map(|f| teacher::<B>(f, device)).transpose()?.flatten();
             (t, source, Some(dir), state.elapsed_s)
+        } else if let Some(ft) = ft {
+            let (model, _) = dsv3_model::load::<B>(&ft.model_dir, device, &Default::default())?;
+            let mut t =
+                Trainer::<B>::from_model(model, opts.train.clone(), ft.data.clone(), device)?;
+            t.tokenizer_files = Some(ft.tokenizer_files.clone());
+            t.teacher = teacher::<B>(ft, device)?;
+            (t, DataSource::Path(ft.data_name.clone().into()), None, 0.0)
         } else {
             let source = opts.data.clone().unwrap_or(DataSource::Embedded);
             let data = pack(&source, &opts.train, &mut warnings)?;
@@ -346,7 +437,11 @@ pub fn run<B: DsAutodiffBackend>(
     let final_dir = out.join("final");
     match &trainer.parallel {
         Some(p) => checkpoint::write_parallel(&trainer.model, p, &final_dir, &[], None)?,
-        None => checkpoint::write_atomically(&trainer.model, &final_dir, &[])?,
+        None => checkpoint::write_atomically(
+            &trainer.model,
+            &final_dir,
+            &checkpoint::tokenizer_files(&trainer),
+        )?,
     }
     // Evaluation is collective in a distributed run: before anything only rank 0 does.
     let val = match last_val {

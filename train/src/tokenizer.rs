@@ -21,6 +21,19 @@ pub const VOCAB: usize = 258;
 pub const BOS_TEXT: &str = "<｜begin▁of▁sentence｜>";
 pub const EOS_TEXT: &str = "<｜end▁of▁sentence｜>";
 
+/// The chat template written into `tokenizer_config.json`: DeepSeek-V3's conversation format
+/// (BOS, the system messages, then `<｜User｜>…` and `<｜Assistant｜>…<EOS>` turns; the role
+/// markers are plain text here, bytes like any other) without tool calls. A message of any other
+/// role stops rendering with an error naming it.
+pub const CHAT_TEMPLATE: &str = "{{ bos_token }}\
+{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% endif %}{% endfor %}\
+{% for m in messages %}\
+{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}\
+{% elif m['role'] == 'assistant' %}{{ '<｜Assistant｜>' + m['content'] + eos_token }}\
+{% elif m['role'] != 'system' %}{{ raise_exception('unknown role ' ~ m['role']) }}\
+{% endif %}{% endfor %}\
+{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}";
+
 /// GPT-2's reversible map from bytes to printable characters (what ByteLevel uses).
 pub fn byte_to_char() -> [char; 256] {
     let mut out = ['\0'; 256];
@@ -96,7 +109,8 @@ impl ByteTokenizer {
         })
     }
 
-    /// Writes `tokenizer.json` and `tokenizer_config.json` (names BOS/EOS) into `dir`.
+    /// Writes `tokenizer.json` and `tokenizer_config.json` (names BOS/EOS, holds
+    /// [`CHAT_TEMPLATE`]) into `dir`.
     ///
     /// # Errors
     /// [`TrainError::Io`] when a file cannot be written (e.g. `dir` does not exist).
@@ -113,7 +127,7 @@ impl ByteTokenizer {
                 "add_bos_token": true, "add_eos_token": false,
                 "bos_token": BOS_TEXT, "eos_token": EOS_TEXT,
                 "model_max_length": 4096, "tokenizer_class": "PreTrainedTokenizerFast",
-                "clean_up_tokenization_spaces": false
+                "clean_up_tokenization_spaces": false, "chat_template": CHAT_TEMPLATE
             }),
         )
     }

@@ -11,6 +11,7 @@ use dsv3_model::{DeepseekV3, DeepseekV3Config};
 use crate::balance;
 use crate::config::TrainConfig;
 use crate::data::{Dataset, Sampler};
+use crate::distill::Teacher;
 use crate::error::TrainError;
 use crate::forward::{self, TrainForward};
 use crate::loss;
@@ -30,8 +31,11 @@ pub struct Batch<B: Backend> {
     pub targets: Tensor<B, 2, Int>,
     /// Per MTP depth k: `[b, T−1−k]` tokens k+2..=T (two or more ahead of each input).
     pub mtp_targets: Vec<Tensor<B, 2, Int>>,
-    /// Text bytes among the targets (for bits per byte).
+    /// Text bytes among the targets (for bits per byte; only the counted ones when masked).
     pub target_bytes: usize,
+    /// With a [`Dataset::mask`]: `[b, T]` 1 where the target counts, else 0, and the same per
+    /// MTP depth (`[b, T−1−k]`).
+    pub target_mask: Option<(Tensor<B, 2>, Vec<Tensor<B, 2>>)>,
 }
 
 /// Builds the tensors of the windows starting at `starts`.
@@ -50,18 +54,39 @@ pub fn make_batch<B: Backend>(
             .collect();
         Tensor::<B, 2, Int>::from_data(TensorData::new(v, [b, w]), device)
     };
+    let counts = |s: usize, i: usize| data.window_mask(s).is_none_or(|m| m[i]);
     let target_bytes = starts
         .iter()
-        .map(|&s| data.window(s)[1..].iter().filter(|&&x| x < 256).count())
+        .map(|&s| {
+            (1..=t)
+                .filter(|&i| data.window(s)[i] < 256 && counts(s, i))
+                .count()
+        })
         .sum();
+    let depths: Vec<usize> = (0..mtp_depths).filter(|k| t >= k + 2).collect();
+    let target_mask = data.mask.as_ref().map(|_| {
+        let mask = |cols: std::ops::Range<usize>| {
+            let w = cols.len();
+            let v: Vec<f32> = starts
+                .iter()
+                .flat_map(|&s| {
+                    cols.clone()
+                        .map(move |i| if counts(s, i) { 1.0 } else { 0.0 })
+                })
+                .collect();
+            Tensor::<B, 2>::from_data(TensorData::new(v, [b, w]), device)
+        };
+        (
+            mask(1..t + 1),
+            depths.iter().map(|k| mask(k + 2..t + 1)).collect(),
+        )
+    });
     Batch {
         inputs: tensor(0..t),
         targets: tensor(1..t + 1),
-        mtp_targets: (0..mtp_depths)
-            .filter(|k| t >= k + 2)
-            .map(|k| tensor(k + 2..t + 1))
-            .collect(),
+        mtp_targets: depths.iter().map(|k| tensor(k + 2..t + 1)).collect(),
         target_bytes,
+        target_mask,
     }
 }
 
@@ -79,14 +104,21 @@ pub fn objective<B: Backend>(
     batch: &Batch<B>,
     cfg: &TrainConfig,
 ) -> Losses<B> {
-    let ce = loss::cross_entropy(fwd.logits.clone(), batch.targets.clone());
+    // Fine-tuning counts only the masked-in targets (the assistant's tokens).
+    let ce_of = |l: &Tensor<B, 3>, t: &Tensor<B, 2, Int>, m: Option<&Tensor<B, 2>>| match m {
+        Some(m) => loss::masked_cross_entropy(l.clone(), t.clone(), m.clone()),
+        None => loss::cross_entropy(l.clone(), t.clone()),
+    };
+    let masks = batch.target_mask.as_ref();
+    let ce = ce_of(&fwd.logits, &batch.targets, masks.map(|m| &m.0));
     let mut total = ce.clone();
     let mtp = (!fwd.mtp_logits.is_empty()).then(|| {
         let d = fwd.mtp_logits.len() as f64;
         fwd.mtp_logits
             .iter()
             .zip(&batch.mtp_targets)
-            .map(|(l, t)| loss::cross_entropy(l.clone(), t.clone()))
+            .enumerate()
+            .map(|(k, (l, t))| ce_of(l, t, masks.map(|m| &m.1[k])))
             .reduce(|a, b| a + b)
             .expect("one depth")
             .div_scalar(d)
@@ -187,6 +219,7 @@ fn micro_batch<B: DsAutodiffBackend>(
     cfg: &TrainConfig,
     device: &B::Device,
     par: Option<&Parallel>,
+    teacher: Option<&Teacher<B::InnerBackend>>,
 ) -> Result<Micro, TrainError> {
     let depths = model.model.mtp.len();
     let batch = make_batch::<B>(data, starts, depths, device);
@@ -196,7 +229,19 @@ fn micro_batch<B: DsAutodiffBackend>(
         .iter()
         .map(|r| (r.layer, r.experts.clone()))
         .collect();
-    let parts = objective(&fwd, &batch, cfg);
+    let mut parts = objective(&fwd, &batch, cfg);
+    if let Some(t) = teacher {
+        // (1 − α)·CE + α·τ²·KL in place of the CE; `ce` still reports the hard term.
+        let mask = batch.target_mask.as_ref().map(|m| m.0.clone());
+        let kl = t.kl(
+            fwd.logits.clone(),
+            batch.inputs.clone(),
+            mask,
+            cfg.attention,
+        );
+        let mixed = crate::distill::mix(parts.ce.clone(), kl, t.alpha);
+        parts.total = parts.total - parts.ce.clone() + mixed;
+    }
     let mut total = scalar(&parts.total);
     let (mut ce, mut mtp, mut balance) = (
         scalar(&parts.ce),
@@ -267,6 +312,11 @@ pub struct Trainer<B: DsAutodiffBackend> {
     pub device: B::Device,
     /// The communicators of a distributed run ([`Self::distribute`]); `None`: one process.
     pub parallel: Option<Parallel>,
+    /// Tokenizer files (name, bytes) that checkpoints carry instead of the byte-level
+    /// tokenizer's: a fine-tuned model keeps the tokenizer and chat template it started with.
+    pub tokenizer_files: Option<Vec<(String, Vec<u8>)>>,
+    /// Logit distillation from a frozen teacher ([`crate::distill`]); `None`: hard labels only.
+    pub teacher: Option<Teacher<B::InnerBackend>>,
 }
 
 impl<B: DsAutodiffBackend> Trainer<B> {
@@ -338,7 +388,32 @@ impl<B: DsAutodiffBackend> Trainer<B> {
             step,
             device: device.clone(),
             parallel: None,
+            tokenizer_files: None,
+            teacher: None,
         }
+    }
+
+    /// A run that starts from trained weights (fine-tuning) instead of a seeded init.
+    ///
+    /// # Errors
+    /// As [`Self::new`] ([`check_setup`] against the model's own config).
+    pub fn from_model(
+        model: DeepseekV3<B>,
+        cfg: TrainConfig,
+        data: Dataset,
+        device: &B::Device,
+    ) -> Result<Self, TrainError> {
+        check_setup(&model.config, &cfg, &data)?;
+        let sampler = Sampler::new(data.train.len(), cfg.seed);
+        Ok(Self::from_parts(
+            model,
+            optim::adamw(&cfg),
+            cfg,
+            data,
+            sampler,
+            0,
+            device,
+        ))
     }
 
     /// Makes this a distributed run: the routed experts are split over `par.ep`
@@ -422,6 +497,7 @@ impl<B: DsAutodiffBackend> Trainer<B> {
                     &self.cfg,
                     &self.device,
                     par.as_ref(),
+                    self.teacher.as_ref(),
                 )?]
             } else {
                 // Independent micro-batches in parallel threads, each on its own fork of the
@@ -433,7 +509,18 @@ impl<B: DsAutodiffBackend> Trainer<B> {
                         .map(|starts| {
                             let fork = DeepseekV3::<B>::from_inner(self.model.valid());
                             let (data, cfg, device) = (&self.data, &self.cfg, &self.device);
-                            s.spawn(move || micro_batch(&fork, data, starts, cfg, device, None))
+                            let teacher = self.teacher.clone();
+                            s.spawn(move || {
+                                micro_batch(
+                                    &fork,
+                                    data,
+                                    starts,
+                                    cfg,
+                                    device,
+                                    None,
+                                    teacher.as_ref(),
+                                )
+                            })
                         })
                         .collect();
                     handles
@@ -609,12 +696,16 @@ pub fn evaluate<B: DsBackend>(
     for chunk in data.val[..n].chunks(cfg.batch_size.max(1)) {
         let batch = make_batch::<B>(data, chunk, 0, &device);
         let fwd = forward::forward(model, batch.inputs, cfg.attention, 0, false);
-        let sum: f64 = loss::token_nll(fwd.logits, batch.targets)
-            .sum()
-            .into_scalar()
-            .elem::<f64>();
-        nll += sum;
-        tokens += chunk.len() * data.seq_len;
+        let token_nll = loss::token_nll(fwd.logits, batch.targets);
+        let (sum, count) = match batch.target_mask {
+            Some((m, _)) => {
+                let count = m.clone().sum().into_scalar().elem::<f64>() as usize;
+                (token_nll * m, count)
+            }
+            None => (token_nll, chunk.len() * data.seq_len),
+        };
+        nll += sum.sum().into_scalar().elem::<f64>();
+        tokens += count;
         bytes += batch.target_bytes;
     }
     EvalStats {
