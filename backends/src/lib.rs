@@ -11,6 +11,7 @@ pub mod comm;
 pub mod e4m3;
 mod kind;
 mod ops;
+pub mod quant_linear;
 mod rng;
 
 #[cfg(feature = "cubecl")]
@@ -18,6 +19,7 @@ pub mod cube;
 
 pub use kind::{on_backend, BackendError, BackendKind, FloatDtype, OnBackend, UnknownBackend};
 pub use ops::{DsBackend, Fp8Activations, Fp8Weight, GroupedWeight, MoeDispatch, ShapeError};
+pub use quant_linear::{GemmPrecision, QuantCounters, QuantCounts, QuantGemm};
 pub use rng::SplitMix64;
 
 /// The CPU backend used by default (pure Rust, the fastest CPU backend of Burn 0.21 here).
@@ -33,6 +35,7 @@ pub type Wgpu = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u3
 #[cfg(feature = "cuda")]
 pub type Cuda<F = f32> = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, F, i32, u8>;
 
+mod autodiff_quant;
 mod flex;
 
 /// Flex runs the plain-tensor defaults, except for one-row products (decode) and independent
@@ -84,7 +87,8 @@ impl DsBackend for burn::backend::Flex {
 
 /// Under autodiff the defaults are differentiated through; the inner backend's kernels are not
 /// used (no backward is written for them), except the expert exchange, whose backward is the
-/// reverse exchange.
+/// reverse exchange, and the low-precision Linear, whose backward runs its two gradient GEMMs
+/// in the same format on the inner backend (`autodiff_quant.rs`).
 impl<B: DsBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy> DsBackend
     for burn::backend::Autodiff<B, C>
 {
@@ -135,6 +139,14 @@ impl<B: DsBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointS
             OpsKind::UnTracked(prep) => prep.finish(out),
         };
         Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+
+    fn quantized_linear(
+        x: burn::tensor::Tensor<Self, 2>,
+        w: burn::tensor::Tensor<Self, 2>,
+        gemm: &QuantGemm,
+    ) -> burn::tensor::Tensor<Self, 2> {
+        autodiff_quant::quantized_linear::<B, C>(x, w, gemm)
     }
 }
 

@@ -16,6 +16,7 @@ use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor, TensorData}
 
 use crate::comm::{CommError, RowExchange};
 use crate::e4m3;
+use crate::quant_linear::QuantGemm;
 
 /// FP8 e4m3 weights with block scales, as kept in device memory (about 1 byte per weight).
 #[derive(Module, Debug)]
@@ -161,6 +162,50 @@ impl<B: Backend> Fp8Weight<B> {
             .narrow(1, 0, n)
             .narrow(2, 0, k);
         values * scales
+    }
+
+    /// Quantizes one float matrix `w: [N, K]` (the `[out, in]` layout) in `block × block`
+    /// blocks as DeepSeek-V3's weights are (spec §8; report §3.3.2): per block `scale =
+    /// max(amax, 1e-4) / 448` (a power of two, rounded up, with `pow2_scales`), `code =
+    /// e4m3(w / scale)`, round to nearest even. Partial edge blocks use their real elements
+    /// only. Plain tensor operations, on the device.
+    ///
+    /// # Errors
+    /// [`ShapeError`] when `block` is not a positive multiple of 4.
+    pub fn quantize(w: Tensor<B, 2>, block: usize, pow2_scales: bool) -> Result<Self, ShapeError> {
+        if block == 0 || !block.is_multiple_of(4) {
+            return Err(ShapeError(format!(
+                "FP8 block size must be a positive multiple of 4, got {block}"
+            )));
+        }
+        let [n, k] = w.dims();
+        let (nb, kb) = (n.div_ceil(block), k.div_ceil(block));
+        let device = w.device();
+        let mut padded = w;
+        if nb * block > n {
+            padded = Tensor::cat(vec![padded, Tensor::zeros([nb * block - n, k], &device)], 0);
+        }
+        if kb * block > k {
+            padded = Tensor::cat(
+                vec![padded, Tensor::zeros([nb * block, kb * block - k], &device)],
+                1,
+            );
+        }
+        let blocks = padded.reshape([nb, block, kb, block]);
+        let amax = blocks.clone().abs().max_dim(3).max_dim(1); // [nb, 1, kb, 1]
+        let scale = fp8_scale(amax, pow2_scales);
+        let v = (blocks / scale.clone()).reshape([nb * block, kb * block]);
+        let codes = encode_packed(v)
+            .narrow(0, 0, n)
+            .narrow(1, 0, k.div_ceil(4))
+            .reshape([1, n, k.div_ceil(4)]);
+        Ok(Self {
+            codes,
+            scales: scale.reshape([1, nb, kb]),
+            rows: n,
+            cols: k,
+            block,
+        })
     }
 }
 
@@ -337,6 +382,18 @@ pub trait DsBackend: Backend {
         x.matmul(wt)
     }
 
+    /// `x [M, K] · w [K, N] → [M, N]` in a low-precision format: the training GEMMs of a
+    /// Linear layer in bf16 or FP8 (DeepSeek-V3 report §3.3; see [`crate::quant_linear`]).
+    /// The default runs the forward GEMM; under `Autodiff` the backward runs the
+    /// input-gradient and weight-gradient GEMMs in the same format.
+    fn quantized_linear(
+        x: Tensor<Self, 2>,
+        w: Tensor<Self, 2>,
+        gemm: &QuantGemm,
+    ) -> Tensor<Self, 2> {
+        crate::quant_linear::forward(x, w, gemm).0
+    }
+
     /// Quantizes `x [M, K]` to e4m3 in `1×block` tiles: `amax = max(max|x_tile|, 1e-4)`,
     /// `scale = amax / 448` (rounded up to a power of two with `ue8m0`), `code = e4m3(x/scale)`
     /// (round to nearest even, saturating). Partial last tiles use their real elements only.
@@ -387,12 +444,34 @@ fn default_fp8_quantize<B: Backend>(
         x
     };
     let tiles = padded.reshape([m, t, block]);
-    let amax = tiles.clone().abs().max_dim(2).clamp_min(1e-4); // [m, t, 1]
-    let mut scale = amax / e4m3::MAX;
-    if ue8m0 {
-        scale = pow2(floor_log2(scale.clone()) + 1.0).mask_where(is_pow2(scale.clone()), scale);
+    let scale = fp8_scale(tiles.clone().abs().max_dim(2), ue8m0); // [m, t, 1]
+    let packed = encode_packed((tiles / scale.clone()).reshape([m, t * block]));
+    Fp8Activations {
+        codes: packed.narrow(1, 0, k.div_ceil(4)),
+        scales: scale.reshape([m, t]),
+        cols: k,
+        block,
     }
-    let v = tiles / scale.clone();
+}
+
+/// The dequantization multiplier of a tile or block from its `amax`:
+/// `max(amax, 1e-4) / 448`, rounded up to a power of two with `ue8m0`.
+pub(crate) fn fp8_scale<B: Backend, const D: usize>(
+    amax: Tensor<B, D>,
+    ue8m0: bool,
+) -> Tensor<B, D> {
+    let scale = amax.clamp_min(1e-4) / e4m3::MAX;
+    if ue8m0 {
+        pow2(floor_log2(scale.clone()) + 1.0).mask_where(is_pow2(scale.clone()), scale)
+    } else {
+        scale
+    }
+}
+
+/// e4m3 codes (round to nearest even, saturating at ±448) of `v: [rows, cols]` (values already
+/// divided by their scale; `cols` a multiple of 4), packed four to a word: `[rows, cols/4]`.
+pub(crate) fn encode_packed<B: Backend>(v: Tensor<B, 2>) -> Tensor<B, 2, Int> {
+    let [m, cols] = v.dims();
     let a = v.clone().abs().clamp_max(e4m3::MAX);
     // e = max(floor(log2 a), -6); r = rne(a / 2^(e-3)); code = (e+7)·8 + r − 8.
     let e = floor_log2(a.clone().clamp_min(1e-30)).clamp_min(-6.0);
@@ -400,7 +479,7 @@ fn default_fp8_quantize<B: Backend>(
     let code = (e + 7.0) * 8.0 + r - 8.0;
     let code = code.int() + v.lower_elem(0.0).int() * 0x80;
     // Pack bytes into 32-bit words.
-    let words = (t * block) / 4;
+    let words = cols / 4;
     let bytes = code.reshape([m, words, 4]);
     let mut packed = bytes.clone().narrow(2, 0, 1);
     for j in 1..4 {
@@ -411,17 +490,12 @@ fn default_fp8_quantize<B: Backend>(
                 .bitwise_left_shift_scalar(((8 * j) as i32).elem()),
         );
     }
-    Fp8Activations {
-        codes: packed.reshape([m, words]).narrow(1, 0, k.div_ceil(4)),
-        scales: scale.reshape([m, t]),
-        cols: k,
-        block,
-    }
+    packed.reshape([m, words])
 }
 
 /// `floor(log2 x)` for positive normal `x`, exact: a float log estimate corrected by comparing
 /// with exact powers of two.
-fn floor_log2<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+pub(crate) fn floor_log2<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     let e = (x.clone().log() / std::f64::consts::LN_2).floor();
     let p = pow2(e.clone());
     let too_big = x.clone().lower(p.clone());
@@ -434,7 +508,7 @@ fn is_pow2<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D, burn::te
     x.equal(p)
 }
 
-fn pow2<B: Backend, const D: usize>(e: Tensor<B, D>) -> Tensor<B, D> {
+pub(crate) fn pow2<B: Backend, const D: usize>(e: Tensor<B, D>) -> Tensor<B, D> {
     Tensor::full(e.shape(), 2.0, &e.device()).powf(e)
 }
 

@@ -90,6 +90,17 @@ pub struct TrainArgs {
     /// Attention form used in training: naive or absorbed (the same function).
     #[arg(long)]
     pub attention: Option<dsv3_model::AttentionMode>,
+    /// Number format of the decoder blocks' Linear GEMMs (forward, input and weight gradient):
+    /// f32, bf16 (rounded operands, f32 accumulation) or fp8 (e4m3, 1×128 activation tiles and
+    /// 128×128 weight blocks, f32 accumulation; DeepSeek-V3 report §3.3). Master weights f32.
+    #[arg(long)]
+    pub precision: Option<dsv3_train::Precision>,
+    /// FP8 scales rounded up to powers of two (UE8M0); with --precision fp8.
+    #[arg(long, requires = "precision")]
+    pub fp8_pow2_scales: bool,
+    /// Storage of AdamW's moments: f32 or bf16 (widened to f32 for each update).
+    #[arg(long)]
+    pub optimizer_state: Option<dsv3_train::StateDtype>,
     /// Continuations sampled at the end (0: none).
     #[arg(long, default_value_t = 3)]
     pub samples: usize,
@@ -141,6 +152,20 @@ fn settings(a: &TrainArgs) -> Result<(DeepseekV3Config, TrainConfig), CliError> 
     set(&mut t.workers, a.workers);
     if let Some(m) = a.attention {
         t.attention = m;
+    }
+    if let Some(p) = a.precision {
+        t.precision = p;
+    }
+    if a.fp8_pow2_scales {
+        if t.precision != dsv3_train::Precision::Fp8 {
+            return Err(CliError::Usage(
+                "--fp8-pow2-scales needs --precision fp8".into(),
+            ));
+        }
+        t.fp8_pow2_scales = true;
+    }
+    if let Some(d) = a.optimizer_state {
+        t.optimizer_state = d;
     }
     if let Some(s) = a.seed {
         t.seed = s;

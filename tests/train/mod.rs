@@ -3,6 +3,7 @@
 mod balancing;
 mod checkpoints;
 mod data;
+mod fp8;
 mod objective;
 
 use burn::module::{Module, ModuleVisitor, Param};

@@ -20,6 +20,7 @@ mod error;
 pub mod forward;
 pub mod init;
 pub mod loss;
+pub mod memory;
 pub mod metrics;
 mod optim;
 pub mod parallel;
@@ -28,7 +29,7 @@ mod run;
 mod tokenizer;
 pub mod trainer;
 
-pub use config::{for_bytes, preset, Preset, TrainConfig, PRESETS};
+pub use config::{for_bytes, preset, Precision, Preset, StateDtype, TrainConfig, PRESETS};
 pub use error::TrainError;
 pub use parallel::Parallel;
 pub use run::{has_checkpoint, run, DataSource, RunOptions, RunSummary};
