@@ -95,14 +95,30 @@ fn fp8_weight_dequantize_is_bit_exact() {
     assert_eq!(w.bytes(), e * n * k.div_ceil(4) * 4 + e * per * 4);
 }
 
-/// The default activation quantizer (plain tensor ops) equals the host encoder.
+/// The activation quantizer equals the host encoder: the default (plain tensor ops, which
+/// `Autodiff<Flex>` runs) and Flex's host path.
 #[test]
 fn fp8_quantize_default_matches_host_encoder() {
+    type AB = burn::backend::Autodiff<B>;
     let mut rng = Rng::new(11);
     let (m, k, block) = (7, 300, 128);
     let x = rng.normal_vec(m * k, 3.0);
-    for ue8m0 in [false, true] {
-        let q = <B as DsBackend>::fp8_quantize(tensor2(x.clone(), [m, k]), block, ue8m0);
+    for (ue8m0, default) in [(false, true), (true, true), (false, false), (true, false)] {
+        let q = if default {
+            let q = <AB as DsBackend>::fp8_quantize(
+                Tensor::<AB, 2>::from_data(TensorData::new(x.clone(), [m, k]), &device()),
+                block,
+                ue8m0,
+            );
+            dsv3_backends::Fp8Activations::<B> {
+                codes: q.codes.inner(),
+                scales: q.scales.inner(),
+                cols: q.cols,
+                block: q.block,
+            }
+        } else {
+            <B as DsBackend>::fp8_quantize(tensor2(x.clone(), [m, k]), block, ue8m0)
+        };
         let scales = f32s(q.scales.clone());
         let codes: Vec<u8> = {
             let words: Vec<i32> = ints(q.codes.clone()).iter().map(|&v| v as i32).collect();
@@ -316,6 +332,98 @@ fn quantized_linear_gemms_equal_float64_of_dequantized_operands() {
             GemmPrecision::Bf16 => assert_eq!(c, Default::default(), "bf16 counts nothing"),
         }
     }
+}
+
+/// Flex's host paths for the training GEMMs' rounding (FP8 tiles with their counts, FP8 blocks,
+/// dequantization, bf16) equal the plain-tensor defaults (run by `Autodiff<Flex>`), on values
+/// with zeros, a tile below the 1e-4 floor and an underflow; both count non-finite values.
+#[test]
+fn flex_rounding_paths_equal_defaults() {
+    type AB = burn::backend::Autodiff<B>;
+    let ad = |v: &[f32], shape: [usize; 2]| {
+        Tensor::<AB, 2>::from_data(TensorData::new(v.to_vec(), shape), &device())
+    };
+    let mut rng = Rng::new(23);
+    let (m, k) = (9, 300);
+    let mut x = rng.normal_vec(m * k, 2.0);
+    x[..128].iter_mut().for_each(|v| *v *= 1e-6); // a clipped tile
+    x[200] = 0.0;
+    x[400] = 1e-12; // underflows
+    let mut bad = x.clone();
+    bad[500] = f32::INFINITY;
+    bad[600] = f32::NAN;
+    // Non-finite values are counted as overflows by both (their tiles' codes are not
+    // compared: a step with them is rejected anyway).
+    let (_, cf) = <B as DsBackend>::fp8_quantize_counted(tensor2(bad.clone(), [m, k]), 128, false);
+    let (_, cd) = <AB as DsBackend>::fp8_quantize_counted(ad(&bad, [m, k]), 128, false);
+    assert_eq!((cf.overflow, cd.overflow), (2, 2));
+    for pow2 in [false, true] {
+        let (qf, cf) =
+            <B as DsBackend>::fp8_quantize_counted(tensor2(x.clone(), [m, k]), 128, pow2);
+        let (qd, cd) = <AB as DsBackend>::fp8_quantize_counted(ad(&x, [m, k]), 128, pow2);
+        assert_eq!(
+            ints(qf.codes.clone()),
+            ints(qd.codes.clone().inner()),
+            "codes"
+        );
+        assert_eq!(
+            f32s(qf.scales.clone()),
+            f32s(qd.scales.clone().inner()),
+            "scales"
+        );
+        assert_eq!(cf, cd, "counts");
+        assert_eq!((cf.clipped_tiles, cf.overflow), (1, 0), "{cf:?}");
+        assert!(cf.underflow >= 1);
+        let (df, dd) = (
+            f32s(<B as DsBackend>::fp8_dequantize(&qf)),
+            f32s(<AB as DsBackend>::fp8_dequantize(&qd)),
+        );
+        let same = df
+            .iter()
+            .zip(&dd)
+            .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
+        assert!(same, "dequantized rows");
+    }
+    // Weights: finite values (a block below the floor included).
+    let (n, k) = (200, 300);
+    let mut w = rng.normal_vec(n * k, 0.05);
+    for r in 128..200 {
+        w[r * k..r * k + 128].iter_mut().for_each(|v| *v *= 1e-5);
+    }
+    for pow2 in [false, true] {
+        let (qf, cf) =
+            <B as DsBackend>::fp8_quantize_weight(tensor2(w.clone(), [n, k]), 128, pow2, true);
+        let (qd, cd) = <AB as DsBackend>::fp8_quantize_weight(ad(&w, [n, k]), 128, pow2, true);
+        assert_eq!(
+            ints(qf.codes.clone()),
+            ints(qd.codes.clone().inner()),
+            "weight codes"
+        );
+        assert_eq!(
+            f32s(qf.scales.clone()),
+            f32s(qd.scales.clone().inner()),
+            "weight scales"
+        );
+        assert_eq!(cf, cd, "weight counts");
+        assert_eq!(cf.clipped_tiles, 1);
+        assert_eq!(
+            f32s(<B as DsBackend>::fp8_dequantize_weight(&qf)),
+            f32s(<AB as DsBackend>::fp8_dequantize_weight(&qd)),
+            "dequantized weights"
+        );
+    }
+    // bf16, with values just above a tie (where a cast through f64 by `half` misrounds).
+    let mut v = rng.normal_vec(4096, 1.0);
+    v.push(f32::from_bits(0x3F80_8001)); // 1 + 2^-8 + 2^-23: rounds up
+    v.push(f32::from_bits(0x3F80_8000)); // exact tie: to even (1.0)
+    let len = v.len();
+    let rf = f32s(<B as DsBackend>::round_bf16(tensor2(v.clone(), [1, len])));
+    let rd = f32s(<AB as DsBackend>::round_bf16(ad(&v, [1, len])));
+    assert_eq!(rf, rd);
+    let want: Vec<f32> = v.iter().map(|&a| host_bf16(a) as f32).collect();
+    assert_eq!(rf, want);
+    assert_eq!(rf[len - 2].to_bits(), 0x3F81_0000);
+    assert_eq!(rf[len - 1].to_bits(), 0x3F80_0000);
 }
 
 /// The block quantizer of weights (plain tensor ops) equals the host encoder on a matrix with

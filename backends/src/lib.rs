@@ -37,9 +37,11 @@ pub type Cuda<F = f32> = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, F, 
 
 mod autodiff_quant;
 mod flex;
+mod flex_fp8;
 
 /// Flex runs the plain-tensor defaults, except for one-row products (decode) and independent
-/// jobs, which use its thread pool (see `flex.rs`).
+/// jobs, which use its thread pool (see `flex.rs`), and the FP8 / bf16 rounding, done on the
+/// host in one pass (`flex_fp8.rs`).
 impl DsBackend for burn::backend::Flex {
     /// Flex runs a product under ~7M multiply-adds on one thread, so decode would read the
     /// weights at one core's speed. One row: the kernel in `flex.rs`. A few rows with many
@@ -77,6 +79,47 @@ impl DsBackend for burn::backend::Flex {
 
     fn parallel_jobs() -> usize {
         rayon::current_num_threads()
+    }
+
+    fn fp8_quantize(
+        x: burn::tensor::Tensor<Self, 2>,
+        block: usize,
+        ue8m0: bool,
+    ) -> Fp8Activations<Self> {
+        flex_fp8::quantize_rows(x, block, ue8m0).0
+    }
+
+    fn fp8_quantize_counted(
+        x: burn::tensor::Tensor<Self, 2>,
+        block: usize,
+        ue8m0: bool,
+    ) -> (Fp8Activations<Self>, QuantCounts) {
+        flex_fp8::quantize_rows(x, block, ue8m0)
+    }
+
+    fn fp8_dequantize(q: &Fp8Activations<Self>) -> burn::tensor::Tensor<Self, 2> {
+        flex_fp8::dequantize_rows(q)
+    }
+
+    fn fp8_quantize_weight(
+        w: burn::tensor::Tensor<Self, 2>,
+        block: usize,
+        pow2_scales: bool,
+        _count: bool,
+    ) -> (Fp8Weight<Self>, QuantCounts) {
+        assert!(
+            block > 0 && block.is_multiple_of(4),
+            "FP8 block size must be a positive multiple of 4"
+        );
+        flex_fp8::quantize_blocks(w, block, pow2_scales)
+    }
+
+    fn fp8_dequantize_weight(w: &Fp8Weight<Self>) -> burn::tensor::Tensor<Self, 3> {
+        flex_fp8::dequantize_blocks(w)
+    }
+
+    fn round_bf16(x: burn::tensor::Tensor<Self, 2>) -> burn::tensor::Tensor<Self, 2> {
+        flex_fp8::round_bf16(x)
     }
 
     fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync + Send) -> Vec<R> {

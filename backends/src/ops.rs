@@ -16,7 +16,7 @@ use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor, TensorData}
 
 use crate::comm::{CommError, RowExchange};
 use crate::e4m3;
-use crate::quant_linear::QuantGemm;
+use crate::quant_linear::{QuantCounts, QuantGemm};
 
 /// FP8 e4m3 weights with block scales, as kept in device memory (about 1 byte per weight).
 #[derive(Module, Debug)]
@@ -133,8 +133,24 @@ impl<B: Backend> Fp8Weight<B> {
 
     /// `[E, N, K]` float weights, exactly `f32(e4m3) × scale` (plain tensor operations).
     pub fn dequantize(&self) -> Tensor<B, 3> {
-        let [e, n, kw] = self.codes.dims();
+        let [_, n, _] = self.codes.dims();
         let (k, b) = (self.cols, self.block);
+        let device = self.codes.device();
+        let values = self.decode();
+        // Each element's block scale, gathered (row block, then column block): no copy of the
+        // padded block grid.
+        let scales = self
+            .scales
+            .clone()
+            .select(1, block_index::<B>(n, b, &device))
+            .select(2, block_index::<B>(k, b, &device));
+        values * scales
+    }
+
+    /// `[E, N, K]` e4m3 values of the codes (unscaled), by table lookup.
+    fn decode(&self) -> Tensor<B, 3> {
+        let [e, n, kw] = self.codes.dims();
+        let k = self.cols;
         let device = self.codes.device();
         let bytes: Vec<Tensor<B, 4, Int>> = (0..4)
             .map(|j| {
@@ -151,17 +167,7 @@ impl<B: Backend> Fp8Weight<B> {
             .reshape([e * n * k]);
         let table =
             Tensor::<B, 1>::from_data(TensorData::new(e4m3::TABLE.to_vec(), [256]), &device);
-        let values = table.select(0, codes).reshape([e, n, k]);
-        let [_, nb, kb] = self.scales.dims();
-        let scales = self
-            .scales
-            .clone()
-            .reshape([e, nb, 1, kb, 1])
-            .expand([e, nb, b, kb, b])
-            .reshape([e, nb * b, kb * b])
-            .narrow(1, 0, n)
-            .narrow(2, 0, k);
-        values * scales
+        table.select(0, codes).reshape([e, n, k])
     }
 
     /// Quantizes one float matrix `w: [N, K]` (the `[out, in]` layout) in `block × block`
@@ -223,17 +229,28 @@ pub struct Fp8Activations<B: Backend> {
 impl<B: Backend> Fp8Activations<B> {
     /// `[M, K]` float values `f32(code) · scale` (plain tensor operations).
     pub fn dequantize(&self) -> Tensor<B, 2> {
-        let [m, _] = self.codes.dims();
+        let [m, kw] = self.codes.dims();
         let w = Fp8Weight {
-            codes: self.codes.clone().reshape([m, 1, self.codes.dims()[1]]),
-            scales: self.scales.clone().reshape([m, 1, self.scales.dims()[1]]),
-            rows: 1,
+            codes: self.codes.clone().reshape([1, m, kw]),
+            // One "block row" per row: each row's tile scales apply to that row only.
+            scales: self.scales.clone().reshape([1, m, self.scales.dims()[1]]),
+            rows: m,
             cols: self.cols,
             block: self.block,
         };
-        // One 1-row "matrix" per row: the weight dequantizer applies as is.
-        w.dequantize().reshape([m, self.cols])
+        let device = self.codes.device();
+        let values = w.decode();
+        let scales = w
+            .scales
+            .select(2, block_index::<B>(self.cols, self.block, &device));
+        (values * scales).reshape([m, self.cols])
     }
+}
+
+/// `[i / block for i in 0..len]`: the block of each index along an axis.
+fn block_index<B: Backend>(len: usize, block: usize, device: &B::Device) -> Tensor<B, 1, Int> {
+    let v: Vec<i32> = (0..len).map(|i| (i / block) as i32).collect();
+    Tensor::from_data(TensorData::new(v, [len]), device)
 }
 
 /// Expert weights for a grouped matmul: `E` matrices, float or FP8.
@@ -378,7 +395,9 @@ pub trait DsBackend: Backend {
     /// Only matrix 0 of `w` is used.
     fn fp8_matmul(x: Tensor<Self, 2>, w: &Fp8Weight<Self>) -> Tensor<Self, 2> {
         let (n, k) = (w.rows, w.cols);
-        let wt = w.narrow(0, 1).dequantize().reshape([n, k]).transpose();
+        let wt = Self::fp8_dequantize_weight(&w.narrow(0, 1))
+            .reshape([n, k])
+            .transpose();
         x.matmul(wt)
     }
 
@@ -392,6 +411,54 @@ pub trait DsBackend: Backend {
         gemm: &QuantGemm,
     ) -> Tensor<Self, 2> {
         crate::quant_linear::forward(x, w, gemm).0
+    }
+
+    /// [`Self::fp8_quantize`], also counting what the rounding did ([`QuantCounts`]: values,
+    /// underflows, overflows, tiles, tiles whose amax is below the 1e-4 floor).
+    fn fp8_quantize_counted(
+        x: Tensor<Self, 2>,
+        block: usize,
+        ue8m0: bool,
+    ) -> (Fp8Activations<Self>, QuantCounts) {
+        let q = Self::fp8_quantize(x.clone(), block, ue8m0);
+        let counts = crate::quant_linear::count_rows(&x, &Self::fp8_dequantize(&q), block);
+        (q, counts)
+    }
+
+    /// `[M, K]` float values of quantized activations, `f32(code) · scale`.
+    fn fp8_dequantize(q: &Fp8Activations<Self>) -> Tensor<Self, 2> {
+        q.dequantize()
+    }
+
+    /// One float matrix `w: [N, K]` quantized in `block × block` blocks
+    /// ([`Fp8Weight::quantize`]), with its counts when `count` (else zeros).
+    ///
+    /// # Panics
+    /// If `block` is not a positive multiple of 4.
+    fn fp8_quantize_weight(
+        w: Tensor<Self, 2>,
+        block: usize,
+        pow2_scales: bool,
+        count: bool,
+    ) -> (Fp8Weight<Self>, QuantCounts) {
+        let q = Fp8Weight::quantize(w.clone(), block, pow2_scales)
+            .expect("FP8 block size must be a positive multiple of 4");
+        let counts = if count {
+            crate::quant_linear::count_blocks(&w, &Self::fp8_dequantize_weight(&q), block)
+        } else {
+            QuantCounts::default()
+        };
+        (q, counts)
+    }
+
+    /// `[E, N, K]` float values of FP8 weights ([`Fp8Weight::dequantize`]).
+    fn fp8_dequantize_weight(w: &Fp8Weight<Self>) -> Tensor<Self, 3> {
+        w.dequantize()
+    }
+
+    /// `x` rounded to the nearest bf16 value (ties to even), in `x`'s dtype.
+    fn round_bf16(x: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        crate::quant_linear::round_bf16(x)
     }
 
     /// Quantizes `x [M, K]` to e4m3 in `1×block` tiles: `amax = max(max|x_tile|, 1e-4)`,

@@ -100,36 +100,75 @@ impl QuantCounters {
         }
     }
 
-    /// Counts one quantization of `x` whose dequantized form is `q`, with tile maxima `amax`.
-    fn add<B: Backend, const D: usize, const E: usize>(
-        &self,
-        x: &Tensor<B, D>,
-        q: &Tensor<B, D>,
-        amax: Tensor<B, E>,
-    ) {
-        let count = |t: Tensor<B, D, burn::tensor::Bool>| -> u64 {
-            t.int().sum().into_scalar().elem::<i64>() as u64
-        };
-        let underflow = count(
-            x.clone()
-                .not_equal_elem(0.0)
-                .bool_and(q.clone().equal_elem(0.0)),
-        );
-        let overflow = count(x.clone().is_finite().bool_not());
-        let tiles = amax.shape().num_elements() as u64;
-        let clipped = amax
+    /// Adds `c`.
+    pub fn add(&self, c: QuantCounts) {
+        self.values.fetch_add(c.values, Ordering::Relaxed);
+        self.underflow.fetch_add(c.underflow, Ordering::Relaxed);
+        self.overflow.fetch_add(c.overflow, Ordering::Relaxed);
+        self.tiles.fetch_add(c.tiles, Ordering::Relaxed);
+        self.clipped_tiles
+            .fetch_add(c.clipped_tiles, Ordering::Relaxed);
+    }
+}
+
+/// The counts of one quantization of `x` whose dequantized form is `q`, with tile or block
+/// maxima `amax` (plain tensor operations).
+fn count<B: Backend, const D: usize, const E: usize>(
+    x: &Tensor<B, D>,
+    q: &Tensor<B, D>,
+    amax: Tensor<B, E>,
+) -> QuantCounts {
+    let sum = |t: Tensor<B, D, burn::tensor::Bool>| -> u64 {
+        t.int().sum().into_scalar().elem::<i64>() as u64
+    };
+    let underflow = sum(x
+        .clone()
+        .not_equal_elem(0.0)
+        .bool_and(q.clone().equal_elem(0.0)));
+    let overflow = sum(x.clone().is_finite().bool_not());
+    QuantCounts {
+        values: x.shape().num_elements() as u64,
+        underflow,
+        overflow,
+        tiles: amax.shape().num_elements() as u64,
+        clipped_tiles: amax
             .lower_elem(1e-4)
             .int()
             .sum()
             .into_scalar()
-            .elem::<i64>() as u64;
-        self.values
-            .fetch_add(x.shape().num_elements() as u64, Ordering::Relaxed);
-        self.underflow.fetch_add(underflow, Ordering::Relaxed);
-        self.overflow.fetch_add(overflow, Ordering::Relaxed);
-        self.tiles.fetch_add(tiles, Ordering::Relaxed);
-        self.clipped_tiles.fetch_add(clipped, Ordering::Relaxed);
+            .elem::<i64>() as u64,
     }
+}
+
+/// Counts of quantizing `x: [M, K]` in 1×`block` tiles to `q` (dequantized).
+pub(crate) fn count_rows<B: Backend>(
+    x: &Tensor<B, 2>,
+    q: &Tensor<B, 2>,
+    block: usize,
+) -> QuantCounts {
+    count(x, q, tile_amax(x, block))
+}
+
+/// Counts of quantizing `w: [N, K]` in `block × block` blocks to `q` (`[1, N, K]` dequantized).
+pub(crate) fn count_blocks<B: Backend>(
+    w: &Tensor<B, 2>,
+    q: &Tensor<B, 3>,
+    block: usize,
+) -> QuantCounts {
+    let [n, k] = w.dims();
+    let (nb, kb) = (n.div_ceil(block), k.div_ceil(block));
+    // Block maxima from the 1×block tile maxima: the max over each `block` rows.
+    let rows = tile_amax(w, block); // [n, kb]
+    let rows = if nb * block > n {
+        Tensor::cat(
+            vec![rows, Tensor::zeros([nb * block - n, kb], &w.device())],
+            0,
+        )
+    } else {
+        rows
+    };
+    let amax = rows.reshape([nb, block, kb]).max_dim(1);
+    count(w, &q.clone().reshape([n, k]), amax)
 }
 
 /// `max |x|` of each 1×`block` tile of `x: [M, K]` → `[M, ceil(K/block)]`.
@@ -151,37 +190,26 @@ pub fn quantize_rows<B: DsBackend>(
     pow2_scales: bool,
     counters: Option<&QuantCounters>,
 ) -> Fp8Activations<B> {
-    let q = B::fp8_quantize(x.clone(), FP8_TILE, pow2_scales);
-    if let Some(c) = counters {
-        c.add(&x, &q.dequantize(), tile_amax(&x, FP8_TILE));
+    match counters {
+        Some(c) => {
+            let (q, n) = B::fp8_quantize_counted(x, FP8_TILE, pow2_scales);
+            c.add(n);
+            q
+        }
+        None => B::fp8_quantize(x, FP8_TILE, pow2_scales),
     }
-    q
 }
 
-/// `w: [N, K]` (the `[out, in]` layout) quantized in 128×128 blocks ([`Fp8Weight::quantize`]),
-/// counted.
-pub fn quantize_weight<B: Backend>(
+/// `w: [N, K]` (the `[out, in]` layout) quantized in 128×128 blocks
+/// ([`DsBackend::fp8_quantize_weight`]), counted.
+pub fn quantize_weight<B: DsBackend>(
     w: Tensor<B, 2>,
     pow2_scales: bool,
     counters: Option<&QuantCounters>,
 ) -> Fp8Weight<B> {
-    let q = Fp8Weight::quantize(w.clone(), FP8_TILE, pow2_scales)
-        .expect("FP8_TILE is a positive multiple of 4");
+    let (q, n) = B::fp8_quantize_weight(w, FP8_TILE, pow2_scales, counters.is_some());
     if let Some(c) = counters {
-        let [n, k] = w.dims();
-        let (nb, kb) = (n.div_ceil(FP8_TILE), k.div_ceil(FP8_TILE));
-        // Block maxima from the 1×128 tile maxima: the max over each 128 rows.
-        let rows = tile_amax(&w, FP8_TILE); // [n, kb]
-        let rows = if nb * FP8_TILE > n {
-            Tensor::cat(
-                vec![rows, Tensor::zeros([nb * FP8_TILE - n, kb], &w.device())],
-                0,
-            )
-        } else {
-            rows
-        };
-        let amax = rows.reshape([nb, FP8_TILE, kb]).max_dim(1);
-        c.add(&w, &q.dequantize().reshape([n, k]), amax);
+        c.add(n);
     }
     q
 }
@@ -224,7 +252,7 @@ pub fn forward<B: DsBackend>(
     let w = if w.dtype() == float { w } else { w.cast(float) };
     match gemm.precision {
         GemmPrecision::Bf16 => {
-            let (xr, wr) = (round_bf16(x), round_bf16(w));
+            let (xr, wr) = (B::round_bf16(x), B::round_bf16(w));
             let y = xr.clone().matmul(wr.clone());
             let (xb, wb) = (xr.cast(DType::BF16), wr.cast(DType::BF16));
             (y, Saved::Bf16 { x: xb, w: wb })
@@ -233,7 +261,7 @@ pub fn forward<B: DsBackend>(
             let counters = gemm.counters.as_deref();
             let xq = quantize_rows(x, pow2_scales, counters);
             let wq = quantize_weight(w.transpose(), pow2_scales, counters);
-            let y = B::fp8_matmul(xq.dequantize(), &wq);
+            let y = B::fp8_matmul(B::fp8_dequantize(&xq), &wq);
             (
                 y,
                 Saved::Fp8 {
@@ -251,15 +279,15 @@ pub fn forward<B: DsBackend>(
 pub fn grad_input<B: DsBackend>(saved: &Saved<B>, dy: Tensor<B, 2>) -> Tensor<B, 2> {
     let float = dy.dtype();
     match saved {
-        Saved::Bf16 { w, .. } => round_bf16(dy).matmul(w.clone().cast(float).transpose()),
+        Saved::Bf16 { w, .. } => B::round_bf16(dy).matmul(w.clone().cast(float).transpose()),
         Saved::Fp8 {
             w,
             pow2_scales,
             counters,
             ..
         } => {
-            let dyq = quantize_rows(dy, *pow2_scales, counters.as_deref()).dequantize();
-            dyq.matmul(w.dequantize().reshape([w.rows, w.cols]))
+            let dyq = B::fp8_dequantize(&quantize_rows(dy, *pow2_scales, counters.as_deref()));
+            dyq.matmul(B::fp8_dequantize_weight(w).reshape([w.rows, w.cols]))
         }
     }
 }
@@ -268,7 +296,7 @@ pub fn grad_input<B: DsBackend>(saved: &Saved<B>, dy: Tensor<B, 2>) -> Tensor<B,
 pub fn grad_weight<B: DsBackend>(saved: &Saved<B>, dy: Tensor<B, 2>) -> Tensor<B, 2> {
     let float = dy.dtype();
     match saved {
-        Saved::Bf16 { x, .. } => x.clone().cast(float).transpose().matmul(round_bf16(dy)),
+        Saved::Bf16 { x, .. } => x.clone().cast(float).transpose().matmul(B::round_bf16(dy)),
         Saved::Fp8 {
             x,
             pow2_scales,
@@ -277,8 +305,12 @@ pub fn grad_weight<B: DsBackend>(saved: &Saved<B>, dy: Tensor<B, 2>) -> Tensor<B
         } => {
             let c = counters.as_deref();
             // Both operands in tiles along the tokens: quantize the transposes by rows.
-            let xt = quantize_rows(x.dequantize().transpose(), *pow2_scales, c).dequantize();
-            let dyt = quantize_rows(dy.transpose(), *pow2_scales, c).dequantize();
+            let xt = B::fp8_dequantize(&quantize_rows(
+                B::fp8_dequantize(x).transpose(),
+                *pow2_scales,
+                c,
+            ));
+            let dyt = B::fp8_dequantize(&quantize_rows(dy.transpose(), *pow2_scales, c));
             xt.matmul(dyt.transpose())
         }
     }

@@ -51,6 +51,9 @@ pub enum Command {
     /// Self-checks of a distributed setup (run under `mpirun -n W`): collectives, the expert
     /// exchange, gradients and training steps against single-process references.
     DistCheck(dist::DistCheckArgs),
+    /// Draw several training runs' loss curves into one PNG (e.g. f32 / bf16 / fp8 of the same
+    /// seed) and print each run's final validation loss against the first's.
+    PlotRuns(train::PlotRunsArgs),
 }
 
 #[derive(Args, Debug)]
@@ -250,6 +253,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Chat(a) => generate::chat_cmd(&a, out),
         Command::Compare(a) => compare::compare(&a, out),
         Command::DistCheck(a) => dist::dist_check(&a, out),
+        Command::PlotRuns(a) => train::plot_runs(&a, out),
     }
 }
 

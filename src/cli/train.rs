@@ -401,3 +401,62 @@ fn sample(
     }
     Ok(())
 }
+
+/// `LABEL=DIR`.
+fn parse_run(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((label, dir)) if !label.is_empty() && !dir.is_empty() => {
+            Ok((label.to_string(), PathBuf::from(dir)))
+        }
+        _ => Err(format!("expected LABEL=DIR, got {s:?}")),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PlotRunsArgs {
+    /// A training run as LABEL=DIR (reads DIR/metrics.jsonl); repeat for each run. The first
+    /// is the reference the others are compared with.
+    #[arg(long = "run", required = true, value_parser = parse_run)]
+    pub runs: Vec<(String, PathBuf)>,
+    /// The PNG to write.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `dsv3 plot-runs`: the loss curves of several runs in one PNG, and each run's final
+/// validation loss against the first's.
+pub fn plot_runs(a: &PlotRunsArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let mut runs = Vec::new();
+    for (label, dir) in &a.runs {
+        let path = dir.join("metrics.jsonl");
+        if !path.is_file() {
+            return Err(CliError::Usage(format!(
+                "{} has no metrics.jsonl (not a training run directory)",
+                dir.display()
+            )));
+        }
+        let records = dsv3_train::metrics::read(&path).map_err(train_err)?;
+        runs.push((label.clone(), records));
+    }
+    dsv3_train::compare_runs(&runs, &a.out).map_err(train_err)?;
+    let last_val = |r: &[dsv3_train::metrics::LogRecord]| {
+        r.iter()
+            .rev()
+            .find_map(|x| x.val_loss.map(|v| (x.step, v, x.val_bits_per_byte)))
+    };
+    let base = last_val(&runs[0].1);
+    for (label, recs) in &runs {
+        let line = match (last_val(recs), base) {
+            (Some((step, v, bpb)), Some((_, b, _))) => format!(
+                "{label}: final val loss {v:.4} nats/token ({:.3} bits/byte) at step {step}, {:+.3}% vs {}",
+                bpb.unwrap_or(f64::NAN),
+                100.0 * (v - b) / b,
+                runs[0].0
+            ),
+            _ => format!("{label}: no validation loss recorded"),
+        };
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = writeln!(out, "wrote {}", a.out.display());
+    Ok(())
+}

@@ -284,8 +284,8 @@ fn precision_settings_serialize() {
     assert_eq!(serde_json::from_str::<TrainConfig>(&text).unwrap(), cfg);
 }
 
-/// `dsv3 train --precision fp8` logs the FP8 counts in metrics.jsonl and keeps the setting in
-/// its checkpoints (a resumed run continues in FP8); bad values are usage errors.
+/// `dsv3 train --precision fp8` logs the FP8 counts in metrics.jsonl and keeps the settings in
+/// its checkpoints; `dsv3 plot-runs` draws runs together; bad values are usage errors.
 #[test]
 fn cli_precision_flags() {
     let dir = scratch("train-fp8-cli");
@@ -353,4 +353,39 @@ fn cli_precision_flags() {
     .unwrap_err();
     assert!(e.contains("--precision fp8"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The training-memory model's parameter split on the released 671B shape, against counts
+/// worked out by hand from the config (61 layers + 1 MTP block; 3 dense).
+#[test]
+fn training_memory_split_of_671b() {
+    let cfg = dsv3_model::DeepseekV3Config::preset("671b").unwrap();
+    let s = dsv3_train::memory::split(&cfg);
+    // Attention per layer: q_a 7168·1536, q_b 1536·128·192, kv_a 7168·576, kv_b 512·128·256,
+    // o 128·128·7168.
+    let attn: u64 =
+        7168 * 1536 + 1536 * 128 * 192 + 7168 * 576 + 512 * 128 * 256 + 128 * 128 * 7168;
+    assert_eq!(attn, 187_105_280);
+    let dense_mlp: u64 = 3 * 7168 * 18432;
+    let shared: u64 = 3 * 7168 * 2048;
+    assert_eq!(s.quantized_dense, 62 * attn + 3 * dense_mlp + 59 * shared);
+    assert_eq!(s.experts, 59 * 256 * 3 * 7168 * 2048);
+    // What stays in higher precision: embedding + head (129280·7168 each), 59 routers
+    // (256·7168 + 256), norms, the MTP projection 2·7168·7168 and its norms.
+    let v = 129_280u64 * 7168;
+    assert!(s.other > 2 * v + 2 * 7168 * 7168 && s.other < 2 * v + 2 * 7168 * 7168 + 200_000_000);
+    let rows = dsv3_train::memory::per_gpu(&cfg, dsv3_train::memory::Layout::REPORT).unwrap();
+    let (f32_, bf16, fp8) = (&rows[0], &rows[1], &rows[2]);
+    // One GPU holds 1/16 of the dense part and 1/1024 of the experts.
+    let held = (s.quantized_dense + s.other) as f64 / 16.0 + s.experts as f64 / 1024.0;
+    assert!((f32_.weights - 4.0 * held).abs() < 1.0 && (fp8.grads - 4.0 * held).abs() < 1.0);
+    assert!(fp8.weights < 0.6 * bf16.weights && bf16.weights == 0.5 * f32_.weights);
+    assert_eq!(f32_.master, 0.0);
+    assert!(fp8.activations_per_token_layer < 0.52 * bf16.activations_per_token_layer);
+    let bad = dsv3_train::memory::Layout {
+        gpus: 100,
+        pp: 16,
+        ep: 64,
+    };
+    assert!(dsv3_train::memory::per_gpu(&cfg, bad).is_err());
 }

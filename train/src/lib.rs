@@ -32,6 +32,7 @@ pub mod trainer;
 pub use config::{for_bytes, preset, Precision, Preset, StateDtype, TrainConfig, PRESETS};
 pub use error::TrainError;
 pub use parallel::Parallel;
+pub use plot::compare_runs;
 pub use run::{has_checkpoint, run, DataSource, RunOptions, RunSummary};
 pub use tokenizer::{ByteTokenizer, VOCAB as BYTE_VOCAB};
 pub use trainer::{CommStats, EvalStats, StepStats, Trainer};
