@@ -27,7 +27,11 @@ fn grid(rng: &mut Rng, [rows, cols]: [usize; 2], scale: f32) -> Vec<f32> {
                 let code = (rng.next() % 88) as u8;
                 e4m3::decode(code)
             };
-            let sign = if rng.next() % 2 == 0 { 1.0 } else { -1.0 };
+            let sign = if rng.next().is_multiple_of(2) {
+                1.0
+            } else {
+                -1.0
+            };
             v.push(sign * x * scale);
         }
     }

@@ -42,7 +42,11 @@ impl Layout {
     /// # Errors
     /// [`TrainError::Invalid`] when a size is 0 or `gpus` is not a multiple of `pp · ep`.
     pub fn validate(&self) -> Result<(), TrainError> {
-        if self.gpus == 0 || self.pp == 0 || self.ep == 0 || self.gpus % (self.pp * self.ep) != 0 {
+        if self.gpus == 0
+            || self.pp == 0
+            || self.ep == 0
+            || !self.gpus.is_multiple_of(self.pp * self.ep)
+        {
             return Err(TrainError::Invalid(format!(
                 "{} GPUs do not split into {} pipeline stages × {} expert-parallel ranks",
                 self.gpus, self.pp, self.ep
