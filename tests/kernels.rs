@@ -140,14 +140,30 @@ fn fp8_weight_dequantize_is_bit_exact() {
     assert_eq!(w.bytes(), e * n * k.div_ceil(4) * 4 + e * per * 4);
 }
 
-/// The default activation quantizer (plain tensor ops) equals the host encoder.
+/// The activation quantizer equals the host encoder: the default (plain tensor ops, which
+/// `Autodiff<Flex>` runs) and Flex's host path.
 #[test]
 fn fp8_quantize_default_matches_host_encoder() {
+    type AB = burn::backend::Autodiff<B>;
     let mut rng = Rng::new(11);
     let (m, k, block) = (7, 300, 128);
     let x = rng.normal_vec(m * k, 3.0);
-    for ue8m0 in [false, true] {
-        let q = <B as DsBackend>::fp8_quantize(tensor2(x.clone(), [m, k]), block, ue8m0);
+    for (ue8m0, default) in [(false, true), (true, true), (false, false), (true, false)] {
+        let q = if default {
+            let q = <AB as DsBackend>::fp8_quantize(
+                Tensor::<AB, 2>::from_data(TensorData::new(x.clone(), [m, k]), &device()),
+                block,
+                ue8m0,
+            );
+            dsv3_backends::Fp8Activations::<B> {
+                codes: q.codes.inner(),
+                scales: q.scales.inner(),
+                cols: q.cols,
+                block: q.block,
+            }
+        } else {
+            <B as DsBackend>::fp8_quantize(tensor2(x.clone(), [m, k]), block, ue8m0)
+        };
         let scales = f32s(q.scales.clone());
         let codes: Vec<u8> = {
             let words: Vec<i32> = ints(q.codes.clone()).iter().map(|&v| v as i32).collect();
@@ -175,6 +191,307 @@ fn fp8_quantize_default_matches_host_encoder() {
             assert!((a - b).abs() <= b.abs() / 16.0 + 1e-3, "{a} vs {b}");
         }
     }
+}
+
+/// Host FP8 quantization of `x: [rows, cols]` (row-major) in `tr × tc` tiles (1×128 activation
+/// tiles, 128×1 for the weight gradient, 128×128 weight blocks), partial edge tiles included:
+/// per tile `s = max(amax, 1e-4) / 448` (rounded up to a power of two with `pow2`), value
+/// `decode(encode(v / s)) · s` (the f32 product, as the operands are dequantized). Uses only the host codec (`e4m3::encode` /
+/// `decode`, checked against torch), not the tensor code under test.
+pub(crate) fn host_fp8(
+    x: &[f32],
+    [rows, cols]: [usize; 2],
+    [tr, tc]: [usize; 2],
+    pow2: bool,
+) -> Vec<f64> {
+    let mut out = vec![0f64; rows * cols];
+    for r0 in (0..rows).step_by(tr) {
+        for c0 in (0..cols).step_by(tc) {
+            let (r1, c1) = ((r0 + tr).min(rows), (c0 + tc).min(cols));
+            let mut amax = 0f32;
+            for r in r0..r1 {
+                for c in c0..c1 {
+                    amax = amax.max(x[r * cols + c].abs());
+                }
+            }
+            let mut s = amax.max(1e-4) / 448.0;
+            if pow2 {
+                s = e4m3::ceil_pow2(s);
+            }
+            for r in r0..r1 {
+                for c in c0..c1 {
+                    let code = e4m3::encode(x[r * cols + c] / s);
+                    out[r * cols + c] = (e4m3::decode(code) * s) as f64; // f32 product, as dequantized
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Round to nearest even to bf16 and back (host bit arithmetic; finite inputs).
+pub(crate) fn host_bf16(x: f32) -> f64 {
+    let b = x.to_bits();
+    let r = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000;
+    f32::from_bits(r) as f64
+}
+
+/// `a [m, k] · b [k, n]` in float64 with, per output, `Σ |a·b|` (the scale of f32's
+/// accumulation error).
+pub(crate) fn host_matmul(
+    a: &[f64],
+    b: &[f64],
+    m: usize,
+    k: usize,
+    n: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let (mut y, mut mag) = (vec![0f64; m * n], vec![0f64; m * n]);
+    for i in 0..m {
+        for p in 0..k {
+            let av = a[i * k + p];
+            for j in 0..n {
+                let t = av * b[p * n + j];
+                y[i * n + j] += t;
+                mag[i * n + j] += t.abs();
+            }
+        }
+    }
+    (y, mag)
+}
+
+pub(crate) fn transpose(a: &[f64], rows: usize, cols: usize) -> Vec<f64> {
+    let mut t = vec![0f64; a.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = a[r * cols + c];
+        }
+    }
+    t
+}
+
+/// Asserts `got` equals the float64 `want` within f32 accumulation error: a sum of `k`
+/// products rounded in f32 is off by at most `k · 2^-24 · Σ |terms|` (the standard bound
+/// γ_k = k·u for recursive summation; blocked or FMA sums stay inside it), plus 2^-24 ·|want|
+/// for the final rounding. Operands that were quantized differently by even one e4m3 step
+/// (relative 2^-4) would miss this by orders of magnitude.
+fn assert_within_accumulation(what: &str, got: &[f32], want: &[f64], mag: &[f64], k: usize) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let u = 2f64.powi(-24);
+    let mut worst = 0f64;
+    for (i, ((g, w), m)) in got.iter().zip(want).zip(mag).enumerate() {
+        let tol = (k as f64 + 1.0) * u * m + 1e-30;
+        let err = (*g as f64 - w).abs();
+        assert!(
+            err <= tol,
+            "{what}[{i}]: {g} vs float64 {w} (|Δ| {err:.3e} > {tol:.3e})"
+        );
+        worst = worst.max(err / tol);
+    }
+    println!("{what}: worst error {worst:.3} of the accumulation bound");
+}
+
+/// The three training GEMMs of the low-precision Linear (forward, input gradient, weight
+/// gradient), run through `Autodiff<Flex>` with the custom backward, equal the float64
+/// products of the exactly dequantized operands: FP8 with 1×128 tiles along each GEMM's
+/// reduction dimension and 128×128 weight blocks (amax and power-of-two scales), and bf16. Dims
+/// are not multiples of 128 (partial tiles and blocks); rows span 2^-3..2^3 in magnitude, one
+/// row is zero (its tiles' scales clip) and one tiny value underflows; the FP8 counters add up.
+#[test]
+fn quantized_linear_gemms_equal_float64_of_dequantized_operands() {
+    use dsv3_backends::{GemmPrecision, QuantCounters, QuantGemm};
+    type AB = burn::backend::Autodiff<B>;
+    let mut rng = Rng::new(131);
+    let (m, k, n) = (200, 300, 150);
+    let mut x = rng.normal_vec(m * k, 1.0);
+    for r in 0..m {
+        let f = 2f32.powi((r % 7) as i32 - 3);
+        x[r * k..(r + 1) * k].iter_mut().for_each(|v| *v *= f);
+    }
+    x[5 * k..6 * k].iter_mut().for_each(|v| *v = 0.0); // row 5: three clipped tiles
+    x[7 * k + 3] = 1e-9; // flushed to zero next to values of order 1
+    let w = rng.normal_vec(k * n, 0.05);
+    let dy = rng.normal_vec(m * n, 1e-3);
+    let precisions = [
+        GemmPrecision::Fp8 { pow2_scales: false },
+        GemmPrecision::Fp8 { pow2_scales: true },
+        GemmPrecision::Bf16,
+    ];
+    for precision in precisions {
+        let counters = std::sync::Arc::new(QuantCounters::default());
+        let gemm = QuantGemm {
+            precision,
+            counters: Some(counters.clone()),
+        };
+        let dev = device();
+        let xt =
+            Tensor::<AB, 2>::from_data(TensorData::new(x.clone(), [m, k]), &dev).require_grad();
+        let wt =
+            Tensor::<AB, 2>::from_data(TensorData::new(w.clone(), [k, n]), &dev).require_grad();
+        let dyt = Tensor::<AB, 2>::from_data(TensorData::new(dy.clone(), [m, n]), &dev);
+        let y = <AB as DsBackend>::quantized_linear(xt.clone(), wt.clone(), &gemm);
+        let grads = (y.clone() * dyt).sum().backward();
+        let (gx, gw) = (xt.grad(&grads).unwrap(), wt.grad(&grads).unwrap());
+        let y = f32s(y.inner());
+        let (gx, gw) = (f32s(gx), f32s(gw));
+
+        // Operands as each GEMM takes them.
+        let (xq, wq, dy_rows, xt_cols, dy_cols) = match precision {
+            GemmPrecision::Fp8 { pow2_scales: p } => {
+                let xq = host_fp8(&x, [m, k], [1, 128], p);
+                let x1: Vec<f32> = xq.iter().map(|&v| v as f32).collect(); // exact
+                (
+                    xq,
+                    host_fp8(&w, [k, n], [128, 128], p),
+                    host_fp8(&dy, [m, n], [1, 128], p),
+                    host_fp8(&x1, [m, k], [128, 1], p),
+                    host_fp8(&dy, [m, n], [128, 1], p),
+                )
+            }
+            GemmPrecision::Bf16 => {
+                let r = |v: &[f32]| v.iter().map(|&a| host_bf16(a)).collect::<Vec<_>>();
+                (r(&x), r(&w), r(&dy), r(&x), r(&dy))
+            }
+        };
+        let (y_ref, y_mag) = host_matmul(&xq, &wq, m, k, n);
+        assert_within_accumulation(&format!("{precision:?} forward"), &y, &y_ref, &y_mag, k);
+        let (dx_ref, dx_mag) = host_matmul(&dy_rows, &transpose(&wq, k, n), m, n, k);
+        assert_within_accumulation(&format!("{precision:?} dgrad"), &gx, &dx_ref, &dx_mag, n);
+        let (dw_ref, dw_mag) = host_matmul(&transpose(&xt_cols, m, k), &dy_cols, k, m, n);
+        assert_within_accumulation(&format!("{precision:?} wgrad"), &gw, &dw_ref, &dw_mag, m);
+
+        let c = counters.snapshot();
+        match precision {
+            GemmPrecision::Fp8 { .. } => {
+                // x, w; dy by rows (dgrad); xᵀ and dyᵀ by rows (wgrad).
+                assert_eq!(c.values as usize, m * k + k * n + m * n + k * m + n * m);
+                let tiles = m * 3 + 3 * 2 + m * 2 + k * 2 + n * 2;
+                assert_eq!(c.tiles as usize, tiles);
+                assert_eq!(c.clipped_tiles, 3, "the zero row's three tiles");
+                assert_eq!(c.overflow, 0);
+                assert!(
+                    (1..50).contains(&c.underflow),
+                    "the planted 1e-9 and at most a few far-below-amax values: {}",
+                    c.underflow
+                );
+            }
+            GemmPrecision::Bf16 => assert_eq!(c, Default::default(), "bf16 counts nothing"),
+        }
+    }
+}
+
+/// Flex's host paths for the training GEMMs' rounding (FP8 tiles with their counts, FP8 blocks,
+/// dequantization, bf16) equal the plain-tensor defaults (run by `Autodiff<Flex>`), on values
+/// with zeros, a tile below the 1e-4 floor and an underflow; both count non-finite values.
+#[test]
+fn flex_rounding_paths_equal_defaults() {
+    type AB = burn::backend::Autodiff<B>;
+    let ad = |v: &[f32], shape: [usize; 2]| {
+        Tensor::<AB, 2>::from_data(TensorData::new(v.to_vec(), shape), &device())
+    };
+    let mut rng = Rng::new(23);
+    let (m, k) = (9, 300);
+    let mut x = rng.normal_vec(m * k, 2.0);
+    x[..128].iter_mut().for_each(|v| *v *= 1e-6); // a clipped tile
+    x[200] = 0.0;
+    x[400] = 1e-12; // underflows
+    let mut bad = x.clone();
+    bad[500] = f32::INFINITY;
+    bad[600] = f32::NAN;
+    // Non-finite values are counted as overflows by both (their tiles' codes are not
+    // compared: a step with them is rejected anyway).
+    let (_, cf) = <B as DsBackend>::fp8_quantize_counted(tensor2(bad.clone(), [m, k]), 128, false);
+    let (_, cd) = <AB as DsBackend>::fp8_quantize_counted(ad(&bad, [m, k]), 128, false);
+    assert_eq!((cf.overflow, cd.overflow), (2, 2));
+    for pow2 in [false, true] {
+        let (qf, cf) =
+            <B as DsBackend>::fp8_quantize_counted(tensor2(x.clone(), [m, k]), 128, pow2);
+        let (qd, cd) = <AB as DsBackend>::fp8_quantize_counted(ad(&x, [m, k]), 128, pow2);
+        assert_eq!(
+            ints(qf.codes.clone()),
+            ints(qd.codes.clone().inner()),
+            "codes"
+        );
+        assert_eq!(
+            f32s(qf.scales.clone()),
+            f32s(qd.scales.clone().inner()),
+            "scales"
+        );
+        assert_eq!(cf, cd, "counts");
+        assert_eq!((cf.clipped_tiles, cf.overflow), (1, 0), "{cf:?}");
+        assert!(cf.underflow >= 1);
+        let (df, dd) = (
+            f32s(<B as DsBackend>::fp8_dequantize(&qf)),
+            f32s(<AB as DsBackend>::fp8_dequantize(&qd)),
+        );
+        let same = df
+            .iter()
+            .zip(&dd)
+            .all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()));
+        assert!(same, "dequantized rows");
+    }
+    // Weights: finite values (a block below the floor included).
+    let (n, k) = (200, 300);
+    let mut w = rng.normal_vec(n * k, 0.05);
+    for r in 128..200 {
+        w[r * k..r * k + 128].iter_mut().for_each(|v| *v *= 1e-5);
+    }
+    for pow2 in [false, true] {
+        let (qf, cf) =
+            <B as DsBackend>::fp8_quantize_weight(tensor2(w.clone(), [n, k]), 128, pow2, true);
+        let (qd, cd) = <AB as DsBackend>::fp8_quantize_weight(ad(&w, [n, k]), 128, pow2, true);
+        assert_eq!(
+            ints(qf.codes.clone()),
+            ints(qd.codes.clone().inner()),
+            "weight codes"
+        );
+        assert_eq!(
+            f32s(qf.scales.clone()),
+            f32s(qd.scales.clone().inner()),
+            "weight scales"
+        );
+        assert_eq!(cf, cd, "weight counts");
+        assert_eq!(cf.clipped_tiles, 1);
+        assert_eq!(
+            f32s(<B as DsBackend>::fp8_dequantize_weight(&qf)),
+            f32s(<AB as DsBackend>::fp8_dequantize_weight(&qd)),
+            "dequantized weights"
+        );
+    }
+    // bf16, with values just above a tie (where a cast through f64 by `half` misrounds).
+    let mut v = rng.normal_vec(4096, 1.0);
+    v.push(f32::from_bits(0x3F80_8001)); // 1 + 2^-8 + 2^-23: rounds up
+    v.push(f32::from_bits(0x3F80_8000)); // exact tie: to even (1.0)
+    let len = v.len();
+    let rf = f32s(<B as DsBackend>::round_bf16(tensor2(v.clone(), [1, len])));
+    let rd = f32s(<AB as DsBackend>::round_bf16(ad(&v, [1, len])));
+    assert_eq!(rf, rd);
+    let want: Vec<f32> = v.iter().map(|&a| host_bf16(a) as f32).collect();
+    assert_eq!(rf, want);
+    assert_eq!(rf[len - 2].to_bits(), 0x3F81_0000);
+    assert_eq!(rf[len - 1].to_bits(), 0x3F80_0000);
+}
+
+/// The block quantizer of weights (plain tensor ops) equals the host encoder on a matrix with
+/// partial blocks in both directions, with amax and power-of-two scales.
+#[test]
+fn fp8_weight_quantize_matches_host_encoder() {
+    let mut rng = Rng::new(17);
+    let (n, k) = (200, 300);
+    let w = rng.normal_vec(n * k, 0.1);
+    for pow2 in [false, true] {
+        let q = Fp8Weight::<B>::quantize(tensor2(w.clone(), [n, k]), 128, pow2).unwrap();
+        assert_eq!((q.rows, q.cols, q.block, q.experts()), (n, k, 128, 1));
+        let want = host_fp8(&w, [n, k], [128, 128], pow2);
+        let got = f32s(q.dequantize());
+        let same = got.iter().zip(&want).all(|(g, w)| *g as f64 == *w);
+        assert!(same, "pow2 {pow2}: max |Δ| {}", {
+            got.iter()
+                .zip(&want)
+                .map(|(g, w)| (*g as f64 - w).abs())
+                .fold(0.0, f64::max)
+        });
+    }
+    assert!(Fp8Weight::<B>::quantize(tensor2(w, [n, k]), 6, false).is_err());
 }
 
 /// Host reference of dispatch: stable counting sort of the slots by expert.

@@ -11,6 +11,7 @@ pub mod comm;
 pub mod e4m3;
 mod kind;
 mod ops;
+pub mod quant_linear;
 mod rng;
 
 #[cfg(feature = "cubecl")]
@@ -18,6 +19,7 @@ pub mod cube;
 
 pub use kind::{on_backend, BackendError, BackendKind, FloatDtype, OnBackend, UnknownBackend};
 pub use ops::{DsBackend, Fp8Activations, Fp8Weight, GroupedWeight, MoeDispatch, ShapeError};
+pub use quant_linear::{GemmPrecision, QuantCounters, QuantCounts, QuantGemm};
 pub use rng::SplitMix64;
 
 /// The CPU backend used by default (pure Rust, the fastest CPU backend of Burn 0.21 here).
@@ -33,10 +35,13 @@ pub type Wgpu = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u3
 #[cfg(feature = "cuda")]
 pub type Cuda<F = f32> = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, F, i32, u8>;
 
+mod autodiff_quant;
 mod flex;
+mod flex_fp8;
 
 /// Flex runs the plain-tensor defaults, except for one-row products (decode) and independent
-/// jobs, which use its thread pool (see `flex.rs`).
+/// jobs, which use its thread pool (see `flex.rs`), and the FP8 / bf16 rounding, done on the
+/// host in one pass (`flex_fp8.rs`).
 impl DsBackend for burn::backend::Flex {
     /// Flex runs a product under ~7M multiply-adds on one thread, so decode would read the
     /// weights at one core's speed. A few rows (decode batches, MTP verification): the kernel
@@ -83,6 +88,47 @@ impl DsBackend for burn::backend::Flex {
         rayon::current_num_threads()
     }
 
+    fn fp8_quantize(
+        x: burn::tensor::Tensor<Self, 2>,
+        block: usize,
+        ue8m0: bool,
+    ) -> Fp8Activations<Self> {
+        flex_fp8::quantize_rows(x, block, ue8m0).0
+    }
+
+    fn fp8_quantize_counted(
+        x: burn::tensor::Tensor<Self, 2>,
+        block: usize,
+        ue8m0: bool,
+    ) -> (Fp8Activations<Self>, QuantCounts) {
+        flex_fp8::quantize_rows(x, block, ue8m0)
+    }
+
+    fn fp8_dequantize(q: &Fp8Activations<Self>) -> burn::tensor::Tensor<Self, 2> {
+        flex_fp8::dequantize_rows(q)
+    }
+
+    fn fp8_quantize_weight(
+        w: burn::tensor::Tensor<Self, 2>,
+        block: usize,
+        pow2_scales: bool,
+        _count: bool,
+    ) -> (Fp8Weight<Self>, QuantCounts) {
+        assert!(
+            block > 0 && block.is_multiple_of(4),
+            "FP8 block size must be a positive multiple of 4"
+        );
+        flex_fp8::quantize_blocks(w, block, pow2_scales)
+    }
+
+    fn fp8_dequantize_weight(w: &Fp8Weight<Self>) -> burn::tensor::Tensor<Self, 3> {
+        flex_fp8::dequantize_blocks(w)
+    }
+
+    fn round_bf16(x: burn::tensor::Tensor<Self, 2>) -> burn::tensor::Tensor<Self, 2> {
+        flex_fp8::round_bf16(x)
+    }
+
     fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync + Send) -> Vec<R> {
         use rayon::prelude::*;
         items.into_par_iter().map(f).collect()
@@ -91,7 +137,8 @@ impl DsBackend for burn::backend::Flex {
 
 /// Under autodiff the defaults are differentiated through; the inner backend's kernels are not
 /// used (no backward is written for them), except the expert exchange, whose backward is the
-/// reverse exchange.
+/// reverse exchange, and the low-precision Linear, whose backward runs its two gradient GEMMs
+/// in the same format on the inner backend (`autodiff_quant.rs`).
 impl<B: DsBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy> DsBackend
     for burn::backend::Autodiff<B, C>
 {
@@ -142,6 +189,14 @@ impl<B: DsBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointS
             OpsKind::UnTracked(prep) => prep.finish(out),
         };
         Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
+    }
+
+    fn quantized_linear(
+        x: burn::tensor::Tensor<Self, 2>,
+        w: burn::tensor::Tensor<Self, 2>,
+        gemm: &QuantGemm,
+    ) -> burn::tensor::Tensor<Self, 2> {
+        autodiff_quant::quantized_linear::<B, C>(x, w, gemm)
     }
 }
 

@@ -16,6 +16,7 @@ use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor, TensorData}
 
 use crate::comm::{CommError, RowExchange};
 use crate::e4m3;
+use crate::quant_linear::{QuantCounts, QuantGemm};
 
 /// FP8 e4m3 weights with block scales, as kept in device memory (about 1 byte per weight).
 #[derive(Module, Debug)]
@@ -132,8 +133,24 @@ impl<B: Backend> Fp8Weight<B> {
 
     /// `[E, N, K]` float weights, exactly `f32(e4m3) × scale` (plain tensor operations).
     pub fn dequantize(&self) -> Tensor<B, 3> {
-        let [e, n, kw] = self.codes.dims();
+        let [_, n, _] = self.codes.dims();
         let (k, b) = (self.cols, self.block);
+        let device = self.codes.device();
+        let values = self.decode();
+        // Each element's block scale, gathered (row block, then column block): no copy of the
+        // padded block grid.
+        let scales = self
+            .scales
+            .clone()
+            .select(1, block_index::<B>(n, b, &device))
+            .select(2, block_index::<B>(k, b, &device));
+        values * scales
+    }
+
+    /// `[E, N, K]` e4m3 values of the codes (unscaled), by table lookup.
+    fn decode(&self) -> Tensor<B, 3> {
+        let [e, n, kw] = self.codes.dims();
+        let k = self.cols;
         let device = self.codes.device();
         let bytes: Vec<Tensor<B, 4, Int>> = (0..4)
             .map(|j| {
@@ -150,17 +167,51 @@ impl<B: Backend> Fp8Weight<B> {
             .reshape([e * n * k]);
         let table =
             Tensor::<B, 1>::from_data(TensorData::new(e4m3::TABLE.to_vec(), [256]), &device);
-        let values = table.select(0, codes).reshape([e, n, k]);
-        let [_, nb, kb] = self.scales.dims();
-        let scales = self
-            .scales
-            .clone()
-            .reshape([e, nb, 1, kb, 1])
-            .expand([e, nb, b, kb, b])
-            .reshape([e, nb * b, kb * b])
-            .narrow(1, 0, n)
-            .narrow(2, 0, k);
-        values * scales
+        table.select(0, codes).reshape([e, n, k])
+    }
+
+    /// Quantizes one float matrix `w: [N, K]` (the `[out, in]` layout) in `block × block`
+    /// blocks as DeepSeek-V3's weights are (spec §8; report §3.3.2): per block `scale =
+    /// max(amax, 1e-4) / 448` (a power of two, rounded up, with `pow2_scales`), `code =
+    /// e4m3(w / scale)`, round to nearest even. Partial edge blocks use their real elements
+    /// only. Plain tensor operations, on the device.
+    ///
+    /// # Errors
+    /// [`ShapeError`] when `block` is not a positive multiple of 4.
+    pub fn quantize(w: Tensor<B, 2>, block: usize, pow2_scales: bool) -> Result<Self, ShapeError> {
+        if block == 0 || !block.is_multiple_of(4) {
+            return Err(ShapeError(format!(
+                "FP8 block size must be a positive multiple of 4, got {block}"
+            )));
+        }
+        let [n, k] = w.dims();
+        let (nb, kb) = (n.div_ceil(block), k.div_ceil(block));
+        let device = w.device();
+        let mut padded = w;
+        if nb * block > n {
+            padded = Tensor::cat(vec![padded, Tensor::zeros([nb * block - n, k], &device)], 0);
+        }
+        if kb * block > k {
+            padded = Tensor::cat(
+                vec![padded, Tensor::zeros([nb * block, kb * block - k], &device)],
+                1,
+            );
+        }
+        let blocks = padded.reshape([nb, block, kb, block]);
+        let amax = blocks.clone().abs().max_dim(3).max_dim(1); // [nb, 1, kb, 1]
+        let scale = fp8_scale(amax, pow2_scales);
+        let v = (blocks / scale.clone()).reshape([nb * block, kb * block]);
+        let codes = encode_packed(v)
+            .narrow(0, 0, n)
+            .narrow(1, 0, k.div_ceil(4))
+            .reshape([1, n, k.div_ceil(4)]);
+        Ok(Self {
+            codes,
+            scales: scale.reshape([1, nb, kb]),
+            rows: n,
+            cols: k,
+            block,
+        })
     }
 }
 
@@ -178,17 +229,28 @@ pub struct Fp8Activations<B: Backend> {
 impl<B: Backend> Fp8Activations<B> {
     /// `[M, K]` float values `f32(code) · scale` (plain tensor operations).
     pub fn dequantize(&self) -> Tensor<B, 2> {
-        let [m, _] = self.codes.dims();
+        let [m, kw] = self.codes.dims();
         let w = Fp8Weight {
-            codes: self.codes.clone().reshape([m, 1, self.codes.dims()[1]]),
-            scales: self.scales.clone().reshape([m, 1, self.scales.dims()[1]]),
-            rows: 1,
+            codes: self.codes.clone().reshape([1, m, kw]),
+            // One "block row" per row: each row's tile scales apply to that row only.
+            scales: self.scales.clone().reshape([1, m, self.scales.dims()[1]]),
+            rows: m,
             cols: self.cols,
             block: self.block,
         };
-        // One 1-row "matrix" per row: the weight dequantizer applies as is.
-        w.dequantize().reshape([m, self.cols])
+        let device = self.codes.device();
+        let values = w.decode();
+        let scales = w
+            .scales
+            .select(2, block_index::<B>(self.cols, self.block, &device));
+        (values * scales).reshape([m, self.cols])
     }
+}
+
+/// `[i / block for i in 0..len]`: the block of each index along an axis.
+fn block_index<B: Backend>(len: usize, block: usize, device: &B::Device) -> Tensor<B, 1, Int> {
+    let v: Vec<i32> = (0..len).map(|i| (i / block) as i32).collect();
+    Tensor::from_data(TensorData::new(v, [len]), device)
 }
 
 /// Expert weights for a grouped matmul: `E` matrices, float or FP8.
@@ -333,8 +395,70 @@ pub trait DsBackend: Backend {
     /// Only matrix 0 of `w` is used.
     fn fp8_matmul(x: Tensor<Self, 2>, w: &Fp8Weight<Self>) -> Tensor<Self, 2> {
         let (n, k) = (w.rows, w.cols);
-        let wt = w.narrow(0, 1).dequantize().reshape([n, k]).transpose();
+        let wt = Self::fp8_dequantize_weight(&w.narrow(0, 1))
+            .reshape([n, k])
+            .transpose();
         x.matmul(wt)
+    }
+
+    /// `x [M, K] · w [K, N] → [M, N]` in a low-precision format: the training GEMMs of a
+    /// Linear layer in bf16 or FP8 (DeepSeek-V3 report §3.3; see [`crate::quant_linear`]).
+    /// The default runs the forward GEMM; under `Autodiff` the backward runs the
+    /// input-gradient and weight-gradient GEMMs in the same format.
+    fn quantized_linear(
+        x: Tensor<Self, 2>,
+        w: Tensor<Self, 2>,
+        gemm: &QuantGemm,
+    ) -> Tensor<Self, 2> {
+        crate::quant_linear::forward(x, w, gemm).0
+    }
+
+    /// [`Self::fp8_quantize`], also counting what the rounding did ([`QuantCounts`]: values,
+    /// underflows, overflows, tiles, tiles whose amax is below the 1e-4 floor).
+    fn fp8_quantize_counted(
+        x: Tensor<Self, 2>,
+        block: usize,
+        ue8m0: bool,
+    ) -> (Fp8Activations<Self>, QuantCounts) {
+        let q = Self::fp8_quantize(x.clone(), block, ue8m0);
+        let counts = crate::quant_linear::count_rows(&x, &Self::fp8_dequantize(&q), block);
+        (q, counts)
+    }
+
+    /// `[M, K]` float values of quantized activations, `f32(code) · scale`.
+    fn fp8_dequantize(q: &Fp8Activations<Self>) -> Tensor<Self, 2> {
+        q.dequantize()
+    }
+
+    /// One float matrix `w: [N, K]` quantized in `block × block` blocks
+    /// ([`Fp8Weight::quantize`]), with its counts when `count` (else zeros).
+    ///
+    /// # Panics
+    /// If `block` is not a positive multiple of 4.
+    fn fp8_quantize_weight(
+        w: Tensor<Self, 2>,
+        block: usize,
+        pow2_scales: bool,
+        count: bool,
+    ) -> (Fp8Weight<Self>, QuantCounts) {
+        let q = Fp8Weight::quantize(w.clone(), block, pow2_scales)
+            .expect("FP8 block size must be a positive multiple of 4");
+        let counts = if count {
+            crate::quant_linear::count_blocks(&w, &Self::fp8_dequantize_weight(&q), block)
+        } else {
+            QuantCounts::default()
+        };
+        (q, counts)
+    }
+
+    /// `[E, N, K]` float values of FP8 weights ([`Fp8Weight::dequantize`]).
+    fn fp8_dequantize_weight(w: &Fp8Weight<Self>) -> Tensor<Self, 3> {
+        w.dequantize()
+    }
+
+    /// `x` rounded to the nearest bf16 value (ties to even), in `x`'s dtype.
+    fn round_bf16(x: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        crate::quant_linear::round_bf16(x)
     }
 
     /// Quantizes `x [M, K]` to e4m3 in `1×block` tiles: `amax = max(max|x_tile|, 1e-4)`,
@@ -387,12 +511,34 @@ fn default_fp8_quantize<B: Backend>(
         x
     };
     let tiles = padded.reshape([m, t, block]);
-    let amax = tiles.clone().abs().max_dim(2).clamp_min(1e-4); // [m, t, 1]
-    let mut scale = amax / e4m3::MAX;
-    if ue8m0 {
-        scale = pow2(floor_log2(scale.clone()) + 1.0).mask_where(is_pow2(scale.clone()), scale);
+    let scale = fp8_scale(tiles.clone().abs().max_dim(2), ue8m0); // [m, t, 1]
+    let packed = encode_packed((tiles / scale.clone()).reshape([m, t * block]));
+    Fp8Activations {
+        codes: packed.narrow(1, 0, k.div_ceil(4)),
+        scales: scale.reshape([m, t]),
+        cols: k,
+        block,
     }
-    let v = tiles / scale.clone();
+}
+
+/// The dequantization multiplier of a tile or block from its `amax`:
+/// `max(amax, 1e-4) / 448`, rounded up to a power of two with `ue8m0`.
+pub(crate) fn fp8_scale<B: Backend, const D: usize>(
+    amax: Tensor<B, D>,
+    ue8m0: bool,
+) -> Tensor<B, D> {
+    let scale = amax.clamp_min(1e-4) / e4m3::MAX;
+    if ue8m0 {
+        pow2(floor_log2(scale.clone()) + 1.0).mask_where(is_pow2(scale.clone()), scale)
+    } else {
+        scale
+    }
+}
+
+/// e4m3 codes (round to nearest even, saturating at ±448) of `v: [rows, cols]` (values already
+/// divided by their scale; `cols` a multiple of 4), packed four to a word: `[rows, cols/4]`.
+pub(crate) fn encode_packed<B: Backend>(v: Tensor<B, 2>) -> Tensor<B, 2, Int> {
+    let [m, cols] = v.dims();
     let a = v.clone().abs().clamp_max(e4m3::MAX);
     // e = max(floor(log2 a), -6); r = rne(a / 2^(e-3)); code = (e+7)·8 + r − 8.
     let e = floor_log2(a.clone().clamp_min(1e-30)).clamp_min(-6.0);
@@ -400,7 +546,7 @@ fn default_fp8_quantize<B: Backend>(
     let code = (e + 7.0) * 8.0 + r - 8.0;
     let code = code.int() + v.lower_elem(0.0).int() * 0x80;
     // Pack bytes into 32-bit words.
-    let words = (t * block) / 4;
+    let words = cols / 4;
     let bytes = code.reshape([m, words, 4]);
     let mut packed = bytes.clone().narrow(2, 0, 1);
     for j in 1..4 {
@@ -411,17 +557,12 @@ fn default_fp8_quantize<B: Backend>(
                 .bitwise_left_shift_scalar(((8 * j) as i32).elem()),
         );
     }
-    Fp8Activations {
-        codes: packed.reshape([m, words]).narrow(1, 0, k.div_ceil(4)),
-        scales: scale.reshape([m, t]),
-        cols: k,
-        block,
-    }
+    packed.reshape([m, words])
 }
 
 /// `floor(log2 x)` for positive normal `x`, exact: a float log estimate corrected by comparing
 /// with exact powers of two.
-fn floor_log2<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+pub(crate) fn floor_log2<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     let e = (x.clone().log() / std::f64::consts::LN_2).floor();
     let p = pow2(e.clone());
     let too_big = x.clone().lower(p.clone());
@@ -434,7 +575,7 @@ fn is_pow2<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D, burn::te
     x.equal(p)
 }
 
-fn pow2<B: Backend, const D: usize>(e: Tensor<B, D>) -> Tensor<B, D> {
+pub(crate) fn pow2<B: Backend, const D: usize>(e: Tensor<B, D>) -> Tensor<B, D> {
     Tensor::full(e.shape(), 2.0, &e.device()).powf(e)
 }
 

@@ -140,6 +140,22 @@ pub struct DecoderLayer<B: DsBackend> {
 }
 
 impl<B: DsBackend> DecoderLayer<B> {
+    /// Every Linear layer of the block that DeepSeek-V3 trains in FP8 (report §3.3.2; the
+    /// weights its checkpoints store in FP8, spec §8): the attention projections, the dense
+    /// MLP, the shared and the routed experts. Not the router, the norms or attention's core.
+    pub fn linears_mut(&mut self) -> Vec<&mut crate::linear::Linear<B>> {
+        let mut out = self.self_attn.linears_mut();
+        match &mut self.mlp {
+            FeedForward::Dense(m) => out.extend(m.linears_mut()),
+            FeedForward::Moe(moe) => {
+                for m in moe.experts.iter_mut().chain(moe.shared_experts.as_mut()) {
+                    out.extend(m.linears_mut());
+                }
+            }
+        }
+        out
+    }
+
     /// Block `layer` (checkpoint index: dense below `first_k_dense_replace`, MoE above; the
     /// MTP modules' blocks are `num_hidden_layers + k`).
     pub fn new(cfg: &DeepseekV3Config, layer: usize, device: &B::Device) -> Self {

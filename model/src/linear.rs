@@ -6,7 +6,7 @@
 use burn::module::{Module, Param, ParamId};
 use burn::nn::Initializer;
 use burn::tensor::Tensor;
-use dsv3_backends::{DsBackend, Fp8Weight};
+use dsv3_backends::{DsBackend, Fp8Weight, QuantGemm};
 
 /// A bias-free linear layer with DeepSeek's init (normal, std = `initializer_range`), created
 /// exactly as Burn's `LinearConfig` would (same lazy initializer call).
@@ -31,12 +31,20 @@ pub struct Linear<B: DsBackend> {
     /// The FP8 form (`[1, out, in]` codes and scales), when loaded with `--weights fp8`.
     /// Not a parameter: visitors, the optimizer and `save` never see it.
     pub fp8: Option<Fp8Weight<B>>,
+    /// Training in bf16 or FP8 (DeepSeek-V3 report §3.3): the float weight's three GEMMs run
+    /// in that format ([`DsBackend::quantized_linear`]); `None`: f32. Not saved.
+    #[module(skip)]
+    pub gemm: Option<QuantGemm>,
 }
 
 impl<B: DsBackend> Linear<B> {
     /// A float layer over `weight: [in, out]`.
     pub fn new(weight: Param<Tensor<B, 2>>) -> Self {
-        Self { weight, fp8: None }
+        Self {
+            weight,
+            fp8: None,
+            gemm: None,
+        }
     }
 
     /// `x [.., in] → [.., out]`.
@@ -48,7 +56,12 @@ impl<B: DsBackend> Linear<B> {
                 let m = dims[..D - 1].iter().product::<usize>();
                 let mut out = dims;
                 out[D - 1] = w.dims()[1];
-                B::dense_matmul(x.reshape([m, dims[D - 1]]), w).reshape(out)
+                let x = x.reshape([m, dims[D - 1]]);
+                match &self.gemm {
+                    None => B::dense_matmul(x, w),
+                    Some(g) => B::quantized_linear(x, w, g),
+                }
+                .reshape(out)
             }
             Some(w) => {
                 let dims = x.dims();

@@ -153,6 +153,21 @@ pub struct Mla<B: DsBackend> {
 }
 
 impl<B: DsBackend> Mla<B> {
+    /// The projections (q, kv, o): the Linear layers DeepSeek-V3 quantizes.
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear<B>> {
+        let mut out: Vec<&mut Linear<B>> =
+            [&mut self.q_a_proj, &mut self.q_b_proj, &mut self.q_proj]
+                .into_iter()
+                .filter_map(|l| l.as_mut())
+                .collect();
+        out.extend([
+            &mut self.kv_a_proj_with_mqa,
+            &mut self.kv_b_proj,
+            &mut self.o_proj,
+        ]);
+        out
+    }
+
     /// Attention for `x: [B, T, H]` whose tokens follow the `past` entries.
     ///
     /// `span` holds the rope tables of the new tokens' positions and the mask `[B|1, 1, T, S]`
@@ -231,7 +246,23 @@ impl<B: DsBackend> Mla<B> {
         let w_uv = w.narrow(2, dn, dv).swap_dims(0, 1); // [nh, r, dv]
 
         let out = match mode {
-            AttentionMode::Naive => attend_naive(q_nope, q_pe, c, k_pe, w_uk, w_uv, mask),
+            AttentionMode::Naive => {
+                let [_, s, _] = c.dims();
+                let flat = c.clone().reshape([1, b * s, r]);
+                let (k_nope, v) = match &self.kv_b_proj.gemm {
+                    // Training in bf16/FP8: kv_b_proj's GEMMs in that format.
+                    Some(_) => {
+                        let kv = self
+                            .kv_b_proj
+                            .forward(flat.reshape([b * s, r]))
+                            .reshape([b * s, nh, dn + dv])
+                            .swap_dims(0, 1); // [nh, B·S, dn+dv]
+                        (kv.clone().narrow(2, 0, dn), kv.narrow(2, dn, dv))
+                    }
+                    None => (flat.clone().matmul(w_uk), flat.matmul(w_uv)),
+                };
+                attend_naive(q_nope, q_pe, k_nope, v, k_pe, mask)
+            }
             _ => attend_absorbed(q_nope, q_pe, c, k_pe, w_uk, w_uv, mask),
         };
         let out = out.swap_dims(0, 1).reshape([b, t, nh * dv]);
@@ -240,24 +271,23 @@ impl<B: DsBackend> Mla<B> {
 }
 
 /// Naive attention: per-head keys `[k_nope | k_pe]` expanded from the latent and queries
-/// `[q_nope | q_pe]`, one score matmul. Queries `[nh, B, T, dn|dr]`, latent `c: [B, S, r]`,
-/// `k_pe: [B, S, dr]`, `w_uk: [nh, r, dn]`, `w_uv: [nh, r, dv]`; returns `[nh, B·T, dv]`.
+/// `[q_nope | q_pe]`, one score matmul. Queries `[nh, B, T, dn|dr]`, the expanded latent
+/// `k_nope: [nh, B·S, dn]` and `v: [nh, B·S, dv]` (`c · W_UK`, `c · W_UV`), `k_pe: [B, S, dr]`;
+/// returns `[nh, B·T, dv]`.
 fn attend_naive<B: DsBackend>(
     q_nope: Tensor<B, 4>,
     q_pe: Tensor<B, 4>,
-    c: Tensor<B, 3>,
+    k_nope: Tensor<B, 3>,
+    v: Tensor<B, 3>,
     k_pe: Tensor<B, 3>,
-    w_uk: Tensor<B, 3>,
-    w_uv: Tensor<B, 3>,
     mask: Option<&Tensor<B, 4>>,
 ) -> Tensor<B, 3> {
     let [nh, b, t, dn] = q_nope.dims();
-    let [_, s, r] = c.dims();
-    let (dr, dv) = (k_pe.dims()[2], w_uv.dims()[2]);
-    let c = c.reshape([1, b * s, r]);
+    let [_, s, dr] = k_pe.dims();
+    let dv = v.dims()[2];
     let k_pe = k_pe.unsqueeze_dim::<4>(0); // [1, B, S, dr]
-    let k_nope = c.clone().matmul(w_uk).reshape([nh, b, s, dn]);
-    let v = c.matmul(w_uv).reshape([nh, b, s, dv]);
+    let k_nope = k_nope.reshape([nh, b, s, dn]);
+    let v = v.reshape([nh, b, s, dv]);
     let k = Tensor::cat(vec![k_nope, k_pe.expand([nh, b, s, dr])], 3);
     let q = Tensor::cat(vec![q_nope, q_pe], 3);
     let scores = q.matmul(k.swap_dims(2, 3)); // [nh, B, T, S]

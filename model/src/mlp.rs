@@ -35,6 +35,10 @@ pub struct Mlp<B: DsBackend> {
 }
 
 impl<B: DsBackend> Mlp<B> {
+    pub fn linears_mut(&mut self) -> [&mut Linear<B>; 3] {
+        [&mut self.gate_proj, &mut self.up_proj, &mut self.down_proj]
+    }
+
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let g = silu(self.gate_proj.forward(x.clone()));
         self.down_proj.forward(g * self.up_proj.forward(x))

@@ -176,6 +176,18 @@ impl<B: DsBackend> DeepseekV3<B> {
         self.model.layers.iter_mut().enumerate().chain(mtp)
     }
 
+    /// Runs the training GEMMs of every Linear layer in the decoder blocks (main and MTP) in
+    /// `gemm`'s format (bf16 or FP8, DeepSeek-V3 report §3.3), or back in f32 with `None`.
+    /// The layers the report keeps in higher precision stay in f32: embeddings, `lm_head`,
+    /// the MTP modules' `eh_proj` and heads, the router, norms and the attention core.
+    pub fn set_training_gemm(&mut self, gemm: Option<dsv3_backends::QuantGemm>) {
+        for (_, block) in self.blocks_mut() {
+            for l in block.linears_mut() {
+                l.gemm = gemm.clone();
+            }
+        }
+    }
+
     /// The MoE layer of checkpoint layer `layer` (a main layer or an MTP module's block).
     pub fn moe(&self, layer: usize) -> Option<&Moe<B>> {
         self.blocks().find(|(i, _)| *i == layer)?.1.mlp.moe()

@@ -64,6 +64,9 @@ pub enum Command {
     /// Logit distillation: `sft` with (1 − α)·CE + α·τ²·KL(teacher ‖ student) on the
     /// assistant tokens, from a teacher sharing the tokenizer.
     Distill(post::DistillArgs),
+    /// Draw several training runs' loss curves into one PNG (e.g. f32 / bf16 / fp8 of the same
+    /// seed) and print each run's final validation loss against the first's.
+    PlotRuns(train::PlotRunsArgs),
 }
 
 #[derive(Args, Debug)]
@@ -110,6 +113,19 @@ pub struct InspectArgs {
     /// How `--load` holds the Linear weights: f32, bf16 or fp8 (as `generate --weights`).
     #[arg(long, default_value = "f32", requires = "load")]
     pub weights: WeightStorage,
+    /// Also print training memory per GPU for f32, bf16 and fp8 training (weights, master
+    /// weights, gradients, AdamW moments, saved Linear inputs) under --gpus / --pp / --ep.
+    #[arg(long)]
+    pub training: bool,
+    /// GPUs of the training layout (with --training; default: the report's 2048).
+    #[arg(long, default_value_t = 2048, requires = "training")]
+    pub gpus: u64,
+    /// Pipeline stages of the training layout (default: the report's 16).
+    #[arg(long, default_value_t = 16, requires = "training")]
+    pub pp: u64,
+    /// Expert-parallel ranks per stage (default: the report's 64); the rest are ZeRO-1 replicas.
+    #[arg(long, default_value_t = 64, requires = "training")]
+    pub ep: u64,
 }
 
 /// A built-in model config by name, looked up while parsing (an unknown name is a usage error,
@@ -254,6 +270,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Eval(a) => post::eval_cmd(&a, out),
         Command::Sft(a) => post::sft(&a, out),
         Command::Distill(a) => post::distill(&a, out),
+        Command::PlotRuns(a) => train::plot_runs(&a, out),
     }
 }
 
@@ -324,6 +341,19 @@ pub fn inspect(a: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
         ("fp8 (+block scales)", n * (1.0 + 4.0 / 16384.0)),
     ];
     let dense = cfg.first_k_dense_replace.min(cfg.num_hidden_layers);
+    let layout = dsv3_train::memory::Layout {
+        gpus: a.gpus,
+        pp: a.pp,
+        ep: a.ep,
+    };
+    let training = if a.training {
+        Some(
+            dsv3_train::memory::per_gpu(&cfg, layout)
+                .map_err(|e| CliError::Usage(e.to_string()))?,
+        )
+    } else {
+        None
+    };
     if a.json {
         let j = serde_json::json!({
             "config": serde_json::to_value(&cfg).unwrap_or_default(),
@@ -336,6 +366,19 @@ pub fn inspect(a: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
             "checkpoint_dtypes": dtypes,
             "checkpoint_bytes": ckpt.as_ref().map(|c| c.total_bytes()),
             "memory_bytes": mem.iter().map(|(k, v)| (k.to_string(), *v as u64)).collect::<BTreeMap<_, _>>(),
+            "training_memory_per_gpu": training.as_ref().map(|t| serde_json::json!({
+                "gpus": layout.gpus, "pp": layout.pp, "ep": layout.ep,
+                "rows": t.iter().map(|m| serde_json::json!({
+                    "precision": m.precision.name(),
+                    "weights": m.weights as u64,
+                    "master_weights": m.master as u64,
+                    "gradients": m.grads as u64,
+                    "moments_f32": m.moments_f32 as u64,
+                    "moments_bf16": m.moments_bf16 as u64,
+                    "activations_per_token_layer": m.activations_per_token_layer as u64,
+                    "activations_per_4096_sequence_stage": m.activations_per_sequence as u64,
+                })).collect::<Vec<_>>(),
+            })),
         });
         writeln!(out, "{j}").map_err(|e| write_err(Path::new("stdout"), e))?;
         return Ok(());
@@ -408,6 +451,34 @@ pub fn inspect(a: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
     }
     for (k, v) in mem {
         let _ = writeln!(s, "memory for weights as {k}: {}", gib(v));
+    }
+    if let Some(rows) = &training {
+        let _ = writeln!(
+            s,
+            "training memory per GPU ({} GPUs: {} pipeline stages x {} expert-parallel ranks, ZeRO-1 over the rest):",
+            layout.gpus, layout.pp, layout.ep
+        );
+        let _ = writeln!(
+            s,
+            "  precision  weights    master     grads      moments f32/bf16       sum (f32 / bf16 moments)  Linear inputs per token-layer, per 4096-token sequence-stage"
+        );
+        for m in rows {
+            let base = m.weights + m.master + m.grads;
+            let _ = writeln!(
+                s,
+                "  {:<9}  {:<9}  {:<9}  {:<9}  {:<9} / {:<9}  {:<9} / {:<9}      {:.0} B, {}",
+                m.precision.name(),
+                gib(m.weights),
+                gib(m.master),
+                gib(m.grads),
+                gib(m.moments_f32),
+                gib(m.moments_bf16),
+                gib(base + m.moments_f32),
+                gib(base + m.moments_bf16),
+                m.activations_per_token_layer,
+                gib(m.activations_per_sequence)
+            );
+        }
     }
     out.write_all(s.as_bytes())
         .map_err(|e| write_err(Path::new("stdout"), e))?;

@@ -90,6 +90,17 @@ pub struct TrainArgs {
     /// Attention form used in training: naive or absorbed (the same function).
     #[arg(long)]
     pub attention: Option<dsv3_model::AttentionMode>,
+    /// Number format of the decoder blocks' Linear GEMMs (forward, input and weight gradient):
+    /// f32, bf16 (rounded operands, f32 accumulation) or fp8 (e4m3, 1×128 activation tiles and
+    /// 128×128 weight blocks, f32 accumulation; DeepSeek-V3 report §3.3). Master weights f32.
+    #[arg(long)]
+    pub precision: Option<dsv3_train::Precision>,
+    /// FP8 scales rounded up to powers of two (UE8M0); with --precision fp8.
+    #[arg(long, requires = "precision")]
+    pub fp8_pow2_scales: bool,
+    /// Storage of AdamW's moments: f32 or bf16 (widened to f32 for each update).
+    #[arg(long)]
+    pub optimizer_state: Option<dsv3_train::StateDtype>,
     /// Continuations sampled at the end (0: none).
     #[arg(long, default_value_t = 3)]
     pub samples: usize,
@@ -141,6 +152,20 @@ fn settings(a: &TrainArgs) -> Result<(DeepseekV3Config, TrainConfig), CliError> 
     set(&mut t.workers, a.workers);
     if let Some(m) = a.attention {
         t.attention = m;
+    }
+    if let Some(p) = a.precision {
+        t.precision = p;
+    }
+    if a.fp8_pow2_scales {
+        if t.precision != dsv3_train::Precision::Fp8 {
+            return Err(CliError::Usage(
+                "--fp8-pow2-scales needs --precision fp8".into(),
+            ));
+        }
+        t.fp8_pow2_scales = true;
+    }
+    if let Some(d) = a.optimizer_state {
+        t.optimizer_state = d;
     }
     if let Some(s) = a.seed {
         t.seed = s;
@@ -374,5 +399,64 @@ fn sample(
         };
         run(PROMPTS[0], &opts, out)?;
     }
+    Ok(())
+}
+
+/// `LABEL=DIR`.
+fn parse_run(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((label, dir)) if !label.is_empty() && !dir.is_empty() => {
+            Ok((label.to_string(), PathBuf::from(dir)))
+        }
+        _ => Err(format!("expected LABEL=DIR, got {s:?}")),
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PlotRunsArgs {
+    /// A training run as LABEL=DIR (reads DIR/metrics.jsonl); repeat for each run. The first
+    /// is the reference the others are compared with.
+    #[arg(long = "run", required = true, value_parser = parse_run)]
+    pub runs: Vec<(String, PathBuf)>,
+    /// The PNG to write.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// `dsv3 plot-runs`: the loss curves of several runs in one PNG, and each run's final
+/// validation loss against the first's.
+pub fn plot_runs(a: &PlotRunsArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let mut runs = Vec::new();
+    for (label, dir) in &a.runs {
+        let path = dir.join("metrics.jsonl");
+        if !path.is_file() {
+            return Err(CliError::Usage(format!(
+                "{} has no metrics.jsonl (not a training run directory)",
+                dir.display()
+            )));
+        }
+        let records = dsv3_train::metrics::read(&path).map_err(train_err)?;
+        runs.push((label.clone(), records));
+    }
+    dsv3_train::compare_runs(&runs, &a.out).map_err(train_err)?;
+    let last_val = |r: &[dsv3_train::metrics::LogRecord]| {
+        r.iter()
+            .rev()
+            .find_map(|x| x.val_loss.map(|v| (x.step, v, x.val_bits_per_byte)))
+    };
+    let base = last_val(&runs[0].1);
+    for (label, recs) in &runs {
+        let line = match (last_val(recs), base) {
+            (Some((step, v, bpb)), Some((_, b, _))) => format!(
+                "{label}: final val loss {v:.4} nats/token ({:.3} bits/byte) at step {step}, {:+.3}% vs {}",
+                bpb.unwrap_or(f64::NAN),
+                100.0 * (v - b) / b,
+                runs[0].0
+            ),
+            _ => format!("{label}: no validation loss recorded"),
+        };
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = writeln!(out, "wrote {}", a.out.display());
     Ok(())
 }

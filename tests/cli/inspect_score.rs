@@ -259,3 +259,30 @@ fn score_bad_inputs_give_one_line() {
     .unwrap_err();
     assert!(e.contains("MTP"), "{e}");
 }
+
+/// `inspect --training`: training memory per GPU for f32 / bf16 / fp8 under the report's layout
+/// (text and JSON), and a layout that does not fit is a usage error.
+#[test]
+fn inspect_training_memory() {
+    let s = dsv3(&["inspect", "--preset", "671b", "--training"]).unwrap();
+    assert!(
+        s.contains("training memory per GPU (2048 GPUs: 16 pipeline stages x 64"),
+        "{s}"
+    );
+    for p in ["f32 ", "bf16 ", "fp8 "] {
+        assert!(s.lines().any(|l| l.trim_start().starts_with(p)), "{p}: {s}");
+    }
+    let j: serde_json::Value = serde_json::from_str(
+        &dsv3(&["inspect", "--preset", "671b", "--training", "--json"]).unwrap(),
+    )
+    .unwrap();
+    let rows = j["training_memory_per_gpu"]["rows"].as_array().unwrap();
+    let w: Vec<u64> = rows
+        .iter()
+        .map(|r| r["weights"].as_u64().unwrap())
+        .collect();
+    assert_eq!(rows[2]["precision"], "fp8");
+    assert!(w[2] < w[1] && w[1] < w[0], "{w:?}");
+    let e = dsv3(&["inspect", "--preset", "671b", "--training", "--gpus", "100"]).unwrap_err();
+    assert!(e.contains("do not split"), "{e}");
+}

@@ -3,6 +3,7 @@
 mod balancing;
 mod checkpoints;
 mod data;
+mod fp8;
 mod objective;
 mod sft;
 

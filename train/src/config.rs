@@ -53,6 +53,82 @@ pub struct TrainConfig {
     /// are how a step uses more cores. The result does not depend on it (gradients are summed
     /// in micro-batch order).
     pub workers: usize,
+    /// Number format of the decoder blocks' Linear GEMMs (forward, input gradient, weight
+    /// gradient): f32, bf16 or FP8 (DeepSeek-V3 report §3.3). Master weights stay f32.
+    pub precision: Precision,
+    /// FP8 scales rounded up to powers of two (UE8M0, as DeepSeek-V3.1); `precision = fp8` only.
+    pub fp8_pow2_scales: bool,
+    /// Storage of AdamW's two moments: f32, or bf16 as the report keeps them (§3.3.3).
+    pub optimizer_state: StateDtype,
+}
+
+/// Number format of the Linear layers' training GEMMs. Serialized as `"f32"`, `"bf16"`, `"fp8"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    /// Operands rounded to bf16, f32 accumulation: the report's baseline.
+    Bf16,
+    /// e4m3 operands, 1×128 activation tiles and 128×128 weight blocks, f32 accumulation.
+    Fp8,
+}
+
+/// Storage dtype of the optimiser's moments. Serialized as `"f32"`, `"bf16"`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::Fp8 => "fp8",
+        }
+    }
+
+    /// The Linear layers' setting (`None` for f32), counting FP8 events in `counters`.
+    pub fn gemm(
+        &self,
+        pow2_scales: bool,
+        counters: &std::sync::Arc<dsv3_backends::QuantCounters>,
+    ) -> Option<dsv3_backends::QuantGemm> {
+        let precision = match self {
+            Self::F32 => return None,
+            Self::Bf16 => dsv3_backends::GemmPrecision::Bf16,
+            Self::Fp8 => dsv3_backends::GemmPrecision::Fp8 { pow2_scales },
+        };
+        Some(dsv3_backends::QuantGemm {
+            precision,
+            counters: (*self == Self::Fp8).then(|| counters.clone()),
+        })
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Self::F32, Self::Bf16, Self::Fp8]
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| format!("unknown precision {s:?} (f32, bf16 or fp8)"))
+    }
+}
+
+impl std::str::FromStr for StateDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            _ => Err(format!("unknown optimizer state dtype {s:?} (f32 or bf16)")),
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -82,6 +158,9 @@ impl Default for TrainConfig {
             seed: 0,
             attention: dsv3_model::AttentionMode::Naive,
             workers: 2,
+            precision: Precision::F32,
+            fp8_pow2_scales: false,
+            optimizer_state: StateDtype::F32,
         }
     }
 }

@@ -46,6 +46,17 @@ pub struct LogRecord {
     /// Expert parallelism: mean number of ranks each token reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ep_ranks_per_token: Option<f64>,
+    /// `precision = fp8`, over the window: values quantized in the Linear GEMMs (forward and
+    /// backward operands), non-zero values flushed to zero, values e4m3 cannot hold
+    /// (non-finite), and the share of tiles and blocks whose scale was clipped (amax < 1e-4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fp8_values: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fp8_underflow: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fp8_overflow: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fp8_clipped_tile_share: Option<f64>,
 }
 
 /// Appends records to `metrics.jsonl`.

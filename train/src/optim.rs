@@ -4,31 +4,92 @@
 //! Burn 0.21's `GradientClippingConfig::Norm` clips each parameter tensor by its own norm;
 //! DeepSeek-V3 (like PyTorch's `clip_grad_norm_`) clips by the norm of all gradients together,
 //! so that is done here on the `GradientsParams` before the step, and Burn's clipping is off.
+//!
+//! The moments can be stored in bf16 between steps, as the DeepSeek-V3 report does (§3.3.3,
+//! "Low-Precision Optimizer States"): [`MixedAdamW`] widens them to f32 for the update and
+//! rounds them to bf16 for storage; the master weights stay f32.
 
 use std::f64::consts::PI;
 
 use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
-use burn::optim::{adaptor::OptimizerAdaptor, AdamW, AdamWConfig, GradientsParams};
-use burn::tensor::{backend::AutodiffBackend, ElementConversion, Tensor};
+use burn::optim::{
+    adaptor::OptimizerAdaptor, AdamW, AdamWConfig, AdamWState, GradientsParams, LearningRate,
+    SimpleOptimizer,
+};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, ElementConversion, Tensor};
 
 use dsv3_backends::DsAutodiffBackend;
 use dsv3_model::DeepseekV3;
 
-use crate::config::TrainConfig;
+use crate::config::{StateDtype, TrainConfig};
 
-/// Burn's AdamW over the model.
-pub type Optim<B> = OptimizerAdaptor<AdamW, DeepseekV3<B>, B>;
+/// AdamW over the model ([`MixedAdamW`]: Burn's AdamW, moments optionally stored in bf16).
+pub type Optim<B> = OptimizerAdaptor<MixedAdamW, DeepseekV3<B>, B>;
 
-/// AdamW with the run's betas, epsilon and weight decay (no per-tensor clipping).
+/// Burn's AdamW, whose first and second moments are kept in bf16 between steps when
+/// `bf16_moments` (report §3.3.3): each step widens them to the parameter's dtype, runs
+/// AdamW's update there, and rounds the new moments to bf16 (nearest even). The state's
+/// record is AdamW's, so checkpoints of either setting load into the other.
+#[derive(Clone)]
+pub struct MixedAdamW {
+    inner: AdamW,
+    bf16_moments: bool,
+}
+
+impl<B: Backend> SimpleOptimizer<B> for MixedAdamW {
+    type State<const D: usize> = AdamWState<B, D>;
+
+    fn step<const D: usize>(
+        &self,
+        lr: LearningRate,
+        tensor: Tensor<B, D>,
+        grad: Tensor<B, D>,
+        state: Option<Self::State<D>>,
+    ) -> (Tensor<B, D>, Option<Self::State<D>>) {
+        let float = tensor.dtype();
+        let cast = |mut s: AdamWState<B, D>, to: DType| {
+            let m = &mut s.momentum;
+            if m.moment_1.dtype() != to {
+                // Rounded to nearest even first (see `round_bf16`); widening is exact.
+                let round = |t: Tensor<B, D>| match to {
+                    DType::BF16 => dsv3_backends::quant_linear::round_bf16(t).cast(to),
+                    _ => t.cast(to),
+                };
+                m.moment_1 = round(m.moment_1.clone());
+                m.moment_2 = round(m.moment_2.clone());
+            }
+            s
+        };
+        let state = state.map(|s| cast(s, float));
+        let (tensor, state) = self.inner.step(lr, tensor, grad, state);
+        let state = match self.bf16_moments {
+            true => state.map(|s| cast(s, DType::BF16)),
+            false => state,
+        };
+        (tensor, state)
+    }
+
+    fn to_device<const D: usize>(state: Self::State<D>, device: &B::Device) -> Self::State<D> {
+        <AdamW as SimpleOptimizer<B>>::to_device(state, device)
+    }
+}
+
+/// AdamW with the run's betas, epsilon, weight decay and moment storage (no per-tensor
+/// clipping).
 pub fn adamw<B: AutodiffBackend, M: AutodiffModule<B>>(
     cfg: &TrainConfig,
-) -> OptimizerAdaptor<AdamW, M, B> {
-    AdamWConfig::new()
+) -> OptimizerAdaptor<MixedAdamW, M, B> {
+    let inner = AdamWConfig::new()
         .with_beta_1(cfg.beta1 as f32)
         .with_beta_2(cfg.beta2 as f32)
         .with_epsilon(cfg.eps as f32)
         .with_weight_decay(cfg.weight_decay as f32)
-        .init()
+        .build();
+    OptimizerAdaptor::from(MixedAdamW {
+        inner,
+        bf16_moments: cfg.optimizer_state == StateDtype::Bf16,
+    })
 }
 
 /// Learning rate of step `step` (1-based): linear warm-up to `lr` over `warmup_steps`, then a

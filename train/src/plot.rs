@@ -178,3 +178,97 @@ pub fn draw(records: &[LogRecord], path: &Path) -> Result<(), TrainError> {
     root.present().map_err(|x| e(x.to_string()))?;
     Ok(())
 }
+
+/// Draws several runs (`(label, records)`, the first the reference) into one PNG at `path`:
+/// training and validation cross-entropy of each, and each later run's training CE relative to
+/// the first's at the same steps (percent), e.g. f32 / bf16 / FP8 runs of the same seed.
+///
+/// # Errors
+/// [`TrainError::Invalid`] for fewer than one run or a run without records; [`TrainError::Io`]
+/// (action `draw`) when `plotters` fails to draw or write the PNG.
+pub fn compare_runs(runs: &[(String, Vec<LogRecord>)], path: &Path) -> Result<(), TrainError> {
+    if runs.is_empty() || runs.iter().any(|(_, r)| r.is_empty()) {
+        return Err(TrainError::Invalid(
+            "every run to compare needs a non-empty metrics.jsonl".into(),
+        ));
+    }
+    let text = font();
+    let e = err(path);
+    let root = BitMapBackend::new(path, (1200, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let (left, right) = root.split_horizontally(600);
+    let max_step = runs
+        .iter()
+        .flat_map(|(_, r)| r.iter().map(|x| x.step))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let mut losses: Vec<Series> = Vec::new();
+    for (i, (label, recs)) in runs.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        losses.push((
+            format!("{label} train CE"),
+            color,
+            recs.iter().map(|r| (r.step as f64, r.ce_loss)).collect(),
+        ));
+        losses.push((
+            format!("{label} val CE"),
+            color.mix(0.5),
+            recs.iter()
+                .filter_map(|r| r.val_loss.map(|v| (r.step as f64, v)))
+                .collect(),
+        ));
+    }
+    let ymax = losses
+        .iter()
+        .flat_map(|s| s.2.iter().map(|p| p.1))
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max)
+        .max(1e-3)
+        * 1.05;
+    panel(
+        &left,
+        "loss (nats/token)",
+        max_step,
+        0.0..ymax,
+        losses,
+        text,
+    )
+    .map_err(&e)?;
+    let (base_label, base) = &runs[0];
+    let rel: Vec<Series> = runs[1..]
+        .iter()
+        .enumerate()
+        .map(|(i, (label, recs))| {
+            let pts = recs
+                .iter()
+                .filter_map(|r| {
+                    let b = base.iter().find(|x| x.step == r.step)?;
+                    Some((r.step as f64, 100.0 * (r.ce_loss - b.ce_loss) / b.ce_loss))
+                })
+                .collect();
+            (
+                format!("{label} vs {base_label}"),
+                Palette99::pick(i + 1).to_rgba(),
+                pts,
+            )
+        })
+        .collect();
+    let span = rel
+        .iter()
+        .flat_map(|s| s.2.iter().map(|p| p.1.abs()))
+        .filter(|v| v.is_finite())
+        .fold(0.05f64, f64::max)
+        * 1.1;
+    panel(
+        &right,
+        &format!("train CE relative to {base_label} (%)"),
+        max_step,
+        -span..span,
+        rel,
+        text,
+    )
+    .map_err(&e)?;
+    root.present().map_err(|x| e(x.to_string()))?;
+    Ok(())
+}

@@ -106,6 +106,7 @@ struct Window {
     mtp: Option<f64>,
     bal: Option<f64>,
     loads: Vec<(usize, Vec<u64>)>,
+    fp8: Option<dsv3_backends::QuantCounts>,
 }
 
 impl Window {
@@ -118,6 +119,14 @@ impl Window {
         }
         if let Some(b) = s.balance_loss {
             *self.bal.get_or_insert(0.0) += b;
+        }
+        if let Some(q) = s.fp8 {
+            let w = self.fp8.get_or_insert_with(Default::default);
+            w.values += q.values;
+            w.underflow += q.underflow;
+            w.overflow += q.overflow;
+            w.tiles += q.tiles;
+            w.clipped_tiles += q.clipped_tiles;
         }
         if self.loads.is_empty() {
             self.loads = s.loads.clone();
@@ -395,6 +404,12 @@ fn run_with<B: DsAutodiffBackend>(
                     .as_ref()
                     .and_then(|c| c.ep_analytic_bytes.clone()),
                 ep_ranks_per_token: stats.comm.as_ref().and_then(|c| c.ranks_per_token),
+                fp8_values: window.fp8.map(|q| q.values),
+                fp8_underflow: window.fp8.map(|q| q.underflow),
+                fp8_overflow: window.fp8.map(|q| q.overflow),
+                fp8_clipped_tile_share: window
+                    .fp8
+                    .map(|q| q.clipped_tiles as f64 / q.tiles.max(1) as f64),
             };
             let appended = log.as_ref().map_or(Ok(()), |l| l.append(&rec));
             match &opts.parallel {
@@ -410,6 +425,14 @@ fn run_with<B: DsAutodiffBackend>(
             }
             if let Some(v) = val {
                 line += &format!("  val {:.4} ({:.3} bits/byte)", v.loss, v.bits_per_byte);
+            }
+            if let Some(q) = window.fp8 {
+                line += &format!(
+                    "  fp8 underflow {:.1e} overflow {} clipped tiles {:.1e}",
+                    q.underflow as f64 / q.values.max(1) as f64,
+                    q.overflow,
+                    q.clipped_tiles as f64 / q.tiles.max(1) as f64
+                );
             }
             line += &format!(
                 "  lr {:.2e}  |g| {:.2}  imbalance max {:.2}  {:.0} tok/s",

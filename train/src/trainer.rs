@@ -167,6 +167,8 @@ pub struct StepStats {
     pub tokens: usize,
     /// A distributed run's communication during the step (this rank).
     pub comm: Option<CommStats>,
+    /// FP8 events during the step (this process's quantizations; `precision = fp8` only).
+    pub fp8: Option<dsv3_backends::QuantCounts>,
 }
 
 /// What the ranks of a distributed run moved during a step (one entry per world rank).
@@ -317,6 +319,8 @@ pub struct Trainer<B: DsAutodiffBackend> {
     pub tokenizer_files: Option<Vec<(String, Vec<u8>)>>,
     /// Logit distillation from a frozen teacher ([`crate::distill`]); `None`: hard labels only.
     pub teacher: Option<Teacher<B::InnerBackend>>,
+    /// FP8 events of every quantization in the Linear GEMMs (`precision = fp8`).
+    pub quant: std::sync::Arc<dsv3_backends::QuantCounters>,
 }
 
 impl<B: DsAutodiffBackend> Trainer<B> {
@@ -379,7 +383,11 @@ impl<B: DsAutodiffBackend> Trainer<B> {
         step: usize,
         device: &B::Device,
     ) -> Self {
+        let quant = std::sync::Arc::new(dsv3_backends::QuantCounters::default());
+        let mut model = model;
+        model.set_training_gemm(cfg.precision.gemm(cfg.fp8_pow2_scales, &quant));
         Self {
+            quant,
             model,
             optim,
             cfg,
@@ -478,6 +486,7 @@ impl<B: DsAutodiffBackend> Trainer<B> {
             None => micro,
         };
         let traffic0 = par.as_ref().map(|p| p.traffic());
+        let quant0 = self.quant.snapshot();
         if let Some(ep) = self.model.expert_parallel() {
             ep.take_stats();
         }
@@ -642,6 +651,8 @@ impl<B: DsAutodiffBackend> Trainer<B> {
             loads,
             tokens: self.cfg.tokens_per_step(),
             comm,
+            fp8: (self.cfg.precision == crate::config::Precision::Fp8)
+                .then(|| self.quant.snapshot().since(&quant0)),
         })
     }
 
