@@ -82,7 +82,8 @@ pub struct GenerateArgs {
     /// --chat), {"messages": [{"role", "content"}, ...]} (rendered with the chat template, ready
     /// for the assistant's turn) or {"tokens": [IDS]}; other keys are ignored. Prints one JSON
     /// line per prompt, in order: {"index", "tokens", "text", "stop", "stats"}, where "stats"
-    /// are its batch's (decode tokens/s summed over the batch's rows).
+    /// are its batch's (decode tokens/s summed over the batch's rows); a chat prompt's line also
+    /// has "messages": its conversation with the reply appended (`sft --data` reads it as is).
     #[arg(long, conflicts_with_all = ["prompt", "tokens"])]
     pub prompts: Option<PathBuf>,
     /// Prompts decoded together as the rows of one batch (with --prompts).
@@ -266,13 +267,19 @@ struct MessageLine {
     content: String,
 }
 
-/// The prompts of a `--prompts` file as ids, each error naming `FILE:LINE`.
+/// One prompt of a `--prompts` file: its ids and, for a chat prompt, the conversation it renders.
+struct FilePrompt {
+    ids: Vec<u32>,
+    conversation: Option<Vec<Message>>,
+}
+
+/// The prompts of a `--prompts` file, each error naming `FILE:LINE`.
 fn read_prompts(
     path: &Path,
     tok: Option<&Tokenizer>,
     chat: bool,
     system: Option<&str>,
-) -> Result<Vec<Vec<u32>>, CliError> {
+) -> Result<Vec<FilePrompt>, CliError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| CliError::Usage(format!("cannot read --prompts {}: {e}", path.display())))?;
     let mut prompts = Vec::new();
@@ -290,30 +297,30 @@ fn read_prompts(
                 )
             })
         };
-        let ids = match (p.prompt, p.messages, p.tokens) {
-            (None, None, Some(ids)) => ids,
-            (Some(text), None, None) if chat => {
+        let conversation = match (&p.prompt, &p.messages) {
+            (Some(text), None) if chat => {
                 let mut msgs: Vec<Message> = system
                     .map(|s| Message::new("system", s))
                     .into_iter()
                     .collect();
-                msgs.push(Message::new("user", &text));
-                need_tok()?
-                    .encode_chat(&msgs, true)
-                    .map_err(|e| at(e.to_string()))?
+                msgs.push(Message::new("user", text));
+                Some(msgs)
             }
-            (Some(text), None, None) => need_tok()?
+            (None, Some(msgs)) => Some(
+                msgs.iter()
+                    .map(|m| Message::new(&m.role, &m.content))
+                    .collect(),
+            ),
+            _ => None,
+        };
+        let ids = match (p.prompt, conversation.as_ref(), p.tokens) {
+            (None, None, Some(ids)) => ids,
+            (_, Some(msgs), None) => need_tok()?
+                .encode_chat(msgs, true)
+                .map_err(|e| at(e.to_string()))?,
+            (Some(text), None, None) if p.messages.is_none() => need_tok()?
                 .encode_prompt(&text)
                 .map_err(|e| at(e.to_string()))?,
-            (None, Some(msgs), None) => {
-                let msgs: Vec<Message> = msgs
-                    .iter()
-                    .map(|m| Message::new(&m.role, &m.content))
-                    .collect();
-                need_tok()?
-                    .encode_chat(&msgs, true)
-                    .map_err(|e| at(e.to_string()))?
-            }
             _ => {
                 return Err(at(
                     "give exactly one of \"prompt\", \"messages\" or \"tokens\"".into(),
@@ -323,7 +330,7 @@ fn read_prompts(
         if ids.is_empty() {
             return Err(at("the prompt is empty".into()));
         }
-        prompts.push(ids);
+        prompts.push(FilePrompt { ids, conversation });
     }
     if prompts.is_empty() {
         return Err(CliError::Usage(format!(
@@ -350,16 +357,24 @@ fn generate_file<B: DsBackend>(
     let prompts = read_prompts(path, tok.as_ref(), a.chat, a.system.as_deref())?;
     let (mut generated, mut decode_secs, mut index) = (0, 0.0, 0);
     for batch in prompts.chunks(a.batch_size) {
-        let gens = generate_batch(&model, tok.as_ref(), batch, &opts, |_| {}).map_err(infer)?;
+        let ids: Vec<Vec<u32>> = batch.iter().map(|p| p.ids.clone()).collect();
+        let gens = generate_batch(&model, tok.as_ref(), &ids, &opts, |_| {}).map_err(infer)?;
         let stats = gens.first().map(|g| stats_json(g, batch.len()));
-        for g in &gens {
-            let j = serde_json::json!({
+        for (g, p) in gens.iter().zip(batch) {
+            let mut j = serde_json::json!({
                 "index": index,
                 "tokens": g.tokens,
                 "text": g.text,
                 "stop": g.stop,
                 "stats": stats,
             });
+            // A chat prompt's conversation with the reply appended: the line is `sft` data as
+            // it stands (sequence-level distillation: a teacher's answers, a student's SFT).
+            if let (Some(conv), Some(text)) = (&p.conversation, &g.text) {
+                let mut conv = conv.clone();
+                conv.push(Message::new("assistant", text));
+                j["messages"] = serde_json::json!(conv);
+            }
             writeln!(out, "{j}").map_err(io)?;
             index += 1;
         }

@@ -257,8 +257,9 @@ fn generate_with_fp8_or_bf16_weights_matches_f32() {
 
 /// `dsv3 generate --prompts FILE --batch-size B`: prompts of different lengths (left-padded in a
 /// batch) as ids, text and chat messages give, line by line and in order, the tokens each gives
-/// alone with `--tokens`/`--prompt` (greedy); a batch's stats count its rows; a malformed line
-/// is named by file and line.
+/// alone with `--tokens`/`--prompt [--chat]` (greedy); a chat line comes back with its
+/// conversation and the reply as `messages` (sft data); a batch's stats count its rows; a
+/// malformed line is named by file and line.
 #[test]
 fn cli_generate_prompts_file_equals_one_by_one() {
     let dir = model_with_tokenizer();
@@ -270,6 +271,7 @@ fn cli_generate_prompts_file_equals_one_by_one() {
         .map(|t| format!("{{\"tokens\": [{t}], \"answer\": \"ignored\"}}"))
         .collect();
     lines.push(r#"{"prompt": "Hello"}"#.into());
+    lines.push(r#"{"messages": [{"role": "user", "content": "Hi there"}]}"#.into());
     let file = dir.join("prompts.jsonl");
     write(&file, &(lines.join("\n") + "\n\n"));
     let alone = |extra: &[&str]| -> Vec<u64> {
@@ -286,6 +288,7 @@ fn cli_generate_prompts_file_equals_one_by_one() {
     };
     let mut want: Vec<Vec<u64>> = ids.iter().map(|t| alone(&["--tokens", t])).collect();
     want.push(alone(&["--prompt", "Hello"]));
+    want.push(alone(&["--prompt", "Hi there", "--chat"]));
     for batch in ["1", "3", "16"] {
         let mut args = vec![
             "generate",
@@ -319,6 +322,16 @@ fn cli_generate_prompts_file_equals_one_by_one() {
             "batch {batch}"
         );
         assert!(got[4]["text"].is_string());
+        // Plain text has no conversation; a chat line gets it back with the reply appended.
+        assert!(got[4]["messages"].is_null());
+        let conv = got[5]["messages"].as_array().unwrap();
+        assert_eq!(conv.len(), 2);
+        assert_eq!(
+            conv[0],
+            serde_json::json!({"role": "user", "content": "Hi there"})
+        );
+        assert_eq!(conv[1]["role"], "assistant");
+        assert_eq!(conv[1]["content"], got[5]["text"]);
     }
     // Bad lines: named by file and line, one line on stderr, non-zero exit.
     for (bad, what) in [
