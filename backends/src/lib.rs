@@ -46,7 +46,7 @@ impl DsBackend for burn::backend::Flex {
     /// Flex runs a product under ~7M multiply-adds on one thread, so decode would read the
     /// weights at one core's speed. A few rows (decode batches, MTP verification): the kernel
     /// in `flex.rs`, which reads each weight once for all rows and splits the columns over the
-    /// pool; up to [`flex::MAX_ROWS_F32`] rows of f32 weights and [`flex::MAX_ROWS`] of bf16.
+    /// pool; up to 4 rows of f32 weights and 16 of bf16.
     /// Up to 16 rows of f32 weights otherwise: the columns split over the pool.
     fn dense_matmul(
         x: burn::tensor::Tensor<Self, 2>,

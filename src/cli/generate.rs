@@ -80,7 +80,7 @@ pub struct GenerateArgs {
     pub tokens: Option<String>,
     /// A JSONL file of prompts, one object per line: {"prompt": TEXT} (a user message with
     /// --chat), {"messages": [{"role", "content"}, ...]} (rendered with the chat template, ready
-    /// for the assistant's turn) or {"tokens": [IDS]}; other keys are ignored. Prints one JSON
+    /// for the assistant's turn) or `{"tokens": [IDS]}`; other keys are ignored. Prints one JSON
     /// line per prompt, in order: {"index", "tokens", "text", "stop", "stats"}, where "stats"
     /// are its batch's (decode tokens/s summed over the batch's rows); a chat prompt's line also
     /// has "messages": its conversation with the reply appended (`sft --data` reads it as is).

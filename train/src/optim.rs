@@ -24,7 +24,7 @@ use dsv3_model::DeepseekV3;
 
 use crate::config::{StateDtype, TrainConfig};
 
-/// AdamW over the model ([`MixedAdamW`]: Burn's AdamW, moments optionally stored in bf16).
+/// AdamW over the model (`MixedAdamW`: Burn's AdamW, moments optionally stored in bf16).
 pub type Optim<B> = OptimizerAdaptor<MixedAdamW, DeepseekV3<B>, B>;
 
 /// Burn's AdamW, whose first and second moments are kept in bf16 between steps when

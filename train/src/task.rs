@@ -3,7 +3,7 @@
 //! solution (column by column, carries named) that ends in `Answer: N`.
 //!
 //! [`addition`] draws distinct problems and splits them into a training set and a held-out set
-//! that shares no problem with it (`a + b` and `b + a` count as the same problem). [`write`] saves
+//! that shares no problem with it (`a + b` and `b + a` count as the same problem). [`write()`] saves
 //! them as the commands read them:
 //!
 //! - `train.jsonl`: `{"messages": [{"role": "user", ..}, {"role": "assistant", ..}]}` for `dsv3 sft`;

@@ -110,7 +110,7 @@ impl ByteTokenizer {
     }
 
     /// Writes `tokenizer.json` and `tokenizer_config.json` (names BOS/EOS, holds
-    /// [`CHAT_TEMPLATE`]) into `dir`.
+    /// `CHAT_TEMPLATE`) into `dir`.
     ///
     /// # Errors
     /// [`TrainError::Io`] when a file cannot be written (e.g. `dir` does not exist).
