@@ -128,13 +128,7 @@ pub fn draw(records: &[LogRecord], path: &Path) -> Result<(), TrainError> {
                 .collect(),
         ),
     ];
-    let ymax = losses
-        .iter()
-        .flat_map(|s| s.2.iter().map(|p| p.1))
-        .filter(|v| v.is_finite())
-        .fold(0.0f64, f64::max)
-        .max(1e-3)
-        * 1.05;
+    let ymax = loss_top(&losses);
     panel(
         &left,
         "loss (nats/token)",
@@ -219,13 +213,7 @@ pub fn compare_runs(runs: &[(String, Vec<LogRecord>)], path: &Path) -> Result<()
                 .collect(),
         ));
     }
-    let ymax = losses
-        .iter()
-        .flat_map(|s| s.2.iter().map(|p| p.1))
-        .filter(|v| v.is_finite())
-        .fold(0.0f64, f64::max)
-        .max(1e-3)
-        * 1.05;
+    let ymax = loss_top(&losses);
     panel(
         &left,
         "loss (nats/token)",
@@ -271,4 +259,15 @@ pub fn compare_runs(runs: &[(String, Vec<LogRecord>)], path: &Path) -> Result<()
     .map_err(&e)?;
     root.present().map_err(|x| e(x.to_string()))?;
     Ok(())
+}
+
+/// The top of a loss panel: 5% above the largest finite value of its series (at least 1e-3).
+fn loss_top(series: &[Series]) -> f64 {
+    series
+        .iter()
+        .flat_map(|s| s.2.iter().map(|p| p.1))
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max)
+        .max(1e-3)
+        * 1.05
 }
