@@ -8,7 +8,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use crate::e4m3;
 use crate::ops::{Fp8Activations, Fp8Weight};
-use crate::quant_linear::QuantCounts;
+use crate::quant::QuantCounts;
 
 fn host<const D: usize>(x: Tensor<Flex, D>) -> Vec<f32> {
     x.into_data()

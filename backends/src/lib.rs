@@ -11,6 +11,7 @@ pub mod comm;
 pub mod e4m3;
 mod kind;
 mod ops;
+mod quant;
 pub mod quant_linear;
 mod rng;
 
@@ -19,7 +20,7 @@ pub mod cube;
 
 pub use kind::{on_backend, BackendError, BackendKind, FloatDtype, OnBackend, UnknownBackend};
 pub use ops::{DsBackend, Fp8Activations, Fp8Weight, GroupedWeight, MoeDispatch, ShapeError};
-pub use quant_linear::{GemmPrecision, QuantCounters, QuantCounts, QuantGemm};
+pub use quant::{GemmPrecision, QuantCounters, QuantCounts, QuantGemm};
 pub use rng::SplitMix64;
 
 /// The CPU backend used by default (pure Rust, the fastest CPU backend of Burn 0.21 here).
@@ -86,6 +87,14 @@ impl DsBackend for burn::backend::Flex {
 
     fn parallel_jobs() -> usize {
         rayon::current_num_threads()
+    }
+
+    fn quantized_linear(
+        x: burn::tensor::Tensor<Self, 2>,
+        w: burn::tensor::Tensor<Self, 2>,
+        gemm: &QuantGemm,
+    ) -> burn::tensor::Tensor<Self, 2> {
+        quant_linear::forward(x, w, gemm).0
     }
 
     fn fp8_quantize(

@@ -16,7 +16,7 @@ use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor, TensorData}
 
 use crate::comm::{CommError, RowExchange};
 use crate::e4m3;
-use crate::quant_linear::{QuantCounts, QuantGemm};
+use crate::quant::{floor_log2, pow2, QuantCounts, QuantGemm};
 
 /// FP8 e4m3 weights with block scales, as kept in device memory (about 1 byte per weight).
 #[derive(Module, Debug)]
@@ -402,16 +402,14 @@ pub trait DsBackend: Backend {
     }
 
     /// `x [M, K] · w [K, N] → [M, N]` in a low-precision format: the training GEMMs of a
-    /// Linear layer in bf16 or FP8 (DeepSeek-V3 report §3.3; see [`crate::quant_linear`]).
-    /// The default runs the forward GEMM; under `Autodiff` the backward runs the
-    /// input-gradient and weight-gradient GEMMs in the same format.
+    /// Linear layer in bf16 or FP8 (DeepSeek-V3 report §3.3; `quant_linear.rs`). Flex and the
+    /// CubeCL backends run the forward GEMM (`quant_linear::forward`); under `Autodiff` the
+    /// backward runs the input-gradient and weight-gradient GEMMs in the same format.
     fn quantized_linear(
         x: Tensor<Self, 2>,
         w: Tensor<Self, 2>,
         gemm: &QuantGemm,
-    ) -> Tensor<Self, 2> {
-        crate::quant_linear::forward(x, w, gemm).0
-    }
+    ) -> Tensor<Self, 2>;
 
     /// [`Self::fp8_quantize`], also counting what the rounding did ([`QuantCounts`]: values,
     /// underflows, overflows, tiles, tiles whose amax is below the 1e-4 floor).
@@ -421,7 +419,7 @@ pub trait DsBackend: Backend {
         ue8m0: bool,
     ) -> (Fp8Activations<Self>, QuantCounts) {
         let q = Self::fp8_quantize(x.clone(), block, ue8m0);
-        let counts = crate::quant_linear::count_rows(&x, &Self::fp8_dequantize(&q), block);
+        let counts = crate::quant::count_rows(&x, &Self::fp8_dequantize(&q), block);
         (q, counts)
     }
 
@@ -444,7 +442,7 @@ pub trait DsBackend: Backend {
         let q = Fp8Weight::quantize(w.clone(), block, pow2_scales)
             .expect("FP8 block size must be a positive multiple of 4");
         let counts = if count {
-            crate::quant_linear::count_blocks(&w, &Self::fp8_dequantize_weight(&q), block)
+            crate::quant::count_blocks(&w, &Self::fp8_dequantize_weight(&q), block)
         } else {
             QuantCounts::default()
         };
@@ -458,7 +456,7 @@ pub trait DsBackend: Backend {
 
     /// `x` rounded to the nearest bf16 value (ties to even), in `x`'s dtype.
     fn round_bf16(x: Tensor<Self, 2>) -> Tensor<Self, 2> {
-        crate::quant_linear::round_bf16(x)
+        crate::quant::round_bf16(x)
     }
 
     /// Quantizes `x [M, K]` to e4m3 in `1×block` tiles: `amax = max(max|x_tile|, 1e-4)`,
@@ -560,23 +558,9 @@ pub(crate) fn encode_packed<B: Backend>(v: Tensor<B, 2>) -> Tensor<B, 2, Int> {
     packed.reshape([m, words])
 }
 
-/// `floor(log2 x)` for positive normal `x`, exact: a float log estimate corrected by comparing
-/// with exact powers of two.
-pub(crate) fn floor_log2<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
-    let e = (x.clone().log() / std::f64::consts::LN_2).floor();
-    let p = pow2(e.clone());
-    let too_big = x.clone().lower(p.clone());
-    let too_small = x.greater_equal(p * 2.0);
-    e - too_big.float() + too_small.float()
-}
-
 fn is_pow2<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D, burn::tensor::Bool> {
     let p = pow2(floor_log2(x.clone()));
     x.equal(p)
-}
-
-pub(crate) fn pow2<B: Backend, const D: usize>(e: Tensor<B, D>) -> Tensor<B, D> {
-    Tensor::full(e.shape(), 2.0, &e.device()).powf(e)
 }
 
 fn default_moe_dispatch<B: Backend>(ids: Tensor<B, 2, Int>, num_experts: usize) -> MoeDispatch<B> {

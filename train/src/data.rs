@@ -140,7 +140,7 @@ pub struct Dataset {
     /// Bytes of text (special tokens excluded).
     pub bytes: usize,
     /// Per token of `tokens`: whether it counts as a target (fine-tuning's assistant mask and
-    /// padding, [`crate::sft`]). `None`: every token counts (pre-training).
+    /// padding, built by `sft.rs`). `None`: every token counts (pre-training).
     pub mask: Option<Vec<bool>>,
 }
 

@@ -7,7 +7,7 @@
 //!
 //! The τ² keeps the soft term's gradient on the scale of the hard one as τ grows (the paper's
 //! §2). The KL is the forward one (teacher first), as in the paper and TRL's GKD with β = 0.
-//! A [`Teacher`] on a [`crate::trainer::Trainer`] turns its next-token term into this mix (the
+//! A [`Teacher`] set on the trainer (its `teacher` field) turns its next-token term into this mix (the
 //! MTP and balance terms stay); the teacher runs without autodiff, on the same inputs, and the
 //! average counts the same targets (the assistant mask when fine-tuning).
 

@@ -145,6 +145,14 @@ fn matmul_launch<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> DsBackend
     for CubeBackend<R, F, I, BT>
 {
+    fn quantized_linear(
+        x: Tensor<Self, 2>,
+        w: Tensor<Self, 2>,
+        gemm: &crate::quant::QuantGemm,
+    ) -> Tensor<Self, 2> {
+        crate::quant_linear::forward(x, w, gemm).0
+    }
+
     fn fp8_matmul(x: Tensor<Self, 2>, w: &Fp8Weight<Self>) -> Tensor<Self, 2> {
         matmul_launch(
             x,
