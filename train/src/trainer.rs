@@ -337,16 +337,7 @@ impl<B: DsAutodiffBackend> Trainer<B> {
     ) -> Result<Self, TrainError> {
         check_setup(model_cfg, &cfg, &data)?;
         let model = crate::init::seeded(DeepseekV3::<B>::init(model_cfg, device)?, cfg.seed);
-        let sampler = Sampler::new(data.train.len(), cfg.seed);
-        Ok(Self::from_parts(
-            model,
-            optim::adamw(&cfg),
-            cfg,
-            data,
-            sampler,
-            0,
-            device,
-        ))
+        Ok(Self::at_step_zero(model, cfg, data, device))
     }
 
     /// [`Self::new`] for a distributed run: the routed experts are split over `par.ep` before
@@ -412,16 +403,18 @@ impl<B: DsAutodiffBackend> Trainer<B> {
         device: &B::Device,
     ) -> Result<Self, TrainError> {
         check_setup(&model.config, &cfg, &data)?;
+        Ok(Self::at_step_zero(model, cfg, data, device))
+    }
+
+    /// A run at step 0 over checked settings: a fresh optimiser and the seed's sampler.
+    fn at_step_zero(
+        model: DeepseekV3<B>,
+        cfg: TrainConfig,
+        data: Dataset,
+        device: &B::Device,
+    ) -> Self {
         let sampler = Sampler::new(data.train.len(), cfg.seed);
-        Ok(Self::from_parts(
-            model,
-            optim::adamw(&cfg),
-            cfg,
-            data,
-            sampler,
-            0,
-            device,
-        ))
+        Self::from_parts(model, optim::adamw(&cfg), cfg, data, sampler, 0, device)
     }
 
     /// Makes this a distributed run: the routed experts are split over `par.ep`
