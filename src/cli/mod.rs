@@ -19,6 +19,7 @@ pub mod compare;
 pub mod dist;
 pub mod generate;
 pub mod post;
+pub mod rl;
 pub mod train;
 
 #[derive(Parser, Debug)]
@@ -64,6 +65,9 @@ pub enum Command {
     /// Logit distillation: `sft` with (1 − α)·CE + α·τ²·KL(teacher ‖ student) on the
     /// assistant tokens, from a teacher sharing the tokenizer.
     Distill(post::DistillArgs),
+    /// Reinforcement learning with GRPO: G sampled completions per prompt, rule rewards against
+    /// each line's answer, group-normalised advantages, clipped ratio, KL to the start model.
+    Rl(rl::RlArgs),
     /// Draw several training runs' loss curves into one PNG (e.g. f32 / bf16 / fp8 of the same
     /// seed) and print each run's final validation loss against the first's.
     PlotRuns(train::PlotRunsArgs),
@@ -270,6 +274,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Eval(a) => post::eval_cmd(&a, out),
         Command::Sft(a) => post::sft(&a, out),
         Command::Distill(a) => post::distill(&a, out),
+        Command::Rl(a) => rl::rl(&a, out),
         Command::PlotRuns(a) => train::plot_runs(&a, out),
     }
 }

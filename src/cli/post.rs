@@ -468,12 +468,14 @@ fn mc<B: DsBackend>(
 }
 
 /// One generation line, encoded.
-struct GenItem {
-    ids: Vec<u32>,
-    answer: String,
+pub(crate) struct GenItem {
+    pub ids: Vec<u32>,
+    pub answer: String,
 }
 
-fn read_gen(
+/// The `{"prompt", "answer"}` lines of `path`, each prompt encoded (as a user message in the
+/// chat template with `chat`); errors name `FILE:LINE`.
+pub(crate) fn read_gen(
     path: &Path,
     tok: &Tokenizer,
     chat: bool,

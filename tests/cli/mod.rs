@@ -4,4 +4,5 @@ mod backends;
 mod generate;
 mod inspect_score;
 mod post;
+mod rl;
 mod train;

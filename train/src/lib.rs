@@ -11,7 +11,8 @@
 //! - Post-training: [`task`] generates a task (addition as chat turns, train and held-out
 //!   sets); [`sft`] lays out tokenised conversations with their assistant masks for
 //!   [`fine_tune`]; [`distill`] is the logit-distillation loss and teacher; [`grpo`] the GRPO
-//!   objective (no `rl` command yet); [`eval`] scores as
+//!   objective, [`rl`] its trainer (groups of sampled completions → updates) and [`reward`]
+//!   the rule rewards `dsv3 rl` scores completions with; [`eval`] scores as
 //!   lm-evaluation-harness does (perplexity, bits per byte, acc, acc_norm, exact match).
 
 // The pieces a custom training loop composes are public modules; the run's plumbing (seeded
@@ -33,6 +34,8 @@ pub mod metrics;
 mod optim;
 pub mod parallel;
 mod plot;
+pub mod reward;
+pub mod rl;
 mod run;
 pub mod sft;
 pub mod task;

@@ -271,3 +271,73 @@ fn loss_top(series: &[Series]) -> f64 {
         .max(1e-3)
         * 1.05
 }
+
+/// The PNG of an RL run (`DIR/rl.png`): mean reward, rule accuracy and held-out exact match
+/// (left); the KL to the reference and the mean completion length (right, each scaled to its
+/// own maximum, the maxima in the legend).
+pub(crate) fn draw_rl(records: &[crate::rl::RlRecord], path: &Path) -> Result<(), TrainError> {
+    let text = font();
+    let e = err(path);
+    let root = BitMapBackend::new(path, (1200, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let (left, right) = root.split_horizontally(600);
+    let max_step = records
+        .iter()
+        .map(|r| r.stats.step)
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let pts = |f: &dyn Fn(&crate::rl::RlRecord) -> Option<f64>| -> Vec<(f64, f64)> {
+        records
+            .iter()
+            .filter_map(|r| f(r).map(|v| (r.stats.step as f64, v)))
+            .collect()
+    };
+    let rewards: Vec<Series> = vec![
+        (
+            "mean reward".into(),
+            BLUE.to_rgba(),
+            pts(&|r| Some(r.stats.reward)),
+        ),
+        (
+            "accuracy (samples)".into(),
+            GREEN.to_rgba(),
+            pts(&|r| Some(r.accuracy)),
+        ),
+        (
+            "held-out exact match".into(),
+            RED.to_rgba(),
+            pts(&|r| r.eval_exact_match),
+        ),
+    ];
+    let top = loss_top(&rewards).max(1.0);
+    panel(&left, "reward", max_step, 0.0..top, rewards, text).map_err(&e)?;
+    let scaled = |name: &str, color: RGBColor, f: &dyn Fn(&crate::rl::RlRecord) -> f64| {
+        let max = records
+            .iter()
+            .map(f)
+            .filter(|v| v.is_finite())
+            .fold(0.0f64, f64::max);
+        let div = if max > 0.0 { max } else { 1.0 };
+        (
+            format!("{name} (max {max:.3})"),
+            color.to_rgba(),
+            pts(&|r| Some(f(r) / div)),
+        )
+    };
+    let other: Vec<Series> = vec![
+        scaled("KL to reference", MAGENTA, &|r| r.stats.kl),
+        scaled("completion length", BLACK, &|r| r.stats.completion_len),
+    ];
+    panel(
+        &right,
+        "KL and length (÷ max)",
+        max_step,
+        0.0..1.05,
+        other,
+        text,
+    )
+    .map_err(&e)?;
+    root.present().map_err(|x| e(x.to_string()))?;
+    Ok(())
+}
