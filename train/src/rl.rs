@@ -454,7 +454,7 @@ mod tests {
             completions: vec![good.clone(), bad.clone()],
             rewards: vec![1.0, 0.0],
         };
-        let s = t.step(&[group.clone()]).unwrap();
+        let s = t.step(std::slice::from_ref(&group)).unwrap();
         assert_eq!(s.kl, 0.0);
         assert_eq!(
             (s.reward, s.reward_std, s.completion_len, s.flat_groups),
