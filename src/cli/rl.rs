@@ -75,9 +75,12 @@ pub struct RlArgs {
     /// answer), added to the rule's 0/1.
     #[arg(long, default_value_t = 0.0)]
     pub format_reward: f64,
-    /// Learning rate (constant).
+    /// Peak learning rate (after --warmup steps of linear warm-up; then constant).
     #[arg(long, default_value_t = 1e-5)]
     pub lr: f64,
+    /// Steps of linear learning-rate warm-up.
+    #[arg(long, default_value_t = 10)]
+    pub warmup: usize,
     /// β: weight of the k3 KL penalty against the starting model (0: no reference kept).
     #[arg(long, default_value_t = 0.04)]
     pub beta: f64,
@@ -125,6 +128,7 @@ pub fn rl(a: &RlArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let rule = RuleReward::parse(name, a.answer_regex.as_deref()).map_err(invalid)?;
     let cfg = GrpoConfig {
         lr: a.lr,
+        warmup_steps: a.warmup,
         epsilon: a.epsilon,
         beta: a.beta,
         iterations: a.iterations,
@@ -280,7 +284,7 @@ pub fn rl(a: &RlArgs, out: &mut dyn Write) -> Result<(), CliError> {
                 CliError::Usage(format!("cannot write {}: {e}", metrics_path.display()))
             })?;
         say(&format!(
-            "step {step}/{}  reward {:.3} (sd {:.3})  accuracy {:.3}  kl {:.5}  length {:.1}  loss {:.4}  grad norm {:.3}{}  {:.1} s",
+            "step {step}/{}  reward {:.3} (sd {:.3})  accuracy {:.3}  kl {:.5}  length {:.1}  loss {:.4}  grad norm {:.3}  lr {:.2e}{}  {:.1} s",
             a.steps,
             stats.reward,
             stats.reward_std,
@@ -289,6 +293,7 @@ pub fn rl(a: &RlArgs, out: &mut dyn Write) -> Result<(), CliError> {
             stats.completion_len,
             stats.loss,
             stats.grad_norm,
+            stats.lr,
             eval_exact_match
                 .map(|e| format!("  held-out exact match {e:.4}"))
                 .unwrap_or_default(),

@@ -30,8 +30,12 @@ use crate::optim::{self, Optim};
 /// GRPO settings (DeepSeekMath §4.1 and TRL's names in brackets).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GrpoConfig {
-    /// Learning rate of every update (constant).
+    /// Peak learning rate: linear warm-up over `warmup_steps` steps, then constant.
     pub lr: f64,
+    /// Steps of linear learning-rate warm-up (0: none). Adam's first updates are about
+    /// `lr · sign(gradient)` in every coordinate whatever the gradient's size, and a policy
+    /// gradient from a few dozen samples is mostly noise: warming up keeps those steps small.
+    pub warmup_steps: usize,
     /// ε of the clipped ratio (`epsilon`).
     pub epsilon: f64,
     /// β, weight of the KL penalty against the reference (`beta`); 0 keeps no reference.
@@ -49,6 +53,7 @@ impl Default for GrpoConfig {
     fn default() -> Self {
         Self {
             lr: 1e-5,
+            warmup_steps: 0,
             epsilon: 0.2,
             beta: 0.04,
             iterations: 1,
@@ -112,6 +117,8 @@ pub struct GrpoStats {
     pub completion_len: f64,
     /// The GRPO loss of the first update.
     pub loss: f64,
+    /// Learning rate of the step's updates.
+    pub lr: f64,
     /// Global gradient norm before clipping, first update.
     pub grad_norm: f64,
     /// Groups whose rewards were all equal (zero advantage: no signal).
@@ -140,9 +147,12 @@ impl<B: DsAutodiffBackend> GrpoTrainer<B> {
         device: &B::Device,
     ) -> Result<Self, TrainError> {
         cfg.validate()?;
+        // AdamW with PyTorch's (and TRL's) betas rather than pre-training's β2 = 0.95.
         let train_cfg = crate::TrainConfig {
             lr: cfg.lr,
             weight_decay: cfg.weight_decay,
+            beta1: 0.9,
+            beta2: 0.999,
             ..Default::default()
         };
         let reference = (cfg.beta > 0.0).then(|| model.valid());
@@ -154,6 +164,14 @@ impl<B: DsAutodiffBackend> GrpoTrainer<B> {
             step: 0,
             device: device.clone(),
         })
+    }
+
+    /// Learning rate of step `step` (1-based).
+    pub fn lr_at(&self, step: usize) -> f64 {
+        match self.cfg.warmup_steps {
+            0 => self.cfg.lr,
+            w => self.cfg.lr * (step.min(w) as f64 / w as f64),
+        }
     }
 
     /// The policy on the inference backend (what sampling runs on).
@@ -202,6 +220,7 @@ impl<B: DsAutodiffBackend> GrpoTrainer<B> {
             batches.push(GroupBatch::<B>::new(g, adv, &self.device));
         }
         let step = self.step + 1;
+        let lr = self.lr_at(step);
         let n: usize = groups.iter().map(|g| g.rewards.len()).sum();
         let rewards = groups.iter().flat_map(|g| g.rewards.iter().copied());
         let reward = rewards.clone().sum::<f64>() / n as f64;
@@ -286,7 +305,7 @@ impl<B: DsAutodiffBackend> GrpoTrainer<B> {
                     location,
                 });
             }
-            self.policy = self.optim.step(self.cfg.lr, self.policy.clone(), grads);
+            self.policy = self.optim.step(lr, self.policy.clone(), grads);
             first_loss.get_or_insert(loss_sum);
             first_norm.get_or_insert(norm.norm);
         }
@@ -302,6 +321,7 @@ impl<B: DsAutodiffBackend> GrpoTrainer<B> {
             },
             completion_len,
             loss: first_loss.unwrap_or(0.0),
+            lr,
             grad_norm: first_norm.unwrap_or(0.0),
             flat_groups,
         })
