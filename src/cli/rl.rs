@@ -318,7 +318,7 @@ pub fn rl(a: &RlArgs, out: &mut dyn Write) -> Result<(), CliError> {
     dsv3_train::checkpoint::write_atomically(&trainer.sampler(), &final_dir, &files)
         .map_err(|e| CliError::Usage(e.to_string()))?;
     let png = a.out.join("rl.png");
-    let plot = match dsv3_train::rl::draw(&records, &png) {
+    let plot = match dsv3_train::rl::draw(&records, eval0, &png) {
         Ok(()) => format!("; plot: {}", png.display()),
         Err(e) => {
             say(&format!("warning: {e}"));

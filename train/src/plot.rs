@@ -275,7 +275,11 @@ fn loss_top(series: &[Series]) -> f64 {
 /// The PNG of an RL run (`DIR/rl.png`): mean reward, rule accuracy and held-out exact match
 /// (left); the KL to the reference and the mean completion length (right, each scaled to its
 /// own maximum, the maxima in the legend).
-pub(crate) fn draw_rl(records: &[crate::rl::RlRecord], path: &Path) -> Result<(), TrainError> {
+pub(crate) fn draw_rl(
+    records: &[crate::rl::RlRecord],
+    eval_before: Option<f64>,
+    path: &Path,
+) -> Result<(), TrainError> {
     let text = font();
     let e = err(path);
     let root = BitMapBackend::new(path, (1200, 500)).into_drawing_area();

@@ -411,13 +411,17 @@ pub struct RlRecord {
     pub elapsed_s: f64,
 }
 
-/// Draws the reward, accuracy and held-out exact match (left) and the KL and completion length
-/// (right) of an RL run.
+/// Draws the reward, accuracy and held-out exact match (left; `eval_before`, the exact match
+/// before training, at step 0) and the KL and completion length (right) of an RL run.
 ///
 /// # Errors
 /// [`TrainError::Io`] when the PNG cannot be drawn or written.
-pub fn draw(records: &[RlRecord], path: &std::path::Path) -> Result<(), TrainError> {
-    crate::plot::draw_rl(records, path)
+pub fn draw(
+    records: &[RlRecord],
+    eval_before: Option<f64>,
+    path: &std::path::Path,
+) -> Result<(), TrainError> {
+    crate::plot::draw_rl(records, eval_before, path)
 }
 
 #[cfg(test)]
