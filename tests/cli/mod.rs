@@ -3,5 +3,6 @@
 mod backends;
 mod generate;
 mod inspect_score;
+mod pipeline;
 mod post;
 mod train;

@@ -5,6 +5,7 @@ mod checkpoints;
 mod data;
 mod fp8;
 mod objective;
+mod pipeline;
 mod sft;
 
 use burn::module::{Module, ModuleVisitor, Param};
