@@ -6,6 +6,7 @@ mod data;
 mod fp8;
 mod objective;
 mod pipeline;
+mod pipeline_split;
 mod sft;
 
 use burn::module::{Module, ModuleVisitor, Param};

@@ -5,11 +5,14 @@
 //!   (F, B, B-input, W, F&B, sends and receives), with each schedule's preconditions.
 //! - [`sim`]: an event-driven run of a schedule with per-action costs: makespan, per-rank
 //!   bubble and peak activations, deadlock detection; compared with the report's Table 2.
+//! - [`split`]: the backward split into B (input gradient) and W (weight gradient) for
+//!   Burn, with the queue of deferred weight gradients.
 //! - [`timeline`]: the simulated run drawn as a PNG (ranks as rows, as in the report's
 //!   Figure 5).
 
 pub mod schedule;
 pub mod sim;
+pub mod split;
 pub mod timeline;
 
 pub use schedule::{Action, Chunk, Schedule, ScheduleKind};
