@@ -2,8 +2,9 @@
 //!
 //! Cost conventions (what the simulator measures is piecewise linear in the costs; the
 //! report's expressions are the branch below):
-//! - 1F1B `(PP−1)(F+B)` and ZB1P `(PP−1)(F+B−2W)`: exact for any F, B, W with no transfer time
-//!   and micro-batches ≥ PP.
+//! - 1F1B `(PP−1)(F+B)`: exact for any F, B with no transfer time and micro-batches ≥ PP.
+//! - ZB1P `(PP−1)(F+B−2W)`: exact when W ≤ F (a deferred W fits where the forward would
+//!   wait); in general the simulator measures `(PP−1)(F+B−W−min(W,F))`.
 //! - DualPipe `(PP/2−1)(F&B+B−3W)` and DualPipeV (with the table's PP = 2·ranks): exact when
 //!   F&B = F + B (no overlap gain), the input backward costs a forward (B − W = F), W ≤ F, and no
 //!   transfer time. With W > F the measured bubble is `(PP/2−1)(F&B+B−2W−F)`; with F&B < F+B it
@@ -51,6 +52,17 @@ fn pipeline_one_f_one_b_and_zb1p_bubbles_equal_table_2() {
             let want = (p - 1.0) * (c.forward + c.backward - 2.0 * c.weight);
             assert_eq!(r.bubble(), want, "zb1p pp={pp} m={m} {c}");
             assert_eq!(want, c.report_bubble(ScheduleKind::ZeroBubble, pp));
+        }
+    }
+}
+
+#[test]
+fn pipeline_zb1p_bubble_when_w_exceeds_f() {
+    for c in [costs(1.0, 3.0, 2.0, 4.0), costs(1.0, 2.5, 1.5, 3.5)] {
+        for (pp, m) in PAIRS_1F1B {
+            let r = run(ScheduleKind::ZeroBubble, pp, m, &c);
+            let want = (pp as f64 - 1.0) * (c.backward - c.weight);
+            assert_eq!(r.bubble(), want, "zb1p pp={pp} m={m} {c}");
         }
     }
 }

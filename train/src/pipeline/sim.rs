@@ -118,6 +118,11 @@ impl Costs {
     /// The report's Table 2 bubble for `kind` on `ranks` pipeline ranks:
     /// 1F1B `(PP−1)(F+B)`, ZB1P `(PP−1)(F+B−2W)`, DualPipe `(PP/2−1)(F&B+B−3W)`, and DualPipeV
     /// the same with the table's PP = 2·ranks (its "devices PP/2"), i.e. `(ranks−1)(F&B+B−3W)`.
+    ///
+    /// What [`simulate`] measures equals these with no transfer time and micro-batches ≥ PP
+    /// under the conventions the expressions assume: 1F1B always; ZB1P when W ≤ F (else
+    /// `(PP−1)(B−W)`); DualPipe / DualPipeV when F&B = F + B, B − W = F and W ≤ F (with
+    /// F&B < F + B it measures less, with W > F more: `(PP/2−1)(F&B+B−2W−F)`).
     pub fn report_bubble(&self, kind: ScheduleKind, ranks: usize) -> f64 {
         let p = ranks as f64;
         let (f, b, w, fb) = (
