@@ -1,6 +1,7 @@
 //! Distributed runs under `mpirun` (feature `mpi`): the communicator and expert-parallel
-//! self-checks, expert-parallel scoring against the single-process forward, and expert- plus
-//! ZeRO-1 data-parallel training against the single-process loss curve (and its resume).
+//! self-checks, expert-parallel scoring against the single-process forward, expert- plus
+//! ZeRO-1 data-parallel training against the single-process loss curve (and its resume), and
+//! every pipeline schedule's step against the sequential step.
 //!
 //! Every run here is the real `dsv3` binary started by OpenMPI's `mpirun` (needs the Debian
 //! packages `openmpi-bin libopenmpi-dev`; a missing `mpirun` fails the test saying so). The
@@ -169,6 +170,49 @@ fn dist_check_2_ranks() {
 #[test]
 fn dist_check_4_ranks() {
     dist_check(4);
+}
+
+/// `dist-check --pipeline` on `n` ranks: one training step of every schedule (DualPipe only
+/// with an even `n`) against the sequential step: the CE of every micro-batch bit-identical, the
+/// objective within 1e-6 relative (each stage's balance loss summed separately), and the
+/// gradients summed over the pipeline ranks within DualPipe's cosine difference
+/// `1 − 2⟨x,y⟩/(|x|²+|y|²)` < 1e-12 per tensor (f32 gradients: each micro-batch's contribution is
+/// the same arithmetic, only their sum's order changes; measured ≤ 6e-14).
+fn pipeline_check(n: usize) {
+    let out = if n == 1 {
+        plain(&["dist-check", "--pipeline"])
+    } else {
+        mpirun(n, &["dist-check", "--pipeline"])
+    }
+    .unwrap_or_else(|e| panic!("dist-check --pipeline on {n} failed:\n{e}"));
+    let lines: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
+    let kinds: &[&str] = if n % 2 == 0 {
+        &["1f1b", "zb1p", "dualpipe", "dualpipev"]
+    } else {
+        &["1f1b", "zb1p", "dualpipev"]
+    };
+    assert_eq!(lines.len(), kinds.len(), "{out}");
+    for (l, kind) in lines.iter().zip(kinds) {
+        assert!(
+            l.starts_with(&format!("ok pipeline {kind} on {n} ranks")),
+            "{l}\n{out}"
+        );
+        assert!(l.contains("CE bit-identical"), "{l}");
+        let cos: f64 = l
+            .split("cosine difference ≤ ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|x| x.parse().ok())
+            .unwrap_or_else(|| panic!("no cosine difference in {l}"));
+        assert!(cos < 1e-12, "{l}");
+    }
+}
+
+#[test]
+fn dist_pipeline_schedules_match_sequential_1_2_4_ranks() {
+    for n in [1, 2, 4] {
+        pipeline_check(n);
+    }
 }
 
 /// The fixture's golden token ids, comma-separated.

@@ -7,9 +7,11 @@
 //!   bubble and peak activations, deadlock detection; compared with the report's Table 2.
 //! - [`split`]: the backward split into B (input gradient) and W (weight gradient) for
 //!   Burn, with the queue of deferred weight gradients.
+//! - [`exec`]: one training step of a schedule for real, over a communicator.
 //! - [`timeline`]: the simulated run drawn as a PNG (ranks as rows, as in the report's
 //!   Figure 5).
 
+pub mod exec;
 pub mod schedule;
 pub mod sim;
 pub mod split;

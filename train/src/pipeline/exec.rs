@@ -1,0 +1,423 @@
+//! Runs one training step of a [`Schedule`] for real: the model's decoder layers cut into
+//! stages ([`StageCut`]; the embedding on stage 0, the final norm, `lm_head` and the loss on the
+//! last), each rank running its list of actions, activations and gradients sent with the
+//! communicator's non-blocking `isend`/`irecv` (every receive of the step is posted up front, so
+//! transfers proceed while the rank computes; sends complete in the background).
+//!
+//! A stage's forward takes a fresh leaf copy of its input (so each chunk has its own autodiff
+//! graph), runs its layers and keeps the output; its backward back-propagates
+//! `sum(y ⊙ g) + balance/m` from the received output gradient `g` (on the last stage,
+//! `loss/m`), reads the input's gradient for the previous stage and accumulates the parameters'.
+//! The objective is the trainer's: next-token CE and the sequence-wise balance loss of every MoE
+//! layer (each on the stage that holds it). MTP modules are not run in a pipeline.
+//!
+//! In this first version every rank holds the whole model and computes only its stages'
+//! layers: the step's gradient is the sum of the ranks' gradients over the pipeline group (for
+//! DualPipe this sums the two copies of each stage, as DeepSeek's DualPipe example does), and
+//! every rank then applies the same optimiser step. W actions run nothing: the model's Linear
+//! layers compute both gradients in B (the split op is [`super::split`]); the results are the same.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
+use dsv3_backends::comm::{CommExt, Communicator, Element, ReduceOp, Request};
+use dsv3_backends::DsAutodiffBackend;
+use dsv3_model::{DeepseekV3, ForwardOptions, LatentKv, Span};
+
+use super::schedule::{Action, Chunk, Schedule};
+use super::PipelineError;
+use crate::config::TrainConfig;
+use crate::error::TrainError;
+use crate::forward::{RouterTrace, TrainForward};
+use crate::loss;
+use crate::trainer::{objective, Batch};
+
+/// Which decoder layers each stage holds (stage 0 also the embedding, the last stage also the
+/// final norm, `lm_head` and the loss).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StageCut {
+    /// `layers[s]`: the layer indices of stage `s`, contiguous, in order, covering all layers.
+    pub layers: Vec<Range<usize>>,
+}
+
+impl StageCut {
+    /// `num_layers` layers in `stages` contiguous stages, as even as possible (the first
+    /// `num_layers mod stages` stages take one more; a stage may hold none when there are more
+    /// stages than layers: it passes its input on).
+    ///
+    /// # Errors
+    /// [`PipelineError::NoRanks`] when `stages` is 0.
+    pub fn even(num_layers: usize, stages: usize) -> Result<Self, PipelineError> {
+        if stages == 0 {
+            return Err(PipelineError::NoRanks);
+        }
+        let (base, extra) = (num_layers / stages, num_layers % stages);
+        let mut at = 0;
+        let layers = (0..stages)
+            .map(|s| {
+                let n = base + usize::from(s < extra);
+                at += n;
+                at - n..at
+            })
+            .collect();
+        Ok(StageCut { layers })
+    }
+}
+
+/// What one pipeline step gave this rank.
+pub struct StepResult {
+    /// This rank's parameter gradients (its stages only) of `Σ_mb objective_mb / m`.
+    pub grads: GradientsParams,
+    /// Per micro-batch, summed over the pipeline group: the objective (CE + balance).
+    pub total: Vec<f64>,
+    /// Per micro-batch, over the group: the next-token CE.
+    pub ce: Vec<f64>,
+    /// Per micro-batch, over the group: the balance loss (`None` when α = 0 or no MoE layer).
+    pub balance: Vec<Option<f64>>,
+    /// Expert choices of the MoE layers this rank ran, per (layer, micro-batch).
+    pub experts: Vec<(usize, Vec<Vec<u32>>)>,
+}
+
+/// What a stage's forward keeps for its backward.
+struct Saved<B: DsAutodiffBackend> {
+    /// The leaf input (`None` on stage 0).
+    input: Option<Tensor<B, 3>>,
+    /// The output `[b, T, H]` (not on the last stage).
+    output: Option<Tensor<B, 3>>,
+    /// The scalar to back-propagate besides `sum(y ⊙ g)`: this stage's balance loss / m, or
+    /// on the last stage the whole objective of the stage / m.
+    extra: Option<Tensor<B, 1>>,
+}
+
+/// Message tag of a transfer: forward outputs even, input gradients odd.
+fn tag(schedule: &Schedule, chunk: Chunk, gradient: bool) -> u16 {
+    let id = (chunk.micro_batch * schedule.stages + chunk.stage) * 2 + usize::from(gradient);
+    id as u16
+}
+
+fn comm_err(e: dsv3_backends::comm::CommError) -> TrainError {
+    TrainError::Comm(e)
+}
+
+fn scalar<B: DsAutodiffBackend>(t: &Tensor<B, 1>) -> f64 {
+    t.clone().into_scalar().elem::<f64>()
+}
+
+/// Runs rank `comm.rank()`'s actions of `schedule` over `batches` (one [`Batch`] per
+/// micro-batch, the same on every rank) with `comm` the pipeline group (`schedule.ranks`
+/// members). Collective over the group.
+///
+/// # Errors
+/// [`TrainError::Invalid`] when the group's size differs from the schedule's ranks, the batch
+/// count from its micro-batches, the cut from its stages, or the model has MTP modules;
+/// [`TrainError::Pipeline`] for a list that uses a tensor it never received or computed;
+/// [`TrainError::Comm`] when a transfer fails.
+pub fn run_step<B: DsAutodiffBackend>(
+    model: &DeepseekV3<B>,
+    schedule: &Schedule,
+    cut: &StageCut,
+    comm: &Arc<dyn Communicator>,
+    batches: &[Batch<B>],
+    cfg: &TrainConfig,
+) -> Result<StepResult, TrainError> {
+    let rank = comm.rank();
+    let m = schedule.micro_batches;
+    if comm.size() != schedule.ranks {
+        return Err(TrainError::Invalid(format!(
+            "the pipeline group has {} ranks, the schedule {}",
+            comm.size(),
+            schedule.ranks
+        )));
+    }
+    if batches.len() != m || cut.layers.len() != schedule.stages {
+        return Err(TrainError::Invalid(format!(
+            "{} micro-batches and {} stages given, the schedule has {m} and {}",
+            batches.len(),
+            cut.layers.len(),
+            schedule.stages
+        )));
+    }
+    if !model.model.mtp.is_empty() {
+        return Err(TrainError::Invalid(
+            "pipeline parallelism does not run MTP modules yet: use a model config with \
+             num_nextn_predict_layers = 0"
+                .into(),
+        ));
+    }
+    if 2 * schedule.stages * m > usize::from(u16::MAX) {
+        return Err(TrainError::Invalid(format!(
+            "{} stages × {m} micro-batches is too many transfers to tag",
+            schedule.stages
+        )));
+    }
+    let last = schedule.stages - 1;
+    let device = batches[0].inputs.device();
+    let [b, t] = batches[0].inputs.dims();
+    let hidden = model.config.hidden_size;
+    let shape = [b, t, hidden];
+    let n = b * t * hidden;
+    let span = Span::contiguous(&model.rope, 0, t, 0, &device);
+    let opts = ForwardOptions {
+        attention: cfg.attention,
+        record_routing: true,
+        router_scores: true,
+        ..Default::default()
+    };
+    let invalid = |a: &Action, why: &str| {
+        TrainError::Pipeline(PipelineError::InvalidSchedule(format!(
+            "rank {rank}, {a}: {why}"
+        )))
+    };
+
+    // Every receive of the step, posted now.
+    let mut pending: HashMap<(Chunk, bool), Request> = HashMap::new();
+    for a in &schedule.actions[rank] {
+        let (chunk, from, gradient) = match *a {
+            Action::RecvForward { chunk, from } => (chunk, from, false),
+            Action::RecvBackward { chunk, from } => (chunk, from, true),
+            _ => continue,
+        };
+        let req = comm
+            .irecv(
+                f32::owned(vec![0.0; n]),
+                from,
+                tag(schedule, chunk, gradient),
+            )
+            .map_err(comm_err)?;
+        pending.insert((chunk, gradient), req);
+    }
+    let mut sends: Vec<Request> = Vec::new();
+    let mut inputs: HashMap<Chunk, Tensor<B, 3>> = HashMap::new();
+    let mut out_grads: HashMap<Chunk, Tensor<B, 3>> = HashMap::new();
+    let mut in_grads: HashMap<Chunk, Vec<f32>> = HashMap::new();
+    let mut saved: HashMap<Chunk, Saved<B>> = HashMap::new();
+    let mut outputs: HashMap<Chunk, Vec<f32>> = HashMap::new();
+    let (mut ce, mut bal) = (vec![0.0; m], vec![0.0; m]);
+    let mut has_balance = false;
+    let mut experts: Vec<(usize, Vec<Vec<u32>>)> = Vec::new();
+    let mut acc = GradientsAccumulator::<DeepseekV3<B>>::new();
+    let host = |x: Tensor<B, 3>| -> Vec<f32> {
+        x.into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .expect("f32 data")
+    };
+    let tensor = |v: Vec<f32>| Tensor::<B, 3>::from_data(TensorData::new(v, shape), &device);
+
+    let mut forward = |c: Chunk,
+                       inputs: &mut HashMap<Chunk, Tensor<B, 3>>,
+                       saved: &mut HashMap<Chunk, Saved<B>>,
+                       outputs: &mut HashMap<Chunk, Vec<f32>>,
+                       a: &Action|
+     -> Result<(), TrainError> {
+        let batch = &batches[c.micro_batch];
+        let (mut h, input) = if c.stage == 0 {
+            (model.model.embed_tokens.forward(batch.inputs.clone()), None)
+        } else {
+            let x = inputs
+                .remove(&c)
+                .ok_or_else(|| invalid(a, "its input activation is not here"))?;
+            (x.clone(), Some(x))
+        };
+        let mut routers: Vec<RouterTrace<B>> = Vec::new();
+        for l in cut.layers[c.stage].clone() {
+            let out = model.model.layers[l].forward(h, &span, |kv: &LatentKv<B>| kv.clone(), &opts);
+            h = out.h;
+            if let (Some(r), Some(scores)) = (out.routing, out.scores) {
+                experts.push((l, r.experts.clone()));
+                routers.push(RouterTrace {
+                    layer: l,
+                    mtp: false,
+                    rows: b,
+                    len: t,
+                    scores,
+                    experts: r.experts,
+                });
+            }
+        }
+        let mb = c.micro_batch;
+        let scale = m as f64;
+        if c.stage == last {
+            let hidden = model.model.norm.forward(h);
+            let fwd = TrainForward {
+                logits: model.lm_head.forward(hidden),
+                mtp_logits: Vec::new(),
+                routers,
+                probes: Vec::new(),
+            };
+            let parts = objective(&fwd, batch, cfg);
+            ce[mb] += scalar(&parts.ce);
+            if let Some(x) = &parts.balance {
+                bal[mb] += scalar(x);
+                has_balance = true;
+            }
+            saved.insert(
+                c,
+                Saved {
+                    input,
+                    output: None,
+                    extra: Some(parts.total.div_scalar(scale)),
+                },
+            );
+        } else {
+            let balance = (cfg.balance_alpha > 0.0 && !routers.is_empty()).then(|| {
+                routers
+                    .iter()
+                    .map(|r| loss::sequence_balance_loss(r, cfg.balance_alpha))
+                    .reduce(|x, y| x + y)
+                    .expect("one layer")
+            });
+            if let Some(x) = &balance {
+                bal[mb] += scalar(x);
+                has_balance = true;
+            }
+            let next = Chunk {
+                stage: c.stage + 1,
+                ..c
+            };
+            if schedule.owner(next) == rank {
+                inputs.insert(next, h.clone().detach().require_grad());
+            } else {
+                outputs.insert(c, host(h.clone()));
+            }
+            saved.insert(
+                c,
+                Saved {
+                    input,
+                    output: Some(h),
+                    extra: balance.map(|x| x.div_scalar(scale)),
+                },
+            );
+        }
+        Ok(())
+    };
+
+    let mut backward = |c: Chunk,
+                        saved: &mut HashMap<Chunk, Saved<B>>,
+                        out_grads: &mut HashMap<Chunk, Tensor<B, 3>>,
+                        in_grads: &mut HashMap<Chunk, Vec<f32>>,
+                        a: &Action|
+     -> Result<(), TrainError> {
+        let s = saved
+            .remove(&c)
+            .ok_or_else(|| invalid(a, "runs before the chunk's forward"))?;
+        let target = match s.output {
+            Some(y) => {
+                let g = out_grads
+                    .remove(&c)
+                    .ok_or_else(|| invalid(a, "its output gradient is not here"))?;
+                let dot = (y * g).sum();
+                match s.extra {
+                    Some(e) => dot + e,
+                    None => dot,
+                }
+            }
+            None => s.extra.ok_or_else(|| invalid(a, "no loss kept"))?,
+        };
+        let mut grads = target.backward();
+        if let Some(x) = s.input {
+            let gx = x
+                .grad_remove(&mut grads)
+                .ok_or_else(|| invalid(a, "no gradient reached the stage's input"))?;
+            let prev = Chunk {
+                stage: c.stage - 1,
+                ..c
+            };
+            let gx = Tensor::<B, 3>::from_inner(gx);
+            if schedule.owner(prev) == rank {
+                out_grads.insert(prev, gx);
+            } else {
+                in_grads.insert(c, host(gx));
+            }
+        }
+        acc.accumulate(model, GradientsParams::from_grads(grads, model));
+        Ok(())
+    };
+
+    for a in &schedule.actions[rank] {
+        match *a {
+            Action::Forward(c) => forward(c, &mut inputs, &mut saved, &mut outputs, a)?,
+            Action::Backward(c) | Action::BackwardInput(c) => {
+                backward(c, &mut saved, &mut out_grads, &mut in_grads, a)?
+            }
+            Action::Weight(_) => {}
+            Action::ForwardBackward {
+                forward: f,
+                backward: bw,
+            } => {
+                forward(f, &mut inputs, &mut saved, &mut outputs, a)?;
+                backward(bw, &mut saved, &mut out_grads, &mut in_grads, a)?;
+            }
+            Action::SendForward { chunk, to } => {
+                let v = outputs
+                    .remove(&chunk)
+                    .ok_or_else(|| invalid(a, "sends a forward output not computed here"))?;
+                let req = comm
+                    .isend(f32::owned(v), to, tag(schedule, chunk, false))
+                    .map_err(comm_err)?;
+                sends.push(req);
+            }
+            Action::SendBackward { chunk, to } => {
+                let v = in_grads
+                    .remove(&chunk)
+                    .ok_or_else(|| invalid(a, "sends an input gradient not computed here"))?;
+                let req = comm
+                    .isend(f32::owned(v), to, tag(schedule, chunk, true))
+                    .map_err(comm_err)?;
+                sends.push(req);
+            }
+            Action::RecvForward { chunk, .. } | Action::RecvBackward { chunk, .. } => {
+                let gradient = matches!(a, Action::RecvBackward { .. });
+                let req = pending
+                    .remove(&(chunk, gradient))
+                    .ok_or_else(|| invalid(a, "receives twice"))?;
+                let v = f32::from_owned(req.wait().map_err(comm_err)?)
+                    .ok_or_else(|| invalid(a, "received a buffer of another type"))?;
+                if gradient {
+                    let c = Chunk {
+                        stage: chunk.stage - 1,
+                        ..chunk
+                    };
+                    out_grads.insert(c, tensor(v));
+                } else {
+                    let c = Chunk {
+                        stage: chunk.stage + 1,
+                        ..chunk
+                    };
+                    inputs.insert(c, tensor(v).require_grad());
+                }
+            }
+        }
+    }
+    for r in sends {
+        r.wait().map_err(comm_err)?;
+    }
+    drop(forward);
+    drop(backward);
+    // The losses of every micro-batch, summed over the group's stages.
+    let mut sums: Vec<f64> = ce.iter().chain(&bal).copied().collect();
+    sums.push(f64::from(u8::from(has_balance)));
+    comm.all_reduce_in_place(&mut sums, ReduceOp::Sum)
+        .map_err(comm_err)?;
+    let any_balance = sums[2 * m] > 0.0;
+    let ce = sums[..m].to_vec();
+    let balance: Vec<Option<f64>> = sums[m..2 * m]
+        .iter()
+        .map(|&x| any_balance.then_some(x))
+        .collect();
+    let total = ce
+        .iter()
+        .zip(&balance)
+        .map(|(c, b)| c + b.unwrap_or(0.0))
+        .collect();
+    Ok(StepResult {
+        grads: acc.grads(),
+        total,
+        ce,
+        balance,
+        experts,
+    })
+}
