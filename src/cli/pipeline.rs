@@ -11,7 +11,8 @@ use dsv3_train::pipeline::{self, report_activations, Costs, Schedule, ScheduleKi
 
 use super::CliError;
 
-fn schedule_kind(name: &str) -> Result<ScheduleKind, String> {
+/// A schedule by name, for clap (an unknown name is a usage error).
+pub(crate) fn schedule_kind(name: &str) -> Result<ScheduleKind, String> {
     ScheduleKind::parse(name).map_err(|e| e.to_string())
 }
 

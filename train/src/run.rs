@@ -72,6 +72,10 @@ pub struct RunOptions {
     /// A distributed run's communicators (`mpirun`): rank 0 logs, plots and reports;
     /// checkpoints are written together ([`checkpoint::write_parallel`]).
     pub parallel: Option<crate::parallel::Parallel>,
+    /// A pipeline-parallel run (`mpirun -n PP`): every rank holds the model and computes its
+    /// stages; rank 0 logs, plots, reports and writes the checkpoints (the ranks stay
+    /// identical), every rank resumes from them.
+    pub pipeline: Option<crate::pipeline::exec::PipelinePlan>,
 }
 
 /// What a run did.
@@ -313,7 +317,13 @@ fn run_with<B: DsAutodiffBackend>(
         None => started?,
     };
     let (mut trainer, source, resumed_from, elapsed_before) = started;
-    let lead = opts.parallel.as_ref().is_none_or(|p| p.is_lead());
+    if let Some(plan) = &opts.pipeline {
+        trainer.pipelined(plan.comm.clone(), plan.kind)?;
+    }
+    let lead = opts.parallel.as_ref().is_none_or(|p| p.is_lead())
+        && opts.pipeline.as_ref().is_none_or(|p| p.comm.rank() == 0);
+    // In a pipeline every rank holds the same model and optimiser state: rank 0 writes.
+    let writes = opts.pipeline.is_none() || lead;
     std::fs::create_dir_all(out).map_err(|e| TrainError::io("create", out, e))?;
     let log = if lead {
         MetricsLog::open(out, resumed_from.as_ref().map(|_| trainer.step)).map(Some)
@@ -444,7 +454,7 @@ fn run_with<B: DsAutodiffBackend>(
             pb.suspend(|| say(&line));
             window = Window::default();
         }
-        if trainer.cfg.checkpoint_every > 0 && step % trainer.cfg.checkpoint_every == 0 {
+        if writes && trainer.cfg.checkpoint_every > 0 && step % trainer.cfg.checkpoint_every == 0 {
             let elapsed = elapsed_before + t0.elapsed().as_secs_f64();
             let dir = checkpoint::save(&trainer, out, &source.name(), elapsed)?;
             saved_at = Some(step);
@@ -452,7 +462,7 @@ fn run_with<B: DsAutodiffBackend>(
         }
     }
     pb.finish_and_clear();
-    if saved_at != Some(trainer.step) {
+    if writes && saved_at != Some(trainer.step) {
         let elapsed = elapsed_before + t0.elapsed().as_secs_f64();
         let dir = checkpoint::save(&trainer, out, &source.name(), elapsed)?;
         say(&format!("saved {}", dir.display()));
@@ -460,11 +470,16 @@ fn run_with<B: DsAutodiffBackend>(
     let final_dir = out.join("final");
     match &trainer.parallel {
         Some(p) => checkpoint::write_parallel(&trainer.model, p, &final_dir, &[], None)?,
-        None => checkpoint::write_atomically(
+        None if writes => checkpoint::write_atomically(
             &trainer.model,
             &final_dir,
             &checkpoint::tokenizer_files(&trainer),
         )?,
+        None => {}
+    }
+    // The other pipeline ranks return once the final model is written.
+    if let Some(plan) = &opts.pipeline {
+        plan.comm.barrier().map_err(crate::parallel::comm_err)?;
     }
     // Evaluation is collective in a distributed run: before anything only rank 0 does.
     let val = match last_val {

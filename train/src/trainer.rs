@@ -321,6 +321,8 @@ pub struct Trainer<B: DsAutodiffBackend> {
     pub teacher: Option<Teacher<B::InnerBackend>>,
     /// FP8 events of every quantization in the Linear GEMMs (`precision = fp8`).
     pub quant: std::sync::Arc<dsv3_backends::QuantCounters>,
+    /// A pipeline-parallel run ([`Self::pipelined`]); `None`: the micro-batches run here.
+    pub pipeline: Option<crate::pipeline::exec::PipelineSetup>,
 }
 
 impl<B: DsAutodiffBackend> Trainer<B> {
@@ -389,6 +391,7 @@ impl<B: DsAutodiffBackend> Trainer<B> {
             parallel: None,
             tokenizer_files: None,
             teacher: None,
+            pipeline: None,
         }
     }
 
@@ -442,6 +445,134 @@ impl<B: DsAutodiffBackend> Trainer<B> {
         Ok(())
     }
 
+    /// Makes this a pipeline-parallel run over `comm` (every member a pipeline rank, each
+    /// holding the whole model and computing its stages of schedule `kind`; the step's
+    /// `grad_accum` micro-batches flow through the pipeline, the gradients are summed over
+    /// the group and every rank applies the same optimiser step, so the ranks stay identical).
+    ///
+    /// # Errors
+    /// [`TrainError::Invalid`] for a model with MTP modules or a run that is already
+    /// expert/data-parallel; [`TrainError::Pipeline`] when the schedule's preconditions fail
+    /// for `comm.size()` ranks and `grad_accum` micro-batches.
+    pub fn pipelined(
+        &mut self,
+        comm: std::sync::Arc<dyn dsv3_backends::comm::Communicator>,
+        kind: crate::pipeline::ScheduleKind,
+    ) -> Result<(), TrainError> {
+        if self.parallel.is_some() {
+            return Err(TrainError::Invalid(
+                "pipeline parallelism does not compose with --ep/--dp yet".into(),
+            ));
+        }
+        if self.mtp_depths() > 0 {
+            return Err(TrainError::Invalid(
+                "pipeline parallelism does not run MTP modules yet: train a model config with \
+                 num_nextn_predict_layers = 0"
+                    .into(),
+            ));
+        }
+        let schedule = crate::pipeline::Schedule::new(kind, comm.size(), self.cfg.grad_accum)?;
+        let cut = crate::pipeline::exec::StageCut::even(
+            self.model.config.num_hidden_layers,
+            schedule.stages,
+        )?;
+        self.cfg.workers = 1;
+        self.pipeline = Some(crate::pipeline::exec::PipelineSetup {
+            comm,
+            schedule,
+            cut,
+        });
+        Ok(())
+    }
+
+    /// [`Self::train_step`] of a pipeline-parallel run.
+    fn pipeline_step(
+        &mut self,
+        setup: crate::pipeline::exec::PipelineSetup,
+    ) -> Result<StepStats, TrainError> {
+        use crate::pipeline::exec;
+        let step = self.step + 1;
+        let lr = optim::lr_at(&self.cfg, step);
+        let accum = self.cfg.grad_accum;
+        let layers = self.model.moe_layers();
+        let n_experts = self.model.config.n_routed_experts;
+        let mut loads: Vec<(usize, Vec<u64>)> =
+            layers.iter().map(|&l| (l, vec![0u64; n_experts])).collect();
+        let batches: Vec<Batch<B>> = (0..accum)
+            .map(|_| {
+                let starts: Vec<usize> = self
+                    .sampler
+                    .next(self.cfg.batch_size)
+                    .into_iter()
+                    .map(|i| self.data.train[i])
+                    .collect();
+                make_batch::<B>(&self.data, &starts, 0, &self.device)
+            })
+            .collect();
+        let res = exec::run_step(
+            &self.model,
+            &setup.schedule,
+            &setup.cut,
+            &setup.comm,
+            &batches,
+            &self.cfg,
+        )?;
+        if let Some(i) = res.total.iter().position(|t| !t.is_finite()) {
+            return Err(TrainError::NonFinite {
+                what: "loss",
+                step,
+                location: format!("micro-batch {i} of the pipeline step"),
+            });
+        }
+        for (layer, experts) in &res.experts {
+            if let Some((_, l)) = loads.iter_mut().find(|(x, _)| x == layer) {
+                balance::add_loads(l, experts);
+            }
+        }
+        // Loads over every stage: the bias stays identical on every rank.
+        let mut flat: Vec<f64> = loads
+            .iter()
+            .flat_map(|(_, l)| l.iter().map(|&x| x as f64))
+            .collect();
+        setup
+            .comm
+            .all_reduce_in_place(&mut flat, dsv3_backends::comm::ReduceOp::Sum)
+            .map_err(crate::parallel::comm_err)?;
+        let mut it = flat.into_iter();
+        for (_, l) in loads.iter_mut() {
+            l.iter_mut()
+                .for_each(|x| *x = it.next().expect("same layout") as u64);
+        }
+        let mut grads = exec::sum_gradients(&setup.comm, &self.model, res.grads)?;
+        let norm = optim::clip_global_norm(&self.model, &mut grads, self.cfg.grad_clip);
+        if let Some(location) = norm.non_finite {
+            return Err(TrainError::NonFinite {
+                what: "gradient",
+                step,
+                location,
+            });
+        }
+        let model = self.model.clone();
+        self.model = self.optim.step(lr, model, grads);
+        balance::apply(&mut self.model, &loads, self.cfg.bias_gamma as f32);
+        self.step = step;
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / accum as f64;
+        let bal = res.balance.iter().copied().collect::<Option<Vec<f64>>>();
+        Ok(StepStats {
+            step,
+            loss: mean(&res.total),
+            ce: mean(&res.ce),
+            mtp_loss: None,
+            balance_loss: bal.map(|b| mean(&b)),
+            lr,
+            grad_norm: norm.norm,
+            loads,
+            tokens: self.cfg.tokens_per_step(),
+            comm: None,
+            fp8: None,
+        })
+    }
+
     fn mtp_depths(&self) -> usize {
         self.model.model.mtp.len()
     }
@@ -454,6 +585,9 @@ impl<B: DsAutodiffBackend> Trainer<B> {
     /// parameter, [`Self::diagnose`]) or `"gradient"` (the first non-finite gradient). The data
     /// order has advanced by then; the parameters, optimiser and `step` have not.
     pub fn train_step(&mut self) -> Result<StepStats, TrainError> {
+        if let Some(setup) = self.pipeline.clone() {
+            return self.pipeline_step(setup);
+        }
         let step = self.step + 1;
         let lr = optim::lr_at(&self.cfg, step);
         let accum = self.cfg.grad_accum;

@@ -21,10 +21,11 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Arc;
 
+use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 use dsv3_backends::comm::{CommExt, Communicator, Element, ReduceOp, Request};
-use dsv3_backends::DsAutodiffBackend;
+use dsv3_backends::{DsAutodiffBackend, DsBackend};
 use dsv3_model::{DeepseekV3, ForwardOptions, LatentKv, Span};
 
 use super::schedule::{Action, Chunk, Schedule};
@@ -33,7 +34,7 @@ use crate::config::TrainConfig;
 use crate::error::TrainError;
 use crate::forward::{RouterTrace, TrainForward};
 use crate::loss;
-use crate::trainer::{objective, Batch};
+use crate::trainer::{objective, Batch, Losses};
 
 /// Which decoder layers each stage holds (stage 0 also the embedding, the last stage also the
 /// final norm, `lm_head` and the loss).
@@ -81,15 +82,85 @@ pub struct StepResult {
     pub experts: Vec<(usize, Vec<Vec<u32>>)>,
 }
 
-/// What a stage's forward keeps for its backward.
-struct Saved<B: DsAutodiffBackend> {
-    /// The leaf input (`None` on stage 0).
+/// What a stage's forward keeps for its backward: its input (`None` on stage 0, whose input
+/// is the micro-batch's tokens), untracked.
+struct Saved<B: DsBackend> {
     input: Option<Tensor<B, 3>>,
-    /// The output `[b, T, H]` (not on the last stage).
-    output: Option<Tensor<B, 3>>,
-    /// The scalar to back-propagate besides `sum(y ⊙ g)`: this stage's balance loss / m, or
-    /// on the last stage the whole objective of the stage / m.
-    extra: Option<Tensor<B, 1>>,
+}
+
+/// What one stage computed over one micro-batch.
+struct StageOut<Bk: DsBackend> {
+    /// The output `[b, T, H]` (`None` on the last stage).
+    hidden: Option<Tensor<Bk, 3>>,
+    /// The MoE layers' routers.
+    routers: Vec<RouterTrace<Bk>>,
+    /// On the last stage: the objective's parts over this stage's layers (CE + balance).
+    losses: Option<Losses<Bk>>,
+    /// Elsewhere: this stage's balance loss (`None` when α = 0 or no MoE layer here).
+    balance: Option<Tensor<Bk, 1>>,
+}
+
+/// Stage `stage` of `cut` over `input` (`None`: the embedding of `batch.inputs`).
+#[allow(clippy::too_many_arguments)]
+fn stage_forward<Bk: DsBackend>(
+    model: &DeepseekV3<Bk>,
+    cut: &StageCut,
+    stage: usize,
+    input: Option<Tensor<Bk, 3>>,
+    batch: &Batch<Bk>,
+    span: &Span<Bk>,
+    opts: &ForwardOptions,
+    cfg: &TrainConfig,
+) -> StageOut<Bk> {
+    let mut h = match input {
+        Some(x) => x,
+        None => model.model.embed_tokens.forward(batch.inputs.clone()),
+    };
+    let [b, t] = batch.inputs.dims();
+    let mut routers: Vec<RouterTrace<Bk>> = Vec::new();
+    for l in cut.layers[stage].clone() {
+        let out = model.model.layers[l].forward(h, span, |kv: &LatentKv<Bk>| kv.clone(), opts);
+        h = out.h;
+        if let (Some(r), Some(scores)) = (out.routing, out.scores) {
+            routers.push(RouterTrace {
+                layer: l,
+                mtp: false,
+                rows: b,
+                len: t,
+                scores,
+                experts: r.experts,
+            });
+        }
+    }
+    if stage + 1 == cut.layers.len() {
+        let fwd = TrainForward {
+            logits: model.lm_head.forward(model.model.norm.forward(h)),
+            mtp_logits: Vec::new(),
+            routers,
+            probes: Vec::new(),
+        };
+        let losses = objective(&fwd, batch, cfg);
+        StageOut {
+            hidden: None,
+            routers: fwd.routers,
+            losses: Some(losses),
+            balance: None,
+        }
+    } else {
+        let balance = (cfg.balance_alpha > 0.0 && !routers.is_empty()).then(|| {
+            routers
+                .iter()
+                .map(|r| loss::sequence_balance_loss(r, cfg.balance_alpha))
+                .reduce(|x, y| x + y)
+                .expect("one layer")
+        });
+        StageOut {
+            hidden: Some(h),
+            routers,
+            losses: None,
+            balance,
+        }
+    }
 }
 
 /// Message tag of a transfer: forward outputs even, input gradients odd.
@@ -102,13 +173,21 @@ fn comm_err(e: dsv3_backends::comm::CommError) -> TrainError {
     TrainError::Comm(e)
 }
 
-fn scalar<B: DsAutodiffBackend>(t: &Tensor<B, 1>) -> f64 {
+fn scalar<Bk: burn::tensor::backend::Backend>(t: &Tensor<Bk, 1>) -> f64 {
     t.clone().into_scalar().elem::<f64>()
 }
 
 /// Runs rank `comm.rank()`'s actions of `schedule` over `batches` (one [`Batch`] per
 /// micro-batch, the same on every rank) with `comm` the pipeline group (`schedule.ranks`
 /// members). Collective over the group.
+///
+/// F runs the stage with no parameter tracked (no autodiff graph) and keeps only its input; B
+/// runs the stage again with autodiff from that input and back-propagates at once (activation
+/// recomputation), so one autodiff graph is alive at a time whatever order the schedule takes
+/// the micro-batches in. (Keeping every F's graph alive until its B, Burn 0.21's graph memory
+/// management lost the input's gradient in some interleavings: with 1F1B on 4 ranks, stage 2
+/// of micro-batch 3.) The recomputation repeats the same arithmetic: the values, routing and
+/// gradients are the ones a plain backward gives.
 ///
 /// # Errors
 /// [`TrainError::Invalid`] when the group's size differs from the schedule's ranks, the batch
@@ -153,12 +232,13 @@ pub fn run_step<B: DsAutodiffBackend>(
             schedule.stages
         )));
     }
-    let last = schedule.stages - 1;
     let device = batches[0].inputs.device();
     let [b, t] = batches[0].inputs.dims();
-    let hidden = model.config.hidden_size;
-    let shape = [b, t, hidden];
-    let n = b * t * hidden;
+    let shape = [b, t, model.config.hidden_size];
+    let n = shape.iter().product();
+    // F runs the model with no parameter tracked: the backend's own forward arithmetic (the
+    // same as a training forward's), no graph.
+    let untracked = model.clone().no_grad();
     let span = Span::contiguous(&model.rope, 0, t, 0, &device);
     let opts = ForwardOptions {
         attention: cfg.attention,
@@ -205,7 +285,7 @@ pub fn run_step<B: DsAutodiffBackend>(
             .to_vec::<f32>()
             .expect("f32 data")
     };
-    let tensor = |v: Vec<f32>| Tensor::<B, 3>::from_data(TensorData::new(v, shape), &device);
+    let scale = m as f64;
 
     let mut forward = |c: Chunk,
                        inputs: &mut HashMap<Chunk, Tensor<B, 3>>,
@@ -213,85 +293,52 @@ pub fn run_step<B: DsAutodiffBackend>(
                        outputs: &mut HashMap<Chunk, Vec<f32>>,
                        a: &Action|
      -> Result<(), TrainError> {
-        let batch = &batches[c.micro_batch];
-        let (mut h, input) = if c.stage == 0 {
-            (model.model.embed_tokens.forward(batch.inputs.clone()), None)
+        let input = if c.stage == 0 {
+            None
         } else {
-            let x = inputs
-                .remove(&c)
-                .ok_or_else(|| invalid(a, "its input activation is not here"))?;
-            (x.clone(), Some(x))
+            Some(
+                inputs
+                    .remove(&c)
+                    .ok_or_else(|| invalid(a, "its input activation is not here"))?,
+            )
         };
-        let mut routers: Vec<RouterTrace<B>> = Vec::new();
-        for l in cut.layers[c.stage].clone() {
-            let out = model.model.layers[l].forward(h, &span, |kv: &LatentKv<B>| kv.clone(), &opts);
-            h = out.h;
-            if let (Some(r), Some(scores)) = (out.routing, out.scores) {
-                experts.push((l, r.experts.clone()));
-                routers.push(RouterTrace {
-                    layer: l,
-                    mtp: false,
-                    rows: b,
-                    len: t,
-                    scores,
-                    experts: r.experts,
-                });
-            }
-        }
+        let out = stage_forward(
+            &untracked,
+            cut,
+            c.stage,
+            input.clone(),
+            &batches[c.micro_batch],
+            &span,
+            &opts,
+            cfg,
+        );
         let mb = c.micro_batch;
-        let scale = m as f64;
-        if c.stage == last {
-            let hidden = model.model.norm.forward(h);
-            let fwd = TrainForward {
-                logits: model.lm_head.forward(hidden),
-                mtp_logits: Vec::new(),
-                routers,
-                probes: Vec::new(),
-            };
-            let parts = objective(&fwd, batch, cfg);
+        for r in &out.routers {
+            experts.push((r.layer, r.experts.clone()));
+        }
+        if let Some(parts) = &out.losses {
             ce[mb] += scalar(&parts.ce);
             if let Some(x) = &parts.balance {
                 bal[mb] += scalar(x);
                 has_balance = true;
             }
-            saved.insert(
-                c,
-                Saved {
-                    input,
-                    output: None,
-                    extra: Some(parts.total.div_scalar(scale)),
-                },
-            );
-        } else {
-            let balance = (cfg.balance_alpha > 0.0 && !routers.is_empty()).then(|| {
-                routers
-                    .iter()
-                    .map(|r| loss::sequence_balance_loss(r, cfg.balance_alpha))
-                    .reduce(|x, y| x + y)
-                    .expect("one layer")
-            });
-            if let Some(x) = &balance {
-                bal[mb] += scalar(x);
-                has_balance = true;
-            }
+        }
+        if let Some(x) = &out.balance {
+            bal[mb] += scalar(x);
+            has_balance = true;
+        }
+        if let Some(h) = out.hidden {
             let next = Chunk {
                 stage: c.stage + 1,
                 ..c
             };
             if schedule.owner(next) == rank {
-                inputs.insert(next, h.clone().detach().require_grad());
+                inputs.insert(next, h);
             } else {
-                outputs.insert(c, host(h.clone()));
+                outputs.insert(c, host(h));
             }
-            saved.insert(
-                c,
-                Saved {
-                    input,
-                    output: Some(h),
-                    extra: balance.map(|x| x.div_scalar(scale)),
-                },
-            );
         }
+        saved.insert(c, Saved { input });
         Ok(())
     };
 
@@ -304,21 +351,33 @@ pub fn run_step<B: DsAutodiffBackend>(
         let s = saved
             .remove(&c)
             .ok_or_else(|| invalid(a, "runs before the chunk's forward"))?;
-        let target = match s.output {
-            Some(y) => {
+        let x = s.input.map(|x| x.require_grad());
+        let out = stage_forward(
+            model,
+            cut,
+            c.stage,
+            x.clone(),
+            &batches[c.micro_batch],
+            &span,
+            &opts,
+            cfg,
+        );
+        let target = match (out.hidden, out.losses) {
+            (Some(y), _) => {
                 let g = out_grads
                     .remove(&c)
                     .ok_or_else(|| invalid(a, "its output gradient is not here"))?;
                 let dot = (y * g).sum();
-                match s.extra {
-                    Some(e) => dot + e,
+                match out.balance {
+                    Some(e) => dot + e.div_scalar(scale),
                     None => dot,
                 }
             }
-            None => s.extra.ok_or_else(|| invalid(a, "no loss kept"))?,
+            (None, Some(parts)) => parts.total.div_scalar(scale),
+            (None, None) => return Err(invalid(a, "the last stage computed no loss")),
         };
         let mut grads = target.backward();
-        if let Some(x) = s.input {
+        if let Some(x) = x {
             let gx = x
                 .grad_remove(&mut grads)
                 .ok_or_else(|| invalid(a, "no gradient reached the stage's input"))?;
@@ -326,71 +385,90 @@ pub fn run_step<B: DsAutodiffBackend>(
                 stage: c.stage - 1,
                 ..c
             };
-            let gx = Tensor::<B, 3>::from_inner(gx);
             if schedule.owner(prev) == rank {
-                out_grads.insert(prev, gx);
+                out_grads.insert(prev, Tensor::<B, 3>::from_inner(gx));
             } else {
-                in_grads.insert(c, host(gx));
+                in_grads.insert(c, host(Tensor::<B, 3>::from_inner(gx)));
             }
         }
         acc.accumulate(model, GradientsParams::from_grads(grads, model));
         Ok(())
     };
+    let tensor = |v: Vec<f32>| Tensor::<B, 3>::from_data(TensorData::new(v, shape), &device);
 
-    for a in &schedule.actions[rank] {
-        match *a {
-            Action::Forward(c) => forward(c, &mut inputs, &mut saved, &mut outputs, a)?,
-            Action::Backward(c) | Action::BackwardInput(c) => {
-                backward(c, &mut saved, &mut out_grads, &mut in_grads, a)?
-            }
-            Action::Weight(_) => {}
-            Action::ForwardBackward {
-                forward: f,
-                backward: bw,
-            } => {
-                forward(f, &mut inputs, &mut saved, &mut outputs, a)?;
-                backward(bw, &mut saved, &mut out_grads, &mut in_grads, a)?;
-            }
-            Action::SendForward { chunk, to } => {
-                let v = outputs
-                    .remove(&chunk)
-                    .ok_or_else(|| invalid(a, "sends a forward output not computed here"))?;
-                let req = comm
-                    .isend(f32::owned(v), to, tag(schedule, chunk, false))
-                    .map_err(comm_err)?;
-                sends.push(req);
-            }
-            Action::SendBackward { chunk, to } => {
-                let v = in_grads
-                    .remove(&chunk)
-                    .ok_or_else(|| invalid(a, "sends an input gradient not computed here"))?;
-                let req = comm
-                    .isend(f32::owned(v), to, tag(schedule, chunk, true))
-                    .map_err(comm_err)?;
-                sends.push(req);
-            }
-            Action::RecvForward { chunk, .. } | Action::RecvBackward { chunk, .. } => {
-                let gradient = matches!(a, Action::RecvBackward { .. });
-                let req = pending
-                    .remove(&(chunk, gradient))
-                    .ok_or_else(|| invalid(a, "receives twice"))?;
-                let v = f32::from_owned(req.wait().map_err(comm_err)?)
-                    .ok_or_else(|| invalid(a, "received a buffer of another type"))?;
-                if gradient {
-                    let c = Chunk {
-                        stage: chunk.stage - 1,
-                        ..chunk
-                    };
-                    out_grads.insert(c, tensor(v));
-                } else {
-                    let c = Chunk {
-                        stage: chunk.stage + 1,
-                        ..chunk
-                    };
-                    inputs.insert(c, tensor(v).require_grad());
+    // On an error the transfers still in flight are leaked, not dropped: dropping one waits
+    // for it, and its peer may never send (the error ends the run on every rank anyway).
+    let mut actions = || -> Result<(), TrainError> {
+        for a in &schedule.actions[rank] {
+            match *a {
+                Action::Forward(c) => forward(c, &mut inputs, &mut saved, &mut outputs, a)?,
+                Action::Backward(c) | Action::BackwardInput(c) => {
+                    backward(c, &mut saved, &mut out_grads, &mut in_grads, a)?
+                }
+                Action::Weight(_) => {}
+                Action::ForwardBackward {
+                    forward: f,
+                    backward: bw,
+                } => {
+                    forward(f, &mut inputs, &mut saved, &mut outputs, a)?;
+                    backward(bw, &mut saved, &mut out_grads, &mut in_grads, a)?;
+                }
+                Action::SendForward { chunk, to } => {
+                    let v = outputs
+                        .remove(&chunk)
+                        .ok_or_else(|| invalid(a, "sends a forward output not computed here"))?;
+                    let req = comm
+                        .isend(f32::owned(v), to, tag(schedule, chunk, false))
+                        .map_err(comm_err)?;
+                    sends.push(req);
+                }
+                Action::SendBackward { chunk, to } => {
+                    let v = in_grads
+                        .remove(&chunk)
+                        .ok_or_else(|| invalid(a, "sends an input gradient not computed here"))?;
+                    let req = comm
+                        .isend(f32::owned(v), to, tag(schedule, chunk, true))
+                        .map_err(comm_err)?;
+                    sends.push(req);
+                }
+                Action::RecvForward { chunk, .. } | Action::RecvBackward { chunk, .. } => {
+                    let gradient = matches!(a, Action::RecvBackward { .. });
+                    let req = pending
+                        .remove(&(chunk, gradient))
+                        .ok_or_else(|| invalid(a, "receives twice"))?;
+                    let v = f32::from_owned(req.wait().map_err(comm_err)?)
+                        .ok_or_else(|| invalid(a, "received a buffer of another type"))?;
+                    if gradient {
+                        let c = Chunk {
+                            stage: chunk.stage - 1,
+                            ..chunk
+                        };
+                        out_grads.insert(c, tensor(v));
+                    } else {
+                        let c = Chunk {
+                            stage: chunk.stage + 1,
+                            ..chunk
+                        };
+                        inputs.insert(c, tensor(v));
+                    }
                 }
             }
         }
+        Ok(())
+    };
+    if let Err(e) = actions() {
+        std::mem::forget(pending);
+        std::mem::forget(sends);
+        return Err(e);
+    }
+    drop(actions);
+    if !pending.is_empty() {
+        std::mem::forget(pending);
+        std::mem::forget(sends);
+        return Err(invalid(
+            &schedule.actions[rank][0],
+            "the list never waits for some of its receives",
+        ));
     }
     for r in sends {
         r.wait().map_err(comm_err)?;
@@ -420,4 +498,107 @@ pub fn run_step<B: DsAutodiffBackend>(
         balance,
         experts,
     })
+}
+
+/// A trainer's pipeline: the group, the schedule (its micro-batches are the step's
+/// `grad_accum`) and the cut.
+#[derive(Clone, Debug)]
+pub struct PipelineSetup {
+    /// The pipeline ranks.
+    pub comm: Arc<dyn Communicator>,
+    /// Every rank's actions for one optimiser step.
+    pub schedule: Schedule,
+    /// The layers of each stage.
+    pub cut: StageCut,
+}
+
+/// Sums `grads` over the pipeline group, so every rank holds the step's whole gradient (a
+/// parameter keeps "no gradient" only when no rank computed one, as the optimiser skips those).
+/// Collective over `comm`.
+///
+/// # Errors
+/// [`TrainError::Comm`] when the all-reduce fails.
+pub fn sum_gradients<B: DsAutodiffBackend>(
+    comm: &Arc<dyn Communicator>,
+    model: &DeepseekV3<B>,
+    grads: GradientsParams,
+) -> Result<GradientsParams, TrainError> {
+    use burn::module::{Module, ModuleVisitor, Param, ParamId};
+    struct Flat<'a, B: DsAutodiffBackend> {
+        grads: &'a GradientsParams,
+        params: Vec<(ParamId, Vec<usize>)>,
+        values: Vec<f32>,
+        present: Vec<f32>,
+        _b: std::marker::PhantomData<B>,
+    }
+    impl<B: DsAutodiffBackend> ModuleVisitor<B> for Flat<'_, B> {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            let shape = p.val().shape().dims::<D>().to_vec();
+            match self.grads.get::<B::InnerBackend, D>(p.id) {
+                Some(g) => {
+                    let v: Vec<f32> = g
+                        .into_data()
+                        .convert::<f32>()
+                        .to_vec()
+                        .expect("f32 gradient");
+                    self.values.extend_from_slice(&v);
+                    self.present.push(1.0);
+                }
+                None => {
+                    let n: usize = shape.iter().product();
+                    self.values.extend(std::iter::repeat_n(0.0, n));
+                    self.present.push(0.0);
+                }
+            }
+            self.params.push((p.id, shape));
+        }
+    }
+    let mut flat = Flat::<B> {
+        grads: &grads,
+        params: Vec::new(),
+        values: Vec::new(),
+        present: Vec::new(),
+        _b: std::marker::PhantomData,
+    };
+    model.visit(&mut flat);
+    let (params, mut values, mut present) = (flat.params, flat.values, flat.present);
+    comm.all_reduce_in_place(&mut values, ReduceOp::Sum)
+        .map_err(comm_err)?;
+    comm.all_reduce_in_place(&mut present, ReduceOp::Sum)
+        .map_err(comm_err)?;
+    let device = model.device();
+    let mut out = GradientsParams::new();
+    let mut at = 0;
+    for ((id, shape), here) in params.into_iter().zip(present) {
+        let n: usize = shape.iter().product();
+        let v = values[at..at + n].to_vec();
+        at += n;
+        if here == 0.0 {
+            continue;
+        }
+        let data = TensorData::new(v, shape.clone());
+        match shape.len() {
+            1 => out.register::<B::InnerBackend, 1>(id, Tensor::from_data(data, &device)),
+            2 => out.register::<B::InnerBackend, 2>(id, Tensor::from_data(data, &device)),
+            3 => out.register::<B::InnerBackend, 3>(id, Tensor::from_data(data, &device)),
+            4 => out.register::<B::InnerBackend, 4>(id, Tensor::from_data(data, &device)),
+            d => {
+                return Err(TrainError::Invalid(format!(
+                    "a {d}-dimensional parameter cannot be summed over the pipeline"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// How a run is to be pipelined (`dsv3 train --pp N --schedule S`): the pipeline ranks and the
+/// schedule; [`crate::Trainer::pipelined`] builds the rest once the step's micro-batch count
+/// is known.
+#[derive(Clone, Debug)]
+pub struct PipelinePlan {
+    /// The pipeline ranks (every process of the run).
+    pub comm: Arc<dyn Communicator>,
+    /// The schedule.
+    pub kind: super::ScheduleKind,
 }
