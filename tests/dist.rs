@@ -740,10 +740,11 @@ fn pipeline_config(dir: &Path) -> PathBuf {
     path
 }
 
-/// `dsv3 train --pp N --schedule S` under `mpirun -n N` follows the single-process loss curve
-/// (relative 1e-4 per logged step, as for EP/DP; measured: equal to 6 decimals) for every
-/// schedule at PP = 2 and 4, writes its checkpoints, and `--resume` continues it as a resumed
-/// single-process run continues (3 steps, then resumed to 6).
+/// `dsv3 train --pp P --dp D --schedule S` under `mpirun -n P·D` follows the single-process
+/// loss curve (relative 1e-4 per logged step, as for EP/DP; measured: equal to 6 decimals) for
+/// every schedule at PP = 2 and 4 and for two data-parallel pipelines of 2, writes its
+/// checkpoints, and `--resume` continues it as a resumed single-process run continues (3 steps,
+/// then resumed to 6).
 #[test]
 fn dist_train_pp_matches_single_process_and_resumes() {
     let dir = scratch("dist-pp");
@@ -790,10 +791,17 @@ fn dist_train_pp_matches_single_process_and_resumes() {
     run(1, &single, "6", &["--resume"]);
     let (want, _) = losses(&single);
     assert_eq!(want.len(), 6);
-    for (n, schedule) in [(2, "1f1b"), (2, "dualpipe"), (4, "zb1p"), (4, "dualpipev")] {
-        let out = dir.join(format!("pp{n}-{schedule}"));
-        let pp = n.to_string();
-        let flags = ["--pp", pp.as_str(), "--schedule", schedule];
+    // (processes, pipeline ranks, schedule): PP = 2 and 4, and 2 data-parallel pipelines of 2.
+    for (n, pp, schedule) in [
+        (2, 2, "1f1b"),
+        (2, 2, "dualpipe"),
+        (4, 4, "zb1p"),
+        (4, 4, "dualpipev"),
+        (4, 2, "dualpipe"),
+    ] {
+        let out = dir.join(format!("n{n}-pp{pp}-{schedule}"));
+        let (pp_s, dp_s) = (pp.to_string(), (n / pp).to_string());
+        let flags = ["--pp", &pp_s, "--dp", &dp_s, "--schedule", schedule];
         run(n, &out, "3", &flags);
         let mut resume = flags.to_vec();
         resume.push("--resume");
@@ -813,16 +821,13 @@ fn dist_train_pp_matches_single_process_and_resumes() {
         }
     }
     // Layouts that cannot work are one-line errors.
-    let e = mpirun(3, &["train", "--pp", "2", "--steps", "1"]).unwrap_err();
+    let e = mpirun(3, &["train", "--pp", "2", "--dp", "2", "--steps", "1"]).unwrap_err();
     assert!(
-        e.contains("--pp 2 needs as many processes, mpirun started 3"),
+        e.contains("--pp 2 × --dp 2 needs 4 processes, mpirun started 3"),
         "{e}"
     );
     let e = plain(&["train", "--pp", "2", "--ep", "2"]).unwrap_err();
-    assert!(
-        e.contains("--pp does not compose with --ep/--dp yet"),
-        "{e}"
-    );
+    assert!(e.contains("--pp does not compose with --ep yet"), "{e}");
     let mut a = common(&dir.join("odd"), "1");
     a.extend(["--pp", "2", "--schedule", "dualpipe"].map(String::from));
     let pos = a.iter().position(|x| x == "--grad-accum").unwrap();

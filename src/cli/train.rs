@@ -119,8 +119,9 @@ pub struct TrainArgs {
     #[arg(long)]
     pub dp: Option<usize>,
     /// Pipeline parallelism: the decoder layers cut into stages over this many processes
-    /// (`mpirun -n PP`), the step's --grad-accum micro-batches flowing through them as
-    /// --schedule orders (not yet with --ep/--dp, nor with MTP modules).
+    /// (`mpirun -n PP·DP`: --dp pipelines, each taking its share of every micro-batch), the
+    /// step's --grad-accum micro-batches flowing through them as --schedule orders (not yet
+    /// with --ep, nor with MTP modules).
     #[arg(long, default_value_t = 1)]
     pub pp: usize,
     /// Pipeline schedule with --pp: 1f1b, zb1p, dualpipe (PP even, micro-batches even and
@@ -227,20 +228,22 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
 
 fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let (model, train) = settings(a)?;
-    if a.pp > 1 && (a.ep > 1 || a.dp.is_some_and(|d| d > 1)) {
+    if a.pp > 1 && a.ep > 1 {
         return Err(CliError::Usage(
-            "--pp does not compose with --ep/--dp yet: run a pipeline alone".into(),
+            "--pp does not compose with --ep yet: run pipelines, with --dp replicas".into(),
         ));
     }
     let world = super::dist::world(a.ep * a.dp.unwrap_or(1) * a.pp)?;
     let comm = &world.comm;
     if a.pp > 1 {
-        let checked = if comm.size() == a.pp {
+        let dp = a.dp.unwrap_or(comm.size() / a.pp).max(1);
+        let checked = if comm.size() == a.pp * dp {
             Ok(())
         } else {
             Err(CliError::Usage(format!(
-                "--pp {} needs as many processes, mpirun started {}",
+                "--pp {} × --dp {dp} needs {} processes, mpirun started {}",
                 a.pp,
+                a.pp * dp,
                 comm.size()
             )))
         };
@@ -281,7 +284,8 @@ fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
         progress: true,
         parallel: parallel.clone(),
         pipeline: (a.pp > 1).then(|| dsv3_train::pipeline::exec::PipelinePlan {
-            comm: comm.clone(),
+            world: comm.clone(),
+            pp: a.pp,
             kind: a.schedule,
         }),
     };

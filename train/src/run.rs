@@ -72,7 +72,7 @@ pub struct RunOptions {
     /// A distributed run's communicators (`mpirun`): rank 0 logs, plots and reports;
     /// checkpoints are written together ([`checkpoint::write_parallel`]).
     pub parallel: Option<crate::parallel::Parallel>,
-    /// A pipeline-parallel run (`mpirun -n PP`): every rank holds the model and computes its
+    /// A pipeline-parallel run (`mpirun -n PP·DP`): every rank holds the model and computes its
     /// stages; rank 0 logs, plots, reports and writes the checkpoints (the ranks stay
     /// identical), every rank resumes from them.
     pub pipeline: Option<crate::pipeline::exec::PipelinePlan>,
@@ -318,11 +318,11 @@ fn run_with<B: DsAutodiffBackend>(
     };
     let (mut trainer, source, resumed_from, elapsed_before) = started;
     if let Some(plan) = &opts.pipeline {
-        trainer.pipelined(plan.comm.clone(), plan.kind)?;
+        trainer.pipelined(plan.world.clone(), plan.pp, plan.kind)?;
     }
     let lead = opts.parallel.as_ref().is_none_or(|p| p.is_lead())
-        && opts.pipeline.as_ref().is_none_or(|p| p.comm.rank() == 0);
-    // In a pipeline every rank holds the same model and optimiser state: rank 0 writes.
+        && opts.pipeline.as_ref().is_none_or(|p| p.world.rank() == 0);
+    // In a pipelined run every rank holds the same model and optimiser state: rank 0 writes.
     let writes = opts.pipeline.is_none() || lead;
     std::fs::create_dir_all(out).map_err(|e| TrainError::io("create", out, e))?;
     let log = if lead {
@@ -381,7 +381,9 @@ fn run_with<B: DsAutodiffBackend>(
         pb.set_message(format!("loss {:.3}  {:.0} tok/s", stats.ce, tps));
         let last = step == total;
         if step % trainer.cfg.log_every == 0 || last {
-            let val = (step % trainer.cfg.eval_every == 0 || last).then(|| trainer.evaluate());
+            // Pipeline ranks other than 0 hold the same model and log nothing: no validation.
+            let val = (writes && (step % trainer.cfg.eval_every == 0 || last))
+                .then(|| trainer.evaluate());
             if val.is_some() {
                 last_val = val;
             }
@@ -477,14 +479,14 @@ fn run_with<B: DsAutodiffBackend>(
         )?,
         None => {}
     }
-    // The other pipeline ranks return once the final model is written.
+    // The other ranks of a pipelined run return once the final model is written.
     if let Some(plan) = &opts.pipeline {
-        plan.comm.barrier().map_err(crate::parallel::comm_err)?;
+        plan.world.barrier().map_err(crate::parallel::comm_err)?;
     }
     // Evaluation is collective in a distributed run: before anything only rank 0 does.
     let val = match last_val {
         Some(v) => Some(v),
-        None if start_step == total => Some(trainer.evaluate()),
+        None if start_step == total && writes => Some(trainer.evaluate()),
         None => None,
     };
     let metrics_path = out.join("metrics.jsonl");

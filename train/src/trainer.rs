@@ -445,23 +445,28 @@ impl<B: DsAutodiffBackend> Trainer<B> {
         Ok(())
     }
 
-    /// Makes this a pipeline-parallel run over `comm` (every member a pipeline rank, each
-    /// holding the whole model and computing its stages of schedule `kind`; the step's
-    /// `grad_accum` micro-batches flow through the pipeline, the gradients are summed over
-    /// the group and every rank applies the same optimiser step, so the ranks stay identical).
+    /// Makes this a pipeline-parallel run over `world` (`P · D` processes: rank `w` is
+    /// pipeline rank `w mod P` of data-parallel replica `w div P`). Every rank holds the whole
+    /// model and computes its stages of schedule `kind`; each replica takes its `1/D` of every
+    /// micro-batch of the step (`grad_accum` micro-batches flow through its pipeline); the
+    /// gradients are summed over all ranks and every rank applies the same optimiser step, so
+    /// the ranks stay identical. Collective over `world` (it is split into the groups).
     ///
     /// # Errors
-    /// [`TrainError::Invalid`] for a model with MTP modules or a run that is already
-    /// expert/data-parallel; [`TrainError::Pipeline`] when the schedule's preconditions fail
-    /// for `comm.size()` ranks and `grad_accum` micro-batches.
+    /// [`TrainError::Invalid`] for a model with MTP modules, a run that is already
+    /// expert/data-parallel, a world that is not a multiple of `pp`, or a batch that does not
+    /// split over the replicas; [`TrainError::Pipeline`] when the schedule's preconditions
+    /// fail for `pp` ranks and `grad_accum` micro-batches; [`TrainError::Comm`] when the
+    /// split fails.
     pub fn pipelined(
         &mut self,
-        comm: std::sync::Arc<dyn dsv3_backends::comm::Communicator>,
+        world: std::sync::Arc<dyn dsv3_backends::comm::Communicator>,
+        pp: usize,
         kind: crate::pipeline::ScheduleKind,
     ) -> Result<(), TrainError> {
         if self.parallel.is_some() {
             return Err(TrainError::Invalid(
-                "pipeline parallelism does not compose with --ep/--dp yet".into(),
+                "pipeline parallelism does not compose with --ep yet".into(),
             ));
         }
         if self.mtp_depths() > 0 {
@@ -471,14 +476,33 @@ impl<B: DsAutodiffBackend> Trainer<B> {
                     .into(),
             ));
         }
-        let schedule = crate::pipeline::Schedule::new(kind, comm.size(), self.cfg.grad_accum)?;
+        let w = world.size();
+        if pp == 0 || !w.is_multiple_of(pp) {
+            return Err(TrainError::Invalid(format!(
+                "{w} processes do not form pipelines of {pp} ranks"
+            )));
+        }
+        let replicas = w / pp;
+        if !self.cfg.batch_size.is_multiple_of(replicas) {
+            return Err(TrainError::Invalid(format!(
+                "batch_size = {} (the global micro-batch) must be divisible by the {replicas} \
+                 data-parallel pipelines",
+                self.cfg.batch_size
+            )));
+        }
+        let (r, p) = (world.rank() / pp, world.rank() % pp);
+        let comm = world.split(r, p).map_err(crate::parallel::comm_err)?;
+        let dp = world.split(p, r).map_err(crate::parallel::comm_err)?;
+        let schedule = crate::pipeline::Schedule::new(kind, pp, self.cfg.grad_accum)?;
         let cut = crate::pipeline::exec::StageCut::even(
             self.model.config.num_hidden_layers,
             schedule.stages,
         )?;
         self.cfg.workers = 1;
         self.pipeline = Some(crate::pipeline::exec::PipelineSetup {
+            world,
             comm,
+            dp,
             schedule,
             cut,
         });
@@ -498,6 +522,9 @@ impl<B: DsAutodiffBackend> Trainer<B> {
         let n_experts = self.model.config.n_routed_experts;
         let mut loads: Vec<(usize, Vec<u64>)> =
             layers.iter().map(|&l| (l, vec![0u64; n_experts])).collect();
+        // This replica's share of each global micro-batch.
+        let (replicas, replica) = (setup.dp.size(), setup.dp.rank());
+        let share = self.cfg.batch_size / replicas;
         let batches: Vec<Batch<B>> = (0..accum)
             .map(|_| {
                 let starts: Vec<usize> = self
@@ -506,17 +533,36 @@ impl<B: DsAutodiffBackend> Trainer<B> {
                     .into_iter()
                     .map(|i| self.data.train[i])
                     .collect();
-                make_batch::<B>(&self.data, &starts, 0, &self.device)
+                let mine = &starts[replica * share..(replica + 1) * share];
+                make_batch::<B>(&self.data, mine, 0, &self.device)
             })
             .collect();
-        let res = exec::run_step(
+        let mut res = exec::run_step_scaled(
             &self.model,
             &setup.schedule,
             &setup.cut,
             &setup.comm,
             &batches,
             &self.cfg,
+            replicas,
         )?;
+        if replicas > 1 {
+            // The replicas' losses are of equal shares: their mean is the global batch's.
+            let mut v: Vec<f64> = res.total.iter().chain(&res.ce).copied().collect();
+            v.extend(res.balance.iter().map(|b| b.unwrap_or(0.0)));
+            setup
+                .dp
+                .all_reduce_in_place(&mut v, dsv3_backends::comm::ReduceOp::Sum)
+                .map_err(crate::parallel::comm_err)?;
+            let mean = |x: f64| x / replicas as f64;
+            res.total = v[..accum].iter().map(|&x| mean(x)).collect();
+            res.ce = v[accum..2 * accum].iter().map(|&x| mean(x)).collect();
+            let has = res.balance.iter().all(Option::is_some);
+            res.balance = v[2 * accum..]
+                .iter()
+                .map(|&x| has.then(|| mean(x)))
+                .collect();
+        }
         if let Some(i) = res.total.iter().position(|t| !t.is_finite()) {
             return Err(TrainError::NonFinite {
                 what: "loss",
@@ -529,13 +575,13 @@ impl<B: DsAutodiffBackend> Trainer<B> {
                 balance::add_loads(l, experts);
             }
         }
-        // Loads over every stage: the bias stays identical on every rank.
+        // Loads over every stage and replica: the bias stays identical on every rank.
         let mut flat: Vec<f64> = loads
             .iter()
             .flat_map(|(_, l)| l.iter().map(|&x| x as f64))
             .collect();
         setup
-            .comm
+            .world
             .all_reduce_in_place(&mut flat, dsv3_backends::comm::ReduceOp::Sum)
             .map_err(crate::parallel::comm_err)?;
         let mut it = flat.into_iter();
@@ -543,7 +589,7 @@ impl<B: DsAutodiffBackend> Trainer<B> {
             l.iter_mut()
                 .for_each(|x| *x = it.next().expect("same layout") as u64);
         }
-        let mut grads = exec::sum_gradients(&setup.comm, &self.model, res.grads)?;
+        let mut grads = exec::sum_gradients(&setup.world, &self.model, res.grads)?;
         let norm = optim::clip_global_norm(&self.model, &mut grads, self.cfg.grad_clip);
         if let Some(location) = norm.non_finite {
             return Err(TrainError::NonFinite {

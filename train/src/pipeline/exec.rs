@@ -4,10 +4,13 @@
 //! communicator's non-blocking `isend`/`irecv` (every receive of the step is posted up front, so
 //! transfers proceed while the rank computes; sends complete in the background).
 //!
-//! A stage's forward takes a fresh leaf copy of its input (so each chunk has its own autodiff
-//! graph), runs its layers and keeps the output; its backward back-propagates
-//! `sum(y ⊙ g) + balance/m` from the received output gradient `g` (on the last stage,
-//! `loss/m`), reads the input's gradient for the previous stage and accumulates the parameters'.
+//! A stage's forward (F) runs its layers with no parameter tracked and keeps only its input;
+//! its backward (B) runs them again with autodiff from that input (a leaf) and back-propagates
+//! `sum(y ⊙ g) + balance/m` from the received output gradient `g` (on the last stage, `loss/m`)
+//! at once, reads the input's gradient for the previous stage and accumulates the parameters'.
+//! So a rank holds its chunks' inputs, not their graphs (full activation recomputation: B costs
+//! F + B here), and one autodiff graph is alive at a time.
+//!
 //! The objective is the trainer's: next-token CE and the sequence-wise balance loss of every MoE
 //! layer (each on the stage that holds it). MTP modules are not run in a pipeline.
 //!
@@ -70,7 +73,7 @@ impl StageCut {
 
 /// What one pipeline step gave this rank.
 pub struct StepResult {
-    /// This rank's parameter gradients (its stages only) of `Σ_mb objective_mb / m`.
+    /// This rank's parameter gradients (its stages only) of `Σ_mb objective_mb / (m·replicas)`.
     pub grads: GradientsParams,
     /// Per micro-batch, summed over the pipeline group: the objective (CE + balance).
     pub total: Vec<f64>,
@@ -202,6 +205,24 @@ pub fn run_step<B: DsAutodiffBackend>(
     batches: &[Batch<B>],
     cfg: &TrainConfig,
 ) -> Result<StepResult, TrainError> {
+    run_step_scaled(model, schedule, cut, comm, batches, cfg, 1)
+}
+
+/// [`run_step`] as one of `replicas` data-parallel pipelines: each micro-batch's objective
+/// is divided by `m · replicas`, so the gradients summed over every rank of every replica are
+/// those of the mean objective over the global batch.
+///
+/// # Errors
+/// As [`run_step`].
+pub fn run_step_scaled<B: DsAutodiffBackend>(
+    model: &DeepseekV3<B>,
+    schedule: &Schedule,
+    cut: &StageCut,
+    comm: &Arc<dyn Communicator>,
+    batches: &[Batch<B>],
+    cfg: &TrainConfig,
+    replicas: usize,
+) -> Result<StepResult, TrainError> {
     let rank = comm.rank();
     let m = schedule.micro_batches;
     if comm.size() != schedule.ranks {
@@ -285,7 +306,7 @@ pub fn run_step<B: DsAutodiffBackend>(
             .to_vec::<f32>()
             .expect("f32 data")
     };
-    let scale = m as f64;
+    let scale = (m * replicas.max(1)) as f64;
 
     let mut forward = |c: Chunk,
                        inputs: &mut HashMap<Chunk, Tensor<B, 3>>,
@@ -500,21 +521,25 @@ pub fn run_step<B: DsAutodiffBackend>(
     })
 }
 
-/// A trainer's pipeline: the group, the schedule (its micro-batches are the step's
+/// A trainer's pipeline: the groups, the schedule (its micro-batches are the step's
 /// `grad_accum`) and the cut.
 #[derive(Clone, Debug)]
 pub struct PipelineSetup {
-    /// The pipeline ranks.
+    /// Every process of the run.
+    pub world: Arc<dyn Communicator>,
+    /// This replica's pipeline ranks.
     pub comm: Arc<dyn Communicator>,
+    /// The replicas of this pipeline rank (data parallelism; a group of one without it).
+    pub dp: Arc<dyn Communicator>,
     /// Every rank's actions for one optimiser step.
     pub schedule: Schedule,
     /// The layers of each stage.
     pub cut: StageCut,
 }
 
-/// Sums `grads` over the pipeline group, so every rank holds the step's whole gradient (a
-/// parameter keeps "no gradient" only when no rank computed one, as the optimiser skips those).
-/// Collective over `comm`.
+/// Sums `grads` over `comm` (the pipeline group, or every rank of every data-parallel
+/// pipeline), so every rank holds the step's whole gradient (a parameter keeps "no gradient"
+/// only when no rank computed one, as the optimiser skips those). Collective over `comm`.
 ///
 /// # Errors
 /// [`TrainError::Comm`] when the all-reduce fails.
@@ -592,13 +617,16 @@ pub fn sum_gradients<B: DsAutodiffBackend>(
     Ok(out)
 }
 
-/// How a run is to be pipelined (`dsv3 train --pp N --schedule S`): the pipeline ranks and the
-/// schedule; [`crate::Trainer::pipelined`] builds the rest once the step's micro-batch count
-/// is known.
+/// How a run is to be pipelined (`dsv3 train --pp P [--dp D] --schedule S`): every process
+/// of the run, the pipeline size and the schedule; [`crate::Trainer::pipelined`] builds the
+/// rest once the step's micro-batch count is known.
 #[derive(Clone, Debug)]
 pub struct PipelinePlan {
-    /// The pipeline ranks (every process of the run).
-    pub comm: Arc<dyn Communicator>,
+    /// Every process of the run: `P · D` ranks, rank `w` is pipeline rank `w mod P` of
+    /// data-parallel replica `w div P`.
+    pub world: Arc<dyn Communicator>,
+    /// Pipeline ranks per replica (P).
+    pub pp: usize,
     /// The schedule.
     pub kind: super::ScheduleKind,
 }
