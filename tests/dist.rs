@@ -186,7 +186,7 @@ fn pipeline_check(n: usize) {
     }
     .unwrap_or_else(|e| panic!("dist-check --pipeline on {n} failed:\n{e}"));
     let lines: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
-    let kinds: &[&str] = if n % 2 == 0 {
+    let kinds: &[&str] = if n.is_multiple_of(2) {
         &["1f1b", "zb1p", "dualpipe", "dualpipev"]
     } else {
         &["1f1b", "zb1p", "dualpipev"]

@@ -761,7 +761,7 @@ fn pipeline_check(
         } else {
             1.0 - 2.0 * xy / (xx + yy)
         };
-        if !(diff < 1e-10) {
+        if diff.is_nan() || diff >= 1e-10 {
             return Err(fail(
                 &what,
                 format!("{name}: cosine difference {diff:.2e} from the sequential gradient"),

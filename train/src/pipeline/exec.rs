@@ -482,7 +482,6 @@ pub fn run_step_scaled<B: DsAutodiffBackend>(
         std::mem::forget(sends);
         return Err(e);
     }
-    drop(actions);
     if !pending.is_empty() {
         std::mem::forget(pending);
         std::mem::forget(sends);
@@ -494,8 +493,6 @@ pub fn run_step_scaled<B: DsAutodiffBackend>(
     for r in sends {
         r.wait().map_err(comm_err)?;
     }
-    drop(forward);
-    drop(backward);
     // The losses of every micro-batch, summed over the group's stages.
     let mut sums: Vec<f64> = ce.iter().chain(&bal).copied().collect();
     sums.push(f64::from(u8::from(has_balance)));

@@ -223,10 +223,10 @@ impl Schedule {
                 .map(|r| one_f_one_b(r, ranks, micro_batches, true))
                 .collect(),
             ScheduleKind::DualPipe => {
-                if ranks % 2 != 0 {
+                if !ranks.is_multiple_of(2) {
                     return Err(PipelineError::OddRanks { kind, ranks });
                 }
-                if micro_batches % 2 != 0 {
+                if !micro_batches.is_multiple_of(2) {
                     return Err(PipelineError::OddMicroBatches {
                         kind,
                         micro_batches,
@@ -433,7 +433,6 @@ fn one_f_one_b(r: usize, p: usize, m: usize, split: bool) -> Vec<Action> {
     for mb in m - warm..m {
         backward(mb, &mut out);
     }
-    drop(backward);
     out.extend(pending.into_iter().map(|mb| Action::Weight(chunk(mb))));
     out
 }

@@ -256,11 +256,8 @@ pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<SimReport, Pipelin
 
     loop {
         let mut progressed = false;
-        for r in 0..n {
-            let list = &schedule.actions[r];
-            loop {
-                let st = &mut ranks[r];
-                let Some(&a) = list.get(st.next) else { break };
+        for (r, (st, list)) in ranks.iter_mut().zip(&schedule.actions).enumerate() {
+            while let Some(&a) = list.get(st.next) {
                 let at = st.next;
                 // Ownership of compute chunks.
                 let own = |c: Chunk| -> Result<(), PipelineError> {
@@ -400,7 +397,7 @@ pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<SimReport, Pipelin
                         });
                     }
                 }
-                ranks[r].next += 1;
+                st.next += 1;
                 progressed = true;
             }
         }
