@@ -321,3 +321,19 @@ fn pipeline_simulator_detects_deadlock_and_broken_lists() {
     let e = simulate(&s, &c).unwrap_err();
     assert!(e.to_string().contains("belongs to rank 1"), "{e}");
 }
+
+#[test]
+fn pipeline_stage_cut_is_even_and_covers_every_layer() {
+    use dsv3_train::pipeline::exec::StageCut;
+    assert_eq!(
+        StageCut::even(8, 4).unwrap().layers,
+        vec![0..2, 2..4, 4..6, 6..8]
+    );
+    assert_eq!(StageCut::even(7, 3).unwrap().layers, vec![0..3, 3..5, 5..7]);
+    // More stages than layers (DualPipeV's 2·PP on a small model): the last pass through.
+    assert_eq!(
+        StageCut::even(3, 4).unwrap().layers,
+        vec![0..1, 1..2, 2..3, 3..3]
+    );
+    assert!(matches!(StageCut::even(3, 0), Err(PipelineError::NoRanks)));
+}

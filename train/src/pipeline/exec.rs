@@ -9,7 +9,9 @@
 //! `sum(y ⊙ g) + balance/m` from the received output gradient `g` (on the last stage, `loss/m`)
 //! at once, reads the input's gradient for the previous stage and accumulates the parameters'.
 //! So a rank holds its chunks' inputs, not their graphs (full activation recomputation: B costs
-//! F + B here), and one autodiff graph is alive at a time.
+//! F + B here), and one autodiff graph is alive at a time. An F&B action runs its forward,
+//! then its backward: on one CPU process nothing overlaps them (DualPipe's own example does the
+//! same; the overlap it is named for hides the expert all-to-all on a GPU).
 //!
 //! The objective is the trainer's: next-token CE and the sequence-wise balance loss of every MoE
 //! layer (each on the stage that holds it). MTP modules are not run in a pipeline.
