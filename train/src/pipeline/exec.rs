@@ -19,8 +19,14 @@
 //! In this first version every rank holds the whole model and computes only its stages'
 //! layers: the step's gradient is the sum of the ranks' gradients over the pipeline group (for
 //! DualPipe this sums the two copies of each stage, as DeepSeek's DualPipe example does), and
-//! every rank then applies the same optimiser step. W actions run nothing: the model's Linear
-//! layers compute both gradients in B (the split op is [`super::split`]); the results are the same.
+//! every rank then applies the same optimiser step.
+//!
+//! The backward split of ZB1P and DualPipe is done by recomputation: a B-input recomputes the
+//! stage with the parameters untracked (Burn then computes the input's gradient only) and keeps
+//! the input and output gradient; its W recomputes the stage with the input untracked (the
+//! weights' gradients only). Each costs a forward more than in DeepSeek's code, which splits
+//! the matmuls themselves (as [`super::split`] does for one matmul; the model's Linear layers do
+//! not use it yet).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -168,6 +174,17 @@ fn stage_forward<Bk: DsBackend>(
     }
 }
 
+/// Which gradients a backward computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Part {
+    /// Full B: the input's and the weights'.
+    Full,
+    /// B-input: the input's only (the parameters untracked).
+    Input,
+    /// W: the weights' only (the input untracked).
+    Weight,
+}
+
 /// Message tag of a transfer: forward outputs even, input gradients odd.
 fn tag(schedule: &Schedule, chunk: Chunk, gradient: bool) -> u16 {
     let id = (chunk.micro_batch * schedule.stages + chunk.stage) * 2 + usize::from(gradient);
@@ -297,6 +314,8 @@ pub fn run_step_scaled<B: DsAutodiffBackend>(
     let mut out_grads: HashMap<Chunk, Tensor<B, 3>> = HashMap::new();
     let mut in_grads: HashMap<Chunk, Vec<f32>> = HashMap::new();
     let mut saved: HashMap<Chunk, Saved<B>> = HashMap::new();
+    let mut deferred = HashMap::new();
+    let last = schedule.stages - 1;
     let mut outputs: HashMap<Chunk, Vec<f32>> = HashMap::new();
     let (mut ce, mut bal) = (vec![0.0; m], vec![0.0; m]);
     let mut has_balance = false;
@@ -365,18 +384,54 @@ pub fn run_step_scaled<B: DsAutodiffBackend>(
         Ok(())
     };
 
+    // B-input keeps what its W needs: the stage input and the output gradient.
+    type Deferred<B> = (Option<Tensor<B, 3>>, Option<Tensor<B, 3>>);
     let mut backward = |c: Chunk,
+                        part: Part,
                         saved: &mut HashMap<Chunk, Saved<B>>,
+                        deferred: &mut HashMap<Chunk, Deferred<B>>,
                         out_grads: &mut HashMap<Chunk, Tensor<B, 3>>,
                         in_grads: &mut HashMap<Chunk, Vec<f32>>,
                         a: &Action|
      -> Result<(), TrainError> {
-        let s = saved
-            .remove(&c)
-            .ok_or_else(|| invalid(a, "runs before the chunk's forward"))?;
-        let x = s.input.map(|x| x.require_grad());
+        let (input, g) = if part == Part::Weight {
+            deferred
+                .remove(&c)
+                .ok_or_else(|| invalid(a, "no B-input ran before this W"))?
+        } else {
+            let s = saved
+                .remove(&c)
+                .ok_or_else(|| invalid(a, "runs before the chunk's forward"))?;
+            let g = if c.stage < last {
+                Some(
+                    out_grads
+                        .remove(&c)
+                        .ok_or_else(|| invalid(a, "its output gradient is not here"))?,
+                )
+            } else {
+                None
+            };
+            (s.input, g)
+        };
+        if part == Part::Input {
+            deferred.insert(c, (input.clone(), g.clone()));
+            if input.is_none() {
+                return Ok(()); // Stage 0 has no input gradient: its W does the whole backward.
+            }
+        }
+        // B-input: parameters untracked, input tracked (the input gradient only); W: the
+        // reverse (the weight gradients only); full B: both.
+        let x = match part {
+            Part::Weight => input,
+            _ => input.map(|x| x.require_grad()),
+        };
+        let stage_model = if part == Part::Input {
+            &untracked
+        } else {
+            model
+        };
         let out = stage_forward(
-            model,
+            stage_model,
             cut,
             c.stage,
             x.clone(),
@@ -385,22 +440,19 @@ pub fn run_step_scaled<B: DsAutodiffBackend>(
             &opts,
             cfg,
         );
-        let target = match (out.hidden, out.losses) {
-            (Some(y), _) => {
-                let g = out_grads
-                    .remove(&c)
-                    .ok_or_else(|| invalid(a, "its output gradient is not here"))?;
+        let target = match (out.hidden, out.losses, g) {
+            (Some(y), _, Some(g)) => {
                 let dot = (y * g).sum();
                 match out.balance {
                     Some(e) => dot + e.div_scalar(scale),
                     None => dot,
                 }
             }
-            (None, Some(parts)) => parts.total.div_scalar(scale),
-            (None, None) => return Err(invalid(a, "the last stage computed no loss")),
+            (None, Some(parts), _) => parts.total.div_scalar(scale),
+            _ => return Err(invalid(a, "no output gradient and no loss")),
         };
         let mut grads = target.backward();
-        if let Some(x) = x {
+        if let (Some(x), true) = (x, part != Part::Weight) {
             let gx = x
                 .grad_remove(&mut grads)
                 .ok_or_else(|| invalid(a, "no gradient reached the stage's input"))?;
@@ -414,7 +466,9 @@ pub fn run_step_scaled<B: DsAutodiffBackend>(
                 in_grads.insert(c, host(Tensor::<B, 3>::from_inner(gx)));
             }
         }
-        acc.accumulate(model, GradientsParams::from_grads(grads, model));
+        if part != Part::Input {
+            acc.accumulate(model, GradientsParams::from_grads(grads, model));
+        }
         Ok(())
     };
     let tensor = |v: Vec<f32>| Tensor::<B, 3>::from_data(TensorData::new(v, shape), &device);
@@ -425,16 +479,47 @@ pub fn run_step_scaled<B: DsAutodiffBackend>(
         for a in &schedule.actions[rank] {
             match *a {
                 Action::Forward(c) => forward(c, &mut inputs, &mut saved, &mut outputs, a)?,
-                Action::Backward(c) | Action::BackwardInput(c) => {
-                    backward(c, &mut saved, &mut out_grads, &mut in_grads, a)?
-                }
-                Action::Weight(_) => {}
+                Action::Backward(c) => backward(
+                    c,
+                    Part::Full,
+                    &mut saved,
+                    &mut deferred,
+                    &mut out_grads,
+                    &mut in_grads,
+                    a,
+                )?,
+                Action::BackwardInput(c) => backward(
+                    c,
+                    Part::Input,
+                    &mut saved,
+                    &mut deferred,
+                    &mut out_grads,
+                    &mut in_grads,
+                    a,
+                )?,
+                Action::Weight(c) => backward(
+                    c,
+                    Part::Weight,
+                    &mut saved,
+                    &mut deferred,
+                    &mut out_grads,
+                    &mut in_grads,
+                    a,
+                )?,
                 Action::ForwardBackward {
                     forward: f,
                     backward: bw,
                 } => {
                     forward(f, &mut inputs, &mut saved, &mut outputs, a)?;
-                    backward(bw, &mut saved, &mut out_grads, &mut in_grads, a)?;
+                    backward(
+                        bw,
+                        Part::Full,
+                        &mut saved,
+                        &mut deferred,
+                        &mut out_grads,
+                        &mut in_grads,
+                        a,
+                    )?;
                 }
                 Action::SendForward { chunk, to } => {
                     let v = outputs
@@ -483,6 +568,14 @@ pub fn run_step_scaled<B: DsAutodiffBackend>(
         std::mem::forget(pending);
         std::mem::forget(sends);
         return Err(e);
+    }
+    if !deferred.is_empty() {
+        std::mem::forget(pending);
+        std::mem::forget(sends);
+        return Err(invalid(
+            &schedule.actions[rank][0],
+            "a B-input's weight gradients never ran (W missing)",
+        ));
     }
     if !pending.is_empty() {
         std::mem::forget(pending);
