@@ -217,6 +217,10 @@ pub struct DistCheckArgs {
     /// Seed of the checks' random data.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Run only the pipeline checks: every schedule (1f1b, zb1p, dualpipe, dualpipev) over all
+    /// the processes as pipeline ranks, loss and gradients against the sequential run.
+    #[arg(long)]
+    pub pipeline: bool,
 }
 
 /// Runs every check on every rank; rank 0 prints one `ok …` line per check. A failure prints one
@@ -244,6 +248,15 @@ pub fn dist_check(a: &DistCheckArgs, out: &mut dyn Write) -> Result<(), CliError
             std::process::exit(1)
         }
     };
+    if a.pipeline {
+        for kind in dsv3_train::pipeline::ScheduleKind::ALL {
+            if kind == dsv3_train::pipeline::ScheduleKind::DualPipe && comm.size() % 2 == 1 {
+                continue; // DualPipe needs an even number of ranks.
+            }
+            run(pipeline_check(&comm, kind, a.seed));
+        }
+        return Ok(());
+    }
     run(collectives(&comm));
     run(exchange(&comm, a.seed));
     run(gradients(&comm, a.seed));
@@ -656,5 +669,132 @@ fn train_steps(
         worst_all[1],
         worst_all[2],
         mine.len()
+    ))
+}
+
+/// One training step of `kind` over every rank of `world` as a pipeline (a tiny model without
+/// MTP, `2·PP` layers, `2·PP` micro-batches of 2 sequences) against the sequential step computed
+/// here too: each micro-batch's loss, and the gradients summed over the pipeline ranks (for
+/// DualPipe: the two copies of each stage), by DualPipe's measure `1 − 2⟨x,y⟩/(|x|²+|y|²)` per
+/// tensor.
+fn pipeline_check(
+    world: &Arc<dyn Communicator>,
+    kind: dsv3_train::pipeline::ScheduleKind,
+    seed: u64,
+) -> Result<String, CliError> {
+    use dsv3_train::pipeline::exec::{run_step, StageCut};
+    use dsv3_train::pipeline::Schedule;
+    use dsv3_train::trainer::{make_batch, objective};
+    type AD = CpuAutodiff;
+    let what = format!("pipeline {kind}");
+    let pp = world.size();
+    let preset = dsv3_train::preset("tiny").expect("tiny preset");
+    let mut cfg = preset.train;
+    cfg.seq_len = 16;
+    let mut model_cfg = dsv3_train::for_bytes(preset.model, cfg.seq_len);
+    model_cfg.num_nextn_predict_layers = 0;
+    model_cfg.num_hidden_layers = (2 * pp).max(3);
+    let device = Default::default();
+    let merr = |e: dsv3_model::ModelError| fail(&what, e.to_string());
+    let model = dsv3_train::init::seeded(
+        DeepseekV3::<AD>::init(&model_cfg, &device).map_err(merr)?,
+        seed,
+    );
+    let docs = dsv3_train::data::embedded_documents();
+    let data = dsv3_train::data::Dataset::pack(&docs, cfg.seq_len, cfg.val_every)
+        .map_err(|e| fail(&what, e.to_string()))?;
+    let m = 2 * pp;
+    let starts: Vec<usize> = data.train.iter().step_by(5).take(2 * m).copied().collect();
+    let batches: Vec<_> = starts
+        .chunks(2)
+        .map(|s| make_batch::<AD>(&data, s, 0, &device))
+        .collect();
+    // The sequential reference: one micro-batch after the other, gradients accumulated.
+    let mut acc = burn::optim::GradientsAccumulator::<DeepseekV3<AD>>::new();
+    let (mut want_loss, mut want_ce) = (Vec::new(), Vec::new());
+    for b in &batches {
+        let fwd = dsv3_train::forward::forward(&model, b.inputs.clone(), cfg.attention, 0, false);
+        let parts = objective(&fwd, b, &cfg);
+        want_ce.push(parts.ce.into_scalar() as f64);
+        let total = parts.total;
+        want_loss.push(total.clone().into_scalar() as f64);
+        let g = total.div_scalar(m as f64).backward();
+        acc.accumulate(&model, burn::optim::GradientsParams::from_grads(g, &model));
+    }
+    let reference = grads_by_name(&model, &acc.grads());
+    let schedule = Schedule::new(kind, pp, m).map_err(|e| fail(&what, e.to_string()))?;
+    let cut = StageCut::even(model_cfg.num_hidden_layers, schedule.stages)
+        .map_err(|e| fail(&what, e.to_string()))?;
+    let step = run_step(&model, &schedule, &cut, world, &batches, &cfg)
+        .map_err(|e| fail(&what, e.to_string()))?;
+    let mine = grads_by_name(&model, &step.grads);
+    for (name, _, _) in &mine {
+        if !reference.iter().any(|(n, _, _)| n == name) {
+            return Err(fail(
+                &what,
+                format!("{name} has a gradient the sequential run has not"),
+            ));
+        }
+    }
+    // Every rank lays the reference's tensors out in the same order; the ranks' gradients sum.
+    let mut flat: Vec<f32> = Vec::new();
+    for (name, _, want) in &reference {
+        match mine.iter().find(|(n, _, _)| n == name) {
+            Some((_, _, g)) => flat.extend_from_slice(g),
+            None => flat.extend(std::iter::repeat_n(0.0, want.len())),
+        }
+    }
+    c(world.all_reduce_in_place(&mut flat, ReduceOp::Sum))?;
+    let (mut worst, mut at) = (0f64, 0);
+    for (name, _, want) in &reference {
+        let got = &flat[at..at + want.len()];
+        at += want.len();
+        let (mut xy, mut xx, mut yy) = (0f64, 0f64, 0f64);
+        for (&x, &y) in got.iter().zip(want) {
+            let (x, y) = (f64::from(x), f64::from(y));
+            xy += x * y;
+            xx += x * x;
+            yy += y * y;
+        }
+        let diff = if xx + yy == 0.0 {
+            0.0
+        } else {
+            1.0 - 2.0 * xy / (xx + yy)
+        };
+        if diff.is_nan() || diff >= 1e-10 {
+            return Err(fail(
+                &what,
+                format!("{name}: cosine difference {diff:.2e} from the sequential gradient"),
+            ));
+        }
+        worst = worst.max(diff);
+    }
+    // The CE comes from the same logits: bit for bit. The objective adds the balance losses
+    // of every stage, summed per stage then over the ranks (f64) instead of in one f32 sum.
+    if step.ce != want_ce {
+        return Err(fail(
+            &what,
+            format!("CE {:?} is not the sequential {want_ce:?}", step.ce),
+        ));
+    }
+    let mut rel = 0f64;
+    for (g, w) in step.total.iter().zip(&want_loss) {
+        rel = rel.max((g - w).abs() / w.abs().max(1e-30));
+    }
+    if rel > 1e-6 {
+        return Err(fail(
+            &what,
+            format!(
+                "losses {:?} differ from the sequential {want_loss:?}",
+                step.total
+            ),
+        ));
+    }
+    Ok(format!(
+        "pipeline {kind} on {pp} ranks ({} stages, {m} micro-batches): CE bit-identical to the \
+         sequential run, objective within {rel:.1e} (relative), gradients cosine difference \
+         ≤ {worst:.1e} over {} tensors",
+        schedule.stages,
+        reference.len()
     ))
 }

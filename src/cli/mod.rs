@@ -18,6 +18,7 @@ use dsv3_model::{
 pub mod compare;
 pub mod dist;
 pub mod generate;
+pub mod pipeline;
 pub mod post;
 pub mod rl;
 pub mod train;
@@ -71,6 +72,10 @@ pub enum Command {
     /// Draw several training runs' loss curves into one PNG (e.g. f32 / bf16 / fp8 of the same
     /// seed) and print each run's final validation loss against the first's.
     PlotRuns(train::PlotRunsArgs),
+    /// Simulate a pipeline schedule (1f1b, zb1p, dualpipe, dualpipev) with per-action costs:
+    /// bubble, makespan and peak activations per rank against the report's Table 2, the
+    /// timeline as a PNG.
+    PipelineSim(pipeline::PipelineSimArgs),
 }
 
 #[derive(Args, Debug)]
@@ -276,6 +281,7 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Distill(a) => post::distill(&a, out),
         Command::Rl(a) => rl::rl(&a, out),
         Command::PlotRuns(a) => train::plot_runs(&a, out),
+        Command::PipelineSim(a) => pipeline::pipeline_sim(&a, out),
     }
 }
 

@@ -820,6 +820,7 @@ fn run_sft(
         resume: a.resume,
         progress: true,
         parallel: None,
+        pipeline: None,
     };
     let mut say = |line: &str| {
         let _ = writeln!(out, "{line}");

@@ -118,6 +118,16 @@ pub struct TrainArgs {
     /// Data-parallel replicas (default: processes / --ep); must equal processes / --ep.
     #[arg(long)]
     pub dp: Option<usize>,
+    /// Pipeline parallelism: the decoder layers cut into stages over this many processes
+    /// (`mpirun -n PP·DP`: --dp pipelines, each taking its share of every micro-batch), the
+    /// step's --grad-accum micro-batches flowing through them as --schedule orders (not yet
+    /// with --ep, nor with MTP modules).
+    #[arg(long, default_value_t = 1)]
+    pub pp: usize,
+    /// Pipeline schedule with --pp: 1f1b, zb1p, dualpipe (PP even, micro-batches even and
+    /// ≥ 2·PP) or dualpipev (micro-batches ≥ 2·PP).
+    #[arg(long, default_value = "1f1b", value_parser = super::pipeline::schedule_kind)]
+    pub schedule: dsv3_train::pipeline::ScheduleKind,
 }
 
 fn train_err(e: TrainError) -> CliError {
@@ -218,10 +228,30 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
 
 fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let (model, train) = settings(a)?;
-    let world = super::dist::world(a.ep * a.dp.unwrap_or(1))?;
+    if a.pp > 1 && a.ep > 1 {
+        return Err(CliError::Usage(
+            "--pp does not compose with --ep yet: run pipelines, with --dp replicas".into(),
+        ));
+    }
+    let world = super::dist::world(a.ep * a.dp.unwrap_or(1) * a.pp)?;
     let comm = &world.comm;
-    super::dist::check_world(comm, a.ep, a.dp, true)?;
-    let w = comm.size();
+    if a.pp > 1 {
+        let dp = a.dp.unwrap_or(comm.size() / a.pp).max(1);
+        let checked = if comm.size() == a.pp * dp {
+            Ok(())
+        } else {
+            Err(CliError::Usage(format!(
+                "--pp {} × --dp {dp} needs {} processes, mpirun started {}",
+                a.pp,
+                a.pp * dp,
+                comm.size()
+            )))
+        };
+        super::dist::agree(comm, checked, "the pipeline layout")?;
+    } else {
+        super::dist::check_world(comm, a.ep, a.dp, true)?;
+    }
+    let w = if a.pp > 1 { 1 } else { comm.size() };
     let mut sink = std::io::sink();
     let out = super::dist::lead_output(comm, out, &mut sink);
     let checked = (|| {
@@ -253,6 +283,11 @@ fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
         resume: a.resume,
         progress: true,
         parallel: parallel.clone(),
+        pipeline: (a.pp > 1).then(|| dsv3_train::pipeline::exec::PipelinePlan {
+            world: comm.clone(),
+            pp: a.pp,
+            kind: a.schedule,
+        }),
     };
     let device = Default::default();
     let mut say = |line: &str| {
@@ -299,7 +334,7 @@ fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
     );
     out.write_all(report.as_bytes())
         .map_err(|e| super::write_err(Path::new("stdout"), e))?;
-    if parallel.is_some() {
+    if parallel.is_some() || a.pp > 1 {
         if a.samples > 0 {
             let _ = writeln!(
                 out,

@@ -3,6 +3,7 @@
 mod backends;
 mod generate;
 mod inspect_score;
+mod pipeline;
 mod post;
 mod rl;
 mod train;

@@ -5,6 +5,8 @@ mod checkpoints;
 mod data;
 mod fp8;
 mod objective;
+mod pipeline;
+mod pipeline_split;
 mod sft;
 
 use burn::module::{Module, ModuleVisitor, Param};

@@ -32,6 +32,9 @@ pub enum TrainError {
     Comm(#[from] dsv3_backends::comm::CommError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// A pipeline schedule, simulation or pipeline run failed.
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
     #[error("cannot {action} {path}: {reason}")]
     Io {
         action: &'static str,

@@ -8,6 +8,8 @@
 //! - [`trainer`]: one step / one validation pass; [`checkpoint`]: atomic HF-layout checkpoints
 //!   with optimiser and data-order state; [`run()`]: a whole run as `dsv3 train` does it;
 //!   [`metrics`] and `plot`: JSONL log, progress bar, PNG.
+//! - [`pipeline`]: pipeline-parallel schedules (1F1B, ZB1P, DualPipe, DualPipeV), their
+//!   event-driven simulator and timeline PNG.
 //! - Post-training: [`task`] generates a task (addition as chat turns, train and held-out
 //!   sets); [`sft`] lays out tokenised conversations with their assistant masks for
 //!   [`fine_tune`]; [`distill`] is the logit-distillation loss and teacher; [`grpo`] the GRPO
@@ -33,6 +35,7 @@ pub mod memory;
 pub mod metrics;
 mod optim;
 pub mod parallel;
+pub mod pipeline;
 mod plot;
 pub mod reward;
 pub mod rl;

@@ -22,7 +22,7 @@ const FONT_PATHS: &[&str] = &[
 ];
 
 /// Registers a system font as "sans-serif" once; false if none was found.
-fn font() -> bool {
+pub(crate) fn font() -> bool {
     static FOUND: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *FOUND.get_or_init(|| {
         FONT_PATHS.iter().any(|p| {

@@ -72,6 +72,10 @@ pub struct RunOptions {
     /// A distributed run's communicators (`mpirun`): rank 0 logs, plots and reports;
     /// checkpoints are written together ([`checkpoint::write_parallel`]).
     pub parallel: Option<crate::parallel::Parallel>,
+    /// A pipeline-parallel run (`mpirun -n PP·DP`): every rank holds the model and computes its
+    /// stages; rank 0 logs, plots, reports and writes the checkpoints (the ranks stay
+    /// identical), every rank resumes from them.
+    pub pipeline: Option<crate::pipeline::exec::PipelinePlan>,
 }
 
 /// What a run did.
@@ -313,7 +317,13 @@ fn run_with<B: DsAutodiffBackend>(
         None => started?,
     };
     let (mut trainer, source, resumed_from, elapsed_before) = started;
-    let lead = opts.parallel.as_ref().is_none_or(|p| p.is_lead());
+    if let Some(plan) = &opts.pipeline {
+        trainer.pipelined(plan.world.clone(), plan.pp, plan.kind)?;
+    }
+    let lead = opts.parallel.as_ref().is_none_or(|p| p.is_lead())
+        && opts.pipeline.as_ref().is_none_or(|p| p.world.rank() == 0);
+    // In a pipelined run every rank holds the same model and optimiser state: rank 0 writes.
+    let writes = opts.pipeline.is_none() || lead;
     std::fs::create_dir_all(out).map_err(|e| TrainError::io("create", out, e))?;
     let log = if lead {
         MetricsLog::open(out, resumed_from.as_ref().map(|_| trainer.step)).map(Some)
@@ -371,7 +381,9 @@ fn run_with<B: DsAutodiffBackend>(
         pb.set_message(format!("loss {:.3}  {:.0} tok/s", stats.ce, tps));
         let last = step == total;
         if step % trainer.cfg.log_every == 0 || last {
-            let val = (step % trainer.cfg.eval_every == 0 || last).then(|| trainer.evaluate());
+            // Pipeline ranks other than 0 hold the same model and log nothing: no validation.
+            let val = (writes && (step % trainer.cfg.eval_every == 0 || last))
+                .then(|| trainer.evaluate());
             if val.is_some() {
                 last_val = val;
             }
@@ -444,7 +456,7 @@ fn run_with<B: DsAutodiffBackend>(
             pb.suspend(|| say(&line));
             window = Window::default();
         }
-        if trainer.cfg.checkpoint_every > 0 && step % trainer.cfg.checkpoint_every == 0 {
+        if writes && trainer.cfg.checkpoint_every > 0 && step % trainer.cfg.checkpoint_every == 0 {
             let elapsed = elapsed_before + t0.elapsed().as_secs_f64();
             let dir = checkpoint::save(&trainer, out, &source.name(), elapsed)?;
             saved_at = Some(step);
@@ -452,7 +464,7 @@ fn run_with<B: DsAutodiffBackend>(
         }
     }
     pb.finish_and_clear();
-    if saved_at != Some(trainer.step) {
+    if writes && saved_at != Some(trainer.step) {
         let elapsed = elapsed_before + t0.elapsed().as_secs_f64();
         let dir = checkpoint::save(&trainer, out, &source.name(), elapsed)?;
         say(&format!("saved {}", dir.display()));
@@ -460,16 +472,21 @@ fn run_with<B: DsAutodiffBackend>(
     let final_dir = out.join("final");
     match &trainer.parallel {
         Some(p) => checkpoint::write_parallel(&trainer.model, p, &final_dir, &[], None)?,
-        None => checkpoint::write_atomically(
+        None if writes => checkpoint::write_atomically(
             &trainer.model,
             &final_dir,
             &checkpoint::tokenizer_files(&trainer),
         )?,
+        None => {}
+    }
+    // The other ranks of a pipelined run return once the final model is written.
+    if let Some(plan) = &opts.pipeline {
+        plan.world.barrier().map_err(crate::parallel::comm_err)?;
     }
     // Evaluation is collective in a distributed run: before anything only rank 0 does.
     let val = match last_val {
         Some(v) => Some(v),
-        None if start_step == total => Some(trainer.evaluate()),
+        None if start_step == total && writes => Some(trainer.evaluate()),
         None => None,
     };
     let metrics_path = out.join("metrics.jsonl");

@@ -321,6 +321,8 @@ pub struct Trainer<B: DsAutodiffBackend> {
     pub teacher: Option<Teacher<B::InnerBackend>>,
     /// FP8 events of every quantization in the Linear GEMMs (`precision = fp8`).
     pub quant: std::sync::Arc<dsv3_backends::QuantCounters>,
+    /// A pipeline-parallel run ([`Self::pipelined`]); `None`: the micro-batches run here.
+    pub pipeline: Option<crate::pipeline::exec::PipelineSetup>,
 }
 
 impl<B: DsAutodiffBackend> Trainer<B> {
@@ -389,6 +391,7 @@ impl<B: DsAutodiffBackend> Trainer<B> {
             parallel: None,
             tokenizer_files: None,
             teacher: None,
+            pipeline: None,
         }
     }
 
@@ -442,6 +445,180 @@ impl<B: DsAutodiffBackend> Trainer<B> {
         Ok(())
     }
 
+    /// Makes this a pipeline-parallel run over `world` (`P · D` processes: rank `w` is
+    /// pipeline rank `w mod P` of data-parallel replica `w div P`). Every rank holds the whole
+    /// model and computes its stages of schedule `kind`; each replica takes its `1/D` of every
+    /// micro-batch of the step (`grad_accum` micro-batches flow through its pipeline); the
+    /// gradients are summed over all ranks and every rank applies the same optimiser step, so
+    /// the ranks stay identical. Collective over `world` (it is split into the groups).
+    ///
+    /// # Errors
+    /// [`TrainError::Invalid`] for a model with MTP modules, a run that is already
+    /// expert/data-parallel, a world that is not a multiple of `pp`, or a batch that does not
+    /// split over the replicas; [`TrainError::Pipeline`] when the schedule's preconditions
+    /// fail for `pp` ranks and `grad_accum` micro-batches; [`TrainError::Comm`] when the
+    /// split fails.
+    pub fn pipelined(
+        &mut self,
+        world: std::sync::Arc<dyn dsv3_backends::comm::Communicator>,
+        pp: usize,
+        kind: crate::pipeline::ScheduleKind,
+    ) -> Result<(), TrainError> {
+        if self.parallel.is_some() {
+            return Err(TrainError::Invalid(
+                "pipeline parallelism does not compose with --ep yet".into(),
+            ));
+        }
+        if self.mtp_depths() > 0 {
+            return Err(TrainError::Invalid(
+                "pipeline parallelism does not run MTP modules yet: train a model config with \
+                 num_nextn_predict_layers = 0"
+                    .into(),
+            ));
+        }
+        let w = world.size();
+        if pp == 0 || !w.is_multiple_of(pp) {
+            return Err(TrainError::Invalid(format!(
+                "{w} processes do not form pipelines of {pp} ranks"
+            )));
+        }
+        let replicas = w / pp;
+        if !self.cfg.batch_size.is_multiple_of(replicas) {
+            return Err(TrainError::Invalid(format!(
+                "batch_size = {} (the global micro-batch) must be divisible by the {replicas} \
+                 data-parallel pipelines",
+                self.cfg.batch_size
+            )));
+        }
+        let (r, p) = (world.rank() / pp, world.rank() % pp);
+        let comm = world.split(r, p).map_err(crate::parallel::comm_err)?;
+        let dp = world.split(p, r).map_err(crate::parallel::comm_err)?;
+        let schedule = crate::pipeline::Schedule::new(kind, pp, self.cfg.grad_accum)?;
+        let cut = crate::pipeline::exec::StageCut::even(
+            self.model.config.num_hidden_layers,
+            schedule.stages,
+        )?;
+        self.cfg.workers = 1;
+        self.pipeline = Some(crate::pipeline::exec::PipelineSetup {
+            world,
+            comm,
+            dp,
+            schedule,
+            cut,
+        });
+        Ok(())
+    }
+
+    /// [`Self::train_step`] of a pipeline-parallel run.
+    fn pipeline_step(
+        &mut self,
+        setup: crate::pipeline::exec::PipelineSetup,
+    ) -> Result<StepStats, TrainError> {
+        use crate::pipeline::exec;
+        let step = self.step + 1;
+        let lr = optim::lr_at(&self.cfg, step);
+        let accum = self.cfg.grad_accum;
+        let layers = self.model.moe_layers();
+        let n_experts = self.model.config.n_routed_experts;
+        let mut loads: Vec<(usize, Vec<u64>)> =
+            layers.iter().map(|&l| (l, vec![0u64; n_experts])).collect();
+        // This replica's share of each global micro-batch.
+        let (replicas, replica) = (setup.dp.size(), setup.dp.rank());
+        let share = self.cfg.batch_size / replicas;
+        let batches: Vec<Batch<B>> = (0..accum)
+            .map(|_| {
+                let starts: Vec<usize> = self
+                    .sampler
+                    .next(self.cfg.batch_size)
+                    .into_iter()
+                    .map(|i| self.data.train[i])
+                    .collect();
+                let mine = &starts[replica * share..(replica + 1) * share];
+                make_batch::<B>(&self.data, mine, 0, &self.device)
+            })
+            .collect();
+        let mut res = exec::run_step_scaled(
+            &self.model,
+            &setup.schedule,
+            &setup.cut,
+            &setup.comm,
+            &batches,
+            &self.cfg,
+            replicas,
+        )?;
+        if replicas > 1 {
+            // The replicas' losses are of equal shares: their mean is the global batch's.
+            let mut v: Vec<f64> = res.total.iter().chain(&res.ce).copied().collect();
+            v.extend(res.balance.iter().map(|b| b.unwrap_or(0.0)));
+            setup
+                .dp
+                .all_reduce_in_place(&mut v, dsv3_backends::comm::ReduceOp::Sum)
+                .map_err(crate::parallel::comm_err)?;
+            let mean = |x: f64| x / replicas as f64;
+            res.total = v[..accum].iter().map(|&x| mean(x)).collect();
+            res.ce = v[accum..2 * accum].iter().map(|&x| mean(x)).collect();
+            let has = res.balance.iter().all(Option::is_some);
+            res.balance = v[2 * accum..]
+                .iter()
+                .map(|&x| has.then(|| mean(x)))
+                .collect();
+        }
+        if let Some(i) = res.total.iter().position(|t| !t.is_finite()) {
+            return Err(TrainError::NonFinite {
+                what: "loss",
+                step,
+                location: format!("micro-batch {i} of the pipeline step"),
+            });
+        }
+        for (layer, experts) in &res.experts {
+            if let Some((_, l)) = loads.iter_mut().find(|(x, _)| x == layer) {
+                balance::add_loads(l, experts);
+            }
+        }
+        // Loads over every stage and replica: the bias stays identical on every rank.
+        let mut flat: Vec<f64> = loads
+            .iter()
+            .flat_map(|(_, l)| l.iter().map(|&x| x as f64))
+            .collect();
+        setup
+            .world
+            .all_reduce_in_place(&mut flat, dsv3_backends::comm::ReduceOp::Sum)
+            .map_err(crate::parallel::comm_err)?;
+        let mut it = flat.into_iter();
+        for (_, l) in loads.iter_mut() {
+            l.iter_mut()
+                .for_each(|x| *x = it.next().expect("same layout") as u64);
+        }
+        let mut grads = exec::sum_gradients(&setup.world, &self.model, res.grads)?;
+        let norm = optim::clip_global_norm(&self.model, &mut grads, self.cfg.grad_clip);
+        if let Some(location) = norm.non_finite {
+            return Err(TrainError::NonFinite {
+                what: "gradient",
+                step,
+                location,
+            });
+        }
+        let model = self.model.clone();
+        self.model = self.optim.step(lr, model, grads);
+        balance::apply(&mut self.model, &loads, self.cfg.bias_gamma as f32);
+        self.step = step;
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / accum as f64;
+        let bal = res.balance.iter().copied().collect::<Option<Vec<f64>>>();
+        Ok(StepStats {
+            step,
+            loss: mean(&res.total),
+            ce: mean(&res.ce),
+            mtp_loss: None,
+            balance_loss: bal.map(|b| mean(&b)),
+            lr,
+            grad_norm: norm.norm,
+            loads,
+            tokens: self.cfg.tokens_per_step(),
+            comm: None,
+            fp8: None,
+        })
+    }
+
     fn mtp_depths(&self) -> usize {
         self.model.model.mtp.len()
     }
@@ -454,6 +631,9 @@ impl<B: DsAutodiffBackend> Trainer<B> {
     /// parameter, [`Self::diagnose`]) or `"gradient"` (the first non-finite gradient). The data
     /// order has advanced by then; the parameters, optimiser and `step` have not.
     pub fn train_step(&mut self) -> Result<StepStats, TrainError> {
+        if let Some(setup) = self.pipeline.clone() {
+            return self.pipeline_step(setup);
+        }
         let step = self.step + 1;
         let lr = optim::lr_at(&self.cfg, step);
         let accum = self.cfg.grad_accum;
