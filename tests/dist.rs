@@ -838,9 +838,20 @@ fn dist_train_pp_matches_single_process_and_resumes() {
         e.contains("dualpipe needs an even number of micro-batches"),
         "{e}"
     );
+    let mtp_out = dir.join("mtp");
     let e = mpirun(
         2,
-        &["train", "--preset", "tiny", "--pp", "2", "--steps", "1"],
+        &[
+            "train",
+            "--preset",
+            "tiny",
+            "--pp",
+            "2",
+            "--steps",
+            "1",
+            "--out",
+            mtp_out.to_str().unwrap(),
+        ],
     )
     .unwrap_err();
     assert!(e.contains("does not run MTP modules yet"), "{e}");
