@@ -311,7 +311,11 @@ pub(crate) fn draw_rl(
         (
             "held-out exact match".into(),
             RED.to_rgba(),
-            pts(&|r| r.eval_exact_match),
+            eval_before
+                .map(|e| (0.0, e))
+                .into_iter()
+                .chain(pts(&|r| r.eval_exact_match))
+                .collect(),
         ),
     ];
     let top = loss_top(&rewards).max(1.0);
