@@ -126,7 +126,7 @@ pub struct TrainArgs {
     pub pp: usize,
     /// Pipeline schedule with --pp: 1f1b, zb1p, dualpipe (PP even, micro-batches even and
     /// ≥ 2·PP) or dualpipev (micro-batches ≥ 2·PP).
-    #[arg(long, default_value = "1f1b", value_parser = super::pipeline::schedule_kind)]
+    #[arg(long, default_value = "1f1b", value_parser = super::pipeline::schedule_kind, requires = "pp")]
     pub schedule: dsv3_train::pipeline::ScheduleKind,
 }
 

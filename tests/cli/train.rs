@@ -144,6 +144,8 @@ fn cli_train_bad_inputs_give_one_line_errors() {
         "does not exist",
     );
     check(&["--workers", "0", "--out", o], "workers");
+    // A schedule means nothing without a pipeline: refused rather than ignored.
+    check(&["--schedule", "dualpipe", "--out", o], "--pp");
     let empty = dir.join("empty.txt");
     write(&empty, "");
     check(
