@@ -31,7 +31,7 @@ pub struct PipelineSimArgs {
     /// Micro-batches per step (DualPipe: even and ≥ 2·PP; DualPipeV: ≥ 2·PP).
     #[arg(long, default_value_t = 20)]
     pub micro_batches: usize,
-    /// Costs F,B,W[,FB[,COMM]] in any one time unit: forward, full backward (input + weight),
+    /// Costs as F,B,W or F,B,W,FB or F,B,W,FB,COMM, in any one time unit: forward, full backward (input + weight),
     /// weight gradient, overlapped F&B (default F+B) and transfer latency (default 0).
     #[arg(long, default_value = "1,2,1,3,0", value_parser = costs)]
     pub costs: Costs,
