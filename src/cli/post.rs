@@ -720,6 +720,28 @@ pub fn distill(a: &DistillArgs, out: &mut dyn Write) -> Result<(), CliError> {
     )
 }
 
+/// The tokenizer files of model directory `dir` that a fine-tuned model carries on (name,
+/// bytes): `tokenizer.json`, `tokenizer_config.json` and the chat template, those present.
+///
+/// # Errors
+/// [`CliError::Usage`] naming a file that exists but cannot be read.
+pub(crate) fn tokenizer_files(dir: &Path) -> Result<Vec<(String, Vec<u8>)>, CliError> {
+    let mut files = Vec::new();
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        dsv3_infer::CHAT_TEMPLATE_FILE,
+    ] {
+        let p = dir.join(name);
+        if p.is_file() {
+            let bytes = std::fs::read(&p)
+                .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", p.display())))?;
+            files.push((name.to_string(), bytes));
+        }
+    }
+    Ok(files)
+}
+
 /// `dsv3 sft`.
 pub fn sft(a: &SftArgs, out: &mut dyn Write) -> Result<(), CliError> {
     run_sft(a, None, out)
@@ -791,19 +813,7 @@ fn run_sft(
         ..Default::default()
     };
     cfg.validate().map_err(train)?;
-    let mut tokenizer_files = Vec::new();
-    for name in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        dsv3_infer::CHAT_TEMPLATE_FILE,
-    ] {
-        let p = a.model.join(name);
-        if p.is_file() {
-            let bytes = std::fs::read(&p)
-                .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", p.display())))?;
-            tokenizer_files.push((name.to_string(), bytes));
-        }
-    }
+    let tokenizer_files = tokenizer_files(&a.model)?;
     let ft = dsv3_train::FineTune {
         data_name: a.data.display().to_string(),
         data,

@@ -16,7 +16,7 @@ use dsv3_model::DeepseekV3;
 use dsv3_train::reward::{think_format, RuleReward};
 use dsv3_train::rl::{Group, GrpoConfig, GrpoTrainer, RlRecord};
 
-use super::post::{read_gen, GenItem};
+use super::post::{read_gen, tokenizer_files, GenItem};
 use super::CliError;
 
 /// The rule a completion is scored with against its line's `answer`.
@@ -157,6 +157,8 @@ pub fn rl(a: &RlArgs, out: &mut dyn Write) -> Result<(), CliError> {
             a.out.display()
         ));
     }
+    // Read now, so that an unreadable file fails before the training, not after it.
+    let tokenizer_files = tokenizer_files(&a.model)?;
     let items = read_gen(&a.data, &tok, a.chat, a.system.as_deref())?;
     let held_out = match &a.eval_data {
         Some(p) => {
@@ -302,19 +304,10 @@ pub fn rl(a: &RlArgs, out: &mut dyn Write) -> Result<(), CliError> {
         records.push(record);
     }
     let final_dir = a.out.join("final");
-    let mut files = Vec::new();
-    for name in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        dsv3_infer::CHAT_TEMPLATE_FILE,
-    ] {
-        let p = a.model.join(name);
-        if p.is_file() {
-            let bytes = std::fs::read(&p)
-                .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", p.display())))?;
-            files.push((name, bytes));
-        }
-    }
+    let files: Vec<(&str, Vec<u8>)> = tokenizer_files
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.clone()))
+        .collect();
     dsv3_train::checkpoint::write_atomically(&trainer.sampler(), &final_dir, &files)
         .map_err(|e| CliError::Usage(e.to_string()))?;
     let png = a.out.join("rl.png");

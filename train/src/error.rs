@@ -34,7 +34,7 @@ pub enum TrainError {
     Model(#[from] ModelError),
     /// A pipeline schedule, simulation or pipeline run failed.
     #[error(transparent)]
-    Pipeline(#[from] crate::pipeline::PipelineError),
+    Pipeline(#[from] crate::pipeline_error::PipelineError),
     #[error("cannot {action} {path}: {reason}")]
     Io {
         action: &'static str,

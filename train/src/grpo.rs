@@ -1,5 +1,5 @@
 //! The GRPO objective (Group Relative Policy Optimization; Shao et al. 2024, "DeepSeekMath",
-//! eq. 3 and 4; used for DeepSeek-R1 and V3's RL stage) — the loss; [`crate::rl`] runs it:
+//! eq. 3 and 4; used for DeepSeek-R1 and V3's RL stage) — the loss; the `rl` module runs it:
 //!
 //! - **group-normalised advantage** of completion `i` among the `G` of one prompt:
 //!   `Â_i = (r_i − mean(r)) / (std(r) + 1e-4)`, std with Bessel's correction (TRL's

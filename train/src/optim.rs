@@ -23,6 +23,7 @@ use dsv3_backends::DsAutodiffBackend;
 use dsv3_model::DeepseekV3;
 
 use crate::config::{StateDtype, TrainConfig};
+use crate::error::TrainError;
 
 /// AdamW over the model (`MixedAdamW`: Burn's AdamW, moments optionally stored in bf16).
 pub type Optim<B> = OptimizerAdaptor<MixedAdamW, DeepseekV3<B>, B>;
@@ -137,6 +138,22 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradScale<'_> {
 pub struct GradNorm {
     pub norm: f64,
     pub non_finite: Option<String>,
+}
+
+impl GradNorm {
+    /// # Errors
+    /// [`TrainError::NonFinite`] (a gradient, at optimiser step `step`) naming the first block
+    /// whose gradient is not finite, if any: the update must not be applied.
+    pub fn check(&self, step: usize) -> Result<(), TrainError> {
+        match &self.non_finite {
+            Some(location) => Err(TrainError::NonFinite {
+                what: "gradient",
+                step,
+                location: location.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Computes the global L2 norm of all gradients and, when it exceeds `max_norm` (> 0), scales

@@ -34,16 +34,16 @@ pub(crate) fn font() -> bool {
     })
 }
 
-fn err(path: &Path) -> impl Fn(String) -> TrainError + '_ {
+pub(crate) fn err(path: &Path) -> impl Fn(String) -> TrainError + '_ {
     move |e| TrainError::io("draw", path, e)
 }
 
 /// One curve: legend label, colour, points.
-type Series = (String, RGBAColor, Vec<(f64, f64)>);
+pub(crate) type Series = (String, RGBAColor, Vec<(f64, f64)>);
 
 /// One chart: `series` over steps `0..max_step` and `y`, with title, axes and legend when a
 /// font is available (`text`).
-fn panel<DB: DrawingBackend>(
+pub(crate) fn panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
     title: &str,
     max_step: f64,
@@ -262,7 +262,7 @@ pub fn compare_runs(runs: &[(String, Vec<LogRecord>)], path: &Path) -> Result<()
 }
 
 /// The top of a loss panel: 5% above the largest finite value of its series (at least 1e-3).
-fn loss_top(series: &[Series]) -> f64 {
+pub(crate) fn loss_top(series: &[Series]) -> f64 {
     series
         .iter()
         .flat_map(|s| s.2.iter().map(|p| p.1))
@@ -270,82 +270,4 @@ fn loss_top(series: &[Series]) -> f64 {
         .fold(0.0f64, f64::max)
         .max(1e-3)
         * 1.05
-}
-
-/// The PNG of an RL run (`DIR/rl.png`): mean reward, rule accuracy and held-out exact match
-/// (left); the KL to the reference and the mean completion length (right, each scaled to its
-/// own maximum, the maxima in the legend).
-pub(crate) fn draw_rl(
-    records: &[crate::rl::RlRecord],
-    eval_before: Option<f64>,
-    path: &Path,
-) -> Result<(), TrainError> {
-    let text = font();
-    let e = err(path);
-    let root = BitMapBackend::new(path, (1200, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
-    let (left, right) = root.split_horizontally(600);
-    let max_step = records
-        .iter()
-        .map(|r| r.stats.step)
-        .max()
-        .unwrap_or(1)
-        .max(1) as f64;
-    let pts = |f: &dyn Fn(&crate::rl::RlRecord) -> Option<f64>| -> Vec<(f64, f64)> {
-        records
-            .iter()
-            .filter_map(|r| f(r).map(|v| (r.stats.step as f64, v)))
-            .collect()
-    };
-    let rewards: Vec<Series> = vec![
-        (
-            "mean reward".into(),
-            BLUE.to_rgba(),
-            pts(&|r| Some(r.stats.reward)),
-        ),
-        (
-            "accuracy (samples)".into(),
-            GREEN.to_rgba(),
-            pts(&|r| Some(r.accuracy)),
-        ),
-        (
-            "held-out exact match".into(),
-            RED.to_rgba(),
-            eval_before
-                .map(|e| (0.0, e))
-                .into_iter()
-                .chain(pts(&|r| r.eval_exact_match))
-                .collect(),
-        ),
-    ];
-    let top = loss_top(&rewards).max(1.0);
-    panel(&left, "reward", max_step, 0.0..top, rewards, text).map_err(&e)?;
-    let scaled = |name: &str, color: RGBColor, f: &dyn Fn(&crate::rl::RlRecord) -> f64| {
-        let max = records
-            .iter()
-            .map(f)
-            .filter(|v| v.is_finite())
-            .fold(0.0f64, f64::max);
-        let div = if max > 0.0 { max } else { 1.0 };
-        (
-            format!("{name} (max {max:.3})"),
-            color.to_rgba(),
-            pts(&|r| Some(f(r) / div)),
-        )
-    };
-    let other: Vec<Series> = vec![
-        scaled("KL to reference", MAGENTA, &|r| r.stats.kl),
-        scaled("completion length", BLACK, &|r| r.stats.completion_len),
-    ];
-    panel(
-        &right,
-        "KL and length (÷ max)",
-        max_step,
-        0.0..1.05,
-        other,
-        text,
-    )
-    .map_err(&e)?;
-    root.present().map_err(|x| e(x.to_string()))?;
-    Ok(())
 }

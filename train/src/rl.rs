@@ -15,17 +15,21 @@
 //! TRL's `GRPOTrainer` does, so that `π_old` is the distribution the tokens were drawn from.
 //! With β = 0 no reference model is kept.
 
+use std::path::Path;
+
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
 use dsv3_backends::{DsAutodiffBackend, DsBackend};
 use dsv3_model::{DeepseekV3, ForwardOptions};
+use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::TrainError;
 use crate::grpo;
 use crate::optim::{self, Optim};
+use crate::plot::{err, font, loss_top, panel, Series};
 
 /// GRPO settings (DeepSeekMath §4.1 and TRL's names in brackets).
 #[derive(Debug, Clone, PartialEq)]
@@ -298,13 +302,7 @@ impl<B: DsAutodiffBackend> GrpoTrainer<B> {
             }
             let mut grads = acc.grads();
             let norm = optim::clip_global_norm(&self.policy, &mut grads, self.cfg.grad_clip);
-            if let Some(location) = norm.non_finite {
-                return Err(TrainError::NonFinite {
-                    what: "gradient",
-                    step,
-                    location,
-                });
-            }
+            norm.check(step)?;
             self.policy = self.optim.step(lr, self.policy.clone(), grads);
             first_loss.get_or_insert(loss_sum);
             first_norm.get_or_insert(norm.norm);
@@ -412,16 +410,80 @@ pub struct RlRecord {
 }
 
 /// Draws the reward, accuracy and held-out exact match (left; `eval_before`, the exact match
-/// before training, at step 0) and the KL and completion length (right) of an RL run.
+/// before training, at step 0) and the KL and completion length (right, each scaled to its own
+/// maximum, the maxima in the legend) of an RL run (`DIR/rl.png`).
 ///
 /// # Errors
 /// [`TrainError::Io`] when the PNG cannot be drawn or written.
-pub fn draw(
-    records: &[RlRecord],
-    eval_before: Option<f64>,
-    path: &std::path::Path,
-) -> Result<(), TrainError> {
-    crate::plot::draw_rl(records, eval_before, path)
+pub fn draw(records: &[RlRecord], eval_before: Option<f64>, path: &Path) -> Result<(), TrainError> {
+    let text = font();
+    let e = err(path);
+    let root = BitMapBackend::new(path, (1200, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let (left, right) = root.split_horizontally(600);
+    let max_step = records
+        .iter()
+        .map(|r| r.stats.step)
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    let pts = |f: &dyn Fn(&RlRecord) -> Option<f64>| -> Vec<(f64, f64)> {
+        records
+            .iter()
+            .filter_map(|r| f(r).map(|v| (r.stats.step as f64, v)))
+            .collect()
+    };
+    let rewards: Vec<Series> = vec![
+        (
+            "mean reward".into(),
+            BLUE.to_rgba(),
+            pts(&|r| Some(r.stats.reward)),
+        ),
+        (
+            "accuracy (samples)".into(),
+            GREEN.to_rgba(),
+            pts(&|r| Some(r.accuracy)),
+        ),
+        (
+            "held-out exact match".into(),
+            RED.to_rgba(),
+            eval_before
+                .map(|e| (0.0, e))
+                .into_iter()
+                .chain(pts(&|r| r.eval_exact_match))
+                .collect(),
+        ),
+    ];
+    let top = loss_top(&rewards).max(1.0);
+    panel(&left, "reward", max_step, 0.0..top, rewards, text).map_err(&e)?;
+    let scaled = |name: &str, color: RGBColor, f: &dyn Fn(&RlRecord) -> f64| {
+        let max = records
+            .iter()
+            .map(f)
+            .filter(|v| v.is_finite())
+            .fold(0.0f64, f64::max);
+        let div = if max > 0.0 { max } else { 1.0 };
+        (
+            format!("{name} (max {max:.3})"),
+            color.to_rgba(),
+            pts(&|r| Some(f(r) / div)),
+        )
+    };
+    let other: Vec<Series> = vec![
+        scaled("KL to reference", MAGENTA, &|r| r.stats.kl),
+        scaled("completion length", BLACK, &|r| r.stats.completion_len),
+    ];
+    panel(
+        &right,
+        "KL and length (÷ max)",
+        max_step,
+        0.0..1.05,
+        other,
+        text,
+    )
+    .map_err(&e)?;
+    root.present().map_err(|x| e(x.to_string()))?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -45,7 +45,7 @@ use crate::config::TrainConfig;
 use crate::error::TrainError;
 use crate::forward::{RouterTrace, TrainForward};
 use crate::loss;
-use crate::trainer::{objective, Batch, Losses};
+use crate::objective::{objective, Batch, Losses};
 
 /// Which decoder layers each stage holds (stage 0 also the embedding, the last stage also the
 /// final norm, `lm_head` and the loss).

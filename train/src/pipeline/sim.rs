@@ -10,8 +10,9 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 
-use super::schedule::{Action, Chunk, Schedule, ScheduleKind};
+use super::schedule::{Action, Chunk, Schedule};
 use super::PipelineError;
+use super::ScheduleKind;
 
 /// Per-action costs, in any time unit (the report's F, B, W, F&B).
 ///
