@@ -1,5 +1,5 @@
 //! Timing runs of the backend extension's operations (not tests: they print the tables recorded
-//! in BENCHMARKS.md). Run: `scripts/bench-kernels.sh [fp8-bytes|moe-experts|gpu-fp8-vs-bf16]`,
+//! in BENCHMARKS.md). Run: `scripts/bench-kernels.sh [fp8-bytes|moe-experts|few-rows|matmul|gpu-fp8-vs-bf16]`,
 //! i.e. `cargo bench --bench kernels --features wgpu -- NAME` (`--features cuda` for the GPU one).
 
 use std::time::Instant;
@@ -254,6 +254,36 @@ fn few_rows() {
     }
 }
 
+/// Prefill's and training's products (many rows): Flex's general matmul (the `gemm` crate) in
+/// GFLOP/s at the `small` and `mini` presets' shapes, to set against PyTorch's on the same
+/// threads (`scripts/bench_matmul_hf.py`).
+fn matmul() {
+    let dev = Default::default();
+    let mut rng = SplitMix64::new(6);
+    println!("| M×K×N | Flex matmul (ms) | GFLOP/s |");
+    println!("|---|---|---|");
+    for (m, k, n) in [
+        (512, 512, 8000),
+        (512, 512, 1408),
+        (512, 192, 512),
+        (2048, 192, 576),
+    ] {
+        let mut t = |r: usize, c: usize| {
+            let v: Vec<f32> = (0..r * c).map(|_| rng.uniform() as f32 - 0.5).collect();
+            Tensor::<Cpu, 2>::from_data(TensorData::new(v, [r, c]), &dev)
+        };
+        let (x, w) = (t(m, k), t(k, n));
+        let s = median_secs(7, || {
+            std::hint::black_box(x.clone().matmul(w.clone()).into_data());
+        });
+        println!(
+            "| {m}×{k}×{n} | {:.2} | {:.1} |",
+            s * 1e3,
+            (2 * m * k * n) as f64 / s / 1e9
+        );
+    }
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; the first other argument names the run.
     let which: Vec<String> = std::env::args()
@@ -267,6 +297,9 @@ fn main() {
     }
     if want("moe-experts") {
         moe_experts();
+    }
+    if which.iter().any(|w| w == "matmul") {
+        matmul();
     }
     if which.iter().any(|w| w == "few-rows") {
         few_rows();

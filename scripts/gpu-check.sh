@@ -18,6 +18,13 @@ cargo build --features cuda --bin dsv3 --tests
 # Fixtures on CUDA (one test at a time: they share the GPU).
 cargo test --features cuda --test integration -- --ignored --nocapture --test-threads=1 \
     kernels::cuda::
+# The GPU machine's CPU (issue 12): Flex's matmul against float64 and the few-row kernel
+# against it, on whichever `gemm` kernels that CPU picks (AVX-512 where it has AVX-512F; the
+# test prints which), and the many-row product's GFLOP/s on its cores.
+grep -o -m1 'avx512f' /proc/cpuinfo || echo "this CPU has no AVX-512F"
+cargo test --features cuda --test integration -- --nocapture --test-threads=1 \
+    kernels::flex_matmul_equals_float64 kernels::flex_thin_products
+cargo bench --features cuda --bench kernels -- matmul
 # The FP8 vs bf16 matmul timings (a bench, not a test; fails if the FP8 kernel's error >= 1e-5).
 cargo bench --features cuda --bench kernels -- gpu-fp8-vs-bf16
 # The same input on every backend this build has.

@@ -238,6 +238,21 @@ pub fn ints<Bk: Backend, const D: usize>(t: Tensor<Bk, D, Int>) -> Vec<i64> {
     t.into_data().convert::<i64>().to_vec().unwrap()
 }
 
+/// Whether Flex's matmul (the `gemm` crate, built with its `x86-v4` kernels) runs its AVX-512
+/// kernels on this CPU; otherwise it runs the AVX2 + FMA ones (or scalar code). The two sum in
+/// different orders, so results that are bit-identical to Flex's on one family are only within
+/// f32 rounding of them on the other.
+pub fn gemm_uses_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter()
