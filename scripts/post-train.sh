@@ -31,7 +31,7 @@ em() { # MODEL → exact match on the held-out sums
   "$BIN" eval --model "$1" --task gen --data "$OUT/add/test.jsonl" --chat --max-new-tokens 48 --batch-size 16 2>/dev/null \
     | sed -E 's/^gen: exact_match ([0-9.]+) \(([0-9]+\/[0-9]+)\).*/\2/'
 }
-[ -e "$OUT/add/test.jsonl" ] || "$BIN" make-task --task addition --out "$OUT/add" --seed 0 --digits 2 --train 2000 --test 100 > /dev/null
+[ -e "$OUT/add/test.jsonl" ] || "$BIN" make-task --task addition --out "$OUT/add" --seed 0 --digits 2 --train 2000 --test 300 > /dev/null
 stage pretrain "$OUT/base" "$BIN" train --out "$OUT/base"
 stage sft "$OUT/sft" "$BIN" sft --model "$OUT/base/final" --data "$OUT/add/train.jsonl" --out "$OUT/sft" \
   --steps 400 --lr 1e-3 --checkpoint-every 400 --eval-every 100 --log-every 50
@@ -43,7 +43,7 @@ stage student-sft "$OUT/student-sft" "$BIN" sft "${S[@]}" --out "$OUT/student-sf
 stage student-distill "$OUT/student-distill" "$BIN" distill --teacher "$OUT/sft/final" --temperature 1 --alpha 0.5 "${S[@]}" --out "$OUT/student-distill"
 val() { grep -o 'validation: loss [0-9.]*' "$OUT/$1.log" | awk '{print $3}'; }
 echo
-echo "| model | held-out exact match (100 sums) | val loss per assistant token |"
+echo "| model | held-out exact match (300 sums) | val loss per assistant token |"
 echo "|---|---|---|"
 echo "| mini, pre-trained | $(em "$OUT/base/final") | - |"
 echo "| + sft 400 steps | $(em "$OUT/sft/final") | $(val sft) |"
