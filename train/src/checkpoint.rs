@@ -49,6 +49,10 @@ pub struct TrainState {
     /// Expert-parallel group size of that run.
     #[serde(default = "one")]
     pub ep_size: usize,
+    /// Pipeline ranks per pipeline of an expert-parallel pipelined run (1 otherwise: a
+    /// pipelined run without expert parallelism writes a single-process checkpoint).
+    #[serde(default = "one")]
+    pub pp_size: usize,
 }
 
 fn one() -> usize {
@@ -265,10 +269,10 @@ pub fn save<B: DsAutodiffBackend>(
     data_name: &str,
     elapsed_s: f64,
 ) -> Result<PathBuf, TrainError> {
-    let (world_size, ep_size) = t
+    let (world_size, ep_size, pp_size) = t
         .parallel
         .as_ref()
-        .map_or((1, 1), |p| (p.world.size(), p.ep.size()));
+        .map_or((1, 1, 1), |p| (p.world.size(), p.ep.size(), p.pp));
     let state = TrainState {
         step: t.step,
         sampler: t.sampler.state(),
@@ -278,6 +282,7 @@ pub fn save<B: DsAutodiffBackend>(
         elapsed_s,
         world_size,
         ep_size,
+        pp_size,
     };
     let dest = step_dir(out, t.step);
     let state_json = serde_json::to_vec_pretty(&state).expect("state serialises");
@@ -364,14 +369,15 @@ pub fn load<B: DsAutodiffBackend>(
             state.data
         )));
     }
-    let (world, ep) = par.map_or((1, 1), |p| (p.world.size(), p.ep.size()));
-    if (state.world_size, state.ep_size) != (world, ep) {
+    let (world, ep, pp) = par.map_or((1, 1, 1), |p| (p.world.size(), p.ep.size(), p.pp));
+    if (state.world_size, state.ep_size, state.pp_size) != (world, ep, pp) {
         return Err(TrainError::Invalid(format!(
-            "{} was written by {} process(es) with --ep {}; resume it with the same layout \
-             (this run: {world} with --ep {ep})",
+            "{} was written by {} process(es) with --ep {} --pp {}; resume it with the same \
+             layout (this run: {world} with --ep {ep} --pp {pp})",
             dir.display(),
             state.world_size,
-            state.ep_size
+            state.ep_size,
+            state.pp_size
         )));
     }
     let opts = LoadOptions {

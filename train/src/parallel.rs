@@ -10,6 +10,11 @@
 //! partitioned (whole tensors, balanced by size) and their gradients reduce-scattered, each rank
 //! runs AdamW on its own part only (so it holds only that part's optimizer state), the global
 //! gradient norm comes from an all-reduce, and the updated parameters are all-gathered.
+//!
+//! With pipeline parallelism ([`Parallel::pipelined`], `W = P·D`: `D` data-parallel pipelines of
+//! `P` ranks) the expert-parallel groups lie inside each stage's `D` replicas, and the ZeRO-1
+//! group is every rank that holds the same experts, over all stages: its reduce-scatter also
+//! sums the stages' gradients (each rank computed only its own stages').
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -34,6 +39,9 @@ pub struct Parallel {
     pub ep: Arc<dyn Communicator>,
     /// The `M = W/N` ranks that hold the same experts (this rank's data-parallel group).
     pub dp: Arc<dyn Communicator>,
+    /// Pipeline ranks per data-parallel pipeline ([`Self::pipelined`]); 1 without pipeline
+    /// parallelism.
+    pub pp: usize,
 }
 
 pub(crate) fn comm_err(e: CommError) -> TrainError {
@@ -81,12 +89,64 @@ impl Parallel {
         let (d, e) = (r / ep_size, r % ep_size);
         let ep = world.split(d, e).map_err(comm_err)?;
         let dp = world.split(e, d).map_err(comm_err)?;
-        Ok(Self { world, ep, dp })
+        Ok(Self {
+            world,
+            ep,
+            dp,
+            pp: 1,
+        })
+    }
+
+    /// The groups of a pipeline-parallel run with expert parallelism: `world` holds `D = W/pp`
+    /// data-parallel pipelines of `pp` ranks (rank `w` is pipeline rank `p = w mod pp` of
+    /// pipeline `r = w div pp`, as [`crate::Trainer::pipelined`] numbers them). The `D` ranks
+    /// of pipeline rank `p` hold the same stages; they form expert-parallel groups of `ep_size`
+    /// (pipelines `r` with the same `r div ep_size`; member `r mod ep_size`), so a stage's MoE
+    /// layers exchange tokens only between ranks that run that stage, in the same order (they
+    /// run the same list of actions). [`Self::dp`] is every rank holding the same experts
+    /// (member `r mod ep_size`, over all pipeline ranks and pipelines: `W/ep_size` ranks): ZeRO-1
+    /// over it also sums the stages' gradients.
+    ///
+    /// # Errors
+    /// [`TrainError::Invalid`] when `pp` does not divide the world size or `ep_size` does not
+    /// divide the `W/pp` pipelines; a failed split.
+    pub fn pipelined(
+        world: Arc<dyn Communicator>,
+        pp: usize,
+        ep_size: usize,
+    ) -> Result<Self, TrainError> {
+        let w = world.size();
+        if pp == 0 || !w.is_multiple_of(pp) {
+            return Err(TrainError::Invalid(format!(
+                "{w} processes do not form pipelines of {pp} ranks"
+            )));
+        }
+        let pipelines = w / pp;
+        if ep_size == 0 || !pipelines.is_multiple_of(ep_size) {
+            return Err(TrainError::Invalid(format!(
+                "--ep {ep_size} does not divide the {pipelines} data-parallel pipelines \
+                 (expert parallelism runs inside the replicas of each stage)"
+            )));
+        }
+        let rank = world.rank();
+        let (p, r) = (rank % pp, rank / pp);
+        let (g, e) = (r / ep_size, r % ep_size);
+        let ep = world
+            .split(p * (pipelines / ep_size) + g, e)
+            .map_err(comm_err)?;
+        let dp = world.split(e, rank).map_err(comm_err)?;
+        Ok(Self { world, ep, dp, pp })
     }
 
     /// Whether this rank reports and writes files (world rank 0).
     pub fn is_lead(&self) -> bool {
         self.world.rank() == 0
+    }
+
+    /// Data-parallel shares of each micro-batch: every rank without pipeline parallelism, the
+    /// pipelines with it.
+    pub fn replicas(&self) -> usize {
+        self.world.size() / self.pp.max(1)
     }
 
     /// This rank's share `[lo, hi)` of `n` items (`n` divisible by the world size).

@@ -74,7 +74,9 @@ pub struct RunOptions {
     pub parallel: Option<crate::parallel::Parallel>,
     /// A pipeline-parallel run (`mpirun -n PP·DP`): every rank holds the model and computes its
     /// stages; rank 0 logs, plots, reports and writes the checkpoints (the ranks stay
-    /// identical), every rank resumes from them.
+    /// identical), every rank resumes from them. With expert parallelism `parallel` is
+    /// [`crate::parallel::Parallel::pipelined`] over the same world: the checkpoints are
+    /// written together then, as for any expert-parallel run.
     pub pipeline: Option<crate::pipeline::exec::PipelinePlan>,
 }
 
@@ -322,8 +324,10 @@ fn run_with<B: DsAutodiffBackend>(
     }
     let lead = opts.parallel.as_ref().is_none_or(|p| p.is_lead())
         && opts.pipeline.as_ref().is_none_or(|p| p.world.rank() == 0);
-    // In a pipelined run every rank holds the same model and optimiser state: rank 0 writes.
-    let writes = opts.pipeline.is_none() || lead;
+    // In a pipelined run every rank holds the same model and optimiser state: rank 0 writes
+    // (with expert parallelism the ranks hold their own experts and optimiser shards: every
+    // rank takes part in the collective write, and in validation, whose MoE layers exchange).
+    let writes = opts.pipeline.is_none() || opts.parallel.is_some() || lead;
     std::fs::create_dir_all(out).map_err(|e| TrainError::io("create", out, e))?;
     let log = if lead {
         MetricsLog::open(out, resumed_from.as_ref().map(|_| trainer.step)).map(Some)

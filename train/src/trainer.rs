@@ -309,10 +309,15 @@ impl<B: DsAutodiffBackend> Trainer<B> {
     /// threads are turned off: `workers` becomes 1); [`TrainError::Model`] when the experts
     /// cannot be split.
     pub fn distribute(&mut self, par: Parallel) -> Result<(), TrainError> {
-        let w = par.world.size();
+        let w = par.replicas();
         if !self.cfg.batch_size.is_multiple_of(w) {
+            let what = if par.pp > 1 {
+                "data-parallel pipelines"
+            } else {
+                "processes"
+            };
             return Err(TrainError::Invalid(format!(
-                "batch_size = {} (the global micro-batch) must be divisible by the {w} processes",
+                "batch_size = {} (the global micro-batch) must be divisible by the {w} {what}",
                 self.cfg.batch_size
             )));
         }
@@ -327,26 +332,38 @@ impl<B: DsAutodiffBackend> Trainer<B> {
     /// Makes this a pipeline-parallel run over `world` (`P · D` processes: rank `w` is
     /// pipeline rank `w mod P` of data-parallel replica `w div P`). Every rank holds the whole
     /// model and computes its stages of schedule `kind`; each replica takes its `1/D` of every
-    /// micro-batch of the step (`grad_accum` micro-batches flow through its pipeline); the
-    /// gradients are summed over all ranks and every rank applies the same optimiser step, so
-    /// the ranks stay identical. Collective over `world` (it is split into the groups).
+    /// micro-batch of the step (`grad_accum` micro-batches flow through its pipeline).
+    ///
+    /// Without [`Self::parallel`] the gradients are summed over all ranks and every rank
+    /// applies the same optimiser step, so the ranks stay identical. With it (expert
+    /// parallelism inside each stage's replicas: [`Parallel::pipelined`] over the same `world`
+    /// and `pp`, set by [`Self::new_distributed`] or a distributed resume) the stages' MoE
+    /// layers exchange tokens within their expert-parallel group and the step is
+    /// [`crate::parallel`]'s (dense gradients over the EP group, ZeRO-1 over the ranks that
+    /// hold the same experts). Collective over `world` (it is split into the groups).
     ///
     /// # Errors
-    /// [`TrainError::Invalid`] for a model with MTP modules, a run that is already
-    /// expert/data-parallel, a world that is not a multiple of `pp`, or a batch that does not
-    /// split over the replicas; [`TrainError::Pipeline`] when the schedule's preconditions
-    /// fail for `pp` ranks and `grad_accum` micro-batches; [`TrainError::Comm`] when the
-    /// split fails.
+    /// [`TrainError::Invalid`] for a model with MTP modules, a distributed layout made for
+    /// another world or pipeline size, a world that is not a multiple of `pp`, or a batch that
+    /// does not split over the replicas; [`TrainError::Pipeline`] when the schedule's
+    /// preconditions fail for `pp` ranks and `grad_accum` micro-batches; [`TrainError::Comm`]
+    /// when the split fails.
     pub fn pipelined(
         &mut self,
         world: std::sync::Arc<dyn dsv3_backends::comm::Communicator>,
         pp: usize,
         kind: crate::pipeline::ScheduleKind,
     ) -> Result<(), TrainError> {
-        if self.parallel.is_some() {
-            return Err(TrainError::Invalid(
-                "pipeline parallelism does not compose with --ep yet".into(),
-            ));
+        if let Some(p) = &self.parallel {
+            if p.pp != pp || p.world.size() != world.size() {
+                return Err(TrainError::Invalid(format!(
+                    "the run's expert-parallel layout is for {} processes in pipelines of {}, \
+                     not {} in pipelines of {pp}",
+                    p.world.size(),
+                    p.pp,
+                    world.size()
+                )));
+            }
         }
         if self.mtp_depths() > 0 {
             return Err(TrainError::Invalid(
@@ -468,11 +485,29 @@ impl<B: DsAutodiffBackend> Trainer<B> {
             l.iter_mut()
                 .for_each(|x| *x = it.next().expect("same layout") as u64);
         }
-        let mut grads = exec::sum_gradients(&setup.world, &self.model, res.grads)?;
-        let norm = optim::clip_global_norm(&self.model, &mut grads, self.cfg.grad_clip);
-        norm.check(step)?;
         let model = self.model.clone();
-        self.model = self.optim.step(lr, model, grads);
+        let norm = if let Some(p) = &self.parallel {
+            // Expert-parallel stages: dense gradients over the EP group, then ZeRO-1 over
+            // the ranks holding the same experts (every stage: it sums the stages too).
+            let (m, norm) = crate::parallel::step(
+                p,
+                model,
+                &mut self.optim,
+                res.grads,
+                lr,
+                self.cfg.grad_clip,
+                &self.device,
+            )?;
+            norm.check(step)?;
+            self.model = m;
+            norm
+        } else {
+            let mut grads = exec::sum_gradients(&setup.world, &self.model, res.grads)?;
+            let norm = optim::clip_global_norm(&self.model, &mut grads, self.cfg.grad_clip);
+            norm.check(step)?;
+            self.model = self.optim.step(lr, model, grads);
+            norm
+        };
         balance::apply(&mut self.model, &loads, self.cfg.bias_gamma as f32);
         self.step = step;
         let mean = |v: &[f64]| v.iter().sum::<f64>() / accum as f64;

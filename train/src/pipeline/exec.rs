@@ -21,6 +21,12 @@
 //! DualPipe this sums the two copies of each stage, as DeepSeek's DualPipe example does), and
 //! every rank then applies the same optimiser step.
 //!
+//! With expert parallelism ([`crate::Parallel::pipelined`]) the model's MoE layers exchange
+//! tokens with the other ranks of their expert-parallel group, which hold the same stages in
+//! other pipelines and run the same list of actions: each F, B, B-input and W makes the same
+//! exchanges in the same order on every member (a backward's recomputed forward, then its
+//! autodiff backward, at once), so they pair up.
+//!
 //! The backward split of ZB1P and DualPipe is done by recomputation: a B-input recomputes the
 //! stage with the parameters untracked (Burn then computes the input's gradient only) and keeps
 //! the input and output gradient; its W recomputes the stage with the input untracked (the
