@@ -743,7 +743,7 @@ fn pipeline_config(dir: &Path) -> PathBuf {
 /// `dsv3 train --pp P --dp D --schedule S` under `mpirun -n P·D` follows the single-process
 /// loss curve (relative 1e-4 per logged step, as for EP/DP; measured: equal to 6 decimals) for
 /// every schedule at PP = 2 and 4 and for two data-parallel pipelines of 2, writes its
-/// checkpoints, and `--resume` continues it as a resumed single-process run continues (3 steps,
+/// checkpoints (the model, and every rank's ZeRO-1 optimiser shard), and `--resume` continues it as a resumed single-process run continues (3 steps,
 /// then resumed to 6).
 #[test]
 fn dist_train_pp_matches_single_process_and_resumes() {
@@ -818,6 +818,11 @@ fn dist_train_pp_matches_single_process_and_resumes() {
                 out.join(d).join("model.safetensors").is_file(),
                 "{schedule}: {d}"
             );
+        }
+        // ZeRO-1 over the ranks: each wrote its own optimiser shard.
+        for r in 0..n {
+            let shard = out.join("step-6").join(format!("optimizer-rank{r}.mpk"));
+            assert!(shard.is_file(), "{schedule}: {}", shard.display());
         }
     }
     // Layouts that cannot work are one-line errors.

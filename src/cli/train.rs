@@ -279,7 +279,7 @@ fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
         Ok(())
     })();
     super::dist::agree(comm, checked, "checks")?;
-    let parallel = if a.pp > 1 && a.ep > 1 {
+    let parallel = if a.pp > 1 {
         Some(dsv3_train::Parallel::pipelined(comm.clone(), a.pp, a.ep).map_err(train_err)?)
     } else if w > 1 {
         Some(dsv3_train::Parallel::new(comm.clone(), a.ep).map_err(train_err)?)

@@ -73,10 +73,11 @@ pub struct RunOptions {
     /// checkpoints are written together ([`checkpoint::write_parallel`]).
     pub parallel: Option<crate::parallel::Parallel>,
     /// A pipeline-parallel run (`mpirun -n PP·DP`): every rank holds the model and computes its
-    /// stages; rank 0 logs, plots, reports and writes the checkpoints (the ranks stay
-    /// identical), every rank resumes from them. With expert parallelism `parallel` is
-    /// [`crate::parallel::Parallel::pipelined`] over the same world: the checkpoints are
-    /// written together then, as for any expert-parallel run.
+    /// stages; rank 0 logs, plots and reports. With `parallel` =
+    /// [`crate::parallel::Parallel::pipelined`] over the same world (what `dsv3 train --pp`
+    /// gives, with or without `--ep`) the optimiser step is ZeRO-1 and the checkpoints are
+    /// written together, as for any distributed run; without it the ranks stay identical and
+    /// rank 0 writes the checkpoints, every rank resuming from them.
     pub pipeline: Option<crate::pipeline::exec::PipelinePlan>,
 }
 
@@ -324,10 +325,14 @@ fn run_with<B: DsAutodiffBackend>(
     }
     let lead = opts.parallel.as_ref().is_none_or(|p| p.is_lead())
         && opts.pipeline.as_ref().is_none_or(|p| p.world.rank() == 0);
-    // In a pipelined run every rank holds the same model and optimiser state: rank 0 writes
-    // (with expert parallelism the ranks hold their own experts and optimiser shards: every
-    // rank takes part in the collective write, and in validation, whose MoE layers exchange).
+    // Every rank of a distributed run takes part in the collective checkpoint writes (each
+    // holds its optimiser shard). Validation: every rank where the MoE layers exchange tokens
+    // (expert parallelism), else in a pipelined run rank 0 alone (it holds the whole model).
     let writes = opts.pipeline.is_none() || opts.parallel.is_some() || lead;
+    let validates = writes
+        && (opts.pipeline.is_none()
+            || lead
+            || opts.parallel.as_ref().is_some_and(|p| p.ep.size() > 1));
     std::fs::create_dir_all(out).map_err(|e| TrainError::io("create", out, e))?;
     let log = if lead {
         MetricsLog::open(out, resumed_from.as_ref().map(|_| trainer.step)).map(Some)
@@ -385,8 +390,7 @@ fn run_with<B: DsAutodiffBackend>(
         pb.set_message(format!("loss {:.3}  {:.0} tok/s", stats.ce, tps));
         let last = step == total;
         if step % trainer.cfg.log_every == 0 || last {
-            // Pipeline ranks other than 0 hold the same model and log nothing: no validation.
-            let val = (writes && (step % trainer.cfg.eval_every == 0 || last))
+            let val = (validates && (step % trainer.cfg.eval_every == 0 || last))
                 .then(|| trainer.evaluate());
             if val.is_some() {
                 last_val = val;
@@ -490,7 +494,7 @@ fn run_with<B: DsAutodiffBackend>(
     // Evaluation is collective in a distributed run: before anything only rank 0 does.
     let val = match last_val {
         Some(v) => Some(v),
-        None if start_step == total && writes => Some(trainer.evaluate()),
+        None if start_step == total && validates => Some(trainer.evaluate()),
         None => None,
     };
     let metrics_path = out.join("metrics.jsonl");

@@ -335,12 +335,14 @@ impl<B: DsAutodiffBackend> Trainer<B> {
     /// micro-batch of the step (`grad_accum` micro-batches flow through its pipeline).
     ///
     /// Without [`Self::parallel`] the gradients are summed over all ranks and every rank
-    /// applies the same optimiser step, so the ranks stay identical. With it (expert
-    /// parallelism inside each stage's replicas: [`Parallel::pipelined`] over the same `world`
-    /// and `pp`, set by [`Self::new_distributed`] or a distributed resume) the stages' MoE
-    /// layers exchange tokens within their expert-parallel group and the step is
-    /// [`crate::parallel`]'s (dense gradients over the EP group, ZeRO-1 over the ranks that
-    /// hold the same experts). Collective over `world` (it is split into the groups).
+    /// applies the same optimiser step, so the ranks stay identical. With it
+    /// ([`Parallel::pipelined`] over the same `world` and `pp`, set by
+    /// [`Self::new_distributed`] or a distributed resume; with expert parallelism inside each
+    /// stage's replicas when its EP groups have several ranks) the stages' MoE layers exchange
+    /// tokens within their expert-parallel group and the step is [`crate::parallel`]'s (dense
+    /// gradients over the EP group, ZeRO-1 over the ranks that hold the same experts: each
+    /// holds the optimiser state of its part only). Collective over `world` (it is split into
+    /// the groups).
     ///
     /// # Errors
     /// [`TrainError::Invalid`] for a model with MTP modules, a distributed layout made for

@@ -18,8 +18,10 @@
 //!
 //! In this first version every rank holds the whole model and computes only its stages'
 //! layers: the step's gradient is the sum of the ranks' gradients over the pipeline group (for
-//! DualPipe this sums the two copies of each stage, as DeepSeek's DualPipe example does), and
-//! every rank then applies the same optimiser step.
+//! DualPipe this sums the two copies of each stage, as DeepSeek's DualPipe example does):
+//! [`sum_gradients`], after which every rank applies the same optimiser step, or (what
+//! `dsv3 train --pp` runs) the ZeRO-1 step of [`crate::parallel`] over
+//! [`crate::Parallel::pipelined`]'s groups, whose reduce-scatter does that sum.
 //!
 //! With expert parallelism ([`crate::Parallel::pipelined`]) the model's MoE layers exchange
 //! tokens with the other ranks of their expert-parallel group, which hold the same stages in
