@@ -814,9 +814,10 @@ fn dist_train_pp_matches_single_process_and_resumes() {
             &format!("train --pp {n} --schedule {schedule}"),
         );
         for d in ["step-3", "step-6", "final"] {
-            assert!(
-                out.join(d).join("model.safetensors").is_file(),
-                "{schedule}: {d}"
+            assert_eq!(
+                checkpoint_layout(&out.join(d)),
+                checkpoint_layout(&single.join("final")),
+                "{schedule} {d}: checkpoint tensors differ from the single-process run's"
             );
         }
         // ZeRO-1 over the ranks: each wrote its own optimiser shard.

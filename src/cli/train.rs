@@ -280,7 +280,10 @@ fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
     })();
     super::dist::agree(comm, checked, "checks")?;
     let parallel = if a.pp > 1 {
-        Some(dsv3_train::Parallel::pipelined(comm.clone(), a.pp, a.ep).map_err(train_err)?)
+        Some(
+            dsv3_train::Parallel::pipelined(comm.clone(), a.pp, a.ep, a.schedule)
+                .map_err(train_err)?,
+        )
     } else if w > 1 {
         Some(dsv3_train::Parallel::new(comm.clone(), a.ep).map_err(train_err)?)
     } else {

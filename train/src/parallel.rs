@@ -12,9 +12,9 @@
 //! gradient norm comes from an all-reduce, and the updated parameters are all-gathered.
 //!
 //! With pipeline parallelism ([`Parallel::pipelined`], `W = P·D`: `D` data-parallel pipelines of
-//! `P` ranks) the expert-parallel groups lie inside each stage's `D` replicas, and the ZeRO-1
-//! group is every rank that holds the same experts, over all stages: its reduce-scatter also
-//! sums the stages' gradients (each rank computed only its own stages').
+//! `P` ranks) each rank holds only its stages' parameters, the expert-parallel groups lie inside
+//! each stage's `D` replicas, and the ZeRO-1 group is every rank that holds the same stages and
+//! experts (for DualPipe, both copies of a stage: its reduce-scatter also sums them).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -42,6 +42,8 @@ pub struct Parallel {
     /// Pipeline ranks per data-parallel pipeline ([`Self::pipelined`]); 1 without pipeline
     /// parallelism.
     pub pp: usize,
+    /// The pipeline schedule whose stages the ranks hold ([`Self::pipelined`]).
+    pub schedule: Option<crate::pipeline_error::ScheduleKind>,
 }
 
 pub(crate) fn comm_err(e: CommError) -> TrainError {
@@ -94,18 +96,22 @@ impl Parallel {
             ep,
             dp,
             pp: 1,
+            schedule: None,
         })
     }
 
-    /// The groups of a pipeline-parallel run with expert parallelism: `world` holds `D = W/pp`
-    /// data-parallel pipelines of `pp` ranks (rank `w` is pipeline rank `p = w mod pp` of
-    /// pipeline `r = w div pp`, as [`crate::Trainer::pipelined`] numbers them). The `D` ranks
-    /// of pipeline rank `p` hold the same stages; they form expert-parallel groups of `ep_size`
-    /// (pipelines `r` with the same `r div ep_size`; member `r mod ep_size`), so a stage's MoE
-    /// layers exchange tokens only between ranks that run that stage, in the same order (they
-    /// run the same list of actions). [`Self::dp`] is every rank holding the same experts
-    /// (member `r mod ep_size`, over all pipeline ranks and pipelines: `W/ep_size` ranks): ZeRO-1
-    /// over it also sums the stages' gradients.
+    /// The groups of a pipeline-parallel run of schedule `kind`, with expert parallelism when
+    /// `ep_size` > 1: `world` holds `D = W/pp` data-parallel pipelines of `pp` ranks (rank `w`
+    /// is pipeline rank `p = w mod pp` of pipeline `r = w div pp`, as
+    /// [`crate::Trainer::pipelined`] numbers them), and each rank holds only the parameters of
+    /// its stages ([`ScheduleKind::stages_of`](crate::pipeline::ScheduleKind::stages_of)). The
+    /// `D` ranks of pipeline rank `p` hold the same stages; they form expert-parallel groups of
+    /// `ep_size` (pipelines `r` with the same `r div ep_size`; member `r mod ep_size`), so a
+    /// stage's MoE layers exchange tokens only between ranks that run that stage, in the same
+    /// order (they run the same list of actions). [`Self::dp`] is every rank holding the same
+    /// stages and experts (member `r mod ep_size` of every pipeline, at pipeline rank `p`, and
+    /// for DualPipe also at `pp−1−p`, which holds the same two stages): ZeRO-1 over it sums
+    /// the replicas' gradients and DualPipe's two copies.
     ///
     /// # Errors
     /// [`TrainError::Invalid`] when `pp` does not divide the world size or `ep_size` does not
@@ -114,6 +120,7 @@ impl Parallel {
         world: Arc<dyn Communicator>,
         pp: usize,
         ep_size: usize,
+        kind: crate::pipeline_error::ScheduleKind,
     ) -> Result<Self, TrainError> {
         let w = world.size();
         if pp == 0 || !w.is_multiple_of(pp) {
@@ -134,8 +141,19 @@ impl Parallel {
         let ep = world
             .split(p * (pipelines / ep_size) + g, e)
             .map_err(comm_err)?;
-        let dp = world.split(e, rank).map_err(comm_err)?;
-        Ok(Self { world, ep, dp, pp })
+        // The first pipeline rank holding the same stages names the group.
+        let mine = kind.stages_of(pp, p);
+        let first = (0..pp)
+            .find(|&q| kind.stages_of(pp, q) == mine)
+            .unwrap_or(p);
+        let dp = world.split(first * ep_size + e, rank).map_err(comm_err)?;
+        Ok(Self {
+            world,
+            ep,
+            dp,
+            pp,
+            schedule: Some(kind),
+        })
     }
 
     /// Whether this rank reports and writes files (world rank 0).

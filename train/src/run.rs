@@ -326,13 +326,8 @@ fn run_with<B: DsAutodiffBackend>(
     let lead = opts.parallel.as_ref().is_none_or(|p| p.is_lead())
         && opts.pipeline.as_ref().is_none_or(|p| p.world.rank() == 0);
     // Every rank of a distributed run takes part in the collective checkpoint writes (each
-    // holds its optimiser shard). Validation: every rank where the MoE layers exchange tokens
-    // (expert parallelism), else in a pipelined run rank 0 alone (it holds the whole model).
+    // holds its part) and validation (through the pipeline when the ranks hold stages).
     let writes = opts.pipeline.is_none() || opts.parallel.is_some() || lead;
-    let validates = writes
-        && (opts.pipeline.is_none()
-            || lead
-            || opts.parallel.as_ref().is_some_and(|p| p.ep.size() > 1));
     std::fs::create_dir_all(out).map_err(|e| TrainError::io("create", out, e))?;
     let log = if lead {
         MetricsLog::open(out, resumed_from.as_ref().map(|_| trainer.step)).map(Some)
@@ -390,8 +385,9 @@ fn run_with<B: DsAutodiffBackend>(
         pb.set_message(format!("loss {:.3}  {:.0} tok/s", stats.ce, tps));
         let last = step == total;
         if step % trainer.cfg.log_every == 0 || last {
-            let val = (validates && (step % trainer.cfg.eval_every == 0 || last))
-                .then(|| trainer.evaluate());
+            let val = (writes && (step % trainer.cfg.eval_every == 0 || last))
+                .then(|| trainer.evaluate_run())
+                .transpose()?;
             if val.is_some() {
                 last_val = val;
             }
@@ -494,7 +490,7 @@ fn run_with<B: DsAutodiffBackend>(
     // Evaluation is collective in a distributed run: before anything only rank 0 does.
     let val = match last_val {
         Some(v) => Some(v),
-        None if start_step == total && validates => Some(trainer.evaluate()),
+        None if start_step == total && writes => Some(trainer.evaluate_run()?),
         None => None,
     };
     let metrics_path = out.join("metrics.jsonl");

@@ -236,10 +236,16 @@ impl<B: DsAutodiffBackend> Trainer<B> {
     ) -> Result<Self, TrainError> {
         check_setup(model_cfg, &cfg, &data)?;
         let mut model = DeepseekV3::<B>::init(model_cfg, device)?;
+        // A pipeline rank holds only its stages' weights ([`Parallel::pipelined`]).
+        let held = crate::pipeline::exec::held_by(&par, model_cfg.num_hidden_layers)?;
+        let whole = held.is_some().then(|| crate::init::numels(&model));
         if par.ep.size() > 1 {
             model.set_expert_parallel(par.ep.clone())?;
         }
-        let model = crate::init::seeded(model, cfg.seed);
+        if let Some(h) = &held {
+            model = model.hold_only(h);
+        }
+        let model = crate::init::seeded_part(model, cfg.seed, whole);
         let sampler = Sampler::new(data.train.len(), cfg.seed);
         let mut t = Self::from_parts(model, optim::adamw(&cfg), cfg, data, sampler, 0, device);
         t.distribute(par)?;
@@ -357,12 +363,13 @@ impl<B: DsAutodiffBackend> Trainer<B> {
         kind: crate::pipeline::ScheduleKind,
     ) -> Result<(), TrainError> {
         if let Some(p) = &self.parallel {
-            if p.pp != pp || p.world.size() != world.size() {
+            if p.pp != pp || p.world.size() != world.size() || p.schedule != Some(kind) {
                 return Err(TrainError::Invalid(format!(
-                    "the run's expert-parallel layout is for {} processes in pipelines of {}, \
-                     not {} in pipelines of {pp}",
+                    "the run's distributed layout is for {} processes in pipelines of {} \
+                     ({}), not {} in pipelines of {pp} ({kind})",
                     p.world.size(),
                     p.pp,
+                    p.schedule.map_or("none".to_string(), |k| k.to_string()),
                     world.size()
                 )));
             }
@@ -759,6 +766,34 @@ impl<B: DsAutodiffBackend> Trainer<B> {
     /// `eval_windows`, or all), without autodiff.
     pub fn evaluate(&self) -> EvalStats {
         evaluate(&self.model.valid(), &self.data, &self.cfg)
+    }
+
+    /// [`Self::evaluate`] in a run whose ranks may hold only their pipeline stages: there the
+    /// windows flow through the pipeline ([`crate::pipeline::exec::evaluate_stages`];
+    /// collective over every rank).
+    ///
+    /// # Errors
+    /// [`TrainError::Comm`] when a transfer fails.
+    pub fn evaluate_run(&self) -> Result<EvalStats, TrainError> {
+        let (Some(setup), Some(par)) = (&self.pipeline, &self.parallel) else {
+            return Ok(self.evaluate());
+        };
+        if par.pp <= 1 {
+            return Ok(self.evaluate());
+        }
+        let (nll, tokens, bytes) = crate::pipeline::exec::evaluate_stages(
+            &self.model.valid(),
+            &setup.schedule,
+            &setup.cut,
+            &setup.comm,
+            &self.data,
+            &self.cfg,
+        )?;
+        Ok(EvalStats {
+            loss: nll / tokens.max(1) as f64,
+            bits_per_byte: nll / std::f64::consts::LN_2 / bytes.max(1) as f64,
+            tokens,
+        })
     }
 }
 
