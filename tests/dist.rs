@@ -960,6 +960,28 @@ fn dist_train_pp_ep_matches_single_process_and_resumes() {
             );
         }
     }
+    // Another schedule places the stages (and so the optimiser shards) otherwise: refused.
+    let mut a = common(&dir.join("pp2-ep2-1f1b"), "6");
+    a.extend(
+        [
+            "--pp",
+            "2",
+            "--dp",
+            "2",
+            "--ep",
+            "2",
+            "--schedule",
+            "dualpipev",
+            "--resume",
+        ]
+        .map(String::from),
+    );
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let e = mpirun(4, &a).unwrap_err();
+    assert!(
+        e.contains("--schedule 1f1b; resume it with the same layout"),
+        "{e}"
+    );
     // The pipeline run's model loads in one process.
     let final_dir = dir.join("pp2-ep2-1f1b").join("final");
     plain(&[

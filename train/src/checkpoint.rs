@@ -54,6 +54,10 @@ pub struct TrainState {
     /// pipelined run without expert parallelism writes a single-process checkpoint).
     #[serde(default = "one")]
     pub pp_size: usize,
+    /// The pipeline schedule of that run (`None` without pipeline parallelism): it decides
+    /// which stages each rank holds, so which optimiser state its shard has.
+    #[serde(default)]
+    pub schedule: Option<String>,
 }
 
 fn one() -> usize {
@@ -401,6 +405,11 @@ pub fn save<B: DsAutodiffBackend>(
         world_size,
         ep_size,
         pp_size,
+        schedule: t
+            .parallel
+            .as_ref()
+            .and_then(|p| p.schedule)
+            .map(|k| k.to_string()),
     };
     let dest = step_dir(out, t.step);
     let state_json = serde_json::to_vec_pretty(&state).expect("state serialises");
@@ -488,14 +497,20 @@ pub fn load<B: DsAutodiffBackend>(
         )));
     }
     let (world, ep, pp) = par.map_or((1, 1, 1), |p| (p.world.size(), p.ep.size(), p.pp));
-    if (state.world_size, state.ep_size, state.pp_size) != (world, ep, pp) {
+    let schedule = par.and_then(|p| p.schedule).map(|k| k.to_string());
+    if (state.world_size, state.ep_size, state.pp_size) != (world, ep, pp)
+        || (pp > 1 && state.schedule != schedule)
+    {
+        let name = |s: &Option<String>| s.clone().unwrap_or_else(|| "none".into());
         return Err(TrainError::Invalid(format!(
-            "{} was written by {} process(es) with --ep {} --pp {}; resume it with the same \
-             layout (this run: {world} with --ep {ep} --pp {pp})",
+            "{} was written by {} process(es) with --ep {} --pp {} --schedule {}; resume it with \
+             the same layout (this run: {world} with --ep {ep} --pp {pp} --schedule {})",
             dir.display(),
             state.world_size,
             state.ep_size,
-            state.pp_size
+            state.pp_size,
+            name(&state.schedule),
+            name(&schedule)
         )));
     }
     // A pipeline rank reads only its stages' tensors.

@@ -72,12 +72,13 @@ pub struct RunOptions {
     /// A distributed run's communicators (`mpirun`): rank 0 logs, plots and reports;
     /// checkpoints are written together ([`checkpoint::write_parallel`]).
     pub parallel: Option<crate::parallel::Parallel>,
-    /// A pipeline-parallel run (`mpirun -n PP·DP`): every rank holds the model and computes its
-    /// stages; rank 0 logs, plots and reports. With `parallel` =
-    /// [`crate::parallel::Parallel::pipelined`] over the same world (what `dsv3 train --pp`
-    /// gives, with or without `--ep`) the optimiser step is ZeRO-1 and the checkpoints are
-    /// written together, as for any distributed run; without it the ranks stay identical and
-    /// rank 0 writes the checkpoints, every rank resuming from them.
+    /// A pipeline-parallel run (`mpirun -n PP·DP`): every rank computes its stages; rank 0
+    /// logs, plots and reports. With `parallel` = [`crate::parallel::Parallel::pipelined`] over
+    /// the same world (what `dsv3 train --pp` gives, with or without `--ep`) each rank holds
+    /// only its stages' weights, the optimiser step is ZeRO-1, validation runs through the
+    /// pipeline, and the checkpoints are written together (per-stage shards of one model);
+    /// without it every rank holds the whole model, the ranks stay identical and rank 0 writes
+    /// the checkpoints, every rank resuming from them.
     pub pipeline: Option<crate::pipeline::exec::PipelinePlan>,
 }
 
@@ -385,9 +386,16 @@ fn run_with<B: DsAutodiffBackend>(
         pb.set_message(format!("loss {:.3}  {:.0} tok/s", stats.ce, tps));
         let last = step == total;
         if step % trainer.cfg.log_every == 0 || last {
-            let val = (writes && (step % trainer.cfg.eval_every == 0 || last))
+            let val = match (writes && (step % trainer.cfg.eval_every == 0 || last))
                 .then(|| trainer.evaluate_run())
-                .transpose()?;
+                .transpose()
+            {
+                Ok(v) => v,
+                Err(e) => {
+                    pb.abandon();
+                    return Err(e);
+                }
+            };
             if val.is_some() {
                 last_val = val;
             }

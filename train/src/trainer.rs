@@ -221,9 +221,11 @@ impl<B: DsAutodiffBackend> Trainer<B> {
         Ok(Self::at_step_zero(model, cfg, data, device))
     }
 
-    /// [`Self::new`] for a distributed run: the routed experts are split over `par.ep` before
-    /// the weights are drawn, so each rank materialises only the experts it holds (with the
-    /// values a single-process run of the same seed gives them).
+    /// [`Self::new`] for a distributed run: the routed experts are split over `par.ep`, and in
+    /// a pipelined run ([`Parallel::pipelined`]) the other stages' weights made placeholders
+    /// ([`DeepseekV3::hold_only`]), before the weights are drawn, so each rank materialises
+    /// only the experts and stages it holds (with the values a single-process run of the same
+    /// seed gives them: [`crate::init::seeded_part`]).
     ///
     /// # Errors
     /// As [`Self::new`] and [`Self::distribute`].
@@ -336,19 +338,19 @@ impl<B: DsAutodiffBackend> Trainer<B> {
     }
 
     /// Makes this a pipeline-parallel run over `world` (`P · D` processes: rank `w` is
-    /// pipeline rank `w mod P` of data-parallel replica `w div P`). Every rank holds the whole
-    /// model and computes its stages of schedule `kind`; each replica takes its `1/D` of every
-    /// micro-batch of the step (`grad_accum` micro-batches flow through its pipeline).
+    /// pipeline rank `w mod P` of data-parallel replica `w div P`). Every rank computes its
+    /// stages of schedule `kind`; each replica takes its `1/D` of every micro-batch of the step
+    /// (`grad_accum` micro-batches flow through its pipeline).
     ///
-    /// Without [`Self::parallel`] the gradients are summed over all ranks and every rank
-    /// applies the same optimiser step, so the ranks stay identical. With it
-    /// ([`Parallel::pipelined`] over the same `world` and `pp`, set by
-    /// [`Self::new_distributed`] or a distributed resume; with expert parallelism inside each
-    /// stage's replicas when its EP groups have several ranks) the stages' MoE layers exchange
-    /// tokens within their expert-parallel group and the step is [`crate::parallel`]'s (dense
-    /// gradients over the EP group, ZeRO-1 over the ranks that hold the same experts: each
-    /// holds the optimiser state of its part only). Collective over `world` (it is split into
-    /// the groups).
+    /// With [`Self::parallel`] = [`Parallel::pipelined`] over the same `world`, `pp` and `kind`
+    /// (set by [`Self::new_distributed`] or a distributed resume, which then made the model
+    /// hold only this rank's stages; with expert parallelism inside each stage's replicas when
+    /// its EP groups have several ranks) the stages' MoE layers exchange tokens within their
+    /// expert-parallel group and the step is [`crate::parallel`]'s: dense gradients over the
+    /// EP group, ZeRO-1 over the ranks that hold the same stages and experts (each holds the
+    /// optimiser state of its part only). Without it every rank holds the whole model, the
+    /// gradients are summed over all ranks and every rank applies the same optimiser step, so
+    /// the ranks stay identical. Collective over `world` (it is split into the groups).
     ///
     /// # Errors
     /// [`TrainError::Invalid`] for a model with MTP modules, a distributed layout made for

@@ -16,12 +16,14 @@
 //! The objective is the trainer's: next-token CE and the sequence-wise balance loss of every MoE
 //! layer (each on the stage that holds it). MTP modules are not run in a pipeline.
 //!
-//! In this first version every rank holds the whole model and computes only its stages'
-//! layers: the step's gradient is the sum of the ranks' gradients over the pipeline group (for
-//! DualPipe this sums the two copies of each stage, as DeepSeek's DualPipe example does):
-//! [`sum_gradients`], after which every rank applies the same optimiser step, or (what
-//! `dsv3 train --pp` runs) the ZeRO-1 step of [`crate::parallel`] over
-//! [`crate::Parallel::pipelined`]'s groups, whose reduce-scatter does that sum.
+//! A rank computes only its stages' layers. What `dsv3 train --pp` runs
+//! ([`crate::Parallel::pipelined`]): each rank holds only its stages' weights ([`held_layers`]:
+//! the others are 1-element placeholders) and the step is the ZeRO-1 step of
+//! [`crate::parallel`] over the ranks that hold the same stages (for DualPipe its
+//! reduce-scatter sums the two copies of each stage, as DeepSeek's DualPipe example does);
+//! validation runs through the stages ([`evaluate_stages`]). Without it every rank holds the
+//! whole model, [`sum_gradients`] sums the gradients over the pipeline group and every rank
+//! applies the same optimiser step.
 //!
 //! With expert parallelism ([`crate::Parallel::pipelined`]) the model's MoE layers exchange
 //! tokens with the other ranks of their expert-parallel group, which hold the same stages in
