@@ -195,7 +195,8 @@ pub fn write_atomically<B: DsBackend>(
 /// [`write_atomically`] for a distributed run, collective over `par.world`: the first
 /// data-parallel replica writes the model as a sharded checkpoint
 /// ([`dsv3_model::save_expert_parallel`]: each expert-parallel rank its own experts; in a
-/// pipelined run, [`write_stage_shards`]: each stage's first holders their part), every
+/// pipelined run [`dsv3_model::save_tensors`] on the first ranks holding each stage, their
+/// stages' tensors (their own experts of them), and rank 0 the index), every
 /// rank writes its `per_rank` file (its optimiser shard), and rank 0 adds the tokenizer and
 /// `lead_files` (the state file last) and renames the directory into place.
 ///

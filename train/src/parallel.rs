@@ -29,6 +29,7 @@ use dsv3_model::{DeepseekV3, Holding as Kind};
 use crate::error::TrainError;
 use crate::optim::GradNorm;
 use crate::optim::Optim;
+use crate::pipeline_error::ScheduleKind;
 
 /// The communicators of a distributed run.
 #[derive(Clone, Debug)]
@@ -43,7 +44,7 @@ pub struct Parallel {
     /// parallelism.
     pub pp: usize,
     /// The pipeline schedule whose stages the ranks hold ([`Self::pipelined`]).
-    pub schedule: Option<crate::pipeline_error::ScheduleKind>,
+    pub schedule: Option<ScheduleKind>,
 }
 
 pub(crate) fn comm_err(e: CommError) -> TrainError {
@@ -104,7 +105,7 @@ impl Parallel {
     /// `ep_size` > 1: `world` holds `D = W/pp` data-parallel pipelines of `pp` ranks (rank `w`
     /// is pipeline rank `p = w mod pp` of pipeline `r = w div pp`, as
     /// [`crate::Trainer::pipelined`] numbers them), and each rank holds only the parameters of
-    /// its stages ([`ScheduleKind::stages_of`](crate::pipeline::ScheduleKind::stages_of)). The
+    /// its stages ([`ScheduleKind::stages_of`]). The
     /// `D` ranks of pipeline rank `p` hold the same stages; they form expert-parallel groups of
     /// `ep_size` (pipelines `r` with the same `r div ep_size`; member `r mod ep_size`), so a
     /// stage's MoE layers exchange tokens only between ranks that run that stage, in the same
@@ -120,7 +121,7 @@ impl Parallel {
         world: Arc<dyn Communicator>,
         pp: usize,
         ep_size: usize,
-        kind: crate::pipeline_error::ScheduleKind,
+        kind: ScheduleKind,
     ) -> Result<Self, TrainError> {
         let w = world.size();
         if pp == 0 || !w.is_multiple_of(pp) {
