@@ -34,6 +34,7 @@ mod config;
 mod error;
 mod expert_parallel;
 pub mod fp8;
+mod held;
 mod linear;
 mod load;
 mod mla;
@@ -54,10 +55,11 @@ pub use error::{ConfigError, LoadError, ModelError};
 pub use expert_parallel::{
     expert_of, expert_owner, owned_experts, EpStats, ExpertParallel, Holding,
 };
+pub use held::HeldLayers;
 pub use linear::Linear;
 pub use load::{
-    load, load_from, load_from_with, load_with, save, save_expert_parallel, LoadOptions,
-    LoadReport, SaveDtype, WeightOptions, WeightStorage,
+    load, load_from, load_from_with, load_with, save, save_expert_parallel, save_index,
+    save_tensors, LoadOptions, LoadReport, SaveDtype, WeightOptions, WeightStorage,
 };
 pub use mla::{AttentionMode, Mla, MlaConfig};
 pub use mlp::{Mlp, MlpConfig};

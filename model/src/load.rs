@@ -18,6 +18,7 @@ use burn::tensor::{Tensor, TensorData};
 use crate::checkpoint::{write_safetensors, Checkpoint, Dtype, LoadError, TensorSource};
 use crate::config::DeepseekV3Config;
 use crate::error::{ConfigError, ModelError};
+use crate::held::HeldLayers;
 use crate::model::DeepseekV3;
 use crate::names::PathTracker;
 use dsv3_backends::comm::CommExt;
@@ -33,9 +34,19 @@ pub struct LoadOptions {
     /// holds ([`crate::owned_experts`]); the others become placeholders, never read from
     /// the (memory-mapped) files. Call [`DeepseekV3::set_expert_parallel`] on the result.
     pub expert_shard: Option<(usize, usize)>,
+    /// A pipeline rank's part ([`HeldLayers`]): the tensors outside it (of 2 or more
+    /// dimensions) become placeholders, never read.
+    pub held: Option<HeldLayers>,
 }
 
 impl LoadOptions {
+    /// Whether tensor `name` (of `dims` dimensions) lies outside this rank's pipeline part.
+    fn not_held(&self, name: &str, dims: usize) -> bool {
+        self.held
+            .as_ref()
+            .is_some_and(|h| !h.materialises(name, dims))
+    }
+
     /// Whether checkpoint tensor `name` belongs to a routed expert held by another rank.
     fn elsewhere(&self, name: &str, n_experts: usize) -> bool {
         match (self.expert_shard, crate::expert_parallel::expert_of(name)) {
@@ -168,8 +179,8 @@ impl<B: DsBackend> ModuleMapper<B> for Loader<'_, B> {
             self.used.insert(name);
             return param;
         }
-        if self.opts.elsewhere(&name, self.n_experts) {
-            // Another rank's expert: a placeholder, like `Linear::clear`.
+        if self.opts.elsewhere(&name, self.n_experts) || self.opts.not_held(&name, D) {
+            // Another rank's expert or stage: a placeholder, like `Linear::clear`.
             self.used.insert(name);
             let shape = [1; D];
             return Param::initialized(param.id, Tensor::<B, D>::zeros(shape, &self.device));
@@ -480,7 +491,7 @@ fn bind_fp8<B: DsBackend>(
     let n_experts = model.config.n_routed_experts;
     for (name, linear) in model.linears_mut() {
         let wname = format!("{name}.weight");
-        if opts.elsewhere(&wname, n_experts) {
+        if opts.elsewhere(&wname, n_experts) || opts.not_held(&wname, 2) {
             continue;
         }
         match ckpt.info(&wname) {
@@ -676,6 +687,56 @@ pub fn save<B: DsBackend>(
     })?;
     let lister = list_tensors(model, dtype, None);
     write_safetensors(&dir.join("model.safetensors"), lister.out, None)?;
+    write_config(model, dir, dtype)
+}
+
+/// Writes the tensors of `model` whose checkpoint names `keep` accepts to `dir/file` (one
+/// shard of a checkpoint in the Hugging Face layout, f32 or bf16 as `dtype` says; `dir` must
+/// exist). Returns their names. With [`save_index`] the shards of several processes (each
+/// holding its part, [`HeldLayers`]) make one checkpoint that [`load`] reads whole.
+///
+/// # Errors
+/// [`ModelError::Invalid`] for a model whose experts are packed; [`LoadError::Io`] or
+/// [`LoadError::Writer`] when writing the file fails.
+pub fn save_tensors<B: DsBackend>(
+    model: &DeepseekV3<B>,
+    dir: &Path,
+    file: &str,
+    dtype: SaveDtype,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<Vec<String>, ModelError> {
+    if model.is_packed() {
+        return Err(ModelError::Invalid(
+            "cannot save a model whose experts are packed for inference; save it before packing"
+                .into(),
+        ));
+    }
+    let mut lister = list_tensors(model, dtype, None);
+    lister.out.retain(|(name, _)| keep(name));
+    let names = lister.out.iter().map(|(n, _)| n.clone()).collect();
+    write_safetensors(&dir.join(file), lister.out, None)?;
+    Ok(names)
+}
+
+/// Writes `model.safetensors.index.json` (`weight_map`: each tensor name with the file that
+/// holds it, as [`save_tensors`] wrote them) and `config.json` of `model` into `dir`.
+///
+/// # Errors
+/// [`LoadError::Io`] when the index cannot be written; [`ConfigError::Io`] for `config.json`.
+pub fn save_index<B: DsBackend>(
+    model: &DeepseekV3<B>,
+    dir: &Path,
+    dtype: SaveDtype,
+    weight_map: &[(String, String)],
+) -> Result<(), ModelError> {
+    let map: serde_json::Map<String, serde_json::Value> = weight_map
+        .iter()
+        .map(|(n, f)| (n.clone(), serde_json::Value::String(f.clone())))
+        .collect();
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    let path = dir.join(crate::checkpoint::INDEX_FILE);
+    std::fs::write(&path, serde_json::to_vec_pretty(&index).expect("json"))
+        .map_err(|e| ModelError::from(LoadError::Io { path, source: e }))?;
     write_config(model, dir, dtype)
 }
 

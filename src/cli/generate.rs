@@ -160,6 +160,7 @@ impl DecodeArgs {
             strict: false,
             skip_mtp: self.speculative.is_none(),
             expert_shard: comm.map(|c| (c.rank(), c.size())),
+            held: None,
         };
         let mut weights = weight_options(kind, self.run.weights);
         weights.pack_experts &= comm.is_none();

@@ -691,6 +691,7 @@ fn score_on<B: DsBackend>(
             strict: a.strict,
             skip_mtp: !a.mtp,
             expert_shard: comm.as_ref().map(|c| (c.rank(), c.size())),
+            held: None,
         };
         let mut weights = weight_options(kind, a.run.weights);
         // Expert-parallel layers run their experts unpacked (the exchange is host-staged).

@@ -115,13 +115,15 @@ pub struct TrainArgs {
     /// (start W processes with `mpirun -n W`; W/ep groups are data-parallel replicas, ZeRO-1).
     #[arg(long, default_value_t = 1)]
     pub ep: usize,
-    /// Data-parallel replicas (default: processes / --ep); must equal processes / --ep.
+    /// Data-parallel replicas (default: processes / --ep); must equal processes / --ep. With
+    /// --pp: the pipelines (default: processes / --pp), which --ep must divide.
     #[arg(long)]
     pub dp: Option<usize>,
     /// Pipeline parallelism: the decoder layers cut into stages over this many processes
     /// (`mpirun -n PP·DP`: --dp pipelines, each taking its share of every micro-batch), the
-    /// step's --grad-accum micro-batches flowing through them as --schedule orders (not yet
-    /// with --ep, nor with MTP modules).
+    /// step's --grad-accum micro-batches flowing through them as --schedule orders. With --ep E
+    /// the DP ranks of each stage form DP/E expert-parallel groups of E (not yet with MTP
+    /// modules).
     #[arg(long, default_value_t = 1)]
     pub pp: usize,
     /// Pipeline schedule with --pp: 1f1b, zb1p, dualpipe (PP even, micro-batches even and
@@ -228,24 +230,32 @@ pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
 
 fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let (model, train) = settings(a)?;
-    if a.pp > 1 && a.ep > 1 {
-        return Err(CliError::Usage(
-            "--pp does not compose with --ep yet: run pipelines, with --dp replicas".into(),
-        ));
-    }
-    let world = super::dist::world(a.ep * a.dp.unwrap_or(1) * a.pp)?;
+    // With --pp the processes are PP × DP (DP pipelines; --ep groups inside each stage's DP
+    // replicas), without it EP × DP.
+    let ranks = if a.pp > 1 {
+        a.pp * a.dp.unwrap_or(a.ep)
+    } else {
+        a.ep * a.dp.unwrap_or(1)
+    };
+    let world = super::dist::world(ranks)?;
     let comm = &world.comm;
     if a.pp > 1 {
         let dp = a.dp.unwrap_or(comm.size() / a.pp).max(1);
-        let checked = if comm.size() == a.pp * dp {
-            Ok(())
-        } else {
+        let checked = if comm.size() != a.pp * dp {
             Err(CliError::Usage(format!(
                 "--pp {} × --dp {dp} needs {} processes, mpirun started {}",
                 a.pp,
                 a.pp * dp,
                 comm.size()
             )))
+        } else if a.ep == 0 || !dp.is_multiple_of(a.ep) {
+            Err(CliError::Usage(format!(
+                "--ep {} must divide --dp {dp}: with --pp the expert-parallel groups lie inside \
+                 each stage's data-parallel replicas (processes = --pp × --dp)",
+                a.ep
+            )))
+        } else {
+            Ok(())
         };
         super::dist::agree(comm, checked, "the pipeline layout")?;
     } else {
@@ -269,7 +279,12 @@ fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
         Ok(())
     })();
     super::dist::agree(comm, checked, "checks")?;
-    let parallel = if w > 1 {
+    let parallel = if a.pp > 1 {
+        Some(
+            dsv3_train::Parallel::pipelined(comm.clone(), a.pp, a.ep, a.schedule)
+                .map_err(train_err)?,
+        )
+    } else if w > 1 {
         Some(dsv3_train::Parallel::new(comm.clone(), a.ep).map_err(train_err)?)
     } else {
         None
@@ -300,7 +315,7 @@ fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let (summary, trained) = super::dist::agree(comm, result, "training")?;
     let mut report = String::new();
     use std::fmt::Write as _;
-    if parallel.is_some() {
+    if comm.size() > 1 {
         let _ = writeln!(report, "{}", super::dist::peak_rss_line(&world.comm)?);
     }
     let _ = writeln!(

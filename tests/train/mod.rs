@@ -6,6 +6,7 @@ mod data;
 mod fp8;
 mod objective;
 mod pipeline;
+mod pipeline_held;
 mod pipeline_split;
 mod sft;
 

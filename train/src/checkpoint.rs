@@ -24,6 +24,7 @@ use crate::data::{Dataset, Sampler, SamplerState};
 use crate::error::TrainError;
 use crate::optim;
 use crate::parallel::{agree, Parallel};
+use crate::pipeline::exec::held_by;
 use crate::tokenizer::ByteTokenizer;
 use crate::trainer::{Optim, Trainer};
 use dsv3_backends::comm::CommExt;
@@ -49,6 +50,14 @@ pub struct TrainState {
     /// Expert-parallel group size of that run.
     #[serde(default = "one")]
     pub ep_size: usize,
+    /// Pipeline ranks per pipeline of an expert-parallel pipelined run (1 otherwise: a
+    /// pipelined run without expert parallelism writes a single-process checkpoint).
+    #[serde(default = "one")]
+    pub pp_size: usize,
+    /// The pipeline schedule of that run (`None` without pipeline parallelism): it decides
+    /// which stages each rank holds, so which optimiser state its shard has.
+    #[serde(default)]
+    pub schedule: Option<String>,
 }
 
 fn one() -> usize {
@@ -185,7 +194,9 @@ pub fn write_atomically<B: DsBackend>(
 
 /// [`write_atomically`] for a distributed run, collective over `par.world`: the first
 /// data-parallel replica writes the model as a sharded checkpoint
-/// ([`dsv3_model::save_expert_parallel`]: each expert-parallel rank its own experts), every
+/// ([`dsv3_model::save_expert_parallel`]: each expert-parallel rank its own experts; in a
+/// pipelined run [`dsv3_model::save_tensors`] on the first ranks holding each stage, their
+/// stages' tensors (their own experts of them), and rank 0 the index), every
 /// rank writes its `per_rank` file (its optimiser shard), and rank 0 adds the tokenizer and
 /// `lead_files` (the state file last) and renames the directory into place.
 ///
@@ -202,9 +213,14 @@ pub fn write_parallel<B: DsBackend>(
     let lead = par.is_lead();
     let created = if lead { staging.create() } else { Ok(()) };
     agree(par, created, "writing the checkpoint")?;
+    let layout = stage_layout(par, &model.config)?;
     let written = (|| {
-        if par.dp.rank() == 0 {
-            dsv3_model::save_expert_parallel(model, &staging.tmp, SaveDtype::F32)?;
+        match &layout {
+            Some(layout) => write_stage_shards(model, par, layout, &staging.tmp)?,
+            None if par.dp.rank() == 0 => {
+                dsv3_model::save_expert_parallel(model, &staging.tmp, SaveDtype::F32)?;
+            }
+            None => {}
         }
         if let Some((file, bytes)) = &per_rank {
             let p = staging.tmp.join(file);
@@ -214,11 +230,122 @@ pub fn write_parallel<B: DsBackend>(
     })();
     agree(par, written, "writing the checkpoint")?;
     let finished = if lead {
-        staging.finish(lead_files)
+        layout
+            .as_ref()
+            .map_or(Ok(()), |l| write_stage_index(model, l, &staging.tmp))
+            .and_then(|()| staging.finish(lead_files))
     } else {
         Ok(())
     };
     agree(par, finished, "writing the checkpoint")
+}
+
+/// How a pipelined run's model is sharded on disk: one file per (holder group, expert-parallel
+/// member), a holder group being the pipeline ranks that hold the same stages (DualPipe: two).
+struct StageLayout {
+    /// Each holder group's part, in order of its first pipeline rank.
+    groups: Vec<dsv3_model::HeldLayers>,
+    /// This rank's group.
+    mine: usize,
+    /// Expert-parallel group size.
+    ep: usize,
+    n_experts: usize,
+}
+
+impl StageLayout {
+    fn file(&self, group: usize, member: usize) -> String {
+        let n = self.groups.len() * self.ep;
+        format!(
+            "model-{:05}-of-{n:05}.safetensors",
+            group * self.ep + member + 1
+        )
+    }
+
+    /// The expert-parallel member whose file holds tensor `name` (0 for dense tensors).
+    fn member(&self, name: &str) -> usize {
+        dsv3_model::expert_of(name)
+            .map_or(0, |x| dsv3_model::expert_owner(x, self.n_experts, self.ep))
+    }
+
+    /// The file that holds tensor `name`.
+    fn file_of(&self, name: &str) -> String {
+        let group = self
+            .groups
+            .iter()
+            .position(|g| g.contains(name))
+            .unwrap_or(0);
+        self.file(group, self.member(name))
+    }
+}
+
+/// The shard layout of a pipelined run (`None` without pipeline parallelism).
+fn stage_layout(
+    par: &Parallel,
+    config: &dsv3_model::DeepseekV3Config,
+) -> Result<Option<StageLayout>, TrainError> {
+    let Some(kind) = par.schedule.filter(|_| par.pp > 1) else {
+        return Ok(None);
+    };
+    let pp = par.pp;
+    let first = |q: usize| {
+        let stages = kind.stages_of(pp, q);
+        (0..pp)
+            .find(|&f| kind.stages_of(pp, f) == stages)
+            .unwrap_or(q)
+    };
+    let mut firsts: Vec<usize> = (0..pp).map(first).collect();
+    let me = first(par.world.rank() % pp);
+    firsts.sort_unstable();
+    firsts.dedup();
+    let groups = firsts
+        .iter()
+        .map(|&f| crate::pipeline::exec::held_layers(kind, pp, f, config.num_hidden_layers))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(StageLayout {
+        groups,
+        mine: firsts.iter().position(|&f| f == me).unwrap_or(0),
+        ep: par.ep.size(),
+        n_experts: config.n_routed_experts,
+    }))
+}
+
+/// A pipelined run's model shards: the first member of each ZeRO-1 group (the ranks holding the
+/// same stages and experts) writes its group's file: the tensors of its stages (of the routed
+/// experts, its own).
+fn write_stage_shards<B: DsBackend>(
+    model: &DeepseekV3<B>,
+    par: &Parallel,
+    layout: &StageLayout,
+    dir: &Path,
+) -> Result<(), TrainError> {
+    if par.dp.rank() != 0 {
+        return Ok(());
+    }
+    let member = par.ep.rank();
+    let held = &layout.groups[layout.mine];
+    let keep = |name: &str| held.contains(name) && layout.member(name) == member;
+    let file = layout.file(layout.mine, member);
+    dsv3_model::save_tensors(model, dir, &file, SaveDtype::F32, &keep)?;
+    Ok(())
+}
+
+/// Rank 0's part of a pipelined checkpoint: the index naming each tensor's shard, and
+/// `config.json`.
+fn write_stage_index<B: DsBackend>(
+    model: &DeepseekV3<B>,
+    layout: &StageLayout,
+    dir: &Path,
+) -> Result<(), TrainError> {
+    let map: Vec<(String, String)> = model
+        .param_names()
+        .into_iter()
+        .map(|(_, name)| {
+            let file = layout.file_of(&name);
+            (name, file)
+        })
+        .collect();
+    dsv3_model::save_index(model, dir, SaveDtype::F32, &map)?;
+    Ok(())
 }
 
 /// The optimiser state keyed by parameter position (module order) instead of the run's
@@ -265,10 +392,10 @@ pub fn save<B: DsAutodiffBackend>(
     data_name: &str,
     elapsed_s: f64,
 ) -> Result<PathBuf, TrainError> {
-    let (world_size, ep_size) = t
+    let (world_size, ep_size, pp_size) = t
         .parallel
         .as_ref()
-        .map_or((1, 1), |p| (p.world.size(), p.ep.size()));
+        .map_or((1, 1, 1), |p| (p.world.size(), p.ep.size(), p.pp));
     let state = TrainState {
         step: t.step,
         sampler: t.sampler.state(),
@@ -278,6 +405,12 @@ pub fn save<B: DsAutodiffBackend>(
         elapsed_s,
         world_size,
         ep_size,
+        pp_size,
+        schedule: t
+            .parallel
+            .as_ref()
+            .and_then(|p| p.schedule)
+            .map(|k| k.to_string()),
     };
     let dest = step_dir(out, t.step);
     let state_json = serde_json::to_vec_pretty(&state).expect("state serialises");
@@ -364,22 +497,39 @@ pub fn load<B: DsAutodiffBackend>(
             state.data
         )));
     }
-    let (world, ep) = par.map_or((1, 1), |p| (p.world.size(), p.ep.size()));
-    if (state.world_size, state.ep_size) != (world, ep) {
+    let (world, ep, pp) = par.map_or((1, 1, 1), |p| (p.world.size(), p.ep.size(), p.pp));
+    let schedule = par.and_then(|p| p.schedule).map(|k| k.to_string());
+    if (state.world_size, state.ep_size, state.pp_size) != (world, ep, pp)
+        || (pp > 1 && state.schedule != schedule)
+    {
+        let name = |s: &Option<String>| s.clone().unwrap_or_else(|| "none".into());
         return Err(TrainError::Invalid(format!(
-            "{} was written by {} process(es) with --ep {}; resume it with the same layout \
-             (this run: {world} with --ep {ep})",
+            "{} was written by {} process(es) with --ep {} --pp {} --schedule {}; resume it with \
+             the same layout (this run: {world} with --ep {ep} --pp {pp} --schedule {})",
             dir.display(),
             state.world_size,
-            state.ep_size
+            state.ep_size,
+            state.pp_size,
+            name(&state.schedule),
+            name(&schedule)
         )));
     }
+    // A pipeline rank reads only its stages' tensors.
+    let held = match par {
+        Some(p) if p.pp > 1 => {
+            let cfg = dsv3_model::DeepseekV3Config::from_file(&dir.join("config.json"))
+                .map_err(|e| bad(e.to_string()))?;
+            held_by(p, cfg.num_hidden_layers)?
+        }
+        _ => None,
+    };
     let opts = LoadOptions {
         strict: true,
         skip_mtp: false,
         expert_shard: par
             .filter(|p| p.ep.size() > 1)
             .map(|p| (p.ep.rank(), p.ep.size())),
+        held,
     };
     let (model, _) = dsv3_model::load::<B>(dir, device, &opts).map_err(|e| bad(e.to_string()))?;
     let optim_file = match par {

@@ -10,6 +10,11 @@
 //! partitioned (whole tensors, balanced by size) and their gradients reduce-scattered, each rank
 //! runs AdamW on its own part only (so it holds only that part's optimizer state), the global
 //! gradient norm comes from an all-reduce, and the updated parameters are all-gathered.
+//!
+//! With pipeline parallelism ([`Parallel::pipelined`], `W = P·D`: `D` data-parallel pipelines of
+//! `P` ranks) each rank holds only its stages' parameters, the expert-parallel groups lie inside
+//! each stage's `D` replicas, and the ZeRO-1 group is every rank that holds the same stages and
+//! experts (for DualPipe, both copies of a stage: its reduce-scatter also sums them).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -24,6 +29,7 @@ use dsv3_model::{DeepseekV3, Holding as Kind};
 use crate::error::TrainError;
 use crate::optim::GradNorm;
 use crate::optim::Optim;
+use crate::pipeline_error::ScheduleKind;
 
 /// The communicators of a distributed run.
 #[derive(Clone, Debug)]
@@ -34,6 +40,11 @@ pub struct Parallel {
     pub ep: Arc<dyn Communicator>,
     /// The `M = W/N` ranks that hold the same experts (this rank's data-parallel group).
     pub dp: Arc<dyn Communicator>,
+    /// Pipeline ranks per data-parallel pipeline ([`Self::pipelined`]); 1 without pipeline
+    /// parallelism.
+    pub pp: usize,
+    /// The pipeline schedule whose stages the ranks hold ([`Self::pipelined`]).
+    pub schedule: Option<ScheduleKind>,
 }
 
 pub(crate) fn comm_err(e: CommError) -> TrainError {
@@ -81,12 +92,80 @@ impl Parallel {
         let (d, e) = (r / ep_size, r % ep_size);
         let ep = world.split(d, e).map_err(comm_err)?;
         let dp = world.split(e, d).map_err(comm_err)?;
-        Ok(Self { world, ep, dp })
+        Ok(Self {
+            world,
+            ep,
+            dp,
+            pp: 1,
+            schedule: None,
+        })
+    }
+
+    /// The groups of a pipeline-parallel run of schedule `kind`, with expert parallelism when
+    /// `ep_size` > 1: `world` holds `D = W/pp` data-parallel pipelines of `pp` ranks (rank `w`
+    /// is pipeline rank `p = w mod pp` of pipeline `r = w div pp`, as
+    /// [`crate::Trainer::pipelined`] numbers them), and each rank holds only the parameters of
+    /// its stages ([`ScheduleKind::stages_of`]). The
+    /// `D` ranks of pipeline rank `p` hold the same stages; they form expert-parallel groups of
+    /// `ep_size` (pipelines `r` with the same `r div ep_size`; member `r mod ep_size`), so a
+    /// stage's MoE layers exchange tokens only between ranks that run that stage, in the same
+    /// order (they run the same list of actions). [`Self::dp`] is every rank holding the same
+    /// stages and experts (member `r mod ep_size` of every pipeline, at pipeline rank `p`, and
+    /// for DualPipe also at `pp−1−p`, which holds the same two stages): ZeRO-1 over it sums
+    /// the replicas' gradients and DualPipe's two copies.
+    ///
+    /// # Errors
+    /// [`TrainError::Invalid`] when `pp` does not divide the world size or `ep_size` does not
+    /// divide the `W/pp` pipelines; a failed split.
+    pub fn pipelined(
+        world: Arc<dyn Communicator>,
+        pp: usize,
+        ep_size: usize,
+        kind: ScheduleKind,
+    ) -> Result<Self, TrainError> {
+        let w = world.size();
+        if pp == 0 || !w.is_multiple_of(pp) {
+            return Err(TrainError::Invalid(format!(
+                "{w} processes do not form pipelines of {pp} ranks"
+            )));
+        }
+        let pipelines = w / pp;
+        if ep_size == 0 || !pipelines.is_multiple_of(ep_size) {
+            return Err(TrainError::Invalid(format!(
+                "--ep {ep_size} does not divide the {pipelines} data-parallel pipelines \
+                 (expert parallelism runs inside the replicas of each stage)"
+            )));
+        }
+        let rank = world.rank();
+        let (p, r) = (rank % pp, rank / pp);
+        let (g, e) = (r / ep_size, r % ep_size);
+        let ep = world
+            .split(p * (pipelines / ep_size) + g, e)
+            .map_err(comm_err)?;
+        // The first pipeline rank holding the same stages names the group.
+        let mine = kind.stages_of(pp, p);
+        let first = (0..pp)
+            .find(|&q| kind.stages_of(pp, q) == mine)
+            .unwrap_or(p);
+        let dp = world.split(first * ep_size + e, rank).map_err(comm_err)?;
+        Ok(Self {
+            world,
+            ep,
+            dp,
+            pp,
+            schedule: Some(kind),
+        })
     }
 
     /// Whether this rank reports and writes files (world rank 0).
     pub fn is_lead(&self) -> bool {
         self.world.rank() == 0
+    }
+
+    /// Data-parallel shares of each micro-batch: every rank without pipeline parallelism, the
+    /// pipelines with it.
+    pub fn replicas(&self) -> usize {
+        self.world.size() / self.pp.max(1)
     }
 
     /// This rank's share `[lo, hi)` of `n` items (`n` divisible by the world size).

@@ -60,6 +60,22 @@ impl ScheduleKind {
         }
     }
 
+    /// The stages pipeline rank `rank` of `ranks` holds parameters for, in ascending order:
+    /// its own (1F1B, ZB1P), `rank` and `PP−1−rank` (DualPipe: each stage on two ranks), or
+    /// `rank` and `2·PP−1−rank` (DualPipeV's V).
+    pub fn stages_of(self, ranks: usize, rank: usize) -> Vec<usize> {
+        match self {
+            ScheduleKind::OneFOneB | ScheduleKind::ZeroBubble => vec![rank],
+            ScheduleKind::DualPipe => {
+                let mut v = vec![rank, ranks - 1 - rank];
+                v.sort_unstable();
+                v.dedup();
+                v
+            }
+            ScheduleKind::DualPipeV => vec![rank, 2 * ranks - 1 - rank],
+        }
+    }
+
     /// Whether each rank holds two stages' parameters of a full copy (DualPipe: 2× parameters).
     pub fn duplicates_parameters(self) -> bool {
         self == ScheduleKind::DualPipe

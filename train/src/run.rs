@@ -72,9 +72,13 @@ pub struct RunOptions {
     /// A distributed run's communicators (`mpirun`): rank 0 logs, plots and reports;
     /// checkpoints are written together ([`checkpoint::write_parallel`]).
     pub parallel: Option<crate::parallel::Parallel>,
-    /// A pipeline-parallel run (`mpirun -n PP·DP`): every rank holds the model and computes its
-    /// stages; rank 0 logs, plots, reports and writes the checkpoints (the ranks stay
-    /// identical), every rank resumes from them.
+    /// A pipeline-parallel run (`mpirun -n PP·DP`): every rank computes its stages; rank 0
+    /// logs, plots and reports. With `parallel` = [`crate::parallel::Parallel::pipelined`] over
+    /// the same world (what `dsv3 train --pp` gives, with or without `--ep`) each rank holds
+    /// only its stages' weights, the optimiser step is ZeRO-1, validation runs through the
+    /// pipeline, and the checkpoints are written together (per-stage shards of one model);
+    /// without it every rank holds the whole model, the ranks stay identical and rank 0 writes
+    /// the checkpoints, every rank resuming from them.
     pub pipeline: Option<crate::pipeline::exec::PipelinePlan>,
 }
 
@@ -322,8 +326,9 @@ fn run_with<B: DsAutodiffBackend>(
     }
     let lead = opts.parallel.as_ref().is_none_or(|p| p.is_lead())
         && opts.pipeline.as_ref().is_none_or(|p| p.world.rank() == 0);
-    // In a pipelined run every rank holds the same model and optimiser state: rank 0 writes.
-    let writes = opts.pipeline.is_none() || lead;
+    // Every rank of a distributed run takes part in the collective checkpoint writes (each
+    // holds its part) and validation (through the pipeline when the ranks hold stages).
+    let writes = opts.pipeline.is_none() || opts.parallel.is_some() || lead;
     std::fs::create_dir_all(out).map_err(|e| TrainError::io("create", out, e))?;
     let log = if lead {
         MetricsLog::open(out, resumed_from.as_ref().map(|_| trainer.step)).map(Some)
@@ -381,9 +386,16 @@ fn run_with<B: DsAutodiffBackend>(
         pb.set_message(format!("loss {:.3}  {:.0} tok/s", stats.ce, tps));
         let last = step == total;
         if step % trainer.cfg.log_every == 0 || last {
-            // Pipeline ranks other than 0 hold the same model and log nothing: no validation.
-            let val = (writes && (step % trainer.cfg.eval_every == 0 || last))
-                .then(|| trainer.evaluate());
+            let val = match (writes && (step % trainer.cfg.eval_every == 0 || last))
+                .then(|| trainer.evaluate_run())
+                .transpose()
+            {
+                Ok(v) => v,
+                Err(e) => {
+                    pb.abandon();
+                    return Err(e);
+                }
+            };
             if val.is_some() {
                 last_val = val;
             }
@@ -486,7 +498,7 @@ fn run_with<B: DsAutodiffBackend>(
     // Evaluation is collective in a distributed run: before anything only rank 0 does.
     let val = match last_val {
         Some(v) => Some(v),
-        None if start_step == total && writes => Some(trainer.evaluate()),
+        None if start_step == total && writes => Some(trainer.evaluate_run()?),
         None => None,
     };
     let metrics_path = out.join("metrics.jsonl");

@@ -221,9 +221,11 @@ impl<B: DsAutodiffBackend> Trainer<B> {
         Ok(Self::at_step_zero(model, cfg, data, device))
     }
 
-    /// [`Self::new`] for a distributed run: the routed experts are split over `par.ep` before
-    /// the weights are drawn, so each rank materialises only the experts it holds (with the
-    /// values a single-process run of the same seed gives them).
+    /// [`Self::new`] for a distributed run: the routed experts are split over `par.ep`, and in
+    /// a pipelined run ([`Parallel::pipelined`]) the other stages' weights made placeholders
+    /// ([`DeepseekV3::hold_only`]), before the weights are drawn, so each rank materialises
+    /// only the experts and stages it holds (with the values a single-process run of the same
+    /// seed gives them: [`crate::init::seeded_part`]).
     ///
     /// # Errors
     /// As [`Self::new`] and [`Self::distribute`].
@@ -236,10 +238,16 @@ impl<B: DsAutodiffBackend> Trainer<B> {
     ) -> Result<Self, TrainError> {
         check_setup(model_cfg, &cfg, &data)?;
         let mut model = DeepseekV3::<B>::init(model_cfg, device)?;
+        // A pipeline rank holds only its stages' weights ([`Parallel::pipelined`]).
+        let held = crate::pipeline::exec::held_by(&par, model_cfg.num_hidden_layers)?;
+        let whole = held.is_some().then(|| crate::init::numels(&model));
         if par.ep.size() > 1 {
             model.set_expert_parallel(par.ep.clone())?;
         }
-        let model = crate::init::seeded(model, cfg.seed);
+        if let Some(h) = &held {
+            model = model.hold_only(h);
+        }
+        let model = crate::init::seeded_part(model, cfg.seed, whole);
         let sampler = Sampler::new(data.train.len(), cfg.seed);
         let mut t = Self::from_parts(model, optim::adamw(&cfg), cfg, data, sampler, 0, device);
         t.distribute(par)?;
@@ -309,10 +317,15 @@ impl<B: DsAutodiffBackend> Trainer<B> {
     /// threads are turned off: `workers` becomes 1); [`TrainError::Model`] when the experts
     /// cannot be split.
     pub fn distribute(&mut self, par: Parallel) -> Result<(), TrainError> {
-        let w = par.world.size();
+        let w = par.replicas();
         if !self.cfg.batch_size.is_multiple_of(w) {
+            let what = if par.pp > 1 {
+                "data-parallel pipelines"
+            } else {
+                "processes"
+            };
             return Err(TrainError::Invalid(format!(
-                "batch_size = {} (the global micro-batch) must be divisible by the {w} processes",
+                "batch_size = {} (the global micro-batch) must be divisible by the {w} {what}",
                 self.cfg.batch_size
             )));
         }
@@ -325,28 +338,43 @@ impl<B: DsAutodiffBackend> Trainer<B> {
     }
 
     /// Makes this a pipeline-parallel run over `world` (`P · D` processes: rank `w` is
-    /// pipeline rank `w mod P` of data-parallel replica `w div P`). Every rank holds the whole
-    /// model and computes its stages of schedule `kind`; each replica takes its `1/D` of every
-    /// micro-batch of the step (`grad_accum` micro-batches flow through its pipeline); the
+    /// pipeline rank `w mod P` of data-parallel replica `w div P`). Every rank computes its
+    /// stages of schedule `kind`; each replica takes its `1/D` of every micro-batch of the step
+    /// (`grad_accum` micro-batches flow through its pipeline).
+    ///
+    /// With [`Self::parallel`] = [`Parallel::pipelined`] over the same `world`, `pp` and `kind`
+    /// (set by [`Self::new_distributed`] or a distributed resume, which then made the model
+    /// hold only this rank's stages; with expert parallelism inside each stage's replicas when
+    /// its EP groups have several ranks) the stages' MoE layers exchange tokens within their
+    /// expert-parallel group and the step is [`crate::parallel`]'s: dense gradients over the
+    /// EP group, ZeRO-1 over the ranks that hold the same stages and experts (each holds the
+    /// optimiser state of its part only). Without it every rank holds the whole model, the
     /// gradients are summed over all ranks and every rank applies the same optimiser step, so
     /// the ranks stay identical. Collective over `world` (it is split into the groups).
     ///
     /// # Errors
-    /// [`TrainError::Invalid`] for a model with MTP modules, a run that is already
-    /// expert/data-parallel, a world that is not a multiple of `pp`, or a batch that does not
-    /// split over the replicas; [`TrainError::Pipeline`] when the schedule's preconditions
-    /// fail for `pp` ranks and `grad_accum` micro-batches; [`TrainError::Comm`] when the
-    /// split fails.
+    /// [`TrainError::Invalid`] for a model with MTP modules, a distributed layout made for
+    /// another world or pipeline size, a world that is not a multiple of `pp`, or a batch that
+    /// does not split over the replicas; [`TrainError::Pipeline`] when the schedule's
+    /// preconditions fail for `pp` ranks and `grad_accum` micro-batches; [`TrainError::Comm`]
+    /// when the split fails.
     pub fn pipelined(
         &mut self,
         world: std::sync::Arc<dyn dsv3_backends::comm::Communicator>,
         pp: usize,
         kind: crate::pipeline::ScheduleKind,
     ) -> Result<(), TrainError> {
-        if self.parallel.is_some() {
-            return Err(TrainError::Invalid(
-                "pipeline parallelism does not compose with --ep yet".into(),
-            ));
+        if let Some(p) = &self.parallel {
+            if p.pp != pp || p.world.size() != world.size() || p.schedule != Some(kind) {
+                return Err(TrainError::Invalid(format!(
+                    "the run's distributed layout is for {} processes in pipelines of {} \
+                     ({}), not {} in pipelines of {pp} ({kind})",
+                    p.world.size(),
+                    p.pp,
+                    p.schedule.map_or("none".to_string(), |k| k.to_string()),
+                    world.size()
+                )));
+            }
         }
         if self.mtp_depths() > 0 {
             return Err(TrainError::Invalid(
@@ -468,11 +496,29 @@ impl<B: DsAutodiffBackend> Trainer<B> {
             l.iter_mut()
                 .for_each(|x| *x = it.next().expect("same layout") as u64);
         }
-        let mut grads = exec::sum_gradients(&setup.world, &self.model, res.grads)?;
-        let norm = optim::clip_global_norm(&self.model, &mut grads, self.cfg.grad_clip);
-        norm.check(step)?;
         let model = self.model.clone();
-        self.model = self.optim.step(lr, model, grads);
+        let norm = if let Some(p) = &self.parallel {
+            // Expert-parallel stages: dense gradients over the EP group, then ZeRO-1 over
+            // the ranks holding the same experts (every stage: it sums the stages too).
+            let (m, norm) = crate::parallel::step(
+                p,
+                model,
+                &mut self.optim,
+                res.grads,
+                lr,
+                self.cfg.grad_clip,
+                &self.device,
+            )?;
+            norm.check(step)?;
+            self.model = m;
+            norm
+        } else {
+            let mut grads = exec::sum_gradients(&setup.world, &self.model, res.grads)?;
+            let norm = optim::clip_global_norm(&self.model, &mut grads, self.cfg.grad_clip);
+            norm.check(step)?;
+            self.model = self.optim.step(lr, model, grads);
+            norm
+        };
         balance::apply(&mut self.model, &loads, self.cfg.bias_gamma as f32);
         self.step = step;
         let mean = |v: &[f64]| v.iter().sum::<f64>() / accum as f64;
@@ -722,6 +768,34 @@ impl<B: DsAutodiffBackend> Trainer<B> {
     /// `eval_windows`, or all), without autodiff.
     pub fn evaluate(&self) -> EvalStats {
         evaluate(&self.model.valid(), &self.data, &self.cfg)
+    }
+
+    /// [`Self::evaluate`] in a run whose ranks may hold only their pipeline stages: there the
+    /// windows flow through the pipeline ([`crate::pipeline::exec::evaluate_stages`];
+    /// collective over every rank).
+    ///
+    /// # Errors
+    /// [`TrainError::Comm`] when a transfer fails.
+    pub fn evaluate_run(&self) -> Result<EvalStats, TrainError> {
+        let (Some(setup), Some(par)) = (&self.pipeline, &self.parallel) else {
+            return Ok(self.evaluate());
+        };
+        if par.pp <= 1 {
+            return Ok(self.evaluate());
+        }
+        let (nll, tokens, bytes) = crate::pipeline::exec::evaluate_stages(
+            &self.model.valid(),
+            &setup.schedule,
+            &setup.cut,
+            &setup.comm,
+            &self.data,
+            &self.cfg,
+        )?;
+        Ok(EvalStats {
+            loss: nll / tokens.max(1) as f64,
+            bits_per_byte: nll / std::f64::consts::LN_2 / bytes.max(1) as f64,
+            tokens,
+        })
     }
 }
 

@@ -16,10 +16,20 @@
 //! The objective is the trainer's: next-token CE and the sequence-wise balance loss of every MoE
 //! layer (each on the stage that holds it). MTP modules are not run in a pipeline.
 //!
-//! In this first version every rank holds the whole model and computes only its stages'
-//! layers: the step's gradient is the sum of the ranks' gradients over the pipeline group (for
-//! DualPipe this sums the two copies of each stage, as DeepSeek's DualPipe example does), and
-//! every rank then applies the same optimiser step.
+//! A rank computes only its stages' layers. What `dsv3 train --pp` runs
+//! ([`crate::Parallel::pipelined`]): each rank holds only its stages' weights ([`held_layers`]:
+//! the others are 1-element placeholders) and the step is the ZeRO-1 step of
+//! [`crate::parallel`] over the ranks that hold the same stages (for DualPipe its
+//! reduce-scatter sums the two copies of each stage, as DeepSeek's DualPipe example does);
+//! validation runs through the stages ([`evaluate_stages`]). Without it every rank holds the
+//! whole model, [`sum_gradients`] sums the gradients over the pipeline group and every rank
+//! applies the same optimiser step.
+//!
+//! With expert parallelism ([`crate::Parallel::pipelined`]) the model's MoE layers exchange
+//! tokens with the other ranks of their expert-parallel group, which hold the same stages in
+//! other pipelines and run the same list of actions: each F, B, B-input and W makes the same
+//! exchanges in the same order on every member (a backward's recomputed forward, then its
+//! autodiff backward, at once), so they pair up.
 //!
 //! The backward split of ZB1P and DualPipe is done by recomputation: a B-input recomputes the
 //! stage with the parameters untracked (Burn then computes the input's gradient only) and keeps
@@ -721,4 +731,150 @@ pub struct PipelinePlan {
     pub pp: usize,
     /// The schedule.
     pub kind: super::ScheduleKind,
+}
+
+/// The part of the model pipeline rank `rank` of `pp` holds under schedule `kind` with
+/// `num_layers` decoder layers cut evenly ([`StageCut::even`]): its stages' layers, the
+/// embedding when it holds stage 0, the final norm and `lm_head` when it holds the last.
+///
+/// # Errors
+/// [`PipelineError::NoRanks`] when `pp` is 0.
+pub fn held_layers(
+    kind: super::ScheduleKind,
+    pp: usize,
+    rank: usize,
+    num_layers: usize,
+) -> Result<dsv3_model::HeldLayers, PipelineError> {
+    let stages = kind.stages(pp);
+    let cut = StageCut::even(num_layers, stages)?;
+    let mine = kind.stages_of(pp, rank);
+    Ok(dsv3_model::HeldLayers {
+        layers: mine.iter().flat_map(|&s| cut.layers[s].clone()).collect(),
+        embed: mine.contains(&0),
+        head: mine.contains(&(stages - 1)),
+    })
+}
+
+/// This rank's part of a pipelined [`crate::Parallel`] for a model of `num_layers` decoder
+/// layers ([`held_layers`]); `None` without pipeline parallelism.
+///
+/// # Errors
+/// [`TrainError::Pipeline`] as [`held_layers`].
+pub fn held_by(
+    par: &crate::Parallel,
+    num_layers: usize,
+) -> Result<Option<dsv3_model::HeldLayers>, TrainError> {
+    match par.schedule {
+        Some(kind) if par.pp > 1 => Ok(Some(held_layers(
+            kind,
+            par.pp,
+            par.world.rank() % par.pp,
+            num_layers,
+        )?)),
+        _ => Ok(None),
+    }
+}
+
+/// Validation through the pipeline, for ranks that hold only their stages: each window batch
+/// (`batch_size` windows of the first `eval_windows` held-out ones, or all) flows through the
+/// stages, each run by the rank that runs the stage's first-direction chunks
+/// ([`Schedule::owner`] of micro-batch 0), activations sent with `isend` and received in stage
+/// order (a rank's stages in ascending order, batch by batch: no cycle). The last stage's rank
+/// sums the target tokens' negative log-likelihood. Collective over `comm` (the pipeline); the
+/// replicas of a data-parallel run each evaluate the same windows (with expert parallelism the
+/// MoE layers exchange within the EP group, as in training). Returns (NLL in nats, target
+/// tokens, target bytes), summed over the group.
+///
+/// # Errors
+/// [`TrainError::Comm`] when a transfer or the final all-reduce fails.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_stages<Bk: DsBackend>(
+    model: &DeepseekV3<Bk>,
+    schedule: &Schedule,
+    cut: &StageCut,
+    comm: &Arc<dyn Communicator>,
+    data: &crate::data::Dataset,
+    cfg: &TrainConfig,
+) -> Result<(f64, usize, usize), TrainError> {
+    let rank = comm.rank();
+    let stages = schedule.stages;
+    let owner = |s: usize| {
+        schedule.owner(Chunk {
+            stage: s,
+            micro_batch: 0,
+        })
+    };
+    let n = if cfg.eval_windows == 0 {
+        data.val.len()
+    } else {
+        cfg.eval_windows.min(data.val.len())
+    };
+    let device = model.device();
+    let hidden = model.config.hidden_size;
+    let opts = ForwardOptions {
+        attention: cfg.attention,
+        ..Default::default()
+    };
+    let (mut nll, mut tokens, mut bytes) = (0.0f64, 0usize, 0usize);
+    let mut sends: Vec<Request> = Vec::new();
+    for (k, chunk) in data.val[..n].chunks(cfg.batch_size.max(1)).enumerate() {
+        let batch = crate::objective::make_batch::<Bk>(data, chunk, 0, &device);
+        let [b, t] = batch.inputs.dims();
+        let span = Span::contiguous(&model.rope, 0, t, 0, &device);
+        let tag = |s: usize| ((k * stages + s) % 60_000) as u16;
+        let mut h: Option<Tensor<Bk, 3>> = None;
+        for s in (0..stages).filter(|&s| owner(s) == rank) {
+            let mut x = if s == 0 {
+                model.model.embed_tokens.forward(batch.inputs.clone())
+            } else if let (Some(x), true) = (h.take(), owner(s - 1) == rank) {
+                x
+            } else {
+                let req = comm
+                    .irecv(f32::owned(vec![0.0; b * t * hidden]), owner(s - 1), tag(s))
+                    .map_err(comm_err)?;
+                let v = f32::from_owned(req.wait().map_err(comm_err)?).ok_or_else(|| {
+                    TrainError::Invalid("validation received a buffer of another type".into())
+                })?;
+                Tensor::<Bk, 3>::from_data(TensorData::new(v, [b, t, hidden]), &device)
+            };
+            for l in cut.layers[s].clone() {
+                x = model.model.layers[l]
+                    .forward(x, &span, |kv: &LatentKv<Bk>| kv.clone(), &opts)
+                    .h;
+            }
+            if s + 1 == stages {
+                let logits = model.lm_head.forward(model.model.norm.forward(x));
+                let token_nll = loss::token_nll(logits, batch.targets.clone());
+                let (sum, count) = match &batch.target_mask {
+                    Some((m, _)) => {
+                        let count = m.clone().sum().into_scalar().elem::<f64>() as usize;
+                        (token_nll * m.clone(), count)
+                    }
+                    None => (token_nll, chunk.len() * data.seq_len),
+                };
+                nll += sum.sum().into_scalar().elem::<f64>();
+                tokens += count;
+                bytes += batch.target_bytes;
+            } else if owner(s + 1) == rank {
+                h = Some(x);
+            } else {
+                let v: Vec<f32> = x
+                    .into_data()
+                    .convert::<f32>()
+                    .to_vec::<f32>()
+                    .expect("f32 data");
+                let req = comm
+                    .isend(f32::owned(v), owner(s + 1), tag(s + 1))
+                    .map_err(comm_err)?;
+                sends.push(req);
+            }
+        }
+    }
+    for r in sends {
+        r.wait().map_err(comm_err)?;
+    }
+    let mut sums = [nll, tokens as f64, bytes as f64];
+    comm.all_reduce_in_place(&mut sums, ReduceOp::Sum)
+        .map_err(comm_err)?;
+    Ok((sums[0], sums[1] as usize, sums[2] as usize))
 }

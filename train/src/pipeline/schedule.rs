@@ -201,15 +201,7 @@ impl Schedule {
 
     /// The stages rank `rank` holds parameters for, in ascending order.
     pub fn stages_of(&self, rank: usize) -> Vec<usize> {
-        match self.kind {
-            ScheduleKind::OneFOneB | ScheduleKind::ZeroBubble => vec![rank],
-            ScheduleKind::DualPipe => {
-                let mut v = vec![rank, self.ranks - 1 - rank];
-                v.sort_unstable();
-                v
-            }
-            ScheduleKind::DualPipeV => vec![rank, 2 * self.ranks - 1 - rank],
-        }
+        self.kind.stages_of(self.ranks, rank)
     }
 
     /// A rank's compute list with its transfers: a receive before each compute whose input
