@@ -116,6 +116,72 @@ fn flex_thin_products_and_par_map_are_exact() {
             max_diff(&plain, &ours)
         );
     }
+    // Weights held as `[N, K]` rows and viewed transposed (BF16 Linear weights used where they
+    // lie in the checkpoint's memory map), f32 and bf16: every m ≤ 16 through the dot-product
+    // kernel and m = 40 through the general path equal a float64 product of the (widened)
+    // weights within f32 accumulation error, and each row of a batch equals that row alone, bit
+    // for bit.
+    for (k, n, bf) in [
+        (701, 1013, true),
+        (701, 1013, false),
+        (37, 53, true),
+        (9, 3, true),
+    ] {
+        let rows = tensor2(rng.normal_vec(n * k, 1.0), [n, k]);
+        let rows = if bf {
+            rows.cast(burn::tensor::DType::BF16)
+        } else {
+            rows
+        };
+        let wide = f32s(rows.clone().cast(burn::tensor::DType::F32)); // [n, k]
+        let w = rows.transpose(); // [k, n], strides [1, k]
+        let x40 = rng.normal_vec(40 * k, 1.0);
+        let alone: Vec<Vec<f32>> = (0..16)
+            .map(|r| {
+                f32s(B::dense_matmul(
+                    tensor2(x40[r * k..(r + 1) * k].to_vec(), [1, k]),
+                    w.clone(),
+                ))
+            })
+            .collect();
+        for m in [1, 2, 5, 16, 40] {
+            let got = f32s(B::dense_matmul(
+                tensor2(x40[..m * k].to_vec(), [m, k]),
+                w.clone(),
+            ));
+            assert_eq!(got.len(), m * n);
+            let (mut want, mut mag) = (vec![0f64; m * n], vec![0f64; m * n]);
+            for r in 0..m {
+                for c in 0..n {
+                    for i in 0..k {
+                        let t = x40[r * k + i] as f64 * wide[c * k + i] as f64;
+                        want[r * n + c] += t;
+                        mag[r * n + c] += t.abs();
+                    }
+                }
+            }
+            assert_within_accumulation(
+                &format!("[{n}, {k}]ᵀ bf16 {bf} m = {m}"),
+                &got,
+                &want,
+                &mag,
+                k,
+            );
+            if m <= 16 {
+                for (r, row) in got.chunks(n).enumerate() {
+                    let same = row
+                        .iter()
+                        .zip(&alone[r])
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "transposed, m = {m}, row {r}: max |Δ| {}",
+                        max_diff(row, &alone[r])
+                    );
+                }
+            }
+        }
+    }
     let squares = B::par_map((0..100u64).collect(), |i| i * i);
     assert_eq!(squares, (0..100u64).map(|i| i * i).collect::<Vec<_>>());
 }

@@ -37,7 +37,12 @@ pub(crate) fn rows_times_matrix(
     let (m, k, n) = (xl.shape()[0], wl.shape()[0], wl.shape()[1]);
     let (x_row, x_col) = (xl.strides()[0], xl.strides()[1]);
     let (w_row, w_col) = (wl.strides()[0], wl.strides()[1]);
-    if m == 0 || m > MAX_ROWS || w_col != 1 || w_row < n as isize || x_col <= 0 || x_row < 0 {
+    if m == 0 || m > MAX_ROWS || x_col <= 0 || x_row < 0 {
+        return None;
+    }
+    // `[K, N]` rows (unit column stride), or `[N, K]` rows viewed transposed (unit row stride).
+    let transposed = w_row == 1 && w_col >= k as isize && !(w_col == 1 && n == 1);
+    if !transposed && (w_col != 1 || w_row < n as isize) {
         return None;
     }
     let xs = xt.storage::<f32>();
@@ -46,6 +51,21 @@ pub(crate) fn rows_times_matrix(
         .flat_map(|r| (0..k).map(move |i| (r, i)))
         .map(|(r, i)| xs[x0 + r * x_row as usize + i * x_col as usize])
         .collect();
+    if transposed {
+        let rows = WeightRows {
+            w0: wl.start_offset(),
+            ld: w_col as usize,
+            k,
+            n,
+        };
+        let out = match wt.dtype() {
+            DType::F32 => dots(&xv, m, wt.storage::<f32>(), rows, |v| v),
+            DType::BF16 => dots(&xv, m, wt.storage::<bf16>(), rows, bf16::to_f32),
+            _ => return None,
+        };
+        let t = FlexTensor::from_data(TensorData::new(out, [m, n]));
+        return Some(Tensor::from_primitive(TensorPrimitive::Float(t)));
+    }
     let (w0, w_row) = (wl.start_offset(), w_row as usize);
     let weights = Weights { w0, w_row, n };
     let out = match wt.dtype() {
@@ -55,6 +75,91 @@ pub(crate) fn rows_times_matrix(
     };
     let t = FlexTensor::from_data(TensorData::new(out, [m, n]));
     Some(Tensor::from_primitive(TensorPrimitive::Float(t)))
+}
+
+/// Whether `w [K, N]` is a transposed view of `[N, K]` rows (unit row stride): a BF16 Linear
+/// weight used where it lies in the checkpoint's memory map.
+pub(crate) fn is_transposed(w: &Tensor<Flex, 2>) -> bool {
+    let wt: FlexTensor = w.clone().into_primitive().tensor();
+    let l = wt.layout();
+    l.strides()[0] == 1 && l.strides()[1] >= l.shape()[0] as isize && l.shape()[1] > 1
+}
+
+/// Where a transposed weight's `[N, K]` rows sit: output column `c` reads `w0 + c · ld ..+ K`.
+#[derive(Clone, Copy)]
+struct WeightRows {
+    w0: usize,
+    ld: usize,
+    k: usize,
+    n: usize,
+}
+
+/// `y[r, c] = Σ_i x[r, i] · w[c, i]` for a weight held as `[N, K]` rows: each weight row is read
+/// once and dotted with all `m` input rows. Every output's sum runs in the same order whatever
+/// `m` is (eight lanes in k order, the lanes summed pairwise, the tail last), so a row of a
+/// batch equals the same row multiplied alone, bit for bit. Columns split over the pool for
+/// large weights.
+fn dots<T: Wide>(
+    xv: &[f32],
+    m: usize,
+    ws: &[T],
+    WeightRows { w0, ld, k, n }: WeightRows,
+    widen: impl Fn(T) -> f32 + Copy + Sync,
+) -> Vec<f32> {
+    // Columns from `c0` into `out [len, m]` (column-major: one weight row's m outputs).
+    let row = |c: usize| &ws[w0 + c * ld..w0 + c * ld + k];
+    let block = |c0: usize, out: &mut [f32]| {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // Up to four rows: four weight rows per pass, so that at least four independent
+            // sums are in flight (one sum is bound by the multiply-add's latency, not by memory).
+            let group = if m <= 4 { 4 } else { 1 };
+            for (j, o) in out.chunks_mut(group * m).enumerate() {
+                let c = c0 + j * group;
+                let cols = o.len() / m;
+                let w: [&[T]; 4] = std::array::from_fn(|q| row(c + q.min(cols - 1)));
+                // SAFETY: the CPU has the features; `xv` holds `m · k` values, each weight row
+                // `k`, and `o` `cols · m` (cols ≤ 4 and m ≤ 4, or cols = 1).
+                unsafe { T::dots_avx2(xv, &w[..cols], o) };
+            }
+            return;
+        }
+        for (j, o) in out.chunks_exact_mut(m).enumerate() {
+            let row = row(c0 + j);
+            for (r, y) in o.iter_mut().enumerate() {
+                let x = &xv[r * k..(r + 1) * k];
+                *y = x
+                    .iter()
+                    .zip(row)
+                    .fold(0f32, |acc, (&a, &w)| a.mul_add(widen(w), acc));
+            }
+        }
+    };
+    let threads = rayon::current_num_threads();
+    let per = if threads < 2 || k * n < 1 << 19 {
+        n
+    } else {
+        n.div_ceil(threads).next_multiple_of(16).min(2048)
+    };
+    let mut cols = vec![0f32; n * m];
+    if per == n {
+        block(0, &mut cols);
+    } else {
+        cols.par_chunks_mut(per * m)
+            .enumerate()
+            .for_each(|(j, chunk)| block(j * per, chunk));
+    }
+    if m == 1 {
+        return cols;
+    }
+    let mut out = vec![0f32; m * n];
+    for (c, ys) in cols.chunks_exact(m).enumerate() {
+        for (r, &y) in ys.iter().enumerate() {
+            out[r * n + c] = y;
+        }
+    }
+    out
 }
 
 /// Where the `[K, N]` weight sits in its storage: row `i` starts at `w0 + i · w_row`.
@@ -176,6 +281,16 @@ trait Wide: Copy + Sync {
     /// and every row at least `len`, where `len = out.len() / m`.
     #[cfg(target_arch = "x86_64")]
     unsafe fn accumulate_avx2(x: &[f32], m: usize, rows: &[&[Self]], out: &mut [f32]);
+
+    /// `out[q·m + r] = x[r, :] · w[q]` for the `m = out.len() / w.len()` rows of `x [m, k]`
+    /// and each weight row `w[q]` (`k` values), every output in eight AVX2 lanes with fused
+    /// multiply-adds over k, the lanes summed pairwise, the tail added last in k order.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; `w.len() · m ≤ 16` or `w.len() = 1` with `m ≤ 16`;
+    /// every `w[q]` holds `k` values and `x` `m · k`.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn dots_avx2(x: &[f32], w: &[&[Self]], out: &mut [f32]);
 }
 
 /// Eight consecutive weights as f32 lanes.
@@ -218,6 +333,11 @@ impl Load8 for bf16 {
 
 #[cfg(target_arch = "x86_64")]
 impl<T: Load8 + Sync> Wide for T {
+    unsafe fn dots_avx2(x: &[f32], w: &[&[T]], out: &mut [f32]) {
+        // SAFETY: forwarded from the caller.
+        unsafe { <T as DotAvx2>::dots(x, w, out) }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     unsafe fn accumulate_avx2(x: &[f32], m: usize, rows: &[&[T]], out: &mut [f32]) {
         use std::arch::x86_64::*;
@@ -268,6 +388,50 @@ impl<T: Load8 + Sync> Wide for T {
                 }
             }
             i += g;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<T: Load8 + Sync> DotAvx2 for T {}
+
+/// The body of [`Wide::dots_avx2`] (a provided method cannot carry `target_feature` on a
+/// trait's default here, so it lives on a helper trait).
+#[cfg(target_arch = "x86_64")]
+trait DotAvx2: Load8 {
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dots(x: &[f32], w: &[&[Self]], out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let cols = w.len();
+        let (m, k) = (out.len() / cols, w[0].len());
+        // One accumulator per output, `q·m + r`.
+        let mut acc = [_mm256_setzero_ps(); MAX_ROWS];
+        let xp = x.as_ptr();
+        let mut i = 0;
+        // SAFETY: i + 8 <= k; row r of `x` holds k values from r·k, each w[q] k values;
+        // cols · m <= MAX_ROWS.
+        unsafe {
+            while i + 8 <= k {
+                for (q, wq) in w.iter().enumerate() {
+                    let wv = Self::load8(wq.as_ptr().add(i));
+                    for r in 0..m {
+                        let a = &mut acc[q * m + r];
+                        *a = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(r * k + i)), wv, *a);
+                    }
+                }
+                i += 8;
+            }
+        }
+        for (o, (y, a)) in out.iter_mut().zip(acc).enumerate() {
+            let (q, r) = (o / m, o % m);
+            let mut l = [0f32; 8];
+            // SAFETY: `l` holds eight f32.
+            unsafe { _mm256_storeu_ps(l.as_mut_ptr(), a) };
+            let mut s = ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]));
+            for j in i..k {
+                s = x[r * k + j].mul_add(w[q][j].widen(), s);
+            }
+            *y = s;
         }
     }
 }

@@ -65,9 +65,13 @@ impl DsBackend for burn::backend::Flex {
                 return y;
             }
         }
-        // bf16 weights (and any other mismatch) are widened for the general paths.
+        // bf16 weights (and any other mismatch) are widened for the general paths; a transposed
+        // view (a weight used where it lies in the file) is widened in its own row order and
+        // viewed back, not gathered through its strides (Flex's matmul takes the strided view).
         let w = if w.dtype() == x.dtype() {
             w
+        } else if flex::is_transposed(&w) {
+            w.transpose().cast(x.dtype()).transpose()
         } else {
             w.cast(x.dtype())
         };

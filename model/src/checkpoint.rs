@@ -17,6 +17,7 @@ use std::collections::{btree_map, BTreeMap, HashMap};
 use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::Mmap;
 use safetensors::tensor::{Metadata, SafeTensorError, View};
@@ -392,10 +393,25 @@ fn on_cores<T: Send>(
 // Checkpoint
 // ---------------------------------------------------------------------------------------------
 
+/// A byte range of a mapped file, owning a handle on the mapping (the owner of a zero-copy
+/// tensor's bytes).
+struct MappedRange {
+    map: Arc<Mmap>,
+    start: usize,
+    end: usize,
+}
+
+impl AsRef<[u8]> for MappedRange {
+    fn as_ref(&self) -> &[u8] {
+        &self.map[self.start..self.end]
+    }
+}
+
 /// One mapped safetensors file and its header, as the crate parsed it.
 struct Shard {
     path: PathBuf,
-    map: Mmap,
+    /// Shared with the zero-copy tensors of [`Checkpoint::share_bf16`], which keep it mapped.
+    map: Arc<Mmap>,
     /// Absolute offset of the data section (8 + header length).
     data_start: usize,
     metadata: Metadata,
@@ -418,7 +434,7 @@ impl Shard {
             SafeTensors::read_metadata(&map).map_err(|e| header_error(path, &map, e))?;
         Ok(Shard {
             path: path.to_path_buf(),
-            map,
+            map: Arc::new(map),
             data_start: 8 + n,
             metadata,
         })
@@ -745,6 +761,46 @@ impl Checkpoint {
         );
         self.release(name);
         Ok(bits.reinterpret_into::<half::bf16>())
+    }
+
+    /// A BF16 tensor as it lies in the file (its shape, row-major),
+    /// backed by the checkpoint's memory map instead of a copy: its pages are mapped in
+    /// (`MADV_POPULATE_READ`) and shared with the page cache, and stay mapped while the tensor
+    /// (or any view of it) lives, after the checkpoint is dropped. A write to the tensor copies
+    /// it first (Burn's shared bytes are copy-on-write). `None` when the tensor is not stored as
+    /// BF16 or its bytes are not 2-byte aligned in the file; read it with [`Self::read_bf16`].
+    ///
+    /// The file must not be modified in place while such a tensor lives (as for every mmap
+    /// loader; files replaced by a rename are safe: the mapping keeps the old one).
+    ///
+    /// # Errors
+    /// As [`Self::read_f32`]: a missing tensor or another shape than `expected`.
+    pub fn share_bf16(
+        &self,
+        name: &str,
+        expected: &[usize],
+    ) -> Result<Option<burn::tensor::TensorData>, LoadError> {
+        let info = self.shaped(name, expected)?;
+        // The file's little-endian bits are the in-memory bf16 only on a little-endian CPU.
+        if info.dtype != Dtype::BF16 || info.start % 2 != 0 || cfg!(target_endian = "big") {
+            return Ok(None);
+        }
+        let shape = info.shape.to_vec();
+        self.populate(&info);
+        let owner = MappedRange {
+            map: Arc::clone(&self.files[info.file].map),
+            start: info.start,
+            end: info.end,
+        };
+        let bytes = burn::tensor::Bytes::from_shared(
+            bytes::Bytes::from_owner(owner),
+            burn::tensor::AllocationProperty::File,
+        );
+        Ok(Some(burn::tensor::TensorData::from_bytes(
+            bytes,
+            shape,
+            burn::tensor::DType::BF16,
+        )))
     }
 
     /// The whole pages `(offset, length)` of the mapping that hold a tensor's bytes.

@@ -203,6 +203,23 @@ impl<B: DsBackend> ModuleMapper<B> for Loader<'_, B> {
                 .info(&name)
                 .is_some_and(|i| matches!(i.dtype, Dtype::BF16 | Dtype::F32 | Dtype::F16));
         if direct_bf16 {
+            // A BF16 file's `[out, in]` weight is used where it lies: a tensor over the memory
+            // map, viewed transposed (`[in, out]`, strides `[1, in]`), no copy or transpose.
+            match self.ckpt.share_bf16(&name, &disk_shape) {
+                Ok(Some(data)) => {
+                    self.params += data.num_elements() as u64;
+                    self.used.insert(name);
+                    let t =
+                        Tensor::<B, D>::from_data(data, (&self.device, burn::tensor::DType::BF16))
+                            .transpose();
+                    return Param::initialized(param.id, t.require_grad());
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.error = Some(e);
+                    return param;
+                }
+            }
             return match self.ckpt.read_bf16(&name, &disk_shape, true) {
                 Ok(values) => {
                     self.params += values.len() as u64;
