@@ -393,17 +393,17 @@ fn read_bf16_equals_rounded_f32_read() {
     // `share_bf16` (what `--weights bf16` uses on a BF16 file): the same bits, held as the
     // mapped file's bytes (no copy), alive after the checkpoint is dropped; F16 and F32 tensors
     // are not shared; a wrong shape is an error naming the tensor.
-    let shared = ckpt.share_bf16("bf16.2035", &[515, 1031]).unwrap().unwrap();
+    let shared = ckpt.share_bf16("bf16.2965", &[515, 1031]).unwrap().unwrap();
     assert!(matches!(
         shared.bytes.property(),
         burn::tensor::AllocationProperty::File
     ));
-    assert!(ckpt.share_bf16("f16.2035", &[515, 1031]).unwrap().is_none());
-    assert!(ckpt.share_bf16("f32.2035", &[515, 1031]).unwrap().is_none());
-    let e = ckpt.share_bf16("bf16.2035", &[1031, 515]).unwrap_err();
-    assert!(e.to_string().contains("bf16.2035"), "{e}");
+    assert!(ckpt.share_bf16("f16.2965", &[515, 1031]).unwrap().is_none());
+    assert!(ckpt.share_bf16("f32.2965", &[515, 1031]).unwrap().is_none());
+    let e = ckpt.share_bf16("bf16.2965", &[1031, 515]).unwrap_err();
+    assert!(e.to_string().contains("bf16.2965"), "{e}");
     let want: Vec<u16> = ckpt
-        .read_bf16("bf16.2035", &[515, 1031], false)
+        .read_bf16("bf16.2965", &[515, 1031], false)
         .unwrap()
         .into_iter()
         .map(|v| v.to_bits())

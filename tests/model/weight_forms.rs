@@ -60,10 +60,12 @@ pub(crate) fn sorted(e: &[Vec<u32>]) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// bf16 weights in memory: on a BF16 checkpoint the values are the checkpoint's exactly, so the
-/// logits, routing and greedy decode equal the f32-weight model's (the products widen each
-/// weight to the same f32 value; measured bit-identical), in half the bytes. On an f32
-/// checkpoint the weights are rounded to nearest bf16 (relative 2⁻⁹, enough to flip this random
+/// bf16 weights in memory: on a BF16 checkpoint the values are the checkpoint's exactly (the
+/// file's bytes, memory-mapped), so the logits equal the f32-weight model's up to f32 rounding —
+/// the weights are used as the file's `[out, in]` rows, so each product sums in another order
+/// (dot products along K) than the f32 model's `gemm` (measured 2.9e-6 on logits up to 12.4,
+/// 2.3e-7 relative; bound 1e-5 relative to the largest logit) — and routing and greedy decode
+/// are the same, in half the bytes. On an f32 checkpoint the weights are rounded to nearest bf16 (relative 2⁻⁹, enough to flip this random
 /// model's closest expert choices, so no comparison with its f32 golden is meaningful).
 #[test]
 fn bf16_weights_in_memory() {
@@ -79,7 +81,9 @@ fn bf16_weights_in_memory() {
     let (got, routing) = logits_of(&bfw, &golden);
     let d = max_diff(&got, &want);
     println!("tiny-direct (BF16 file): bf16 vs f32 weights max |Δlogits| {d:.2e}");
-    assert!(d <= 1e-6, "logits differ by {d:e}");
+    let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+    println!("largest |logit| {scale:.3}");
+    assert!(d <= 1e-5 * scale.max(1.0), "logits differ by {d:e}");
     assert_eq!(routing, want_routing);
     let (b16, b32) = (bfw.linear_weight_bytes(), f32w.linear_weight_bytes());
     // Half the f32 bytes, except kv_b_proj (kept f32: attention reads it per head every step).
