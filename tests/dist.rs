@@ -150,6 +150,62 @@ fn plain(args: &[&str]) -> Result<String, String> {
     launch(cmd)
 }
 
+/// The arguments of `dsv3 train` of the tiny pipeline config into `out`: micro-batches of
+/// 2 × 32 tokens, `accum` of them per step, warm-up 2, a log line per step, no evaluation or
+/// samples, a checkpoint every `every` steps, `steps` in all, then `extra`.
+fn pipeline_args<'a>(
+    cfg: &'a Path,
+    out: &'a Path,
+    accum: &'a str,
+    every: &'a str,
+    steps: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut a = vec![
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--grad-accum",
+        accum,
+        "--warmup",
+        "2",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "1000",
+        "--checkpoint-every",
+        every,
+        "--samples",
+        "0",
+        "--steps",
+        steps,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
+/// [`pipeline_args`] run as one plain process (`n` = 1) or under `mpirun -n n`. Its stdout;
+/// panics with the output when it fails.
+fn pipeline_train(
+    n: usize,
+    cfg: &Path,
+    out: &Path,
+    accum: &str,
+    every: &str,
+    steps: &str,
+    extra: &[&str],
+) -> String {
+    let a = pipeline_args(cfg, out, accum, every, steps, extra);
+    let r = if n == 1 { plain(&a) } else { mpirun(n, &a) };
+    r.unwrap_or_else(|e| panic!("{a:?} failed:\n{e}"))
+}
+
 fn dist_check(n: usize) {
     let out = mpirun(n, &["dist-check"]).unwrap_or_else(|e| panic!("dist-check failed:\n{e}"));
     let lines: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -749,42 +805,8 @@ fn pipeline_config(dir: &Path) -> PathBuf {
 fn dist_train_pp_matches_single_process_and_resumes() {
     let dir = scratch("dist-pp");
     let cfg = pipeline_config(&dir);
-    let common = |out: &Path, steps: &'static str| -> Vec<String> {
-        [
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--batch-size",
-            "2",
-            "--seq-len",
-            "32",
-            "--grad-accum",
-            "8",
-            "--warmup",
-            "2",
-            "--log-every",
-            "1",
-            "--eval-every",
-            "1000",
-            "--checkpoint-every",
-            "3",
-            "--samples",
-            "0",
-            "--steps",
-            steps,
-            "--out",
-            out.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    let run = |n: usize, out: &Path, steps: &'static str, extra: &[&str]| {
-        let mut a = common(out, steps);
-        a.extend(extra.iter().map(|s| s.to_string()));
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        let r = if n == 1 { plain(&a) } else { mpirun(n, &a) };
-        r.unwrap_or_else(|e| panic!("{a:?} failed:\n{e}"))
+    let run = |n: usize, out: &Path, steps: &str, extra: &[&str]| {
+        pipeline_train(n, &cfg, out, "8", "3", steps, extra)
     };
     let single = dir.join("single");
     run(1, &single, "3", &[]);
@@ -837,11 +859,15 @@ fn dist_train_pp_matches_single_process_and_resumes() {
         e.contains("--ep 2 must divide --dp 1: with --pp the expert-parallel groups lie inside"),
         "{e}"
     );
-    let mut a = common(&dir.join("odd"), "1");
-    a.extend(["--pp", "2", "--schedule", "dualpipe"].map(String::from));
-    let pos = a.iter().position(|x| x == "--grad-accum").unwrap();
-    a[pos + 1] = "3".into();
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let odd = dir.join("odd");
+    let a = pipeline_args(
+        &cfg,
+        &odd,
+        "3",
+        "3",
+        "1",
+        &["--pp", "2", "--schedule", "dualpipe"],
+    );
     let e = mpirun(2, &a).unwrap_err();
     assert!(
         e.contains("dualpipe needs an even number of micro-batches"),
@@ -885,42 +911,8 @@ fn dist_train_pp_matches_single_process_and_resumes() {
 fn dist_train_pp_ep_matches_single_process_and_resumes() {
     let dir = scratch("dist-pp-ep");
     let cfg = pipeline_config(&dir);
-    let common = |out: &Path, steps: &'static str| -> Vec<String> {
-        [
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--batch-size",
-            "2",
-            "--seq-len",
-            "32",
-            "--grad-accum",
-            "4",
-            "--warmup",
-            "2",
-            "--log-every",
-            "1",
-            "--eval-every",
-            "1000",
-            "--checkpoint-every",
-            "2",
-            "--samples",
-            "0",
-            "--steps",
-            steps,
-            "--out",
-            out.to_str().unwrap(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    let run = |n: usize, out: &Path, steps: &'static str, extra: &[&str]| {
-        let mut a = common(out, steps);
-        a.extend(extra.iter().map(|s| s.to_string()));
-        let a: Vec<&str> = a.iter().map(String::as_str).collect();
-        let r = if n == 1 { plain(&a) } else { mpirun(n, &a) };
-        r.unwrap_or_else(|e| panic!("{a:?} failed:\n{e}"))
+    let run = |n: usize, out: &Path, steps: &str, extra: &[&str]| {
+        pipeline_train(n, &cfg, out, "4", "2", steps, extra)
     };
     let single = dir.join("single");
     run(1, &single, "2", &[]);
@@ -961,22 +953,19 @@ fn dist_train_pp_ep_matches_single_process_and_resumes() {
         }
     }
     // Another schedule places the stages (and so the optimiser shards) otherwise: refused.
-    let mut a = common(&dir.join("pp2-ep2-1f1b"), "6");
-    a.extend(
-        [
-            "--pp",
-            "2",
-            "--dp",
-            "2",
-            "--ep",
-            "2",
-            "--schedule",
-            "dualpipev",
-            "--resume",
-        ]
-        .map(String::from),
-    );
-    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let run_dir = dir.join("pp2-ep2-1f1b");
+    let extra = [
+        "--pp",
+        "2",
+        "--dp",
+        "2",
+        "--ep",
+        "2",
+        "--schedule",
+        "dualpipev",
+        "--resume",
+    ];
+    let a = pipeline_args(&cfg, &run_dir, "4", "2", "6", &extra);
     let e = mpirun(4, &a).unwrap_err();
     assert!(
         e.contains("--schedule 1f1b; resume it with the same layout"),

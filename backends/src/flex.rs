@@ -41,7 +41,7 @@ pub(crate) fn rows_times_matrix(
         return None;
     }
     // `[K, N]` rows (unit column stride), or `[N, K]` rows viewed transposed (unit row stride).
-    let transposed = w_row == 1 && w_col >= k as isize && !(w_col == 1 && n == 1);
+    let transposed = transposed_layout(wl);
     if !transposed && (w_col != 1 || w_row < n as isize) {
         return None;
     }
@@ -81,7 +81,11 @@ pub(crate) fn rows_times_matrix(
 /// weight used where it lies in the checkpoint's memory map.
 pub(crate) fn is_transposed(w: &Tensor<Flex, 2>) -> bool {
     let wt: FlexTensor = w.clone().into_primitive().tensor();
-    let l = wt.layout();
+    transposed_layout(wt.layout())
+}
+
+/// A `[K, N]` layout (N > 1) whose columns are contiguous rows of at least K values.
+fn transposed_layout(l: &burn_flex::Layout) -> bool {
     l.strides()[0] == 1 && l.strides()[1] >= l.shape()[0] as isize && l.shape()[1] > 1
 }
 

@@ -192,8 +192,8 @@ impl<B: DsBackend> ModuleMapper<B> for Loader<'_, B> {
         } else {
             shape.clone()
         };
-        // bf16 Linear weights from a float checkpoint: straight into bf16 (a BF16 file's bits
-        // copied), without an f32 buffer in between.
+        // bf16 Linear weights from a float checkpoint: straight into bf16, without an f32
+        // buffer in between.
         let direct_bf16 = self.bf16
             && transpose
             && D == 2
@@ -205,29 +205,20 @@ impl<B: DsBackend> ModuleMapper<B> for Loader<'_, B> {
         if direct_bf16 {
             // A BF16 file's `[out, in]` weight is used where it lies: a tensor over the memory
             // map, viewed transposed (`[in, out]`, strides `[1, in]`), no copy or transpose.
-            match self.ckpt.share_bf16(&name, &disk_shape) {
-                Ok(Some(data)) => {
-                    self.params += data.num_elements() as u64;
+            // Other files (or unaligned bytes) are converted into a new `[in, out]` buffer.
+            let bf16 = (&self.device, burn::tensor::DType::BF16);
+            let t = match self.ckpt.share_bf16(&name, &disk_shape) {
+                Ok(Some(data)) => Ok(Tensor::<B, D>::from_data(data, bf16).transpose()),
+                Ok(None) => self
+                    .ckpt
+                    .read_bf16(&name, &disk_shape, true)
+                    .map(|values| Tensor::<B, D>::from_data(TensorData::new(values, shape), bf16)),
+                Err(e) => Err(e),
+            };
+            return match t {
+                Ok(t) => {
+                    self.params += t.shape().num_elements() as u64;
                     self.used.insert(name);
-                    let t =
-                        Tensor::<B, D>::from_data(data, (&self.device, burn::tensor::DType::BF16))
-                            .transpose();
-                    return Param::initialized(param.id, t.require_grad());
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    self.error = Some(e);
-                    return param;
-                }
-            }
-            return match self.ckpt.read_bf16(&name, &disk_shape, true) {
-                Ok(values) => {
-                    self.params += values.len() as u64;
-                    self.used.insert(name);
-                    let t = Tensor::<B, D>::from_data(
-                        TensorData::new(values, shape),
-                        (&self.device, burn::tensor::DType::BF16),
-                    );
                     Param::initialized(param.id, t.require_grad())
                 }
                 Err(e) => {

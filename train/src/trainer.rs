@@ -93,6 +93,25 @@ struct Micro {
 /// of the global micro-batch: the loss parts are averaged over the ranks before anything else
 /// (so every rank agrees whether to run the backward, whose exchanges are collective) and the
 /// gradient is of this rank's `1/W` of the objective.
+/// Sums each layer's routed-token loads over the ranks (`sum` all-reduces a flat copy), so the
+/// bias update is the same on every rank.
+fn sum_loads(
+    loads: &mut [(usize, Vec<u64>)],
+    sum: impl FnOnce(&mut [f64]) -> Result<(), TrainError>,
+) -> Result<(), TrainError> {
+    let mut flat: Vec<f64> = loads
+        .iter()
+        .flat_map(|(_, l)| l.iter().map(|&x| x as f64))
+        .collect();
+    sum(&mut flat)?;
+    let mut it = flat.into_iter();
+    for (_, l) in loads.iter_mut() {
+        l.iter_mut()
+            .for_each(|x| *x = it.next().expect("same layout") as u64);
+    }
+    Ok(())
+}
+
 fn micro_batch<B: DsAutodiffBackend>(
     model: &DeepseekV3<B>,
     data: &Dataset,
@@ -483,42 +502,20 @@ impl<B: DsAutodiffBackend> Trainer<B> {
             }
         }
         // Loads over every stage and replica: the bias stays identical on every rank.
-        let mut flat: Vec<f64> = loads
-            .iter()
-            .flat_map(|(_, l)| l.iter().map(|&x| x as f64))
-            .collect();
-        setup
-            .world
-            .all_reduce_in_place(&mut flat, dsv3_backends::comm::ReduceOp::Sum)
-            .map_err(crate::parallel::comm_err)?;
-        let mut it = flat.into_iter();
-        for (_, l) in loads.iter_mut() {
-            l.iter_mut()
-                .for_each(|x| *x = it.next().expect("same layout") as u64);
-        }
-        let model = self.model.clone();
-        let norm = if let Some(p) = &self.parallel {
-            // Expert-parallel stages: dense gradients over the EP group, then ZeRO-1 over
-            // the ranks holding the same experts (every stage: it sums the stages too).
-            let (m, norm) = crate::parallel::step(
-                p,
-                model,
-                &mut self.optim,
-                res.grads,
-                lr,
-                self.cfg.grad_clip,
-                &self.device,
-            )?;
-            norm.check(step)?;
-            self.model = m;
-            norm
+        sum_loads(&mut loads, |v| {
+            setup
+                .world
+                .all_reduce_in_place(v, dsv3_backends::comm::ReduceOp::Sum)
+                .map_err(crate::parallel::comm_err)
+        })?;
+        // With `Parallel` (expert-parallel stages) its step sums the stages too: dense
+        // gradients over the EP group, then ZeRO-1 over the ranks holding the same experts.
+        let grads = if self.parallel.is_some() {
+            res.grads
         } else {
-            let mut grads = exec::sum_gradients(&setup.world, &self.model, res.grads)?;
-            let norm = optim::clip_global_norm(&self.model, &mut grads, self.cfg.grad_clip);
-            norm.check(step)?;
-            self.model = self.optim.step(lr, model, grads);
-            norm
+            exec::sum_gradients(&setup.world, &self.model, res.grads)?
         };
+        let norm = self.apply_gradients(grads, lr, step)?;
         balance::apply(&mut self.model, &loads, self.cfg.bias_gamma as f32);
         self.step = step;
         let mean = |v: &[f64]| v.iter().sum::<f64>() / accum as f64;
@@ -536,6 +533,38 @@ impl<B: DsAutodiffBackend> Trainer<B> {
             comm: None,
             fp8: None,
         })
+    }
+
+    /// Clips and applies one step's gradients: through `Parallel`'s step (EP group and ZeRO-1
+    /// collectives) when the run has one, else locally. A non-finite norm is an error naming
+    /// `step`, with nothing applied.
+    fn apply_gradients(
+        &mut self,
+        mut grads: GradientsParams,
+        lr: f64,
+        step: usize,
+    ) -> Result<optim::GradNorm, TrainError> {
+        let model = self.model.clone();
+        let norm = if let Some(p) = &self.parallel {
+            let (m, norm) = crate::parallel::step(
+                p,
+                model,
+                &mut self.optim,
+                grads,
+                lr,
+                self.cfg.grad_clip,
+                &self.device,
+            )?;
+            norm.check(step)?;
+            self.model = m;
+            norm
+        } else {
+            let norm = optim::clip_global_norm(&self.model, &mut grads, self.cfg.grad_clip);
+            norm.check(step)?;
+            self.model = self.optim.step(lr, model, grads);
+            norm
+        };
+        Ok(norm)
     }
 
     fn mtp_depths(&self) -> usize {
@@ -656,38 +685,11 @@ impl<B: DsAutodiffBackend> Trainer<B> {
                 acc.accumulate(&self.model, m.grads);
             }
         }
-        let mut grads = acc.grads();
-        let model = self.model.clone();
-        let norm = if let Some(p) = &par {
+        if let Some(p) = &par {
             // Loads over every rank's tokens: the bias stays identical everywhere.
-            let mut flat: Vec<f64> = loads
-                .iter()
-                .flat_map(|(_, l)| l.iter().map(|&x| x as f64))
-                .collect();
-            p.sum(&mut flat)?;
-            let mut it = flat.into_iter();
-            for (_, l) in loads.iter_mut() {
-                l.iter_mut()
-                    .for_each(|x| *x = it.next().expect("same layout") as u64);
-            }
-            let (m, norm) = crate::parallel::step(
-                p,
-                model,
-                &mut self.optim,
-                grads,
-                lr,
-                self.cfg.grad_clip,
-                &self.device,
-            )?;
-            norm.check(step)?;
-            self.model = m;
-            norm
-        } else {
-            let norm = optim::clip_global_norm(&self.model, &mut grads, self.cfg.grad_clip);
-            norm.check(step)?;
-            self.model = self.optim.step(lr, model, grads);
-            norm
-        };
+            sum_loads(&mut loads, |v| p.sum(v))?;
+        }
+        let norm = self.apply_gradients(acc.grads(), lr, step)?;
         balance::apply(&mut self.model, &loads, self.cfg.bias_gamma as f32);
         self.step = step;
         let comm = match (&par, traffic0) {
