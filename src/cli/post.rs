@@ -22,7 +22,8 @@ pub struct MakeTaskArgs {
     #[arg(long, default_value = "addition", value_parser = clap::builder::PossibleValuesParser::new(dsv3_train::task::TASKS))]
     pub task: String,
     /// Output directory: train.jsonl (chat lines for `sft`), train_prompts.jsonl and test.jsonl
-    /// ({"prompt", "answer"} lines for `eval --task gen`).
+    /// ({"prompt", "answer"} lines for `eval --task gen` and `rl`), test_chat.jsonl (the
+    /// held-out problems as chat lines, for `sft --val-data`).
     #[arg(long)]
     pub out: PathBuf,
     /// Seed of the problems (same seed, same files).
@@ -42,15 +43,16 @@ pub struct MakeTaskArgs {
 /// `dsv3 make-task`.
 pub fn make_task(a: &MakeTaskArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let task = dsv3_train::task::addition(a.seed, a.digits, a.train, a.test).map_err(train)?;
-    let [chat, prompts, test] = dsv3_train::task::write(&task, &a.out).map_err(train)?;
+    let [chat, prompts, test, test_chat] = dsv3_train::task::write(&task, &a.out).map_err(train)?;
     writeln!(
         out,
-        "wrote {} ({} conversations), {} and {} ({} held-out prompts)",
+        "wrote {} ({} conversations), {}, {} ({} held-out prompts) and {}",
         chat.display(),
         task.train.len(),
         prompts.display(),
         test.display(),
-        task.test.len()
+        task.test.len(),
+        test_chat.display()
     )
     .map_err(stdout)
 }
@@ -610,9 +612,14 @@ pub struct SftArgs {
     /// γ, speed of the aux-loss-free bias update (0 turns it off).
     #[arg(long, default_value_t = 1e-3)]
     pub bias_gamma: f64,
-    /// Every N-th conversation is held out for validation.
+    /// Every N-th conversation is held out for validation (without --val-data).
     #[arg(long, default_value_t = 20)]
     pub val_every: usize,
+    /// Held-out conversations (JSONL like --data, e.g. make-task's test_chat.jsonl) to
+    /// validate on; every conversation of --data then trains. Runs that share this file report
+    /// comparable validation losses.
+    #[arg(long)]
+    pub val_data: Option<PathBuf>,
     /// Validate every N steps.
     #[arg(long, default_value_t = 50)]
     pub eval_every: usize,
@@ -783,15 +790,28 @@ fn run_sft(
         )));
     }
     let examples = read_sft(&a.data, &tok, model_cfg.vocab_size)?;
-    let longest = examples.iter().map(|e| e.ids.len()).max().unwrap_or(2);
+    let held = match &a.val_data {
+        Some(p) => read_sft(p, &tok, model_cfg.vocab_size)?,
+        None => Vec::new(),
+    };
+    let longest = examples
+        .iter()
+        .chain(&held)
+        .map(|e| e.ids.len())
+        .max()
+        .unwrap_or(2);
     let seq_len = a.seq_len.unwrap_or_else(|| {
         (longest.saturating_sub(1))
             .max(2)
             .min(model_cfg.max_position_embeddings)
     });
     let pad = tok.eos_id().unwrap_or(0);
+    let held_out = match &a.val_data {
+        Some(_) => dsv3_train::sft::HeldOut::Given(&held),
+        None => dsv3_train::sft::HeldOut::EveryNth(a.val_every),
+    };
     let (data, report) =
-        dsv3_train::sft::dataset(&examples, seq_len, a.val_every, pad).map_err(train)?;
+        dsv3_train::sft::dataset(&examples, seq_len, held_out, pad).map_err(train)?;
     let cfg = dsv3_train::TrainConfig {
         steps: a.steps,
         seq_len,

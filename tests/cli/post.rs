@@ -44,7 +44,12 @@ fn make_task_writes_a_seeded_disjoint_split() {
             "{line}"
         );
     }
-    for f in ["train.jsonl", "train_prompts.jsonl", "test.jsonl"] {
+    for f in [
+        "train.jsonl",
+        "train_prompts.jsonl",
+        "test.jsonl",
+        "test_chat.jsonl",
+    ] {
         assert_eq!(
             std::fs::read(a.join(f)).unwrap(),
             std::fs::read(b.join(f)).unwrap()
@@ -52,7 +57,8 @@ fn make_task_writes_a_seeded_disjoint_split() {
     }
     let train = read_lines(&a.join("train.jsonl"));
     let test = read_lines(&a.join("test.jsonl"));
-    assert_eq!((train.len(), test.len()), (40, 8));
+    let test_chat = read_lines(&a.join("test_chat.jsonl"));
+    assert_eq!((train.len(), test.len(), test_chat.len()), (40, 8, 8));
     let operands = |prompt: &str| -> (u64, u64) {
         let body = prompt
             .strip_prefix("What is ")
@@ -62,10 +68,15 @@ fn make_task_writes_a_seeded_disjoint_split() {
         (x.parse().unwrap(), y.parse().unwrap())
     };
     let mut held_out = std::collections::BTreeSet::new();
-    for t in &test {
+    for (t, c) in test.iter().zip(&test_chat) {
         let (x, y) = operands(t["prompt"].as_str().unwrap());
         assert_eq!(t["answer"].as_str().unwrap(), (x + y).to_string());
         held_out.insert((x.min(y), x.max(y)));
+        // The same problem as a conversation with its worked answer.
+        let m = c["messages"].as_array().unwrap();
+        assert_eq!(m[0]["content"], t["prompt"]);
+        let reply = m[1]["content"].as_str().unwrap();
+        assert!(reply.ends_with(&format!(". Answer: {}", x + y)), "{reply}");
     }
     for t in &train {
         let m = t["messages"].as_array().unwrap();
@@ -419,6 +430,71 @@ fn sft_trains_saves_and_resumes() {
     r.push("--resume".into());
     let report = dsv3(&r.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
     assert!(report.contains("fine-tuned steps 3..4"), "{report}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `sft --val-data` validates on that file's conversations and trains on every line of
+/// --data: 4 training conversations + 2 held out ("10+1?" → "11" + EOS and "11+1?" → "12" +
+/// EOS: 3 targets each, so the validation loss is over 6 tokens).
+#[test]
+fn sft_validates_on_a_held_out_file() {
+    let (dir, data) = sft_setup(4);
+    let held = dir.join("held.jsonl");
+    let lines: Vec<String> = (10..12)
+        .map(|i| {
+            serde_json::json!({"messages": [
+                {"role": "system", "content": "Add."},
+                {"role": "user", "content": format!("{i}+1?")},
+                {"role": "assistant", "content": format!("{}", i + 1)},
+            ]})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&held, lines.join("\n")).unwrap();
+    let out = dir.join("run");
+    let report = dsv3(&[
+        "sft",
+        "--model",
+        s(&dir),
+        "--data",
+        s(&data),
+        "--val-data",
+        s(&held),
+        "--out",
+        s(&out),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+    ])
+    .unwrap();
+    assert!(
+        report.contains("sft: 6 conversations (2 held out)"),
+        "{report}"
+    );
+    // 4 × 2 training targets + 2 × 3 held-out ones.
+    assert!(report.contains("14 assistant target tokens"), "{report}");
+    assert!(
+        report.contains("per assistant token over 6 tokens"),
+        "{report}"
+    );
+    // A held-out file that is not there: one line naming it.
+    let missing = dir.join("none.jsonl");
+    let e = dsv3(&[
+        "sft",
+        "--model",
+        s(&dir),
+        "--data",
+        s(&data),
+        "--val-data",
+        s(&missing),
+        "--out",
+        s(&dir.join("run2")),
+    ])
+    .unwrap_err();
+    assert!(e.contains("none.jsonl"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -36,46 +36,67 @@ pub struct SftReport {
     pub target_tokens: usize,
 }
 
+/// Which conversations validate.
+#[derive(Debug, Clone, Copy)]
+pub enum HeldOut<'a> {
+    /// Example `e` of the training file when `e % n == n − 1` (at least one is).
+    EveryNth(usize),
+    /// These, from a file of their own (TRL's `eval_dataset`); every training example trains.
+    Given(&'a [Example]),
+}
+
 /// One window per example (`seq_len + 1` tokens: the example, then `pad` up to the end, masked
-/// out). Example `e` is held out for validation when `e % val_every == val_every − 1`; at least
-/// one is.
+/// out); the held-out windows as `held_out` says.
 ///
 /// # Errors
-/// [`TrainError::Invalid`]: `seq_len` or `val_every` below 2, fewer than 2 examples, an
+/// [`TrainError::Invalid`]: `seq_len` or the `EveryNth` period below 2, fewer than 2 examples
+/// (with `EveryNth`: one of them is held out) or none (`Given`: training or held-out), an
 /// example whose mask length differs from its ids', or no assistant token left in the
 /// training or the held-out examples (after truncation).
 pub fn dataset(
     examples: &[Example],
     seq_len: usize,
-    val_every: usize,
+    held_out: HeldOut<'_>,
     pad: u32,
 ) -> Result<(Dataset, SftReport), TrainError> {
     let bad = |m: String| Err(TrainError::Invalid(m));
-    if seq_len < 2 || val_every < 2 {
-        return bad(format!(
-            "seq_len = {seq_len} and val_every = {val_every} must be >= 2"
-        ));
+    if seq_len < 2 {
+        return bad(format!("seq_len = {seq_len} must be >= 2"));
     }
-    if examples.len() < 2 {
-        return bad(format!(
-            "{} conversation(s): fine-tuning needs at least 2 (one is held out)",
-            examples.len()
-        ));
-    }
+    let given: &[Example] = match held_out {
+        HeldOut::EveryNth(n) if n < 2 => {
+            return bad(format!("val_every = {n} must be >= 2"));
+        }
+        HeldOut::EveryNth(_) if examples.len() < 2 => {
+            return bad(format!(
+                "{} conversation(s): fine-tuning needs at least 2 (one is held out)",
+                examples.len()
+            ));
+        }
+        HeldOut::EveryNth(_) => &[],
+        HeldOut::Given(v) if v.is_empty() || examples.is_empty() => {
+            return bad(
+                "fine-tuning needs at least one training and one held-out conversation".into(),
+            );
+        }
+        HeldOut::Given(v) => v,
+    };
+    let is_val = |e: usize| match held_out {
+        HeldOut::EveryNth(n) => e % n == n - 1,
+        HeldOut::Given(_) => e >= examples.len(),
+    };
+    let all = examples.len() + given.len();
     let w = seq_len + 1;
-    let (mut tokens, mut mask) = (
-        Vec::with_capacity(w * examples.len()),
-        Vec::with_capacity(w * examples.len()),
-    );
+    let (mut tokens, mut mask) = (Vec::with_capacity(w * all), Vec::with_capacity(w * all));
     let (mut train, mut val) = (Vec::new(), Vec::new());
     let mut report = SftReport {
-        examples: examples.len(),
+        examples: all,
         truncated: 0,
         longest: 0,
         target_tokens: 0,
     };
     let (mut train_targets, mut val_targets) = (0, 0);
-    for (e, ex) in examples.iter().enumerate() {
+    for (e, ex) in examples.iter().chain(given).enumerate() {
         if ex.ids.len() != ex.mask.len() {
             return bad(format!(
                 "example {e}: {} ids but {} mask entries",
@@ -93,7 +114,7 @@ pub fn dataset(
         mask.resize(start + w, false);
         // The window's first token is an input only.
         let targets = mask[start + 1..start + w].iter().filter(|&&m| m).count();
-        if e % val_every == val_every - 1 {
+        if is_val(e) {
             val.push(start);
             val_targets += targets;
         } else {
@@ -130,7 +151,7 @@ pub fn dataset(
             seq_len,
             train,
             val,
-            documents: examples.len(),
+            documents: all,
             bytes,
             mask: Some(mask),
         },
@@ -156,7 +177,7 @@ mod tests {
             ex(&[4, 5, 6, 7, 8, 9], &[0, 0, 1, 1, 1, 1]),
             ex(&[10, 11], &[0, 1]),
         ];
-        let (d, r) = dataset(&exs, 4, 2, 99).unwrap();
+        let (d, r) = dataset(&exs, 4, HeldOut::EveryNth(2), 99).unwrap();
         assert_eq!(
             d.tokens,
             vec![1, 2, 3, 99, 99, 4, 5, 6, 7, 8, 10, 11, 99, 99, 99]
@@ -172,9 +193,35 @@ mod tests {
 
     #[test]
     fn bad_inputs() {
-        let e = dataset(&[ex(&[1, 2], &[0, 1])], 4, 2, 0).unwrap_err();
+        let every2 = HeldOut::EveryNth(2);
+        let e = dataset(&[ex(&[1, 2], &[0, 1])], 4, every2, 0).unwrap_err();
         assert!(e.to_string().contains("at least 2"), "{e}");
-        let e = dataset(&[ex(&[1, 2], &[0, 0]), ex(&[1, 2], &[0, 1])], 4, 2, 0).unwrap_err();
+        let e = dataset(&[ex(&[1, 2], &[0, 0]), ex(&[1, 2], &[0, 1])], 4, every2, 0).unwrap_err();
         assert!(e.to_string().contains("training"), "{e}");
+        let e = dataset(&[ex(&[1, 2], &[0, 1])], 4, HeldOut::Given(&[]), 0).unwrap_err();
+        assert!(e.to_string().contains("one held-out"), "{e}");
+        let e = dataset(
+            &[ex(&[1, 2], &[0, 1])],
+            4,
+            HeldOut::Given(&[ex(&[1, 2], &[0, 0])]),
+            0,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("held-out"), "{e}");
+    }
+
+    /// With a held-out file every training example trains, and the held-out windows follow
+    /// them in the file's order.
+    #[test]
+    fn given_held_out_examples() {
+        let exs = [ex(&[1, 2, 3], &[0, 1, 1]), ex(&[4, 5], &[0, 1])];
+        let held = [ex(&[6, 7, 8, 9], &[0, 0, 1, 1])];
+        let (d, r) = dataset(&exs, 3, HeldOut::Given(&held), 0).unwrap();
+        assert_eq!(d.tokens, vec![1, 2, 3, 0, 4, 5, 0, 0, 6, 7, 8, 9]);
+        assert_eq!((d.train.clone(), d.val.clone()), (vec![0, 4], vec![8]));
+        assert_eq!(
+            (r.examples, r.target_tokens, d.documents),
+            (3, 2 + 1 + 2, 3)
+        );
     }
 }

@@ -164,29 +164,30 @@ pub struct GenLine {
     pub answer: String,
 }
 
-/// A line of `train.jsonl`.
+/// A line of `train.jsonl` / `test_chat.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChatLine {
     pub messages: Vec<ChatMessage>,
 }
 
-/// Writes `train.jsonl`, `train_prompts.jsonl` and `test.jsonl` into `dir` (created). Returns
-/// their paths in that order.
+/// Writes `train.jsonl`, `train_prompts.jsonl`, `test.jsonl` and `test_chat.jsonl` (the
+/// held-out problems as conversations with their worked answers: `sft --val-data`'s held-out
+/// loss) into `dir` (created). Returns their paths in that order.
 ///
 /// # Errors
 /// [`TrainError::Io`] when `dir` or a file cannot be written.
-pub fn write(task: &Task, dir: &Path) -> Result<[PathBuf; 3], TrainError> {
+pub fn write(task: &Task, dir: &Path) -> Result<[PathBuf; 4], TrainError> {
     std::fs::create_dir_all(dir).map_err(|e| TrainError::io("create", dir, e))?;
     let lines = |items: Vec<String>| items.join("\n") + "\n";
-    let train: Vec<String> = task
-        .train
-        .iter()
-        .map(|p| {
-            json(&ChatLine {
-                messages: p.messages(),
+    let chat = |ps: &[Problem]| -> Vec<String> {
+        ps.iter()
+            .map(|p| {
+                json(&ChatLine {
+                    messages: p.messages(),
+                })
             })
-        })
-        .collect();
+            .collect()
+    };
     let gen = |ps: &[Problem]| -> Vec<String> {
         ps.iter()
             .map(|p| {
@@ -201,11 +202,13 @@ pub fn write(task: &Task, dir: &Path) -> Result<[PathBuf; 3], TrainError> {
         dir.join("train.jsonl"),
         dir.join("train_prompts.jsonl"),
         dir.join("test.jsonl"),
+        dir.join("test_chat.jsonl"),
     ];
     for (path, body) in paths.iter().zip([
-        lines(train),
+        lines(chat(&task.train)),
         lines(gen(&task.train)),
         lines(gen(&task.test)),
+        lines(chat(&task.test)),
     ]) {
         std::fs::write(path, body).map_err(|e| TrainError::io("write", path, e))?;
     }
