@@ -355,6 +355,25 @@ impl<T: Load8 + Sync> Wide for T {
             let g = (k - i).min(8); // weight rows in this pass
             let p: [*const T; 8] = std::array::from_fn(|j| rows[i + j.min(g - 1)].as_ptr());
             let mut c = 0;
+            if m == 1 && g == 8 {
+                // One row (decode): the pass's eight inputs are broadcast once, not reloaded
+                // per column (the compiler cannot hoist them past the stores through `o`), and
+                // each weight vector goes straight into its multiply-add. Same operations in
+                // the same order per output as the general loop below.
+                // SAFETY: as below, with m = 1.
+                unsafe {
+                    let xs: [__m256; 8] = std::array::from_fn(|j| _mm256_set1_ps(*xp.add(i + j)));
+                    while c + 8 <= len {
+                        let dst = o.add(c);
+                        let mut acc = _mm256_loadu_ps(dst);
+                        for (j, &xj) in xs.iter().enumerate() {
+                            acc = _mm256_fmadd_ps(xj, T::load8(p[j].add(c)), acc);
+                        }
+                        _mm256_storeu_ps(dst, acc);
+                        c += 8;
+                    }
+                }
+            }
             // SAFETY: c + 8 <= len and every row holds `len` values; `o` points at `m · len`
             // and `xp` at `m · k` values, of which row r's pass reads `r·k + i .. r·k + i + g`.
             unsafe {
