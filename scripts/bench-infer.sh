@@ -17,8 +17,12 @@ new=${NEW_TOKENS:-64}
 # (OMP_NUM_THREADS / set_num_threads). Default: every core.
 threads=${THREADS:-$(nproc)}
 mkdir -p "$work"
-cargo build --release --quiet
-bin="${CARGO_TARGET_DIR:-target}/release/dsv3"
+# BIN=path/to/dsv3 skips the build (e.g. a binary built with the test command's features).
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --quiet
+  BIN="${CARGO_TARGET_DIR:-target}/release/dsv3"
+fi
+bin=$BIN
 [ -f "$work/model/model.safetensors" ] || "$bin" init --preset small --out "$work/model" --seed 1 > /dev/null
 python3 -c "import random; r = random.Random(7); print(','.join(str(r.randrange(2, 8000)) for _ in range(512)))" > "$work/ids"
 ids=$(cat "$work/ids")

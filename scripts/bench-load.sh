@@ -7,8 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 work="${1:-${TMPDIR:-/tmp}/dsv3-bench-load}"
 mkdir -p "$work"
-cargo build --release --quiet
-bin="${CARGO_TARGET_DIR:-target}/release/dsv3"
+# BIN=path/to/dsv3 skips the build (e.g. a binary built with the test command's features).
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --quiet
+  BIN="${CARGO_TARGET_DIR:-target}/release/dsv3"
+fi
+bin=$BIN
 cat > "$work/config.json" <<'JSON'
 {"vocab_size": 32000, "hidden_size": 1536, "intermediate_size": 4096, "moe_intermediate_size": 512,
  "num_hidden_layers": 8, "first_k_dense_replace": 1, "num_attention_heads": 12, "num_key_value_heads": 12,
