@@ -36,7 +36,8 @@ stage pretrain "$OUT/base" "$BIN" train --out "$OUT/base"
 stage sft "$OUT/sft" "$BIN" sft --model "$OUT/base/final" --data "$OUT/add/train.jsonl" --out "$OUT/sft" \
   --steps 400 --lr 1e-3 --checkpoint-every 400 --eval-every 100 --log-every 50
 stage rl "$OUT/rl" "$BIN" rl --model "$OUT/sft/final" --data "$OUT/add/train_prompts.jsonl" --chat --out "$OUT/rl" \
-  --steps "$RL_STEPS" --prompts-per-step 8 --group-size 8 --max-new-tokens 40 --temperature 0.7 --lr 1e-5 --warmup 10
+  --steps "$RL_STEPS" --prompts-per-step 8 --group-size 8 --max-new-tokens 40 --temperature 0.7 --lr 1e-5 --warmup 10 \
+  --eval-data "$OUT/add/test.jsonl" --eval-every 20
 stage student-pretrain "$OUT/student" "$BIN" train --config scripts/student-config.json --out "$OUT/student"
 S=(--model "$OUT/student/final" --data "$OUT/add/train.jsonl" --steps 300 --lr 1e-3 --checkpoint-every 300 --eval-every 100 --log-every 50)
 stage student-sft "$OUT/student-sft" "$BIN" sft "${S[@]}" --out "$OUT/student-sft"

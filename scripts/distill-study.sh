@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Distillation against hard labels with a teacher much stronger than the student, paired seeds
+# (BENCHMARKS.md, "Distillation"). Builds on scripts/post-train.sh's output directory (run first
+# if absent): its task split, the `mini` SFT model and the pre-trained student.
+#
+#   teacher = post-train's sft/final + 1200 more SFT steps (≈ 99% held-out exact match)
+#   for each seed: the student fine-tuned 800 steps on the hard labels (`sft`) vs distilled from
+#   the teacher (`distill --temperature 2 --alpha 0.5`), the same data order; both validated on
+#   the held-out conversations (test_chat.jsonl) and scored by greedy exact match on test.jsonl.
+#
+# Usage: [SEEDS="0 1 2"] bash scripts/distill-study.sh [OUT]   (default runs/post;
+# BIN=path/to/dsv3 skips the build). About 5 minutes per student run on 2 idle cores, 12 for the
+# teacher. A run whose output exists is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/post}
+SEEDS=${SEEDS:-0 1 2}
+if [ -z "${BIN:-}" ]; then
+  cargo build --release --quiet
+  BIN=target/release/dsv3
+fi
+export BIN
+[ -e "$OUT/student/final/config.json" ] && [ -e "$OUT/sft/final/config.json" ] || bash scripts/post-train.sh "$OUT"
+# make-task is seeded: writing the split again gives the same files, plus test_chat.jsonl.
+[ -e "$OUT/add/test_chat.jsonl" ] || "$BIN" make-task --task addition --out "$OUT/add" --seed 0 --digits 2 --train 2000 --test 300 > /dev/null
+D=$OUT/distill-study
+mkdir -p "$D"
+run() { # NAME command... (skipped when NAME/final exists)
+  local n=$1; shift
+  [ -e "$D/$n/final/config.json" ] && return
+  rm -rf "${D:?}/$n"
+  "$@" --out "$D/$n" > "$D/$n.log" 2>&1 || { echo "$n failed: see $D/$n.log"; tail -3 "$D/$n.log"; exit 1; }
+}
+em() { "$BIN" eval --model "$D/$1/final" --task gen --data "$OUT/add/test.jsonl" --chat --max-new-tokens 48 --batch-size 16 2>/dev/null \
+  | sed -E 's/^gen: exact_match ([0-9.]+) \(([0-9]+\/[0-9]+)\).*/\2/'; }
+val() { grep -o 'validation: loss [0-9.]*' "$D/$1.log" | awk '{print $3}'; }
+# (The teacher validates on every 20th training conversation, as post-train's sft does.)
+run teacher "$BIN" sft --model "$OUT/sft/final" --data "$OUT/add/train.jsonl" \
+  --steps 1200 --lr 1e-3 --checkpoint-every 1200 --eval-every 400 --log-every 100
+echo "| student (800 steps, lr 1e-3) | seed | held-out exact match (300) | held-out loss per assistant token |"
+echo "|---|---|---|---|"
+echo "| teacher: sft model + 1200 steps | - | $(em teacher) | - |"
+for s in $SEEDS; do
+  S=(--model "$OUT/student/final" --data "$OUT/add/train.jsonl" --val-data "$OUT/add/test_chat.jsonl" --steps 800 --lr 1e-3
+     --checkpoint-every 800 --eval-every 200 --log-every 100 --seed "$s")
+  run "hard-s$s" "$BIN" sft "${S[@]}"
+  run "kd-s$s" "$BIN" distill --teacher "$D/teacher/final" --temperature 2 --alpha 0.5 "${S[@]}"
+  echo "| hard labels (sft) | $s | $(em "hard-s$s") | $(val "hard-s$s") |"
+  echo "| distilled, τ 2, α 0.5 | $s | $(em "kd-s$s") | $(val "kd-s$s") |"
+done
