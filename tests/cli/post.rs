@@ -358,7 +358,13 @@ fn eval_bad_lines_name_file_and_line() {
 fn sft_setup(n: usize) -> (PathBuf, PathBuf) {
     let dir = super::generate::model_with_tokenizer();
     let data = dir.join("chat.jsonl");
-    let lines: Vec<String> = (0..n)
+    write_sums(&data, 0..n);
+    (dir, data)
+}
+
+/// One conversation per `i`: system "Add.", user "{i}+1?", assistant "{i + 1}".
+fn write_sums(path: &Path, range: std::ops::Range<usize>) {
+    let lines: Vec<String> = range
         .map(|i| {
             serde_json::json!({"messages": [
                 {"role": "system", "content": "Add."},
@@ -368,8 +374,7 @@ fn sft_setup(n: usize) -> (PathBuf, PathBuf) {
             .to_string()
         })
         .collect();
-    std::fs::write(&data, lines.join("\n")).unwrap();
-    (dir, data)
+    std::fs::write(path, lines.join("\n")).unwrap();
 }
 
 /// `sft` runs the training loop on the rendered conversations: checkpoints, metrics, final/
@@ -440,17 +445,7 @@ fn sft_trains_saves_and_resumes() {
 fn sft_validates_on_a_held_out_file() {
     let (dir, data) = sft_setup(4);
     let held = dir.join("held.jsonl");
-    let lines: Vec<String> = (10..12)
-        .map(|i| {
-            serde_json::json!({"messages": [
-                {"role": "system", "content": "Add."},
-                {"role": "user", "content": format!("{i}+1?")},
-                {"role": "assistant", "content": format!("{}", i + 1)},
-            ]})
-            .to_string()
-        })
-        .collect();
-    std::fs::write(&held, lines.join("\n")).unwrap();
+    write_sums(&held, 10..12);
     let out = dir.join("run");
     let report = dsv3(&[
         "sft",
