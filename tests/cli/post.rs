@@ -446,24 +446,27 @@ fn sft_validates_on_a_held_out_file() {
     let (dir, data) = sft_setup(4);
     let held = dir.join("held.jsonl");
     write_sums(&held, 10..12);
-    let out = dir.join("run");
-    let report = dsv3(&[
-        "sft",
-        "--model",
-        s(&dir),
-        "--data",
-        s(&data),
-        "--val-data",
-        s(&held),
-        "--out",
-        s(&out),
-        "--steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--grad-accum",
-        "1",
-    ])
+    let run = |val: &Path, out: &str, extra: &[&str]| {
+        let mut a = vec![
+            "sft",
+            "--model",
+            s(&dir),
+            "--data",
+            s(&data),
+            "--val-data",
+            s(val),
+            "--out",
+        ];
+        let out = dir.join(out);
+        a.push(s(&out));
+        a.extend_from_slice(extra);
+        dsv3(&a)
+    };
+    let report = run(
+        &held,
+        "run",
+        &["--steps", "1", "--batch-size", "2", "--grad-accum", "1"],
+    )
     .unwrap();
     assert!(
         report.contains("sft: 6 conversations (2 held out)"),
@@ -476,19 +479,7 @@ fn sft_validates_on_a_held_out_file() {
         "{report}"
     );
     // A held-out file that is not there: one line naming it.
-    let missing = dir.join("none.jsonl");
-    let e = dsv3(&[
-        "sft",
-        "--model",
-        s(&dir),
-        "--data",
-        s(&data),
-        "--val-data",
-        s(&missing),
-        "--out",
-        s(&dir.join("run2")),
-    ])
-    .unwrap_err();
+    let e = run(&dir.join("none.jsonl"), "run2", &[]).unwrap_err();
     assert!(e.contains("none.jsonl"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }
