@@ -9,8 +9,8 @@
 #   the held-out conversations (test_chat.jsonl) and scored by greedy exact match on test.jsonl.
 #
 # Usage: [SEEDS="0 1 2"] bash scripts/distill-study.sh [OUT]   (default runs/post;
-# BIN=path/to/dsv3 skips the build). About 5 minutes per student run on 2 idle cores, 12 for the
-# teacher. A run whose output exists is skipped.
+# BIN=path/to/dsv3 skips the build). Measured on 2 cores shared with other runs: 2–6 minutes
+# per student run, 12 for the teacher. A run whose output exists is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/post}

@@ -920,9 +920,9 @@ fn dist_train_pp_ep_matches_single_process_and_resumes() {
     let (want, _) = losses(&single);
     assert_eq!(want.len(), 4);
     let layout = checkpoint_layout(&single.join("final"));
-    for schedule in ["1f1b", "zb1p", "dualpipe", "dualpipev"] {
-        let out = dir.join(format!("pp2-ep2-{schedule}"));
-        let flags = [
+    // Two stages × two replicas, experts split over each stage's pair.
+    let layout_flags = |schedule| {
+        vec![
             "--pp",
             "2",
             "--dp",
@@ -931,7 +931,11 @@ fn dist_train_pp_ep_matches_single_process_and_resumes() {
             "2",
             "--schedule",
             schedule,
-        ];
+        ]
+    };
+    for schedule in ["1f1b", "zb1p", "dualpipe", "dualpipev"] {
+        let out = dir.join(format!("pp2-ep2-{schedule}"));
+        let flags = layout_flags(schedule);
         let s = run(4, &out, "2", &flags);
         assert!(s.contains("peak RSS per rank"), "{s}");
         let mut resume = flags.to_vec();
@@ -954,17 +958,8 @@ fn dist_train_pp_ep_matches_single_process_and_resumes() {
     }
     // Another schedule places the stages (and so the optimiser shards) otherwise: refused.
     let run_dir = dir.join("pp2-ep2-1f1b");
-    let extra = [
-        "--pp",
-        "2",
-        "--dp",
-        "2",
-        "--ep",
-        "2",
-        "--schedule",
-        "dualpipev",
-        "--resume",
-    ];
+    let mut extra = layout_flags("dualpipev");
+    extra.push("--resume");
     let a = pipeline_args(&cfg, &run_dir, "4", "2", "6", &extra);
     let e = mpirun(4, &a).unwrap_err();
     assert!(

@@ -26,14 +26,7 @@ fn flex_thin_products_and_par_map_are_exact() {
     let wv = rng.normal_vec(k * n, 1.0);
     let w = tensor2(wv.clone(), [k, n]);
     let x16 = rng.normal_vec(16 * k, 1.0);
-    let alone: Vec<Vec<f32>> = (0..16)
-        .map(|r| {
-            f32s(B::dense_matmul(
-                tensor2(x16[r * k..(r + 1) * k].to_vec(), [1, k]),
-                w.clone(),
-            ))
-        })
-        .collect();
+    let alone = one_by_one(&x16, k, 16, &w);
     // The one-row kernel sums in the order of `gemm`'s AVX2 + FMA kernels, so it equals Flex's
     // matmul bit for bit where those run; on an AVX-512 CPU `gemm` sums in 16 lanes and the two
     // agree to f32 rounding (the float64 checks below hold either way).
@@ -136,30 +129,16 @@ fn flex_thin_products_and_par_map_are_exact() {
         let wide = f32s(rows.clone().cast(burn::tensor::DType::F32)); // [n, k]
         let w = rows.transpose(); // [k, n], strides [1, k]
         let x40 = rng.normal_vec(40 * k, 1.0);
-        let alone: Vec<Vec<f32>> = (0..16)
-            .map(|r| {
-                f32s(B::dense_matmul(
-                    tensor2(x40[r * k..(r + 1) * k].to_vec(), [1, k]),
-                    w.clone(),
-                ))
-            })
-            .collect();
+        let alone = one_by_one(&x40, k, 16, &w);
+        let w64 = transpose(&wide.iter().map(|&v| v as f64).collect::<Vec<_>>(), n, k);
         for m in [1, 2, 5, 16, 40] {
             let got = f32s(B::dense_matmul(
                 tensor2(x40[..m * k].to_vec(), [m, k]),
                 w.clone(),
             ));
             assert_eq!(got.len(), m * n);
-            let (mut want, mut mag) = (vec![0f64; m * n], vec![0f64; m * n]);
-            for r in 0..m {
-                for c in 0..n {
-                    for i in 0..k {
-                        let t = x40[r * k + i] as f64 * wide[c * k + i] as f64;
-                        want[r * n + c] += t;
-                        mag[r * n + c] += t.abs();
-                    }
-                }
-            }
+            let x64: Vec<f64> = x40[..m * k].iter().map(|&v| v as f64).collect();
+            let (want, mag) = host_matmul(&x64, &w64, m, k, n);
             assert_within_accumulation(
                 &format!("[{n}, {k}]ᵀ bf16 {bf} m = {m}"),
                 &got,
@@ -357,6 +336,18 @@ pub(crate) fn host_bf16(x: f32) -> f64 {
     let b = x.to_bits();
     let r = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000;
     f32::from_bits(r) as f64
+}
+
+/// The first `rows` rows of `x [·, k]`, each multiplied by `w` alone (one-row products).
+fn one_by_one(x: &[f32], k: usize, rows: usize, w: &Tensor<B, 2>) -> Vec<Vec<f32>> {
+    (0..rows)
+        .map(|r| {
+            f32s(B::dense_matmul(
+                tensor2(x[r * k..(r + 1) * k].to_vec(), [1, k]),
+                w.clone(),
+            ))
+        })
+        .collect()
 }
 
 /// `a [m, k] · b [k, n]` in float64 with, per output, `Σ |a·b|` (the scale of f32's

@@ -51,30 +51,39 @@ pub(crate) fn rows_times_matrix(
         .flat_map(|r| (0..k).map(move |i| (r, i)))
         .map(|(r, i)| xs[x0 + r * x_row as usize + i * x_col as usize])
         .collect();
-    if transposed {
+    let w0 = wl.start_offset();
+    let out = if transposed {
         let rows = WeightRows {
-            w0: wl.start_offset(),
+            w0,
             ld: w_col as usize,
             k,
             n,
         };
-        let out = match wt.dtype() {
+        match wt.dtype() {
             DType::F32 => dots(&xv, m, wt.storage::<f32>(), rows, |v| v),
             DType::BF16 => dots(&xv, m, wt.storage::<bf16>(), rows, bf16::to_f32),
             _ => return None,
+        }
+    } else {
+        let weights = Weights {
+            w0,
+            w_row: w_row as usize,
+            n,
         };
-        let t = FlexTensor::from_data(TensorData::new(out, [m, n]));
-        return Some(Tensor::from_primitive(TensorPrimitive::Float(t)));
-    }
-    let (w0, w_row) = (wl.start_offset(), w_row as usize);
-    let weights = Weights { w0, w_row, n };
-    let out = match wt.dtype() {
-        DType::F32 => product(&xv, m, wt.storage::<f32>(), weights, |v| v),
-        DType::BF16 => product(&xv, m, wt.storage::<bf16>(), weights, bf16::to_f32),
-        _ => return None,
+        match wt.dtype() {
+            DType::F32 => product(&xv, m, wt.storage::<f32>(), weights, |v| v),
+            DType::BF16 => product(&xv, m, wt.storage::<bf16>(), weights, bf16::to_f32),
+            _ => return None,
+        }
     };
     let t = FlexTensor::from_data(TensorData::new(out, [m, n]));
     Some(Tensor::from_primitive(TensorPrimitive::Float(t)))
+}
+
+/// Whether a `[K, N]` product runs on the calling thread: below ~512K weights the pool's
+/// wake-up costs more than a second core saves (and with one thread there is nothing to split).
+fn on_one_thread(k: usize, n: usize) -> bool {
+    rayon::current_num_threads() < 2 || k * n < 1 << 19
 }
 
 /// Whether `w [K, N]` is a transposed view of `[N, K]` rows (unit row stride): a BF16 Linear
@@ -140,11 +149,12 @@ fn dots<T: Wide>(
             }
         }
     };
-    let threads = rayon::current_num_threads();
-    let per = if threads < 2 || k * n < 1 << 19 {
+    let per = if on_one_thread(k, n) {
         n
     } else {
-        n.div_ceil(threads).next_multiple_of(16).min(2048)
+        n.div_ceil(rayon::current_num_threads())
+            .next_multiple_of(16)
+            .min(2048)
     };
     let mut cols = vec![0f32; n * m];
     if per == n {
@@ -201,11 +211,11 @@ fn product<T: Wide>(
     // Column blocks whose partial sums (m × len, ~4 KiB) stay in L1 (the one-row kernel took
     // 1024 columns before it took several rows).
     let width = (1024 / m).next_multiple_of(16);
-    let threads = rayon::current_num_threads();
+    let (alone, threads) = (on_one_thread(k, n), rayon::current_num_threads());
     if m == 1 {
         // One row: the blocks write straight into the output.
         let mut out = vec![0f32; n];
-        if threads < 2 || k * n < 1 << 19 {
+        if alone {
             for (j, chunk) in out.chunks_mut(width).enumerate() {
                 block(j * width, chunk.len(), chunk);
             }
@@ -218,8 +228,7 @@ fn product<T: Wide>(
         return out;
     }
     // Several rows: each block fills its own `[m, len]` buffer, copied into place after.
-    // Below ~512K weights the pool's wake-up costs more than a second core saves.
-    let per = if threads < 2 || k * n < 1 << 19 {
+    let per = if alone {
         width
     } else {
         n.div_ceil(threads).next_multiple_of(16).min(width)
@@ -231,7 +240,7 @@ fn product<T: Wide>(
         block(c0, len, &mut buf);
         (c0, len, buf)
     };
-    let parts: Vec<_> = if per == width && (threads < 2 || k * n < 1 << 19) {
+    let parts: Vec<_> = if alone {
         starts.iter().map(run).collect()
     } else {
         starts.par_iter().map(run).collect()

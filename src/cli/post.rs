@@ -791,12 +791,12 @@ fn run_sft(
     }
     let examples = read_sft(&a.data, &tok, model_cfg.vocab_size)?;
     let held = match &a.val_data {
-        Some(p) => read_sft(p, &tok, model_cfg.vocab_size)?,
-        None => Vec::new(),
+        Some(p) => Some(read_sft(p, &tok, model_cfg.vocab_size)?),
+        None => None,
     };
     let longest = examples
         .iter()
-        .chain(&held)
+        .chain(held.iter().flatten())
         .map(|e| e.ids.len())
         .max()
         .unwrap_or(2);
@@ -806,8 +806,8 @@ fn run_sft(
             .min(model_cfg.max_position_embeddings)
     });
     let pad = tok.eos_id().unwrap_or(0);
-    let held_out = match &a.val_data {
-        Some(_) => dsv3_train::sft::HeldOut::Given(&held),
+    let held_out = match &held {
+        Some(v) => dsv3_train::sft::HeldOut::Given(v),
         None => dsv3_train::sft::HeldOut::EveryNth(a.val_every),
     };
     let (data, report) =

@@ -89,10 +89,6 @@ struct Micro {
     experts: Vec<(usize, Vec<Vec<u32>>)>,
 }
 
-/// One micro-batch's forward and backward. In a distributed run `starts` is this rank's share
-/// of the global micro-batch: the loss parts are averaged over the ranks before anything else
-/// (so every rank agrees whether to run the backward, whose exchanges are collective) and the
-/// gradient is of this rank's `1/W` of the objective.
 /// Sums each layer's routed-token loads over the ranks (`sum` all-reduces a flat copy), so the
 /// bias update is the same on every rank.
 fn sum_loads(
@@ -112,6 +108,10 @@ fn sum_loads(
     Ok(())
 }
 
+/// One micro-batch's forward and backward. In a distributed run `starts` is this rank's share
+/// of the global micro-batch: the loss parts are averaged over the ranks before anything else
+/// (so every rank agrees whether to run the backward, whose exchanges are collective) and the
+/// gradient is of this rank's `1/W` of the objective.
 fn micro_batch<B: DsAutodiffBackend>(
     model: &DeepseekV3<B>,
     data: &Dataset,
