@@ -705,11 +705,11 @@ fn moe_defaults_match_host_reference() {
     }
 }
 
-/// The model-core fixtures on a GPU backend: logits against the float64 golden (1e-4) and
-/// routing equal to the CPU's, in the per-expert form, the packed (kernel) form, and FP8 in
+/// The model-core fixtures on a GPU backend: logits against the float64 golden (within `tol`)
+/// and routing equal to the CPU's, in the per-expert form, the packed (kernel) form, and FP8 in
 /// memory.
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
-pub(crate) fn fixtures_match_golden_on<Bk: DsBackend>(label: &str, dev: &Bk::Device) {
+pub(crate) fn fixtures_match_golden_on<Bk: DsBackend>(label: &str, dev: &Bk::Device, tol: f64) {
     let packed = WeightOptions {
         pack_experts: true,
         ..Default::default()
@@ -734,10 +734,7 @@ pub(crate) fn fixtures_match_golden_on<Bk: DsBackend>(label: &str, dev: &Bk::Dev
                 "{label} {name} {weights:?} {}: max |Δlogits| vs golden {d:.2e}",
                 g.display()
             );
-            assert!(
-                d < LOGIT_TOL as f64,
-                "{name}: {label} logits differ by {d:.3e}"
-            );
+            assert!(d < tol, "{name}: {label} logits differ by {d:.3e}");
             assert_eq!(
                 routing, cpu_routing,
                 "{name}: {label} routing differs from the CPU's"
@@ -747,80 +744,78 @@ pub(crate) fn fixtures_match_golden_on<Bk: DsBackend>(label: &str, dev: &Bk::Dev
     }
 }
 
-#[cfg(feature = "wgpu")]
-pub(crate) mod wgpu {
-    //! Every CubeCL kernel against its plain-tensor default (run on Flex), on random inputs
-    //! whose sizes are not multiples of 128, and the fixtures on wgpu.
-
+/// Every CubeCL kernel against its plain-tensor default (run on Flex), on random inputs whose
+/// sizes are not multiples of 128 (nor of CUDA's row pitch), on a GPU backend `G`: run on wgpu
+/// by the tests below and on CUDA by `scripts/gpu-check.sh`.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub(crate) mod on_gpu {
     use super::*;
-    use dsv3_backends::{MoeDispatch, Wgpu};
+    use dsv3_backends::MoeDispatch;
 
-    fn wdev() -> burn::backend::wgpu::WgpuDevice {
-        Default::default()
+    fn to_gpu2<G: DsBackend>(dev: &G::Device, v: Vec<f32>, shape: [usize; 2]) -> Tensor<G, 2> {
+        Tensor::from_data(TensorData::new(v, shape), dev)
     }
 
-    fn to_wgpu2(v: Vec<f32>, shape: [usize; 2]) -> Tensor<Wgpu, 2> {
-        Tensor::from_data(TensorData::new(v, shape), &wdev())
-    }
-
-    #[test]
-    fn fp8_matmul_kernel_equals_default() {
+    pub(crate) fn fp8_matmul_kernel_equals_default<G: DsBackend>(dev: &G::Device) {
         let mut rng = Rng::new(21);
         let (m, n, k, b) = (9, 200, 300, 128);
         let (_, codes, scales) = random_fp8::<B>(&mut rng, [1, n, k], b, &device());
         let x = rng.normal_vec(m * k, 1.0);
         let wc = Fp8Weight::<B>::from_codes(&codes, &scales, [1, n, k], b, &device()).unwrap();
-        let wg = Fp8Weight::<Wgpu>::from_codes(&codes, &scales, [1, n, k], b, &wdev()).unwrap();
+        let wg = Fp8Weight::<G>::from_codes(&codes, &scales, [1, n, k], b, dev).unwrap();
         let want = f32s(<B as DsBackend>::fp8_matmul(
             tensor2(x.clone(), [m, k]),
             &wc,
         ));
-        let got = f32s(<Wgpu as DsBackend>::fp8_matmul(to_wgpu2(x, [m, k]), &wg));
+        let got = f32s(<G as DsBackend>::fp8_matmul(
+            to_gpu2::<G>(dev, x, [m, k]),
+            &wg,
+        ));
         let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = max_diff(&got, &want);
         println!("fp8 matmul kernel vs default: {d:.2e} (max |y| {scale:.2})");
         assert!(scale > 0.1 && d <= 1e-5 * scale, "differ by {d}");
     }
 
-    #[test]
-    fn fp8_quantize_kernel_equals_default() {
+    pub(crate) fn fp8_quantize_kernel_equals_default<G: DsBackend>(dev: &G::Device) {
         let mut rng = Rng::new(5);
         let (m, k, b) = (6, 333, 128);
         let x = rng.normal_vec(m * k, 2.0);
         for ue8m0 in [false, true] {
             let want = <B as DsBackend>::fp8_quantize(tensor2(x.clone(), [m, k]), b, ue8m0);
-            let got = <Wgpu as DsBackend>::fp8_quantize(to_wgpu2(x.clone(), [m, k]), b, ue8m0);
+            let got =
+                <G as DsBackend>::fp8_quantize(to_gpu2::<G>(dev, x.clone(), [m, k]), b, ue8m0);
             assert_eq!(f32s(got.scales), f32s(want.scales), "scales, ue8m0 {ue8m0}");
             assert_eq!(ints(got.codes), ints(want.codes), "codes, ue8m0 {ue8m0}");
         }
     }
 
-    fn dispatch_pair(
+    fn dispatch_pair<G: DsBackend>(
         ids: &[i64],
         t: usize,
         k: usize,
         e: usize,
-    ) -> (MoeDispatch<B>, MoeDispatch<Wgpu>) {
+        dev: &G::Device,
+    ) -> (MoeDispatch<B>, MoeDispatch<G>) {
         (
             <B as DsBackend>::moe_dispatch(int_tensor::<B>(ids, [t, k], &device()), e),
-            <Wgpu as DsBackend>::moe_dispatch(int_tensor::<Wgpu>(ids, [t, k], &wdev()), e),
+            <G as DsBackend>::moe_dispatch(int_tensor::<G>(ids, [t, k], dev), e),
         )
     }
 
     /// 41 tokens: the tiled grouped kernel (several experts per tile); 5 tokens: the
     /// one-thread-per-output kernel.
-    #[test]
-    fn moe_kernels_equal_defaults() {
+    pub(crate) fn moe_kernels_equal_defaults<G: DsBackend>(dev: &G::Device) {
         for t in [41, 5] {
-            moe_kernels_equal_defaults_at(t);
+            moe_kernels_equal_defaults_at::<G>(t, dev);
         }
     }
 
-    fn moe_kernels_equal_defaults_at(t: usize) {
+    fn moe_kernels_equal_defaults_at<G: DsBackend>(t: usize, dev: &G::Device) {
         let mut rng = Rng::new(17);
         let (k, e, h, n) = (6, 29, 150, 130);
         let ids = random_ids(&mut rng, t, k, e);
-        let (dc, dg) = dispatch_pair(&ids, t, k, e);
+        let (dc, dg) = dispatch_pair::<G>(&ids, t, k, e, dev);
         assert_eq!(ints(dg.order.clone()), ints(dc.order.clone()));
         assert_eq!(ints(dg.tokens.clone()), ints(dc.tokens.clone()));
         assert_eq!(ints(dg.experts.clone()), ints(dc.experts.clone()));
@@ -835,17 +830,17 @@ pub(crate) mod wgpu {
             TensorData::new(w.clone(), [e, h, n]),
             &device(),
         ));
-        let wg = GroupedWeight::dense(Tensor::<Wgpu, 3>::from_data(
+        let wg = GroupedWeight::dense(Tensor::<G, 3>::from_data(
             TensorData::new(w, [e, h, n]),
-            &wdev(),
+            dev,
         ));
         let yc = f32s(<B as DsBackend>::grouped_matmul(
             tensor2(xs.clone(), [s, h]),
             &wc,
             &dc,
         ));
-        let yg = f32s(<Wgpu as DsBackend>::grouped_matmul(
-            to_wgpu2(xs.clone(), [s, h]),
+        let yg = f32s(<G as DsBackend>::grouped_matmul(
+            to_gpu2::<G>(dev, xs.clone(), [s, h]),
             &wg,
             &dg,
         ));
@@ -854,14 +849,14 @@ pub(crate) mod wgpu {
         assert!(d < 1e-4, "grouped matmul differs by {d}");
         // FP8 grouped matmul: weights [e, n, h].
         let (fc, codes, scales) = random_fp8::<B>(&mut rng, [e, n, h], 128, &device());
-        let fg = Fp8Weight::<Wgpu>::from_codes(&codes, &scales, [e, n, h], 128, &wdev()).unwrap();
+        let fg = Fp8Weight::<G>::from_codes(&codes, &scales, [e, n, h], 128, dev).unwrap();
         let yc8 = f32s(<B as DsBackend>::grouped_matmul(
             tensor2(xs.clone(), [s, h]),
             &GroupedWeight::fp8(fc),
             &dc,
         ));
-        let yg8 = f32s(<Wgpu as DsBackend>::grouped_matmul(
-            to_wgpu2(xs, [s, h]),
+        let yg8 = f32s(<G as DsBackend>::grouped_matmul(
+            to_gpu2::<G>(dev, xs, [s, h]),
             &GroupedWeight::fp8(fg),
             &dg,
         ));
@@ -882,15 +877,44 @@ pub(crate) mod wgpu {
             tensor2(gw.clone(), [t, k]),
             tensor2(base.clone(), [t, n]),
         ));
-        let og = f32s(<Wgpu as DsBackend>::moe_combine(
-            to_wgpu2(y, [s, n]),
+        let og = f32s(<G as DsBackend>::moe_combine(
+            to_gpu2::<G>(dev, y, [s, n]),
             &dg,
-            to_wgpu2(gw, [t, k]),
-            to_wgpu2(base, [t, n]),
+            to_gpu2::<G>(dev, gw, [t, k]),
+            to_gpu2::<G>(dev, base, [t, n]),
         ));
         let dcmb = max_diff(&og, &oc);
         println!("combine kernel vs default: {dcmb:.2e}");
         assert!(dcmb < 1e-5, "combine differs by {dcmb}");
+    }
+}
+
+#[cfg(feature = "wgpu")]
+pub(crate) mod wgpu {
+    //! The CubeCL kernels (see [`super::on_gpu`]) and the fixtures on wgpu.
+
+    use super::*;
+    use dsv3_backends::Wgpu;
+
+    fn wdev() -> burn::backend::wgpu::WgpuDevice {
+        Default::default()
+    }
+
+    #[test]
+    fn fp8_matmul_kernel_equals_default() {
+        on_gpu::fp8_matmul_kernel_equals_default::<Wgpu>(&wdev());
+    }
+
+    #[test]
+    fn fp8_quantize_kernel_equals_default() {
+        on_gpu::fp8_quantize_kernel_equals_default::<Wgpu>(&wdev());
+    }
+
+    /// 41 tokens: the tiled grouped kernel (several experts per tile); 5 tokens: the
+    /// one-thread-per-output kernel.
+    #[test]
+    fn moe_kernels_equal_defaults() {
+        on_gpu::moe_kernels_equal_defaults::<Wgpu>(&wdev());
     }
 
     /// wgpu cannot hold bf16 tensors (WGSL has no bf16): `--weights bf16` is a clear error there,
@@ -916,7 +940,7 @@ pub(crate) mod wgpu {
     /// The model-core fixtures on wgpu: see [`fixtures_match_golden_on`].
     #[test]
     fn fixtures_match_golden_on_wgpu() {
-        fixtures_match_golden_on::<Wgpu>("wgpu", &wdev());
+        fixtures_match_golden_on::<Wgpu>("wgpu", &wdev(), LOGIT_TOL as f64);
     }
 }
 
@@ -933,12 +957,29 @@ pub(crate) mod cuda {
             .unwrap_or_else(|e| panic!("{e}"));
     }
 
-    /// The model-core fixtures on CUDA (f32): see [`fixtures_match_golden_on`].
+    /// The model-core fixtures on CUDA (f32): see [`fixtures_match_golden_on`]. Burn's f32
+    /// matmul on CUDA runs on TF32 tensor cores where the GPU has them (cubek-matmul turns f32
+    /// operands into tf32 for its accelerated kernels), which round each operand to 11
+    /// significant bits (u = 2⁻¹¹ ≈ 4.9e-4): the fixtures' logits (|logit| ≤ ~15) then move by
+    /// ~1e-2 (1.3e-2 measured on an H200), so the bound here is 5e-2, not the 1e-4 of an f32
+    /// product. The routing must still equal the CPU's, and the kernels' own tests keep 1e-5.
     #[test]
     #[ignore = "needs a CUDA GPU: scripts/gpu-check.sh"]
     fn cuda_fixtures_match_golden() {
         require_gpu();
-        fixtures_match_golden_on::<Cuda>("cuda", &Default::default());
+        fixtures_match_golden_on::<Cuda>("cuda", &Default::default(), 5e-2);
+    }
+
+    /// Every CubeCL kernel against its default on CUDA (see [`super::on_gpu`]): CUDA pads rows
+    /// of new tensors to an alignment, which these sizes exercise.
+    #[test]
+    #[ignore = "needs a CUDA GPU: scripts/gpu-check.sh"]
+    fn cuda_kernels_equal_defaults() {
+        require_gpu();
+        let dev = Default::default();
+        on_gpu::fp8_matmul_kernel_equals_default::<Cuda>(&dev);
+        on_gpu::fp8_quantize_kernel_equals_default::<Cuda>(&dev);
+        on_gpu::moe_kernels_equal_defaults::<Cuda>(&dev);
     }
 
     /// The NCCL communicator in a world of one (a single GPU can hold only one NCCL rank): every

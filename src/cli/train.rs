@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use dsv3_backends::{BackendKind, Cpu, CpuAutodiff};
+use dsv3_backends::{BackendKind, CpuAutodiff, DsAutodiffBackend, DsBackend};
 use dsv3_model::{DeepseekV3, DeepseekV3Config, ModelError};
 use dsv3_train::{DataSource, RunOptions, TrainConfig, TrainError};
 
@@ -48,7 +48,8 @@ pub struct TrainArgs {
     /// Continue from the newest complete checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
-    /// Backend to train on (this build: flex, alias cpu).
+    /// Backend to train on: flex (alias cpu), or wgpu / cuda when built with them (f32 master
+    /// weights; on a GPU backend one process, no --ep / --dp / --pp).
     #[arg(long, default_value = "flex", value_parser = BackendKind::parse)]
     pub backend: BackendKind,
     /// Sequences per micro-batch.
@@ -84,7 +85,8 @@ pub struct TrainArgs {
     /// Complete checkpoints to keep.
     #[arg(long)]
     pub keep: Option<usize>,
-    /// Micro-batches computed in parallel threads (default 2; the result does not depend on it).
+    /// Micro-batches computed in parallel threads (default 2; the result does not depend on it;
+    /// always 1 on a GPU backend).
     #[arg(long)]
     pub workers: Option<usize>,
     /// Attention form used in training: naive or absorbed (the same function).
@@ -162,6 +164,11 @@ fn settings(a: &TrainArgs) -> Result<(DeepseekV3Config, TrainConfig), CliError> 
     set(&mut t.keep_checkpoints, a.keep);
     set(&mut t.checkpoint_every, a.checkpoint_every);
     set(&mut t.workers, a.workers);
+    if a.backend != BackendKind::Flex {
+        // A GPU runs the micro-batches one after another on one stream: worker threads would
+        // only add streams (and their memory pools) to the same device.
+        t.workers = 1;
+    }
     if let Some(m) = a.attention {
         t.attention = m;
     }
@@ -217,18 +224,31 @@ fn settings(a: &TrainArgs) -> Result<(DeepseekV3Config, TrainConfig), CliError> 
 }
 
 pub fn train(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    if a.backend != BackendKind::Flex && (a.ep > 1 || a.pp > 1 || a.dp.unwrap_or(1) > 1) {
+        return Err(CliError::Usage(format!(
+            "--ep / --dp / --pp train on flex only (the communicator moves host buffers); \
+             --backend {} trains in one process",
+            a.backend.name()
+        )));
+    }
+    a.backend
+        .check(dsv3_backends::FloatDtype::F32)
+        .map_err(CliError::from)?;
     match a.backend {
-        BackendKind::Flex => train_on(a, out),
-        other => Err(dsv3_backends::BackendError::Unsupported {
-            backend: other.name(),
-            what: "training",
-            supported: "flex",
-        }
-        .into()),
+        BackendKind::Flex => train_on::<CpuAutodiff>(a, out),
+        #[cfg(feature = "wgpu")]
+        BackendKind::Wgpu => train_on::<burn::backend::Autodiff<dsv3_backends::Wgpu>>(a, out),
+        #[cfg(feature = "cuda")]
+        BackendKind::Cuda => train_on::<burn::backend::Autodiff<dsv3_backends::Cuda>>(a, out),
+        #[allow(unreachable_patterns)]
+        other => Err(dsv3_backends::BackendError::NotCompiled { name: other.name() }.into()),
     }
 }
 
-fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
+fn train_on<B: DsAutodiffBackend>(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError>
+where
+    B::Device: Default,
+{
     let (model, train) = settings(a)?;
     // With --pp the processes are PP × DP (DP pipelines; --ep groups inside each stage's DP
     // replicas), without it EP × DP.
@@ -311,7 +331,7 @@ fn train_on(a: &TrainArgs, out: &mut dyn Write) -> Result<(), CliError> {
     };
     // The ranks of a distributed run stop together (the run's failures are agreed on: the
     // same settings, the same losses, checkpoint writes that agree), so they agree here once.
-    let result = dsv3_train::run::<CpuAutodiff>(&opts, &device, &mut say).map_err(train_err);
+    let result = dsv3_train::run::<B>(&opts, &device, &mut say).map_err(train_err);
     let (summary, trained) = super::dist::agree(comm, result, "training")?;
     let mut report = String::new();
     use std::fmt::Write as _;
@@ -384,8 +404,8 @@ const PROMPTS: &[&str] = &[
 /// top-p 0.9, seeded: reproducible), then — when the model has an MTP module — one greedy
 /// continuation with MTP speculative decoding (output equal to plain greedy decoding), with its
 /// draft acceptance rate. With `t = 0` all are greedy (speculative when possible).
-fn sample(
-    model: &DeepseekV3<Cpu>,
+fn sample<B: DsBackend>(
+    model: &DeepseekV3<B>,
     dir: &Path,
     n: usize,
     max_new: usize,

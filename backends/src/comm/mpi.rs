@@ -210,10 +210,12 @@ impl Communicator for MpiComm {
         let c = self.lock();
         let p = c.process_at_rank(root as i32);
         each_buf_mut!(buf, s => p.broadcast_into(s));
+        // The root sends, the others receive; a world of one moves nothing.
+        let moved = if self.size > 1 { bytes as u64 } else { 0 };
         if self.rank == root {
-            self.traffic.add(bytes as u64, 0);
+            self.traffic.add(moved, 0);
         } else {
-            self.traffic.add(0, bytes as u64);
+            self.traffic.add(0, moved);
         }
         Ok(())
     }

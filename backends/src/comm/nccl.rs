@@ -585,10 +585,12 @@ impl Communicator for NcclComm {
         }
         .map_err(|e| nccl_err("ncclBroadcast", e))?;
         g.download(&d, host)?;
+        // The root sends, the others receive; a world of one moves nothing.
+        let moved = if self.size > 1 { n as u64 } else { 0 };
         if self.rank == root {
-            self.traffic.add(n as u64, 0);
+            self.traffic.add(moved, 0);
         } else {
-            self.traffic.add(0, n as u64);
+            self.traffic.add(0, moved);
         }
         Ok(())
     }

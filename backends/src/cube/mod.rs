@@ -6,7 +6,7 @@ pub mod kernels;
 
 use burn::tensor::{Int, Shape, Tensor, TensorPrimitive};
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::{CubeCount, CubeDim};
@@ -35,12 +35,14 @@ fn int<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D:
     into_contiguous(t.into_primitive())
 }
 
+/// An output for a kernel that writes it linearly: contiguous. CUDA's default ("optimized")
+/// layout pads each row to an alignment (e.g. 576 f32 → 640), which linear indexing would miss.
 fn empty<R: CubeRuntime>(
     like: &CubeTensor<R>,
     shape: Vec<usize>,
     dtype: burn::tensor::DType,
 ) -> CubeTensor<R> {
-    empty_device_dtype(
+    empty_device_contiguous_dtype(
         like.client.clone(),
         like.device.clone(),
         Shape::from(shape),
