@@ -10,8 +10,8 @@
 #   4. FP8 training against bf16 (issue 13): `dsv3 train --backend cuda --preset small` (the
 #      ~100M-class shape) for $STEPS steps at each precision, tokens/s and losses;
 #   5. this machine's CPU (issue 12): Flex's products against float64 and the few-row kernel on
-#      whichever `gemm` kernels the CPU picks (AVX-512 where it has AVX-512F), and the many-row
-#      product's GFLOP/s.
+#      whichever `gemm` kernels the CPU picks (AVX-512 where it has AVX-512F), the many-row
+#      product's GFLOP/s, and the model fixtures on Flex against their float64 goldens.
 # Each step has its own time limit and a failed step does not stop the others; a summary with
 # every step's exit status and time ends the output, and the logs and metrics land in $OUT_DIR.
 #
@@ -19,7 +19,7 @@
 #   BIN_DIR=dir bash scripts/gpu-check.sh      # prebuilt dir/dsv3, dir/integration, dir/kernels
 #                                              # (a GPU machine without a Rust toolchain)
 #   STEPS=50 OUT_DIR=gpu-check-out             # the defaults
-#   SKIP="cpu-products cpu-matmul"             # steps to leave out, by name
+#   SKIP="cpu-products cpu-matmul cpu-fixtures" # steps to leave out, by name
 #
 # Prebuilt binaries: `cargo build --release --features cuda,nccl --bin dsv3 --bench kernels`
 # and `cargo test --features cuda,nccl --no-run` (the `integration` test binary). The test
@@ -102,6 +102,9 @@ done
 step cpu-products 60 "$ITEST" --nocapture --test-threads=1 kernels::flex_matmul_equals_float64 \
     kernels::flex_thin_products
 step cpu-matmul 45 "$KBENCH" --bench matmul
+# ...and the model fixtures on Flex against their float64 goldens on that CPU's kernels.
+step cpu-fixtures 180 "$ITEST" --test-threads=4 model::golden:: infer::cache:: infer::generate:: \
+    files::configs::
 
 echo "=== summary"
 printf '%s\n' "${summary[@]}" | tee "$OUT_DIR/summary.txt"
