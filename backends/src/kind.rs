@@ -42,12 +42,6 @@ pub enum BackendError {
     CudaDevice(String),
     #[error("backend wgpu is not available: no usable adapter ({0}); without a GPU install mesa-vulkan-drivers")]
     NoWgpuAdapter(String),
-    #[error("backend {backend} is not available for {what} (supported: {supported})")]
-    Unsupported {
-        backend: &'static str,
-        what: &'static str,
-        supported: &'static str,
-    },
     #[error("backend {backend} does not support dtype {dtype}: {reason}")]
     Dtype {
         backend: &'static str,
