@@ -4,9 +4,10 @@
 # if absent): its task split, the `mini` SFT model and the pre-trained student.
 #
 #   teacher = post-train's sft/final + 1200 more SFT steps (≈ 99% held-out exact match)
-#   for each seed: the student fine-tuned STEPS (default 800) steps on the hard labels (`sft`) vs distilled from
-#   the teacher (`distill --temperature 2 --alpha 0.5`), the same data order; both validated on
-#   the held-out conversations (test_chat.jsonl) and scored by greedy exact match on test.jsonl.
+#   for each seed: the student fine-tuned STEPS (default 800) steps on the hard labels (`sft`)
+#   vs distilled from the teacher (`distill --temperature 2 --alpha 0.5`), the same data order;
+#   both validated on the held-out conversations (test_chat.jsonl) and scored by greedy exact
+#   match on test.jsonl.
 #
 # Usage: [SEEDS="0 1 2"] [STEPS=800] bash scripts/distill-study.sh [OUT]   (default runs/post;
 # BIN=path/to/dsv3 skips the build). Measured on 2 cores shared with other runs: 2–6 minutes
