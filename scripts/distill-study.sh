@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/post}
-SEEDS=${SEEDS:-0 1 2}
+SEEDS=${SEEDS-0 1 2}
 STEPS=${STEPS:-800}
 if [ -z "${BIN:-}" ]; then
   cargo build --release --quiet
