@@ -790,10 +790,11 @@ fn run_sft(
         )));
     }
     let examples = read_sft(&a.data, &tok, model_cfg.vocab_size)?;
-    let held = match &a.val_data {
-        Some(p) => Some(read_sft(p, &tok, model_cfg.vocab_size)?),
-        None => None,
-    };
+    let held = a
+        .val_data
+        .as_ref()
+        .map(|p| read_sft(p, &tok, model_cfg.vocab_size))
+        .transpose()?;
     let longest = examples
         .iter()
         .chain(held.iter().flatten())

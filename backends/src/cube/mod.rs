@@ -36,7 +36,8 @@ fn int<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement, const D:
 }
 
 /// An output for a kernel that writes it linearly: contiguous. CUDA's default ("optimized")
-/// layout pads each row to an alignment (e.g. 576 f32 → 640), which linear indexing would miss.
+/// layout pads each row to an alignment (CubeCL's pitched allocator), which linear indexing
+/// would miss.
 fn empty<R: CubeRuntime>(
     like: &CubeTensor<R>,
     shape: Vec<usize>,
