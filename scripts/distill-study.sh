@@ -17,25 +17,13 @@ cd "$(dirname "$0")/.."
 OUT=${1:-runs/post}
 SEEDS=${SEEDS-0 1 2}
 STEPS=${STEPS:-800}
-if [ -z "${BIN:-}" ]; then
-  cargo build --release --quiet
-  BIN=target/release/dsv3
-fi
-export BIN
+D=$OUT/distill-study
+RUNS=$D TEST=$OUT/add/test.jsonl
+. scripts/student-runs.sh
 [ -e "$OUT/student/final/config.json" ] && [ -e "$OUT/sft/final/config.json" ] || bash scripts/post-train.sh "$OUT"
 # make-task is seeded: writing the split again gives the same files, plus test_chat.jsonl.
 [ -e "$OUT/add/test_chat.jsonl" ] || "$BIN" make-task --task addition --out "$OUT/add" --seed 0 --digits 2 --train 2000 --test 300 > /dev/null
-D=$OUT/distill-study
 mkdir -p "$D"
-run() { # NAME command... (skipped when NAME/final exists)
-  local n=$1; shift
-  [ -e "$D/$n/final/config.json" ] && return
-  rm -rf "${D:?}/$n"
-  "$@" --out "$D/$n" > "$D/$n.log" 2>&1 || { echo "$n failed: see $D/$n.log"; tail -3 "$D/$n.log"; exit 1; }
-}
-em() { "$BIN" eval --model "$D/$1/final" --task gen --data "$OUT/add/test.jsonl" --chat --max-new-tokens 48 --batch-size 16 2>/dev/null \
-  | sed -E 's/^gen: exact_match ([0-9.]+) \(([0-9]+\/[0-9]+)\).*/\2/'; }
-val() { grep -o 'validation: loss [0-9.]*' "$D/$1.log" | awk '{print $3}'; }
 # (The teacher validates on every 20th training conversation, as post-train's sft does.)
 run teacher "$BIN" sft --model "$OUT/sft/final" --data "$OUT/add/train.jsonl" \
   --steps 1200 --lr 1e-3 --checkpoint-every 1200 --eval-every 400 --log-every 100

@@ -17,14 +17,11 @@ OUT=${1:-runs/post}
 SEEDS=${SEEDS-0 1 2}
 LABELS=${LABELS:-500}
 STEPS=${STEPS:-1600}
-if [ -z "${BIN:-}" ]; then
-  cargo build --release --quiet
-  BIN=target/release/dsv3
-fi
-export BIN
 D=$OUT/distill-study
-[ -e "$D/teacher/final/config.json" ] || SEEDS="" bash scripts/distill-study.sh "$OUT"
 U=$OUT/distill-unlabelled
+RUNS=$U TEST=$U/add/test.jsonl
+. scripts/student-runs.sh
+[ -e "$D/teacher/final/config.json" ] || SEEDS="" bash scripts/distill-study.sh "$OUT"
 mkdir -p "$U"
 # All 5,050 unordered two-digit sums: 300 held out, the other 4,750 for training.
 [ -e "$U/add/train.jsonl" ] || "$BIN" make-task --task addition --out "$U/add" --seed 0 --digits 2 --train 4750 --test 300 > /dev/null
@@ -36,15 +33,6 @@ if [ ! -s "$U/teacher-answers.jsonl" ]; then
 fi
 # `generate` writes each conversation with its reply under "messages", which `sft` reads as is.
 cat "$U/labelled.jsonl" "$U/teacher-answers.jsonl" > "$U/union.jsonl"
-run() { # NAME command... (skipped when NAME/final exists)
-  local n=$1; shift
-  [ -e "$U/$n/final/config.json" ] && return
-  rm -rf "${U:?}/$n"
-  "$@" --out "$U/$n" > "$U/$n.log" 2>&1 || { echo "$n failed: see $U/$n.log"; tail -3 "$U/$n.log"; exit 1; }
-}
-em() { "$BIN" eval --model "$U/$1/final" --task gen --data "$U/add/test.jsonl" --chat --max-new-tokens 48 --batch-size 16 2>/dev/null \
-  | sed -E 's/^gen: exact_match ([0-9.]+) \(([0-9]+\/[0-9]+)\).*/\2/'; }
-val() { grep -o 'validation: loss [0-9.]*' "$U/$1.log" | awk '{print $3}'; }
 echo "| student ($STEPS steps, lr 1e-3) | seed | held-out exact match (300) | held-out loss per assistant token |"
 echo "|---|---|---|---|"
 for s in $SEEDS; do
