@@ -6,6 +6,8 @@
 //!   checkpoints);
 //! - `kernels`: the backend extension's operations against their plain-tensor defaults (the
 //!   CubeCL kernels on wgpu; CUDA where a GPU is lent);
+//! - `fused`: the fused element-wise operations (RMSNorm, SwiGLU, softmax) against float64 and
+//!   their plain forms, forward and gradients;
 //! - `infer`: the latent cache, generation and sampling;
 //! - `train`: the objective and its gradients, balancing, checkpoints, data;
 //! - `cli`: the `dsv3` commands end to end;
@@ -22,6 +24,7 @@ mod common;
 #[cfg(feature = "mpi")]
 mod dist;
 mod files;
+mod fused;
 mod infer;
 mod kernels;
 mod model;

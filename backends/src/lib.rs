@@ -9,6 +9,7 @@
 
 pub mod comm;
 pub mod e4m3;
+pub mod fused;
 mod kind;
 mod ops;
 mod quant;
@@ -36,9 +37,11 @@ pub type Wgpu = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u3
 #[cfg(feature = "cuda")]
 pub type Cuda<F = f32> = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, F, i32, u8>;
 
+mod autodiff_fused;
 mod autodiff_quant;
 mod flex;
 mod flex_fp8;
+mod flex_fused;
 
 /// Flex runs the plain-tensor defaults, except for one-row products (decode) and independent
 /// jobs, which use its thread pool (see `flex.rs`), and the FP8 / bf16 rounding, done on the
@@ -146,12 +149,73 @@ impl DsBackend for burn::backend::Flex {
         use rayon::prelude::*;
         items.into_par_iter().map(f).collect()
     }
+
+    fn rms_norm(
+        x: burn::tensor::Tensor<Self, 2>,
+        weight: burn::tensor::Tensor<Self, 1>,
+        eps: f64,
+    ) -> burn::tensor::Tensor<Self, 2> {
+        flex_fused::rms_norm(x.clone(), weight.clone(), eps)
+            .unwrap_or_else(|| fused::default_rms_norm(x, weight, eps))
+    }
+
+    fn rms_norm_backward(
+        x: burn::tensor::Tensor<Self, 2>,
+        weight: burn::tensor::Tensor<Self, 1>,
+        eps: f64,
+        grad: burn::tensor::Tensor<Self, 2>,
+    ) -> (burn::tensor::Tensor<Self, 2>, burn::tensor::Tensor<Self, 1>) {
+        flex_fused::rms_norm_backward(x.clone(), weight.clone(), eps, grad.clone())
+            .unwrap_or_else(|| fused::default_rms_norm_backward(x, weight, eps, grad))
+    }
+
+    fn swiglu(
+        gate: burn::tensor::Tensor<Self, 2>,
+        up: burn::tensor::Tensor<Self, 2>,
+    ) -> burn::tensor::Tensor<Self, 2> {
+        flex_fused::swiglu(gate.clone(), up.clone())
+            .unwrap_or_else(|| fused::default_swiglu(gate, up))
+    }
+
+    fn swiglu_backward(
+        gate: burn::tensor::Tensor<Self, 2>,
+        up: burn::tensor::Tensor<Self, 2>,
+        grad: burn::tensor::Tensor<Self, 2>,
+    ) -> (burn::tensor::Tensor<Self, 2>, burn::tensor::Tensor<Self, 2>) {
+        flex_fused::swiglu_backward(gate.clone(), up.clone(), grad.clone())
+            .unwrap_or_else(|| fused::default_swiglu_backward(gate, up, grad))
+    }
+
+    // Forward softmax: Flex's own (one SIMD pass per row), the default.
+
+    fn softmax_rows_backward(
+        y: burn::tensor::Tensor<Self, 2>,
+        grad: burn::tensor::Tensor<Self, 2>,
+    ) -> burn::tensor::Tensor<Self, 2> {
+        flex_fused::softmax_rows_backward(y.clone(), grad.clone())
+            .unwrap_or_else(|| fused::default_softmax_rows_backward(y, grad))
+    }
+
+    fn log_softmax_rows(x: burn::tensor::Tensor<Self, 2>) -> burn::tensor::Tensor<Self, 2> {
+        flex_fused::log_softmax_rows(x.clone())
+            .unwrap_or_else(|| fused::default_log_softmax_rows(x))
+    }
+
+    fn log_softmax_rows_backward(
+        y: burn::tensor::Tensor<Self, 2>,
+        grad: burn::tensor::Tensor<Self, 2>,
+    ) -> burn::tensor::Tensor<Self, 2> {
+        flex_fused::log_softmax_rows_backward(y.clone(), grad.clone())
+            .unwrap_or_else(|| fused::default_log_softmax_rows_backward(y, grad))
+    }
 }
 
 /// Under autodiff the defaults are differentiated through; the inner backend's kernels are not
 /// used (no backward is written for them), except the expert exchange, whose backward is the
-/// reverse exchange, and the low-precision Linear, whose backward runs its two gradient GEMMs
-/// in the same format on the inner backend (`autodiff_quant.rs`).
+/// reverse exchange, the low-precision Linear, whose backward runs its two gradient GEMMs
+/// in the same format on the inner backend (`autodiff_quant.rs`), and the fused element-wise
+/// operations (RMSNorm, SwiGLU, softmax, log-softmax), each one node whose forward and backward
+/// are the inner backend's (`autodiff_fused.rs`).
 impl<B: DsBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy> DsBackend
     for burn::backend::Autodiff<B, C>
 {
@@ -210,6 +274,29 @@ impl<B: DsBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointS
         gemm: &QuantGemm,
     ) -> burn::tensor::Tensor<Self, 2> {
         autodiff_quant::quantized_linear::<B, C>(x, w, gemm)
+    }
+
+    fn rms_norm(
+        x: burn::tensor::Tensor<Self, 2>,
+        weight: burn::tensor::Tensor<Self, 1>,
+        eps: f64,
+    ) -> burn::tensor::Tensor<Self, 2> {
+        autodiff_fused::rms_norm::<B, C>(x, weight, eps)
+    }
+
+    fn swiglu(
+        gate: burn::tensor::Tensor<Self, 2>,
+        up: burn::tensor::Tensor<Self, 2>,
+    ) -> burn::tensor::Tensor<Self, 2> {
+        autodiff_fused::swiglu::<B, C>(gate, up)
+    }
+
+    fn softmax_rows(x: burn::tensor::Tensor<Self, 2>) -> burn::tensor::Tensor<Self, 2> {
+        autodiff_fused::softmax_rows::<B, C>(x, false)
+    }
+
+    fn log_softmax_rows(x: burn::tensor::Tensor<Self, 2>) -> burn::tensor::Tensor<Self, 2> {
+        autodiff_fused::softmax_rows::<B, C>(x, true)
     }
 }
 

@@ -16,6 +16,7 @@ use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor, TensorData}
 
 use crate::comm::{CommError, RowExchange};
 use crate::e4m3;
+use crate::fused;
 use crate::quant::{floor_log2, pow2, QuantCounts, QuantGemm};
 
 /// FP8 e4m3 weights with block scales, as kept in device memory (about 1 byte per weight).
@@ -457,6 +458,56 @@ pub trait DsBackend: Backend {
     /// `x` rounded to the nearest bf16 value (ties to even), in `x`'s dtype.
     fn round_bf16(x: Tensor<Self, 2>) -> Tensor<Self, 2> {
         crate::quant::round_bf16(x)
+    }
+
+    /// RMSNorm of each row of `x [N, D]` (spec §2): `x · w / sqrt(mean(x²) + ε)`, `w: [D]`.
+    /// The model calls it through [`crate::fused::rms_norm`] (any rank).
+    fn rms_norm(x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
+        fused::default_rms_norm(x, weight, eps)
+    }
+
+    /// Gradients `(∂x [N, D], ∂w [D])` of [`DsBackend::rms_norm`] for the output gradient `grad`.
+    fn rms_norm_backward(
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 1>,
+        eps: f64,
+        grad: Tensor<Self, 2>,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 1>) {
+        fused::default_rms_norm_backward(x, weight, eps, grad)
+    }
+
+    /// SwiGLU's `silu(gate) · up`, `[N, F]` (spec §5).
+    fn swiglu(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        fused::default_swiglu(gate, up)
+    }
+
+    /// Gradients `(∂gate, ∂up)` of [`DsBackend::swiglu`] for the output gradient `grad`.
+    fn swiglu_backward(
+        gate: Tensor<Self, 2>,
+        up: Tensor<Self, 2>,
+        grad: Tensor<Self, 2>,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+        fused::default_swiglu_backward(gate, up, grad)
+    }
+
+    /// Softmax of each row of `x [N, S]` (attention's probabilities).
+    fn softmax_rows(x: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        fused::default_softmax_rows(x)
+    }
+
+    /// `∂x` of [`DsBackend::softmax_rows`] from its output `y` and the output gradient `grad`.
+    fn softmax_rows_backward(y: Tensor<Self, 2>, grad: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        fused::default_softmax_rows_backward(y, grad)
+    }
+
+    /// Log-softmax of each row of `x [N, V]` (the cross-entropy's log-probabilities).
+    fn log_softmax_rows(x: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        fused::default_log_softmax_rows(x)
+    }
+
+    /// `∂x` of [`DsBackend::log_softmax_rows`] from its output `y` and the output gradient.
+    fn log_softmax_rows_backward(y: Tensor<Self, 2>, grad: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        fused::default_log_softmax_rows_backward(y, grad)
     }
 
     /// Quantizes `x [M, K]` to e4m3 in `1×block` tiles: `amax = max(max|x_tile|, 1e-4)`,

@@ -10,7 +10,8 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::tensor::{activation::softmax, Tensor};
+use burn::tensor::Tensor;
+use dsv3_backends::fused::softmax;
 use dsv3_backends::DsBackend;
 
 use crate::cache::LatentKv;
@@ -295,7 +296,7 @@ fn attend_naive<B: DsBackend>(
         Some(mask) => add_mask(scores, mask),
         None => scores,
     };
-    softmax(scores, 3).matmul(v).reshape([nh, b * t, dv])
+    softmax(scores).matmul(v).reshape([nh, b * t, dv])
 }
 
 /// Absorbed attention: `W_UK` folded into the queries and `W_UV` into the output, attention over
@@ -329,11 +330,11 @@ fn attend_absorbed<B: DsBackend>(
             let p = match mask {
                 Some(mask) => {
                     let s4 = scores.reshape([b, nh, t, s]).swap_dims(0, 1);
-                    softmax(add_mask(s4, mask), 3) // [nh, B, T, S]
+                    softmax(add_mask(s4, mask)) // [nh, B, T, S]
                         .swap_dims(0, 1)
                         .reshape([b, nh * t, s])
                 }
-                None => softmax(scores, 2),
+                None => softmax(scores),
             };
             p.matmul(c)
         }
@@ -464,7 +465,7 @@ mod tests {
         let k_pe = Tensor::<B, 3>::random([b, s, dr], Distribution::Normal(0.0, 1.0), &device);
         let scores = q_abs.clone().matmul(c.clone().swap_dims(1, 2))
             + q_pe.clone().matmul(k_pe.clone().swap_dims(1, 2));
-        let want: Vec<f32> = softmax(scores, 2)
+        let want: Vec<f32> = softmax(scores)
             .matmul(c.clone())
             .into_data()
             .to_vec()

@@ -3,7 +3,8 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::tensor::{activation::silu, Tensor};
+use burn::tensor::Tensor;
+use dsv3_backends::fused::swiglu;
 use dsv3_backends::DsBackend;
 
 use crate::linear::{linear, Linear};
@@ -40,7 +41,7 @@ impl<B: DsBackend> Mlp<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let g = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(g * self.up_proj.forward(x))
+        let g = self.gate_proj.forward(x.clone());
+        self.down_proj.forward(swiglu(g, self.up_proj.forward(x)))
     }
 }

@@ -4,9 +4,7 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
-use burn::tensor::{
-    activation::sigmoid, activation::silu, IndexingUpdateOp, Int, Tensor, TensorData,
-};
+use burn::tensor::{activation::sigmoid, IndexingUpdateOp, Int, Tensor, TensorData};
 use dsv3_backends::{DsBackend, Fp8Weight, GroupedWeight};
 
 use crate::expert_parallel::ExpertParallel;
@@ -334,7 +332,7 @@ impl<B: DsBackend> Moe<B> {
         let xs = x.clone().select(0, d.tokens.clone());
         let g = B::grouped_matmul(xs.clone(), &packed.gate_proj, &d);
         let u = B::grouped_matmul(xs, &packed.up_proj, &d);
-        let y = B::grouped_matmul(silu(g) * u, &packed.down_proj, &d);
+        let y = B::grouped_matmul(B::swiglu(g, u), &packed.down_proj, &d);
         B::moe_combine(y, &d, weights, self.shared_output(x))
     }
 }

@@ -31,8 +31,6 @@ pub struct RmsNorm<B: DsBackend> {
 
 impl<B: DsBackend> RmsNorm<B> {
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let ms = x.clone().square().mean_dim(D - 1);
-        let w = self.weight.val().unsqueeze::<D>();
-        x * (ms + self.eps).sqrt().recip() * w
+        dsv3_backends::fused::rms_norm(x, self.weight.val(), self.eps)
     }
 }

@@ -11,8 +11,8 @@
 //! MTP and balance terms stay); the teacher runs without autodiff, on the same inputs, and the
 //! average counts the same targets (the assistant mask when fine-tuning).
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{backend::Backend, Int, Tensor};
+use dsv3_backends::fused::log_softmax;
 use dsv3_backends::{DsAutodiffBackend, DsBackend};
 use dsv3_model::{AttentionMode, DeepseekV3};
 
@@ -49,7 +49,7 @@ impl<B: DsBackend> Teacher<B> {
 ///
 /// # Panics
 /// When the shapes differ (a caller's bug: [`check_vocab`] checks the models first).
-pub fn kl_loss<B: Backend>(
+pub fn kl_loss<B: DsBackend>(
     student: Tensor<B, 3>,
     teacher: Tensor<B, 3>,
     temperature: f64,
@@ -57,8 +57,8 @@ pub fn kl_loss<B: Backend>(
 ) -> Tensor<B, 1> {
     let [b, l, _] = student.dims();
     assert_eq!(student.dims(), teacher.dims(), "student and teacher logits");
-    let ls = log_softmax(student.div_scalar(temperature), 2);
-    let lt = log_softmax(teacher.div_scalar(temperature), 2);
+    let ls = log_softmax(student.div_scalar(temperature));
+    let lt = log_softmax(teacher.div_scalar(temperature));
     let kl = (lt.clone().exp() * (lt - ls))
         .sum_dim(2)
         .reshape([b, l])

@@ -1,28 +1,31 @@
 //! The pretraining objective of DeepSeek-V3 (paper §2.2, eq. 17–20 and 24–25):
 //! `L = CE(main) + λ/D · Σ_k CE(MTP depth k) + Σ_layers α · Σ_i f_i P_i`.
 
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use dsv3_backends::{fused::log_softmax, DsBackend};
 
 use crate::forward::RouterTrace;
 
 /// Negative log-likelihood of each target: `logits: [B, L, V]`, `targets: [B, L]` → `[B, L]`.
-pub fn token_nll<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+pub fn token_nll<B: DsBackend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 2> {
     let [b, l, _] = logits.dims();
-    log_softmax(logits, 2)
+    log_softmax(logits)
         .gather(2, targets.reshape([b, l, 1]))
         .reshape([b, l])
         .neg()
 }
 
 /// Mean next-token cross-entropy (nats), a one-element tensor.
-pub fn cross_entropy<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+pub fn cross_entropy<B: DsBackend>(
+    logits: Tensor<B, 3>,
+    targets: Tensor<B, 2, Int>,
+) -> Tensor<B, 1> {
     token_nll(logits, targets).mean()
 }
 
 /// Mean cross-entropy over the targets whose `mask` (`[B, L]`, 1 or 0) is 1: fine-tuning's
 /// loss on the assistant's tokens only. A batch with no such target gives 0.
-pub fn masked_cross_entropy<B: Backend>(
+pub fn masked_cross_entropy<B: DsBackend>(
     logits: Tensor<B, 3>,
     targets: Tensor<B, 2, Int>,
     mask: Tensor<B, 2>,

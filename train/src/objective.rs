@@ -87,7 +87,7 @@ pub struct Losses<B: Backend> {
 }
 
 /// `CE + λ · mean_k CE_mtp_k + Σ_layers α Σ_i f_i P_i`.
-pub fn objective<B: Backend>(
+pub fn objective<B: dsv3_backends::DsBackend>(
     fwd: &TrainForward<B>,
     batch: &Batch<B>,
     cfg: &TrainConfig,

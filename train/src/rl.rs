@@ -19,8 +19,8 @@ use std::path::Path;
 
 use burn::module::AutodiffModule;
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use dsv3_backends::fused::log_softmax;
 use dsv3_backends::{DsAutodiffBackend, DsBackend};
 use dsv3_model::{DeepseekV3, ForwardOptions};
 use plotters::prelude::*;
@@ -391,7 +391,7 @@ pub fn token_logps<B: DsBackend>(
     let logits = model
         .forward(inputs, 0, None, &ForwardOptions::default())
         .logits;
-    log_softmax(logits.div_scalar(temperature), 2)
+    log_softmax(logits.div_scalar(temperature))
         .gather(2, targets.reshape([rows, t, 1]))
         .reshape([rows, t])
 }
