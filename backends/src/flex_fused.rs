@@ -206,6 +206,63 @@ kernel! {
     }
 }
 
+kernel! {
+    /// `o = e^(x − max)`, returning `Σ o` in f64 (eight running sums in a fixed order).
+    fn exp_row(x: &[f32], max: f32, o: &mut [f32]) -> f64 {
+        let mut acc = [0f64; 8];
+        let mut tail = 0f64;
+        let (cx, co) = (x.chunks_exact(8), o.chunks_exact_mut(8));
+        let (rx, ro) = (cx.remainder(), co.into_remainder());
+        for (o, &v) in ro.iter_mut().zip(rx) {
+            *o = exp(v - max);
+            tail += *o as f64;
+        }
+        for (p, o) in x.chunks_exact(8).zip(o.chunks_exact_mut(8)) {
+            for j in 0..8 {
+                o[j] = exp(p[j] - max);
+                acc[j] += o[j] as f64;
+            }
+        }
+        ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+    }
+}
+
+kernel! {
+    /// `max x` (−∞ for an empty row; NaN-free inputs assumed, as the model's scores are).
+    fn row_max(x: &[f32]) -> f32 {
+        let mut m = [f32::NEG_INFINITY; 8];
+        let c = x.chunks_exact(8);
+        let tail = c.remainder().iter().fold(f32::NEG_INFINITY, |a, &v| if v > a { v } else { a });
+        for p in c {
+            for j in 0..8 {
+                m[j] = if p[j] > m[j] { p[j] } else { m[j] };
+            }
+        }
+        m.iter().fold(tail, |a, &v| if v > a { v } else { a })
+    }
+}
+
+kernel! {
+    /// `o *= k`.
+    fn scale(o: &mut [f32], k: f32) {
+        for o in o.iter_mut() {
+            *o *= k;
+        }
+    }
+}
+
+pub(crate) fn softmax_rows(x: Tensor<Flex, 2>) -> Option<Tensor<Flex, 2>> {
+    let (x, [n, d]) = values(x)?;
+    let xs = x.storage::<f32>();
+    let mut out = vec![0f32; n * d];
+    each_row(&mut out, d, |r, o| {
+        let row = &xs[r * d..(r + 1) * d];
+        let sum = exp_row(row, row_max(row), o);
+        scale(o, (1.0 / sum) as f32);
+    });
+    Some(tensor(out, [n, d]))
+}
+
 pub(crate) fn rms_norm(
     x: Tensor<Flex, 2>,
     weight: Tensor<Flex, 1>,
@@ -315,7 +372,7 @@ pub(crate) fn log_softmax_rows(x: Tensor<Flex, 2>) -> Option<Tensor<Flex, 2>> {
     let mut out = vec![0f32; n * d];
     each_row(&mut out, d, |r, o| {
         let row = &xs[r * d..(r + 1) * d];
-        let max = row.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+        let max = row_max(row);
         let shift = max + (sum_exp(row, max).ln() as f32);
         for (o, &v) in o.iter_mut().zip(row) {
             *o = v - shift;

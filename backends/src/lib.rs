@@ -186,7 +186,9 @@ impl DsBackend for burn::backend::Flex {
             .unwrap_or_else(|| fused::default_swiglu_backward(gate, up, grad))
     }
 
-    // Forward softmax: Flex's own (one SIMD pass per row), the default.
+    fn softmax_rows(x: burn::tensor::Tensor<Self, 2>) -> burn::tensor::Tensor<Self, 2> {
+        flex_fused::softmax_rows(x.clone()).unwrap_or_else(|| fused::default_softmax_rows(x))
+    }
 
     fn softmax_rows_backward(
         y: burn::tensor::Tensor<Self, 2>,
