@@ -17,8 +17,14 @@ OUT=${OUT:-bench-out/train}
 STEPS=${STEPS:-}
 SPEED_STEPS=${SPEED_STEPS:-12}
 mkdir -p "$OUT"
-cargo build --release -q
-DSV3="${CARGO_TARGET_DIR:-target}/release/dsv3"
+# BIN=path/to/dsv3 skips the build (e.g. a binary built with the test command's features, which a
+# featureless `cargo build` would rebuild the whole stack to replace).
+if [ -n "${BIN:-}" ]; then
+  DSV3=$BIN
+else
+  cargo build --release -q
+  DSV3="${CARGO_TARGET_DIR:-target}/release/dsv3"
+fi
 steps_flag=()
 [ -n "$STEPS" ] && steps_flag=(--steps "$STEPS")
 

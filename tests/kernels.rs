@@ -905,6 +905,15 @@ pub(crate) mod wgpu {
         on_gpu::fp8_matmul_kernel_equals_default::<Wgpu>(&wdev());
     }
 
+    /// Training runs micro-batches one at a time on a GPU backend (threads would add streams
+    /// and memory pools to one device) and in parallel threads on Flex, under autodiff too.
+    #[test]
+    fn micro_batches_run_concurrently_only_on_the_cpu() {
+        use burn::backend::{Autodiff, Flex};
+        assert!(!<Autodiff<Wgpu> as DsBackend>::concurrent_micro_batches());
+        assert!(<Autodiff<Flex> as DsBackend>::concurrent_micro_batches());
+    }
+
     #[test]
     fn fp8_quantize_kernel_equals_default() {
         on_gpu::fp8_quantize_kernel_equals_default::<Wgpu>(&wdev());

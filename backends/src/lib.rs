@@ -96,6 +96,10 @@ impl DsBackend for burn::backend::Flex {
         rayon::current_num_threads()
     }
 
+    fn concurrent_micro_batches() -> bool {
+        true
+    }
+
     fn quantized_linear(
         x: burn::tensor::Tensor<Self, 2>,
         w: burn::tensor::Tensor<Self, 2>,
@@ -276,6 +280,10 @@ impl<B: DsBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointS
         gemm: &QuantGemm,
     ) -> burn::tensor::Tensor<Self, 2> {
         autodiff_quant::quantized_linear::<B, C>(x, w, gemm)
+    }
+
+    fn concurrent_micro_batches() -> bool {
+        B::concurrent_micro_batches()
     }
 
     fn rms_norm(

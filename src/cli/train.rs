@@ -164,11 +164,6 @@ fn settings(a: &TrainArgs) -> Result<(DeepseekV3Config, TrainConfig), CliError> 
     set(&mut t.keep_checkpoints, a.keep);
     set(&mut t.checkpoint_every, a.checkpoint_every);
     set(&mut t.workers, a.workers);
-    if a.backend != BackendKind::Flex {
-        // A GPU runs the micro-batches one after another on one stream: worker threads would
-        // only add streams (and their memory pools) to the same device.
-        t.workers = 1;
-    }
     if let Some(m) = a.attention {
         t.attention = m;
     }

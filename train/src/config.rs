@@ -51,7 +51,10 @@ pub struct TrainConfig {
     /// Micro-batches computed in parallel threads (at most `grad_accum`). Flex parallelises only
     /// large matmuls; this model's many small ops run on one thread, so independent micro-batches
     /// are how a step uses more cores. The result does not depend on it (gradients are summed
-    /// in micro-batch order).
+    /// in micro-batch order). Backends without [`DsBackend::concurrent_micro_batches`] (the
+    /// GPUs) run one at a time whatever this says.
+    ///
+    /// [`DsBackend::concurrent_micro_batches`]: dsv3_backends::DsBackend::concurrent_micro_batches
     pub workers: usize,
     /// Number format of the decoder blocks' Linear GEMMs (forward, input gradient, weight
     /// gradient): f32, bf16 or FP8 (DeepSeek-V3 report §3.3). Master weights stay f32.

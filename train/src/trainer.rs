@@ -613,7 +613,7 @@ impl<B: DsAutodiffBackend> Trainer<B> {
         }
         let mut acc = GradientsAccumulator::<DeepseekV3<B>>::new();
         let (mut loss, mut ce, mut mtp, mut bal) = (0.0, 0.0, None::<f64>, None::<f64>);
-        let workers = if par.is_some() {
+        let workers = if par.is_some() || !B::concurrent_micro_batches() {
             1
         } else {
             self.cfg.workers.clamp(1, accum)
