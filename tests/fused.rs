@@ -316,3 +316,71 @@ fn flex_fused_ops_do_not_depend_on_threads() {
         );
     }
 }
+
+/// The cases the model's call sites produce besides plain rows: transposed (non-contiguous)
+/// inputs, attention rows with masked (−∞) keys, which get probability 0 and gradient 0, and a
+/// weight that only broadcasts (length 1), which Flex hands to the plain form. Each against the
+/// plain form on the same inputs, same bound as above.
+#[test]
+fn flex_fused_ops_take_views_masks_and_fall_back() {
+    let (x, w, u, g) = inputs(13);
+    let view = |v: &[f64]| t2::<Flex>(v, [D, N]).transpose(); // [N, D], column-major
+    let (xt, ut, gt, wt) = (view(&x), view(&u), view(&g), t1::<Flex>(&w));
+    let f64s = |t: Tensor<Flex, 2>| host(t).into_iter().map(f64::from).collect::<Vec<_>>();
+    let pairs = [
+        (
+            "rms_norm of a view",
+            Flex::rms_norm(xt.clone(), wt.clone(), EPS),
+            fused::default_rms_norm(xt.clone(), wt.clone(), EPS),
+        ),
+        (
+            "rms_norm ∂x of views",
+            Flex::rms_norm_backward(xt.clone(), wt.clone(), EPS, gt.clone()).0,
+            fused::default_rms_norm_backward(xt.clone(), wt.clone(), EPS, gt.clone()).0,
+        ),
+        (
+            "swiglu of views",
+            Flex::swiglu(xt.clone(), ut.clone()),
+            fused::default_swiglu(xt.clone(), ut.clone()),
+        ),
+        (
+            "rms_norm with a broadcast weight",
+            Flex::rms_norm(xt.clone(), t1::<Flex>(&w[..1]), EPS),
+            fused::default_rms_norm(xt.clone(), t1::<Flex>(&w[..1]), EPS),
+        ),
+    ];
+    for (what, got, want) in pairs {
+        check(what, &host(got), &f64s(want));
+    }
+    // Causal-style masks: row r keeps its first r % D + 1 entries.
+    let masked: Vec<f64> = x
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            if i % D > (i / D) % D {
+                f64::NEG_INFINITY
+            } else {
+                v
+            }
+        })
+        .collect();
+    let mt = t2::<Flex>(&masked, [N, D]);
+    let y = Flex::softmax_rows(mt.clone());
+    let dx = Flex::softmax_rows_backward(y.clone(), gt.clone());
+    let (yv, dxv) = (host(y.clone()), host(dx));
+    for (i, (&p, &d)) in yv.iter().zip(&dxv).enumerate() {
+        if masked[i] == f64::NEG_INFINITY {
+            assert!(p == 0.0 && d == 0.0, "masked entry {i}: p {p}, ∂x {d}");
+        }
+    }
+    check(
+        "masked softmax",
+        &yv,
+        &f64s(fused::default_softmax_rows(mt)),
+    );
+    check(
+        "masked softmax ∂x",
+        &dxv,
+        &f64s(fused::default_softmax_rows_backward(y, gt)),
+    );
+}

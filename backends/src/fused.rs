@@ -61,6 +61,7 @@ pub fn log_softmax<B: DsBackend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D
 // what `Autodiff` differentiates through without the fused nodes), public as the reference the
 // fused forms are tested against.
 
+/// Plain form of [`DsBackend::rms_norm`]: `x [N, D]`, `weight [D]` → `[N, D]`.
 pub fn default_rms_norm<B: Backend>(
     x: Tensor<B, 2>,
     weight: Tensor<B, 1>,
@@ -70,7 +71,8 @@ pub fn default_rms_norm<B: Backend>(
     x * (ms + eps).sqrt().recip() * weight.unsqueeze::<2>()
 }
 
-/// With `r = 1/sqrt(mean(x²) + ε)` and `g' = g · w`: `∂x = r · g' − x · r³ · mean(g' · x)`,
+/// Plain form of [`DsBackend::rms_norm_backward`]. With `r = 1/sqrt(mean(x²) + ε)` and
+/// `g' = g · w`: `∂x = r · g' − x · r³ · mean(g' · x)`,
 /// `∂w = Σ_rows g · x · r`.
 pub fn default_rms_norm_backward<B: Backend>(
     x: Tensor<B, 2>,
@@ -87,11 +89,12 @@ pub fn default_rms_norm_backward<B: Backend>(
     (gx, gweight)
 }
 
+/// Plain form of [`DsBackend::swiglu`]: `silu(gate) · up`, `[N, F]`.
 pub fn default_swiglu<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
     silu(gate) * up
 }
 
-/// With `s = σ(gate)`: `∂up = g · gate · s`, `∂gate = g · up · s · (1 + gate · (1 − s))`.
+/// Plain form of [`DsBackend::swiglu_backward`]. With `s = σ(gate)`: `∂up = g · gate · s`, `∂gate = g · up · s · (1 + gate · (1 − s))`.
 pub fn default_swiglu_backward<B: Backend>(
     gate: Tensor<B, 2>,
     up: Tensor<B, 2>,
@@ -103,11 +106,13 @@ pub fn default_swiglu_backward<B: Backend>(
     (grad * up * dsilu, gup)
 }
 
+/// Plain form of [`DsBackend::softmax_rows`] (Burn's softmax over axis 1 of `[N, S]`).
 pub fn default_softmax_rows<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     plain_softmax(x, 1)
 }
 
-/// `∂x = y · (g − Σ g · y)` from the output `y`.
+/// Plain form of [`DsBackend::softmax_rows_backward`]: `∂x = y · (g − Σ g · y)` from the
+/// output `y`.
 pub fn default_softmax_rows_backward<B: Backend>(
     y: Tensor<B, 2>,
     grad: Tensor<B, 2>,
@@ -116,11 +121,13 @@ pub fn default_softmax_rows_backward<B: Backend>(
     y * (grad - dot)
 }
 
+/// Plain form of [`DsBackend::log_softmax_rows`] (Burn's log-softmax over axis 1 of `[N, V]`).
 pub fn default_log_softmax_rows<B: Backend>(x: Tensor<B, 2>) -> Tensor<B, 2> {
     plain_log_softmax(x, 1)
 }
 
-/// `∂x = g − exp(y) · Σ g` from the output `y` (log-probabilities).
+/// Plain form of [`DsBackend::log_softmax_rows_backward`]: `∂x = g − exp(y) · Σ g` from the
+/// output `y` (log-probabilities).
 pub fn default_log_softmax_rows_backward<B: Backend>(
     y: Tensor<B, 2>,
     grad: Tensor<B, 2>,

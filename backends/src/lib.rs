@@ -1,10 +1,12 @@
 //! Backends for DeepSeek-V3 on Burn.
 //!
 //! [`DsBackend`] holds the operations that deserve their own kernels (FP8 block-scaled matmul,
-//! FP8 activation quantization, MoE dispatch / grouped expert matmul / combine). Each has a
-//! plain-tensor default body, which Flex and `Autodiff<B>` run; Burn's CubeCL backends
-//! (`CubeBackend<WgpuRuntime | CudaRuntime, ..>`, features `wgpu` / `cuda`) run CubeCL kernels,
-//! one source for both. [`BackendKind`] and [`on_backend`] select a backend at run time for
+//! FP8 activation quantization, MoE dispatch / grouped expert matmul / combine) and the fused
+//! element-wise blocks ([`fused`]: RMSNorm, SwiGLU, softmax, log-softmax). Each has a
+//! plain-tensor default body; Burn's CubeCL backends (`CubeBackend<WgpuRuntime | CudaRuntime,
+//! ..>`, features `wgpu` / `cuda`) run CubeCL kernels for the former, one source for both, Flex
+//! runs one-pass host loops for the latter and its decode products, and `Autodiff<B>` gives the
+//! fused blocks and the low-precision Linear one node each. [`BackendKind`] and [`on_backend`] select a backend at run time for
 //! `--backend` flags, with a probe that reports a missing GPU as one error line.
 
 pub mod comm;
@@ -44,8 +46,8 @@ mod flex_fp8;
 mod flex_fused;
 
 /// Flex runs the plain-tensor defaults, except for one-row products (decode) and independent
-/// jobs, which use its thread pool (see `flex.rs`), and the FP8 / bf16 rounding, done on the
-/// host in one pass (`flex_fp8.rs`).
+/// jobs, which use its thread pool (see `flex.rs`), the FP8 / bf16 rounding, done on the
+/// host in one pass (`flex_fp8.rs`), and the fused element-wise blocks (`flex_fused.rs`).
 impl DsBackend for burn::backend::Flex {
     /// Flex runs a product under ~7M multiply-adds on one thread, so decode would read the
     /// weights at one core's speed. A few rows (decode batches, MTP verification): the kernel
