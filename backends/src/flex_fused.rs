@@ -252,18 +252,6 @@ kernel! {
     }
 }
 
-pub(crate) fn softmax_rows(x: Tensor<Flex, 2>) -> Option<Tensor<Flex, 2>> {
-    let (x, [n, d]) = values(x)?;
-    let xs = x.storage::<f32>();
-    let mut out = vec![0f32; n * d];
-    each_row(&mut out, d, |r, o| {
-        let row = &xs[r * d..(r + 1) * d];
-        let sum = exp_row(row, row_max(row), o);
-        scale(o, (1.0 / sum) as f32);
-    });
-    Some(tensor(out, [n, d]))
-}
-
 pub(crate) fn rms_norm(
     x: Tensor<Flex, 2>,
     weight: Tensor<Flex, 1>,
@@ -363,59 +351,61 @@ pub(crate) fn swiglu_backward(
     Some((tensor(dg, [n, d]), tensor(du, [n, d])))
 }
 
-pub(crate) fn softmax_rows_backward(
-    y: Tensor<Flex, 2>,
-    grad: Tensor<Flex, 2>,
+/// `f(row r of a, row r of b, row r of the output)` for two `[N, D]` tensors of one shape.
+fn map_rows2(
+    a: Tensor<Flex, 2>,
+    b: Tensor<Flex, 2>,
+    f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync,
 ) -> Option<Tensor<Flex, 2>> {
-    let (y, [n, d]) = values(y)?;
-    let (g, gdims) = values(grad)?;
-    if gdims != [n, d] {
+    let (a, [n, d]) = values(a)?;
+    let (b, bdims) = values(b)?;
+    if bdims != [n, d] {
         return None;
     }
-    let (ys, gs) = (y.storage::<f32>(), g.storage::<f32>());
+    let (av, bv) = (a.storage::<f32>(), b.storage::<f32>());
     let mut out = vec![0f32; n * d];
     each_row(&mut out, d, |r, o| {
         let span = r * d..(r + 1) * d;
-        let (y, g) = (&ys[span.clone()], &gs[span]);
-        softmax_back_row(y, g, dot(y, g) as f32, o);
+        f(&av[span.clone()], &bv[span], o)
     });
     Some(tensor(out, [n, d]))
 }
 
+pub(crate) fn softmax_rows(x: Tensor<Flex, 2>) -> Option<Tensor<Flex, 2>> {
+    map_rows2(x.clone(), x, |row, _, o| {
+        let sum = exp_row(row, row_max(row), o);
+        scale(o, (1.0 / sum) as f32);
+    })
+}
+
+pub(crate) fn softmax_rows_backward(
+    y: Tensor<Flex, 2>,
+    grad: Tensor<Flex, 2>,
+) -> Option<Tensor<Flex, 2>> {
+    map_rows2(y, grad, |y, g, o| {
+        softmax_back_row(y, g, dot(y, g) as f32, o)
+    })
+}
+
 pub(crate) fn log_softmax_rows(x: Tensor<Flex, 2>) -> Option<Tensor<Flex, 2>> {
-    let (x, [n, d]) = values(x)?;
-    let xs = x.storage::<f32>();
-    let mut out = vec![0f32; n * d];
-    each_row(&mut out, d, |r, o| {
-        let row = &xs[r * d..(r + 1) * d];
+    map_rows2(x.clone(), x, |row, _, o| {
         let max = row_max(row);
         let log_sum = sum_exp(row, max).ln() as f32;
         for (o, &v) in o.iter_mut().zip(row) {
             // (x − max) − ln Σ, as the plain form: `max + ln Σ` would round to `max`'s ulp.
             *o = (v - max) - log_sum;
         }
-    });
-    Some(tensor(out, [n, d]))
+    })
 }
 
 pub(crate) fn log_softmax_rows_backward(
     y: Tensor<Flex, 2>,
     grad: Tensor<Flex, 2>,
 ) -> Option<Tensor<Flex, 2>> {
-    let (y, [n, d]) = values(y)?;
-    let (g, gdims) = values(grad)?;
-    if gdims != [n, d] {
-        return None;
-    }
-    let (ys, gs) = (y.storage::<f32>(), g.storage::<f32>());
-    let mut out = vec![0f32; n * d];
-    each_row(&mut out, d, |r, o| {
-        let span = r * d..(r + 1) * d;
-        let (y, g) = (&ys[span.clone()], &gs[span]);
+    map_rows2(y, grad, |y, g, o| {
         let total = g.iter().map(|&v| v as f64).sum::<f64>() as f32;
         log_softmax_back_row(y, g, total, o);
-    });
-    Some(tensor(out, [n, d]))
+    })
 }
 
 #[cfg(test)]
