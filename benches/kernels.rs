@@ -260,8 +260,8 @@ fn few_rows() {
 fn matmul() {
     let dev = Default::default();
     let mut rng = SplitMix64::new(6);
-    println!("| M×K×N | Flex matmul (ms) | GFLOP/s |");
-    println!("|---|---|---|");
+    println!("| M×K×N | Flex matmul (ms) | GFLOP/s | dense_matmul (ms) | GFLOP/s |");
+    println!("|---|---|---|---|---|");
     for (m, k, n) in [
         (512, 512, 8000),
         (512, 512, 1408),
@@ -276,10 +276,16 @@ fn matmul() {
         let s = median_secs(7, || {
             std::hint::black_box(x.clone().matmul(w.clone()).into_data());
         });
+        let d = median_secs(7, || {
+            std::hint::black_box(Cpu::dense_matmul(x.clone(), w.clone()).into_data());
+        });
+        let gflops = |s: f64| (2 * m * k * n) as f64 / s / 1e9;
         println!(
-            "| {m}×{k}×{n} | {:.2} | {:.1} |",
+            "| {m}×{k}×{n} | {:.2} | {:.1} | {:.2} | {:.1} |",
             s * 1e3,
-            (2 * m * k * n) as f64 / s / 1e9
+            gflops(s),
+            d * 1e3,
+            gflops(d)
         );
     }
 }

@@ -149,3 +149,45 @@ pub(crate) fn softmax_rows<B: DsBackend, C: CheckpointStrategy>(
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
+
+/// Backward of `y = x · w` (the float Linear): `dx = dy · wᵀ`, `dw = xᵀ · dy`, both through the
+/// inner backend's [`DsBackend::dense_matmul`] (on Flex: row-blocked `gemm` jobs) with the
+/// transposes as strided views.
+#[derive(Debug)]
+struct DenseMatmul;
+
+impl<B: DsBackend> Backward<B, 2> for DenseMatmul {
+    type State = (Float<B>, Float<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, w) = ops.state;
+        let grad: Tensor<B, 2> = inner(grads.consume::<B>(&ops.node));
+        let [px, pw] = ops.parents;
+        if let Some(p) = px {
+            let gx = B::dense_matmul(grad.clone(), inner::<B, 2>(w).transpose());
+            grads.register::<B>(p.id, prim(gx));
+        }
+        if let Some(p) = pw {
+            let gw = B::dense_matmul(inner::<B, 2>(x).transpose(), grad);
+            grads.register::<B>(p.id, prim(gw));
+        }
+    }
+}
+
+/// [`DsBackend::dense_matmul`] for `Autodiff<B, C>`, `x` and `w` of one dtype.
+pub(crate) fn dense_matmul<B: DsBackend, C: CheckpointStrategy>(
+    x: Tensor<Autodiff<B, C>, 2>,
+    w: Tensor<Autodiff<B, C>, 2>,
+) -> Tensor<Autodiff<B, C>, 2> {
+    let (x, w) = (x.into_primitive().tensor(), w.into_primitive().tensor());
+    let y = B::dense_matmul(inner(x.primitive.clone()), inner(w.primitive.clone()));
+    let out = match DenseMatmul
+        .prepare::<C>([x.node.clone(), w.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => prep.finish((x.primitive, w.primitive), prim(y)),
+        OpsKind::UnTracked(prep) => prep.finish(prim(y)),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}

@@ -100,7 +100,8 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³: adding and subtracting it rounds to an integer
     let c = x.clamp(-87.3, 88.0);
-    let n = (c * LOG2E + ROUND) - ROUND;
+    let t = c * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = (c - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
@@ -108,7 +109,8 @@ pub(crate) fn exp(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // `t`'s low mantissa bits hold n (|n| ≤ 127) offset from ROUND's: 2^n built from them.
+    let scale = f32::from_bits((t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127)) << 23);
     if x < -87.3 {
         0.0
     } else {
@@ -184,14 +186,24 @@ kernel! {
 }
 
 kernel! {
-    /// `Σ e^(x − max)` in f64, eight running sums combined in a fixed order.
-    fn sum_exp(x: &[f32], max: f32) -> f64 {
+    /// `o = e^(x − max)`: a plain map, so it vectorizes (a sum folded into the same loop kept
+    /// LLVM from vectorizing the `exp`).
+    fn exp_shifted(x: &[f32], max: f32, o: &mut [f32]) {
+        for (o, &v) in o.iter_mut().zip(x) {
+            *o = exp(v - max);
+        }
+    }
+}
+
+kernel! {
+    /// `Σ x` in f64, eight running sums combined in a fixed order, the tail last.
+    fn sum(x: &[f32]) -> f64 {
         let mut acc = [0f64; 8];
         let c = x.chunks_exact(8);
-        let tail: f64 = c.remainder().iter().map(|&v| exp(v - max) as f64).sum();
+        let tail: f64 = c.remainder().iter().map(|&v| v as f64).sum();
         for p in c {
             for j in 0..8 {
-                acc[j] += exp(p[j] - max) as f64;
+                acc[j] += p[j] as f64;
             }
         }
         ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
@@ -207,25 +219,10 @@ kernel! {
     }
 }
 
-kernel! {
-    /// `o = e^(x − max)`, returning `Σ o` in f64 (eight running sums in a fixed order).
-    fn exp_row(x: &[f32], max: f32, o: &mut [f32]) -> f64 {
-        let mut acc = [0f64; 8];
-        let mut tail = 0f64;
-        let (cx, co) = (x.chunks_exact(8), o.chunks_exact_mut(8));
-        let (rx, ro) = (cx.remainder(), co.into_remainder());
-        for (o, &v) in ro.iter_mut().zip(rx) {
-            *o = exp(v - max);
-            tail += *o as f64;
-        }
-        for (p, o) in x.chunks_exact(8).zip(o.chunks_exact_mut(8)) {
-            for j in 0..8 {
-                o[j] = exp(p[j] - max);
-                acc[j] += o[j] as f64;
-            }
-        }
-        ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
-    }
+/// `o = e^(x − max)`, returning `Σ o` in f64.
+fn exp_row(x: &[f32], max: f32, o: &mut [f32]) -> f64 {
+    exp_shifted(x, max, o);
+    sum(o)
 }
 
 kernel! {
@@ -390,7 +387,7 @@ pub(crate) fn softmax_rows_backward(
 pub(crate) fn log_softmax_rows(x: Tensor<Flex, 2>) -> Option<Tensor<Flex, 2>> {
     map_rows2(x.clone(), x, |row, _, o| {
         let max = row_max(row);
-        let log_sum = sum_exp(row, max).ln() as f32;
+        let log_sum = exp_row(row, max, o).ln() as f32;
         for (o, &v) in o.iter_mut().zip(row) {
             // (x − max) − ln Σ, as the plain form: `max + ln Σ` would round to `max`'s ulp.
             *o = (v - max) - log_sum;

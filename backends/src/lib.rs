@@ -43,6 +43,7 @@ mod autodiff_fused;
 mod autodiff_quant;
 mod flex;
 mod flex_fp8;
+mod flex_gemm;
 mod flex_fused;
 
 /// Flex runs the plain-tensor defaults, except for one-row products (decode) and independent
@@ -82,6 +83,11 @@ impl DsBackend for burn::backend::Flex {
         };
         let threads = rayon::current_num_threads();
         // Below ~512K weights the pool's wake-up costs more than the second core saves.
+        if m > 16 && m * k * n >= 192 * 192 * 192 {
+            if let Some(y) = flex_gemm::row_blocked_product(&x, &w) {
+                return y;
+            }
+        }
         if threads < 2 || m > 16 || k * n < 1 << 19 || m * k * n >= 192 * 192 * 192 {
             return x.matmul(w);
         }
@@ -286,6 +292,20 @@ impl<B: DsBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointS
 
     fn concurrent_micro_batches() -> bool {
         B::concurrent_micro_batches()
+    }
+
+    /// One node whose forward and both gradient products are the inner backend's
+    /// `dense_matmul` (`autodiff_fused.rs`); a weight of another dtype (bf16 storage) is
+    /// widened and differentiated through the plain product.
+    fn dense_matmul(
+        x: burn::tensor::Tensor<Self, 2>,
+        w: burn::tensor::Tensor<Self, 2>,
+    ) -> burn::tensor::Tensor<Self, 2> {
+        if w.dtype() != x.dtype() || std::env::var_os("DSV3_NO_LINEAR_NODE").is_some() {
+            let w = w.cast(x.dtype());
+            return x.matmul(w);
+        }
+        autodiff_fused::dense_matmul::<B, C>(x, w)
     }
 
     fn rms_norm(

@@ -1,0 +1,79 @@
+//! Many-row f32 products on Flex: the `gemm` crate's kernels, the output cut into fixed blocks
+//! of rows run as independent jobs on the pool, each one single-threaded `gemm` call.
+//!
+//! Flex's matmul hands a product over ~7M multiply-adds to `gemm` with `Parallelism::Rayon`,
+//! which on this project's shapes (K of a few hundred) scales to 1.3–1.4× of one core on two
+//! (`bash scripts/bench-kernels.sh matmul`). Row blocks are independent: no synchronisation
+//! inside the product, and the blocks balance over however many threads the pool has. The
+//! block size does not depend on the thread count, so the result is the same bits on any pool.
+
+use burn::backend::Flex;
+use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+/// Rows per job.
+fn row_block() -> usize {
+    std::env::var("DSV3_ROW_BLOCK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(128)
+}
+
+/// `x [M, K] · w [K, N]` for f32 operands of any strides, as row-block jobs; `None` for other
+/// dtypes, empty shapes, or fewer than two blocks of rows (nothing to split).
+pub(crate) fn row_blocked_product(
+    x: &Tensor<Flex, 2>,
+    w: &Tensor<Flex, 2>,
+) -> Option<Tensor<Flex, 2>> {
+    let block = row_block();
+    let xt: FlexTensor = x.clone().into_primitive().tensor();
+    let wt: FlexTensor = w.clone().into_primitive().tensor();
+    if block == 0 || xt.dtype() != DType::F32 || wt.dtype() != DType::F32 {
+        return None;
+    }
+    let (xl, wl) = (xt.layout(), wt.layout());
+    let (m, k, n) = (xl.shape()[0], xl.shape()[1], wl.shape()[1]);
+    if k == 0 || n == 0 || m < 2 * block {
+        return None;
+    }
+    let (x_rs, x_cs) = (xl.strides()[0], xl.strides()[1]);
+    let (w_rs, w_cs) = (wl.strides()[0], wl.strides()[1]);
+    let (x0, w0) = (xl.start_offset(), wl.start_offset());
+    let (xs, ws) = (xt.storage::<f32>(), wt.storage::<f32>());
+    let mut out = vec![0f32; m * n];
+    out.par_chunks_mut(block * n)
+        .enumerate()
+        .for_each(|(i, dst)| {
+            let rows = dst.len() / n;
+            // SAFETY: the pointers address `x`'s rows `i·block ..+ rows` and all of `w` through
+            // their own layouts (in bounds of their storages), and `dst` is `rows × n`,
+            // row-major, written only here.
+            unsafe {
+                let lhs = xs.as_ptr().add(x0).offset((i * block) as isize * x_rs);
+                gemm::gemm(
+                    rows,
+                    n,
+                    k,
+                    dst.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    lhs,
+                    x_cs,
+                    x_rs,
+                    ws.as_ptr().add(w0),
+                    w_cs,
+                    w_rs,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    let t = FlexTensor::from_data(burn::tensor::TensorData::new(out, [m, n]));
+    Some(Tensor::from_primitive(TensorPrimitive::Float(t)))
+}
