@@ -100,7 +100,7 @@ for p in bf16 fp8; do
 done
 # 5. The CPU's products (AVX-512 where the CPU has it; the tests print which kernels ran).
 step cpu-products 60 "$ITEST" --nocapture --test-threads=1 kernels::flex_matmul_equals_float64 \
-    kernels::flex_thin_products
+    kernels::flex_thin_products kernels::flex_row_blocked_products kernels::linear_autodiff_node
 step cpu-matmul 45 "$KBENCH" --bench matmul
 # ...and the model fixtures on Flex against their float64 goldens on that CPU's kernels.
 step cpu-fixtures 180 "$ITEST" --test-threads=4 model::golden:: infer::cache:: infer::generate:: \

@@ -212,6 +212,115 @@ fn flex_matmul_equals_float64_on_either_kernel_family() {
     }
 }
 
+/// Many-row `DsBackend::dense_matmul` on Flex (with two or more threads: row blocks of 128 as
+/// single-threaded `gemm` jobs on the pool) equals Flex's matmul bit for bit — the blocks change
+/// the schedule, not any output's sum — and is within the f32 accumulation bound of a float64
+/// product; on 1 and 3 threads, with the right operand transposed (the input gradient's
+/// `dy · wᵀ`) and the left one (the weight gradient's `xᵀ · dy`), at shapes whose row counts are
+/// not multiples of the block.
+#[test]
+fn flex_row_blocked_products_equal_flex_matmul() {
+    let mut rng = Rng::new(44);
+    for (m, k, n) in [(333, 517, 259), (520, 192, 576), (1001, 64, 131)] {
+        let a = rng.normal_vec(m * k, 1.0);
+        let b = rng.normal_vec(k * n, 1.0);
+        let a64: Vec<f64> = a.iter().map(|&v| v as f64).collect();
+        let b64: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+        let (want, mag) = host_matmul(&a64, &b64, m, k, n);
+        let narrow = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<_>>();
+        let (at, bt) = (narrow(transpose(&a64, m, k)), narrow(transpose(&b64, k, n)));
+        let run = || {
+            [
+                (tensor2(a.clone(), [m, k]), tensor2(b.clone(), [k, n])),
+                (
+                    tensor2(a.clone(), [m, k]),
+                    tensor2(bt.clone(), [n, k]).transpose(),
+                ),
+                (
+                    tensor2(at.clone(), [k, m]).transpose(),
+                    tensor2(b.clone(), [k, n]),
+                ),
+            ]
+            .map(|(x, w)| {
+                (
+                    f32s(B::dense_matmul(x.clone(), w.clone())),
+                    f32s(x.matmul(w)),
+                )
+            })
+        };
+        let pool = |t| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(t)
+                .build()
+                .unwrap()
+        };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let one = pool(1).install(run);
+        let three = pool(3).install(run);
+        for (i, what) in ["plain", "rhs strided", "lhs strided"].iter().enumerate() {
+            let case = format!("{m}x{k}x{n} {what}");
+            for (threads, (got, flex)) in [(1, &one[i]), (3, &three[i])] {
+                assert!(
+                    bits(got) == bits(flex),
+                    "{case}, {threads} threads: dense_matmul differs from Flex's matmul (max {})",
+                    max_diff(got, flex)
+                );
+                assert_within_accumulation(&case, got, &want, &mag, k);
+            }
+            assert!(
+                bits(&one[i].0) == bits(&three[i].0),
+                "{case}: 1 and 3 threads differ"
+            );
+        }
+    }
+}
+
+/// The float Linear's autodiff node (`DsBackend::dense_matmul` under `Autodiff`: the forward
+/// and both gradient products through Flex's `dense_matmul`) gives the value and gradients of
+/// autodiff through Burn's matmul, bit for bit, on 3 threads (so through the row blocks), at a
+/// shape that is no multiple of the kernels' tiles.
+#[test]
+fn linear_autodiff_node_equals_autodiff_through_matmul() {
+    type A = dsv3_backends::CpuAutodiff;
+    let (m, k, n) = (300, 193, 131);
+    let mut rng = Rng::new(45);
+    let (x, w, r) = (
+        rng.normal_vec(m * k, 1.0),
+        rng.normal_vec(k * n, 0.1),
+        rng.normal_vec(m * n, 1.0),
+    );
+    let run = |node: bool| {
+        let t = |v: &Vec<f32>, s: [usize; 2]| {
+            Tensor::<A, 2>::from_data(TensorData::new(v.clone(), s), &device())
+        };
+        let (xt, wt) = (t(&x, [m, k]).require_grad(), t(&w, [k, n]).require_grad());
+        let y = if node {
+            A::dense_matmul(xt.clone(), wt.clone())
+        } else {
+            xt.clone().matmul(wt.clone())
+        };
+        let grads = (y.clone() * t(&r, [m, n])).sum().backward();
+        [
+            f32s(y),
+            f32s(xt.grad(&grads).unwrap()),
+            f32s(wt.grad(&grads).unwrap()),
+        ]
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    let (got, want) = pool.install(|| (run(true), run(false)));
+    for (what, (g, w)) in ["y", "dL/dx", "dL/dw"].iter().zip(got.iter().zip(&want)) {
+        let same = g.iter().zip(w).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "{what}: node differs from autodiff through matmul (max {})",
+            max_diff(g, w)
+        );
+    }
+}
+
 /// The plain-tensor dequantizer equals the loader's host dequantization bit for bit, with
 /// partial edge blocks on both axes.
 #[test]

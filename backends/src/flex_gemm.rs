@@ -4,21 +4,19 @@
 //! Flex's matmul hands a product over ~7M multiply-adds to `gemm` with `Parallelism::Rayon`,
 //! which on this project's shapes (K of a few hundred) scales to 1.3–1.4× of one core on two
 //! (`bash scripts/bench-kernels.sh matmul`). Row blocks are independent: no synchronisation
-//! inside the product, and the blocks balance over however many threads the pool has. The
-//! block size does not depend on the thread count, so the result is the same bits on any pool.
+//! inside the product, and the blocks balance over however many threads the pool has. Each
+//! output's sum runs in the same order as in one unsplit call (`gemm` blocks the reduction by
+//! K and the cache sizes only), so the blocks change the schedule, not the bits
+//! (`tests/kernels.rs`).
 
 use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-/// Rows per job.
-fn row_block() -> usize {
-    std::env::var("DSV3_ROW_BLOCK")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(128)
-}
+/// Rows per job: on two threads 128 beat 64 (the weight is packed once per job) and 256 (too
+/// few jobs to balance) on the `small` and `mini` presets' shapes (`bench-kernels.sh matmul`).
+const ROW_BLOCK: usize = 128;
 
 /// `x [M, K] · w [K, N]` for f32 operands of any strides, as row-block jobs; `None` for other
 /// dtypes, empty shapes, or fewer than two blocks of rows (nothing to split).
@@ -26,10 +24,10 @@ pub(crate) fn row_blocked_product(
     x: &Tensor<Flex, 2>,
     w: &Tensor<Flex, 2>,
 ) -> Option<Tensor<Flex, 2>> {
-    let block = row_block();
+    let block = ROW_BLOCK;
     let xt: FlexTensor = x.clone().into_primitive().tensor();
     let wt: FlexTensor = w.clone().into_primitive().tensor();
-    if block == 0 || xt.dtype() != DType::F32 || wt.dtype() != DType::F32 {
+    if xt.dtype() != DType::F32 || wt.dtype() != DType::F32 {
         return None;
     }
     let (xl, wl) = (xt.layout(), wt.layout());

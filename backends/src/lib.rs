@@ -43,8 +43,8 @@ mod autodiff_fused;
 mod autodiff_quant;
 mod flex;
 mod flex_fp8;
-mod flex_gemm;
 mod flex_fused;
+mod flex_gemm;
 
 /// Flex runs the plain-tensor defaults, except for one-row products (decode) and independent
 /// jobs, which use its thread pool (see `flex.rs`), the FP8 / bf16 rounding, done on the
@@ -54,7 +54,9 @@ impl DsBackend for burn::backend::Flex {
     /// weights at one core's speed. A few rows (decode batches, MTP verification): the kernel
     /// in `flex.rs`, which reads each weight once for all rows and splits the columns over the
     /// pool; up to 4 rows of f32 weights and 16 of bf16.
-    /// Up to 16 rows of f32 weights otherwise: the columns split over the pool.
+    /// Up to 16 rows of f32 weights otherwise: the columns split over the pool. Many rows
+    /// (prefill, training) on two or more threads: row blocks of single-threaded `gemm` calls
+    /// as jobs on the pool (`flex_gemm.rs`), the same bits as Flex's matmul.
     fn dense_matmul(
         x: burn::tensor::Tensor<Self, 2>,
         w: burn::tensor::Tensor<Self, 2>,
@@ -83,7 +85,9 @@ impl DsBackend for burn::backend::Flex {
         };
         let threads = rayon::current_num_threads();
         // Below ~512K weights the pool's wake-up costs more than the second core saves.
-        if m > 16 && m * k * n >= 192 * 192 * 192 {
+        // Many rows: row-block jobs of single-threaded `gemm` calls (`flex_gemm.rs`), which
+        // scale over the pool better than `gemm`'s own split.
+        if threads >= 2 && m > 16 && m * k * n >= 192 * 192 * 192 {
             if let Some(y) = flex_gemm::row_blocked_product(&x, &w) {
                 return y;
             }
@@ -301,7 +305,7 @@ impl<B: DsBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointS
         x: burn::tensor::Tensor<Self, 2>,
         w: burn::tensor::Tensor<Self, 2>,
     ) -> burn::tensor::Tensor<Self, 2> {
-        if w.dtype() != x.dtype() || std::env::var_os("DSV3_NO_LINEAR_NODE").is_some() {
+        if w.dtype() != x.dtype() {
             let w = w.cast(x.dtype());
             return x.matmul(w);
         }
