@@ -217,11 +217,17 @@ fn flex_matmul_equals_float64_on_either_kernel_family() {
 /// the schedule, not any output's sum — and is within the f32 accumulation bound of a float64
 /// product; on 1 and 3 threads, with the right operand transposed (the input gradient's
 /// `dy · wᵀ`) and the left one (the weight gradient's `xᵀ · dy`), at shapes whose row counts are
-/// not multiples of the block.
+/// not multiples of the block (257: one row more than two blocks, which a block of its own would
+/// send through `gemm`'s matrix-vector path, in another order).
 #[test]
 fn flex_row_blocked_products_equal_flex_matmul() {
     let mut rng = Rng::new(44);
-    for (m, k, n) in [(333, 517, 259), (520, 192, 576), (1001, 64, 131)] {
+    for (m, k, n) in [
+        (333, 517, 259),
+        (520, 192, 576),
+        (257, 192, 576),
+        (1001, 64, 131),
+    ] {
         let a = rng.normal_vec(m * k, 1.0);
         let b = rng.normal_vec(k * n, 1.0);
         let a64: Vec<f64> = a.iter().map(|&v| v as f64).collect();

@@ -6,8 +6,8 @@
 //! (`bash scripts/bench-kernels.sh matmul`). Row blocks are independent: no synchronisation
 //! inside the product, and the blocks balance over however many threads the pool has. Each
 //! output's sum runs in the same order as in one unsplit call (`gemm` blocks the reduction by
-//! K and the cache sizes only), so the blocks change the schedule, not the bits
-//! (`tests/kernels.rs`).
+//! K and the cache sizes only; no block has a single row, which `gemm` would multiply through its
+//! matrix-vector path), so the blocks change the schedule, not the bits (`tests/kernels.rs`).
 
 use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
@@ -39,39 +39,51 @@ pub(crate) fn row_blocked_product(
     let (w_rs, w_cs) = (wl.strides()[0], wl.strides()[1]);
     let (x0, w0) = (xl.start_offset(), wl.start_offset());
     let (xs, ws) = (xt.storage::<f32>(), wt.storage::<f32>());
+    // Blocks of `block` rows, the last one also taking the remainder: a block of one row
+    // would go through `gemm`'s matrix-vector path, whose sums run in another order.
     let mut out = vec![0f32; m * n];
-    out.par_chunks_mut(block * n)
-        .enumerate()
-        .for_each(|(i, dst)| {
-            let rows = dst.len() / n;
-            // SAFETY: the pointers address `x`'s rows `i·block ..+ rows` and all of `w` through
-            // their own layouts (in bounds of their storages), and `dst` is `rows × n`,
-            // row-major, written only here.
-            unsafe {
-                let lhs = xs.as_ptr().add(x0).offset((i * block) as isize * x_rs);
-                gemm::gemm(
-                    rows,
-                    n,
-                    k,
-                    dst.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    lhs,
-                    x_cs,
-                    x_rs,
-                    ws.as_ptr().add(w0),
-                    w_cs,
-                    w_rs,
-                    0.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        });
+    let mut jobs = Vec::with_capacity(m / block);
+    let mut rest = out.as_mut_slice();
+    for b in 0..m / block {
+        let rows = if b + 1 == m / block {
+            rest.len() / n
+        } else {
+            block
+        };
+        let (dst, tail) = rest.split_at_mut(rows * n);
+        jobs.push((b * block, dst));
+        rest = tail;
+    }
+    jobs.into_par_iter().for_each(|(first, dst)| {
+        let rows = dst.len() / n;
+        // SAFETY: the pointers address `x`'s rows `first ..+ rows` and all of `w` through
+        // their own layouts (in bounds of their storages), and `dst` is `rows × n`,
+        // row-major, written only here.
+        unsafe {
+            let lhs = xs.as_ptr().add(x0).offset(first as isize * x_rs);
+            gemm::gemm(
+                rows,
+                n,
+                k,
+                dst.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                lhs,
+                x_cs,
+                x_rs,
+                ws.as_ptr().add(w0),
+                w_cs,
+                w_rs,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+    });
     let t = FlexTensor::from_data(burn::tensor::TensorData::new(out, [m, n]));
     Some(Tensor::from_primitive(TensorPrimitive::Float(t)))
 }
