@@ -1,6 +1,7 @@
 //! The fused element-wise operations (`fused.rs`) under `Autodiff`: one node each, whose
 //! forward is the inner backend's operation and whose backward is the inner backend's
-//! `*_backward` (one pass on Flex), instead of one node per plain operation.
+//! `*_backward` (one pass on Flex), instead of one node per plain operation. Also the float
+//! Linear's product, whose gradient products go through the inner `dense_matmul` too.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;

@@ -231,9 +231,10 @@ impl DsBackend for burn::backend::Flex {
 /// Under autodiff the defaults are differentiated through; the inner backend's kernels are not
 /// used (no backward is written for them), except the expert exchange, whose backward is the
 /// reverse exchange, the low-precision Linear, whose backward runs its two gradient GEMMs
-/// in the same format on the inner backend (`autodiff_quant.rs`), and the fused element-wise
-/// operations (RMSNorm, SwiGLU, softmax, log-softmax), each one node whose forward and backward
-/// are the inner backend's (`autodiff_fused.rs`).
+/// in the same format on the inner backend (`autodiff_quant.rs`), the float Linear's
+/// `dense_matmul`, and the fused element-wise operations (RMSNorm, SwiGLU, softmax,
+/// log-softmax), each one node whose forward and backward are the inner backend's
+/// (`autodiff_fused.rs`).
 impl<B: DsBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy> DsBackend
     for burn::backend::Autodiff<B, C>
 {
