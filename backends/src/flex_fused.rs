@@ -66,6 +66,12 @@ macro_rules! kernel {
     };
 }
 
+/// Eight running f64 sums and the tail's, combined in one fixed order (pairwise, tail last).
+#[inline(always)]
+fn combine(acc: [f64; 8], tail: f64) -> f64 {
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+}
+
 kernel! {
     /// `Σ a·b` in f64, eight running sums combined in a fixed order (so the loop vectorizes
     /// and the result does not depend on the machine).
@@ -79,7 +85,7 @@ kernel! {
             }
         }
         let tail: f64 = ra.iter().zip(rb).map(|(&p, &q)| p as f64 * q as f64).sum();
-        ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+        combine(acc, tail)
     }
 }
 
@@ -206,7 +212,7 @@ kernel! {
                 acc[j] += p[j] as f64;
             }
         }
-        ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+        combine(acc, tail)
     }
 }
 

@@ -14,8 +14,9 @@ use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
-/// Rows per job: on two threads 128 beat 64 (the weight is packed once per job) and 256 (too
-/// few jobs to balance) on the `small` and `mini` presets' shapes (`bench-kernels.sh matmul`).
+/// Rows per job. On two threads (`bench-kernels.sh matmul`, the `small` and `mini` presets'
+/// shapes) 128 was fastest on three of four shapes; 256 won on `512×512×8000` (118 against 108
+/// GFLOP/s), 64 on none.
 const ROW_BLOCK: usize = 128;
 
 /// `x [M, K] · w [K, N]` for f32 operands of any strides, as row-block jobs; `None` for other
@@ -24,7 +25,6 @@ pub(crate) fn row_blocked_product(
     x: &Tensor<Flex, 2>,
     w: &Tensor<Flex, 2>,
 ) -> Option<Tensor<Flex, 2>> {
-    let block = ROW_BLOCK;
     let xt: FlexTensor = x.clone().into_primitive().tensor();
     let wt: FlexTensor = w.clone().into_primitive().tensor();
     if xt.dtype() != DType::F32 || wt.dtype() != DType::F32 {
@@ -32,26 +32,26 @@ pub(crate) fn row_blocked_product(
     }
     let (xl, wl) = (xt.layout(), wt.layout());
     let (m, k, n) = (xl.shape()[0], xl.shape()[1], wl.shape()[1]);
-    if k == 0 || n == 0 || m < 2 * block {
+    if k == 0 || n == 0 || m < 2 * ROW_BLOCK {
         return None;
     }
     let (x_rs, x_cs) = (xl.strides()[0], xl.strides()[1]);
     let (w_rs, w_cs) = (wl.strides()[0], wl.strides()[1]);
     let (x0, w0) = (xl.start_offset(), wl.start_offset());
     let (xs, ws) = (xt.storage::<f32>(), wt.storage::<f32>());
-    // Blocks of `block` rows, the last one also taking the remainder: a block of one row
+    // Blocks of `ROW_BLOCK` rows, the last one also taking the remainder: a block of one row
     // would go through `gemm`'s matrix-vector path, whose sums run in another order.
     let mut out = vec![0f32; m * n];
-    let mut jobs = Vec::with_capacity(m / block);
+    let mut jobs = Vec::with_capacity(m / ROW_BLOCK);
     let mut rest = out.as_mut_slice();
-    for b in 0..m / block {
-        let rows = if b + 1 == m / block {
+    for b in 0..m / ROW_BLOCK {
+        let rows = if b + 1 == m / ROW_BLOCK {
             rest.len() / n
         } else {
-            block
+            ROW_BLOCK
         };
         let (dst, tail) = rest.split_at_mut(rows * n);
-        jobs.push((b * block, dst));
+        jobs.push((b * ROW_BLOCK, dst));
         rest = tail;
     }
     jobs.into_par_iter().for_each(|(first, dst)| {

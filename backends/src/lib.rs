@@ -87,7 +87,7 @@ impl DsBackend for burn::backend::Flex {
         // Below ~512K weights the pool's wake-up costs more than the second core saves.
         // Many rows: row-block jobs of single-threaded `gemm` calls (`flex_gemm.rs`), which
         // scale over the pool better than `gemm`'s own split.
-        if threads >= 2 && m > 16 && m * k * n >= 192 * 192 * 192 {
+        if threads >= 2 && m * k * n >= 192 * 192 * 192 {
             if let Some(y) = flex_gemm::row_blocked_product(&x, &w) {
                 return y;
             }
