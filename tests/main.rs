@@ -6,6 +6,8 @@
 //!   checkpoints);
 //! - `kernels`: the backend extension's operations against their plain-tensor defaults (the
 //!   CubeCL kernels on wgpu; CUDA where a GPU is lent);
+//! - `attention`: MLA's attention as one operation (Flex's jobs and the plain form) against
+//!   float64, forward and gradients;
 //! - `fused`: the fused element-wise operations (RMSNorm, SwiGLU, softmax) against float64 and
 //!   their plain forms, forward and gradients;
 //! - `infer`: the latent cache, generation and sampling;
@@ -19,6 +21,7 @@
 //! casts patched out) and an independent float64 implementation of the spec. CI needs no Python:
 //! the files are committed.
 
+mod attention;
 mod cli;
 mod common;
 #[cfg(feature = "mpi")]

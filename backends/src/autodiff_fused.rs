@@ -11,6 +11,7 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorPrimitive};
 
+use crate::attention::MlaAttention;
 use crate::DsBackend;
 
 type Float<B> = burn::tensor::ops::FloatTensor<B>;
@@ -189,6 +190,85 @@ pub(crate) fn dense_matmul<B: DsBackend, C: CheckpointStrategy>(
     {
         OpsKind::Tracked(prep) => prep.finish((x.primitive, w.primitive), prim(y)),
         OpsKind::UnTracked(prep) => prep.finish(prim(y)),
+    };
+    Tensor::from_primitive(TensorPrimitive::Float(out))
+}
+
+/// Backward of MLA's attention ([`DsBackend::mla_attention`]) from the probabilities the
+/// forward kept: the inner backend's `mla_attention_backward`. The mask is a constant.
+#[derive(Debug)]
+struct MlaAttentionNode;
+
+impl<B: DsBackend> Backward<B, 4> for MlaAttentionNode {
+    /// `q_nope`, `q_pe`, `kv`, `k_pe`, the probabilities, the scale.
+    type State = ([Float<B>; 5], f64);
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let ([q_nope, q_pe, kv, k_pe, probs], scale) = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        let x = MlaAttention {
+            q_nope: inner(q_nope),
+            q_pe: inner(q_pe),
+            kv: inner(kv),
+            k_pe: inner(k_pe),
+            scale,
+        };
+        let g = B::mla_attention_backward(&x, inner(probs), inner(grad));
+        let [pqn, pqp, pkv, pkp] = ops.parents;
+        for (parent, grad) in [
+            (pqn, prim(g.q_nope)),
+            (pqp, prim(g.q_pe)),
+            (pkv, prim(g.kv)),
+            (pkp, prim(g.k_pe)),
+        ] {
+            if let Some(p) = parent {
+                grads.register::<B>(p.id, grad);
+            }
+        }
+    }
+}
+
+/// [`DsBackend::mla_attention`] for `Autodiff<B, C>`: the inner backend's forward, keeping the
+/// probabilities only when a gradient is wanted.
+pub(crate) fn mla_attention<B: DsBackend, C: CheckpointStrategy>(
+    x: &MlaAttention<Autodiff<B, C>>,
+    mask: Option<&Tensor<Autodiff<B, C>, 4>>,
+) -> Tensor<Autodiff<B, C>, 4> {
+    let qn = x.q_nope.clone().into_primitive().tensor();
+    let qp = x.q_pe.clone().into_primitive().tensor();
+    let kv = x.kv.clone().into_primitive().tensor();
+    let kp = x.k_pe.clone().into_primitive().tensor();
+    let xi = MlaAttention::<B> {
+        q_nope: inner(qn.primitive.clone()),
+        q_pe: inner(qp.primitive.clone()),
+        kv: inner(kv.primitive.clone()),
+        k_pe: inner(kp.primitive.clone()),
+        scale: x.scale,
+    };
+    let mask: Option<Tensor<B, 4>> =
+        mask.map(|m| inner(m.clone().into_primitive().tensor().primitive));
+    let out = match MlaAttentionNode
+        .prepare::<C>([
+            qn.node.clone(),
+            qp.node.clone(),
+            kv.node.clone(),
+            kp.node.clone(),
+        ])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (y, p) = B::mla_attention_probs(&xi, mask.as_ref());
+            let state = [
+                qn.primitive,
+                qp.primitive,
+                kv.primitive,
+                kp.primitive,
+                prim(p),
+            ];
+            prep.finish((state, x.scale), prim(y))
+        }
+        OpsKind::UnTracked(prep) => prep.finish(prim(B::mla_attention(&xi, mask.as_ref()))),
     };
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }

@@ -45,9 +45,9 @@ fn each_row(out: &mut [f32], d: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
 /// baseline otherwise: the same IEEE operations in wider vectors (no reassociation, no fused
 /// multiply-adds), so the same results on either.
 macro_rules! kernel {
-    ($(#[$doc:meta])* fn $name:ident($($a:ident: $t:ty),*) $(-> $r:ty)? $body:block) => {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($($a:ident: $t:ty),*) $(-> $r:ty)? $body:block) => {
         $(#[$doc])*
-        fn $name($($a: $t),*) $(-> $r)? {
+        $vis fn $name($($a: $t),*) $(-> $r)? {
             #[inline(always)]
             fn body($($a: $t),*) $(-> $r)? $body
             #[cfg(target_arch = "x86_64")]
@@ -253,6 +253,50 @@ kernel! {
             *o *= k;
         }
     }
+}
+
+kernel! {
+    /// `o += m`.
+    fn add_assign(o: &mut [f32], m: &[f32]) {
+        for (o, &m) in o.iter_mut().zip(m) {
+            *o += m;
+        }
+    }
+}
+
+kernel! {
+    /// `o = e^(o − max)` in place.
+    fn exp_shifted_in_place(o: &mut [f32], max: f32) {
+        for o in o.iter_mut() {
+            *o = exp(*o - max);
+        }
+    }
+}
+
+kernel! {
+    /// `g = y · (g − k)` in place.
+    fn softmax_back_in_place(y: &[f32], g: &mut [f32], k: f32) {
+        for (g, &y) in g.iter_mut().zip(y) {
+            *g = y * (*g - k);
+        }
+    }
+}
+
+/// Softmax of `row + mask` in place: the operations of [`softmax_rows`]' rows, so the same
+/// bits.
+pub(crate) fn softmax_in_place(row: &mut [f32], mask: Option<&[f32]>) {
+    if let Some(m) = mask {
+        add_assign(row, m);
+    }
+    exp_shifted_in_place(row, row_max(row));
+    let total = sum(row);
+    scale(row, (1.0 / total) as f32);
+}
+
+/// [`softmax_rows_backward`]' row body in place: `g = y · (g − Σ y·g)`.
+pub(crate) fn softmax_backward_in_place(y: &[f32], g: &mut [f32]) {
+    let k = dot(y, g) as f32;
+    softmax_back_in_place(y, g, k);
 }
 
 pub(crate) fn rms_norm(

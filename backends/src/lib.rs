@@ -9,6 +9,7 @@
 //! fused blocks and the low-precision Linear one node each. [`BackendKind`] and [`on_backend`] select a backend at run time for
 //! `--backend` flags, with a probe that reports a missing GPU as one error line.
 
+pub mod attention;
 pub mod comm;
 pub mod e4m3;
 pub mod fused;
@@ -42,6 +43,7 @@ pub type Cuda<F = f32> = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, F, 
 mod autodiff_fused;
 mod autodiff_quant;
 mod flex;
+mod flex_attention;
 mod flex_fp8;
 mod flex_fused;
 mod flex_gemm;
@@ -226,6 +228,36 @@ impl DsBackend for burn::backend::Flex {
         flex_fused::log_softmax_rows_backward(y.clone(), grad.clone())
             .unwrap_or_else(|| fused::default_log_softmax_rows_backward(y, grad))
     }
+
+    /// One job per (sequence, head) reading the operands in place (`flex_attention.rs`).
+    fn mla_attention(
+        x: &attention::MlaAttention<Self>,
+        mask: Option<&burn::tensor::Tensor<Self, 4>>,
+    ) -> burn::tensor::Tensor<Self, 4> {
+        match flex_attention::mla_attention(x, mask, false) {
+            Some((y, _)) => y,
+            None => attention::default_mla_attention_probs(x, mask).0,
+        }
+    }
+
+    fn mla_attention_probs(
+        x: &attention::MlaAttention<Self>,
+        mask: Option<&burn::tensor::Tensor<Self, 4>>,
+    ) -> (burn::tensor::Tensor<Self, 4>, burn::tensor::Tensor<Self, 4>) {
+        match flex_attention::mla_attention(x, mask, true) {
+            Some((y, Some(p))) => (y, p),
+            _ => attention::default_mla_attention_probs(x, mask),
+        }
+    }
+
+    fn mla_attention_backward(
+        x: &attention::MlaAttention<Self>,
+        probs: burn::tensor::Tensor<Self, 4>,
+        grad: burn::tensor::Tensor<Self, 4>,
+    ) -> attention::MlaAttentionGrads<Self> {
+        flex_attention::mla_attention_backward(x, probs.clone(), grad.clone())
+            .unwrap_or_else(|| attention::default_mla_attention_backward(x, probs, grad))
+    }
 }
 
 /// Under autodiff the defaults are differentiated through; the inner backend's kernels are not
@@ -334,6 +366,15 @@ impl<B: DsBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointS
 
     fn log_softmax_rows(x: burn::tensor::Tensor<Self, 2>) -> burn::tensor::Tensor<Self, 2> {
         autodiff_fused::softmax_rows::<B, C>(x, true)
+    }
+
+    /// One node whose forward keeps the probabilities and whose backward is the inner
+    /// backend's `mla_attention_backward` (`autodiff_fused.rs`).
+    fn mla_attention(
+        x: &attention::MlaAttention<Self>,
+        mask: Option<&burn::tensor::Tensor<Self, 4>>,
+    ) -> burn::tensor::Tensor<Self, 4> {
+        autodiff_fused::mla_attention::<B, C>(x, mask)
     }
 }
 

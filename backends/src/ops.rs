@@ -15,6 +15,7 @@ use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{ElementConversion, IndexingUpdateOp, Int, Tensor, TensorData};
 
+use crate::attention::{self, MlaAttention, MlaAttentionGrads};
 use crate::comm::{CommError, RowExchange};
 use crate::e4m3;
 use crate::fused;
@@ -518,6 +519,33 @@ pub trait DsBackend: Backend {
     /// `∂x` of [`DsBackend::log_softmax_rows`] from its output `y` and the output gradient.
     fn log_softmax_rows_backward(y: Tensor<Self, 2>, grad: Tensor<Self, 2>) -> Tensor<Self, 2> {
         fused::default_log_softmax_rows_backward(y, grad)
+    }
+
+    /// MLA's attention with per-head keys ([`MlaAttention`]: per sequence and head,
+    /// `softmax(scale · (q_nope·k_nopeᵀ + q_pe·k_peᵀ) + mask) · v`), the form prompts and
+    /// training use. `mask: [B|1, 1, T, S]` is added to the scaled scores (0 or −∞). Returns
+    /// `[B, T, H, dv]`, the layout `o_proj` reads.
+    fn mla_attention(x: &MlaAttention<Self>, mask: Option<&Tensor<Self, 4>>) -> Tensor<Self, 4> {
+        Self::mla_attention_probs(x, mask).0
+    }
+
+    /// [`Self::mla_attention`] also returning the probabilities `P: [B, H, T, S]` (what the
+    /// backward needs).
+    fn mla_attention_probs(
+        x: &MlaAttention<Self>,
+        mask: Option<&Tensor<Self, 4>>,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
+        attention::default_mla_attention_probs(x, mask)
+    }
+
+    /// Gradients of [`Self::mla_attention`]'s operands from its probabilities and the output
+    /// gradient `grad: [B, T, H, dv]` ([`attention::default_mla_attention_backward`]).
+    fn mla_attention_backward(
+        x: &MlaAttention<Self>,
+        probs: Tensor<Self, 4>,
+        grad: Tensor<Self, 4>,
+    ) -> MlaAttentionGrads<Self> {
+        attention::default_mla_attention_backward(x, probs, grad)
     }
 
     /// Quantizes `x [M, K]` to e4m3 in `1×block` tiles: `amax = max(max|x_tile|, 1e-4)`,

@@ -11,6 +11,7 @@
 use burn::config::Config;
 use burn::module::Module;
 use burn::tensor::Tensor;
+use dsv3_backends::attention::MlaAttention;
 use dsv3_backends::fused::softmax;
 use dsv3_backends::DsBackend;
 
@@ -219,13 +220,13 @@ impl<B: DsBackend> Mla<B> {
             (None, Some(a), Some(norm), Some(bp)) => bp.forward(norm.forward(a.forward(x.clone()))),
             _ => unreachable!("MlaConfig::init creates either q_proj or the q-LoRA triple"),
         };
-        // Queries heads-major, `[nh, B, T, ·]`: per-head products batch over the leading axis,
-        // and the mask `[B|1, 1, T, S]` and rope tables broadcast as one contiguous row over
-        // the heads. They carry the softmax scale (cheaper than scaling the scores).
+        // Queries tokens-major, `[B, T, nh, ·]`, as the projection wrote them (views, no
+        // copies); the rotary part is rotated heads-major, `[nh, B, T, dr]`, where the rope
+        // tables broadcast as one contiguous row over the heads.
         let scale = self.softmax_scale;
-        let q = q.reshape([b, t, nh, dn + dr]).permute([2, 0, 1, 3]) * scale;
-        let q_nope = q.clone().narrow(3, 0, dn); // [nh, B, T, dn]
-        let q_pe = apply_rope(q.narrow(3, dn, dr), cos, sin, swap); // [nh, B, T, dr]
+        let q = q.reshape([b, t, nh, dn + dr]);
+        let q_nope = q.clone().narrow(3, 0, dn); // [B, T, nh, dn]
+        let q_pe = apply_rope(q.narrow(3, dn, dr).permute([2, 0, 1, 3]), cos, sin, swap);
 
         // The latent and the shared rope key of the new tokens.
         let kv = self.kv_a_proj_with_mqa.forward(x);
@@ -240,69 +241,48 @@ impl<B: DsBackend> Mla<B> {
         };
         let LatentKv { c, k_pe } = all; // [B, S, r], [B, S, dr] (maybe views into a cache)
 
-        // kv_b_proj as stored here is [r, nh*(dn+dv)]; per head: [r, dn] -> k_nope, [r, dv] -> v.
-        // Strided views, no copies: the matmuls read them in place.
-        let w = self.kv_b_proj.weight_in_out().reshape([r, nh, dn + dv]);
-        let w_uk = w.clone().narrow(2, 0, dn).swap_dims(0, 1); // [nh, r, dn]
-        let w_uv = w.narrow(2, dn, dv).swap_dims(0, 1); // [nh, r, dv]
-
         let out = match mode {
+            // Keys and values per head, `kv_b_proj`'s output `[B, S, nh, dn+dv]`, and one
+            // attention operation over the tokens-major views (`DsBackend::mla_attention`).
             AttentionMode::Naive => {
                 let [_, s, _] = c.dims();
-                let flat = c.clone().reshape([1, b * s, r]);
-                let (k_nope, v) = match &self.kv_b_proj.gemm {
-                    // Training in bf16/FP8: kv_b_proj's GEMMs in that format.
-                    Some(_) => {
-                        let kv = self
-                            .kv_b_proj
-                            .forward(flat.reshape([b * s, r]))
-                            .reshape([b * s, nh, dn + dv])
-                            .swap_dims(0, 1); // [nh, B·S, dn+dv]
-                        (kv.clone().narrow(2, 0, dn), kv.narrow(2, dn, dv))
-                    }
-                    None => (flat.clone().matmul(w_uk), flat.matmul(w_uv)),
+                let kv = self
+                    .kv_b_proj
+                    .forward(c.reshape([b * s, r]))
+                    .reshape([b, s, nh, dn + dv]);
+                let x = MlaAttention {
+                    q_nope,
+                    q_pe: q_pe.permute([1, 2, 0, 3]),
+                    kv,
+                    k_pe,
+                    scale,
                 };
-                attend_naive(q_nope, q_pe, k_nope, v, k_pe, mask)
+                B::mla_attention(&x, mask) // [B, T, nh, dv]
             }
-            _ => attend_absorbed(q_nope, q_pe, c, k_pe, w_uk, w_uv, mask),
+            _ => {
+                // kv_b_proj as stored here is [r, nh*(dn+dv)]; per head: [r, dn] -> W_UK,
+                // [r, dv] -> W_UV. Strided views, no copies: the matmuls read them in place.
+                let w = self.kv_b_proj.weight_in_out().reshape([r, nh, dn + dv]);
+                let w_uk = w.clone().narrow(2, 0, dn).swap_dims(0, 1); // [nh, r, dn]
+                let w_uv = w.narrow(2, dn, dv).swap_dims(0, 1); // [nh, r, dv]
+                                                                // The queries carry the softmax scale here (cheaper than scaling the scores).
+                let q_nope = q_nope.permute([2, 0, 1, 3]) * scale; // [nh, B, T, dn]
+                attend_absorbed(q_nope, q_pe * scale, c, k_pe, w_uk, w_uv, mask)
+                    .reshape([nh, b, t, dv])
+                    .permute([1, 2, 0, 3])
+            }
         };
-        let out = out.swap_dims(0, 1).reshape([b, t, nh * dv]);
+        let out = out.reshape([b, t, nh * dv]);
         (self.o_proj.forward(out), new)
     }
-}
-
-/// Naive attention: per-head keys `[k_nope | k_pe]` expanded from the latent and queries
-/// `[q_nope | q_pe]`, one score matmul. Queries `[nh, B, T, dn|dr]`, the expanded latent
-/// `k_nope: [nh, B·S, dn]` and `v: [nh, B·S, dv]` (`c · W_UK`, `c · W_UV`), `k_pe: [B, S, dr]`;
-/// returns `[nh, B·T, dv]`.
-fn attend_naive<B: DsBackend>(
-    q_nope: Tensor<B, 4>,
-    q_pe: Tensor<B, 4>,
-    k_nope: Tensor<B, 3>,
-    v: Tensor<B, 3>,
-    k_pe: Tensor<B, 3>,
-    mask: Option<&Tensor<B, 4>>,
-) -> Tensor<B, 3> {
-    let [nh, b, t, dn] = q_nope.dims();
-    let [_, s, dr] = k_pe.dims();
-    let dv = v.dims()[2];
-    let k_pe = k_pe.unsqueeze_dim::<4>(0); // [1, B, S, dr]
-    let k_nope = k_nope.reshape([nh, b, s, dn]);
-    let v = v.reshape([nh, b, s, dv]);
-    let k = Tensor::cat(vec![k_nope, k_pe.expand([nh, b, s, dr])], 3);
-    let q = Tensor::cat(vec![q_nope, q_pe], 3);
-    let scores = q.matmul(k.swap_dims(2, 3)); // [nh, B, T, S]
-    let scores = match mask {
-        Some(mask) => add_mask(scores, mask),
-        None => scores,
-    };
-    softmax(scores).matmul(v).reshape([nh, b * t, dv])
 }
 
 /// Absorbed attention: `W_UK` folded into the queries and `W_UV` into the output, attention over
 /// the latent itself. Every head attends over the same latent, so the heads are folded into the
 /// query rows, `[B, nh·T, ·]` against `[B, S, ·]`: each latent row is read once per step, not once
-/// per head (what dominates long-context decode). Shapes as [`attend_naive`].
+/// per head (what dominates long-context decode). Queries `[nh, B, T, dn|dr]` (scaled), the
+/// latent `c: [B, S, r]`, `k_pe: [B, S, dr]`, `W_UK: [nh, r, dn]`, `W_UV: [nh, r, dv]`; returns
+/// `[nh, B·T, dv]`.
 fn attend_absorbed<B: DsBackend>(
     q_nope: Tensor<B, 4>,
     q_pe: Tensor<B, 4>,

@@ -1,0 +1,359 @@
+//! Flex (CPU) body of [`crate::DsBackend::mla_attention`] and its backward: one job per
+//! (sequence, head) on the pool, each a few single-threaded `gemm` calls that read the
+//! operands in place through their strides (no concatenation, no head transposes) and write
+//! its own rows of the outputs, with the mask, softmax and softmax backward done row by row in
+//! between (the fused softmax's row bodies, `flex_fused.rs`). The score matrix of a job is
+//! `T × S` floats; the probabilities of all jobs are kept for the backward (training) or
+//! dropped (inference). Each job's arithmetic is independent of the thread count, so results
+//! do not depend on the pool; `∂k_pe` (shared by the heads) adds the heads' parts in head order.
+//! `None` (the caller falls back to the plain form) for non-f32 operands or shapes that do
+//! not match.
+
+use burn::backend::Flex;
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
+use burn_flex::FlexTensor;
+use rayon::prelude::*;
+
+use crate::attention::{MlaAttention, MlaAttentionGrads};
+use crate::flex_fused::{softmax_backward_in_place, softmax_in_place};
+
+/// An f32 operand read in place: its storage with its start offset and strides.
+struct Operand {
+    t: FlexTensor,
+    start: usize,
+    strides: Vec<isize>,
+}
+
+impl Operand {
+    fn new<const D: usize>(x: &Tensor<Flex, D>) -> Option<Self> {
+        let t: FlexTensor = x.clone().into_primitive().tensor();
+        if t.dtype() != DType::F32 {
+            return None;
+        }
+        let (start, strides) = (t.layout().start_offset(), t.layout().strides().to_vec());
+        Some(Self { t, start, strides })
+    }
+
+    /// The address of the element at `index` on the leading axes (0 on the others).
+    fn at(&self, index: &[usize]) -> *const f32 {
+        let off: isize = index
+            .iter()
+            .zip(&self.strides)
+            .map(|(&i, &s)| i as isize * s)
+            .sum();
+        self.t.storage::<f32>()[self.start..]
+            .as_ptr()
+            .wrapping_offset(off)
+    }
+
+    /// The matrix whose rows run along axis `rows` and columns along axis `cols`, from `at`.
+    fn mat(&self, index: &[usize], rows: usize, cols: usize) -> Mat {
+        Mat {
+            ptr: self.at(index),
+            rs: self.strides[rows],
+            cs: self.strides[cols],
+        }
+    }
+}
+
+/// A strided matrix operand of a product.
+#[derive(Clone, Copy)]
+struct Mat {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+impl Mat {
+    /// A row-major `_ × cols` buffer.
+    fn dense(v: &[f32], cols: usize) -> Self {
+        Self {
+            ptr: v.as_ptr(),
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+
+    fn t(self) -> Self {
+        Self {
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    /// The same matrix from column `c` on.
+    fn skip_cols(self, c: usize) -> Self {
+        Self {
+            ptr: self.ptr.wrapping_offset(c as isize * self.cs),
+            ..self
+        }
+    }
+}
+
+/// A destination shared by the jobs, each writing elements no other job writes.
+struct Out(*mut f32);
+
+// SAFETY: the jobs write disjoint elements through it (see each use) and nothing reads them
+// until every job has finished.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    fn at(&self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// `dst = beta · lhs · rhs` (`lhs: m × k`, `rhs: k × n`; `dst` row-major with row stride
+/// `dst_rs`), on this thread.
+///
+/// # Safety
+/// `lhs`, `rhs` must address `m × k` and `k × n` readable f32 values, `dst` `m × n` writable
+/// ones no other thread touches meanwhile.
+unsafe fn product(
+    [m, n, k]: [usize; 3],
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: Mat,
+    rhs: Mat,
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs.ptr,
+        lhs.cs,
+        lhs.rs,
+        rhs.ptr,
+        rhs.cs,
+        rhs.rs,
+        0.0f32,
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+fn tensor<const D: usize>(v: Vec<f32>, dims: [usize; D]) -> Tensor<Flex, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(
+        TensorData::new(v, dims),
+    )))
+}
+
+/// The four operands, if all f32 and of matching shapes, with `(B, T, S, H, dn, dr, dv)`.
+fn operands(x: &MlaAttention<Flex>) -> Option<([Operand; 4], [usize; 7])> {
+    let (b, t, s, h, dn, dr, dv) = x.dims();
+    let d = [b, t, s, h, dn, dr, dv];
+    if d.contains(&0)
+        || x.q_pe.dims() != [b, t, h, dr]
+        || x.kv.dims() != [b, s, h, dn + dv]
+        || x.k_pe.dims() != [b, s, dr]
+    {
+        return None;
+    }
+    let ops = [
+        Operand::new(&x.q_nope)?,
+        Operand::new(&x.q_pe)?,
+        Operand::new(&x.kv)?,
+        Operand::new(&x.k_pe)?,
+    ];
+    Some((ops, d))
+}
+
+/// The forward: the output `[B, T, H, dv]` and, with `keep_probs`, `P: [B, H, T, S]`.
+pub(crate) fn mla_attention(
+    x: &MlaAttention<Flex>,
+    mask: Option<&Tensor<Flex, 4>>,
+    keep_probs: bool,
+) -> Option<(Tensor<Flex, 4>, Option<Tensor<Flex, 4>>)> {
+    let ([qn, qp, kv, kp], [b, t, s, h, dn, dr, dv]) = operands(x)?;
+    let mask = match mask {
+        Some(m) => {
+            let [mb, one, mt, ms] = m.dims();
+            let m: FlexTensor = m.clone().into_primitive().tensor();
+            if one != 1 || mt != t || ms != s || (mb != 1 && mb != b) || m.dtype() != DType::F32 {
+                return None;
+            }
+            Some((m.to_contiguous(), mb))
+        }
+        None => None,
+    };
+    let mask = mask.as_ref().map(|(m, mb)| (m.storage::<f32>(), *mb));
+    let scale = x.scale as f32;
+    let mut out = vec![0f32; b * t * h * dv];
+    let mut probs = vec![0f32; b * h * t * s];
+    let dst = Out(out.as_mut_ptr());
+    probs
+        .par_chunks_mut(t * s)
+        .enumerate()
+        .for_each(|(job, p)| {
+            let (bi, hi) = (job / h, job % h);
+            let k_nope = kv.mat(&[bi, 0, hi], 1, 3);
+            // SAFETY: the operands address `[bi, ·, hi, ·]` slices of their tensors through
+            // their own layouts; `p` is this job's `T × S` block. Scores in two products
+            // (the non-rotary and rotary parts), the second added to the first.
+            unsafe {
+                product(
+                    [t, s, dn],
+                    p.as_mut_ptr(),
+                    s,
+                    qn.mat(&[bi, 0, hi], 1, 3),
+                    k_nope.t(),
+                    scale,
+                );
+                gemm::gemm(
+                    t,
+                    s,
+                    dr,
+                    p.as_mut_ptr(),
+                    1,
+                    s as isize,
+                    true,
+                    qp.at(&[bi, 0, hi]),
+                    qp.strides[3],
+                    qp.strides[1],
+                    kp.at(&[bi]),
+                    kp.strides[1],
+                    kp.strides[2],
+                    1.0f32,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for (r, row) in p.chunks_mut(s).enumerate() {
+                let m = mask.map(|(m, mb)| {
+                    let at = (if mb == 1 { 0 } else { bi } * t + r) * s;
+                    &m[at..at + s]
+                });
+                softmax_in_place(row, m);
+            }
+            // SAFETY: rows `[bi, ·, hi, ·]` of `out` ([B, T, H, dv], row stride H·dv) are
+            // this job's alone.
+            unsafe {
+                let o = dst.at((bi * t * h + hi) * dv);
+                product(
+                    [t, dv, s],
+                    o,
+                    h * dv,
+                    Mat::dense(p, s),
+                    k_nope.skip_cols(dn),
+                    1.0,
+                );
+            }
+        });
+    let probs = keep_probs.then(|| tensor(probs, [b, h, t, s]));
+    Some((tensor(out, [b, t, h, dv]), probs))
+}
+
+/// The backward from the probabilities `[B, H, T, S]` and the output gradient `[B, T, H, dv]`.
+pub(crate) fn mla_attention_backward(
+    x: &MlaAttention<Flex>,
+    probs: Tensor<Flex, 4>,
+    grad: Tensor<Flex, 4>,
+) -> Option<MlaAttentionGrads<Flex>> {
+    let ([qn, qp, kv, kp], [b, t, s, h, dn, dr, dv]) = operands(x)?;
+    if probs.dims() != [b, h, t, s] || grad.dims() != [b, t, h, dv] {
+        return None;
+    }
+    let p: FlexTensor = probs.into_primitive().tensor();
+    let g = Operand::new(&grad)?;
+    if p.dtype() != DType::F32 {
+        return None;
+    }
+    let p = p.to_contiguous();
+    let ps = p.storage::<f32>();
+    let (scale, w) = (x.scale as f32, dn + dv);
+    let mut dq_nope = vec![0f32; b * t * h * dn];
+    let mut dq_pe = vec![0f32; b * t * h * dr];
+    let mut dkv = vec![0f32; b * s * h * w];
+    let mut dk_pe_parts = vec![0f32; b * h * s * dr];
+    let (oqn, oqp, okv) = (
+        Out(dq_nope.as_mut_ptr()),
+        Out(dq_pe.as_mut_ptr()),
+        Out(dkv.as_mut_ptr()),
+    );
+    dk_pe_parts
+        .par_chunks_mut(s * dr)
+        .enumerate()
+        .for_each(|(job, dkp)| {
+            let (bi, hi) = (job / h, job % h);
+            let pj = &ps[job * t * s..(job + 1) * t * s];
+            let (pm, gm) = (Mat::dense(pj, s), g.mat(&[bi, 0, hi], 1, 3));
+            let k_nope = kv.mat(&[bi, 0, hi], 1, 3);
+            let v = k_nope.skip_cols(dn);
+            let mut ds = vec![0f32; t * s];
+            // SAFETY: operands as in the forward; `∂kv`'s rows `[bi, ·, hi, ·]` (row stride
+            // H·(dn+dv)) are this job's alone, `ds` its own.
+            unsafe {
+                product(
+                    [s, dv, t],
+                    okv.at((bi * s * h + hi) * w + dn),
+                    h * w,
+                    pm.t(),
+                    gm,
+                    1.0,
+                );
+                product([t, s, dv], ds.as_mut_ptr(), s, gm, v.t(), 1.0);
+            }
+            for (y, g) in pj.chunks(s).zip(ds.chunks_mut(s)) {
+                softmax_backward_in_place(y, g);
+            }
+            let dsm = Mat::dense(&ds, s);
+            let (q_nope, q_pe) = (qn.mat(&[bi, 0, hi], 1, 3), qp.mat(&[bi, 0, hi], 1, 3));
+            // SAFETY: rows `[bi, ·, hi, ·]` of `∂q_nope`, `∂q_pe` (row strides H·dn, H·dr) and
+            // `∂kv` are this job's alone, `dkp` its own part of `∂k_pe`.
+            unsafe {
+                let kpe = kp.mat(&[bi], 1, 2);
+                product(
+                    [t, dn, s],
+                    oqn.at((bi * t * h + hi) * dn),
+                    h * dn,
+                    dsm,
+                    k_nope,
+                    scale,
+                );
+                product(
+                    [t, dr, s],
+                    oqp.at((bi * t * h + hi) * dr),
+                    h * dr,
+                    dsm,
+                    kpe,
+                    scale,
+                );
+                product(
+                    [s, dn, t],
+                    okv.at((bi * s * h + hi) * w),
+                    h * w,
+                    dsm.t(),
+                    q_nope,
+                    scale,
+                );
+                product([s, dr, t], dkp.as_mut_ptr(), dr, dsm.t(), q_pe, scale);
+            }
+        });
+    // ∂k_pe: each sequence's head parts added in head order.
+    let mut dk_pe = vec![0f32; b * s * dr];
+    for (bi, acc) in dk_pe.chunks_mut(s * dr).enumerate() {
+        for hi in 0..h {
+            let part = &dk_pe_parts[(bi * h + hi) * s * dr..][..s * dr];
+            acc.iter_mut().zip(part).for_each(|(a, &v)| *a += v);
+        }
+    }
+    Some(MlaAttentionGrads {
+        q_nope: tensor(dq_nope, [b, t, h, dn]),
+        q_pe: tensor(dq_pe, [b, t, h, dr]),
+        kv: tensor(dkv, [b, s, h, w]),
+        k_pe: tensor(dk_pe, [b, s, dr]),
+    })
+}
