@@ -4,15 +4,17 @@
 //! `Autodiff<Flex>` the node's gradients against autodiff through the plain form; Flex's
 //! results the same on any number of threads.
 //!
-//! Shapes: 2 sequences, 13 queries after 6 earlier keys (19 keys), 3 heads, dn 11, dr 6, dv 7
-//! (none a multiple of a SIMD width or a `gemm` tile); operands as the model passes them
-//! (`q_nope` a narrowed view of the queries, `q_pe` a heads-major tensor viewed tokens-major,
-//! `kv` `[B, S, H, dn+dv]`); masks: none, causal shared by the sequences, and causal with two
-//! padded keys in sequence 1. Values ~N(0, 1), scale 1/sqrt(17).
+//! Shapes: 2 sequences, 45 queries after 32 earlier keys (77 keys), 3 heads, dn 11, dr 6, dv 7
+//! (none a multiple of a SIMD width or a `gemm` tile; queries and keys span several of Flex's
+//! 32-row blocks); operands as the model passes them (`q_nope` a narrowed view of the queries,
+//! `q_pe` a heads-major tensor viewed tokens-major, `kv` `[B, S, H, dn+dv]`); masks: none,
+//! causal shared by the sequences, and causal with sequence 1's first 2 and last 34 keys hidden
+//! from every query (padding: a block of keys no query sees). Values ~N(0, 1), scale
+//! 1/sqrt(17).
 //!
 //! Tolerance: each score is a sum of 17 products (|terms| ≲ 3), each output and gradient a sum
-//! of at most 19 terms of probabilities times values; f32 rounding bounds the error by
-//! ~19 · 2⁻²⁴ · Σ|terms| ≈ 1e-5 relative to the magnitudes summed (softmax turns an absolute
+//! of at most 77 terms of probabilities times values; f32 rounding bounds the error by
+//! ~77 · 2⁻²⁴ · Σ|terms| ≈ 5e-6 relative to the magnitudes summed (softmax turns an absolute
 //! score error into the same relative probability error). Bound: 3e-5 × (1 + max |ref|). A
 //! wrong term (a missing scale, the mask added to the wrong row, a head's `∂k_pe` dropped) is
 //! off by 1e-2 or more.
@@ -29,8 +31,8 @@ use crate::common::*;
 
 type A = Autodiff<Flex>;
 const B: usize = 2;
-const T: usize = 13;
-const S: usize = 19;
+const T: usize = 45;
+const S: usize = 77;
 const H: usize = 3;
 const DN: usize = 11;
 const DR: usize = 6;

@@ -168,6 +168,24 @@ fn operands(x: &MlaAttention<Flex>) -> Option<([Operand; 4], [usize; 7])> {
     Some((ops, d))
 }
 
+/// Queries per block of rows, and keys per block of columns in the backward. A block of rows
+/// multiplies only the keys up to the last one any of its rows sees, and a block of keys only
+/// the rows from the first that sees any of them: the causal mask's upper triangle (about half
+/// of a prompt's attention) is skipped, not computed and then zeroed.
+const BLOCK: usize = 32;
+
+/// The row blocks of `t` rows: `(first row, rows)`.
+fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t).step_by(BLOCK).map(move |i| (i, BLOCK.min(t - i)))
+}
+
+/// 1 + the index of the last key each row sees (its last entry not `hidden`), at least 1.
+fn row_ends(rows: &[f32], s: usize, hidden: f32) -> Vec<usize> {
+    rows.chunks(s)
+        .map(|r| r.iter().rposition(|&v| v != hidden).map_or(1, |j| j + 1))
+        .collect()
+}
+
 /// The forward: the output `[B, T, H, dv]` and, with `keep_probs`, `P: [B, H, T, S]`.
 pub(crate) fn mla_attention(
     x: &MlaAttention<Flex>,
@@ -187,37 +205,50 @@ pub(crate) fn mla_attention(
         None => None,
     };
     let mask = mask.as_ref().map(|(m, mb)| (m.storage::<f32>(), *mb));
+    // Per row of the mask (sequence-major when it has one per sequence), the keys it sees.
+    let ends = match mask {
+        Some((m, _)) => row_ends(m, s, f32::NEG_INFINITY),
+        None => vec![s; t],
+    };
     let scale = x.scale as f32;
     let mut out = vec![0f32; b * t * h * dv];
-    let mut probs = vec![0f32; b * h * t * s];
     let dst = Out(out.as_mut_ptr());
-    probs
-        .par_chunks_mut(t * s)
-        .enumerate()
-        .for_each(|(job, p)| {
-            let (bi, hi) = (job / h, job % h);
-            let k_nope = kv.mat(&[bi, 0, hi], 1, 3);
+    // One (sequence, head): `p` holds the probabilities of its rows (all `T × S` of them when
+    // kept, else one block's, reused), row stride `S`.
+    let job = |job: usize, p: &mut [f32]| {
+        let (bi, hi) = (job / h, job % h);
+        let mrow = mask.map_or(0, |(_, mb)| if mb == 1 { 0 } else { bi });
+        let ends = &ends[mrow * t..(mrow + 1) * t];
+        let k_nope = kv.mat(&[bi, 0, hi], 1, 3);
+        for (i0, rows) in blocks(t) {
+            let end = ends[i0..i0 + rows].iter().copied().max().unwrap_or(s);
+            let p = if p.len() == t * s {
+                &mut p[i0 * s..(i0 + rows) * s]
+            } else {
+                &mut p[..rows * s]
+            };
             // SAFETY: the operands address `[bi, ·, hi, ·]` slices of their tensors through
-            // their own layouts; `p` is this job's `T × S` block. Scores in two products
+            // their own layouts; `p` is `rows × S`. Scores of keys `..end` in two products
             // (the non-rotary and rotary parts), the second added to the first.
             unsafe {
+                let q_nope = qn.mat(&[bi, i0, hi], 1, 3);
                 product(
-                    [t, s, dn],
+                    [rows, end, dn],
                     p.as_mut_ptr(),
                     s,
-                    qn.mat(&[bi, 0, hi], 1, 3),
+                    q_nope,
                     k_nope.t(),
                     scale,
                 );
                 gemm::gemm(
-                    t,
-                    s,
+                    rows,
+                    end,
                     dr,
                     p.as_mut_ptr(),
                     1,
                     s as isize,
                     true,
-                    qp.at(&[bi, 0, hi]),
+                    qp.at(&[bi, i0, hi]),
                     qp.strides[3],
                     qp.strides[1],
                     kp.at(&[bi]),
@@ -232,18 +263,18 @@ pub(crate) fn mla_attention(
                 );
             }
             for (r, row) in p.chunks_mut(s).enumerate() {
-                let m = mask.map(|(m, mb)| {
-                    let at = (if mb == 1 { 0 } else { bi } * t + r) * s;
-                    &m[at..at + s]
+                let m = mask.map(|(m, _)| {
+                    let at = (mrow * t + i0 + r) * s;
+                    &m[at..at + end]
                 });
-                softmax_in_place(row, m);
+                softmax_in_place(&mut row[..end], m);
             }
-            // SAFETY: rows `[bi, ·, hi, ·]` of `out` ([B, T, H, dv], row stride H·dv) are
+            // SAFETY: rows `[bi, i0.., hi, ·]` of `out` ([B, T, H, dv], row stride H·dv) are
             // this job's alone.
             unsafe {
-                let o = dst.at((bi * t * h + hi) * dv);
+                let o = dst.at(((bi * t + i0) * h + hi) * dv);
                 product(
-                    [t, dv, s],
+                    [rows, dv, end],
                     o,
                     h * dv,
                     Mat::dense(p, s),
@@ -251,12 +282,27 @@ pub(crate) fn mla_attention(
                     1.0,
                 );
             }
-        });
-    let probs = keep_probs.then(|| tensor(probs, [b, h, t, s]));
+        }
+    };
+    let probs = if keep_probs {
+        let mut probs = vec![0f32; b * h * t * s];
+        probs
+            .par_chunks_mut(t * s)
+            .enumerate()
+            .for_each(|(j, p)| job(j, p));
+        Some(tensor(probs, [b, h, t, s]))
+    } else {
+        (0..b * h)
+            .into_par_iter()
+            .for_each(|j| job(j, &mut vec![0f32; BLOCK.min(t) * s]));
+        None
+    };
     Some((tensor(out, [b, t, h, dv]), probs))
 }
 
 /// The backward from the probabilities `[B, H, T, S]` and the output gradient `[B, T, H, dv]`.
+/// Where a probability is exactly 0 (masked keys) its gradient terms are 0, so the blocks past
+/// each row's last nonzero probability are skipped as in the forward.
 pub(crate) fn mla_attention_backward(
     x: &MlaAttention<Flex>,
     probs: Tensor<Flex, 4>,
@@ -289,57 +335,67 @@ pub(crate) fn mla_attention_backward(
         .for_each(|(job, dkp)| {
             let (bi, hi) = (job / h, job % h);
             let pj = &ps[job * t * s..(job + 1) * t * s];
-            let (pm, gm) = (Mat::dense(pj, s), g.mat(&[bi, 0, hi], 1, 3));
+            let ends = row_ends(pj, s, 0.0);
             let k_nope = kv.mat(&[bi, 0, hi], 1, 3);
             let v = k_nope.skip_cols(dn);
             let mut ds = vec![0f32; t * s];
-            // SAFETY: operands as in the forward; `∂kv`'s rows `[bi, ·, hi, ·]` (row stride
-            // H·(dn+dv)) are this job's alone, `ds` its own.
-            unsafe {
-                product(
-                    [s, dv, t],
-                    okv.at((bi * s * h + hi) * w + dn),
-                    h * w,
-                    pm.t(),
-                    gm,
-                    1.0,
-                );
-                product([t, s, dv], ds.as_mut_ptr(), s, gm, v.t(), 1.0);
+            // By blocks of rows: dP = grad · vᵀ, dS = P ⊙ (dP − Σ P ⊙ dP), ∂q = scale · dS · k.
+            for (i0, rows) in blocks(t) {
+                let end = ends[i0..i0 + rows].iter().copied().max().unwrap_or(s);
+                let d = &mut ds[i0 * s..(i0 + rows) * s];
+                // SAFETY: operands as in the forward; `d` is `rows × S`; rows
+                // `[bi, i0.., hi, ·]` of `∂q_nope`, `∂q_pe` (row strides H·dn, H·dr) are this
+                // job's alone.
+                unsafe {
+                    let gm = g.mat(&[bi, i0, hi], 1, 3);
+                    product([rows, end, dv], d.as_mut_ptr(), s, gm, v.t(), 1.0);
+                }
+                for (y, g) in pj[i0 * s..].chunks(s).zip(d.chunks_mut(s)) {
+                    softmax_backward_in_place(&y[..end], &mut g[..end]);
+                }
+                let dsm = Mat::dense(d, s);
+                unsafe {
+                    let (at_n, at_r) =
+                        (((bi * t + i0) * h + hi) * dn, ((bi * t + i0) * h + hi) * dr);
+                    product([rows, dn, end], oqn.at(at_n), h * dn, dsm, k_nope, scale);
+                    product(
+                        [rows, dr, end],
+                        oqp.at(at_r),
+                        h * dr,
+                        dsm,
+                        kp.mat(&[bi], 1, 2),
+                        scale,
+                    );
+                }
             }
-            for (y, g) in pj.chunks(s).zip(ds.chunks_mut(s)) {
-                softmax_backward_in_place(y, g);
-            }
-            let dsm = Mat::dense(&ds, s);
-            let (q_nope, q_pe) = (qn.mat(&[bi, 0, hi], 1, 3), qp.mat(&[bi, 0, hi], 1, 3));
-            // SAFETY: rows `[bi, ·, hi, ·]` of `∂q_nope`, `∂q_pe` (row strides H·dn, H·dr) and
-            // `∂kv` are this job's alone, `dkp` its own part of `∂k_pe`.
-            unsafe {
-                let kpe = kp.mat(&[bi], 1, 2);
-                product(
-                    [t, dn, s],
-                    oqn.at((bi * t * h + hi) * dn),
-                    h * dn,
-                    dsm,
-                    k_nope,
-                    scale,
-                );
-                product(
-                    [t, dr, s],
-                    oqp.at((bi * t * h + hi) * dr),
-                    h * dr,
-                    dsm,
-                    kpe,
-                    scale,
-                );
-                product(
-                    [s, dn, t],
-                    okv.at((bi * s * h + hi) * w),
-                    h * w,
-                    dsm.t(),
-                    q_nope,
-                    scale,
-                );
-                product([s, dr, t], dkp.as_mut_ptr(), dr, dsm.t(), q_pe, scale);
+            // By blocks of keys, from the first row that sees any of them: ∂v = Pᵀ · grad,
+            // ∂k_nope = scale · dSᵀ · q_nope, this head's part of ∂k_pe = scale · dSᵀ · q_pe.
+            for (j0, cols) in blocks(s) {
+                let i0 = ends.iter().position(|&e| e > j0).unwrap_or(t);
+                if i0 == t {
+                    continue;
+                }
+                let rows = t - i0;
+                let pm = Mat::dense(&pj[i0 * s + j0..], s).t();
+                let dsm = Mat::dense(&ds[i0 * s + j0..], s).t();
+                // SAFETY: rows `[bi, j0.., hi, ·]` of `∂kv` (row stride H·(dn+dv)) are this
+                // job's alone, `dkp` its own part of `∂k_pe`.
+                unsafe {
+                    let at = ((bi * s + j0) * h + hi) * w;
+                    let gm = g.mat(&[bi, i0, hi], 1, 3);
+                    product([cols, dv, rows], okv.at(at + dn), h * w, pm, gm, 1.0);
+                    let q_nope = qn.mat(&[bi, i0, hi], 1, 3);
+                    product([cols, dn, rows], okv.at(at), h * w, dsm, q_nope, scale);
+                    let q_pe = qp.mat(&[bi, i0, hi], 1, 3);
+                    product(
+                        [cols, dr, rows],
+                        dkp[j0 * dr..].as_mut_ptr(),
+                        dr,
+                        dsm,
+                        q_pe,
+                        scale,
+                    );
+                }
             }
         });
     // ∂k_pe: each sequence's head parts added in head order.
