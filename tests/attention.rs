@@ -169,17 +169,17 @@ fn reference(x: &Inputs, mask: Option<&(usize, Vec<f64>)>) -> Reference {
                 let z: f64 = row.iter().map(|v| (v - max).exp()).sum();
                 row.iter_mut().for_each(|v| *v = (*v - max).exp() / z);
             }
-            for i in 0..T {
+            for (i, pi) in p.iter().enumerate() {
                 // Forward, ∂v, and the softmax backward of dP = grad · vᵀ.
                 let dp: Vec<f64> = (0..S)
                     .map(|j| (0..DV).map(|c| g(b, i, h, c) * kv(b, j, h, DN + c)).sum())
                     .collect();
-                let k: f64 = (0..S).map(|j| p[i][j] * dp[j]).sum();
+                let k: f64 = (0..S).map(|j| pi[j] * dp[j]).sum();
                 for j in 0..S {
-                    let ds = x.scale * p[i][j] * (dp[j] - k);
+                    let ds = x.scale * pi[j] * (dp[j] - k);
                     for c in 0..DV {
-                        r.out[((b * T + i) * H + h) * DV + c] += p[i][j] * kv(b, j, h, DN + c);
-                        r.kv[((b * S + j) * H + h) * w + DN + c] += p[i][j] * g(b, i, h, c);
+                        r.out[((b * T + i) * H + h) * DV + c] += pi[j] * kv(b, j, h, DN + c);
+                        r.kv[((b * S + j) * H + h) * w + DN + c] += pi[j] * g(b, i, h, c);
                     }
                     for d in 0..DN {
                         r.q_nope[((b * T + i) * H + h) * DN + d] += ds * kv(b, j, h, d);
