@@ -2,7 +2,8 @@
 //!
 //! Keys and values come from one low-rank latent `c` (`kv_lora_rank` wide) plus one rope key
 //! shared by all heads. Those two are all a cache needs. Two forms share the projections:
-//! - **naive**: expand `c` into per-head `k_nope` and `v` with `kv_b_proj`, then ordinary attention;
+//! - **naive**: expand `c` into per-head `k_nope` and `v` with `kv_b_proj`, then ordinary attention
+//!   (one backend operation, `DsBackend::mla_attention`, on tokens-major views);
 //! - **absorbed**: fold `W_UK` into the query and `W_UV` into the output, and attend over the
 //!   latent directly (what decode with a latent cache does).
 //!
