@@ -12,10 +12,10 @@
 use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
-use rayon::prelude::*;
 
 use crate::attention::{MlaAttention, MlaAttentionGrads};
 use crate::flex_fused::{softmax_backward_in_place, softmax_in_place};
+use crate::flex_pool;
 
 /// An f32 operand read in place: its storage with its start offset and strides.
 struct Operand {
@@ -286,15 +286,12 @@ pub(crate) fn mla_attention(
     };
     let probs = if keep_probs {
         let mut probs = vec![0f32; b * h * t * s];
-        probs
-            .par_chunks_mut(t * s)
-            .enumerate()
-            .for_each(|(j, p)| job(j, p));
+        flex_pool::for_each_chunk(&mut probs, t * s, job);
         Some(tensor(probs, [b, h, t, s]))
     } else {
-        (0..b * h)
-            .into_par_iter()
-            .for_each(|j| job(j, &mut vec![0f32; BLOCK.min(t) * s]));
+        flex_pool::map((0..b * h).collect(), |j| {
+            job(j, &mut vec![0f32; BLOCK.min(t) * s])
+        });
         None
     };
     Some((tensor(out, [b, t, h, dv]), probs))
@@ -329,75 +326,71 @@ pub(crate) fn mla_attention_backward(
         Out(dq_pe.as_mut_ptr()),
         Out(dkv.as_mut_ptr()),
     );
-    dk_pe_parts
-        .par_chunks_mut(s * dr)
-        .enumerate()
-        .for_each(|(job, dkp)| {
-            let (bi, hi) = (job / h, job % h);
-            let pj = &ps[job * t * s..(job + 1) * t * s];
-            let ends = row_ends(pj, s, 0.0);
-            let k_nope = kv.mat(&[bi, 0, hi], 1, 3);
-            let v = k_nope.skip_cols(dn);
-            let mut ds = vec![0f32; t * s];
-            // By blocks of rows: dP = grad · vᵀ, dS = P ⊙ (dP − Σ P ⊙ dP), ∂q = scale · dS · k.
-            for (i0, rows) in blocks(t) {
-                let end = ends[i0..i0 + rows].iter().copied().max().unwrap_or(s);
-                let d = &mut ds[i0 * s..(i0 + rows) * s];
-                // SAFETY: operands as in the forward; `d` is `rows × S`; rows
-                // `[bi, i0.., hi, ·]` of `∂q_nope`, `∂q_pe` (row strides H·dn, H·dr) are this
-                // job's alone.
-                unsafe {
-                    let gm = g.mat(&[bi, i0, hi], 1, 3);
-                    product([rows, end, dv], d.as_mut_ptr(), s, gm, v.t(), 1.0);
-                }
-                for (y, g) in pj[i0 * s..].chunks(s).zip(d.chunks_mut(s)) {
-                    softmax_backward_in_place(&y[..end], &mut g[..end]);
-                }
-                let dsm = Mat::dense(d, s);
-                unsafe {
-                    let (at_n, at_r) =
-                        (((bi * t + i0) * h + hi) * dn, ((bi * t + i0) * h + hi) * dr);
-                    product([rows, dn, end], oqn.at(at_n), h * dn, dsm, k_nope, scale);
-                    product(
-                        [rows, dr, end],
-                        oqp.at(at_r),
-                        h * dr,
-                        dsm,
-                        kp.mat(&[bi], 1, 2),
-                        scale,
-                    );
-                }
+    flex_pool::for_each_chunk(&mut dk_pe_parts, s * dr, |job, dkp| {
+        let (bi, hi) = (job / h, job % h);
+        let pj = &ps[job * t * s..(job + 1) * t * s];
+        let ends = row_ends(pj, s, 0.0);
+        let k_nope = kv.mat(&[bi, 0, hi], 1, 3);
+        let v = k_nope.skip_cols(dn);
+        let mut ds = vec![0f32; t * s];
+        // By blocks of rows: dP = grad · vᵀ, dS = P ⊙ (dP − Σ P ⊙ dP), ∂q = scale · dS · k.
+        for (i0, rows) in blocks(t) {
+            let end = ends[i0..i0 + rows].iter().copied().max().unwrap_or(s);
+            let d = &mut ds[i0 * s..(i0 + rows) * s];
+            // SAFETY: operands as in the forward; `d` is `rows × S`; rows
+            // `[bi, i0.., hi, ·]` of `∂q_nope`, `∂q_pe` (row strides H·dn, H·dr) are this
+            // job's alone.
+            unsafe {
+                let gm = g.mat(&[bi, i0, hi], 1, 3);
+                product([rows, end, dv], d.as_mut_ptr(), s, gm, v.t(), 1.0);
             }
-            // By blocks of keys, from the first row that sees any of them: ∂v = Pᵀ · grad,
-            // ∂k_nope = scale · dSᵀ · q_nope, this head's part of ∂k_pe = scale · dSᵀ · q_pe.
-            for (j0, cols) in blocks(s) {
-                let i0 = ends.iter().position(|&e| e > j0).unwrap_or(t);
-                if i0 == t {
-                    continue;
-                }
-                let rows = t - i0;
-                let pm = Mat::dense(&pj[i0 * s + j0..], s).t();
-                let dsm = Mat::dense(&ds[i0 * s + j0..], s).t();
-                // SAFETY: rows `[bi, j0.., hi, ·]` of `∂kv` (row stride H·(dn+dv)) are this
-                // job's alone, `dkp` its own part of `∂k_pe`.
-                unsafe {
-                    let at = ((bi * s + j0) * h + hi) * w;
-                    let gm = g.mat(&[bi, i0, hi], 1, 3);
-                    product([cols, dv, rows], okv.at(at + dn), h * w, pm, gm, 1.0);
-                    let q_nope = qn.mat(&[bi, i0, hi], 1, 3);
-                    product([cols, dn, rows], okv.at(at), h * w, dsm, q_nope, scale);
-                    let q_pe = qp.mat(&[bi, i0, hi], 1, 3);
-                    product(
-                        [cols, dr, rows],
-                        dkp[j0 * dr..].as_mut_ptr(),
-                        dr,
-                        dsm,
-                        q_pe,
-                        scale,
-                    );
-                }
+            for (y, g) in pj[i0 * s..].chunks(s).zip(d.chunks_mut(s)) {
+                softmax_backward_in_place(&y[..end], &mut g[..end]);
             }
-        });
+            let dsm = Mat::dense(d, s);
+            unsafe {
+                let (at_n, at_r) = (((bi * t + i0) * h + hi) * dn, ((bi * t + i0) * h + hi) * dr);
+                product([rows, dn, end], oqn.at(at_n), h * dn, dsm, k_nope, scale);
+                product(
+                    [rows, dr, end],
+                    oqp.at(at_r),
+                    h * dr,
+                    dsm,
+                    kp.mat(&[bi], 1, 2),
+                    scale,
+                );
+            }
+        }
+        // By blocks of keys, from the first row that sees any of them: ∂v = Pᵀ · grad,
+        // ∂k_nope = scale · dSᵀ · q_nope, this head's part of ∂k_pe = scale · dSᵀ · q_pe.
+        for (j0, cols) in blocks(s) {
+            let i0 = ends.iter().position(|&e| e > j0).unwrap_or(t);
+            if i0 == t {
+                continue;
+            }
+            let rows = t - i0;
+            let pm = Mat::dense(&pj[i0 * s + j0..], s).t();
+            let dsm = Mat::dense(&ds[i0 * s + j0..], s).t();
+            // SAFETY: rows `[bi, j0.., hi, ·]` of `∂kv` (row stride H·(dn+dv)) are this
+            // job's alone, `dkp` its own part of `∂k_pe`.
+            unsafe {
+                let at = ((bi * s + j0) * h + hi) * w;
+                let gm = g.mat(&[bi, i0, hi], 1, 3);
+                product([cols, dv, rows], okv.at(at + dn), h * w, pm, gm, 1.0);
+                let q_nope = qn.mat(&[bi, i0, hi], 1, 3);
+                product([cols, dn, rows], okv.at(at), h * w, dsm, q_nope, scale);
+                let q_pe = qp.mat(&[bi, i0, hi], 1, 3);
+                product(
+                    [cols, dr, rows],
+                    dkp[j0 * dr..].as_mut_ptr(),
+                    dr,
+                    dsm,
+                    q_pe,
+                    scale,
+                );
+            }
+        }
+    });
     // ∂k_pe: each sequence's head parts added in head order.
     let mut dk_pe = vec![0f32; b * s * dr];
     for (bi, acc) in dk_pe.chunks_mut(s * dr).enumerate() {

@@ -8,7 +8,8 @@
 use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_flex::FlexTensor;
-use rayon::prelude::*;
+
+use crate::flex_pool;
 
 /// Rows per parallel chunk: a fixed count, so column sums (RMSNorm's `∂w`) add the same
 /// partial sums in the same order on any number of threads.
@@ -32,13 +33,11 @@ fn each_row(out: &mut [f32], d: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
     if d == 0 {
         return;
     }
-    out.par_chunks_mut(CHUNK_ROWS * d)
-        .enumerate()
-        .for_each(|(c, rows)| {
-            for (i, row) in rows.chunks_mut(d).enumerate() {
-                f(c * CHUNK_ROWS + i, row)
-            }
-        });
+    flex_pool::for_each_chunk(out, CHUNK_ROWS * d, |c, rows| {
+        for (i, row) in rows.chunks_mut(d).enumerate() {
+            f(c * CHUNK_ROWS + i, row)
+        }
+    });
 }
 
 /// Defines `fn NAME(ARGS)` running `BODY` compiled for AVX2 when the CPU has it and for the
@@ -333,23 +332,19 @@ pub(crate) fn rms_norm_backward(
     let (xs, ws, gs) = (x.storage::<f32>(), w.storage::<f32>(), g.storage::<f32>());
     let mut gx = vec![0f32; n * d];
     // Per chunk of rows: ∂x of its rows and its partial column sums of ∂w.
-    let partial: Vec<Vec<f64>> = gx
-        .par_chunks_mut((CHUNK_ROWS * d).max(1))
-        .enumerate()
-        .map(|(c, out)| {
-            let mut acc = vec![0f64; d];
-            let mut gw = vec![0f32; d];
-            for (i, o) in out.chunks_mut(d).enumerate() {
-                let r = c * CHUNK_ROWS + i;
-                let (row, g) = (&xs[r * d..(r + 1) * d], &gs[r * d..(r + 1) * d]);
-                let s = inv_rms(row, eps);
-                mul(g, ws, &mut gw);
-                let k = (dot(&gw, row) / d as f64) as f32 * s * s * s;
-                rms_back_row(row, g, &gw, s, k, o, &mut acc);
-            }
-            acc
-        })
-        .collect();
+    let partial: Vec<Vec<f64>> = flex_pool::map_chunks(&mut gx, CHUNK_ROWS * d, |c, out| {
+        let mut acc = vec![0f64; d];
+        let mut gw = vec![0f32; d];
+        for (i, o) in out.chunks_mut(d).enumerate() {
+            let r = c * CHUNK_ROWS + i;
+            let (row, g) = (&xs[r * d..(r + 1) * d], &gs[r * d..(r + 1) * d]);
+            let s = inv_rms(row, eps);
+            mul(g, ws, &mut gw);
+            let k = (dot(&gw, row) / d as f64) as f32 * s * s * s;
+            rms_back_row(row, g, &gw, s, k, o, &mut acc);
+        }
+        acc
+    });
     let mut gw = vec![0f64; d];
     for p in partial {
         gw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
@@ -367,7 +362,7 @@ pub(crate) fn swiglu(gate: Tensor<Flex, 2>, up: Tensor<Flex, 2>) -> Option<Tenso
     let (gs, us) = (g.storage::<f32>(), u.storage::<f32>());
     let mut out = vec![0f32; n * d];
     let chunk = (CHUNK_ROWS * d).max(1);
-    out.par_chunks_mut(chunk).enumerate().for_each(|(c, o)| {
+    flex_pool::for_each_chunk(&mut out, chunk, |c, o| {
         let span = c * chunk..c * chunk + o.len();
         swiglu_span(&gs[span.clone()], &us[span], o);
     });
@@ -388,13 +383,15 @@ pub(crate) fn swiglu_backward(
     let (gs, us, dys) = (g.storage::<f32>(), u.storage::<f32>(), dy.storage::<f32>());
     let (mut dg, mut du) = (vec![0f32; n * d], vec![0f32; n * d]);
     let chunk = (CHUNK_ROWS * d).max(1);
-    dg.par_chunks_mut(chunk)
-        .zip(du.par_chunks_mut(chunk))
-        .enumerate()
-        .for_each(|(c, (dg, du))| {
-            let span = c * chunk..c * chunk + dg.len();
-            swiglu_back_span(&gs[span.clone()], &us[span.clone()], &dys[span], dg, du);
-        });
+    // ∂gate and ∂up side by side, chunk by chunk.
+    let mut both: Vec<(&mut [f32], &mut [f32])> =
+        dg.chunks_mut(chunk).zip(du.chunks_mut(chunk)).collect();
+    flex_pool::for_each_chunk(&mut both, 1, |c, pair| {
+        let (dg, du) = &mut pair[0];
+        let span = c * chunk..c * chunk + dg.len();
+        swiglu_back_span(&gs[span.clone()], &us[span.clone()], &dys[span], dg, du);
+    });
+    drop(both);
     Some((tensor(dg, [n, d]), tensor(du, [n, d])))
 }
 

@@ -47,6 +47,7 @@ mod flex_attention;
 mod flex_fp8;
 mod flex_fused;
 mod flex_gemm;
+mod flex_pool;
 
 /// Flex runs the plain-tensor defaults, except for one-row products (decode) and independent
 /// jobs, which use its thread pool (see `flex.rs`), the FP8 / bf16 rounding, done on the
@@ -164,8 +165,7 @@ impl DsBackend for burn::backend::Flex {
     }
 
     fn par_map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync + Send) -> Vec<R> {
-        use rayon::prelude::*;
-        items.into_par_iter().map(f).collect()
+        flex_pool::map(items, f)
     }
 
     fn rms_norm(
