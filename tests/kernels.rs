@@ -218,7 +218,9 @@ fn flex_matmul_equals_float64_on_either_kernel_family() {
 /// product; on 1 and 3 threads, with the right operand transposed (the input gradient's
 /// `dy · wᵀ`) and the left one (the weight gradient's `xᵀ · dy`), at shapes whose row counts are
 /// not multiples of the block (257: one row more than two blocks, which a block of its own would
-/// send through `gemm`'s matrix-vector path, in another order).
+/// send through `gemm`'s matrix-vector path, in another order). Also as one of three training
+/// workers on three threads (`DsBackend::as_worker`: a share of one thread, each product one
+/// `gemm` call on the caller's thread), where `parallel_jobs` reads 1 until the worker returns.
 #[test]
 fn flex_row_blocked_products_equal_flex_matmul() {
     let mut rng = Rng::new(44);
@@ -263,12 +265,28 @@ fn flex_row_blocked_products_equal_flex_matmul() {
         let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         let one = pool(1).install(run);
         let three = pool(3).install(run);
+        let worker = pool(3).install(|| {
+            let r = B::as_worker(3, || {
+                assert_eq!(
+                    B::parallel_jobs(),
+                    1,
+                    "a worker's share of 3 threads over 3"
+                );
+                run()
+            });
+            assert_eq!(B::parallel_jobs(), 3, "the share ends with the worker");
+            r
+        });
         for (i, what) in ["plain", "rhs strided", "lhs strided"].iter().enumerate() {
             let case = format!("{m}x{k}x{n} {what}");
-            for (threads, (got, flex)) in [(1, &one[i]), (3, &three[i])] {
+            for (threads, (got, flex)) in [
+                ("1 thread", &one[i]),
+                ("3 threads", &three[i]),
+                ("a worker on 3 threads", &worker[i]),
+            ] {
                 assert!(
                     bits(got) == bits(flex),
-                    "{case}, {threads} threads: dense_matmul differs from Flex's matmul (max {})",
+                    "{case}, {threads}: dense_matmul differs from Flex's matmul (max {})",
                     max_diff(got, flex)
                 );
                 assert_within_accumulation(&case, got, &want, &mag, k);

@@ -83,7 +83,7 @@ pub(crate) fn rows_times_matrix(
 /// Whether a `[K, N]` product runs on the calling thread: below ~512K weights the pool's
 /// wake-up costs more than a second core saves (and with one thread there is nothing to split).
 fn on_one_thread(k: usize, n: usize) -> bool {
-    rayon::current_num_threads() < 2 || k * n < 1 << 19
+    crate::flex_pool::threads() < 2 || k * n < 1 << 19
 }
 
 /// Whether `w [K, N]` is a transposed view of `[N, K]` rows (unit row stride): a BF16 Linear
@@ -152,7 +152,7 @@ fn dots<T: Wide>(
     let per = if on_one_thread(k, n) {
         n
     } else {
-        n.div_ceil(rayon::current_num_threads())
+        n.div_ceil(crate::flex_pool::threads())
             .next_multiple_of(16)
             .min(2048)
     };
@@ -211,7 +211,7 @@ fn product<T: Wide>(
     // Column blocks whose partial sums (m × len, ~4 KiB) stay in L1 (the one-row kernel took
     // 1024 columns before it took several rows).
     let width = (1024 / m).next_multiple_of(16);
-    let (alone, threads) = (on_one_thread(k, n), rayon::current_num_threads());
+    let (alone, threads) = (on_one_thread(k, n), crate::flex_pool::threads());
     if m == 1 {
         // One row: the blocks write straight into the output.
         let mut out = vec![0f32; n];

@@ -8,22 +8,25 @@
 //! output's sum runs in the same order as in one unsplit call (`gemm` blocks the reduction by
 //! K and the cache sizes only; no block has a single row, which `gemm` would multiply through its
 //! matrix-vector path), so the blocks change the schedule, not the bits (`tests/kernels.rs`).
+//! A training worker with a share of one thread (`flex_pool.rs`) runs the product as one call
+//! on its own thread, where Flex's matmul would split it over the whole pool.
 
 use burn::backend::Flex;
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_flex::FlexTensor;
-use rayon::prelude::*;
 
 /// Rows per job. On two threads (`bench-kernels.sh matmul`, the `small` and `mini` presets'
 /// shapes) 128 was fastest on three of four shapes; 256 won on `512×512×8000` (118 against 108
 /// GFLOP/s), 64 on none.
 const ROW_BLOCK: usize = 128;
 
-/// `x [M, K] · w [K, N]` for f32 operands of any strides, as row-block jobs; `None` for other
-/// dtypes, empty shapes, or fewer than two blocks of rows (nothing to split).
+/// `x [M, K] · w [K, N]` for f32 operands of any strides, as row-block jobs, or as one call on
+/// this thread with `one_job`; `None` for other dtypes, empty shapes, or (without `one_job`)
+/// fewer than two blocks of rows (nothing to split).
 pub(crate) fn row_blocked_product(
     x: &Tensor<Flex, 2>,
     w: &Tensor<Flex, 2>,
+    one_job: bool,
 ) -> Option<Tensor<Flex, 2>> {
     let xt: FlexTensor = x.clone().into_primitive().tensor();
     let wt: FlexTensor = w.clone().into_primitive().tensor();
@@ -32,9 +35,10 @@ pub(crate) fn row_blocked_product(
     }
     let (xl, wl) = (xt.layout(), wt.layout());
     let (m, k, n) = (xl.shape()[0], xl.shape()[1], wl.shape()[1]);
-    if k == 0 || n == 0 || m < 2 * ROW_BLOCK {
+    if k == 0 || n == 0 || m == 0 || (!one_job && m < 2 * ROW_BLOCK) {
         return None;
     }
+    let block = if one_job { m } else { ROW_BLOCK };
     let (x_rs, x_cs) = (xl.strides()[0], xl.strides()[1]);
     let (w_rs, w_cs) = (wl.strides()[0], wl.strides()[1]);
     let (x0, w0) = (xl.start_offset(), wl.start_offset());
@@ -42,19 +46,19 @@ pub(crate) fn row_blocked_product(
     // Blocks of `ROW_BLOCK` rows, the last one also taking the remainder: a block of one row
     // would go through `gemm`'s matrix-vector path, whose sums run in another order.
     let mut out = vec![0f32; m * n];
-    let mut jobs = Vec::with_capacity(m / ROW_BLOCK);
+    let mut jobs = Vec::with_capacity(m / block);
     let mut rest = out.as_mut_slice();
-    for b in 0..m / ROW_BLOCK {
-        let rows = if b + 1 == m / ROW_BLOCK {
+    for b in 0..m / block {
+        let rows = if b + 1 == m / block {
             rest.len() / n
         } else {
-            ROW_BLOCK
+            block
         };
         let (dst, tail) = rest.split_at_mut(rows * n);
-        jobs.push((b * ROW_BLOCK, dst));
+        jobs.push((b * block, dst));
         rest = tail;
     }
-    jobs.into_par_iter().for_each(|(first, dst)| {
+    crate::flex_pool::map(jobs, |(first, dst)| {
         let rows = dst.len() / n;
         // SAFETY: the pointers address `x`'s rows `first ..+ rows` and all of `w` through
         // their own layouts (in bounds of their storages), and `dst` is `rows × n`,

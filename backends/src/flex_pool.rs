@@ -2,13 +2,42 @@
 //! order on the calling thread when the pool has a single thread: handing work to a one-thread
 //! pool only adds a wake-up of that thread and a sleep of the caller per call (11% of a
 //! one-thread training step went to the scheduler), and serializes callers on other threads
-//! (the trainer's concurrent micro-batch workers) on that one pool thread.
+//! (the trainer's concurrent micro-batch workers) on that one pool thread. A micro-batch
+//! worker runs with its share of the pool's threads ([`with_share`]): with a share of one its
+//! jobs and products run on its own thread, so workers as many as cores do not contend for the
+//! pool.
+
+use std::cell::Cell;
 
 use rayon::prelude::*;
 
+thread_local! {
+    /// The calling thread's share of the pool, when it runs as one of several workers.
+    static SHARE: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The threads this thread's jobs may use: its worker share, else the pool's size.
+pub(crate) fn threads() -> usize {
+    SHARE
+        .with(Cell::get)
+        .unwrap_or_else(rayon::current_num_threads)
+}
+
+/// Runs `f` with `threads` as this thread's share of the pool (restored after, also on panic).
+pub(crate) fn with_share<R>(threads: usize, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<usize>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SHARE.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(SHARE.with(|s| s.replace(Some(threads.max(1)))));
+    f()
+}
+
 /// Whether jobs run in order on the caller.
 fn serial() -> bool {
-    rayon::current_num_threads() <= 1
+    threads() <= 1
 }
 
 /// `f(i, chunk i)` for the `chunk`-long pieces of `v` (the last may be shorter).

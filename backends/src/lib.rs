@@ -86,12 +86,15 @@ impl DsBackend for burn::backend::Flex {
         } else {
             w.cast(x.dtype())
         };
-        let threads = rayon::current_num_threads();
+        let threads = flex_pool::threads();
         // Below ~512K weights the pool's wake-up costs more than the second core saves.
         // Many rows: row-block jobs of single-threaded `gemm` calls (`flex_gemm.rs`), which
-        // scale over the pool better than `gemm`'s own split.
-        if threads >= 2 && m * k * n >= 192 * 192 * 192 {
-            if let Some(y) = flex_gemm::row_blocked_product(&x, &w) {
+        // scale over the pool better than `gemm`'s own split. A worker with a share of one
+        // thread multiplies on its own thread (Flex's matmul would split a large product over
+        // the whole pool).
+        if m * k * n >= 192 * 192 * 192 {
+            let one_job = threads < 2;
+            if let Some(y) = flex_gemm::row_blocked_product(&x, &w, one_job) {
                 return y;
             }
         }
@@ -108,7 +111,12 @@ impl DsBackend for burn::backend::Flex {
     }
 
     fn parallel_jobs() -> usize {
-        rayon::current_num_threads()
+        flex_pool::threads()
+    }
+
+    /// The worker's share of the pool: `⌊threads / workers⌋`, at least 1 (`flex_pool.rs`).
+    fn as_worker<R>(workers: usize, f: impl FnOnce() -> R) -> R {
+        flex_pool::with_share(rayon::current_num_threads() / workers.max(1), f)
     }
 
     fn concurrent_micro_batches() -> bool {
@@ -329,6 +337,10 @@ impl<B: DsBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointS
 
     fn concurrent_micro_batches() -> bool {
         B::concurrent_micro_batches()
+    }
+
+    fn as_worker<R>(workers: usize, f: impl FnOnce() -> R) -> R {
+        B::as_worker(workers, f)
     }
 
     /// One node whose forward and both gradient products are the inner backend's

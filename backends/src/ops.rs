@@ -396,6 +396,15 @@ pub trait DsBackend: Backend {
         false
     }
 
+    /// Runs `f` as one of `workers` concurrent micro-batch workers
+    /// ([`Self::concurrent_micro_batches`]), on the worker's own thread. A CPU backend gives
+    /// it its share of the thread pool, so that the workers do not contend for the same
+    /// threads; the default runs `f` as it is.
+    fn as_worker<R>(workers: usize, f: impl FnOnce() -> R) -> R {
+        let _ = workers;
+        f()
+    }
+
     /// `items.map(f)`, for independent pieces of work (e.g. the experts of one MoE layer). The
     /// default runs them in order; a CPU backend may run them on its thread pool, which is how
     /// decode reads several small expert matrices at once.

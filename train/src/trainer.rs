@@ -640,16 +640,20 @@ impl<B: DsAutodiffBackend> Trainer<B> {
                             let fork = DeepseekV3::<B>::from_inner(self.model.valid());
                             let (data, cfg, device) = (&self.data, &self.cfg, &self.device);
                             let teacher = self.teacher.clone();
+                            let workers = group.len();
+                            // Each worker on its share of the backend's threads.
                             s.spawn(move || {
-                                micro_batch(
-                                    &fork,
-                                    data,
-                                    starts,
-                                    cfg,
-                                    device,
-                                    None,
-                                    teacher.as_ref(),
-                                )
+                                B::as_worker(workers, || {
+                                    micro_batch(
+                                        &fork,
+                                        data,
+                                        starts,
+                                        cfg,
+                                        device,
+                                        None,
+                                        teacher.as_ref(),
+                                    )
+                                })
                             })
                         })
                         .collect();
