@@ -315,19 +315,5 @@ fn flex_attention_does_not_depend_on_threads() {
             host(g.k_pe),
         ]
     };
-    let pool = |k| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(k)
-            .build()
-            .unwrap()
-    };
-    let (one, three) = (pool(1).install(run), pool(3).install(run));
-    for (i, (a, b)) in one.iter().zip(&three).enumerate() {
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(
-            bits(a),
-            bits(b),
-            "output {i} differs between 1 and 3 threads"
-        );
-    }
+    assert_same_bits_on_1_and_3_threads(run);
 }

@@ -307,3 +307,23 @@ pub fn rewrite_safetensors(path: &Path, edit: impl FnOnce(&mut Vec<RawTensor>)) 
         .collect();
     safetensors::serialize_to_file(views, None, path).unwrap();
 }
+
+/// Runs `run` on a pool of 1 thread and on one of 3, and asserts that each output has the same
+/// bits on both (results that must not depend on the thread count).
+pub fn assert_same_bits_on_1_and_3_threads<const N: usize>(run: impl Fn() -> [Vec<f32>; N] + Sync) {
+    let pool = |k| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(k)
+            .build()
+            .unwrap()
+    };
+    let (one, three) = (pool(1).install(&run), pool(3).install(&run));
+    for (i, (a, b)) in one.iter().zip(&three).enumerate() {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(a),
+            bits(b),
+            "output {i} differs between 1 and 3 threads"
+        );
+    }
+}

@@ -299,22 +299,7 @@ fn flex_fused_ops_do_not_depend_on_threads() {
             host(lsm),
         ]
     };
-    let pool = |k| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(k)
-            .build()
-            .unwrap()
-    };
-    let one = pool(1).install(run);
-    let three = pool(3).install(run);
-    for (i, (a, b)) in one.iter().zip(&three).enumerate() {
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(
-            bits(a),
-            bits(b),
-            "output {i} differs between 1 and 3 threads"
-        );
-    }
+    assert_same_bits_on_1_and_3_threads(run);
 }
 
 /// The cases the model's call sites produce besides plain rows: transposed (non-contiguous)
