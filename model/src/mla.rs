@@ -266,7 +266,8 @@ impl<B: DsBackend> Mla<B> {
                 let w = self.kv_b_proj.weight_in_out().reshape([r, nh, dn + dv]);
                 let w_uk = w.clone().narrow(2, 0, dn).swap_dims(0, 1); // [nh, r, dn]
                 let w_uv = w.narrow(2, dn, dv).swap_dims(0, 1); // [nh, r, dv]
-                                                                // The queries carry the softmax scale here (cheaper than scaling the scores).
+
+                // The queries carry the softmax scale (cheaper than scaling the scores).
                 let q_nope = q_nope.permute([2, 0, 1, 3]) * scale; // [nh, B, T, dn]
                 attend_absorbed(q_nope, q_pe * scale, c, k_pe, w_uk, w_uv, mask)
                     .reshape([nh, b, t, dv])
