@@ -50,8 +50,9 @@ mod flex_gemm;
 mod flex_pool;
 
 /// Flex runs the plain-tensor defaults, except for one-row products (decode) and independent
-/// jobs, which use its thread pool (see `flex.rs`), the FP8 / bf16 rounding, done on the
-/// host in one pass (`flex_fp8.rs`), and the fused element-wise blocks (`flex_fused.rs`).
+/// jobs, which use its thread pool (see `flex.rs`, `flex_pool.rs`), the FP8 / bf16 rounding,
+/// done on the host in one pass (`flex_fp8.rs`), the fused element-wise blocks
+/// (`flex_fused.rs`) and MLA's attention (`flex_attention.rs`).
 impl DsBackend for burn::backend::Flex {
     /// Flex runs a product under ~7M multiply-adds on one thread, so decode would read the
     /// weights at one core's speed. A few rows (decode batches, MTP verification): the kernel

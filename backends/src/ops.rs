@@ -1,8 +1,8 @@
 //! [`DsBackend`]: the operations of DeepSeek-V3 that deserve their own kernels, each with a
 //! default body in plain Burn tensor operations that every backend can run (and differentiate,
 //! under `Autodiff`). The CubeCL backends override the FP8 and MoE ones (see `cube/`), Flex the
-//! fused element-wise ones (`flex_fused.rs`); the defaults are also the reference the kernels
-//! are tested against.
+//! fused element-wise ones (`flex_fused.rs`) and MLA's attention (`flex_attention.rs`); the
+//! defaults are also the reference the kernels are tested against.
 //!
 //! Layouts (all row-major):
 //! - FP8 weights ([`Fp8Weight`]): `E` matrices `W_e [N, K]` (the checkpoint's `[out, in]`), codes
