@@ -69,10 +69,12 @@ fn inputs(seed: u64) -> Inputs {
 }
 
 /// The masks: `None`, causal (query `i` sees keys `≤ S − T + i`) shared `[1, 1, T, S]`, and
-/// per sequence `[B, 1, T, S]` with sequence 1's first two keys padded out as well.
+/// per sequence `[B, 1, T, S]` with sequence 1's first 2 and last 34 keys hidden as well (its
+/// last block of keys, 64..77, is seen by no query).
 fn masks() -> Vec<Option<(usize, Vec<f64>)>> {
-    let visible =
-        |b: usize, i: usize, j: usize, pad: bool| j <= S - T + i && !(pad && b == 1 && j < 2);
+    let visible = |b: usize, i: usize, j: usize, pad: bool| {
+        j <= S - T + i && !(pad && b == 1 && (j < 2 || j >= S - 34))
+    };
     let mask = |rows: usize, pad: bool| {
         let mut m = vec![];
         for b in 0..rows {

@@ -41,8 +41,10 @@ impl Operand {
             .zip(&self.strides)
             .map(|(&i, &s)| i as isize * s)
             .sum();
-        self.t.storage::<f32>()[self.start..]
+        self.t
+            .storage::<f32>()
             .as_ptr()
+            .wrapping_add(self.start)
             .wrapping_offset(off)
     }
 

@@ -281,8 +281,8 @@ kernel! {
     }
 }
 
-/// Softmax of `row + mask` in place: the operations of [`softmax_rows`]' rows, so the same
-/// bits.
+/// Softmax of `row + mask` in place: the operations of [`softmax_rows`]' rows (the same bits
+/// on the same row; a row cut short sums its last `len % 8` values in the tail instead).
 pub(crate) fn softmax_in_place(row: &mut [f32], mask: Option<&[f32]>) {
     if let Some(m) = mask {
         add_assign(row, m);

@@ -4,8 +4,10 @@
 //! one-thread training step went to the scheduler), and serializes callers on other threads
 //! (the trainer's concurrent micro-batch workers) on that one pool thread. A micro-batch
 //! worker runs with its share of the pool's threads ([`with_share`]): with a share of one its
-//! jobs and products run on its own thread, so workers as many as cores do not contend for the
-//! pool.
+//! jobs and its `dense_matmul` products run on its own thread, so workers as many as cores do
+//! not contend for the pool. A larger share only sizes the worker's own decisions (its jobs
+//! still go to the whole pool), and Flex's own operations (element-wise kernels, its matmul on
+//! other dtypes) do not read it.
 
 use std::cell::Cell;
 
