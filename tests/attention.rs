@@ -73,7 +73,7 @@ fn inputs(seed: u64) -> Inputs {
 /// last block of keys, 64..77, is seen by no query).
 fn masks() -> Vec<Option<(usize, Vec<f64>)>> {
     let visible = |b: usize, i: usize, j: usize, pad: bool| {
-        j <= S - T + i && !(pad && b == 1 && (j < 2 || j >= S - 34))
+        j <= S - T + i && !(pad && b == 1 && !(2..S - 34).contains(&j))
     };
     let mask = |rows: usize, pad: bool| {
         let mut m = vec![];
