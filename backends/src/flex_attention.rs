@@ -15,6 +15,7 @@ use burn_flex::FlexTensor;
 
 use crate::attention::{MlaAttention, MlaAttentionGrads};
 use crate::flex_fused::{softmax_backward_in_place, softmax_in_place};
+use crate::flex_gemm::{product, Mat};
 use crate::flex_pool;
 
 /// An f32 operand read in place: its storage with its start offset and strides.
@@ -58,41 +59,6 @@ impl Operand {
     }
 }
 
-/// A strided matrix operand of a product.
-#[derive(Clone, Copy)]
-struct Mat {
-    ptr: *const f32,
-    rs: isize,
-    cs: isize,
-}
-
-impl Mat {
-    /// A row-major `_ × cols` buffer.
-    fn dense(v: &[f32], cols: usize) -> Self {
-        Self {
-            ptr: v.as_ptr(),
-            rs: cols as isize,
-            cs: 1,
-        }
-    }
-
-    fn t(self) -> Self {
-        Self {
-            rs: self.cs,
-            cs: self.rs,
-            ..self
-        }
-    }
-
-    /// The same matrix from column `c` on.
-    fn skip_cols(self, c: usize) -> Self {
-        Self {
-            ptr: self.ptr.wrapping_offset(c as isize * self.cs),
-            ..self
-        }
-    }
-}
-
 /// A destination shared by the jobs, each writing elements no other job writes.
 struct Out(*mut f32);
 
@@ -105,43 +71,6 @@ impl Out {
     fn at(&self, offset: usize) -> *mut f32 {
         self.0.wrapping_add(offset)
     }
-}
-
-/// `dst = beta · lhs · rhs` (`lhs: m × k`, `rhs: k × n`; `dst` row-major with row stride
-/// `dst_rs`), on this thread.
-///
-/// # Safety
-/// `lhs`, `rhs` must address `m × k` and `k × n` readable f32 values, `dst` `m × n` writable
-/// ones no other thread touches meanwhile.
-unsafe fn product(
-    [m, n, k]: [usize; 3],
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: Mat,
-    rhs: Mat,
-    beta: f32,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        false,
-        lhs.ptr,
-        lhs.cs,
-        lhs.rs,
-        rhs.ptr,
-        rhs.cs,
-        rhs.rs,
-        0.0f32,
-        beta,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
 }
 
 fn tensor<const D: usize>(v: Vec<f32>, dims: [usize; D]) -> Tensor<Flex, D> {
@@ -224,11 +153,9 @@ pub(crate) fn mla_attention(
         let k_nope = kv.mat(&[bi, 0, hi], 1, 3);
         for (i0, rows) in blocks(t) {
             let end = ends[i0..i0 + rows].iter().copied().max().unwrap_or(s);
-            let p = if p.len() == t * s {
-                &mut p[i0 * s..(i0 + rows) * s]
-            } else {
-                &mut p[..rows * s]
-            };
+            // Kept: this block's rows of the job's `T × S`; else the one block's buffer.
+            let at = if keep_probs { i0 * s } else { 0 };
+            let p = &mut p[at..at + rows * s];
             // SAFETY: the operands address `[bi, ·, hi, ·]` slices of their tensors through
             // their own layouts; `p` is `rows × S`. Scores of keys `..end` in two products
             // (the non-rotary and rotary parts), the second added to the first.
@@ -241,27 +168,17 @@ pub(crate) fn mla_attention(
                     q_nope,
                     k_nope.t(),
                     scale,
+                    false,
                 );
-                gemm::gemm(
-                    rows,
-                    end,
-                    dr,
+                let (q_pe, k_pe) = (qp.mat(&[bi, i0, hi], 1, 3), kp.mat(&[bi], 1, 2));
+                product(
+                    [rows, end, dr],
                     p.as_mut_ptr(),
-                    1,
-                    s as isize,
-                    true,
-                    qp.at(&[bi, i0, hi]),
-                    qp.strides[3],
-                    qp.strides[1],
-                    kp.at(&[bi]),
-                    kp.strides[1],
-                    kp.strides[2],
-                    1.0f32,
+                    s,
+                    q_pe,
+                    k_pe.t(),
                     scale,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
+                    true,
                 );
             }
             for (r, row) in p.chunks_mut(s).enumerate() {
@@ -282,6 +199,7 @@ pub(crate) fn mla_attention(
                     Mat::dense(p, s),
                     k_nope.skip_cols(dn),
                     1.0,
+                    false,
                 );
             }
         }
@@ -344,7 +262,7 @@ pub(crate) fn mla_attention_backward(
             // job's alone.
             unsafe {
                 let gm = g.mat(&[bi, i0, hi], 1, 3);
-                product([rows, end, dv], d.as_mut_ptr(), s, gm, v.t(), 1.0);
+                product([rows, end, dv], d.as_mut_ptr(), s, gm, v.t(), 1.0, false);
             }
             for (y, g) in pj[i0 * s..].chunks(s).zip(d.chunks_mut(s)) {
                 softmax_backward_in_place(&y[..end], &mut g[..end]);
@@ -352,7 +270,15 @@ pub(crate) fn mla_attention_backward(
             let dsm = Mat::dense(d, s);
             unsafe {
                 let (at_n, at_r) = (((bi * t + i0) * h + hi) * dn, ((bi * t + i0) * h + hi) * dr);
-                product([rows, dn, end], oqn.at(at_n), h * dn, dsm, k_nope, scale);
+                product(
+                    [rows, dn, end],
+                    oqn.at(at_n),
+                    h * dn,
+                    dsm,
+                    k_nope,
+                    scale,
+                    false,
+                );
                 product(
                     [rows, dr, end],
                     oqp.at(at_r),
@@ -360,6 +286,7 @@ pub(crate) fn mla_attention_backward(
                     dsm,
                     kp.mat(&[bi], 1, 2),
                     scale,
+                    false,
                 );
             }
         }
@@ -378,9 +305,17 @@ pub(crate) fn mla_attention_backward(
             unsafe {
                 let at = ((bi * s + j0) * h + hi) * w;
                 let gm = g.mat(&[bi, i0, hi], 1, 3);
-                product([cols, dv, rows], okv.at(at + dn), h * w, pm, gm, 1.0);
+                product([cols, dv, rows], okv.at(at + dn), h * w, pm, gm, 1.0, false);
                 let q_nope = qn.mat(&[bi, i0, hi], 1, 3);
-                product([cols, dn, rows], okv.at(at), h * w, dsm, q_nope, scale);
+                product(
+                    [cols, dn, rows],
+                    okv.at(at),
+                    h * w,
+                    dsm,
+                    q_nope,
+                    scale,
+                    false,
+                );
                 let q_pe = qp.mat(&[bi, i0, hi], 1, 3);
                 product(
                     [cols, dr, rows],
@@ -389,6 +324,7 @@ pub(crate) fn mla_attention_backward(
                     dsm,
                     q_pe,
                     scale,
+                    false,
                 );
             }
         }

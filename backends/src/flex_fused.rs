@@ -384,14 +384,11 @@ pub(crate) fn swiglu_backward(
     let (mut dg, mut du) = (vec![0f32; n * d], vec![0f32; n * d]);
     let chunk = (CHUNK_ROWS * d).max(1);
     // ∂gate and ∂up side by side, chunk by chunk.
-    let mut both: Vec<(&mut [f32], &mut [f32])> =
-        dg.chunks_mut(chunk).zip(du.chunks_mut(chunk)).collect();
-    flex_pool::for_each_chunk(&mut both, 1, |c, pair| {
-        let (dg, du) = &mut pair[0];
+    let pairs = dg.chunks_mut(chunk).zip(du.chunks_mut(chunk)).enumerate();
+    flex_pool::map(pairs.collect(), |(c, (dg, du))| {
         let span = c * chunk..c * chunk + dg.len();
         swiglu_back_span(&gs[span.clone()], &us[span.clone()], &dys[span], dg, du);
     });
-    drop(both);
     Some((tensor(dg, [n, d]), tensor(du, [n, d])))
 }
 

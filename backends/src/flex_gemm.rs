@@ -20,6 +20,80 @@ use burn_flex::FlexTensor;
 /// GFLOP/s), 64 on none.
 const ROW_BLOCK: usize = 128;
 
+/// A strided f32 matrix operand of a product: element `(i, j)` at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat {
+    pub(crate) ptr: *const f32,
+    pub(crate) rs: isize,
+    pub(crate) cs: isize,
+}
+
+impl Mat {
+    /// A row-major `_ × cols` buffer.
+    pub(crate) fn dense(v: &[f32], cols: usize) -> Self {
+        Self {
+            ptr: v.as_ptr(),
+            rs: cols as isize,
+            cs: 1,
+        }
+    }
+
+    /// The transpose (a view).
+    pub(crate) fn t(self) -> Self {
+        Self {
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+
+    /// The same matrix from column `c` on.
+    pub(crate) fn skip_cols(self, c: usize) -> Self {
+        Self {
+            ptr: self.ptr.wrapping_offset(c as isize * self.cs),
+            ..self
+        }
+    }
+}
+
+/// `dst = beta · lhs · rhs`, or `dst += beta · lhs · rhs` with `accumulate` (`lhs: m × k`,
+/// `rhs: k × n`; `dst` row-major with row stride `dst_rs`): one single-threaded `gemm` call.
+///
+/// # Safety
+/// `lhs`, `rhs` must address `m × k` and `k × n` readable f32 values, `dst` `m × n` writable
+/// ones no other thread touches meanwhile.
+pub(crate) unsafe fn product(
+    [m, n, k]: [usize; 3],
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: Mat,
+    rhs: Mat,
+    beta: f32,
+    accumulate: bool,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs.ptr,
+        lhs.cs,
+        lhs.rs,
+        rhs.ptr,
+        rhs.cs,
+        rhs.rs,
+        if accumulate { 1.0f32 } else { 0.0f32 },
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
 /// `x [M, K] · w [K, N]` for f32 operands of any strides, as row-block jobs, or as one call on
 /// this thread with `one_job`; `None` for other dtypes, empty shapes, or (without `one_job`)
 /// fewer than two blocks of rows (nothing to split).
@@ -64,28 +138,17 @@ pub(crate) fn row_blocked_product(
         // their own layouts (in bounds of their storages), and `dst` is `rows × n`,
         // row-major, written only here.
         unsafe {
-            let lhs = xs.as_ptr().add(x0).offset(first as isize * x_rs);
-            gemm::gemm(
-                rows,
-                n,
-                k,
-                dst.as_mut_ptr(),
-                1,
-                n as isize,
-                false,
-                lhs,
-                x_cs,
-                x_rs,
-                ws.as_ptr().add(w0),
-                w_cs,
-                w_rs,
-                0.0f32,
-                1.0f32,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
+            let lhs = Mat {
+                ptr: xs.as_ptr().add(x0).offset(first as isize * x_rs),
+                rs: x_rs,
+                cs: x_cs,
+            };
+            let rhs = Mat {
+                ptr: ws.as_ptr().add(w0),
+                rs: w_rs,
+                cs: w_cs,
+            };
+            product([rows, n, k], dst.as_mut_ptr(), n, lhs, rhs, 1.0, false);
         }
     });
     let t = FlexTensor::from_data(burn::tensor::TensorData::new(out, [m, n]));

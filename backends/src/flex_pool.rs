@@ -1,7 +1,7 @@
 //! Jobs on Flex's thread pool (rayon's global pool, or the one a caller installs), run in
 //! order on the calling thread when the pool has a single thread: handing work to a one-thread
 //! pool only adds a wake-up of that thread and a sleep of the caller per call (11% of a
-//! one-thread training step went to the scheduler), and serializes callers on other threads
+//! one-thread training step went to waking it), and serializes callers on other threads
 //! (the trainer's concurrent micro-batch workers) on that one pool thread. A micro-batch
 //! worker runs with its share of the pool's threads ([`with_share`]): with a share of one its
 //! jobs and its `dense_matmul` products run on its own thread, so workers as many as cores do
