@@ -86,3 +86,13 @@ pub(crate) fn map<T: Send, R: Send>(items: Vec<T>, f: impl Fn(T) -> R + Sync + S
         items.into_par_iter().map(f).collect()
     }
 }
+
+/// `f()` on a pool thread: in place when this thread is one already or its jobs run in order,
+/// else handed to the pool (the caller sleeps until it returns).
+pub(crate) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if serial() || rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}

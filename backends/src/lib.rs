@@ -177,6 +177,10 @@ impl DsBackend for burn::backend::Flex {
         flex_pool::map(items, f)
     }
 
+    fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+        flex_pool::on_pool(f)
+    }
+
     fn rms_norm(
         x: burn::tensor::Tensor<Self, 2>,
         weight: burn::tensor::Tensor<Self, 1>,

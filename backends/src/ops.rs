@@ -405,6 +405,16 @@ pub trait DsBackend: Backend {
         f()
     }
 
+    /// Runs `f` on a thread of the backend's CPU thread pool and returns its result. The jobs
+    /// `f` hands out then start from a pool thread, which runs its share itself and wakes a
+    /// sibling only if one sleeps; from any other thread each batch of jobs wakes the pool and
+    /// puts the caller to sleep until they finish (a decode step of the `small` preset hands out
+    /// about ten). Inference sessions run each forward through it. The default runs `f` as it
+    /// is; so does a CPU backend with one thread or when already on its pool.
+    fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
+
     /// `items.map(f)`, for independent pieces of work (e.g. the experts of one MoE layer). The
     /// default runs them in order; a CPU backend may run them on its thread pool, which is how
     /// decode reads several small expert matrices at once.

@@ -315,9 +315,10 @@ impl<'m, B: DsBackend> Session<'m, B> {
             last_logits_only: last_only,
             ..self.opts.forward
         };
-        let out = self
-            .model
-            .forward_store(tokens, &span, &mut self.cache, &opts);
+        // On the backend's pool: the step's jobs (experts, split products) start from a pool
+        // thread instead of waking the pool from this one each time (`DsBackend::on_pool`).
+        let (model, cache) = (self.model, &mut self.cache);
+        let out = B::on_pool(|| model.forward_store(tokens, &span, cache, &opts));
         self.cache.commit(t);
         if let Some(m) = &mut self.mtp {
             m.pending = Some(match m.pending.take() {
@@ -488,9 +489,9 @@ impl<'m, B: DsBackend> Session<'m, B> {
                 last_logits_only: true,
                 ..self.opts.forward
             };
-            let out =
-                self.model
-                    .forward_mtp_span(0, h, toks, &span, past.as_ref().map(|p| &p[0]), &opts);
+            let model = self.model;
+            let past0 = past.as_ref().map(|p| &p[0]);
+            let out = B::on_pool(|| model.forward_mtp_span(0, h, toks, &span, past0, &opts));
             drop(past);
             m.cache.append(vec![out.kv])?;
             last = Some(out.logits.squeeze_dim::<2>(1));
