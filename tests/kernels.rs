@@ -1240,3 +1240,45 @@ pub(crate) mod cuda {
         assert_eq!(b.into_data().to_vec::<f32>().unwrap(), expect);
     }
 }
+
+/// `DsBackend::on_pool` on Flex: from a thread outside any pool, the closure runs on a thread
+/// of the (global) pool when the pool has two or more threads, so the jobs it hands out start
+/// there; in place with one thread, on a pool thread already (inside `install`), and in a
+/// training worker whose share is one thread (`as_worker`: its jobs run in order anyway).
+#[test]
+fn flex_on_pool_runs_on_a_pool_thread() {
+    let where_run = || {
+        let here = std::thread::current().id();
+        let (id, pool_thread) = B::on_pool(|| {
+            (
+                std::thread::current().id(),
+                rayon::current_thread_index().is_some(),
+            )
+        });
+        (id != here, pool_thread)
+    };
+    let (moved, pool_thread, threads) = std::thread::spawn(move || {
+        let (moved, pool_thread) = where_run();
+        (moved, pool_thread, rayon::current_num_threads())
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        (moved, pool_thread),
+        (threads > 1, threads > 1),
+        "outside any pool, with a global pool of {threads} threads"
+    );
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap();
+    assert_eq!(pool.install(where_run), (false, true), "on a pool thread");
+    let worker = std::thread::spawn(move || B::as_worker(64, where_run))
+        .join()
+        .unwrap();
+    assert_eq!(
+        worker,
+        (false, false),
+        "a worker with a share of one thread"
+    );
+}
