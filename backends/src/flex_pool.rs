@@ -7,7 +7,8 @@
 //! jobs and its `dense_matmul` products run on its own thread, so workers as many as cores do
 //! not contend for the pool. A larger share only sizes the worker's own decisions (its jobs
 //! still go to the whole pool), and Flex's own operations (element-wise kernels, its matmul on
-//! other dtypes) do not read it.
+//! other dtypes) do not read it. [`on_pool`] moves a caller from outside the pool onto one of its
+//! threads (an inference forward), so its jobs do not wake the pool and sleep the caller each.
 
 use std::cell::Cell;
 
