@@ -1,5 +1,5 @@
 //! Timing runs of the backend extension's operations (not tests: they print the tables recorded
-//! in BENCHMARKS.md). Run: `scripts/bench-kernels.sh [fp8-bytes|moe-experts|few-rows|matmul|gpu-fp8-vs-bf16]`,
+//! in BENCHMARKS.md). Run: `scripts/bench-kernels.sh [fp8-bytes|moe-experts|few-rows|matmul|absorbed|pool-wakeup|gpu-fp8-vs-bf16]`,
 //! i.e. `cargo bench --bench kernels --features wgpu -- NAME` (`--features cuda` for the GPU one).
 
 use std::time::Instant;
@@ -290,6 +290,149 @@ fn matmul() {
     }
 }
 
+/// Decode's absorbed attention (`model/src/mla.rs`, `attend_absorbed`) operation by operation
+/// at the `small` preset's widths (8 heads, nope 48, rope 24, latent 128, value 48), one query
+/// over S keys, through Flex's general matmul as the model runs it (`W_UK`/`W_UV` strided views
+/// of `kv_b_proj`'s weight, the latent a narrowed view of a longer cache buffer); then the same
+/// products in other forms: the scores with the latent as the left operand, or with a
+/// contiguous `cᵀ`, and both products through the few-row kernel (`dense_matmul`, two groups of
+/// four heads). Median µs per call.
+fn absorbed() {
+    let dev = Default::default();
+    let mut rng = SplitMix64::new(7);
+    let mut t = |dims: [usize; 3]| {
+        let v: Vec<f32> = (0..dims.iter().product::<usize>())
+            .map(|_| rng.uniform() as f32 - 0.5)
+            .collect();
+        Tensor::<Cpu, 3>::from_data(TensorData::new(v, dims), &dev)
+    };
+    let us = |f: &mut dyn FnMut()| median_secs(101, f) * 1e6;
+    let (nh, dn, dr, r, dv) = (8, 48, 24, 128, 48);
+    println!("| S | q·W_UKᵀ | q_abs·cᵀ | q_pe·k_peᵀ | + | softmax | p·c | ·W_UV | all (µs) | c·q_absᵀ | q_abs·(cᵀ contiguous) | scores, few-row | p·c, few-row |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for s in [512, 2000] {
+        let w = t([r, nh, dn + dv]);
+        let w_uk = w.clone().narrow(2, 0, dn).swap_dims(0, 1); // [nh, r, dn]
+        let w_uv = w.narrow(2, dn, dv).swap_dims(0, 1); // [nh, r, dv]
+        let c = t([1, s + 100, r]).narrow(1, 0, s);
+        let k_pe = t([1, s + 100, dr]).narrow(1, 0, s);
+        let (q_nope, q_pe) = (t([nh, 1, dn]), t([1, nh, dr]));
+        let q_abs = q_nope
+            .clone()
+            .matmul(w_uk.clone().swap_dims(1, 2))
+            .reshape([1, nh, r]);
+        let scores = q_abs.clone().matmul(c.clone().swap_dims(1, 2))
+            + q_pe.clone().matmul(k_pe.clone().swap_dims(1, 2));
+        let p = dsv3_backends::fused::softmax(scores.clone());
+        let o = p.clone().matmul(c.clone()).reshape([nh, 1, r]);
+        let run = |f: &dyn Fn() -> Tensor<Cpu, 3>| {
+            us(&mut || {
+                std::hint::black_box(f().into_data());
+            })
+        };
+        let ops = [
+            run(&|| q_nope.clone().matmul(w_uk.clone().swap_dims(1, 2))),
+            run(&|| q_abs.clone().matmul(c.clone().swap_dims(1, 2))),
+            run(&|| q_pe.clone().matmul(k_pe.clone().swap_dims(1, 2))),
+            run(&|| scores.clone() + scores.clone()),
+            run(&|| dsv3_backends::fused::softmax(scores.clone())),
+            run(&|| p.clone().matmul(c.clone())),
+            run(&|| o.clone().matmul(w_uv.clone())),
+            run(&|| {
+                let q_abs = q_nope
+                    .clone()
+                    .matmul(w_uk.clone().swap_dims(1, 2))
+                    .reshape([1, nh, r]);
+                let scores = q_abs.matmul(c.clone().swap_dims(1, 2))
+                    + q_pe.clone().matmul(k_pe.clone().swap_dims(1, 2));
+                let p = dsv3_backends::fused::softmax(scores);
+                p.matmul(c.clone()).reshape([nh, 1, r]).matmul(w_uv.clone())
+            }),
+        ];
+        let ct = Tensor::<Cpu, 3>::from_data(c.clone().swap_dims(1, 2).into_data(), &dev);
+        let (qa, c2) = (q_abs.clone().reshape([nh, r]), c.clone().reshape([s, r]));
+        let p2 = p.clone().reshape([nh, s]);
+        let halves = |x: &Tensor<Cpu, 2>, w: &Tensor<Cpu, 2>| {
+            Tensor::cat(
+                vec![
+                    Cpu::dense_matmul(x.clone().narrow(0, 0, 4), w.clone()),
+                    Cpu::dense_matmul(x.clone().narrow(0, 4, 4), w.clone()),
+                ],
+                0,
+            )
+            .unsqueeze::<3>()
+        };
+        let forms = [
+            run(&|| {
+                c.clone()
+                    .matmul(q_abs.clone().swap_dims(1, 2))
+                    .swap_dims(1, 2)
+            }),
+            run(&|| q_abs.clone().matmul(ct.clone())),
+            run(&|| halves(&qa, &c2.clone().transpose())),
+            run(&|| halves(&p2, &c2)),
+        ];
+        let cells: Vec<String> = ops
+            .iter()
+            .chain(&forms)
+            .map(|v| format!("{v:.1}"))
+            .collect();
+        println!("| {s} | {} |", cells.join(" | "));
+    }
+}
+
+/// What handing work to the pool costs after a serial stretch: two halves of `work` units run
+/// by `rayon::join` on a two-thread pool against both on one thread, after `gap` units run
+/// alone (the other thread idle, as during a decode step's attention). Prints µs per round and
+/// what the join saved; negative means the second thread's wake-up cost more than it did.
+fn pool_wakeup() {
+    fn spin(units: usize) -> f32 {
+        let mut s = 0f32;
+        for i in 0..units {
+            s = s * 0.999 + i as f32;
+        }
+        std::hint::black_box(s)
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .expect("a two-thread pool");
+    println!("| serial gap (µs) | each half (µs) | joined (µs/round) | one thread (µs/round) | saved (µs) |");
+    println!("|---|---|---|---|---|");
+    pool.install(|| {
+        // Units of `spin` per µs on this core.
+        let per_us = {
+            let (units, t) = (1_000_000, Instant::now());
+            spin(units);
+            units as f64 / (t.elapsed().as_secs_f64() * 1e6)
+        };
+        for gap_us in [0.0, 40.0, 400.0] {
+            for half_us in [2.0, 20.0, 100.0] {
+                let (gap, half) = ((gap_us * per_us) as usize, (half_us * per_us) as usize);
+                let rounds = 1000;
+                let round = |joined: bool| {
+                    let t = Instant::now();
+                    for _ in 0..rounds {
+                        spin(gap);
+                        if joined {
+                            rayon::join(|| spin(half), || spin(half));
+                        } else {
+                            spin(half);
+                            spin(half);
+                        }
+                    }
+                    t.elapsed().as_secs_f64() * 1e6 / rounds as f64
+                };
+                let (j, one) = (round(true), round(false));
+                println!(
+                    "| {gap_us:.0} | {half_us:.0} | {j:.1} | {one:.1} | {:.1} |",
+                    one - j
+                );
+            }
+        }
+    });
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; the first other argument names the run.
     let which: Vec<String> = std::env::args()
@@ -309,6 +452,12 @@ fn main() {
     }
     if which.iter().any(|w| w == "few-rows") {
         few_rows();
+    }
+    if which.iter().any(|w| w == "absorbed") {
+        absorbed();
+    }
+    if which.iter().any(|w| w == "pool-wakeup") {
+        pool_wakeup();
     }
     #[cfg(feature = "cuda")]
     if which.iter().any(|w| w == "gpu-fp8-vs-bf16") {
