@@ -310,7 +310,7 @@ fn absorbed() {
     let (nh, dn, dr, r, dv) = (8, 48, 24, 128, 48);
     println!("| S | q·W_UKᵀ | q_abs·cᵀ | q_pe·k_peᵀ | + | softmax | p·c | ·W_UV | all (µs) | c·q_absᵀ | q_abs·(cᵀ contiguous) | scores, few-row | p·c, few-row |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
-    for s in [512, 2000] {
+    for s in [512, 2000, 8192] {
         let w = t([r, nh, dn + dv]);
         let w_uk = w.clone().narrow(2, 0, dn).swap_dims(0, 1); // [nh, r, dn]
         let w_uv = w.narrow(2, dn, dv).swap_dims(0, 1); // [nh, r, dv]
