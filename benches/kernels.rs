@@ -293,10 +293,11 @@ fn matmul() {
 /// Decode's absorbed attention (`model/src/mla.rs`, `attend_absorbed`) operation by operation
 /// at the `small` preset's widths (8 heads, nope 48, rope 24, latent 128, value 48), one query
 /// over S keys, through Flex's general matmul as the model runs it (`W_UK`/`W_UV` strided views
-/// of `kv_b_proj`'s weight, the latent a narrowed view of a longer cache buffer); then the same
-/// products in other forms: the scores with the latent as the left operand, or with a
-/// contiguous `cᵀ`, and both products through the few-row kernel (`dense_matmul`, two groups of
-/// four heads). Median µs per call.
+/// of `kv_b_proj`'s weight, the latent a narrowed view of a longer cache buffer), the whole
+/// with the scores query-major (`q_abs·cᵀ`, as before) and keys-major (`c·q_absᵀ`, the model's
+/// form since the eleventh session); then single products in other forms: keys-major, with a
+/// contiguous `cᵀ`, and through the few-row kernel (`dense_matmul`, two groups of four heads).
+/// Median µs per call.
 fn absorbed() {
     let dev = Default::default();
     let mut rng = SplitMix64::new(7);
@@ -308,8 +309,8 @@ fn absorbed() {
     };
     let us = |f: &mut dyn FnMut()| median_secs(101, f) * 1e6;
     let (nh, dn, dr, r, dv) = (8, 48, 24, 128, 48);
-    println!("| S | q·W_UKᵀ | q_abs·cᵀ | q_pe·k_peᵀ | + | softmax | p·c | ·W_UV | all (µs) | c·q_absᵀ | q_abs·(cᵀ contiguous) | scores, few-row | p·c, few-row |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("| S | q·W_UKᵀ | q_abs·cᵀ | q_pe·k_peᵀ | + | softmax | p·c | ·W_UV | all, scores query-major | all, scores keys-major (the model) | c·q_absᵀ | k_pe·q_peᵀ | q_abs·(cᵀ contiguous) | q_abs·cᵀ, few-row | p·c, few-row |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for s in [512, 2000, 8192] {
         let w = t([r, nh, dn + dv]);
         let w_uk = w.clone().narrow(2, 0, dn).swap_dims(0, 1); // [nh, r, dn]
@@ -348,6 +349,17 @@ fn absorbed() {
                 let p = dsv3_backends::fused::softmax(scores);
                 p.matmul(c.clone()).reshape([nh, 1, r]).matmul(w_uv.clone())
             }),
+            run(&|| {
+                let q_abs = q_nope
+                    .clone()
+                    .matmul(w_uk.clone().swap_dims(1, 2))
+                    .reshape([1, nh, r]);
+                let scores = (c.clone().matmul(q_abs.swap_dims(1, 2))
+                    + k_pe.clone().matmul(q_pe.clone().swap_dims(1, 2)))
+                .swap_dims(1, 2);
+                let p = dsv3_backends::fused::softmax(scores);
+                p.matmul(c.clone()).reshape([nh, 1, r]).matmul(w_uv.clone())
+            }),
         ];
         let ct = Tensor::<Cpu, 3>::from_data(c.clone().swap_dims(1, 2).into_data(), &dev);
         let (qa, c2) = (q_abs.clone().reshape([nh, r]), c.clone().reshape([s, r]));
@@ -366,6 +378,11 @@ fn absorbed() {
             run(&|| {
                 c.clone()
                     .matmul(q_abs.clone().swap_dims(1, 2))
+                    .swap_dims(1, 2)
+            }),
+            run(&|| {
+                k_pe.clone()
+                    .matmul(q_pe.clone().swap_dims(1, 2))
                     .swap_dims(1, 2)
             }),
             run(&|| q_abs.clone().matmul(ct.clone())),
@@ -397,18 +414,25 @@ fn pool_wakeup() {
         .num_threads(2)
         .build()
         .expect("a two-thread pool");
-    println!("| serial gap (µs) | each half (µs) | joined (µs/round) | one thread (µs/round) | saved (µs) |");
+    println!("| serial stretch (µs) | each half (µs) | joined (µs/round) | one thread (µs/round) | saved (µs) |");
     println!("|---|---|---|---|---|");
     pool.install(|| {
-        // Units of `spin` per µs on this core.
-        let per_us = {
-            let (units, t) = (1_000_000, Instant::now());
-            spin(units);
-            units as f64 / (t.elapsed().as_secs_f64() * 1e6)
+        // Units of `spin` per µs on this core (a million units take this many seconds): the
+        // median of 7 timings after a warm-up.
+        let per_us = 1.0
+            / median_secs(7, || {
+                spin(1_000_000);
+            });
+        // The stretch and a half as measured (µs), not as asked for.
+        let took = |units: usize| {
+            median_secs(21, || {
+                spin(units);
+            }) * 1e6
         };
         for gap_us in [0.0, 40.0, 400.0] {
             for half_us in [2.0, 20.0, 100.0] {
                 let (gap, half) = ((gap_us * per_us) as usize, (half_us * per_us) as usize);
+                let (gap_us, half_us) = (took(gap), took(half));
                 let rounds = 1000;
                 let round = |joined: bool| {
                     let t = Instant::now();

@@ -326,8 +326,8 @@ fn attend_absorbed<B: DsBackend>(
 
 /// The scores `q_abs·cᵀ + q_pe·k_peᵀ` of queries `[B, M, r|dr]` over keys `[B, S, r|dr]`, as
 /// `[B, M, S]` (a transposed view). Computed keys-major, `c·q_absᵀ`, with the S × r latent as
-/// the left operand: for these few-row products Flex's matmul (`gemm`) is 15–45% faster in this
-/// orientation at 512–8192 keys on one thread (`bench-kernels.sh absorbed`).
+/// the left operand: on Flex the whole absorbed attention then takes 11–31% less time at
+/// 512–8192 keys on one thread (`bench-kernels.sh absorbed`; `gemm` on these few-row products).
 fn scores<B: DsBackend>(
     q_abs: &Tensor<B, 3>,
     q_pe: &Tensor<B, 3>,
