@@ -309,7 +309,7 @@ fn absorbed() {
     };
     let us = |f: &mut dyn FnMut()| median_secs(101, f) * 1e6;
     let (nh, dn, dr, r, dv) = (8, 48, 24, 128, 48);
-    println!("| S | q·W_UKᵀ | q_abs·cᵀ | q_pe·k_peᵀ | + | softmax | p·c | ·W_UV | all, scores query-major | all, scores keys-major (the model) | c·q_absᵀ | k_pe·q_peᵀ | q_abs·(cᵀ contiguous) | q_abs·cᵀ, few-row | p·c, few-row |");
+    println!("| S | q·W_UKᵀ | q_abs·cᵀ | q_pe·k_peᵀ | + | softmax | p·c | ·W_UV | all, scores query-major | all, scores keys-major | c·q_absᵀ | k_pe·q_peᵀ | q_abs·(cᵀ contiguous) | q_abs·cᵀ, few-row | p·c, few-row |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for s in [512, 2000, 8192] {
         let w = t([r, nh, dn + dv]);
@@ -326,6 +326,24 @@ fn absorbed() {
             + q_pe.clone().matmul(k_pe.clone().swap_dims(1, 2));
         let p = dsv3_backends::fused::softmax(scores.clone());
         let o = p.clone().matmul(c.clone()).reshape([nh, 1, r]);
+        // The whole attention as `attend_absorbed` runs it, with the scores query-major
+        // (`q_abs·cᵀ`) or keys-major (`c·q_absᵀ`, its `scores` since the eleventh session).
+        let attention = |keys_major: bool| {
+            let q_abs = q_nope
+                .clone()
+                .matmul(w_uk.clone().swap_dims(1, 2))
+                .reshape([1, nh, r]);
+            let scores = if keys_major {
+                (c.clone().matmul(q_abs.swap_dims(1, 2))
+                    + k_pe.clone().matmul(q_pe.clone().swap_dims(1, 2)))
+                .swap_dims(1, 2)
+            } else {
+                q_abs.matmul(c.clone().swap_dims(1, 2))
+                    + q_pe.clone().matmul(k_pe.clone().swap_dims(1, 2))
+            };
+            let p = dsv3_backends::fused::softmax(scores);
+            p.matmul(c.clone()).reshape([nh, 1, r]).matmul(w_uv.clone())
+        };
         let run = |f: &dyn Fn() -> Tensor<Cpu, 3>| {
             us(&mut || {
                 std::hint::black_box(f().into_data());
@@ -339,27 +357,8 @@ fn absorbed() {
             run(&|| dsv3_backends::fused::softmax(scores.clone())),
             run(&|| p.clone().matmul(c.clone())),
             run(&|| o.clone().matmul(w_uv.clone())),
-            run(&|| {
-                let q_abs = q_nope
-                    .clone()
-                    .matmul(w_uk.clone().swap_dims(1, 2))
-                    .reshape([1, nh, r]);
-                let scores = q_abs.matmul(c.clone().swap_dims(1, 2))
-                    + q_pe.clone().matmul(k_pe.clone().swap_dims(1, 2));
-                let p = dsv3_backends::fused::softmax(scores);
-                p.matmul(c.clone()).reshape([nh, 1, r]).matmul(w_uv.clone())
-            }),
-            run(&|| {
-                let q_abs = q_nope
-                    .clone()
-                    .matmul(w_uk.clone().swap_dims(1, 2))
-                    .reshape([1, nh, r]);
-                let scores = (c.clone().matmul(q_abs.swap_dims(1, 2))
-                    + k_pe.clone().matmul(q_pe.clone().swap_dims(1, 2)))
-                .swap_dims(1, 2);
-                let p = dsv3_backends::fused::softmax(scores);
-                p.matmul(c.clone()).reshape([nh, 1, r]).matmul(w_uv.clone())
-            }),
+            run(&|| attention(false)),
+            run(&|| attention(true)),
         ];
         let ct = Tensor::<Cpu, 3>::from_data(c.clone().swap_dims(1, 2).into_data(), &dev);
         let (qa, c2) = (q_abs.clone().reshape([nh, r]), c.clone().reshape([s, r]));

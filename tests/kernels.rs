@@ -1242,9 +1242,9 @@ pub(crate) mod cuda {
 }
 
 /// `DsBackend::on_pool` on Flex: from a thread outside any pool, the closure runs on a thread
-/// of the (global) pool when the pool has two or more threads, so the jobs it hands out start
-/// there; in place with one thread, on a pool thread already (inside `install`), and in a
-/// training worker whose share is one thread (`as_worker`: its jobs run in order anyway).
+/// of the (global, two or more threads) pool, so the jobs it hands out start there; in place on
+/// a pool thread already (inside `install`) and in a training worker whose share is one thread
+/// (`as_worker`: its jobs run in order anyway).
 #[test]
 fn flex_on_pool_runs_on_a_pool_thread() {
     let where_run = || {
@@ -1263,9 +1263,16 @@ fn flex_on_pool_runs_on_a_pool_thread() {
     })
     .join()
     .unwrap();
+    // With one thread `on_pool` runs in place, which a no-op would pass too: the move is what
+    // this checks, so it needs the default pool of a machine with two or more cores.
+    assert!(
+        threads > 1,
+        "needs a global rayon pool of >= 2 threads (RAYON_NUM_THREADS unset on a machine with \
+         >= 2 cores); it has {threads}"
+    );
     assert_eq!(
         (moved, pool_thread),
-        (threads > 1, threads > 1),
+        (true, true),
         "outside any pool, with a global pool of {threads} threads"
     );
     let pool = rayon::ThreadPoolBuilder::new()
