@@ -491,7 +491,7 @@ impl<'m, B: DsBackend> Session<'m, B> {
             };
             let model = self.model;
             let past0 = past.as_ref().map(|p| &p[0]);
-            let out = B::on_pool(|| model.forward_mtp_span(0, h, toks, &span, past0, &opts));
+            let out = B::on_pool(|| model.forward_mtp_span(0, h, toks, &span, past0, &opts))?;
             drop(past);
             m.cache.append(vec![out.kv])?;
             last = Some(out.logits.squeeze_dim::<2>(1));

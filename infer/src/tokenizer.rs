@@ -115,8 +115,14 @@ impl Tokenizer {
             path: path.to_path_buf(),
             reason,
         };
-        let inner = HfTokenizer::from_file(tokenizer_json)
-            .map_err(|e| err(tokenizer_json, e.to_string()))?;
+        let bytes =
+            std::fs::read(tokenizer_json).map_err(|e| err(tokenizer_json, e.to_string()))?;
+        let inner = HfTokenizer::from_bytes(bytes).map_err(|e| {
+            err(
+                tokenizer_json,
+                format!("not a tokenizer file the `tokenizers` crate reads: {e}"),
+            )
+        })?;
         let cfg: Value = match config.filter(|p| p.is_file()) {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| err(p, e.to_string()))?;

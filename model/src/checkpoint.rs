@@ -83,6 +83,9 @@ pub enum LoadError {
         dir.display()
     )]
     NoCheckpoint { dir: PathBuf },
+    /// A model path that is not a directory (`what` says whether it is missing or a file).
+    #[error("{}: {what}", path.display())]
+    NotADirectory { path: PathBuf, what: &'static str },
     #[error("{}: bad checkpoint index: {reason}", path.display())]
     BadIndex { path: PathBuf, reason: String },
     /// A header the `safetensors` crate rejects.

@@ -31,9 +31,11 @@ pub enum ModelError {
     TokenOutOfRange { id: i64, index: usize, vocab: usize },
     #[error("empty input: at least one token is needed")]
     EmptyInput,
-    #[error("positions up to {end} exceed the supported range (below {max})")]
-    PositionOutOfRange { end: usize, max: usize },
-    #[error("MTP needs at least 2 tokens and a model with num_nextn_predict_layers > 0 ({0})")]
+    /// `last`: the highest position asked for.
+    #[error("position {last} is out of the supported range (positions must be below {max})")]
+    PositionOutOfRange { last: usize, max: usize },
+    /// An MTP prediction the model or the input cannot give (the reason says which).
+    #[error("no MTP prediction: {0}")]
     NoMtp(String),
     #[error("{} checkpoint tensor(s) are not used by the model (strict mode): {}", names.len(), names.join(", "))]
     UnexpectedTensors { names: Vec<String> },

@@ -283,8 +283,8 @@ pub fn load<B: DsBackend>(
 /// warning in the report, not an error).
 ///
 /// # Errors
-/// - [`ModelError::Load`] with [`LoadError::NoCheckpoint`]: `dir` is not a directory, or holds
-///   neither `model.safetensors` nor its index; other [`LoadError`]s when a file or header is
+/// - [`ModelError::Load`] with [`LoadError::NotADirectory`]: `dir` is missing or a file; with
+///   [`LoadError::NoCheckpoint`]: it holds neither `model.safetensors` nor its index; other [`LoadError`]s when a file or header is
 ///   unreadable or malformed ([`Checkpoint::open`]).
 /// - [`ModelError::Config`]: `config.json` is missing, not JSON or not a computable config
 ///   ([`DeepseekV3Config::from_file`]).
@@ -296,8 +296,14 @@ pub fn load_with<B: DsBackend>(
     weights: &WeightOptions,
 ) -> Result<(DeepseekV3<B>, LoadReport), ModelError> {
     if !dir.is_dir() {
-        return Err(LoadError::NoCheckpoint {
-            dir: dir.to_path_buf(),
+        let what = if dir.exists() {
+            "not a directory (a model directory holds config.json and the safetensors files)"
+        } else {
+            "no such model directory"
+        };
+        return Err(LoadError::NotADirectory {
+            path: dir.to_path_buf(),
+            what,
         }
         .into());
     }

@@ -453,6 +453,11 @@ impl<B: DsBackend> DeepseekV3<B> {
     ///
     /// `past`, when given, holds per layer the latent entries of the positions before (a cache);
     /// without it the tokens attend only to each other.
+    ///
+    /// # Panics
+    /// When `offset + T` exceeds [`MAX_POSITION`](crate::MAX_POSITION): validate positions that
+    /// come from input with [`check_positions`](crate::check_positions) (ids with
+    /// [`Self::tokens_tensor`]).
     pub fn forward(
         &self,
         tokens: Tensor<B, 2, Int>,
@@ -531,6 +536,13 @@ impl<B: DsBackend> DeepseekV3<B> {
     /// model's post-norm hidden state for depth 0, the previous module's output after that) at
     /// positions `offset..offset+T` and the tokens one step ahead `next_tokens: [B, T]`, predicts
     /// the tokens `depth + 2` ahead. The module's own attention runs at positions `offset..`.
+    ///
+    /// # Errors
+    /// [`ModelError::NoMtp`] when the model has no MTP module `depth` (it has
+    /// `model.mtp.len()`: none when not configured or skipped at load).
+    ///
+    /// # Panics
+    /// As [`Self::forward`], when `offset + T` exceeds [`MAX_POSITION`](crate::MAX_POSITION).
     pub fn forward_mtp(
         &self,
         depth: usize,
@@ -539,7 +551,8 @@ impl<B: DsBackend> DeepseekV3<B> {
         offset: usize,
         past: Option<&LatentKv<B>>,
         opts: &ForwardOptions,
-    ) -> MtpOutput<B> {
+    ) -> Result<MtpOutput<B>, ModelError> {
+        self.mtp_module(depth)?;
         let [_, t, _] = h.dims();
         let past_len = past.map(|kv| kv.len()).unwrap_or(0);
         let span = Span::contiguous(&self.rope, offset, t, past_len, &self.device());
@@ -547,6 +560,9 @@ impl<B: DsBackend> DeepseekV3<B> {
     }
 
     /// [`Self::forward_mtp`] with explicit positions and mask.
+    ///
+    /// # Errors
+    /// [`ModelError::NoMtp`] when the model has no MTP module `depth`.
     pub fn forward_mtp_span(
         &self,
         depth: usize,
@@ -555,10 +571,12 @@ impl<B: DsBackend> DeepseekV3<B> {
         span: &Span<B>,
         past: Option<&LatentKv<B>>,
         opts: &ForwardOptions,
-    ) -> MtpOutput<B> {
-        let out = self.model.mtp[depth].forward(h, next_tokens, span, past, opts);
+    ) -> Result<MtpOutput<B>, ModelError> {
+        let out = self
+            .mtp_module(depth)?
+            .forward(h, next_tokens, span, past, opts);
         let layer = self.config.mtp_layer(depth);
-        MtpOutput {
+        Ok(MtpOutput {
             logits: out.logits,
             hidden: out.block.h,
             kv: out.block.kv,
@@ -572,7 +590,18 @@ impl<B: DsBackend> DeepseekV3<B> {
                 .scores
                 .filter(|_| opts.router_scores)
                 .map(|scores| LayerScores { layer, scores }),
-        }
+        })
+    }
+
+    /// MTP module `depth`, or why there is none.
+    fn mtp_module(&self, depth: usize) -> Result<&MtpLayer<B>, ModelError> {
+        self.model.mtp.get(depth).ok_or_else(|| {
+            ModelError::NoMtp(format!(
+                "MTP module {depth} asked for, the model has {} (num_nextn_predict_layers; \
+                 none when skipped at load)",
+                self.model.mtp.len()
+            ))
+        })
     }
 
     /// Convenience for scoring: the first MTP module's logits `[B, T-1, V]` for a sequence whose
@@ -589,15 +618,15 @@ impl<B: DsBackend> DeepseekV3<B> {
         opts: &ForwardOptions,
     ) -> Result<MtpOutput<B>, ModelError> {
         let [_, t] = tokens.dims();
-        if self.model.mtp.is_empty() || t < 2 {
+        self.mtp_module(0)?;
+        if t < 2 {
             return Err(ModelError::NoMtp(format!(
-                "{} token(s), num_nextn_predict_layers = {}",
-                t,
-                self.model.mtp.len()
+                "{t} token(s): the MTP module predicts the token after the next one, so it \
+                 needs at least 2"
             )));
         }
         let h = out.hidden.clone().narrow(1, 0, t - 1);
         let next = tokens.narrow(1, 1, t - 1);
-        Ok(self.forward_mtp(0, h, next, offset, None, opts))
+        self.forward_mtp(0, h, next, offset, None, opts)
     }
 }

@@ -23,6 +23,10 @@ pub struct Span<B: DsBackend> {
 
 impl<B: DsBackend> Span<B> {
     /// `t` tokens at positions `offset..offset+t` after `past` cached ones, the same for every row.
+    ///
+    /// # Panics
+    /// When `offset + t` exceeds [`MAX_POSITION`](crate::MAX_POSITION) (check input positions
+    /// with [`check_positions`](crate::check_positions) first).
     pub fn contiguous(
         rope: &RotaryEmbedding,
         offset: usize,
@@ -35,6 +39,9 @@ impl<B: DsBackend> Span<B> {
 
     /// Left-padded rows: row `r`'s first `pad[r]` key slots (cache + new) are padding, and its new
     /// tokens sit at positions `offsets[r]..offsets[r]+t`.
+    ///
+    /// # Panics
+    /// When an `offsets[r] + t` exceeds [`MAX_POSITION`](crate::MAX_POSITION).
     pub fn padded(
         rope: &RotaryEmbedding,
         offsets: &[usize],
@@ -43,6 +50,14 @@ impl<B: DsBackend> Span<B> {
         pad: &[usize],
         device: &B::Device,
     ) -> Self {
+        for &o in offsets {
+            if crate::rope::check_positions(o, t).is_err() {
+                panic!(
+                    "{}",
+                    crate::rope::out_of_range(o.saturating_add(t.max(1) - 1))
+                );
+            }
+        }
         let positions: Vec<usize> = offsets.iter().flat_map(|&o| o..o + t).collect();
         Self::at_positions(
             rope,
@@ -55,6 +70,9 @@ impl<B: DsBackend> Span<B> {
 
     /// `rows` rows of `positions.len() / rows` new tokens at the given absolute positions
     /// (row-major), with an explicit additive mask `[rows or 1, 1, T, S]` (`None`: no masking).
+    ///
+    /// # Panics
+    /// When a position is not below [`MAX_POSITION`](crate::MAX_POSITION).
     pub fn at_positions(
         rope: &RotaryEmbedding,
         positions: &[usize],

@@ -23,10 +23,21 @@ pub fn check_positions(offset: usize, len: usize) -> Result<(), ModelError> {
     match offset.checked_add(len) {
         Some(end) if end <= MAX_POSITION => Ok(()),
         _ => Err(ModelError::PositionOutOfRange {
-            end: offset.saturating_add(len),
+            last: offset.saturating_add(len.max(1) - 1),
             max: MAX_POSITION,
         }),
     }
+}
+
+/// The panic message of a position past [`MAX_POSITION`] reaching the model.
+pub(crate) fn out_of_range(last: usize) -> String {
+    format!(
+        "{} (validate positions with `check_positions` before a forward)",
+        ModelError::PositionOutOfRange {
+            last,
+            max: MAX_POSITION
+        }
+    )
 }
 
 /// `mscale(f, m)` of YaRN: the attention-temperature correction for a context stretched by `f`.
@@ -116,11 +127,18 @@ impl RotaryEmbedding {
     /// Rotation tables `[1, n, dr]` for arbitrary absolute positions, in the interleaved layout
     /// `apply_rope` uses: `cos = (c₀, c₀, c₁, c₁, …)` and `sin = (−s₀, s₀, −s₁, s₁, …)`,
     /// both already multiplied by `attention_factor`.
+    ///
+    /// # Panics
+    /// When a position is not below [`MAX_POSITION`] (a caller's bug: validate input positions
+    /// with [`check_positions`]).
     pub fn cos_sin_at<B: DsBackend>(
         &self,
         positions: &[usize],
         device: &B::Device,
     ) -> (Tensor<B, 3>, Tensor<B, 3>) {
+        if let Some(&p) = positions.iter().find(|&&p| p >= MAX_POSITION) {
+            panic!("{}", out_of_range(p));
+        }
         let dr = 2 * self.inv_freq.len();
         let len = positions.len();
         let mut cos = Vec::with_capacity(len * dr);

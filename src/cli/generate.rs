@@ -174,12 +174,12 @@ impl DecodeArgs {
         }
         if let Some(t) = &tok {
             if t.vocab_size() > model.config.vocab_size {
-                eprintln!(
-                    "warning: the tokenizer has {} ids but the model's vocab_size is {}: text \
-                     whose ids reach past it cannot be fed (is this the model's tokenizer?)",
+                super::warn(format_args!(
+                    "the tokenizer has {} ids but the model's vocab_size is {}: text whose ids \
+                     reach past it cannot be fed (is this the model's tokenizer?)",
                     t.vocab_size(),
                     model.config.vocab_size
-                );
+                ));
             }
         }
         super::keep_freed_buffers();
@@ -385,7 +385,7 @@ fn generate_file<B: DsBackend>(
         }
     }
     out.flush().map_err(io)?;
-    eprintln!(
+    super::note(format_args!(
         "prompts: {}, batch size: {}, decode: {:.1} tok/s summed over rows",
         prompts.len(),
         a.batch_size,
@@ -394,7 +394,7 @@ fn generate_file<B: DsBackend>(
         } else {
             0.0
         }
-    );
+    ));
     Ok(())
 }
 

@@ -177,7 +177,7 @@ pub struct ScoreArgs {
     /// Comma-separated token ids, e.g. 0,15,7 (each must be < vocab_size).
     #[arg(long)]
     pub tokens: String,
-    /// Absolute position of the first token (RoPE/YaRN position); default 0.
+    /// Absolute position of the first token (RoPE/YaRN position).
     #[arg(long, default_value_t = 0)]
     pub offset: usize,
     /// Also run the first MTP module: writes `mtp_logits` [T-1, vocab] (row i predicts token i+2).
@@ -543,14 +543,24 @@ fn load_report<B: DsBackend>(
 /// Prints what loading did other than as written (one `warning:` line each, on stderr).
 pub fn print_load_warnings(report: &dsv3_model::LoadReport) {
     for w in &report.warnings {
-        eprintln!("warning: {w}");
+        warn(format_args!("{w}"));
     }
     if let Some(first) = report.unexpected.first() {
-        eprintln!(
-            "warning: {} checkpoint tensor(s) not used by the model, e.g. {first}",
+        warn(format_args!(
+            "{} checkpoint tensor(s) not used by the model, e.g. {first}",
             report.unexpected.len(),
-        );
+        ));
     }
+}
+
+/// One line on stderr, ignoring a closed stderr (`eprintln!` would panic on a broken pipe).
+pub fn note(line: std::fmt::Arguments) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// A `warning: ` line on stderr ([`note`]).
+pub fn warn(line: std::fmt::Arguments) {
+    note(format_args!("warning: {line}"));
 }
 
 /// Peak resident set size of this process (Linux `VmHWM`), in bytes.
@@ -605,11 +615,13 @@ pub fn parse_tokens(s: &str) -> Result<Vec<u32>, CliError> {
     }
     s.split(',')
         .map(|t| {
-            t.trim().parse::<u32>().map_err(|_| {
-                CliError::Usage(format!(
-                    "--tokens: {:?} is not a non-negative integer token id",
-                    t.trim()
-                ))
+            let t = t.trim();
+            t.parse::<u32>().map_err(|_| {
+                CliError::Usage(if t.parse::<u128>().is_ok() {
+                    format!("--tokens: {t} is above the largest token id, {}", u32::MAX)
+                } else {
+                    format!("--tokens: {t:?} is not a non-negative integer token id")
+                })
             })
         })
         .collect()
@@ -701,12 +713,23 @@ fn score_on<B: DsBackend>(
             model.set_expert_parallel(c.clone())?;
         }
         if a.mtp && model.model.mtp.is_empty() {
-            return Err(
-                ModelError::NoMtp(format!("{} has no MTP layer", a.model.display())).into(),
-            );
+            if lead {
+                // The warnings say why a declared MTP layer was not loaded.
+                print_load_warnings(&report);
+            }
+            return Err(ModelError::NoMtp(format!(
+                "{} loaded without an MTP module (num_nextn_predict_layers = 0, or its tensors \
+                 are not in the checkpoint)",
+                a.model.display()
+            ))
+            .into());
         }
         if a.mtp && ids.len() < 2 {
-            return Err(ModelError::NoMtp("--mtp needs at least 2 tokens".into()).into());
+            return Err(ModelError::NoMtp(format!(
+                "--mtp needs at least 2 tokens (got {})",
+                ids.len()
+            ))
+            .into());
         }
         let tokens = model.tokens_tensor(ids)?;
         dsv3_model::check_positions(a.offset, ids.len())?;

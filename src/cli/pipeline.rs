@@ -59,9 +59,23 @@ fn formula(kind: ScheduleKind) -> &'static str {
     }
 }
 
+/// Most (rank, micro-batch) pairs `pipeline-sim` takes: the schedule's actions, and the
+/// simulation's time and memory, grow with PP × micro-batches (~1 GB and seconds at 1000 × 1000).
+const MAX_PAIRS: usize = 1 << 20;
+
 /// `dsv3 pipeline-sim`.
 pub fn pipeline_sim(a: &PipelineSimArgs, out: &mut dyn Write) -> Result<(), CliError> {
     let usage = |e: pipeline::PipelineError| CliError::Usage(e.to_string());
+    if a.pp
+        .checked_mul(a.micro_batches)
+        .is_none_or(|p| p > MAX_PAIRS)
+    {
+        return Err(CliError::Usage(format!(
+            "--pp {} × --micro-batches {} is above the {MAX_PAIRS} this simulator takes (its \
+             time and memory grow with the product)",
+            a.pp, a.micro_batches
+        )));
+    }
     let schedule = Schedule::new(a.schedule, a.pp, a.micro_batches).map_err(usage)?;
     let report = pipeline::simulate(&schedule, &a.costs).map_err(usage)?;
     if let Some(path) = &a.png {

@@ -184,8 +184,12 @@ fn score_bad_inputs_give_one_line() {
             "not a non-negative integer",
         ),
         (
+            &["score", "--model", d, "--tokens", "1,99999999999"],
+            "99999999999 is above the largest token id, 4294967295",
+        ),
+        (
             &["score", "--model", "/no/such/dir", "--tokens", "1,2"],
-            "/no/such/dir",
+            "/no/such/dir: no such model directory",
         ),
         (
             &["score", "--model", d, "--tokens", "1,2", "--backend", "tpu"],
@@ -218,7 +222,8 @@ fn score_bad_inputs_give_one_line() {
                 "--offset",
                 "4294967295",
             ],
-            "supported range",
+            // Positions 4294967295 and 4294967296: the second is the first out of range.
+            "position 4294967296 is out of the supported range (positions must be below 4294967296)",
         ),
         (
             &[
@@ -233,7 +238,18 @@ fn score_bad_inputs_give_one_line() {
             "int4",
         ),
     ];
-    for (args, needle) in cases {
+    let config = dir.join("config.json");
+    let file_case: (&[&str], &str) = (
+        &[
+            "score",
+            "--model",
+            config.to_str().unwrap(),
+            "--tokens",
+            "1,2",
+        ],
+        "config.json: not a directory",
+    );
+    for (args, needle) in cases.iter().chain([&file_case]) {
         let e = dsv3(args).unwrap_err();
         assert!(
             e.contains(needle),
@@ -257,7 +273,7 @@ fn score_bad_inputs_give_one_line() {
         "--mtp",
     ])
     .unwrap_err();
-    assert!(e.contains("MTP"), "{e}");
+    assert!(e.contains("loaded without an MTP module"), "{e}");
 }
 
 /// `inspect --training`: training memory per GPU for f32 / bf16 / fp8 under the report's layout
@@ -285,4 +301,36 @@ fn inspect_training_memory() {
     assert!(w[2] < w[1] && w[1] < w[0], "{w:?}");
     let e = dsv3(&["inspect", "--preset", "671b", "--training", "--gpus", "100"]).unwrap_err();
     assert!(e.contains("do not split"), "{e}");
+}
+
+/// A load warning written to a closed stderr (`dsv3 … 2>&1 | head -0`) is dropped: the command
+/// still ends as it would have (exit 0 here), not in a panic (exit 101).
+#[test]
+fn warnings_to_a_closed_stderr_do_not_panic() {
+    use std::process::{Command, Stdio};
+    let dir = fixture("tiny-qlora");
+    let run = |close: bool| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dsv3"))
+            .args(["inspect", "--model", dir.to_str().unwrap(), "--load"])
+            .args(["--weights", "fp8"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn dsv3");
+        let mut stderr = child.stderr.take().unwrap();
+        let mut text = String::new();
+        if !close {
+            std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+        }
+        drop(stderr); // closes the pipe's read end before the child writes, when `close`
+        (child.wait().unwrap().code(), text)
+    };
+    let (code, text) = run(false);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("warning: FP8 weights were asked for"),
+        "the case warns: {text}"
+    );
+    let (code, _) = run(true);
+    assert_eq!(code, Some(0), "a closed stderr must not turn into a panic");
 }

@@ -93,6 +93,18 @@ fn cli_pipeline_sim_json_text_png_and_errors() {
         e.contains("at least 2·PP = 16 micro-batches (got 10)"),
         "{e}"
     );
+    // Time and memory grow with PP × micro-batches: refused above 2^20 pairs, before any work.
+    let e = dsv3(&[
+        "pipeline-sim",
+        "--schedule",
+        "1f1b",
+        "--pp",
+        "100000",
+        "--micro-batches",
+        "100000",
+    ])
+    .unwrap_err();
+    assert!(e.contains("above the 1048576 this simulator takes"), "{e}");
     let e = dsv3(&["pipeline-sim", "--schedule", "gpipe"]).unwrap_err();
     assert!(e.contains("unknown pipeline schedule"), "{e}");
     let e = dsv3(&["pipeline-sim", "--schedule", "1f1b", "--costs", "1,2"]).unwrap_err();

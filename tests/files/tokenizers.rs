@@ -246,3 +246,25 @@ fn bos_is_added_exactly_once() {
         .unwrap();
     assert_eq!(tok.encode_prompt(&rendered).unwrap(), chat);
 }
+
+/// A `tokenizer.json` that is JSON but not a tokenizer, and one that is missing: each error
+/// names the file and says which (the `tokenizers` crate's own text alone reads like a JSON
+/// syntax error in the first case).
+#[test]
+fn unreadable_tokenizer_files_are_named() {
+    let dir = scratch("tok-bad");
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, r#"{"nope": 1}"#).unwrap();
+    let e = Tokenizer::from_files(&path, None).unwrap_err().to_string();
+    assert!(
+        e.contains("tokenizer.json")
+            && e.contains("not a tokenizer file the `tokenizers` crate reads"),
+        "{e}"
+    );
+    std::fs::remove_file(&path).unwrap();
+    let e = Tokenizer::from_files(&path, None).unwrap_err().to_string();
+    assert!(
+        e.contains("tokenizer.json") && !e.contains("not a tokenizer file"),
+        "{e}"
+    );
+}

@@ -241,7 +241,76 @@ fn model_error_variants_are_typed() {
     )
     .unwrap_err();
     assert!(
+        matches!(e, ModelError::Load(LoadError::NotADirectory { .. })),
+        "{e:?}"
+    );
+    assert!(e.to_string().ends_with("no such model directory"), "{e}");
+    // A file where the directory should be.
+    let file = fixture("tiny-qlora").join("config.json");
+    let e = load::<B>(&file, &device(), &LoadOptions::default()).unwrap_err();
+    assert!(
+        e.to_string().contains("config.json: not a directory"),
+        "{e}"
+    );
+    // A directory without a checkpoint.
+    let dir = copy_fixture("tiny-qlora");
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let e = load::<B>(&dir, &device(), &LoadOptions::default()).unwrap_err();
+    assert!(
         matches!(e, ModelError::Load(LoadError::NoCheckpoint { .. })),
         "{e:?}"
     );
+}
+
+/// Inputs a forward cannot take: an MTP depth the model lacks and too few tokens for MTP are
+/// typed errors; positions past `MAX_POSITION` (which the CLI refuses with `check_positions`)
+/// panic with a message naming the check, at the edge and where `offset + T` would overflow.
+#[test]
+fn mtp_depth_and_positions_out_of_range() {
+    let (model, _) = load::<B>(&fixture("tiny-qlora"), &device(), &LoadOptions::default()).unwrap();
+    let n = model.model.mtp.len();
+    assert!(n >= 1, "tiny-qlora has an MTP module");
+    let opts = ForwardOptions::default();
+    let tokens = model.tokens_tensor(&[1, 2, 3]).unwrap();
+    let out = model.forward(tokens.clone(), 0, None, &opts);
+    let h = out.hidden.clone().narrow(1, 0, 2);
+    let next = tokens.clone().narrow(1, 1, 2);
+    assert!(model
+        .forward_mtp(n - 1, h.clone(), next.clone(), 0, None, &opts)
+        .is_ok());
+    let e = model.forward_mtp(n, h, next, 0, None, &opts).unwrap_err();
+    assert!(matches!(e, ModelError::NoMtp(_)), "{e:?}");
+    assert!(
+        e.to_string()
+            .contains(&format!("MTP module {n} asked for, the model has {n}")),
+        "{e}"
+    );
+    let one = model.tokens_tensor(&[1]).unwrap();
+    let out1 = model.forward(one.clone(), 0, None, &opts);
+    let e = model.mtp_logits(one, &out1, 0, &opts).unwrap_err();
+    assert!(e.to_string().contains("needs at least 2"), "{e}");
+
+    let max = dsv3_model::MAX_POSITION;
+    // The last three positions below the limit are fine...
+    let last = model.forward(tokens.clone(), max - 3, None, &opts);
+    assert_eq!(last.logits.dims(), [1, 3, model.config.vocab_size]);
+    // ...one more is not, nor an offset whose sum overflows.
+    for offset in [max - 2, usize::MAX - 1] {
+        let t = tokens.clone();
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            model.forward(t, offset, None, &opts)
+        }));
+        let msg = r
+            .err()
+            .and_then(|p| p.downcast::<String>().ok())
+            .unwrap_or_else(|| panic!("offset {offset}: forward should panic with a message"));
+        assert!(
+            msg.contains("out of the supported range") && msg.contains("check_positions"),
+            "{msg}"
+        );
+    }
+    assert!(matches!(
+        dsv3_model::check_positions(max - 2, 3),
+        Err(ModelError::PositionOutOfRange { last, .. }) if last == max
+    ));
 }

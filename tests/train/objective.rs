@@ -195,7 +195,10 @@ fn mtp_targets_are_shifted_by_two() {
     let out = m.forward(b.inputs.clone(), 0, None, &opts);
     let h = out.hidden.clone().narrow(1, 0, 15);
     let next = b.inputs.clone().narrow(1, 1, 15);
-    let mtp_logits = m.forward_mtp(0, h, next, 0, None, &opts).logits;
+    let mtp_logits = m
+        .forward_mtp(0, h, next, 0, None, &opts)
+        .expect("the model has an MTP module")
+        .logits;
     let want: f32 =
         loss::cross_entropy(mtp_logits, b.targets.clone().narrow(1, 1, 15)).into_scalar();
     let got: f32 = parts.mtp.unwrap().into_scalar();

@@ -88,7 +88,9 @@ pub fn forward<B: DsBackend>(
         }
         let len = t - 1 - k;
         let next = tokens.clone().narrow(1, k + 1, len);
-        let m = model.forward_mtp(k, prev.narrow(1, 0, len), next, 0, None, &opts);
+        let m = model
+            .forward_mtp(k, prev.narrow(1, 0, len), next, 0, None, &opts)
+            .expect("depth k is below model.mtp.len()");
         let routing = m.routing.into_iter().collect();
         routers.extend(traces(
             routing,
