@@ -291,6 +291,44 @@ impl DeepseekV3Config {
         Ok(cfg)
     }
 
+    /// The size fields of [`Self::SIZE_FIELDS`] that the `config.json` at `path` does not set
+    /// (each then takes HF's default, the 671B model's size). Empty when the file cannot be
+    /// read as a JSON object ([`Self::from_file`] reports that).
+    pub fn unset_sizes(path: &Path) -> Vec<&'static str> {
+        let Some(obj) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v.as_object().cloned())
+        else {
+            return Vec::new();
+        };
+        Self::SIZE_FIELDS
+            .iter()
+            .copied()
+            .filter(|f| !obj.contains_key(*f))
+            .collect()
+    }
+
+    /// The fields that size the model's tensors: a file that omits one describes part of the
+    /// 671B model, which a smaller checkpoint then contradicts.
+    pub const SIZE_FIELDS: &'static [&'static str] = &[
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "moe_intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+        "n_routed_experts",
+        "n_shared_experts",
+        "num_experts_per_tok",
+        "first_k_dense_replace",
+    ];
+
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("config serializes")
     }

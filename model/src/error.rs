@@ -41,4 +41,11 @@ pub enum ModelError {
     UnexpectedTensors { names: Vec<String> },
     #[error("{0}")]
     Invalid(String),
+    /// Loading failed and `config.json` left size fields to HF's defaults (the 671B sizes):
+    /// the likely cause, named after the error.
+    #[error("{source} (config.json does not set {}: HF's defaults, the 671B model's sizes, were used)", fields.join(", "))]
+    UnsetSizes {
+        source: Box<ModelError>,
+        fields: Vec<&'static str>,
+    },
 }

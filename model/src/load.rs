@@ -288,7 +288,11 @@ pub fn load<B: DsBackend>(
 ///   unreadable or malformed ([`Checkpoint::open`]).
 /// - [`ModelError::Config`]: `config.json` is missing, not JSON or not a computable config
 ///   ([`DeepseekV3Config::from_file`]).
-/// - Everything [`load_from_with`] returns.
+/// - Everything [`load_from_with`] returns; wrapped in [`ModelError::UnsetSizes`] when
+///   `config.json` leaves size fields ([`DeepseekV3Config::SIZE_FIELDS`]) to their defaults.
+///
+/// A `config.json` that leaves size fields to their defaults also gives a warning when the
+/// checkpoint loads (it then matches the 671B sizes in those fields).
 pub fn load_with<B: DsBackend>(
     dir: &Path,
     device: &B::Device,
@@ -307,9 +311,17 @@ pub fn load_with<B: DsBackend>(
         }
         .into());
     }
-    let mut cfg = DeepseekV3Config::from_file(&dir.join("config.json"))?;
+    let cfg_path = dir.join("config.json");
+    let mut cfg = DeepseekV3Config::from_file(&cfg_path)?;
+    let unset = DeepseekV3Config::unset_sizes(&cfg_path);
     let ckpt = Checkpoint::open(dir)?;
     let mut warnings = Vec::new();
+    if !unset.is_empty() {
+        warnings.push(format!(
+            "config.json does not set {}: HF's defaults (the 671B model's sizes) are used",
+            unset.join(", ")
+        ));
+    }
     let first_mtp = cfg.mtp_layer(0);
     let mtp_in_ckpt = ckpt
         .names()
@@ -325,7 +337,14 @@ pub fn load_with<B: DsBackend>(
     if opts.skip_mtp || !mtp_in_ckpt {
         cfg.num_nextn_predict_layers = 0;
     }
-    let (model, mut report) = load_from_with(cfg, &ckpt, device, opts, weights)?;
+    let (model, mut report) =
+        load_from_with(cfg, &ckpt, device, opts, weights).map_err(|e| match unset.is_empty() {
+            true => e,
+            false => ModelError::UnsetSizes {
+                source: Box::new(e),
+                fields: unset,
+            },
+        })?;
     warnings.append(&mut report.warnings);
     report.warnings = warnings;
     Ok((model, report))

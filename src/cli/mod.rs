@@ -314,8 +314,16 @@ pub fn inspect(a: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
                 dir.display()
             )));
         }
-        let cfg =
-            DeepseekV3Config::from_file(&dir.join("config.json")).map_err(ModelError::from)?;
+        let path = dir.join("config.json");
+        let cfg = DeepseekV3Config::from_file(&path).map_err(ModelError::from)?;
+        let unset = DeepseekV3Config::unset_sizes(&path);
+        if !unset.is_empty() {
+            warn(format_args!(
+                "{} does not set {}: HF's defaults (the 671B model's sizes) are shown",
+                path.display(),
+                unset.join(", ")
+            ));
+        }
         (cfg, Some(Checkpoint::open(dir).map_err(ModelError::from)?))
     } else if let Some(cfg) = &a.preset {
         (DeepseekV3Config::clone(cfg), None)

@@ -129,6 +129,44 @@ fn invalid_config_is_reported() {
     assert!(load_err(&dir).contains("config.json"));
 }
 
+/// A `config.json` that leaves size fields out means HF's defaults (the 671B sizes): a load that
+/// then fails on a tensor's shape names the fields left out, and one that succeeds warns.
+#[test]
+fn unset_size_fields_are_named() {
+    let dir = copy_fixture("tiny-qlora");
+    let p = dir.join("config.json");
+    let original: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let mut j = original.clone();
+    j.as_object_mut().unwrap().remove("hidden_size");
+    std::fs::write(&p, j.to_string()).unwrap();
+    assert_eq!(DeepseekV3Config::unset_sizes(&p), ["hidden_size"]);
+    let e = load::<B>(&dir, &device(), &LoadOptions::default()).unwrap_err();
+    assert!(matches!(e, ModelError::UnsetSizes { .. }), "{e:?}");
+    let s = e.to_string();
+    assert!(
+        s.contains("7168") && s.contains("config.json does not set hidden_size"),
+        "{s}"
+    );
+    // Routing's k sizes no tensor: the checkpoint loads, with a warning naming the field.
+    let mut j = original;
+    j.as_object_mut().unwrap().remove("num_experts_per_tok");
+    j["topk_group"] = serde_json::json!(4); // 8 experts (HF's default k) need all 4 groups here
+    std::fs::write(&p, j.to_string()).unwrap();
+    let (m, report) = load::<B>(&dir, &device(), &LoadOptions::default()).unwrap();
+    assert_eq!(m.config.num_experts_per_tok, 8);
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.contains("does not set num_experts_per_tok")),
+        "{:?}",
+        report.warnings
+    );
+    // Every fixture sets them all.
+    assert!(DeepseekV3Config::unset_sizes(&fixture("tiny-qlora").join("config.json")).is_empty());
+}
+
 /// Rewrites the checkpoint with one tensor dropped, renamed or reshaped, or with an extra one.
 fn rewrite(name: &str, edit: impl FnOnce(&mut Vec<RawTensor>)) -> std::path::PathBuf {
     let dir = copy_fixture(name);
