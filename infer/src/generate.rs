@@ -154,6 +154,8 @@ pub struct Stats {
     pub prompt_tokens: usize,
     /// Generated tokens over all rows.
     pub generated_tokens: usize,
+    /// Rows generated together (the batch's size; 1 for one prompt).
+    pub rows: usize,
     /// Prompt tokens actually run (a continued session reuses its cache).
     pub prefilled_tokens: usize,
     pub prefill_secs: f64,
@@ -169,9 +171,13 @@ impl Stats {
     pub fn prefill_tokens_per_sec(&self) -> f64 {
         rate(self.prefilled_tokens, self.prefill_secs)
     }
-    /// Tokens generated after each row's first (which the prefill produces) per second.
-    pub fn decode_tokens_per_sec(&self, rows: usize) -> f64 {
-        rate(self.generated_tokens.saturating_sub(rows), self.decode_secs)
+    /// Tokens generated after each row's first (which the prefill produces) per second,
+    /// summed over the rows.
+    pub fn decode_tokens_per_sec(&self) -> f64 {
+        rate(
+            self.generated_tokens.saturating_sub(self.rows),
+            self.decode_secs,
+        )
     }
 }
 
@@ -449,6 +455,7 @@ impl<'t, 'o> Run<'t, 'o> {
         }
         self.stats.decode_secs = t_decode.elapsed().as_secs_f64();
         self.stats.generated_tokens = rows.iter().map(|r| r.tokens.len()).sum();
+        self.stats.rows = rows.len();
         self.stats.cache_bytes = session.cache_bytes();
         self.stats.cache_bytes_per_token = session.cache_bytes_per_token();
         if self.opts.speculative.is_some() {

@@ -188,14 +188,14 @@ impl DecodeArgs {
 }
 
 /// `prompt tokens: 12, generated: 64, prefill: 512.0 tok/s, decode: 40.1 tok/s, cache: ...`
-pub fn stats_line(g: &Generation, rows: usize) -> String {
+pub fn stats_line(g: &Generation) -> String {
     let s = &g.stats;
     let mut line = format!(
         "prompt tokens: {}, generated: {}, prefill: {:.1} tok/s, decode: {:.1} tok/s, cache: {} bytes ({} per token)",
         s.prompt_tokens,
         s.generated_tokens,
         s.prefill_tokens_per_sec(),
-        s.decode_tokens_per_sec(rows),
+        s.decode_tokens_per_sec(),
         s.cache_bytes,
         s.cache_bytes_per_token,
     );
@@ -211,7 +211,7 @@ pub fn stats_line(g: &Generation, rows: usize) -> String {
 }
 
 /// The `stats` object of `--json` (decode tokens/s summed over the batch's `rows`).
-pub fn stats_json(g: &Generation, rows: usize) -> serde_json::Value {
+pub fn stats_json(g: &Generation) -> serde_json::Value {
     let s = &g.stats;
     let mut j = serde_json::json!({
         "prompt_tokens": s.prompt_tokens,
@@ -220,7 +220,7 @@ pub fn stats_json(g: &Generation, rows: usize) -> serde_json::Value {
         "prefill_secs": s.prefill_secs,
         "decode_secs": s.decode_secs,
         "prefill_tokens_per_sec": s.prefill_tokens_per_sec(),
-        "decode_tokens_per_sec": s.decode_tokens_per_sec(rows),
+        "decode_tokens_per_sec": s.decode_tokens_per_sec(),
         "cache_bytes": s.cache_bytes,
         "cache_bytes_per_token": s.cache_bytes_per_token,
     });
@@ -360,7 +360,7 @@ fn generate_file<B: DsBackend>(
     for batch in prompts.chunks(a.batch_size) {
         let ids: Vec<Vec<u32>> = batch.iter().map(|p| p.ids.clone()).collect();
         let gens = generate_batch(&model, tok.as_ref(), &ids, &opts, |_| {}).map_err(infer)?;
-        let stats = gens.first().map(|g| stats_json(g, batch.len()));
+        let stats = gens.first().map(|g| stats_json(g));
         for (g, p) in gens.iter().zip(batch) {
             let mut j = serde_json::json!({
                 "index": index,
@@ -493,12 +493,12 @@ fn generate_on<B: DsBackend>(
             "tokens": g.tokens,
             "text": g.text,
             "stop": g.stop,
-            "stats": stats_json(&g, 1),
+            "stats": stats_json(&g),
         });
         writeln!(out, "{j}").map_err(io)?;
     } else {
         writeln!(out).map_err(io)?;
-        writeln!(out, "{}", stats_line(&g, 1)).map_err(io)?;
+        writeln!(out, "{}", stats_line(&g)).map_err(io)?;
         if let Some(line) = rss {
             writeln!(out, "{line}").map_err(io)?;
         }
@@ -583,7 +583,7 @@ pub fn chat_on<B: DsBackend>(
         writeln!(
             out,
             "[{}, reused {} cached tokens]",
-            stats_line(&g, 1),
+            stats_line(&g),
             g.stats.prompt_tokens - g.stats.prefilled_tokens
         )
         .map_err(io)?;

@@ -68,6 +68,17 @@ fn batched_generation_equals_unbatched() {
     }
     assert_eq!(batched[1].stop, StopReason::Eos(eos));
     assert_eq!(batched[1].tokens.len(), 4);
+    // The stats are the batch's: every row's tokens, 3 rows (the decode rate leaves out each
+    // row's first token, which the prefill produced).
+    let st = &batched[0].stats;
+    assert_eq!(st.rows, 3);
+    let total: usize = batched.iter().map(|g| g.tokens.len()).sum();
+    assert_eq!(st.generated_tokens, total);
+    let rate = (total - 3) as f64 / st.decode_secs;
+    assert!(
+        (st.decode_tokens_per_sec() - rate).abs() <= 1e-9 * rate,
+        "{st:?}"
+    );
     assert!(batched.iter().any(|g| g.stop == StopReason::MaxNewTokens));
 
     let sampled = GenerateOptions {
