@@ -360,7 +360,7 @@ fn generate_file<B: DsBackend>(
     for batch in prompts.chunks(a.batch_size) {
         let ids: Vec<Vec<u32>> = batch.iter().map(|p| p.ids.clone()).collect();
         let gens = generate_batch(&model, tok.as_ref(), &ids, &opts, |_| {}).map_err(infer)?;
-        let stats = gens.first().map(|g| stats_json(g));
+        let stats = gens.first().map(stats_json);
         for (g, p) in gens.iter().zip(batch) {
             let mut j = serde_json::json!({
                 "index": index,
