@@ -707,6 +707,14 @@ pub struct DistillArgs {
 
 /// `dsv3 distill`: `sft` with the next-token term replaced by the distillation mix.
 pub fn distill(a: &DistillArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    for (what, dir) in [("--teacher", &a.teacher), ("--model", &a.sft.model)] {
+        if !dir.is_dir() {
+            return Err(CliError::Usage(format!(
+                "{what} {}: no such model directory",
+                dir.display()
+            )));
+        }
+    }
     let student = Tokenizer::from_dir(&a.sft.model).map_err(infer)?;
     let teacher = Tokenizer::from_dir(&a.teacher).map_err(infer)?;
     let same = match (&student, &teacher) {
@@ -715,7 +723,8 @@ pub fn distill(a: &DistillArgs, out: &mut dyn Write) -> Result<(), CliError> {
     };
     if !same {
         return Err(CliError::Usage(format!(
-            "teacher {} and student {} do not share a tokenizer (tokenizer.json vocabularies              differ or one is missing): distillation compares their distributions id by id",
+            "teacher {} and student {} do not share a tokenizer (tokenizer.json vocabularies \
+             differ or one is missing): distillation compares their distributions id by id",
             a.teacher.display(),
             a.sft.model.display()
         )));
@@ -783,9 +792,10 @@ fn run_sft(
             a.data.display()
         )));
     }
-    if !a.resume && dsv3_train::has_checkpoint(&a.out) {
+    if !a.resume && dsv3_train::holds_saved_model(&a.out) {
         return Err(CliError::Usage(format!(
-            "{} already holds checkpoints: continue with --resume, or give another --out",
+            "{} already holds a saved run (checkpoints or final/): continue with --resume, or give \
+                 another --out",
             a.out.display()
         )));
     }
@@ -847,7 +857,7 @@ fn run_sft(
         data: None,
         model: model_cfg,
         train: cfg,
-        steps_given: true,
+        given: dsv3_train::Given::all(),
         resume: a.resume,
         progress: true,
         parallel: None,

@@ -45,7 +45,9 @@ pub struct TrainArgs {
     /// Save a checkpoint every N steps (0: only at the end).
     #[arg(long)]
     pub checkpoint_every: Option<usize>,
-    /// Continue from the newest complete checkpoint in --out.
+    /// Continue from the newest usable checkpoint in --out, with its settings and data (--data
+    /// may name the same data; of the other flags only --steps, --checkpoint-every,
+    /// --log-every, --eval-every and --keep apply).
     #[arg(long)]
     pub resume: bool,
     /// Backend to train on: flex (alias cpu), or wgpu / cuda when built with them (f32 master
@@ -245,6 +247,13 @@ where
     B::Device: Default,
 {
     let (model, train) = settings(a)?;
+    // Checked before training, not when the samples are drawn after it.
+    dsv3_infer::SamplingOptions {
+        temperature: a.sample_temperature,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| CliError::Usage(format!("--sample-temperature: {e}")))?;
     // With --pp the processes are PP × DP (DP pipelines; --ep groups inside each stage's DP
     // replicas), without it EP × DP.
     let ranks = if a.pp > 1 {
@@ -285,9 +294,10 @@ where
                 return Err(train_err(TrainError::MissingData(d.clone())));
             }
         }
-        if !a.resume && dsv3_train::has_checkpoint(&a.out) {
+        if !a.resume && dsv3_train::holds_saved_model(&a.out) {
             return Err(CliError::Usage(format!(
-                "{} already holds checkpoints: continue with --resume, or give another --out",
+                "{} already holds a saved run (checkpoints or final/): continue with --resume, or give \
+                 another --out",
                 a.out.display()
             )));
         }
@@ -306,10 +316,20 @@ where
     };
     let opts = RunOptions {
         out: a.out.clone(),
-        data: a.data.clone().map(DataSource::Path),
+        // Absolute, so that a resume from another directory finds it.
+        data: a
+            .data
+            .clone()
+            .map(|d| DataSource::Path(std::path::absolute(&d).unwrap_or(d))),
         model,
         train,
-        steps_given: a.steps.is_some(),
+        given: dsv3_train::Given {
+            steps: a.steps.is_some(),
+            checkpoint_every: a.checkpoint_every.is_some(),
+            log_every: a.log_every.is_some(),
+            eval_every: a.eval_every.is_some(),
+            keep_checkpoints: a.keep.is_some(),
+        },
         resume: a.resume,
         progress: true,
         parallel: parallel.clone(),
@@ -319,6 +339,16 @@ where
             kind: a.schedule,
         }),
     };
+    if a.resume {
+        let ignored = ignored_on_resume(a);
+        if !ignored.is_empty() && comm.rank() == 0 {
+            super::warn(format_args!(
+                "--resume continues with the checkpoint's settings: {} ignored (only --steps, \
+                 --checkpoint-every, --log-every, --eval-every and --keep apply)",
+                ignored.join(", ")
+            ));
+        }
+    }
     let device = Default::default();
     let mut say = |line: &str| {
         let _ = writeln!(out, "{line}");
@@ -384,6 +414,29 @@ where
         )?;
     }
     Ok(())
+}
+
+/// The flags given with `--resume` that the run does not take (the checkpoint's values hold).
+fn ignored_on_resume(a: &TrainArgs) -> Vec<&'static str> {
+    [
+        ("--preset", a.preset.is_some()),
+        ("--config", a.config.is_some()),
+        ("--seed", a.seed.is_some()),
+        ("--batch-size", a.batch_size.is_some()),
+        ("--seq-len", a.seq_len.is_some()),
+        ("--grad-accum", a.grad_accum.is_some()),
+        ("--lr", a.lr.is_some()),
+        ("--warmup", a.warmup.is_some()),
+        ("--mtp-lambda", a.mtp_lambda.is_some()),
+        ("--balance-alpha", a.balance_alpha.is_some()),
+        ("--bias-gamma", a.bias_gamma.is_some()),
+        ("--workers", a.workers.is_some()),
+        ("--attention", a.attention.is_some()),
+        ("--precision", a.precision.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(flag, given)| given.then_some(flag))
+    .collect()
 }
 
 /// Prompts for the samples: openings that occur in the embedded corpus.
@@ -501,6 +554,13 @@ pub fn plot_runs(a: &PlotRunsArgs, out: &mut dyn Write) -> Result<(), CliError> 
             )));
         }
         let records = dsv3_train::metrics::read(&path).map_err(train_err)?;
+        if records.is_empty() {
+            return Err(CliError::Usage(format!(
+                "{} holds no training records (step, loss): plot-runs draws pretraining and \
+                 fine-tuning runs, not rl",
+                path.display()
+            )));
+        }
         runs.push((label.clone(), records));
     }
     dsv3_train::compare_runs(&runs, &a.out).map_err(train_err)?;

@@ -107,6 +107,11 @@ fn cli_pipeline_sim_json_text_png_and_errors() {
     assert!(e.contains("above the 1048576 this simulator takes"), "{e}");
     let e = dsv3(&["pipeline-sim", "--schedule", "gpipe"]).unwrap_err();
     assert!(e.contains("unknown pipeline schedule"), "{e}");
+    let e = dsv3(&["pipeline-sim", "--schedule", "1f1b", "--costs=1,2,1,3,-1"]).unwrap_err();
+    assert!(
+        e.contains("invalid pipeline costs: each must be finite and ≥ 0, got F=1 B=2 W=1"),
+        "{e}"
+    );
     let e = dsv3(&["pipeline-sim", "--schedule", "1f1b", "--costs", "1,2"]).unwrap_err();
     assert!(e.contains("F,B,W"), "{e}");
     assert_eq!(e.lines().count(), 1, "{e}");

@@ -430,7 +430,7 @@ fn sft_trains_saves_and_resumes() {
         .all(|r| r["val_loss"].as_f64().unwrap().is_finite()));
     // A fresh run into the same directory is refused; --resume continues.
     let e = dsv3(&a.iter().map(String::as_str).collect::<Vec<_>>()).unwrap_err();
-    assert!(e.contains("already holds checkpoints"), "{e}");
+    assert!(e.contains("already holds a saved run"), "{e}");
     let mut r = args("4");
     r.push("--resume".into());
     let report = dsv3(&r.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
@@ -588,6 +588,24 @@ fn distill_from_an_identical_teacher_starts_at_zero_loss() {
     .unwrap_err();
     assert!(
         e.starts_with("teacher ") && e.contains("do not share a tokenizer"),
+        "{e}"
+    );
+    assert!(!e.contains("  "), "no run of spaces from a line break: {e}");
+    let missing = dir.join("no-teacher");
+    let e = dsv3(&[
+        "distill",
+        "--teacher",
+        s(&missing),
+        "--model",
+        s(&dir),
+        "--data",
+        s(&data),
+        "--out",
+        s(&dir.join("run3")),
+    ])
+    .unwrap_err();
+    assert!(
+        e.starts_with("--teacher ") && e.ends_with("no-teacher: no such model directory"),
         "{e}"
     );
     for d in [dir, teacher] {

@@ -96,6 +96,16 @@ fn rl_runs_logs_saves_and_is_seeded() {
         assert!(f("kl") >= 0.0 && f("loss").is_finite() && f("grad_norm").is_finite());
     }
     assert_eq!(r1[0]["kl"].as_f64(), Some(0.0));
+    // plot-runs draws training runs: an rl directory's records are refused by name.
+    let e = dsv3(&[
+        "plot-runs",
+        "--run",
+        &format!("a={}", s(&out1)),
+        "--out",
+        s(&dir.join("p.png")),
+    ])
+    .unwrap_err();
+    assert!(e.contains("metrics.jsonl holds no training records"), "{e}");
     assert!(r1[0].get("eval_exact_match").is_none());
     assert!(r1[1]["eval_exact_match"].as_f64().is_some());
     run(&out2).unwrap();
@@ -142,6 +152,9 @@ fn rl_bad_inputs_get_one_line() {
     );
     let e = run(&["--reward", "regex"]);
     assert_eq!(e, "the regex reward needs a pattern (--answer-regex)");
+    // The regex crate's multi-line message comes out as one line.
+    let e = run(&["--reward", "regex", "--answer-regex", "("]);
+    assert_eq!(e, "answer pattern \"(\" does not compile: unclosed group");
     let e = run(&["--temperature", "0"]);
     assert!(e.contains("temperature = 0 must be > 0"), "{e}");
     std::fs::write(

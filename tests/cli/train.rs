@@ -74,7 +74,7 @@ fn cli_train_tiny_writes_metrics_checkpoints_plot_and_resumes() {
     ])
     .unwrap_err();
     assert!(
-        e.contains("already holds checkpoints") && e.contains("--resume"),
+        e.contains("already holds a saved run") && e.contains("--resume"),
         "{e}"
     );
     let s = dsv3(&[
@@ -124,6 +124,30 @@ fn cli_train_tiny_writes_metrics_checkpoints_plot_and_resumes() {
         "{s}"
     );
     assert_eq!(s.matches("warning:").count(), 1, "{s}");
+    // Without --log-every the resumed run logs every 2 steps as the checkpoint says (the
+    // preset's default is 10): step 8 is logged again.
+    let steps: Vec<usize> = dsv3_train::metrics::read(&run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(steps, vec![2, 4, 6, 8]);
+    // --steps below the checkpoint's step is refused, and the checkpoint is left as it was.
+    let state = std::fs::read(run_dir.join("step-6/train_state.json")).unwrap();
+    let e = dsv3(&[
+        "train",
+        "--resume",
+        "--steps",
+        "3",
+        "--out",
+        run_dir.to_str().unwrap(),
+    ])
+    .unwrap_err();
+    assert!(e.contains("--steps 3 is below the step"), "{e}");
+    assert_eq!(
+        std::fs::read(run_dir.join("step-6/train_state.json")).unwrap(),
+        state
+    );
 }
 
 /// `--backend wgpu` trains the same model as Flex: the same seed and data give the same losses
@@ -234,5 +258,32 @@ fn cli_train_bad_inputs_give_one_line_errors() {
     check(&["--backend", "cuda", "--out", o], "not available");
     let e = dsv3(&["train", "--preset", "huge", "--out", o]).unwrap_err();
     assert!(e.contains("unknown training preset"), "{e}");
+    // Checked before training, not after it.
+    let e = dsv3(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--sample-temperature=-1",
+        "--out",
+        o,
+    ])
+    .unwrap_err();
+    assert!(
+        e.contains("--sample-temperature: invalid option temperature = -1"),
+        "{e}"
+    );
     assert!(!out.join("final").exists(), "no run happened");
+    // A directory holding a final model and no step checkpoint (an `rl` run's layout) is not
+    // overwritten by a new run.
+    let held = dir.join("held");
+    std::fs::create_dir_all(held.join("final")).unwrap();
+    write(&held.join("final/model.safetensors"), "weights");
+    check(
+        &["--out", held.to_str().unwrap()],
+        "already holds a saved run (checkpoints or final/)",
+    );
+    assert_eq!(
+        std::fs::read_to_string(held.join("final/model.safetensors")).unwrap(),
+        "weights"
+    );
 }

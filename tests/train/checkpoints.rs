@@ -130,6 +130,53 @@ fn interrupted_writes_leave_the_previous_checkpoint_loadable() {
     assert!(out.join("step-4/train_state.json").is_file());
 }
 
+/// A run resumed behind an unusable newer checkpoint (here a torn `step-5`, skipped with a
+/// warning) keeps its own checkpoints: pruning counts only those up to the step just saved, so
+/// with `keep_checkpoints = 1` the save at step 3 removes step 2, not step 3 (counting step 5
+/// would have removed both and left only the torn one). `--steps` below the checkpoint's step
+/// is refused.
+#[test]
+fn pruning_passes_over_unusable_newer_checkpoints() {
+    let cfg = TrainConfig {
+        keep_checkpoints: 1,
+        ..tiny_cfg()
+    };
+    let mut t = trainer(cfg.clone(), 6);
+    t.train_step().unwrap();
+    t.train_step().unwrap();
+    let out = scratch("prune-torn");
+    let good = checkpoint::save(&t, &out, "test-docs", 0.0).unwrap();
+    let torn = out.join("step-5");
+    std::fs::create_dir_all(&torn).unwrap();
+    for f in ["config.json", "optimizer.mpk", "train_state.json"] {
+        std::fs::copy(good.join(f), torn.join(f)).unwrap();
+    }
+    std::fs::write(torn.join("model.safetensors"), b"torn").unwrap();
+
+    let data = Dataset::pack(&docs(6), cfg.seq_len, cfg.val_every).unwrap();
+    let Err(e) = checkpoint::resume::<AD>(&out, &data, Some(1), &device(), None) else {
+        panic!("--steps 1 below the checkpoint's step 2 must be refused");
+    };
+    assert!(e.to_string().contains("--steps 1 is below the step"), "{e}");
+    let (mut r, dir, _, warnings) =
+        checkpoint::resume::<AD>(&out, &data, None, &device(), None).unwrap();
+    assert_eq!((dir, r.step), (good.clone(), 2));
+    assert!(
+        warnings.iter().any(|w| w.contains("step-5")),
+        "{warnings:?}"
+    );
+    r.train_step().unwrap();
+    let third = checkpoint::save(&r, &out, "test-docs", 0.0).unwrap();
+    let steps: Vec<usize> = checkpoint::complete(&out).iter().map(|c| c.0).collect();
+    assert_eq!(
+        steps,
+        [3, 5],
+        "step 2 pruned, step 3 kept, the torn step 5 left alone"
+    );
+    let (again, dir, _, _) = checkpoint::resume::<AD>(&out, &data, None, &device(), None).unwrap();
+    assert_eq!((dir, again.step), (third, 3));
+}
+
 #[test]
 fn checkpoint_loads_in_score_with_the_same_logits() {
     let mut t = trainer(tiny_cfg(), 6);

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use burn::module::ParamId;
 use burn::optim::Optimizer;
-use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
+use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder, RecorderError};
 use dsv3_model::{DeepseekV3, LoadOptions, SaveDtype};
 use serde::{Deserialize, Serialize};
 
@@ -425,7 +425,7 @@ pub fn save<B: DsAutodiffBackend>(
             Some(shard),
         )?;
         let pruned = if par.is_lead() {
-            prune(out, t.cfg.keep_checkpoints)
+            prune(out, t.cfg.keep_checkpoints, t.step)
         } else {
             Ok(())
         };
@@ -436,17 +436,23 @@ pub fn save<B: DsAutodiffBackend>(
     let mut files = tokenizer_files(t);
     files.extend([(OPTIM_FILE, optimizer_bytes(t)?), (STATE_FILE, state_json)]);
     write_atomically(&t.model, &dest, &files)?;
-    prune(out, t.cfg.keep_checkpoints)?;
+    prune(out, t.cfg.keep_checkpoints, t.step)?;
     Ok(dest)
 }
 
-/// Deletes complete checkpoints beyond the newest `keep` (at least one is kept).
+/// Deletes complete checkpoints beyond the newest `keep` (at least one is kept) among those at
+/// or below step `upto` (the one just saved). Checkpoints past it are neither counted nor
+/// deleted: a run resumes behind them only when they were unusable, and counting them would
+/// delete the usable ones as the run saves.
 ///
 /// # Errors
 /// [`TrainError::Io`] when a checkpoint directory cannot be removed; older ones may already
 /// be gone then. An unreadable `out` is not an error (nothing is pruned).
-pub fn prune(out: &Path, keep: usize) -> Result<(), TrainError> {
-    let all = complete(out);
+pub fn prune(out: &Path, keep: usize, upto: usize) -> Result<(), TrainError> {
+    let all: Vec<_> = complete(out)
+        .into_iter()
+        .filter(|&(step, _)| step <= upto)
+        .collect();
     let n = all.len();
     for (_, p) in all.into_iter().take(n.saturating_sub(keep.max(1))) {
         std::fs::remove_dir_all(&p).map_err(io("remove", &p))?;
@@ -543,7 +549,17 @@ pub fn load<B: DsAutodiffBackend>(
         bytes,
         device,
     )
-    .map_err(|e| bad(format!("{OPTIM_FILE}: {e:?}")))?;
+    .map_err(|e| {
+        // Burn's recorder error carries a paragraph after the failure (advice about an old
+        // record format, which does not apply here): the failure alone is kept.
+        let (RecorderError::FileNotFound(m)
+        | RecorderError::DeserializeError(m)
+        | RecorderError::Unknown(m)) = e;
+        let why = m.lines().next().unwrap_or("").trim().to_string();
+        bad(format!(
+            "{optim_file}: not a readable optimiser state ({why})"
+        ))
+    })?;
     let ids: Vec<ParamId> = model.param_names().into_iter().map(|(id, _)| id).collect();
     let record: <Optim<B> as Optimizer<DeepseekV3<B>, B>>::Record = record
         .into_iter()
@@ -561,6 +577,13 @@ pub fn load<B: DsAutodiffBackend>(
         .collect::<Result<_, _>>()?;
     let mut cfg = state.train.clone();
     if let Some(s) = steps {
+        if s < state.step {
+            return Err(TrainError::Invalid(format!(
+                "--steps {s} is below the step of the checkpoint resumed from ({}, {})",
+                state.step,
+                dir.display()
+            )));
+        }
         cfg.steps = s;
     }
     crate::trainer::check_setup(&model.config, &cfg, &data)?;

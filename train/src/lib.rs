@@ -51,6 +51,9 @@ pub use config::{for_bytes, preset, Precision, Preset, StateDtype, TrainConfig, 
 pub use error::TrainError;
 pub use parallel::Parallel;
 pub use plot::compare_runs;
-pub use run::{fine_tune, has_checkpoint, run, DataSource, FineTune, RunOptions, RunSummary};
+pub use run::{
+    fine_tune, has_checkpoint, holds_saved_model, run, DataSource, FineTune, Given, RunOptions,
+    RunSummary,
+};
 pub use tokenizer::{ByteTokenizer, VOCAB as BYTE_VOCAB};
 pub use trainer::{CommStats, EvalStats, StepStats, Trainer};

@@ -118,7 +118,7 @@ pub enum PipelineError {
         micro_batches: usize,
         needed: usize,
     },
-    #[error("invalid pipeline costs {0}")]
+    #[error("invalid pipeline costs: {0}")]
     BadCosts(String),
     #[error("pipeline deadlock: no rank can go on: {0}")]
     Deadlock(String),

@@ -31,9 +31,17 @@ impl RuleReward {
         match (name, pattern) {
             ("exact", None) => Ok(Self::Exact),
             ("number", None) => Ok(Self::Number),
-            ("regex", Some(p)) => regex::Regex::new(p)
-                .map(Self::Regex)
-                .map_err(|e| TrainError::Invalid(format!("answer pattern {p:?}: {e}"))),
+            ("regex", Some(p)) => regex::Regex::new(p).map(Self::Regex).map_err(|e| {
+                // The regex crate's message spans lines (the pattern, a caret, the reason).
+                let why = e.to_string();
+                let why = why
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+                    .trim()
+                    .trim_start_matches("error: ");
+                TrainError::Invalid(format!("answer pattern {p:?} does not compile: {why}"))
+            }),
             ("regex", None) => bad("the regex reward needs a pattern (--answer-regex)".into()),
             ("exact" | "number", Some(_)) => bad(format!(
                 "an answer pattern is only used by the regex reward, not by {name}"

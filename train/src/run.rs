@@ -62,10 +62,11 @@ pub struct RunOptions {
     pub data: Option<DataSource>,
     /// Model shape of a new run (a resumed run keeps its own).
     pub model: DeepseekV3Config,
-    /// Settings of a new run; on resume only `steps` (when `steps_given`), `checkpoint_every`,
-    /// `log_every`, `eval_every` and `keep_checkpoints` are taken from here.
+    /// Settings of a new run; on resume only those marked in `given` are taken from here.
     pub train: TrainConfig,
-    pub steps_given: bool,
+    /// Which of `train`'s run-length and interval settings apply on resume (the others keep
+    /// the checkpoint's values; every other setting is always the checkpoint's).
+    pub given: Given,
     pub resume: bool,
     /// Draw the progress bar on stderr.
     pub progress: bool,
@@ -80,6 +81,29 @@ pub struct RunOptions {
     /// without it every rank holds the whole model, the ranks stay identical and rank 0 writes
     /// the checkpoints, every rank resuming from them.
     pub pipeline: Option<crate::pipeline::exec::PipelinePlan>,
+}
+
+/// The settings of [`RunOptions::train`] that a resumed run takes over the checkpoint's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Given {
+    pub steps: bool,
+    pub checkpoint_every: bool,
+    pub log_every: bool,
+    pub eval_every: bool,
+    pub keep_checkpoints: bool,
+}
+
+impl Given {
+    /// Every one of them (a command whose flags all have values).
+    pub fn all() -> Self {
+        Self {
+            steps: true,
+            checkpoint_every: true,
+            log_every: true,
+            eval_every: true,
+            keep_checkpoints: true,
+        }
+    }
 }
 
 /// What a run did.
@@ -273,22 +297,42 @@ fn run_with<B: DsAutodiffBackend>(
                     ft.data.clone(),
                 ),
                 None => {
-                    let source = opts
-                        .data
-                        .clone()
-                        .unwrap_or_else(|| DataSource::from_name(&state.data));
+                    let source = match &opts.data {
+                        Some(d) => d.clone(),
+                        None => match DataSource::from_name(&state.data) {
+                            DataSource::Path(p) if !p.exists() => {
+                                return Err(TrainError::Invalid(format!(
+                                    "the checkpoint's data path {} does not exist from here \
+                                     (a relative path is relative to where the run started): \
+                                     give --data",
+                                    p.display()
+                                )))
+                            }
+                            s => s,
+                        },
+                    };
                     let data = pack(&source, &state.train, &mut warnings)?;
                     (source, data)
                 }
             };
-            let steps = opts.steps_given.then_some(opts.train.steps);
+            let given = opts.given;
+            let steps = given.steps.then_some(opts.train.steps);
             let par = opts.parallel.as_ref();
             let (mut t, dir, state, w) = checkpoint::resume::<B>(out, &data, steps, device, par)?;
             warnings.extend(w);
-            t.cfg.checkpoint_every = opts.train.checkpoint_every;
-            t.cfg.log_every = opts.train.log_every;
-            t.cfg.eval_every = opts.train.eval_every;
-            t.cfg.keep_checkpoints = opts.train.keep_checkpoints;
+            let new = &opts.train;
+            if given.checkpoint_every {
+                t.cfg.checkpoint_every = new.checkpoint_every;
+            }
+            if given.log_every {
+                t.cfg.log_every = new.log_every;
+            }
+            if given.eval_every {
+                t.cfg.eval_every = new.eval_every;
+            }
+            if given.keep_checkpoints {
+                t.cfg.keep_checkpoints = new.keep_checkpoints;
+            }
             t.cfg.validate()?;
             t.tokenizer_files = ft.map(|f| f.tokenizer_files.clone());
             t.teacher = ft.map(|f| teacher::<B>(f, device)).transpose()?.flatten();
@@ -539,4 +583,11 @@ fn run_with<B: DsAutodiffBackend>(
 /// `true` when `dir` holds at least one complete checkpoint.
 pub fn has_checkpoint(dir: &Path) -> bool {
     !checkpoint::complete(dir).is_empty()
+}
+
+/// `true` when `dir` holds a saved model a new run there would overwrite: a complete
+/// checkpoint or a `final/` model (e.g. of an `rl` run, or after the step checkpoints were
+/// removed).
+pub fn holds_saved_model(dir: &Path) -> bool {
+    has_checkpoint(dir) || dir.join("final").join("model.safetensors").exists()
 }

@@ -92,7 +92,7 @@ impl Costs {
         ];
         if all.iter().any(|x| !x.is_finite() || *x < 0.0) {
             return Err(PipelineError::BadCosts(format!(
-                "costs must be finite and ≥ 0, got {self}"
+                "each must be finite and ≥ 0, got {self}"
             )));
         }
         if self.weight > self.backward {
