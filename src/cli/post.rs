@@ -618,7 +618,7 @@ pub struct SftArgs {
     /// Held-out conversations (JSONL like --data, e.g. make-task's test_chat.jsonl) to
     /// validate on; every conversation of --data then trains. Runs that share this file report
     /// comparable validation losses.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "val_every")]
     pub val_data: Option<PathBuf>,
     /// Validate every N steps.
     #[arg(long, default_value_t = 50)]

@@ -481,6 +481,9 @@ fn sft_validates_on_a_held_out_file() {
     // A held-out file that is not there: one line naming it.
     let e = run(&dir.join("none.jsonl"), "run2", &[]).unwrap_err();
     assert!(e.contains("none.jsonl"), "{e}");
+    // --val-every means nothing with a held-out file: refused rather than ignored.
+    let e = run(&held, "run3", &["--val-every", "3"]).unwrap_err();
+    assert!(e.contains("--val-data") && e.contains("--val-every"), "{e}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

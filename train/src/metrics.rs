@@ -84,7 +84,10 @@ impl MetricsLog {
                 if !text.is_empty() {
                     text.push('\n');
                 }
-                std::fs::write(&path, text).map_err(|e| TrainError::io("write", &path, e))?;
+                // Through a temporary file: a kill while writing leaves the old log whole.
+                let tmp = dir.join(".metrics.jsonl.tmp");
+                std::fs::write(&tmp, text).map_err(|e| TrainError::io("write", &tmp, e))?;
+                std::fs::rename(&tmp, &path).map_err(|e| TrainError::io("write", &path, e))?;
             }
             Some(_) => {}
             None => {
