@@ -88,6 +88,9 @@ pub fn pipeline_sim(a: &PipelineSimArgs, out: &mut dyn Write) -> Result<(), CliE
     }
     let table_bubble = a.costs.report_bubble(a.schedule, a.pp);
     let table_acts = report_activations(a.schedule, a.pp);
+    // Table 2's expressions are for a full pipeline: at least PP micro-batches in flight
+    // (DualPipe's own minimum, 2·PP, is enforced by the schedule).
+    let table_applies = a.micro_batches >= a.pp;
     let w = |e: std::io::Error| super::write_err(std::path::Path::new("stdout"), e);
     if a.json {
         let c = &a.costs;
@@ -106,6 +109,7 @@ pub fn pipeline_sim(a: &PipelineSimArgs, out: &mut dyn Write) -> Result<(), CliE
             "report_bubble": table_bubble,
             "report_bubble_formula": formula(a.schedule),
             "report_activations": table_acts,
+            "report_applies": table_applies,
         });
         writeln!(out, "{v}").map_err(w)?;
         return Ok(());
@@ -127,6 +131,15 @@ pub fn pipeline_sim(a: &PipelineSimArgs, out: &mut dyn Write) -> Result<(), CliE
         table_acts
     )
     .map_err(w)?;
+    if !table_applies {
+        writeln!(
+            out,
+            "note: Table 2's expressions assume at least PP = {} micro-batches; with {} they \
+             do not apply",
+            a.pp, a.micro_batches
+        )
+        .map_err(w)?;
+    }
     writeln!(out, "rank  bubble  busy  activations").map_err(w)?;
     for r in 0..a.pp {
         writeln!(

@@ -29,6 +29,27 @@ fn cli_pipeline_sim_json_text_png_and_errors() {
         .collect();
     assert_eq!(acts, vec![9; 8]);
     assert_eq!(s.trim().lines().count(), 1, "one JSON object");
+    assert_eq!(v["report_applies"].as_bool(), Some(true), "{v}");
+    // Fewer micro-batches than ranks: the run's bubble (5) is not Table 2's (3), and the
+    // output says the table does not apply.
+    let args = [
+        "pipeline-sim",
+        "--schedule",
+        "zb1p",
+        "--pp",
+        "4",
+        "--micro-batches",
+        "2",
+    ];
+    let v: serde_json::Value =
+        serde_json::from_str(dsv3(&[&args[..], &["--json"]].concat()).unwrap().trim()).unwrap();
+    assert_eq!(v["report_applies"].as_bool(), Some(false), "{v}");
+    assert_ne!(v["bubble"], v["report_bubble"], "{v}");
+    let s = dsv3(&args).unwrap();
+    assert!(
+        s.contains("assume at least PP = 4 micro-batches; with 2 they do not apply"),
+        "{s}"
+    );
 
     // 1F1B with explicit costs (F=2, B=4, W=1, F&B=6, comm 0): (PP-1)(F+B) = 18 at PP=4.
     let s = dsv3(&[
