@@ -575,6 +575,34 @@ fn distill_from_an_identical_teacher_starts_at_zero_loss() {
     let ce = records[0]["ce_loss"].as_f64().unwrap();
     assert!(loss.abs() < 1e-5, "loss {loss}");
     assert!(ce > 1.0, "the hard-label term is still reported: {ce}");
+    // A resume with another α is refused: the checkpoint records its teacher and settings.
+    let e = dsv3(&[
+        "distill",
+        "--teacher",
+        s(&teacher),
+        "--model",
+        s(&dir),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--temperature",
+        "1",
+        "--alpha",
+        "0.5",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--val-every",
+        "2",
+        "--resume",
+    ])
+    .unwrap_err();
+    assert!(
+        e.contains("(τ = 1, α = 1), this resume gives teacher") && e.contains("α = 0.5"),
+        "{e}"
+    );
     // Another tokenizer: the byte-level one `dsv3 train` writes (258 ids, no added markers).
     dsv3_train::ByteTokenizer.save(&teacher).unwrap();
     let e = dsv3(&[

@@ -58,6 +58,39 @@ pub struct TrainState {
     /// which stages each rank holds, so which optimiser state its shard has.
     #[serde(default)]
     pub schedule: Option<String>,
+    /// A distillation run's teacher and its settings (`None` otherwise, and in checkpoints
+    /// written before it was recorded).
+    #[serde(default)]
+    pub distill: Option<DistillSetting>,
+}
+
+/// What a distillation run's loss depends on besides the student: a resume must give the same.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DistillSetting {
+    /// The teacher's directory, absolute.
+    pub teacher: String,
+    pub temperature: f64,
+    pub alpha: f64,
+}
+
+impl DistillSetting {
+    pub fn of<B: DsBackend>(t: &crate::distill::Teacher<B>) -> Self {
+        Self {
+            teacher: t.dir.display().to_string(),
+            temperature: t.temperature,
+            alpha: t.alpha,
+        }
+    }
+}
+
+impl std::fmt::Display for DistillSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "teacher {} (τ = {}, α = {})",
+            self.teacher, self.temperature, self.alpha
+        )
+    }
 }
 
 fn one() -> usize {
@@ -411,6 +444,7 @@ pub fn save<B: DsAutodiffBackend>(
             .as_ref()
             .and_then(|p| p.schedule)
             .map(|k| k.to_string()),
+        distill: t.teacher.as_ref().map(DistillSetting::of),
     };
     let dest = step_dir(out, t.step);
     let state_json = serde_json::to_vec_pretty(&state).expect("state serialises");

@@ -22,6 +22,8 @@ use crate::error::TrainError;
 #[derive(Clone)]
 pub struct Teacher<B: DsBackend> {
     pub model: DeepseekV3<B>,
+    /// Where it was loaded from (recorded in checkpoints: a resume checks it is the same).
+    pub dir: std::path::PathBuf,
     pub temperature: f64,
     /// α, the soft term's weight (0: hard labels only).
     pub alpha: f64,

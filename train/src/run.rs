@@ -208,6 +208,7 @@ fn teacher<B: DsAutodiffBackend>(
     )?;
     Ok(Some(crate::distill::Teacher {
         model,
+        dir: std::path::absolute(dir).unwrap_or_else(|_| dir.clone()),
         temperature: *temperature,
         alpha: *alpha,
     }))
@@ -336,6 +337,16 @@ fn run_with<B: DsAutodiffBackend>(
             t.cfg.validate()?;
             t.tokenizer_files = ft.map(|f| f.tokenizer_files.clone());
             t.teacher = ft.map(|f| teacher::<B>(f, device)).transpose()?.flatten();
+            let now = t.teacher.as_ref().map(checkpoint::DistillSetting::of);
+            if let Some(before) = &state.distill {
+                if now.as_ref() != Some(before) {
+                    return Err(TrainError::Invalid(format!(
+                        "the checkpoint was trained with {before}, this resume gives {}: resume \
+                         with the same --teacher, --temperature and --alpha",
+                        now.map_or("no teacher".to_string(), |n| n.to_string())
+                    )));
+                }
+            }
             (t, source, Some(dir), state.elapsed_s)
         } else if let Some(ft) = ft {
             let (model, _) = dsv3_model::load::<B>(&ft.model_dir, device, &Default::default())?;
