@@ -309,8 +309,9 @@ impl DeepseekV3Config {
             .collect()
     }
 
-    /// The fields that size the model's tensors: a file that omits one describes part of the
-    /// 671B model, which a smaller checkpoint then contradicts.
+    /// The fields that size the model's tensors, and routing's k: a file that omits one
+    /// describes part of the 671B model, which a smaller checkpoint then contradicts (or, for
+    /// k, silently routes each token to 8 experts).
     pub const SIZE_FIELDS: &'static [&'static str] = &[
         "vocab_size",
         "hidden_size",

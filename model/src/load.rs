@@ -288,8 +288,9 @@ pub fn load<B: DsBackend>(
 ///   unreadable or malformed ([`Checkpoint::open`]).
 /// - [`ModelError::Config`]: `config.json` is missing, not JSON or not a computable config
 ///   ([`DeepseekV3Config::from_file`]).
-/// - Everything [`load_from_with`] returns; wrapped in [`ModelError::UnsetSizes`] when
-///   `config.json` leaves size fields ([`DeepseekV3Config::SIZE_FIELDS`]) to their defaults.
+/// - Everything [`load_from_with`] returns; a tensor of another shape or a missing one is
+///   wrapped in [`ModelError::UnsetSizes`] when `config.json` leaves size fields
+///   ([`DeepseekV3Config::SIZE_FIELDS`]) to their defaults.
 ///
 /// A `config.json` that leaves size fields to their defaults also gives a warning when the
 /// checkpoint loads (it then matches the 671B sizes in those fields).
@@ -338,12 +339,18 @@ pub fn load_with<B: DsBackend>(
         cfg.num_nextn_predict_layers = 0;
     }
     let (model, mut report) =
-        load_from_with(cfg, &ckpt, device, opts, weights).map_err(|e| match unset.is_empty() {
-            true => e,
-            false => ModelError::UnsetSizes {
-                source: Box::new(e),
-                fields: unset,
-            },
+        load_from_with(cfg, &ckpt, device, opts, weights).map_err(|e| match e {
+            // A tensor of another shape, or one the defaults ask for and the file lacks (more
+            // layers or experts): the unset sizes are the likely cause.
+            ModelError::Load(LoadError::WrongShape { .. } | LoadError::MissingTensor { .. })
+                if !unset.is_empty() =>
+            {
+                ModelError::UnsetSizes {
+                    source: Box::new(e),
+                    fields: unset,
+                }
+            }
+            e => e,
         })?;
     warnings.append(&mut report.warnings);
     report.warnings = warnings;

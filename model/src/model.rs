@@ -538,11 +538,10 @@ impl<B: DsBackend> DeepseekV3<B> {
     /// the tokens `depth + 2` ahead. The module's own attention runs at positions `offset..`.
     ///
     /// # Errors
-    /// [`ModelError::NoMtp`] when the model has no MTP module `depth` (it has
-    /// `model.mtp.len()`: none when not configured or skipped at load).
-    ///
-    /// # Panics
-    /// As [`Self::forward`], when `offset + T` exceeds [`MAX_POSITION`](crate::MAX_POSITION).
+    /// - [`ModelError::NoMtp`] when the model has no MTP module `depth` (it has
+    ///   `model.mtp.len()`: none when not configured or skipped at load).
+    /// - [`ModelError::PositionOutOfRange`] when `offset + T` exceeds
+    ///   [`MAX_POSITION`](crate::MAX_POSITION).
     pub fn forward_mtp(
         &self,
         depth: usize,
@@ -554,6 +553,7 @@ impl<B: DsBackend> DeepseekV3<B> {
     ) -> Result<MtpOutput<B>, ModelError> {
         self.mtp_module(depth)?;
         let [_, t, _] = h.dims();
+        crate::rope::check_positions(offset, t)?;
         let past_len = past.map(|kv| kv.len()).unwrap_or(0);
         let span = Span::contiguous(&self.rope, offset, t, past_len, &self.device());
         self.forward_mtp_span(depth, h, next_tokens, &span, past, opts)
@@ -609,7 +609,8 @@ impl<B: DsBackend> DeepseekV3<B> {
     ///
     /// # Errors
     /// [`ModelError::NoMtp`] when the model has no MTP module (none configured, or skipped at
-    /// load) or `tokens` holds fewer than 2 positions (nothing to predict a token ahead of).
+    /// load) or `tokens` holds fewer than 2 positions (nothing to predict a token ahead of);
+    /// [`ModelError::PositionOutOfRange`] as [`Self::forward_mtp`].
     pub fn mtp_logits(
         &self,
         tokens: Tensor<B, 2, Int>,

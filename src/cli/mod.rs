@@ -561,6 +561,23 @@ pub fn print_load_warnings(report: &dsv3_model::LoadReport) {
     }
 }
 
+/// Refuses a fresh run into `out` when it holds a saved model (step checkpoints or `final/`)
+/// that the run would overwrite.
+fn refuse_saved_run(out: &Path) -> Result<(), CliError> {
+    if !dsv3_train::holds_saved_model(out) {
+        return Ok(());
+    }
+    let how = if dsv3_train::has_checkpoint(out) {
+        "continue with --resume, or give another --out"
+    } else {
+        "it has no step checkpoint to resume from: give another --out"
+    };
+    Err(CliError::Usage(format!(
+        "{} already holds a saved run (checkpoints or final/): {how}",
+        out.display()
+    )))
+}
+
 /// One line on stderr, ignoring a closed stderr (`eprintln!` would panic on a broken pipe).
 pub fn note(line: std::fmt::Arguments) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");

@@ -575,16 +575,20 @@ pub struct SftArgs {
     /// Run directory: metrics.jsonl, step-N/ checkpoints, final/, training.png.
     #[arg(long, default_value = "runs/sft")]
     pub out: PathBuf,
-    /// Total optimiser steps (with --resume: the new total).
-    #[arg(long, default_value_t = 200)]
-    pub steps: usize,
+    /// Total optimiser steps (with --resume: the new total) [default: 200, on --resume the
+    /// checkpoint's].
+    #[arg(long)]
+    pub steps: Option<usize>,
     /// Seed of the data order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Save a checkpoint every N steps (0: only at the end).
-    #[arg(long, default_value_t = 100)]
-    pub checkpoint_every: usize,
-    /// Continue from the newest complete checkpoint in --out (same --model and --data).
+    /// Save a checkpoint every N steps (0: only at the end) [default: 100, on --resume the
+    /// checkpoint's].
+    #[arg(long)]
+    pub checkpoint_every: Option<usize>,
+    /// Continue from the newest usable checkpoint in --out (same --model and --data), with its
+    /// settings: of the flags, only --steps, --checkpoint-every, --log-every, --eval-every and
+    /// --keep apply.
     #[arg(long)]
     pub resume: bool,
     /// Conversations per micro-batch.
@@ -620,15 +624,15 @@ pub struct SftArgs {
     /// comparable validation losses.
     #[arg(long, conflicts_with = "val_every")]
     pub val_data: Option<PathBuf>,
-    /// Validate every N steps.
-    #[arg(long, default_value_t = 50)]
-    pub eval_every: usize,
-    /// Log every N steps.
-    #[arg(long, default_value_t = 10)]
-    pub log_every: usize,
-    /// Complete checkpoints to keep.
-    #[arg(long, default_value_t = 3)]
-    pub keep: usize,
+    /// Validate every N steps [default: 50, on --resume the checkpoint's].
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Log every N steps [default: 10, on --resume the checkpoint's].
+    #[arg(long)]
+    pub log_every: Option<usize>,
+    /// Complete checkpoints to keep [default: 3, on --resume the checkpoint's].
+    #[arg(long)]
+    pub keep: Option<usize>,
     /// Micro-batches computed in parallel threads (the result does not depend on it).
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
@@ -792,12 +796,8 @@ fn run_sft(
             a.data.display()
         )));
     }
-    if !a.resume && dsv3_train::holds_saved_model(&a.out) {
-        return Err(CliError::Usage(format!(
-            "{} already holds a saved run (checkpoints or final/): continue with --resume, or give \
-                 another --out",
-            a.out.display()
-        )));
+    if !a.resume {
+        super::refuse_saved_run(&a.out)?;
     }
     let examples = read_sft(&a.data, &tok, model_cfg.vocab_size)?;
     let held = a
@@ -824,7 +824,7 @@ fn run_sft(
     let (data, report) =
         dsv3_train::sft::dataset(&examples, seq_len, held_out, pad).map_err(train)?;
     let cfg = dsv3_train::TrainConfig {
-        steps: a.steps,
+        steps: a.steps.unwrap_or(200),
         seq_len,
         batch_size: a.batch_size,
         grad_accum: a.grad_accum,
@@ -835,10 +835,10 @@ fn run_sft(
         balance_alpha: a.balance_alpha,
         bias_gamma: a.bias_gamma,
         val_every: a.val_every,
-        eval_every: a.eval_every,
-        log_every: a.log_every,
-        checkpoint_every: a.checkpoint_every,
-        keep_checkpoints: a.keep,
+        eval_every: a.eval_every.unwrap_or(50),
+        log_every: a.log_every.unwrap_or(10),
+        checkpoint_every: a.checkpoint_every.unwrap_or(100),
+        keep_checkpoints: a.keep.unwrap_or(3),
         seed: a.seed,
         workers: a.workers,
         ..Default::default()
@@ -857,7 +857,13 @@ fn run_sft(
         data: None,
         model: model_cfg,
         train: cfg,
-        given: dsv3_train::Given::all(),
+        given: dsv3_train::Given {
+            steps: a.steps.is_some(),
+            checkpoint_every: a.checkpoint_every.is_some(),
+            log_every: a.log_every.is_some(),
+            eval_every: a.eval_every.is_some(),
+            keep_checkpoints: a.keep.is_some(),
+        },
         resume: a.resume,
         progress: true,
         parallel: None,

@@ -151,7 +151,7 @@ pub fn rl(a: &RlArgs, out: &mut dyn Write) -> Result<(), CliError> {
             dsv3_infer::CHAT_TEMPLATE_FILE
         ));
     }
-    if a.out.join("metrics.jsonl").exists() || a.out.join("final").exists() {
+    if a.out.join("metrics.jsonl").exists() || dsv3_train::holds_saved_model(&a.out) {
         return usage(format!(
             "{} already holds an RL run: give another --out",
             a.out.display()

@@ -294,12 +294,8 @@ where
                 return Err(train_err(TrainError::MissingData(d.clone())));
             }
         }
-        if !a.resume && dsv3_train::holds_saved_model(&a.out) {
-            return Err(CliError::Usage(format!(
-                "{} already holds a saved run (checkpoints or final/): continue with --resume, or give \
-                 another --out",
-                a.out.display()
-            )));
+        if !a.resume {
+            super::refuse_saved_run(&a.out)?;
         }
         Ok(())
     })();
@@ -316,11 +312,7 @@ where
     };
     let opts = RunOptions {
         out: a.out.clone(),
-        // Absolute, so that a resume from another directory finds it.
-        data: a
-            .data
-            .clone()
-            .map(|d| DataSource::Path(std::path::absolute(&d).unwrap_or(d))),
+        data: a.data.clone().map(DataSource::Path),
         model,
         train,
         given: dsv3_train::Given {
@@ -433,6 +425,7 @@ fn ignored_on_resume(a: &TrainArgs) -> Vec<&'static str> {
         ("--workers", a.workers.is_some()),
         ("--attention", a.attention.is_some()),
         ("--precision", a.precision.is_some()),
+        ("--optimizer-state", a.optimizer_state.is_some()),
     ]
     .into_iter()
     .filter_map(|(flag, given)| given.then_some(flag))

@@ -310,19 +310,21 @@ fn warnings_to_a_closed_stderr_do_not_panic() {
     use std::process::{Command, Stdio};
     let dir = fixture("tiny-qlora");
     let run = |close: bool| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dsv3"))
-            .args(["inspect", "--model", dir.to_str().unwrap(), "--load"])
+        let (mut reader, writer) = std::io::pipe().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dsv3"));
+        cmd.args(["inspect", "--model", dir.to_str().unwrap(), "--load"])
             .args(["--weights", "fp8"])
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn dsv3");
-        let mut stderr = child.stderr.take().unwrap();
+            .stderr(writer);
         let mut text = String::new();
-        if !close {
-            std::io::Read::read_to_string(&mut stderr, &mut text).unwrap();
+        if close {
+            // No read end left before the child starts: its first write to stderr fails (EPIPE).
+            drop(reader);
+            return (cmd.status().unwrap().code(), text);
         }
-        drop(stderr); // closes the pipe's read end before the child writes, when `close`
+        let mut child = cmd.spawn().expect("spawn dsv3");
+        drop(cmd); // the parent's copy of the write end: the read below ends with the child
+        std::io::Read::read_to_string(&mut reader, &mut text).unwrap();
         (child.wait().unwrap().code(), text)
     };
     let (code, text) = run(false);

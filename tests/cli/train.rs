@@ -109,7 +109,7 @@ fn cli_train_tiny_writes_metrics_checkpoints_plot_and_resumes() {
         "train",
         "--resume",
         "--steps",
-        "8",
+        "10",
         "--checkpoint-every",
         "0",
         "--out",
@@ -124,14 +124,14 @@ fn cli_train_tiny_writes_metrics_checkpoints_plot_and_resumes() {
         "{s}"
     );
     assert_eq!(s.matches("warning:").count(), 1, "{s}");
-    // Without --log-every the resumed run logs every 2 steps as the checkpoint says (the
-    // preset's default is 10): step 8 is logged again.
+    // Without --log-every the resumed run logs every 2 steps as the checkpoint says: 8 and 10
+    // (the preset's default, 10, would log 10 alone).
     let steps: Vec<usize> = dsv3_train::metrics::read(&run_dir.join("metrics.jsonl"))
         .unwrap()
         .iter()
         .map(|r| r.step)
         .collect();
-    assert_eq!(steps, vec![2, 4, 6, 8]);
+    assert_eq!(steps, vec![2, 4, 6, 8, 10]);
     // --steps below the checkpoint's step is refused, and the checkpoint is left as it was.
     let state = std::fs::read(run_dir.join("step-6/train_state.json")).unwrap();
     let e = dsv3(&[

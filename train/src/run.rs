@@ -34,6 +34,15 @@ impl DataSource {
         }
     }
 
+    /// A path made absolute (recorded so in checkpoints: a resume from another directory finds
+    /// it); the embedded corpus as it is.
+    fn absolute(self) -> Self {
+        match self {
+            DataSource::Path(p) => DataSource::Path(std::path::absolute(&p).unwrap_or(p)),
+            s => s,
+        }
+    }
+
     pub fn from_name(s: &str) -> Self {
         if s == "embedded" {
             DataSource::Embedded
@@ -91,19 +100,6 @@ pub struct Given {
     pub log_every: bool,
     pub eval_every: bool,
     pub keep_checkpoints: bool,
-}
-
-impl Given {
-    /// Every one of them (a command whose flags all have values).
-    pub fn all() -> Self {
-        Self {
-            steps: true,
-            checkpoint_every: true,
-            log_every: true,
-            eval_every: true,
-            keep_checkpoints: true,
-        }
-    }
 }
 
 /// What a run did.
@@ -299,7 +295,7 @@ fn run_with<B: DsAutodiffBackend>(
                 ),
                 None => {
                     let source = match &opts.data {
-                        Some(d) => d.clone(),
+                        Some(d) => d.clone().absolute(),
                         None => match DataSource::from_name(&state.data) {
                             DataSource::Path(p) if !p.exists() => {
                                 return Err(TrainError::Invalid(format!(
@@ -309,7 +305,7 @@ fn run_with<B: DsAutodiffBackend>(
                                     p.display()
                                 )))
                             }
-                            s => s,
+                            s => s.absolute(),
                         },
                     };
                     let data = pack(&source, &state.train, &mut warnings)?;
@@ -356,7 +352,10 @@ fn run_with<B: DsAutodiffBackend>(
             t.teacher = teacher::<B>(ft, device)?;
             (t, DataSource::Path(ft.data_name.clone().into()), None, 0.0)
         } else {
-            let source = opts.data.clone().unwrap_or(DataSource::Embedded);
+            let source = opts
+                .data
+                .clone()
+                .map_or(DataSource::Embedded, DataSource::absolute);
             let data = pack(&source, &opts.train, &mut warnings)?;
             let t = match &opts.parallel {
                 Some(p) => Trainer::<B>::new_distributed(
@@ -597,8 +596,8 @@ pub fn has_checkpoint(dir: &Path) -> bool {
 }
 
 /// `true` when `dir` holds a saved model a new run there would overwrite: a complete
-/// checkpoint or a `final/` model (e.g. of an `rl` run, or after the step checkpoints were
-/// removed).
+/// checkpoint or a `final/` model in any layout (e.g. of an `rl` run, a distributed run's
+/// shards, or after the step checkpoints were removed).
 pub fn holds_saved_model(dir: &Path) -> bool {
-    has_checkpoint(dir) || dir.join("final").join("model.safetensors").exists()
+    has_checkpoint(dir) || dir.join("final").exists()
 }
