@@ -8,9 +8,9 @@
 // Per step (93.4 MB, as bench_infer_hf.py counts it, less norms and one embedding row): each of
 // 6 layers reads q_a_proj [512, 192], q_b_proj [192, 576], kv_a_proj_with_mqa [512, 152],
 // kv_b_proj [128, 768], o_proj [384, 512]; layer 0 a dense SwiGLU MLP (512 → 1408 → 512); layers
-// 1-5 the router [512, 32], one shared expert and 4 of 32 routed experts (512 → 352 → 512, the 4
-// drawn at random each step); then lm_head [512, 8000]. All 32 experts are allocated (390 MB in
-// all), so the step reads from memory, not from the 32 MB L3.
+// 1-5 the router [512, 32], one shared expert and 4 of 32 routed experts (512 → 352 → 512,
+// 4 distinct ones drawn at random each step); then lm_head [512, 8000]: 114 products. All 32
+// experts are allocated (396 MB in all), so the step reads from memory, not from the 32 MB L3.
 // The product is the loop of this project's one-row kernel (backends/src/flex.rs, m = 1): eight
 // weight rows per pass, eight columns per multiply-add vector, output blocks of 1024 columns.
 // Two ways to use two threads: split the columns (each thread reads every row, its half of
@@ -140,9 +140,16 @@ static void measure(int nthreads, int split_rows, const char *what) {
     for (int l = 0; l < 6; l++) {
       int fixed = l == 0 ? 8 : 9;  // attention (5) + dense MLP (3), or router + shared (4)
       for (int q = 0; q < fixed; q++) plan[nplan++] = layer[l] + q;
+      int chosen[4];
       for (int e = 0; l > 0 && e < 4; e++) {
-        int pick = layer[l] + fixed + 3 * (rand() % 32);
-        for (int q = 0; q < 3; q++) plan[nplan++] = pick + q;
+        int x, dup;
+        do {  // 4 distinct experts, as the router picks them
+          x = rand() % 32;
+          dup = 0;
+          for (int d = 0; d < e; d++) dup |= chosen[d] == x;
+        } while (dup);
+        chosen[e] = x;
+        for (int q = 0; q < 3; q++) plan[nplan++] = layer[l] + fixed + 3 * x + q;
       }
     }
     plan[nplan++] = layer[6];
