@@ -380,7 +380,8 @@ fn generate_file<B: DsBackend>(
             index += 1;
         }
         if let Some(g) = gens.first() {
-            generated += g.stats.generated_tokens.saturating_sub(batch.len());
+            // Summed over batches: each batch's tokens after its rows' first.
+            generated += g.stats.generated_tokens.saturating_sub(g.stats.rows);
             decode_secs += g.stats.decode_secs;
         }
     }

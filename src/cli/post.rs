@@ -713,10 +713,11 @@ pub struct DistillArgs {
 pub fn distill(a: &DistillArgs, out: &mut dyn Write) -> Result<(), CliError> {
     for (what, dir) in [("--teacher", &a.teacher), ("--model", &a.sft.model)] {
         if !dir.is_dir() {
-            return Err(CliError::Usage(format!(
-                "{what} {}: no such model directory",
-                dir.display()
-            )));
+            let why = match dir.exists() {
+                true => "not a directory",
+                false => "no such model directory",
+            };
+            return Err(CliError::Usage(format!("{what} {}: {why}", dir.display())));
         }
     }
     let student = Tokenizer::from_dir(&a.sft.model).map_err(infer)?;
