@@ -279,6 +279,15 @@ impl DeepseekV3Config {
     /// - [`ConfigError::Parse`]: it is not JSON of this shape (wrong type, missing brace).
     /// - [`ConfigError::Invalid`]: it parses but fails [`Self::validate`].
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        Self::from_file_unset(path).map(|(cfg, _)| cfg)
+    }
+
+    /// [`Self::from_file`], also returning the fields of [`Self::SIZE_FIELDS`] the file does
+    /// not set (each then takes HF's default, the 671B model's size).
+    ///
+    /// # Errors
+    /// As [`Self::from_file`].
+    pub fn from_file_unset(path: &Path) -> Result<(Self, Vec<&'static str>), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
             path: path.to_path_buf(),
             source: e,
@@ -288,25 +297,15 @@ impl DeepseekV3Config {
             reason: e.to_string(),
         })?;
         cfg.validate()?;
-        Ok(cfg)
-    }
-
-    /// The size fields of [`Self::SIZE_FIELDS`] that the `config.json` at `path` does not set
-    /// (each then takes HF's default, the 671B model's size). Empty when the file cannot be
-    /// read as a JSON object ([`Self::from_file`] reports that).
-    pub fn unset_sizes(path: &Path) -> Vec<&'static str> {
-        let Some(obj) = std::fs::read_to_string(path)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v.as_object().cloned())
-        else {
-            return Vec::new();
-        };
-        Self::SIZE_FIELDS
+        // The struct's serde defaults hide which fields were absent: the keys say.
+        let keys: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(&text).unwrap_or_default();
+        let unset = Self::SIZE_FIELDS
             .iter()
             .copied()
-            .filter(|f| !obj.contains_key(*f))
-            .collect()
+            .filter(|f| !keys.contains_key(*f))
+            .collect();
+        Ok((cfg, unset))
     }
 
     /// The fields that size the model's tensors, and routing's k: a file that omits one

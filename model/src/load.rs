@@ -313,8 +313,7 @@ pub fn load_with<B: DsBackend>(
         .into());
     }
     let cfg_path = dir.join("config.json");
-    let mut cfg = DeepseekV3Config::from_file(&cfg_path)?;
-    let unset = DeepseekV3Config::unset_sizes(&cfg_path);
+    let (mut cfg, unset) = DeepseekV3Config::from_file_unset(&cfg_path)?;
     let ckpt = Checkpoint::open(dir)?;
     let mut warnings = Vec::new();
     if !unset.is_empty() {

@@ -315,8 +315,7 @@ pub fn inspect(a: &InspectArgs, out: &mut dyn Write) -> Result<(), CliError> {
             )));
         }
         let path = dir.join("config.json");
-        let cfg = DeepseekV3Config::from_file(&path).map_err(ModelError::from)?;
-        let unset = DeepseekV3Config::unset_sizes(&path);
+        let (cfg, unset) = DeepseekV3Config::from_file_unset(&path).map_err(ModelError::from)?;
         if !unset.is_empty() {
             warn(format_args!(
                 "{} does not set {}: HF's defaults (the 671B model's sizes) are shown",

@@ -541,33 +541,34 @@ fn distill_from_an_identical_teacher_starts_at_zero_loss() {
     let (dir, data) = sft_setup(4);
     let out = dir.join("run");
     let teacher = super::generate::model_with_tokenizer();
-    let report = dsv3(&[
-        "distill",
-        "--teacher",
-        s(&teacher),
-        "--model",
-        s(&dir),
-        "--data",
-        s(&data),
-        "--out",
-        s(&out),
-        "--temperature",
-        "1",
-        "--alpha",
-        "1",
-        "--steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--val-every",
-        "2",
-        "--mtp-lambda",
-        "0",
-        "--balance-alpha",
-        "0",
-        "--log-every",
-        "1",
-    ])
+    let distill = |teacher: &Path, out: &Path, extra: &[&str]| {
+        let mut a = vec!["distill", "--teacher", s(teacher), "--model", s(&dir)];
+        a.extend(["--data", s(&data), "--out", s(out)]);
+        a.extend_from_slice(extra);
+        dsv3(&a)
+    };
+    let report = distill(
+        &teacher,
+        &out,
+        &[
+            "--temperature",
+            "1",
+            "--alpha",
+            "1",
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--val-every",
+            "2",
+            "--mtp-lambda",
+            "0",
+            "--balance-alpha",
+            "0",
+            "--log-every",
+            "1",
+        ],
+    )
     .unwrap();
     assert!(report.contains("distilling from"), "{report}");
     let records = read_lines(&out.join("metrics.jsonl"));
@@ -576,16 +577,7 @@ fn distill_from_an_identical_teacher_starts_at_zero_loss() {
     assert!(loss.abs() < 1e-5, "loss {loss}");
     assert!(ce > 1.0, "the hard-label term is still reported: {ce}");
     // A resume with another α is refused: the checkpoint records its teacher and settings.
-    let e = dsv3(&[
-        "distill",
-        "--teacher",
-        s(&teacher),
-        "--model",
-        s(&dir),
-        "--data",
-        s(&data),
-        "--out",
-        s(&out),
+    let resume = [
         "--temperature",
         "1",
         "--alpha",
@@ -594,10 +586,12 @@ fn distill_from_an_identical_teacher_starts_at_zero_loss() {
         "2",
         "--batch-size",
         "2",
-        "--val-every",
-        "2",
-        "--resume",
-    ])
+    ];
+    let e = distill(
+        &teacher,
+        &out,
+        &[&resume[..], &["--val-every", "2", "--resume"]].concat(),
+    )
     .unwrap_err();
     assert!(
         e.contains("(τ = 1, α = 1), this resume gives teacher") && e.contains("α = 0.5"),
@@ -605,36 +599,14 @@ fn distill_from_an_identical_teacher_starts_at_zero_loss() {
     );
     // Another tokenizer: the byte-level one `dsv3 train` writes (258 ids, no added markers).
     dsv3_train::ByteTokenizer.save(&teacher).unwrap();
-    let e = dsv3(&[
-        "distill",
-        "--teacher",
-        s(&teacher),
-        "--model",
-        s(&dir),
-        "--data",
-        s(&data),
-        "--out",
-        s(&dir.join("run2")),
-    ])
-    .unwrap_err();
+    let e = distill(&teacher, &dir.join("run2"), &[]).unwrap_err();
     assert!(
         e.starts_with("teacher ") && e.contains("do not share a tokenizer"),
         "{e}"
     );
     assert!(!e.contains("  "), "no run of spaces from a line break: {e}");
     let missing = dir.join("no-teacher");
-    let e = dsv3(&[
-        "distill",
-        "--teacher",
-        s(&missing),
-        "--model",
-        s(&dir),
-        "--data",
-        s(&data),
-        "--out",
-        s(&dir.join("run3")),
-    ])
-    .unwrap_err();
+    let e = distill(&missing, &dir.join("run3"), &[]).unwrap_err();
     assert!(
         e.starts_with("--teacher ") && e.ends_with("no-teacher: no such model directory"),
         "{e}"
